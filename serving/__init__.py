@@ -1,0 +1,1 @@
+"""Earwitness serving: HTTP edge, Ray Serve deployments, model backends, guard and metrics."""

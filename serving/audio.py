@@ -1,0 +1,165 @@
+"""Audio intake: bytes in any supported container → validated mono float32 at the model's rate.
+
+Decoding trusts the bytes, never the file name or content type: libsndfile sniffs the container,
+so a renamed or lying file is judged by what it really holds.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from serving.errors import ApiError
+
+SUPPORTED_FORMATS = ("WAV", "FLAC", "OGG", "MP3")
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Decoded audio ready for a model: mono float32 samples at ``sample_rate``."""
+
+    samples: np.ndarray
+    sample_rate: int
+    source_format: str
+    source_sample_rate: int
+    source_channels: int
+    flags: tuple[str, ...] = field(default=())
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+def _audio_error(status: int, code: str, message: str) -> ApiError:
+    return ApiError(status, code, message)
+
+
+def _open(data: bytes) -> sf.SoundFile:
+    if not data:
+        raise _audio_error(400, "empty_audio", "the audio file is empty (0 bytes)")
+    try:
+        handle = sf.SoundFile(io.BytesIO(data))
+    except sf.LibsndfileError as exc:
+        raise _audio_error(
+            415,
+            "unsupported_audio_format",
+            f"could not recognise the audio container ({exc.error_string}); "
+            f"supported: {', '.join(SUPPORTED_FORMATS)}",
+        ) from exc
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise _audio_error(415, "unsupported_audio_format", f"could not open the audio: {exc}") from exc
+    if handle.format not in SUPPORTED_FORMATS:
+        handle.close()
+        raise _audio_error(
+            415,
+            "unsupported_audio_format",
+            f"{handle.format} audio is not accepted; supported: {', '.join(SUPPORTED_FORMATS)}",
+        )
+    return handle
+
+
+def decode(
+    data: bytes,
+    target_sample_rate: int,
+    max_duration_s: float | None = None,
+    truncate: bool = False,
+) -> Clip:
+    """Decode, check and convert ``data``; raise :class:`ApiError` (4xx) for anything unusable."""
+    with _open(data) as handle:
+        fmt, sr, channels = handle.format, handle.samplerate, handle.channels
+        if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+            raise _audio_error(422, "invalid_sample_rate", f"sample rate {sr} Hz is outside {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz")
+        declared = _declared_frames(data, handle)
+        limit = None
+        if max_duration_s is not None:
+            limit = int(max_duration_s * sr)
+            if declared is not None and declared > limit and not truncate:
+                raise _too_long(declared / sr, max_duration_s)
+        try:
+            # Read at most one frame past the limit so a file whose header lies about its
+            # length cannot make us decode (and buffer) an unbounded stream.
+            frames = -1 if limit is None else limit + 1
+            samples = handle.read(frames=frames, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+            raise _audio_error(400, "corrupt_audio", f"the {fmt} stream is corrupt or truncated: {exc}") from exc
+    expected = declared if declared is None or limit is None else min(declared, limit + 1)
+    if expected is not None and len(samples) < expected * (1 - _LENGTH_TOLERANCE.get(fmt, 0.0)):
+        raise _audio_error(
+            400,
+            "corrupt_audio",
+            f"the {fmt} file is truncated: its header declares {expected} frames but only {len(samples)} decode",
+        )
+    if limit is not None and len(samples) > limit:
+        if not truncate:
+            raise _too_long(len(samples) / sr, max_duration_s)
+        samples = samples[:limit]
+    return _finish(samples, sr, fmt, channels, target_sample_rate, truncated=truncate and declared is not None and declared > len(samples))
+
+
+# MP3 frame counts come from a Xing/VBR header estimate; the others are exact.
+_LENGTH_TOLERANCE = {"MP3": 0.02}
+
+
+def _declared_frames(data: bytes, handle: sf.SoundFile) -> int | None:
+    """Frames the container promises, so a cut-off upload is caught rather than half-heard.
+
+    libsndfile silently shrinks a WAV's frame count to the bytes present, so for WAV the
+    RIFF ``data`` chunk size is read directly.
+    """
+    if handle.format == "WAV":
+        return _riff_data_frames(data, handle)
+    return handle.frames if handle.frames > 0 else None
+
+
+def _riff_data_frames(data: bytes, handle: sf.SoundFile) -> int | None:
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, None
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk == b"fmt " and pos + 22 <= len(data):
+            block_align = int.from_bytes(data[pos + 20 : pos + 22], "little")
+        if chunk == b"data":
+            if size in (0, 0xFFFFFFFF) or not block_align:  # streaming writers leave the size open
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _too_long(duration_s: float, max_duration_s: float | None) -> ApiError:
+    return _audio_error(
+        413,
+        "audio_too_long",
+        f"the audio lasts {duration_s:.1f} s, over the {max_duration_s:g} s limit; "
+        "send a shorter clip or ask for truncation (truncate=true)",
+    )
+
+
+def _finish(samples: np.ndarray, sr: int, fmt: str, channels: int, target_sr: int, truncated: bool) -> Clip:
+    if samples.size == 0:
+        raise _audio_error(400, "empty_audio", f"the {fmt} file holds no decodable audio frames (empty or truncated)")
+    if not np.isfinite(samples).all():
+        raise _audio_error(422, "invalid_samples", "the audio contains NaN or infinite samples")
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if sr != target_sr:
+        mono = soxr.resample(mono, sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+    mono = np.clip(mono, -1.0, 1.0)
+    flags: list[str] = []
+    if not np.any(samples):
+        flags.append("digital_silence")
+    if truncated:
+        flags.append("truncated")
+    return Clip(np.ascontiguousarray(mono), target_sr, fmt, sr, channels, tuple(flags))
+
+
+def load_file(path: str, target_sample_rate: int, max_duration_s: float | None = None, truncate: bool = False) -> Clip:
+    """Decode a file from disk with the same checks as an upload."""
+    with open(path, "rb") as fh:
+        return decode(fh.read(), target_sample_rate, max_duration_s, truncate)
