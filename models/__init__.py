@@ -1,0 +1,1 @@
+"""Model architectures, the registry of served models, and checkpoint loading."""

@@ -1,0 +1,65 @@
+"""The models Earwitness knows by name, and how each is run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "earwitness-tiny"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What serving needs to know about a model besides its weights."""
+
+    name: str
+    family: str  # "qwen2-audio" | "qwen2.5-omni-thinker"
+    source: str  # local directory or hub repository id
+    description: str
+    adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> directory
+    max_audio_s: float = 30.0  # Qwen2-Audio's encoder window
+    sample_rate: int = 16_000
+    gpus: float = 0.0
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    audio_items_per_prompt: int = 1
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="earwitness-tiny",
+            family="qwen2-audio",
+            source=str(EMBEDDED_DIR),
+            description="Embedded default: small Qwen2-Audio trained from scratch on the Earwitness corpus.",
+            max_audio_s=30.0,
+        ),
+        ModelSpec(
+            name="qwen2-audio-7b-instruct",
+            family="qwen2-audio",
+            source="Qwen/Qwen2-Audio-7B-Instruct",
+            description="Qwen2-Audio-7B-Instruct (production, GPU).",
+            gpus=1.0,
+            max_model_len=4096,
+        ),
+        ModelSpec(
+            name="qwen2.5-omni-7b",
+            family="qwen2.5-omni-thinker",
+            source="Qwen/Qwen2.5-Omni-7B",
+            description="Qwen2.5-Omni-7B thinker (production, GPU, text output only).",
+            gpus=1.0,
+            max_model_len=8192,
+        ),
+    )
+}
+
+
+def resolve(name_or_path: str) -> ModelSpec:
+    """A registered name, or an existing checkpoint directory served as a Qwen2-Audio model."""
+    if name_or_path in REGISTRY:
+        return REGISTRY[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return ModelSpec(name=path.name, family="qwen2-audio", source=str(path.resolve()), description=f"checkpoint at {path.name}")
+    raise KeyError(f"unknown model {name_or_path!r}: not a registered name ({', '.join(REGISTRY)}) nor a checkpoint directory")

@@ -1,0 +1,36 @@
+"""Compose the Serve application: ingress → model, with resources and scale from the settings.
+
+``serve run serving.app:app_builder`` and Serve config files (``import_path: serving.app:app_builder``,
+``args:`` holding any :class:`~serving.config.Settings` field) use :func:`app_builder`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from ray.serve import Application
+
+from serving.config import Settings
+from serving.ingress import Ingress
+from serving.model_server import ModelServer
+
+
+def build(settings: Settings) -> Application:
+    # One fresh metrics directory per application, so restarts don't resurrect old counts.
+    metrics_dir = str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
+    model = ModelServer.options(
+        num_replicas=settings.model_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        ray_actor_options={"num_cpus": settings.model_cpus, "num_gpus": settings.model_gpus},
+    ).bind(settings.model_dump())
+    return Ingress.options(
+        num_replicas=settings.ingress_replicas,
+        max_ongoing_requests=max(64, settings.max_queued_requests + settings.max_ongoing_requests),
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}},
+    ).bind(model, settings.model_dump())
+
+
+def app_builder(args: dict) -> Application:
+    return build(Settings(**(args or {})))

@@ -1,0 +1,55 @@
+"""The transformers engine: any Qwen2-Audio-class checkpoint, on CPU or GPU, batched greedy decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.loading import load
+from models.registry import ModelSpec
+from serving.backends.base import AudioPrompt, Generation
+
+
+class TransformersBackend:
+    def __init__(self, spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
+        self.model_name = spec.name
+        self.processor, self.model = load(spec, adapter=adapter, device=device, dtype=dtype)
+        extractor = self.processor.feature_extractor
+        self.sample_rate = int(extractor.sampling_rate)
+        # The encoder hears one window; longer audio would be cut silently, so it is refused upstream.
+        self.max_audio_s = float(min(spec.max_audio_s, extractor.chunk_length))
+        self.device = next(self.model.parameters()).device
+
+    def _prompt(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
+        tokenizer = self.processor.tokenizer
+        inputs = self.processor(
+            text=[self._prompt(p.question) for p in prompts],
+            audio=[p.samples for p in prompts],
+            sampling_rate=self.sample_rate,
+            return_tensors="pt",
+            padding=True,
+        ).to(self.device)
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max(p.max_new_tokens for p in prompts),
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [self._finish(row, p.max_new_tokens) for row, p in zip(new_tokens, prompts)]
+
+    def _finish(self, row: torch.Tensor, limit: int) -> Generation:
+        tokenizer = self.processor.tokenizer
+        ids = row[:limit].tolist()
+        stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        return Generation(text=tokenizer.decode(ids[:cut], skip_special_tokens=True).strip(), num_tokens=cut)
+
+    def warm_up(self) -> None:
+        self.generate([AudioPrompt(np.zeros(self.sample_rate, dtype=np.float32), "warm up", 2)])

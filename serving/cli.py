@@ -1,0 +1,88 @@
+"""The ``earwitness`` command: serve, ask, models (and the data/train/eval commands from train/)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.config import Settings
+    from serving.runtime import start
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
+    settings = Settings(**overrides)
+    print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C stops)", file=sys.stderr)
+    start(settings, blocking=True)
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    """Answer in-process, no server: the same intake, backend and answer reading as the service."""
+    from serving import audio
+    from serving.answers import classify
+    from serving.backends import AudioPrompt
+    from serving.config import Settings
+    from serving.errors import ApiError
+    from serving.model_server import make_backend
+
+    settings = Settings(**{k: v for k, v in {"model": args.model, "adapter": args.adapter}.items() if v is not None})
+    backend, _ = make_backend(settings)
+    try:
+        clip = audio.load_file(args.file, backend.sample_rate, min(settings.max_audio_s, backend.max_audio_s), args.truncate)
+    except ApiError as err:
+        print(json.dumps(err.body()), file=sys.stderr)
+        return 2
+    generation = backend.generate([AudioPrompt(clip.samples, args.question, args.max_tokens)])[0]
+    print(json.dumps({"answer": generation.text, "answer_kind": classify(generation.text), "model": backend.model_name}))
+    return 0
+
+
+def _models(_: argparse.Namespace) -> int:
+    from models.registry import REGISTRY
+
+    for spec in REGISTRY.values():
+        print(f"{spec.name:28} {spec.family:22} {spec.source}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="earwitness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API with Ray Serve")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="registered name or checkpoint directory")
+    serve.add_argument("--adapter", help="LoRA adapter directory")
+    serve.set_defaults(func=_serve)
+
+    ask = sub.add_parser("ask", help="answer one question about one file, in-process")
+    ask.add_argument("file")
+    ask.add_argument("question")
+    ask.add_argument("--model")
+    ask.add_argument("--adapter")
+    ask.add_argument("--max-tokens", type=int, default=32)
+    ask.add_argument("--truncate", action="store_true")
+    ask.set_defaults(func=_ask)
+
+    models = sub.add_parser("models", help="list registered models")
+    models.set_defaults(func=_models)
+
+    try:
+        from train.cli import register
+    except ImportError:  # the training extra is not installed
+        register = None
+    if register is not None:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

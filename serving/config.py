@@ -1,0 +1,54 @@
+"""All of Earwitness' serving configuration, in one place.
+
+Values come from (highest first) explicit arguments (CLI flags, a Serve config's ``args``),
+``EARWITNESS_*`` environment variables, then these defaults — which run on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EARWITNESS_", extra="forbid", protected_namespaces=())
+
+    # where to listen
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # what to serve
+    model: str = Field("earwitness-tiny", description="registered model name or checkpoint directory")
+    adapter: str | None = Field(None, description="LoRA adapter directory; None uses the model's shipped adapter")
+    device: str = "auto"
+    dtype: str = "auto"
+
+    # request limits
+    max_upload_mb: float = Field(25.0, gt=0)
+    max_audio_s: float = Field(30.0, gt=0, description="longest clip accepted (the model's window may be shorter)")
+    max_question_chars: int = Field(1000, gt=0)
+    default_max_tokens: int = Field(32, ge=1)
+    max_tokens_limit: int = Field(256, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+    # scale and batching: configuration, not code
+    model_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    model_cpus: float = Field(1.0, ge=0)
+    model_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1, description="per model replica")
+    max_queued_requests: int = Field(64, ge=-1, description="beyond this the ingress answers 503")
+
+    # Ray
+    ray_address: str | None = Field(None, description="join an existing cluster instead of starting one")
+    ray_temp_dir: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "earwitness-ray"))
+    num_cpus: int | None = Field(None, description="CPUs a locally started Ray may use")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

@@ -1,0 +1,319 @@
+"""The HTTP edge: FastAPI on a Ray Serve ingress deployment.
+
+It owns schemas, intake, errors and metrics; the model deployment behind a handle owns the model.
+Nothing model-specific lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from serving import audio as intake
+from serving.answers import classify
+from serving.backends import AudioPrompt
+from serving.config import Settings
+from serving.errors import ApiError
+from serving.limits import BodyLimitMiddleware, too_large
+from serving.metrics import Metrics, mark_process_dead
+from serving.schemas import AudioInfo, ErrorResponse, Health, ModelCard, ModelList, QARequest, QAResponse, Timing
+
+log = logging.getLogger("earwitness.http")
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
+
+_QA_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "question"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG/Vorbis or MP3"},
+                        "question": {"type": "string"},
+                        "max_tokens": {"type": "integer", "minimum": 1},
+                        "truncate": {"type": "boolean"},
+                        "model": {"type": "string"},
+                    },
+                }
+            },
+            "application/json": {"schema": QARequest.model_json_schema()},
+        },
+    }
+}
+
+
+async def _read_qa(request: Request) -> tuple[bytes, QARequest]:
+    """Both request shapes, multipart and JSON, into audio bytes plus validated fields."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "missing_audio", "the form needs a 'file' field holding the audio")
+        data = await upload.read()
+        fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        fields["audio"] = ""
+    elif content_type.startswith("application/json"):
+        try:
+            fields = await request.json()
+        except ValueError as exc:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise ApiError(422, "invalid_request", "the JSON body must be an object")
+        data = b""
+    else:
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file + question) or application/json (base64 audio)")
+    try:
+        parsed = QARequest.model_validate(fields)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _describe(exc.errors())) from exc
+    if not data:
+        data = _b64(parsed.audio)
+    return data, parsed
+
+
+def _b64(text: str) -> bytes:
+    if not text:
+        raise ApiError(422, "missing_audio", "the 'audio' field is empty")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "invalid_base64", f"'audio' is not valid base64: {exc}") from exc
+
+
+
+def _route_template(app: FastAPI, scope) -> str:
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "other")
+    return "unmatched"
+
+
+class RequestMetricsMiddleware:
+    """Counts every response by route template and status, and times it, 404s and 413s included."""
+
+    def __init__(self, asgi, app: FastAPI, metrics: Metrics):
+        self.asgi, self.app, self.metrics = asgi, app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        endpoint = _route_template(self.app, scope)
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.asgi(scope, receive, tracking_send)
+        finally:
+            self.metrics.in_flight.dec()
+            if endpoint != "/metrics":
+                self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+                self.metrics.latency.labels(endpoint, "total").observe(time.perf_counter() - start)
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(exc)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(ApiError(422, "invalid_request", _describe(exc.errors())))
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return _error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return _error_response(ApiError(500, "internal_error", f"unexpected {type(exc).__name__}"))
+
+
+class Service:
+    """What one ingress replica knows: settings, the model handle, its metrics."""
+
+    def __init__(self, model, settings: Settings):
+        self.settings = settings
+        self.model = model
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        self.metrics = Metrics()
+        self._model_info: dict | None = None
+
+    async def model_info(self) -> dict:
+        if self._model_info is None:
+            self._model_info = await asyncio.wait_for(self.model.info.remote(), self.settings.request_timeout_s)
+        return self._model_info
+
+    def check_question(self, question: str) -> str:
+        question = question.strip()
+        if not question:
+            raise ApiError(422, "empty_question", "'question' is empty")
+        if len(question) > self.settings.max_question_chars:
+            raise ApiError(422, "question_too_long", f"'question' exceeds {self.settings.max_question_chars} characters")
+        return question
+
+    def check_max_tokens(self, requested: int | None) -> int:
+        value = requested or self.settings.default_max_tokens
+        if value > self.settings.max_tokens_limit:
+            raise ApiError(422, "max_tokens_too_large", f"'max_tokens' may be at most {self.settings.max_tokens_limit}")
+        return value
+
+    async def generate(self, prompt: AudioPrompt):
+        response = self.model.generate.remote(prompt)
+        try:
+            return await asyncio.wait_for(response, self.settings.request_timeout_s)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise ApiError(504, "timeout", f"the model did not answer within {self.settings.request_timeout_s:g} s") from exc
+        except BackPressureError as exc:
+            raise ApiError(503, "overloaded", "the model's queue is full; retry shortly", {"Retry-After": "1"}) from exc
+        except RayActorError as exc:
+            raise ApiError(503, "model_unavailable", "the model replica failed; retry shortly", {"Retry-After": "2"}) from exc
+
+    async def answer(self, request: Request) -> QAResponse:
+        start = time.perf_counter()
+        data, fields = await _read_qa(request)
+        question = self.check_question(fields.question)
+        max_tokens = self.check_max_tokens(fields.max_tokens)
+        info = await self.model_info()
+        if fields.model and fields.model != info["model"]:
+            raise ApiError(404, "model_not_found", f"model {fields.model!r} is not served here; see GET /v1/models")
+        if len(data) > self.settings.max_upload_bytes:
+            raise too_large(self.settings.max_upload_bytes)
+        limit_s = min(self.settings.max_audio_s, info["max_audio_s"])
+        clip = await asyncio.to_thread(intake.decode, data, info["sample_rate"], limit_s, fields.truncate)
+        decoded = time.perf_counter()
+        generation = await self.generate(AudioPrompt(clip.samples, question, max_tokens))
+        done = time.perf_counter()
+        kind = classify(generation.text)
+        self._observe(clip, kind, info["model"], start, decoded, done)
+        return QAResponse(
+            answer=generation.text,
+            answer_kind=kind,
+            model=info["model"],
+            audio=AudioInfo(
+                duration_s=round(clip.duration_s, 3),
+                sample_rate=clip.sample_rate,
+                source_format=clip.source_format,
+                source_sample_rate=clip.source_sample_rate,
+                channels=clip.source_channels,
+                flags=list(clip.flags),
+            ),
+            timing=Timing(
+                decode_ms=round((decoded - start) * 1000, 2),
+                model_ms=round((done - decoded) * 1000, 2),
+                total_ms=round((time.perf_counter() - start) * 1000, 2),
+            ),
+            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        )
+
+    def _observe(self, clip, kind: str, model: str, start: float, decoded: float, done: float) -> None:
+        m = self.metrics
+        m.latency.labels("/v1/audio/qa", "decode").observe(decoded - start)
+        m.latency.labels("/v1/audio/qa", "model").observe(done - decoded)
+        m.answers.labels(kind, model).inc()
+        m.audio_duration.observe(clip.duration_s)
+        for flag in clip.flags:
+            m.audio_flags.labels(flag).inc()
+
+    async def models(self) -> ModelList:
+        info = await self.model_info()
+        card = ModelCard(
+            id=info["model"],
+            family=info["family"],
+            max_audio_s=min(self.settings.max_audio_s, info["max_audio_s"]),
+            sample_rate=info["sample_rate"],
+            adapter=os.path.basename(info["adapter"].rstrip("/")) if info["adapter"] else None,
+        )
+        return ModelList(data=[card])
+
+    async def ready(self) -> str | None:
+        """None when a warm model replica answers, else why not."""
+        try:
+            await asyncio.wait_for(self.model.info.remote(), 5.0)
+        except Exception as exc:  # any failure to reach a warm replica means not ready
+            return type(exc).__name__
+        return None
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app of one ingress replica, its routes closed over that replica's service."""
+    app = FastAPI(
+        title="Earwitness",
+        version="0.1.0",
+        description="Audio question answering whose answers only testify to what was actually heard.",
+    )
+    app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes)
+    app.add_middleware(RequestMetricsMiddleware, app=app, metrics=service.metrics)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+    @app.post("/v1/audio/qa", response_model=QAResponse, responses=_ERRORS, openapi_extra=_QA_BODY, summary="Ask a question about an audio clip")
+    async def qa(request: Request) -> QAResponse:
+        return await service.answer(request)
+
+    @app.get("/v1/models", response_model=ModelList, summary="Models served here")
+    async def models() -> ModelList:
+        return await service.models()
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the HTTP edge answers")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}}, summary="Readiness: model loaded and warm")
+    async def readyz():
+        problem = await service.ready()
+        if problem:
+            return JSONResponse(Health(status="not_ready", detail=problem).model_dump(), status_code=503)
+        return Health(status="ready")
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    def __init__(self, model, settings: dict):
+        self.service = Service(model, Settings(**settings))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.service)
+
+    def __del__(self):
+        mark_process_dead()
