@@ -37,6 +37,15 @@ log = logging.getLogger("earwitness.http")
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
 
+def _describe(errors) -> str:
+    """Pydantic's errors as one line a client can act on ("max_tokens: Input should be ...")."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
 _QA_BODY = {
     "requestBody": {
         "required": True,
@@ -68,26 +77,25 @@ async def _read_qa(request: Request) -> tuple[bytes, QARequest]:
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(422, "missing_audio", "the form needs a 'file' field holding the audio")
-        data = await upload.read()
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-        fields["audio"] = ""
-    elif content_type.startswith("application/json"):
+        return await upload.read(), _validate({**fields, "audio": ""})
+    if content_type.startswith("application/json"):
         try:
             fields = await request.json()
         except ValueError as exc:
             raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
         if not isinstance(fields, dict):
             raise ApiError(422, "invalid_request", "the JSON body must be an object")
-        data = b""
-    else:
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file + question) or application/json (base64 audio)")
+        parsed = _validate(fields)
+        return _b64(parsed.audio), parsed
+    raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file + question) or application/json (base64 audio)")
+
+
+def _validate(fields: dict) -> QARequest:
     try:
-        parsed = QARequest.model_validate(fields)
+        return QARequest.model_validate(fields)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", _describe(exc.errors())) from exc
-    if not data:
-        data = _b64(parsed.audio)
-    return data, parsed
 
 
 def _b64(text: str) -> bytes:

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import build_tiny_checkpoint
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-audio"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    """One real Ray Serve application on a loopback port for the whole session."""
+    from serving.config import Settings
+    from serving.runtime import start, stop
+
+    settings = Settings(
+        model=str(tiny_checkpoint),
+        port=_free_port(),
+        max_upload_mb=1.0,
+        max_queued_requests=32,
+        request_timeout_s=30,
+        num_cpus=2,
+        ray_temp_dir=tempfile.mkdtemp(prefix="ew-ray-"),  # short: Ray puts unix sockets under it
+    )
+    start(settings)
+    url = f"http://{settings.host}:{settings.port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield url, settings
+    stop()
+
+
+@pytest.fixture()
+def client(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        yield c

@@ -1,0 +1,44 @@
+"""Real encoded audio and tiny real models for tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"), "mp3": ("MP3", "MPEG_LAYER_III")}
+
+
+def tone(seconds: float = 2.0, sample_rate: int = 44_100, channels: int = 2, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+
+
+def encode(samples: np.ndarray, sample_rate: int, ext: str = "wav", subtype: str | None = None) -> bytes:
+    fmt, default_subtype = FORMATS[ext]
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format=fmt, subtype=subtype or default_subtype)
+    return buf.getvalue()
+
+
+TINY_TEXTS = [
+    "Is there a sound of a dog barking in the audio?",
+    "Did you hear rain in the audio? Answer with yes or no.",
+    "yes",
+    "no",
+    "A dog barks, then a door slams while rain falls.",
+] * 20
+
+
+def build_tiny_checkpoint(directory: Path) -> Path:
+    """A small random Qwen2-Audio with its own tokenizer and processor, saved like a real checkpoint."""
+    from models.tiny import TinySize, build_untrained
+
+    size = TinySize(chunk_s=10, mel_bins=32, audio_dim=32, audio_layers=1, audio_heads=2, text_dim=32, text_layers=1, text_heads=2, text_kv_heads=1)
+    processor, model = build_untrained(TINY_TEXTS, size, vocab_size=300, seed=0)
+    processor.save_pretrained(directory)
+    model.save_pretrained(directory)
+    return directory

@@ -1,0 +1,58 @@
+"""The command line and the Serve config file, run for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.app import app_builder
+from serving.config import Settings
+from tests.helpers import encode, tone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_ask_answers_in_process(tiny_checkpoint, tmp_path):
+    clip = tmp_path / "clip.flac"
+    clip.write_bytes(encode(tone(2.0, 22_050, 1), 22_050, "flac"))
+    result = _cli("ask", str(clip), "Is there a dog?", "--model", str(tiny_checkpoint), "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["model"] == tiny_checkpoint.name and answer["answer_kind"] in {"yes", "no", "other"}
+
+
+def test_ask_reports_bad_audio_as_an_error(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all" * 10)
+    result = _cli("ask", str(bad), "Is there a dog?", "--model", str(tiny_checkpoint))
+    assert result.returncode == 2
+    assert json.loads(result.stderr.strip().splitlines()[-1])["error"]["code"] == "unsupported_audio_format"
+
+
+def test_models_lists_the_registry():
+    result = _cli("models")
+    assert result.returncode == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names[:3] == ["earwitness-tiny", "qwen2-audio-7b-instruct", "qwen2.5-omni-7b"]
+
+
+def test_serve_config_args_are_settings():
+    config = yaml.safe_load((ROOT / "serving/configs/local.yaml").read_text())
+    app = config["applications"][0]
+    assert app["import_path"] == "serving.app:app_builder"
+    Settings(**app["args"])  # extra="forbid": a misspelt key fails here, not at deploy time
+    assert app_builder(app["args"]) is not None
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(Exception, match="max_batchsize"):
+        Settings(max_batchsize=4)
