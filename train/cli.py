@@ -1,0 +1,63 @@
+"""``earwitness data fetch|build`` — also runnable alone as ``python -m train.cli data ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` command (with ``fetch`` and ``build``) to an existing argparse CLI."""
+    data = subparsers.add_parser("data", help="fetch sound sources and build the training corpus")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    fetch = sub.add_parser("fetch", help="download and unpack the Debian sound packages into the cache")
+    fetch.add_argument("--packages", nargs="+", default=None, help="subset of packages (default: all)")
+    fetch.add_argument("--cache", type=Path, default=None, help="cache dir (default $EARWITNESS_CACHE or ~/.cache/earwitness)")
+    fetch.set_defaults(func=_fetch)
+
+    build = sub.add_parser("build", help="build scenes, questions and preference pairs")
+    build.add_argument("--out", type=Path, required=True, help="output directory (replaced)")
+    build.add_argument("--scenes", type=int, default=6000, help="training scenes; validation/test get 1/10 and 1/6 of it")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--packages", nargs="+", default=None, help="subset of packages (default: all)")
+    build.add_argument("--cache", type=Path, default=None)
+    build.add_argument("--workers", type=int, default=2, help="processes (capped at 2)")
+    build.add_argument("--no-progress", action="store_true")
+    build.set_defaults(func=_build)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from train.sources import PACKAGES, fetch
+
+    roots, failed = fetch(args.packages or PACKAGES, args.cache)
+    for pkg, root in roots.items():
+        print(f"ok      {pkg:32s} {root}")
+    for pkg, why in failed.items():
+        print(f"FAILED  {pkg:32s} {why}", file=sys.stderr)
+    return 1 if failed and not roots else 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from train.build import build_corpus
+    from train.sources import PACKAGES
+
+    report = build_corpus(args.out, n_train=args.scenes, seed=args.seed, packages=args.packages or PACKAGES,
+                          cache=args.cache, workers=args.workers, progress=not args.no_progress)
+    summary = {s: {k: d[k] for k in ("scenes", "hours", "source_clips")} for s, d in report["splits"].items()}
+    print(json.dumps({"out": str(args.out), "seconds": report["build_seconds"], "disk_bytes": report["disk_bytes"],
+                      "splits": summary, "skipped": report["skipped"]}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

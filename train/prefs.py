@@ -1,0 +1,216 @@
+"""Preference pairs against hallucinated sounds: LISTEN, AHA and ACPO, saved for trl.
+
+* LISTEN: synthesized negatives — a question about an absent sound; chosen says "no".
+* AHA: counterfactual hard negatives from the strong timeline, four kinds: event omission,
+  false event identity, temporal relation error, quantitative temporal error.
+* ACPO: output-contrastive (same audio, right vs wrong answer) and input-contrastive pairs
+  (same prompt and answer; the rejected side is *another scene that lacks the event*, stored
+  in ``rejected_audio``), which punishes answers that ignore the audio.
+
+Every pair has the columns ``prompt, chosen, rejected, audio, rejected_audio, kind, scene_id,
+split``; audio paths are relative to the corpus directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from train.ontology import Ontology
+from train.qa import (
+    COUNT_TEMPLATE, DURATION_TEMPLATE, GENERIC_PHRASES, NUMBER_WORDS, ORDER_TEMPLATES, ORDERED_CAPTION_PROMPT, PRESENCE_TEMPLATES,
+    QARow, caption_from_groups, groups,
+)
+
+KINDS = (
+    "listen_absent",
+    "aha_event_omission",
+    "aha_false_event_identity",
+    "aha_temporal_relation_error",
+    "aha_quantitative_temporal_error",
+    "acpo_output_contrastive",
+    "acpo_input_contrastive",
+)
+COLUMNS = ("prompt", "chosen", "rejected", "audio", "rejected_audio", "kind", "scene_id", "split")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair (columns exactly as the trainer reads them)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    audio: str
+    rejected_audio: str | None
+    kind: str
+    scene_id: str
+    split: str
+
+
+class QuestionWriter(Protocol):
+    """Hook for LISTEN question phrasings: given a class and a natural phrase, return a question.
+
+    The default uses benchmark templates; an LLM-backed writer can be passed to
+    :func:`build_pairs` (it must be deterministic for a given ``rng`` to keep builds reproducible).
+    """
+
+    def __call__(self, label: str, phrase: str, rng: np.random.Generator) -> str: ...
+
+
+def template_writer(label: str, phrase: str, rng: np.random.Generator) -> str:
+    """Default :class:`QuestionWriter`: the public benchmark presence phrasings."""
+    return PRESENCE_TEMPLATES[int(rng.integers(len(PRESENCE_TEMPLATES)))].format(x=phrase)
+
+
+def _yes(phrase: str) -> str:
+    return f"Yes, I can hear {phrase} in the audio."
+
+
+def _no(phrase: str) -> str:
+    return f"No, I cannot hear {phrase} in the audio."
+
+
+def _times(n: int) -> str:
+    return NUMBER_WORDS.get(n, f"{n} times")
+
+
+def _pick(rng: np.random.Generator, items: Sequence):
+    return items[int(rng.integers(len(items)))]
+
+
+def scene_pairs(
+    onto: Ontology,
+    timeline: Mapping,
+    qa_rows: Sequence[QARow],
+    audio: str,
+    split: str,
+    others: Sequence[tuple[str, str, frozenset[str]]],
+    rng: np.random.Generator,
+    writer: QuestionWriter | Callable[[str, str, np.random.Generator], str] = template_writer,
+) -> list[Pair]:
+    """All pairs one scene yields. ``others``: (scene_id, audio, labels present) of same-split scenes."""
+    sid = timeline["scene_id"]
+    pairs: list[Pair] = []
+
+    def add(prompt: str, chosen: str, rejected: str, kind: str, rejected_audio: str | None = None) -> None:
+        pairs.append(Pair(prompt, chosen, rejected, audio, rejected_audio, kind, sid, split))
+
+    gs = groups(timeline)
+    bg = (timeline.get("background") or {}).get("label")
+    present = {g.label for g in gs} | ({bg} if bg else set())
+
+    # LISTEN: every absent-sound question of the scene becomes a "no" pair
+    for r in qa_rows:
+        if r.kind == "presence" and r.sampling != "positive":
+            add(writer(r.label, r.phrase, rng), _no(r.phrase), _yes(r.phrase), "listen_absent")
+
+    # ACPO output-contrastive: present sounds must not be denied; order must not be flipped
+    for r in qa_rows:
+        if r.kind == "presence" and r.sampling == "positive":
+            add(r.question, _yes(r.phrase), _no(r.phrase), "acpo_output_contrastive")
+        elif r.kind == "order" and r.question.startswith("Does"):
+            add(r.question, r.answer, "No" if r.answer == "Yes" else "Yes", "acpo_output_contrastive")
+
+    # ACPO input-contrastive: same prompt + answer, rejected audio lacks the event
+    fg_labels = [g.label for g in gs]
+    label = _pick(rng, fg_labels)
+    lacking = [o for o in others if o[0] != sid and label not in o[2]]
+    if lacking:
+        other = _pick(rng, lacking)
+        phrase = _pick(rng, onto[label].phrases[:GENERIC_PHRASES])
+        q = PRESENCE_TEMPLATES[int(rng.integers(len(PRESENCE_TEMPLATES)))].format(x=phrase)
+        add(q, _yes(phrase), _yes(phrase), "acpo_input_contrastive", rejected_audio=other[1])
+
+    # AHA counterfactuals, built from the strong timeline
+    truth = caption_from_groups(onto, gs, bg)
+    if len(gs) >= 2:
+        drop = int(rng.integers(len(gs)))
+        kept = [g for i, g in enumerate(gs) if i != drop]
+        add(ORDERED_CAPTION_PROMPT, truth, caption_from_groups(onto, kept, bg), "aha_event_omission")
+    swap = int(rng.integers(len(gs)))
+    decoys = [s for s in onto[gs[swap].label].siblings if s not in present] or sorted(set(onto.names) - present)
+    labels = [g.label for g in gs]
+    labels[swap] = _pick(rng, decoys)
+    add(ORDERED_CAPTION_PROMPT, truth, caption_from_groups(onto, gs, bg, labels=labels), "aha_false_event_identity")
+    sequential = [i for i in range(len(gs) - 1) if gs[i].last_offset <= gs[i + 1].first_onset]
+    if sequential:
+        i = _pick(rng, sequential)
+        a, b = gs[i], gs[i + 1]
+        if rng.random() < 0.5:
+            swapped = list(gs)
+            swapped[i], swapped[i + 1] = b, a
+            # the counterfactual narrates b before a (joined with "then", no overlap claimed)
+            rejected = _narrate_in_order(onto, swapped, bg)
+            add(ORDERED_CAPTION_PROMPT, truth, rejected, "aha_temporal_relation_error")
+        else:
+            pa, pb = onto[a.label].phrases[0], onto[b.label].phrases[0]
+            add(ORDER_TEMPLATES[0].format(x=pb, y=pa), f"{pa[0].upper() + pa[1:]} comes first, then {pb}.",
+                f"{pb[0].upper() + pb[1:]} comes first, then {pa}.", "aha_temporal_relation_error")
+    multi = [g for g in gs if len(g.spans) >= 2]
+    if multi:
+        g = _pick(rng, multi)
+        n = len(g.spans)
+        wrong = n + 1 if n == 2 or rng.random() < 0.5 else n - 1
+        phrase = onto[g.label].phrases[0]
+        add(COUNT_TEMPLATE.format(x=phrase), f"I hear {phrase} {_times(n)}.", f"I hear {phrase} {_times(wrong)}.",
+            "aha_quantitative_temporal_error")
+    else:
+        g = _pick(rng, gs)
+        dur = g.spans[0][1] - g.spans[0][0]
+        wrong = dur * float(rng.uniform(2.2, 3.5)) if dur < 2.5 or rng.random() < 0.5 else dur / float(rng.uniform(2.2, 3.5))
+        phrase = onto[g.label].phrases[0]
+        add(DURATION_TEMPLATE.format(x=phrase), f"About {dur:.1f} seconds.", f"About {wrong:.1f} seconds.",
+            "aha_quantitative_temporal_error")
+    return pairs
+
+
+def _narrate_in_order(onto: Ontology, gs: Sequence, background: str | None) -> str:
+    """Caption that narrates the groups strictly in the given order (all joined with 'then')."""
+    parts = []
+    for i, g in enumerate(gs):
+        clause = onto[g.label].caption
+        n = len(g.spans)
+        if n > 1:
+            clause = f"{clause} {_times(n)}"
+        parts.append(clause[0].upper() + clause[1:] if i == 0 else "then " + clause)
+    text = ", ".join(parts)
+    if background:
+        text += f", with {onto[background].phrases[0]} in the background"
+    return text + "."
+
+
+def save_pairs(pairs: Sequence[Pair], out_dir: str | Path) -> None:
+    """Save as a Hugging Face dataset (``save_to_disk``) with fixed string columns."""
+    from datasets import Dataset, Features, Value
+
+    features = Features({c: Value("string") for c in COLUMNS})
+    data = {c: [getattr(p, c) for p in pairs] for c in COLUMNS}
+    Dataset.from_dict(data, features=features).save_to_disk(str(out_dir))
+
+
+def load_pairs(corpus_dir: str | Path, split: str, absolute_audio: bool = True):
+    """Load ``DIR/prefs/<split>`` and (by default) resolve audio paths against DIR for training."""
+    from datasets import load_from_disk
+
+    base = Path(corpus_dir).resolve()
+    ds = load_from_disk(str(base / "prefs" / split))
+    if not absolute_audio:
+        return ds
+
+    def resolve(row: dict) -> dict:
+        row["audio"] = str(base / row["audio"])
+        if row["rejected_audio"]:
+            row["rejected_audio"] = str(base / row["rejected_audio"])
+        return row
+
+    return ds.map(resolve)
+
+
+def pair_dict(p: Pair) -> dict:
+    """Plain dict of a pair (for JSON reports)."""
+    return asdict(p)
