@@ -273,24 +273,20 @@ def _pink_noise(n: int, seed: int) -> np.ndarray:
 def _loop(x: np.ndarray, n: int, offset: int) -> np.ndarray:
     """Loop ``x`` to ``n`` samples from ``offset`` with short cross-fades, so beds never drop out."""
     fade = min(int(0.05 * SAMPLE_RATE), len(x) // 4)
-    if len(x) >= n + offset:
-        return x[offset:offset + n].copy()
-    out = np.zeros(n + len(x), np.float32)
-    pos = 0
-    seg = x[offset:] if offset < len(x) else x
-    first = True
+    if len(x) - offset >= n:
+        return x[offset:offset + n].astype(np.float32, copy=True)
+    head = x[offset:] if len(x) - offset >= 2 * fade + 1 else x
+    out = np.zeros(n + len(x) + len(head), np.float32)
+    out[:len(head)] = head
+    pos = len(head)
+    ramp = np.linspace(0, 1, fade, dtype=np.float32)
     while pos < n:
-        piece = (seg if first else x).astype(np.float32).copy()
-        first = False
-        if fade and pos > 0:
-            ramp = np.linspace(0, 1, fade, dtype=np.float32)
+        piece = x.astype(np.float32, copy=True)
+        if fade:
             piece[:fade] *= ramp
             out[pos - fade:pos] *= ramp[::-1]
-            out[pos - fade:pos + len(piece) - fade] += piece
-            pos += len(piece) - fade
-        else:
-            out[pos:pos + len(piece)] += piece
-            pos += len(piece)
+        out[pos - fade:pos - fade + len(piece)] += piece
+        pos += len(piece) - fade
     return out[:n]
 
 
