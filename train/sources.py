@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections import Counter, defaultdict
@@ -221,7 +221,7 @@ class _RccIndex:
                 bundle = RccBundle(rcc.read_bytes())
                 for e in bundle.entries():
                     self.entries.setdefault(e.path, (rcc, e.path))
-            except (RccError, OSError, IndexError, UnicodeDecodeError, Exception):  # noqa: BLE001 - a bad bundle is skipped
+            except (RccError, OSError, IndexError, UnicodeDecodeError, struct.error):  # a bad bundle is skipped
                 continue
 
     def read(self, inner: str) -> bytes:
@@ -262,8 +262,25 @@ def active_region(samples: np.ndarray, sr: int = SAMPLE_RATE, rel_db: float = -4
     return int(idx[0] * frame), int(min(len(samples), (idx[-1] + 1) * frame))
 
 
+def _decode_to_cache(clip_id: str, data: bytes, out_path: Path) -> tuple[str, str | None, float]:
+    """Decode bytes with the serving decoder and cache them; (id, skip reason or None, seconds)."""
+    try:
+        decoded = decode(data, SAMPLE_RATE, max_duration_s=MAX_SOURCE_S, truncate=True)
+    except ApiError as exc:
+        return clip_id, exc.code, 0.0
+    if "digital_silence" in decoded.flags:
+        return clip_id, "digital_silence", 0.0
+    region = active_region(decoded.samples)
+    if region is None or region[1] - region[0] < SAMPLE_RATE // 20:
+        return clip_id, "too_quiet_or_short", 0.0
+    tmp = out_path.with_suffix(".tmp.npy")
+    np.save(tmp, decoded.samples.astype(np.float32))
+    os.replace(tmp, out_path)
+    return clip_id, None, decoded.duration_s
+
+
 def _decode_one(args: tuple[SourceClip, str, str]) -> tuple[str, str | None, float]:
-    """Worker: decode one source to a cached 16 kHz .npy; returns (id, skip reason or None, seconds)."""
+    """Worker: decode one plain file (cached results are reused)."""
     clip, root, out = args
     out_path = Path(out)
     if out_path.exists():
@@ -274,19 +291,7 @@ def _decode_one(args: tuple[SourceClip, str, str]) -> tuple[str, str | None, flo
         return clip.id, "missing_file", 0.0
     except RccError as exc:
         return clip.id, "rcc_zstd_unsupported" if "zstd" in str(exc) else "rcc_corrupt", 0.0
-    try:
-        decoded = decode(data, SAMPLE_RATE, max_duration_s=MAX_SOURCE_S, truncate=True)
-    except ApiError as exc:
-        return clip.id, exc.code, 0.0
-    if "digital_silence" in decoded.flags:
-        return clip.id, "digital_silence", 0.0
-    region = active_region(decoded.samples)
-    if region is None or region[1] - region[0] < SAMPLE_RATE // 20:
-        return clip.id, "too_quiet_or_short", 0.0
-    tmp = out_path.with_suffix(".tmp.npy")
-    np.save(tmp, decoded.samples.astype(np.float32))
-    os.replace(tmp, out_path)
-    return clip.id, None, decoded.duration_s
+    return _decode_to_cache(clip.id, data, out_path)
 
 
 def decode_sources(clips: Sequence[SourceClip], roots: dict[str, Path], cache: Path | None = None,
@@ -338,7 +343,7 @@ def decode_sources(clips: Sequence[SourceClip], roots: dict[str, Path], cache: P
             except RccError as exc:
                 record((clip.id, "rcc_zstd_unsupported" if "zstd" in str(exc) else "rcc_corrupt", 0.0))
                 continue
-            record(_decode_bytes(clip, data, Path(out)))
+            record(_decode_to_cache(clip.id, data, Path(out)))
     if workers > 1 and len(file_jobs) > 32:
         with ProcessPoolExecutor(max_workers=min(workers, 2)) as pool:
             for result in pool.map(_decode_one, file_jobs, chunksize=16):
@@ -348,15 +353,6 @@ def decode_sources(clips: Sequence[SourceClip], roots: dict[str, Path], cache: P
             record(_decode_one(job))
     bar.close()
     return paths, skipped, durations
-
-
-def _decode_bytes(clip: SourceClip, data: bytes, out_path: Path) -> tuple[str, str | None, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "x"
-        src.write_bytes(data)
-        # reuse the file path code path so rcc and plain files are judged identically
-        fake = SourceClip(clip.id, clip.label, clip.kind, clip.package, "/x", clip.group)
-        return _decode_one((fake, tmp, str(out_path)))
 
 
 # --------------------------------------------------------------------------- near-duplicates + splits
