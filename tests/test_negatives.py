@@ -47,6 +47,8 @@ def test_recording_groups_merge_takes_of_one_recording():
     assert recording_group("p", "/d/doors_door_open.ogg") == recording_group("p", "/d/doors_door_close.ogg")
     assert recording_group("p", "/d/dog.wav") != recording_group("p", "/d/cat.wav")
     assert recording_group("p", "/a/dog.wav") != recording_group("p", "/b/dog.wav")
+    assert recording_group("p", "/k/6b-0.wav") == recording_group("p", "/k/17-0.wav")  # hex key codes, one keyboard
+    assert recording_group("p", "/d/bd_01.flac") != recording_group("p", "/d/hh_01.flac")
 
 
 def test_absent_candidates_by_sampling():

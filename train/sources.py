@@ -151,6 +151,8 @@ def recording_group(package: str, path: str) -> str:
     """
     p = path.removeprefix("rcc:")
     stem = Path(p).stem.lower()
+    # hex-coded take names ("6b-0", "1d-1": one keyboard's keys) are numbers too
+    stem = re.sub(r"(?<![a-z0-9])(?=[a-f]*[0-9])[0-9a-f]+(?![a-z0-9])", "", stem)
     stem = re.sub(r"[0-9]+", "", stem)
     stem = re.sub(r"[^a-z]+", "_", stem).strip("_")
     stem = _VARIANT_TOKENS.sub("", stem).strip("_")
