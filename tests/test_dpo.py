@@ -258,20 +258,31 @@ def test_input_contrastive_sides_differ_only_by_audio(trained):
         assert abs(float(chosen[0] - rejected[0])) > 1e-4, "the rejected side's audio never reached the model"
 
 
+def test_batching_does_not_change_log_probs(trained):
+    """Rows are right-padded to the longest one; each row's log-probs must be what it gets alone."""
+    collator, rows, model = trained["collator"], trained["rows"], trained["model"]
+    batch_chosen, batch_rejected = completion_logps(model, collator(rows))
+    for i, row in enumerate(rows):
+        alone_chosen, alone_rejected = completion_logps(model, collator([row]))
+        torch.testing.assert_close(batch_chosen[i], alone_chosen[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(batch_rejected[i], alone_rejected[0], rtol=1e-5, atol=1e-4)
+
+
 def test_reference_is_the_adapter_disabled_policy(tmp_path):
-    """TRL keeps no reference copy with PEFT: its reference log-probs are the base model's."""
+    """TRL keeps no reference copy with PEFT: its reference log-probs are the base model's (also with a
+    trained ``modules_to_save`` copy of lm_head, which PEFT bypasses when adapters are disabled)."""
     from datasets import Dataset
 
     audio = _clips(tmp_path)
     processor, model = build_qwen2_audio()
     base = copy.deepcopy(model).eval()
     trainer = make_trainer(model, processor, Dataset.from_list(_rows(audio)), tmp_path / "out", lora_r=2, lora_alpha=4,
-                           batch_size=3, max_steps=1, audio_root=tmp_path)
+                           batch_size=3, max_steps=1, audio_root=tmp_path, modules_to_save=["lm_head"])
     assert trainer.ref_model is None
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.5)
     trainer.model.eval()
     batch = trainer.data_collator(_rows(audio))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)

@@ -379,7 +379,7 @@ def make_trainer(
         audio_root=Path(audio_root) if audio_root is not None else None,
         sample_rate=int(getattr(processor.feature_extractor, "sampling_rate", SAMPLE_RATE)),
         max_completion_tokens=max_completion_tokens,
-        feature_dtype=torch.bfloat16 if bf16 else next(model.parameters()).dtype,
+        feature_dtype=next(model.parameters()).dtype,  # a bf16-loaded encoder needs bf16 features; autocast does the rest
     )
     AudioDPOTrainer, DPOLogCallback = _trainer_classes()
     trainer = AudioDPOTrainer(
