@@ -21,7 +21,7 @@ def make_backend(settings: Settings):
 
     spec = resolve(settings.model)
     adapter = settings.adapter or spec.adapters.get("default")
-    return TransformersBackend(spec, adapter=adapter, device=settings.device, dtype=settings.dtype), adapter
+    return TransformersBackend.load(spec, adapter=adapter, device=settings.device, dtype=settings.dtype), adapter
 
 
 @serve.deployment(name="ModelServer")

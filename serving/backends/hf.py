@@ -11,14 +11,19 @@ from serving.backends.base import AudioPrompt, Generation
 
 
 class TransformersBackend:
-    def __init__(self, spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
-        self.model_name = spec.name
-        self.processor, self.model = load(spec, adapter=adapter, device=device, dtype=dtype)
-        extractor = self.processor.feature_extractor
+    def __init__(self, name: str, processor, model, max_audio_s: float = 30.0):
+        self.model_name = name
+        self.processor, self.model = processor, model
+        extractor = processor.feature_extractor
         self.sample_rate = int(extractor.sampling_rate)
         # The encoder hears one window; longer audio would be cut silently, so it is refused upstream.
-        self.max_audio_s = float(min(spec.max_audio_s, extractor.chunk_length))
-        self.device = next(self.model.parameters()).device
+        self.max_audio_s = float(min(max_audio_s, extractor.chunk_length))
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtype: str = "auto") -> "TransformersBackend":
+        processor, model = load(spec, adapter=adapter, device=device, dtype=dtype)
+        return cls(spec.name, processor, model, spec.max_audio_s)
 
     def _prompt(self, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
