@@ -24,6 +24,7 @@ from train.dpo import (
     completion_logps,
     language_model_lora_pattern,
     lora_config,
+    load_audio_file,
     make_trainer,
     model_family,
     train_dpo,
@@ -137,8 +138,6 @@ def trained(request, tmp_path_factory):
     """One short DPO run per family; Qwen2-Audio reads relative file paths, Omni gets in-memory arrays."""
     from datasets import Dataset
 
-    from train.dpo import load_audio_file
-
     family = request.param
     root = tmp_path_factory.mktemp(f"dpo-{family}")
     audio = _clips(root)
@@ -244,6 +243,19 @@ def test_collator_gives_each_side_its_own_audio(trained):
             assert tokenizer.decode(completion) == (row["chosen"] if r < n else row["rejected"]) + "<|im_end|>"
 
 
+def test_collator_reads_every_audio_form(trained, tmp_path):
+    """Paths (relative to audio_root), float arrays, and datasets.Audio cells (decoded, or raw bytes) agree."""
+    collator = trained["collator"]
+    wave = collator.audio(trained["rows"][0]["audio"])
+    sf.write(tmp_path / "clip.flac", wave, SR)
+    raw = {"bytes": (tmp_path / "clip.flac").read_bytes(), "path": None}
+    decoded_44k = {"array": load_audio_file(tmp_path / "clip.flac", 44_100), "sampling_rate": 44_100}
+    assert np.allclose(collator.audio(raw), wave, atol=1e-4)
+    assert np.allclose(collator.audio(list(wave)), wave)
+    resampled = collator.audio(decoded_44k)
+    assert abs(len(resampled) - len(wave)) <= 2 and np.corrcoef(resampled[:len(wave) - 2], wave[:len(wave) - 2])[0, 1] > 0.99
+
+
 def test_input_contrastive_sides_differ_only_by_audio(trained):
     row = trained["rows"][-1]
     assert row["chosen"] == row["rejected"] and row["rejected_audio"] is not None
@@ -299,10 +311,15 @@ def test_export_merged_matches_adapter(trained, tmp_path):
     from train.dpo import _model_class_for, export_merged
 
     omni = trained["family"] == "qwen2.5-omni-thinker"
-    # The torchvision-free Omni stand-in cannot be rebuilt by AutoProcessor, so it is handed over explicitly;
-    # Qwen2-Audio's processor is read back from the adapter directory, where train_dpo saved it.
-    processor = trained["processor"] if omni else None
-    out = export_merged(copy.deepcopy(trained["base"]), trained["adapter_dir"], tmp_path / "merged", processor=processor)
+    if omni:
+        # The torchvision-free Omni stand-in cannot be rebuilt by AutoProcessor, so it is handed over explicitly,
+        # with a loaded base model.
+        out = export_merged(copy.deepcopy(trained["base"]), trained["adapter_dir"], tmp_path / "merged",
+                            processor=trained["processor"])
+    else:
+        # A base checkpoint directory without a processor: the one train_dpo saved with the adapter is used.
+        trained["base"].save_pretrained(tmp_path / "base")
+        out = export_merged(tmp_path / "base", trained["adapter_dir"], tmp_path / "merged")
     merged = _model_class_for(trained["model"].config.model_type).from_pretrained(out).eval()
     if not omni:
         assert AutoProcessor.from_pretrained(out).tokenizer.get_vocab() == trained["processor"].tokenizer.get_vocab()

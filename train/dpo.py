@@ -123,12 +123,13 @@ def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, modu
 # --------------------------------------------------------------------------------------------- audio
 
 
-def load_audio_file(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode a file (anything libsndfile reads: wav, flac, ogg …) to float32 mono at ``sample_rate``."""
+def load_audio_file(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode a file or file-like object (anything libsndfile reads: wav, flac, ogg …) to float32 mono at ``sample_rate``."""
     import soundfile as sf
     import soxr
 
-    samples, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    source = str(path) if isinstance(path, (str, os.PathLike)) else path
+    samples, sr = sf.read(source, dtype="float32", always_2d=True)
     mono = samples.mean(axis=1)
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
@@ -180,8 +181,12 @@ class AudioPreferenceCollator:
     def audio(self, value) -> np.ndarray:
         if isinstance(value, (str, os.PathLike)):
             return np.asarray(self.load_audio(_resolve(str(value), self.audio_root)), dtype=np.float32)
-        if isinstance(value, Mapping):  # a datasets.Audio cell
+        if isinstance(value, Mapping):  # a datasets.Audio cell: decoded {"array", "sampling_rate"} or raw {"bytes", "path"}
             if value.get("array") is None:
+                if value.get("bytes"):
+                    import io
+
+                    return load_audio_file(io.BytesIO(value["bytes"]), self.sample_rate)
                 return self.audio(value["path"])
             samples, sr = np.asarray(value["array"], dtype=np.float32), int(value.get("sampling_rate") or self.sample_rate)
             if sr != self.sample_rate:
@@ -535,9 +540,7 @@ def export_merged(base_model, adapter_dir: str | Path, out_dir: str | Path, proc
 
         source = Path(base_model)
         config = AutoConfig.from_pretrained(source, local_files_only=source.is_dir())
-        base_model = _model_class_for(config.model_type).from_pretrained(
-            source, local_files_only=source.is_dir(), dtype=getattr(config, "dtype", None) or torch.float32
-        )
+        base_model = _model_class_for(config.model_type).from_pretrained(source, local_files_only=source.is_dir(), dtype="auto")
     if hasattr(base_model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in base_model.modules()):
         raise ValueError("export_merged needs a base model without LoRA layers (pass its checkpoint directory)")
     model_family(base_model)
