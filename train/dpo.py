@@ -279,7 +279,7 @@ def _trainer_classes():
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             row = {"step": state.global_step}
             row.update({k: float(logs[k]) for k in (*LOG_KEYS, *_EXTRA_LOG_KEYS) if k in logs})
@@ -342,7 +342,7 @@ def make_trainer(
     from trl import DPOConfig
     from trl.trainer.utils import disable_dropout_in_model
 
-    family = model_family(model)  # raises on anything else
+    model_family(model)  # raises on anything else
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -396,7 +396,6 @@ def make_trainer(
         peft_config=lora_config(model, lora_r, lora_alpha, lora_dropout, modules_to_save),
         callbacks=[DPOLogCallback(out_dir)],
     )
-    trainer.earwitness_family = family
     return trainer
 
 
@@ -459,14 +458,14 @@ def train_dpo(
         "max_steps": max_steps, "global_step": trainer.state.global_step, "seed": seed,
         "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
         "modules_to_save": modules_to_save, "train_loss": float(result.training_loss),
-        "pairs": len(dataset), "kinds": _kind_counts(dataset),
+        "pairs": len(dataset) if hasattr(dataset, "__len__") else None, "kinds": _kind_counts(dataset),
     })
     trainer.model.eval()
     return adapter_dir
 
 
 def _kind_counts(dataset) -> dict[str, int]:
-    if "kind" not in (dataset.column_names or []):
+    if "kind" not in (dataset.column_names or []) or not hasattr(dataset, "__len__"):
         return {}
     kinds, counts = dataset["kind"], {}
     for kind in kinds:
@@ -477,6 +476,9 @@ def _kind_counts(dataset) -> dict[str, int]:
 def export_adapter(trainer, adapter_dir: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Save the trained adapter (+ processor and a settings note) of a trainer from :func:`make_trainer`."""
     adapter_dir = Path(adapter_dir)
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return adapter_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.save_pretrained(str(adapter_dir))
     trainer.processing_class.save_pretrained(str(adapter_dir))
