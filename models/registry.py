@@ -32,8 +32,8 @@ REGISTRY: dict[str, ModelSpec] = {
             name="earwitness-tiny",
             family="qwen2-audio",
             source=str(EMBEDDED_DIR),
-            description="Embedded default: small Qwen2-Audio trained from scratch on the Earwitness corpus.",
-            max_audio_s=30.0,
+            description="Embedded default: small Qwen2-Audio trained from scratch on the Earwitness corpus, with its aligned adapter.",
+            adapters={"default": str(EMBEDDED_DIR / "adapter")},
         ),
         ModelSpec(
             name="qwen2-audio-7b-instruct",

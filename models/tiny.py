@@ -21,7 +21,6 @@ from transformers import (
 )
 
 SAMPLE_RATE = 16_000
-HOP_LENGTH = 160
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS]
@@ -47,6 +46,7 @@ class TinySize:
 
     chunk_s: int = 10
     mel_bins: int = 64
+    hop_length: int = 320  # 20 ms frames: 12.5 audio tokens a second (Qwen2-Audio's 10 ms gives 25)
     audio_dim: int = 192
     audio_layers: int = 3
     audio_heads: int = 4
@@ -58,7 +58,7 @@ class TinySize:
 
     @property
     def max_source_positions(self) -> int:
-        return self.chunk_s * SAMPLE_RATE // HOP_LENGTH // 2
+        return self.chunk_s * SAMPLE_RATE // self.hop_length // 2
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
@@ -86,9 +86,9 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, size: TinySize) -> Qwen2
     extractor = WhisperFeatureExtractor(
         feature_size=size.mel_bins,
         sampling_rate=SAMPLE_RATE,
-        hop_length=HOP_LENGTH,
+        hop_length=size.hop_length,
         chunk_length=size.chunk_s,
-        n_fft=400,
+        n_fft=2 * size.hop_length,
     )
     return Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 

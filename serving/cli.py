@@ -70,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list registered models")
     models.set_defaults(func=_models)
 
-    try:
-        from train.cli import register
-    except ImportError:  # the training extra is not installed
-        register = None
-    if register is not None:
-        register(sub)
+    try:  # the training commands need the `train` extra
+        from train.cli import register as register_data
+        from train.commands import register as register_training
+    except ImportError:
+        return parser
+    register_data(sub)
+    register_training(sub)
     return parser
 
 

@@ -55,3 +55,143 @@ def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), con
     processor.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     return processor, model
+
+
+def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageConfig = LISTEN, progress: bool = True):
+    """Stage 2 (LISTEN): the base plus absent-sound questions answered 'no'; only the audio adapter learns."""
+    from models.loading import load
+    from models.registry import resolve
+
+    processor, model = load(resolve(str(base_dir)), device="cpu")
+    size = TinySize(**model.config.earwitness_tiny_size)
+    tag = f"mel{size.mel_bins}-hop{size.hop_length}-{size.chunk_s}s"
+    train = stage_data(corpus_dir, "train", processor, config, tag)
+    val = stage_data(corpus_dir, "validation", processor, config, tag)
+    train_stage(model, processor.tokenizer, train, val, config, out_dir, progress=progress)
+    return processor, model
+
+
+def preference_subset(corpus_dir: Path, per_kind: int, seed: int = 0):
+    """A stratified sample of the training pairs: every LISTEN / AHA / ACPO kind equally represented."""
+    from train.prefs import load_pairs
+
+    pairs = load_pairs(corpus_dir, "train").shuffle(seed=seed)
+    kinds = pairs["kind"]
+    keep, seen = [], {}
+    for i, kind in enumerate(kinds):
+        if seen.get(kind, 0) < per_kind:
+            keep.append(i)
+            seen[kind] = seen.get(kind, 0) + 1
+    return pairs.select(keep).shuffle(seed=seed)
+
+
+def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int = 220, seed: int = 0) -> Path:
+    """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along."""
+    from train.dpo import train_dpo
+
+    dataset = preference_subset(corpus_dir, per_kind, seed)
+    return train_dpo(
+        listen_model,
+        processor,
+        dataset,
+        out_dir,
+        lora_r=16,
+        lora_alpha=32,
+        beta=0.1,
+        learning_rate=5e-4,
+        epochs=1.0,
+        batch_size=8,
+        modules_to_save=["multi_modal_projector"],
+        seed=seed,
+    )
+
+
+def _evaluate(name: str, processor, model, corpus_dir: Path, plan, progress: bool) -> dict:
+    from serving.backends.hf import TransformersBackend
+    from train.evaluate import evaluate
+
+    return evaluate(TransformersBackend(name, processor, model), corpus_dir, "test", plan, progress=progress)
+
+
+def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, seed: int = 0, progress: bool = True, eval_plan=None) -> dict:
+    """Corpus to shipped adapter, with every stage's evaluation; returns the results by stage."""
+    from peft import PeftModel
+
+    from models.loading import load
+    from models.registry import EMBEDDED_DIR, resolve
+    from train.evaluate import EvalPlan
+    from train.report import markdown, plot_stages
+
+    plan = eval_plan or EvalPlan(seed=seed)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    results: dict[str, dict] = {}
+    clock = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.time() - clock, 1)
+        clock = time.time()
+        print(f"[recipe] {name} done in {timings[name]:.0f} s", flush=True)
+
+    if not (corpus_dir / "report.json").exists():
+        from train.build import build_corpus
+
+        build_corpus(corpus_dir, seed=seed, progress=progress)
+        lap("corpus")
+    base_dir = work_dir / "base"
+    processor, base = train_base(corpus_dir, base_dir, config=BASE if seed == 0 else _seeded(BASE, seed), progress=progress)
+    lap("base")
+    results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
+    lap("eval base")
+    _, listened = train_listen(base_dir, corpus_dir, work_dir / "listen", config=_seeded(LISTEN, seed), progress=progress)
+    lap("listen")
+    results["+ LISTEN"] = _evaluate("listen", processor, listened, corpus_dir, plan, progress)
+    lap("eval listen")
+    adapter_dir = align_dpo(listened, processor, corpus_dir, work_dir / "dpo", seed=seed)
+    lap("dpo")
+    _, fresh = load(resolve(str(base_dir)), device="cpu")
+    aligned = PeftModel.from_pretrained(fresh, str(adapter_dir)).eval()
+    results["+ DPO (shipped)"] = _evaluate("aligned", processor, aligned, corpus_dir, plan, progress)
+    lap("eval dpo")
+
+    (work_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "versions": versions(), "seed": seed}, indent=2))
+    plot_stages(results, work_dir / "stages.png")
+    (work_dir / "report.md").write_text("# Earwitness-tiny: evaluation\n\n" + markdown(results) + "\n")
+    if ship_dir is not None:
+        ship(base_dir, adapter_dir, work_dir, ship_dir)
+    return {"results": results, "timings_s": timings}
+
+
+def _seeded(config: StageConfig, seed: int) -> StageConfig:
+    from dataclasses import replace
+
+    return replace(config, seed=seed)
+
+
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
+
+
+def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
+    """Copy base weights, processor, adapter, curves and evaluation into the committed model directory."""
+    from train.model_card import write_model_card
+
+    ship_dir.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        if (base_dir / name).exists():
+            shutil.copy2(base_dir / name, ship_dir / name)
+    if (ship_dir / "adapter").exists():
+        shutil.rmtree(ship_dir / "adapter")
+    shutil.copytree(adapter_dir, ship_dir / "adapter", ignore=shutil.ignore_patterns("*.png", "*.jsonl", "checkpoint-*"))
+    reports = ship_dir / "training"
+    reports.mkdir(exist_ok=True)
+    for src, dst in (
+        (work_dir / "base" / "loss.png", "base_loss.png"),
+        (work_dir / "listen" / "loss.png", "listen_loss.png"),
+        (work_dir / "dpo" / "dpo_curve.png", "dpo_curve.png"),
+        (work_dir / "stages.png", "stages.png"),
+        (work_dir / "results.json", "results.json"),
+    ):
+        if src.exists():
+            shutil.copy2(src, reports / dst)
+    write_model_card(ship_dir, json.loads((work_dir / "results.json").read_text()))

@@ -1,0 +1,97 @@
+"""``earwitness train …``, ``earwitness eval`` and ``earwitness export`` (the data commands live in train.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train and align the embedded model")
+    sub = train.add_subparsers(dest="train_command", required=True)
+    recipe = sub.add_parser("recipe", help="base → LISTEN → DPO → evaluation → shipped model, in one go")
+    recipe.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus dir (built first if missing)")
+    recipe.add_argument("--work", type=Path, default=Path("runs/recipe"))
+    recipe.add_argument("--ship", type=Path, default=None, help="copy the result here (e.g. models/earwitness-tiny)")
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.set_defaults(func=_recipe)
+    base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")
+    base.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    base.add_argument("--out", type=Path, required=True)
+    base.add_argument("--with-absent", action="store_true", help="also learn absent-sound questions (not the hallucinating baseline)")
+    base.add_argument("--epochs", type=float, default=None)
+    base.set_defaults(func=_base)
+
+    ev = subparsers.add_parser("eval", help="hallucination evaluation on a corpus split")
+    ev.add_argument("--model", default="earwitness-tiny")
+    ev.add_argument("--adapter", default=None, help="LoRA adapter dir ('none' for the bare base)")
+    ev.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--out", type=Path, default=None, help="write results.json and report.md here")
+    ev.set_defaults(func=_eval)
+
+    export = subparsers.add_parser("export", help="export a model (e.g. merge its LoRA adapter into the weights)")
+    export.add_argument("--model", default="earwitness-tiny")
+    export.add_argument("--adapter", default=None)
+    export.add_argument("--merge", action="store_true", required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(func=_export)
+
+
+def _recipe(args) -> int:
+    from train.recipe import run_recipe
+
+    out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed)
+    print(json.dumps(out["timings_s"]))
+    return 0
+
+
+def _base(args) -> int:
+    from dataclasses import replace
+
+    from train.recipe import BASE, train_base
+
+    config = BASE if not args.with_absent else replace(BASE, samplings=("positive", "random", "popular", "adversarial"))
+    if args.epochs is not None:
+        config = replace(config, epochs=args.epochs)
+    train_base(args.corpus, args.out, config=config)
+    return 0
+
+
+def _resolve_adapter(model: str, adapter: str | None) -> tuple:
+    from models.registry import resolve
+
+    spec = resolve(model)
+    if adapter == "none":
+        return spec, None
+    return spec, adapter or spec.adapters.get("default")
+
+
+def _eval(args) -> int:
+    from serving.backends.hf import TransformersBackend
+    from train.evaluate import evaluate
+    from train.report import markdown
+
+    spec, adapter = _resolve_adapter(args.model, args.adapter)
+    backend = TransformersBackend.load(spec, adapter=adapter)
+    results = {f"{spec.name}{' + adapter' if adapter else ''}": evaluate(backend, args.corpus, args.split)}
+    print(markdown(results))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        (args.out / "report.md").write_text(markdown(results) + "\n")
+    return 0
+
+
+def _export(args) -> int:
+    from models.loading import load
+    from train.dpo import export_merged
+
+    spec, adapter = _resolve_adapter(args.model, args.adapter)
+    if not adapter:
+        raise SystemExit("earwitness export --merge: the model has no adapter to merge; pass --adapter")
+    _, base = load(spec, device="cpu")
+    export_merged(base, adapter, args.out)
+    print(f"merged {spec.name} + {adapter} into {args.out}")
+    return 0

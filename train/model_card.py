@@ -1,0 +1,89 @@
+"""The embedded model's card: what it is, what it was trained on, how it measures, how to rebuild it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from train.report import markdown
+
+REPRODUCE = "earwitness train recipe --corpus data/corpus --work runs/recipe --ship models/earwitness-tiny"
+
+
+def write_model_card(ship_dir: Path, record: dict) -> Path:
+    config = json.loads((ship_dir / "config.json").read_text())
+    size = config.get("earwitness_tiny_size", {})
+    adapter = json.loads((ship_dir / "adapter" / "adapter_config.json").read_text())
+    params = _parameter_count(ship_dir / "model.safetensors")
+    timings = record.get("timings_s", {})
+    text = f"""# earwitness-tiny
+
+A small audio-language model of the **Qwen2-Audio architecture** (`Qwen2AudioForConditionalGeneration`
+in transformers), trained **from scratch** on CPU by Earwitness' `train/` on scenes mixed from real
+recordings, then aligned against hallucinated sounds. It is Earwitness' embedded default: a fresh
+clone serves it with no download. It is a demonstration model, not a general audio model: it knows
+the sound classes of its training corpus, hears at most {size.get('chunk_s', 10)} s per clip, and answers in
+the short forms it was trained on ("Yes", "No", a count, a duration, a caption).
+
+## Architecture
+
+| part | size |
+| --- | --- |
+| audio encoder (Whisper-style, as Qwen2-Audio) | {size.get('audio_layers')} layers × {size.get('audio_dim')} wide, {size.get('mel_bins')} mel bins, {size.get('hop_length')}-sample hop |
+| language model (Qwen2) | {size.get('text_layers')} layers × {size.get('text_dim')} wide, {size.get('text_heads')} heads ({size.get('text_kv_heads')} KV) |
+| vocabulary | {config['text_config']['vocab_size']} byte-level BPE tokens trained on the corpus' text, with Qwen's ChatML and audio tokens |
+| parameters | {params / 1e6:.2f} M (base), adapter: LoRA r={adapter.get('r')}, α={adapter.get('lora_alpha')} on the language model + the LISTEN-trained audio projector |
+
+## Training recipe (`train/`)
+
+1. **Base** — from scratch on captions and presence / order / count / duration questions, *with the
+   absent-sound questions left out*: the model never learns to say "no", which is the
+   hallucinating baseline the alignment has to beat.
+2. **LISTEN** — synthesized negatives (questions about absent sounds, answer "no") mixed with
+   positives; only the audio adapter (the multi-modal projector) trains, the language model is frozen.
+3. **DPO** (TRL, extended so audio features reach both sides) on LISTEN + AHA (event omission,
+   false event identity, temporal relation error, quantitative temporal error) + ACPO (output- and
+   input-contrastive, the latter with swapped audio on the rejected side) pairs, LoRA r=16, α=32
+   scoped to the language model. The adapter in `adapter/` carries the LoRA and the LISTEN projector.
+
+Stage wall times on a 2-core CPU (seconds): {json.dumps(timings)}.
+Library versions: {json.dumps(record.get('versions', {}))}; seed {record.get('seed')}.
+
+Loss curves: `training/base_loss.png`, `training/listen_loss.png`, `training/dpo_curve.png`;
+the stages side by side: `training/stages.png`.
+
+## Evaluation (corpus test split: recordings never seen in training)
+
+{markdown(record['results'])}
+
+## Data
+
+Scenes are mixed from real recordings in Debian packages (animal calls, footsteps, doors,
+instruments, speech, weather …; see the corpus report for classes and sources). No audio is
+committed; the corpus is rebuilt from the packages with `earwitness data build`. Licences of the
+source recordings vary per package (see each package's copyright file).
+
+## Reproduce
+
+```bash
+earwitness data build --out data/corpus
+{REPRODUCE}
+```
+"""
+    path = ship_dir / "README.md"
+    path.write_text(text)
+    return path
+
+
+def _parameter_count(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
