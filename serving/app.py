@@ -20,7 +20,7 @@ def build(settings: Settings) -> Application:
     # One fresh metrics directory per application, so restarts don't resurrect old counts.
     metrics_dir = str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
     model = ModelServer.options(
-        num_replicas=settings.model_replicas,
+        **_model_scale(settings),
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options={"num_cpus": settings.model_cpus, "num_gpus": settings.model_gpus},
@@ -30,6 +30,20 @@ def build(settings: Settings) -> Application:
         max_ongoing_requests=max(64, settings.max_queued_requests + settings.max_ongoing_requests),
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}},
     ).bind(model, settings.model_dump())
+
+
+def _model_scale(settings: Settings) -> dict:
+    """Fixed ``model_replicas``, or Serve autoscaling on ongoing requests when min/max replicas are set."""
+    if settings.model_min_replicas is None and settings.model_max_replicas is None:
+        return {"num_replicas": settings.model_replicas}
+    low = settings.model_min_replicas if settings.model_min_replicas is not None else 1
+    high = settings.model_max_replicas if settings.model_max_replicas is not None else max(low, settings.model_replicas)
+    if low > high:
+        raise ValueError(f"model_min_replicas ({low}) exceeds model_max_replicas ({high})")
+    config = {"min_replicas": low, "max_replicas": high, "initial_replicas": min(max(low, settings.model_replicas), high)}
+    if settings.target_ongoing_requests is not None:
+        config["target_ongoing_requests"] = settings.target_ongoing_requests
+    return {"autoscaling_config": config}
 
 
 def app_builder(args: dict) -> Application:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int = Field(16, ge=1, description="per model replica")
     max_queued_requests: int = Field(64, ge=-1, description="beyond this the ingress answers 503")
+    # autoscaling of the model deployment (Serve autoscaling_config); None keeps model_replicas fixed
+    model_min_replicas: int | None = Field(None, ge=0, description="set with model_max_replicas to autoscale")
+    model_max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float | None = Field(None, gt=0, description="per replica; Serve's default when None")
+
+    # access: optional bearer-token auth (serving/auth.py); /healthz, /readyz and /metrics stay open
+    api_keys: SecretStr | None = Field(None, description="comma-separated API keys; when any is set, requests need one")
+    api_keys_file: str | None = Field(None, description="file holding API keys, one per line ('#' comments)")
 
     # Ray
     ray_address: str | None = Field(None, description="join an existing cluster instead of starting one")

@@ -11,6 +11,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import time
 import uuid
 
@@ -26,6 +27,7 @@ from starlette.routing import Match
 
 from serving import audio as intake
 from serving.answers import classify
+from serving.auth import ApiKeyMiddleware, keys_from_settings
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
@@ -34,6 +36,9 @@ from serving.metrics import Metrics, mark_process_dead
 from serving.schemas import AudioInfo, ErrorResponse, Health, ModelCard, ModelList, QARequest, QAResponse, Timing
 
 log = logging.getLogger("earwitness.http")
+
+# What a served model or adapter name may look like: no path separators, no "..", bounded length.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
 
@@ -179,7 +184,7 @@ class Service:
 
     async def model_info(self) -> dict:
         if self._model_info is None:
-            self._model_info = await asyncio.wait_for(self.model.info.remote(), self.settings.request_timeout_s)
+            self._model_info = await self._await_model(self.model.info.remote())
         return self._model_info
 
     def check_question(self, question: str) -> str:
@@ -197,7 +202,10 @@ class Service:
         return value
 
     async def generate(self, prompt: AudioPrompt):
-        response = self.model.generate.remote(prompt)
+        return await self._await_model(self.model.generate.remote(prompt))
+
+    async def _await_model(self, response):
+        """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""
         try:
             return await asyncio.wait_for(response, self.settings.request_timeout_s)
         except asyncio.TimeoutError as exc:
@@ -213,6 +221,8 @@ class Service:
         data, fields = await _read_qa(request)
         question = self.check_question(fields.question)
         max_tokens = self.check_max_tokens(fields.max_tokens)
+        if fields.model and not MODEL_NAME.fullmatch(fields.model):
+            raise ApiError(404, "model_not_found", "'model' is not a valid model name; see GET /v1/models")
         info = await self.model_info()
         if fields.model and fields.model != info["model"]:
             raise ApiError(404, "model_not_found", f"model {fields.model!r} is not served here; see GET /v1/models")
@@ -269,6 +279,8 @@ class Service:
         """None when a warm model replica answers, else why not."""
         try:
             await asyncio.wait_for(self.model.info.remote(), 5.0)
+        except BackPressureError:
+            return None  # loaded and busy: readiness must not flap under load
         except Exception as exc:  # any failure to reach a warm replica means not ready
             return type(exc).__name__
         return None
@@ -282,6 +294,7 @@ def create_app(service: Service) -> FastAPI:
         description="Audio question answering whose answers only testify to what was actually heard.",
     )
     app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes)
+    app.add_middleware(ApiKeyMiddleware, digests=keys_from_settings(service.settings))
     app.add_middleware(RequestMetricsMiddleware, app=app, metrics=service.metrics)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
