@@ -55,7 +55,8 @@ def test_bad_files_name_their_problem(make, expected):
 
 def test_cut_mp3_is_heard_for_what_decodes():
     # MP3 carries no exact length (its header's count is an estimate), so a cut stream is the shorter clip
-    clip = decode(encode(tone(2.0, 16_000, 1), 16_000, "mp3")[:4_000], 16_000)
+    data = encode(tone(2.0, 16_000, 1), 16_000, "mp3")
+    clip = decode(data[: len(data) // 3], 16_000)
     assert 0.1 < clip.duration_s < 1.5
 
 
