@@ -110,7 +110,11 @@ def _evaluate(name: str, processor, model, corpus_dir: Path, plan, progress: boo
     from serving.backends.hf import TransformersBackend
     from train.evaluate import evaluate
 
-    return evaluate(TransformersBackend(name, processor, model), corpus_dir, "test", plan, progress=progress)
+    from train.report import headline
+
+    result = evaluate(TransformersBackend(name, processor, model), corpus_dir, "test", plan, progress=progress)
+    print(f"[recipe] {name}: {json.dumps({k: round(v, 3) for k, v in headline({name: result})[name].items()})}", flush=True)
+    return result
 
 
 def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, seed: int = 0, progress: bool = True, eval_plan=None) -> dict:
