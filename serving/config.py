@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,22 @@ class Settings(BaseSettings):
     adapter: str | None = Field(None, description="LoRA adapter directory; None uses the model's shipped adapter")
     device: str = "auto"
     dtype: str = "auto"
+    # more LoRA adapters, served as "<model>:<name>" (README "Models and adapters"); the model's shipped ones come too
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> LoRA directory")
+    max_loaded_adapters: int = Field(4, ge=1, description="adapters a model replica keeps loaded (Serve multiplexing, LRU)")
+
+    # engine (serving/backends/): transformers runs anywhere; vllm needs the .venv-vllm environment (or CUDA vLLM)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one replica shards the model over")
+    max_model_len: int | None = Field(None, ge=1, description="vllm: context length; None takes the model spec's")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vllm: None takes the model spec's")
+    max_num_seqs: int = Field(64, ge=1, description="vllm: sequences decoded together")
+    max_lora_rank: int = Field(16, ge=1, description="vllm: largest adapter rank")
+    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decode)")
+    vllm_cpu_kvcache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+
+    # OpenAI-compatible API: remote audio URLs are fetched only from these prefixes; empty = refused (400)
+    audio_url_allowlist: list[str] = Field(default_factory=list, description="URL prefixes audio_url parts may fetch from")
 
     # request limits
     max_upload_mb: float = Field(25.0, gt=0)
