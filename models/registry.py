@@ -40,16 +40,25 @@ REGISTRY: dict[str, ModelSpec] = {
             family="qwen2-audio",
             source="Qwen/Qwen2-Audio-7B-Instruct",
             description="Qwen2-Audio-7B-Instruct (production, GPU).",
+            # bf16 weights ~16.8 GB: one 24 GB+ GPU; 30 s clip = 750 audio tokens, so 4096 leaves room for chat
+            max_audio_s=30.0,
             gpus=1.0,
             max_model_len=4096,
+            gpu_memory_utilization=0.9,
+            audio_items_per_prompt=1,
         ),
         ModelSpec(
             name="qwen2.5-omni-7b",
             family="qwen2.5-omni-thinker",
             source="Qwen/Qwen2.5-Omni-7B",
             description="Qwen2.5-Omni-7B thinker (production, GPU, text output only).",
+            # thinker bf16 ~17.6 GB (with vision tower); the audio encoder windows long audio itself (25 tokens/s):
+            # 120 s = 3000 audio tokens caps per-request KV, and 8192 leaves room for chat
+            max_audio_s=120.0,
             gpus=1.0,
             max_model_len=8192,
+            gpu_memory_utilization=0.9,
+            audio_items_per_prompt=1,
         ),
     )
 }
