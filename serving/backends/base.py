@@ -15,12 +15,17 @@ class AudioPrompt:
     samples: np.ndarray
     question: str
     max_new_tokens: int
+    # ask for the audio contrast of the answer (Generation.answer_logprob / blank_logprob); optional for engines
+    contrast: bool = False
 
 
 @dataclass(frozen=True)
 class Generation:
     text: str
     num_tokens: int
+    # log P(answer tokens | real audio) and | blank audio (zeros, same length), in nats; None when not computed
+    answer_logprob: float | None = None
+    blank_logprob: float | None = None
 
 
 class Backend(Protocol):
