@@ -1,0 +1,35 @@
+"""The Locust load test runs end to end against the session server (briefly) and writes its report."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from loadtests import run
+
+
+def test_duration_and_host_guards():
+    assert run.parse_duration("60s") == 60 and run.parse_duration("1m30s") == 90 and run.parse_duration("45") == 45
+    for bad in ("", "forever", "0s", "2h"):
+        with pytest.raises(Exception):
+            run.parse_duration(bad)
+    assert run.is_loopback("http://127.0.0.1:8000") and run.is_loopback("http://localhost:1") and run.is_loopback("http://[::1]:80")
+    assert not run.is_loopback("http://10.0.0.5:8000") and not run.is_loopback("http://example.org")
+    with pytest.raises(SystemExit):
+        run.main(["--host", "http://192.168.1.10:8000", "--duration", "5s"])
+
+
+def test_short_load_run_writes_the_report(server, tmp_path):
+    url, _ = server
+    out = tmp_path / "load"
+    assert run.main(["--host", url, "--users", "4", "--duration", "6s", "--out", str(out)]) == 0  # 0: nothing unexpected
+    for name in ("samples.csv", "summary.csv", "errors.csv", "report.md", "latency.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    overall = rows[-1]
+    assert overall["scenario"] == "ALL" and int(overall["requests"]) > 10 and int(overall["unexpected"]) == 0
+    assert float(overall["p50_ms"]) <= float(overall["p95_ms"]) <= float(overall["p99_ms"])
+    report = (out / "report.md").read_text()
+    assert "p99" in report and "5xx other than 503 backpressure: 0" in report
+    assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
