@@ -46,9 +46,9 @@ class TinySize:
 
     chunk_s: int = 10
     mel_bins: int = 64
-    hop_length: int = 320  # 20 ms frames: 12.5 audio tokens a second (Qwen2-Audio's 10 ms gives 25)
-    audio_dim: int = 192
-    audio_layers: int = 3
+    hop_length: int = 640  # 40 ms frames: 6.25 audio tokens a second (Qwen2-Audio's 10 ms gives 25)
+    audio_dim: int = 128
+    audio_layers: int = 2
     audio_heads: int = 4
     text_dim: int = 192
     text_layers: int = 3
