@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from typing import Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,20 @@ class Settings(BaseSettings):
     model_min_replicas: int | None = Field(None, ge=0, description="set with model_max_replicas to autoscale")
     model_max_replicas: int | None = Field(None, ge=1)
     target_ongoing_requests: float | None = Field(None, gt=0, description="per replica; Serve's default when None")
+
+    # the absent-sound guard (serving/guard/): every answer's sound claims checked against the audio
+    guard_policy: Literal["off", "annotate", "abstain", "correct"] = Field(
+        "annotate", description="default policy; requests may override it with 'guard'"
+    )
+    verifier: str | None = Field(
+        "earwitness-verifier", description="shipped verifier name, a verifier directory, or a CLAP checkpoint (dir or hub id); None: no verifier"
+    )
+    verifier_replicas: int = Field(1, ge=1)
+    verifier_cpus: float = Field(1.0, ge=0)
+    verifier_timeout_s: float = Field(5.0, gt=0, description="past this the answer goes out 'unverified'")
+    guard_contrast: bool = Field(True, description="also score the answer on blank audio (the model's audio contrast)")
+    guard_contrast_prior: float = Field(0.05, description="nats; at or below, an answer the verifier is unsure of is a prior")
+    guard_contrast_heard: float = Field(1.0, description="nats; at or above, an answer the verifier is unsure of was heard")
 
     # access: optional bearer-token auth (serving/auth.py); /healthz, /readyz and /metrics stay open
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys; when any is set, requests need one")
