@@ -40,6 +40,13 @@ class Metrics:
             f"{PREFIX}_requests_in_flight", "Requests being handled now.", registry=registry, multiprocess_mode="livesum"
         )
         self.audio_flags = Counter(f"{PREFIX}_audio_flags", "Accepted clips carrying a flag (digital_silence, truncated).", ["flag"], registry=registry)
+        self.guard_verdicts = Counter(
+            f"{PREFIX}_guard_verdicts", "Guarded answers by verdict: supported, unsupported, uncertain, unverified.", ["verdict"], registry=registry
+        )
+        self.guard_overrides = Counter(f"{PREFIX}_guard_overrides", "Answers the guard changed, by policy (abstain, correct).", ["policy"], registry=registry)
+        self.verifier_failures = Counter(
+            f"{PREFIX}_verifier_failures", "Verifier calls that failed: timeout, unavailable, overloaded, error, disabled.", ["reason"], registry=registry
+        )
 
     def exposition(self) -> bytes:
         if self.multiprocess:
