@@ -15,6 +15,9 @@ class QARequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate")
     truncate: bool = Field(False, description="cut audio longer than the limit instead of refusing it")
     model: str | None = Field(None, description="served model or adapter name (default: the served default)")
+    guard: Literal["off", "annotate", "abstain", "correct"] | None = Field(
+        None, description="absent-sound guard policy for this request (default: the server's guard_policy)"
+    )
 
 
 class AudioInfo(BaseModel):
@@ -30,10 +33,27 @@ class Timing(BaseModel):
     decode_ms: float
     model_ms: float
     total_ms: float
+    guard_ms: float | None = Field(None, description="time the guard added after the model answered")
+
+
+class GuardClaim(BaseModel):
+    event: str = Field(..., description="the ontology class claimed (or the mention itself when it matched none)")
+    text: str = Field(..., description="the claim as the question or answer put it")
+    verifier_score: float | None = Field(None, description="the verifier's calibrated probability that the sound is there")
+    contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats")
+    present: bool | None = Field(None, description="judged present / absent; null: uncertain or unverified")
+
+
+class GuardInfo(BaseModel):
+    policy: Literal["off", "annotate", "abstain", "correct"]
+    verdict: Literal["supported", "unsupported", "uncertain", "unverified"]
+    claims: list[GuardClaim] = Field(default_factory=list)
 
 
 class QAResponse(BaseModel):
     answer: str
+    original_answer: str | None = Field(None, description="the model's own answer, when the guard changed it")
+    guard: GuardInfo | None = None
     answer_kind: Literal["yes", "no", "other"] = Field(..., description="the answer read as yes / no / other")
     model: str
     audio: AudioInfo
@@ -68,3 +88,28 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+class VerifyRequest(BaseModel):
+    """JSON form of ``POST /v1/audio/verify``; the multipart form takes ``file`` and ``events`` (repeated or comma-separated)."""
+
+    audio: str = Field(..., description="the clip's bytes, base64-encoded")
+    events: list[str] = Field(..., min_length=1, max_length=64, description="sound events to check, as phrases")
+    truncate: bool = Field(False, description="cut audio longer than the limit instead of refusing it")
+
+
+class EventPresence(BaseModel):
+    text: str
+    event: str | None = Field(None, description="the ontology class the phrase matched (null: none close enough)")
+    similarity: float = Field(..., description="cosine similarity of the phrase to the matched class phrase")
+    probability: float = Field(..., description="calibrated probability that the event is in the clip")
+    present: bool | None = Field(None, description="judged present / absent with the verifier's thresholds; null: uncertain")
+
+
+class VerifyResponse(BaseModel):
+    verifier: str
+    events: list[EventPresence]
+    absent_below: float
+    present_above: float
+    audio: AudioInfo
+    request_id: str
