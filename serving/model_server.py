@@ -1,4 +1,10 @@
-"""The model deployment: owns one backend, batches concurrent requests into one forward pass."""
+"""The model deployment: owns one backend, batches concurrent requests into one forward pass.
+
+Adapters are Ray Serve multiplexed models (serving/adapters.py): :meth:`ModelServer.complete` serves the
+request's ``multiplexed_model_id`` (base, default adapter, or a named one), loading it on first use and
+keeping the most recently used ``max_loaded_adapters`` per replica. The vLLM engine batches by itself
+(continuous batching), so its requests go straight to the engine instead of through ``@serve.batch``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch
 from ray import serve
 
 from models.registry import resolve
+from serving.adapters import Catalog, LoadedAdapter, PeftAdapters, UnknownModel
 from serving.backends import AudioPrompt, Generation
 from serving.config import Settings
 
@@ -16,12 +23,21 @@ log = logging.getLogger("earwitness.model")
 
 
 def make_backend(settings: Settings):
-    """The engine named by the settings; only the transformers one exists so far."""
-    from serving.backends.hf import TransformersBackend
-
+    """The engine named by ``settings.engine`` (transformers | vllm) and the default adapter directory."""
     spec = resolve(settings.model)
     adapter = settings.adapter or spec.adapters.get("default")
+    if settings.engine == "vllm":
+        from serving.backends.vllm import load_for_settings
+
+        return load_for_settings(spec, settings, adapter), adapter
+    from serving.backends.hf import TransformersBackend
+
     return TransformersBackend.load(spec, adapter=adapter, device=settings.device, dtype=settings.dtype), adapter
+
+
+def make_catalog(settings: Settings, served_name: str, default_adapter: str | None) -> Catalog:
+    spec = resolve(settings.model)
+    return Catalog.build(served_name, spec.adapters, settings.adapters, default_adapter)
 
 
 @serve.deployment(name="ModelServer")
@@ -34,6 +50,19 @@ class ModelServer:
         self.backend.warm_up()
         self.generate.set_max_batch_size(self.settings.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._generate_with.set_max_batch_size(self.settings.max_batch_size)
+        self._generate_with.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter)
+        self.is_async = bool(getattr(self.backend, "is_async", False))
+        # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
+        self._peft = None if self.is_async else PeftAdapters(self.backend)
+        self._peft_names = {self.catalog.default: "default"} if self.adapter and not self.is_async else {}
+
+        async def load_adapter(model_id: str) -> LoadedAdapter:
+            return await self._open(model_id)
+
+        # A plain function (not a bound method) so Serve can cache its multiplexing state on it.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_loaded_adapters)(load_adapter)
         log.info("model %s ready (adapter=%s)", self.backend.model_name, bool(self.adapter))
 
     def info(self) -> dict:
@@ -43,9 +72,59 @@ class ModelServer:
             "sample_rate": self.backend.sample_rate,
             "max_audio_s": self.backend.max_audio_s,
             "adapter": self.adapter,
+            "engine": self.settings.engine,
+            "catalog": self.catalog.to_dict(),
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
         # Off the event loop, so health checks and new arrivals are still served while it runs.
-        return await asyncio.to_thread(self.backend.generate, prompts)
+        if self.is_async:  # the engine batches; the default adapter (if any) applies
+            ref = self._lora_ref(self.catalog.default) if self.catalog.default else None
+            return list(await asyncio.gather(*(self.backend.generate_async(p, ref) for p in prompts)))
+        return await asyncio.to_thread(self._peft.generate, prompts, "default" if self.adapter else None)
+
+    async def complete(self, prompt: AudioPrompt) -> Generation:
+        """One answer from the model id this request was routed with (``multiplexed_model_id``)."""
+        model_id = serve.get_multiplexed_model_id() or self.catalog.default_id
+        loaded = await self._adapter(model_id)
+        if self.is_async:
+            return await self.backend.generate_async(prompt, loaded.ref)
+        return await self._generate_with(prompt, loaded.name)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_with(self, prompts: list[AudioPrompt], adapters: list[str | None]) -> list[Generation]:
+        """A batch that may mix adapters: one greedy generate per adapter group, in arrival order."""
+        results: list[Generation | None] = [None] * len(prompts)
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(adapters):
+            groups.setdefault(name, []).append(i)
+        for name, idx in groups.items():
+            peft_name = self._peft_names.get(name, name)
+            out = await asyncio.to_thread(self._peft.generate, [prompts[i] for i in idx], peft_name)
+            for i, generation in zip(idx, out):
+                results[i] = generation
+        return results
+
+    async def _open(self, model_id: str) -> LoadedAdapter:
+        """The multiplexed loader: validate the id against the catalog and load its adapter."""
+        try:
+            canonical, name = self.catalog.resolve(model_id)
+        except UnknownModel:
+            raise ValueError(f"model {model_id!r} is not served by this deployment") from None
+        if name is None or name == self.catalog.default:
+            ref = None
+            if self.is_async and name is not None:
+                ref = self._lora_ref(name)
+            return LoadedAdapter(canonical, name, ref)  # base and default stay loaded
+        if self.is_async:
+            return LoadedAdapter(canonical, name, self._lora_ref(name))
+        peft_name = self._peft_names.get(name, name)
+        await asyncio.to_thread(self._peft.load, peft_name, self.catalog.paths[name])
+        return LoadedAdapter(canonical, name, unload=lambda: self._peft.unload(peft_name))
+
+    def _lora_ref(self, name: str):
+        from serving.backends.vllm import LoraRef
+
+        names = sorted(self.catalog.paths)
+        return LoraRef(name=name, lora_id=names.index(name) + 1, path=self.catalog.paths[name])

