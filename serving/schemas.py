@@ -64,6 +64,8 @@ class QAResponse(BaseModel):
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    type: str = Field("invalid_request_error", description="OpenAI's error type (invalid_request_error, server_error, ...)")
+    param: str | None = Field(None, description="the request field at fault, when there is one")
 
 
 class ErrorResponse(BaseModel):
