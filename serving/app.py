@@ -23,6 +23,7 @@ def build(settings: Settings) -> Application:
         **_model_scale(settings),
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
+        health_check_period_s=settings.health_check_period_s,
         ray_actor_options={"num_cpus": settings.model_cpus, "num_gpus": settings.model_gpus},
     ).bind(settings.model_dump())
     return Ingress.options(
