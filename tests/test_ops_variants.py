@@ -21,7 +21,10 @@ def variant_app(server, name: str, **overrides):
     from serving.app import build
 
     url, settings = server
-    variant = settings.model_copy(update={"model_cpus": 0, **overrides})  # 0 CPUs: fits beside the main app
+    lean = {"model_cpus": 0}  # 0 CPUs: fits beside the main app
+    if "verifier" in type(settings).model_fields:
+        lean["verifier"] = None  # no guard unless a test asks for it: fewer replicas to start
+    variant = settings.model_copy(update={**lean, **overrides})
     serve.run(build(variant), name=name, route_prefix=f"/{name}", blocking=False)
     base = f"{url}/{name}"
     wait_ready(base, 90)
