@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import os
 import re
@@ -37,8 +38,11 @@ from serving.schemas import AudioInfo, ErrorResponse, Health, ModelCard, ModelLi
 
 log = logging.getLogger("earwitness.http")
 
-# What a served model or adapter name may look like: no path separators, no "..", bounded length.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What a served model or adapter name may look like: no path separators, no "..", bounded length
+# (":" joins a model and its adapter: earwitness-tiny:base; see serving/adapters.py).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# The model id a request resolved to, for the model call further down the same request's task.
+_REQUEST_MODEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("earwitness_model_id", default=None)
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
 
@@ -201,8 +205,33 @@ class Service:
             raise ApiError(422, "max_tokens_too_large", f"'max_tokens' may be at most {self.settings.max_tokens_limit}")
         return value
 
-    async def generate(self, prompt: AudioPrompt):
-        return await self._await_model(self.model.generate.remote(prompt))
+    async def resolve_model(self, requested: str | None) -> tuple[str, dict]:
+        """The served model id a request's ``model`` names (base, default or adapter), and the model info.
+
+        Unknown or malformed names are 404 ``model_not_found``; a name never reaches the file system.
+        """
+        from serving.adapters import Catalog, UnknownModel
+
+        if requested and not MODEL_NAME.fullmatch(requested):
+            raise ApiError(404, "model_not_found", "'model' is not a valid model name; see GET /v1/models", param="model")
+        info = await self.model_info()
+        catalog = Catalog.from_dict(info["catalog"]) if "catalog" in info else Catalog(info["model"])
+        try:
+            model_id, _ = catalog.resolve(requested)
+        except UnknownModel:
+            raise ApiError(404, "model_not_found", f"model {requested!r} is not served here; see GET /v1/models", param="model") from None
+        _REQUEST_MODEL.set(model_id)
+        return model_id, info
+
+    async def generate(self, prompt: AudioPrompt, model_id: str | None = None):
+        """The model's answer, routed (Serve model multiplexing) to a replica holding ``model_id``'s adapter."""
+        model_id = model_id or _REQUEST_MODEL.get()
+        if not model_id:
+            return await self._await_model(self.model.generate.remote(prompt))
+        handles = self.__dict__.setdefault("_handles", {})
+        if model_id not in handles:
+            handles[model_id] = self.model.options(multiplexed_model_id=model_id)
+        return await self._await_model(handles[model_id].complete.remote(prompt))
 
     async def _await_model(self, response):
         """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""
@@ -221,11 +250,7 @@ class Service:
         data, fields = await _read_qa(request)
         question = self.check_question(fields.question)
         max_tokens = self.check_max_tokens(fields.max_tokens)
-        if fields.model and not MODEL_NAME.fullmatch(fields.model):
-            raise ApiError(404, "model_not_found", "'model' is not a valid model name; see GET /v1/models")
-        info = await self.model_info()
-        if fields.model and fields.model != info["model"]:
-            raise ApiError(404, "model_not_found", f"model {fields.model!r} is not served here; see GET /v1/models")
+        _, info = await self.resolve_model(fields.model)
         if len(data) > self.settings.max_upload_bytes:
             raise too_large(self.settings.max_upload_bytes)
         limit_s = min(self.settings.max_audio_s, info["max_audio_s"])
@@ -265,15 +290,22 @@ class Service:
             m.audio_flags.labels(flag).inc()
 
     async def models(self) -> ModelList:
+        """Every servable id: the model (with its default adapter), ``:base``, and each named adapter."""
+        from serving.adapters import Catalog
+
         info = await self.model_info()
-        card = ModelCard(
-            id=info["model"],
-            family=info["family"],
-            max_audio_s=min(self.settings.max_audio_s, info["max_audio_s"]),
-            sample_rate=info["sample_rate"],
-            adapter=os.path.basename(info["adapter"].rstrip("/")) if info["adapter"] else None,
-        )
-        return ModelList(data=[card])
+        catalog = Catalog.from_dict(info["catalog"]) if "catalog" in info else Catalog(info["model"])
+        cards = [
+            ModelCard(
+                id=model_id,
+                family=info["family"],
+                max_audio_s=min(self.settings.max_audio_s, info["max_audio_s"]),
+                sample_rate=info["sample_rate"],
+                adapter=adapter,
+            )
+            for model_id, adapter in catalog.ids()
+        ]
+        return ModelList(data=cards)
 
     async def ready(self) -> str | None:
         """None when a warm model replica answers, else why not."""
@@ -300,6 +332,9 @@ def create_app(service: Service) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    from serving import openai_api
+
+    openai_api.register(app, service)  # POST /v1/chat/completions (OpenAI-compatible, input_audio parts)
 
     @app.post("/v1/audio/qa", response_model=QAResponse, responses=_ERRORS, openapi_extra=_QA_BODY, summary="Ask a question about an audio clip")
     async def qa(request: Request) -> QAResponse:
