@@ -19,12 +19,14 @@ from serving.model_server import ModelServer
 def build(settings: Settings) -> Application:
     # One fresh metrics directory per application, so restarts don't resurrect old counts.
     metrics_dir = str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
+    from serving.placement import model_actor_options
+
     model = ModelServer.options(
         **_model_scale(settings),
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         health_check_period_s=settings.health_check_period_s,
-        ray_actor_options={"num_cpus": settings.model_cpus, "num_gpus": settings.model_gpus},
+        **model_actor_options(settings),  # CPUs/GPUs, or a placement group for vLLM tensor parallelism
     ).bind(settings.model_dump())
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
