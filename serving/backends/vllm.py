@@ -75,10 +75,16 @@ def check_checkpoint(source: str, family: str) -> None:
     """Refuse, with the reason, a local Qwen2-Audio checkpoint whose audio window vLLM cannot take."""
     if family != "qwen2-audio" or not Path(source).is_dir():
         return
-    pre = Path(source) / "preprocessor_config.json"
-    if not pre.is_file():
+    extractor = None
+    for name in ("preprocessor_config.json", "processor_config.json"):  # transformers 4 / 5 layouts
+        path = Path(source) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            extractor = data.get("feature_extractor", data)
+            if "hop_length" in extractor:
+                break
+    if not extractor or "hop_length" not in extractor:
         return
-    extractor = json.loads(pre.read_text())
     frames = int(extractor.get("nb_max_frames") or extractor["chunk_length"] * extractor["sampling_rate"] // extractor["hop_length"])
     if frames != VLLM_WINDOW_FRAMES:
         raise EngineUnsupported(
