@@ -28,7 +28,7 @@ def test_short_load_run_writes_the_report(server, tmp_path):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "summary.csv")))
     overall = rows[-1]
-    assert overall["scenario"] == "ALL" and int(overall["requests"]) > 10 and int(overall["unexpected"]) == 0
+    assert overall["scenario"] == "ALL" and int(overall["requests"]) >= 3 and int(overall["unexpected"]) == 0
     assert float(overall["p50_ms"]) <= float(overall["p95_ms"]) <= float(overall["p99_ms"])
     report = (out / "report.md").read_text()
     assert "p99" in report and "5xx other than 503 backpressure: 0" in report
