@@ -111,11 +111,11 @@ class EarwitnessUser(HttpUser):
 
     @task(4)
     def too_long(self):
-        self._qa("qa long 10-30s -> 413", 413, expect_code="audio_too_long", **self._form(random.choice(LONG), random.choice(PRESENCE)))
+        self._qa("qa long 10-30s -> 413", 413, expect_code="audio_too_long", **self._form(random.choice(LONG), random.choice(PRESENCE + OPEN)))
 
     @task(3)
     def too_long_truncated(self):
-        self._qa("qa long 10-30s truncate", 200, **self._form(random.choice(LONG), random.choice(PRESENCE), truncate="true"))
+        self._qa("qa long 10-30s truncate", 200, **self._form(random.choice(LONG), random.choice(PRESENCE + OPEN), truncate="true"))
 
     @task(6)
     def bad_audio(self):
