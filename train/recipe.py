@@ -20,7 +20,7 @@ from train.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
 # Sized by measurement to fit the whole recipe in well under 90 minutes on 2 CPU cores.
-BASE = StageConfig(name="base", samplings=("positive",), epochs=2.0, batch_size=16, learning_rate=1.5e-3, warmup_steps=60, turns_per_chat=4)
+BASE = StageConfig(name="base", samplings=("positive",), epochs=2.5, batch_size=16, learning_rate=1.5e-3, warmup_steps=60, turns_per_chat=4)
 LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.3, batch_size=16, learning_rate=2e-3, warmup_steps=10, caption_share=0.1, turns_per_chat=4)
 
 
@@ -52,10 +52,26 @@ def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), con
     tag = f"mel{size.mel_bins}-hop{size.hop_length}-{size.chunk_s}s"
     train = stage_data(corpus_dir, "train", processor, config, tag)
     val = stage_data(corpus_dir, "validation", processor, config, tag)
+    pretrain_audio_encoder(model, corpus_dir, train, val, size, out_dir / "encoder", config.seed, progress)
     train_stage(model, processor.tokenizer, train, val, config, out_dir, progress=progress)
     processor.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     return processor, model
+
+
+def pretrain_audio_encoder(model, corpus_dir: Path, train: tuple, val: tuple, size: TinySize, out_dir: Path, seed: int, progress: bool) -> None:
+    """Stage 0: frame-level sound-event detection on the strong labels (see train.encoder)."""
+    from train.encoder import frame_targets, pretrain_encoder
+    from train.ontology import load_ontology
+
+    classes = load_ontology(corpus_dir / "ontology.json").names
+    positions = size.max_source_positions // 2
+
+    def targets(split: str, data: tuple):
+        timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+        return frame_targets(timelines, data[1], classes, positions, float(size.chunk_s))
+
+    pretrain_encoder(model, train[0], targets("train", train), out_dir, val=(val[0], targets("validation", val)), seed=seed, progress=progress)
 
 
 def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageConfig = LISTEN, progress: bool = True):
