@@ -78,11 +78,13 @@ class ApiKeyMiddleware:
         self.digests = digests
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.digests or _path_within(scope) in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or not self.digests or _path_within(scope) in OPEN_PATHS:
             return await self.app(scope, receive, send)
         sent, token = _bearer(dict(scope.get("headers") or []))
         if token is not None and check(token, self.digests):
             return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # none served today; never an unauthenticated one
+            return await send({"type": "websocket.close", "code": 1008})
         if not sent:
             error, challenge = ApiError(401, "unauthorized", "this service needs an API key: 'Authorization: Bearer <key>'"), _CHALLENGE
         else:

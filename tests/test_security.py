@@ -116,6 +116,20 @@ def test_an_unauthenticated_body_is_refused_before_it_is_read():
     assert not reads and sent[0]["status"] == 401
 
 
+def test_websockets_need_a_key_too():
+    sent = []
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app ran without a key")
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v1/anything", "headers": []}
+    asyncio.run(auth.ApiKeyMiddleware(app, auth.load_keys("k", None))(scope, None, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
 # --- body limits, enforced while reading ------------------------------------------------------------------
 
 
