@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="vllm: sequences decoded together")
     max_lora_rank: int = Field(16, ge=1, description="vllm: largest adapter rank")
     enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decode)")
-    vllm_cpu_kvcache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_cpu_kvcache_gb: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
 
     # OpenAI-compatible API: remote audio URLs are fetched only from these prefixes; empty = refused (400)
     audio_url_allowlist: list[str] = Field(default_factory=list, description="URL prefixes audio_url parts may fetch from")

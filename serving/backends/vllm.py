@@ -132,7 +132,7 @@ class VLLMBackend:
         max_lora_rank: int = 16,
         enforce_eager: bool = False,
         dtype: str = "auto",
-        cpu_kvcache_gb: float = 1.0,
+        cpu_kvcache_gb: int = 1,
         seed: int = 0,
     ) -> "VLLMBackend":
         from transformers import AutoProcessor
@@ -146,7 +146,7 @@ class VLLMBackend:
                 f"vLLM's {ARCHITECTURES.get(spec.family, spec.family)} takes no LoRA adapters; merge the adapter into the "
                 "weights (earwitness export --merge --out DIR) and serve DIR, or use engine=transformers"
             )
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_gb:g}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kvcache_gb)))
         local = Path(spec.source).is_dir()
         processor = AutoProcessor.from_pretrained(spec.source, local_files_only=local)
         extractor = processor.feature_extractor
