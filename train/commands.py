@@ -23,6 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     base.add_argument("--epochs", type=float, default=None)
     base.set_defaults(func=_base)
 
+    ver = sub.add_parser("verifier", help="train, calibrate and ship the embedded absent-sound verifier")
+    ver.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    ver.add_argument("--out", type=Path, default=Path("models/earwitness-verifier"))
+    ver.add_argument("--epochs", type=int, default=12)
+    ver.add_argument("--budget-s", type=float, default=None, help="stop after the epoch that passes this many seconds")
+    ver.add_argument("--threads", type=int, default=None)
+    ver.add_argument("--seed", type=int, default=0)
+    ver.set_defaults(func=_verifier)
+
     ev = subparsers.add_parser("eval", help="hallucination evaluation on a corpus split")
     ev.add_argument("--model", default="earwitness-tiny")
     ev.add_argument("--adapter", default=None, help="LoRA adapter dir ('none' for the bare base)")
@@ -44,6 +53,14 @@ def _recipe(args) -> int:
 
     out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed)
     print(json.dumps(out["timings_s"]))
+    return 0
+
+
+def _verifier(args) -> int:
+    from train.verifier import train_verifier
+
+    card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s)
+    print(json.dumps({"out": str(args.out), **card["metrics"], "thresholds": card["thresholds"]}, indent=1))
     return 0
 
 

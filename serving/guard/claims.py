@@ -1,0 +1,103 @@
+"""What an answer claims to hear: the sound events to check against the audio.
+
+- A presence question ("Is there (a sound of) X …", "Did you hear X …", "Can you hear X …")
+  answered 'yes' claims X. Answered 'no', it claims nothing (an absence is not a hearing).
+- Any other answer (a caption, "I hear a dog and rain") claims each sound it mentions: the
+  answer is cut into mention spans at clause and list boundaries, stripped of hearing verbs
+  ("I hear", "there is"), and negated spans ("no dog", "without rain") are dropped. Which of
+  those spans name a sound is decided later, by matching them to the ontology with the text
+  encoder; spans that match nothing are not claims.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from serving.answers import classify
+
+_PRESENCE = [
+    re.compile(p, re.I)
+    for p in (
+        r"^\s*(?:is|are)\s+there\s+(?:any\s+|a\s+|an\s+)?(?:sounds?\s+of\s+)?(?P<x>.+?)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*\?",
+        r"^\s*(?:did|do|can|could)\s+you\s+(?:hear|detect|notice|make\s+out)\s+(?P<x>.+?)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*[?.]",
+        r"^\s*(?:is|are)\s+(?P<x>.+?)\s+(?:audible|present|heard|there)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*\?",
+        r"^\s*does\s+(?:the|this)\s+(?:audio|clip|recording)\s+(?:contain|include|have|feature)\s+(?:a\s+sound\s+of\s+|the\s+sound\s+of\s+)?(?P<x>.+?)\s*\?",
+    )
+]
+_TRAILER = re.compile(r"\s*(?:answer\s+with\s+yes\s+or\s+no|yes\s+or\s+no)\b.*$", re.I)
+
+_SPLIT = re.compile(r"\s*(?:[.;:!?]+\s+|[.;:!?]+$|,\s*|\s+(?:and|then|while|as|with|followed\s+by|before|after|plus|also|but)\s+)\s*", re.I)
+_LEAD = re.compile(
+    r"^(?:yes|yeah|no)?[\s,]*(?:i\s+(?:can\s+)?(?:hear|heard|detect|notice)|(?:you\s+can\s+)?hear|there\s+(?:is|are|was|were)|"
+    r"it\s+(?:sounds|is)\s+like|this\s+is|the\s+(?:audio|clip|recording)\s+(?:has|contains|features|includes)|"
+    r"in\s+the\s+(?:background|foreground)|(?:in\s+)?the\s+background|someone\s+can\s+be\s+heard|can\s+be\s+heard)\b\s*",
+    re.I,
+)
+_CONNECT = re.compile(r"^(?:and|then|with|while|also|only|plus|but|as|or|just|maybe|perhaps|possibly)\b[\s,]*", re.I)
+_TAIL = re.compile(r"[\s,]+(?:in\s+the\s+(?:background|foreground|distance)|too|as\s+well|again|nearby|at\s+the\s+(?:start|end|beginning))$", re.I)
+_NEGATED = re.compile(r"^(?:no|not|never|without|nothing|none|neither|nor)\b|\b(?:no|not|n't|never|without)\s+\w+", re.I)
+_FILLER = re.compile(r"^(?:sound|sounds|noise|noises|audio|clip|it|this|that|here|there|something|yes|no|then|a|the)?$", re.I)
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str  # the mention as written ("a puppy yapping")
+    source: str  # "question" (a presence question answered yes) or "answer" (a free-form mention)
+    span: tuple[int, int] | None = None  # where in the answer, for answer mentions
+
+
+def presence_target(question: str) -> str | None:
+    """The sound a presence question asks about, or None when it is not one."""
+    q = _TRAILER.sub("", question.strip()).strip()
+    if not q.endswith(("?", ".")):
+        q += "?"
+    for pattern in _PRESENCE:
+        m = pattern.match(q)
+        if m:
+            x = m.group("x").strip(" ,")
+            x = re.sub(r"\s+(?:in|within)\s+(?:it|there)$", "", x, flags=re.I)
+            return x or None
+    return None
+
+
+def answer_mentions(answer: str) -> list[Claim]:
+    """Candidate sound mentions in a free-form answer, negated ones left out."""
+    out: list[Claim] = []
+    pos = 0
+    for piece in _SPLIT.split(answer):
+        if not piece:
+            continue
+        start = answer.find(piece, pos)
+        pos = start + len(piece) if start >= 0 else pos
+        text = piece.strip()
+        while True:
+            stripped = _TAIL.sub("", _CONNECT.sub("", _LEAD.sub("", text))).strip()
+            if stripped == text:
+                break
+            text = stripped
+        if _NEGATED.search(text) or _FILLER.fullmatch(text.strip(" .,")):
+            continue
+        out.append(Claim(text.strip(" .,"), "answer", (start, start + len(piece)) if start >= 0 else None))
+    return out
+
+
+def extract_claims(question: str, answer: str) -> list[Claim]:
+    """The sound events an answer claims to hear.
+
+    A presence question with a 'yes' claims its target; with a 'no' nothing. Anything else is
+    read as free text. A presence answer that goes on ("Yes, a dog barks and rain falls") also
+    claims the extra mentions.
+    """
+    target = presence_target(question)
+    kind = classify(answer)
+    if target is not None and kind == "no":
+        return []
+    claims: list[Claim] = []
+    if target is not None and kind == "yes":
+        claims.append(Claim(target, "question"))
+    for mention in answer_mentions(answer):
+        if target is not None and mention.text.lower() == target.lower():
+            continue
+        claims.append(mention)
+    return claims

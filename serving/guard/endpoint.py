@@ -1,0 +1,118 @@
+"""``POST /v1/audio/verify``: per-event presence scores from the verifier alone (no language model).
+
+Multipart: ``file`` plus ``events`` (repeated fields, or one comma-separated field), optional
+``truncate``. JSON: :class:`serving.schemas.VerifyRequest` with base64 ``audio``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from serving import audio as intake
+from serving.errors import ApiError
+from serving.schemas import AudioInfo, VerifyRequest, VerifyResponse
+
+MAX_EVENT_CHARS = 200
+
+VERIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "events"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG/Vorbis or MP3"},
+                        "events": {"type": "array", "items": {"type": "string"}, "description": "repeated, or one comma-separated field"},
+                        "truncate": {"type": "boolean"},
+                    },
+                }
+            },
+            "application/json": {"schema": VerifyRequest.model_json_schema()},
+        },
+    }
+}
+
+
+def _validate(fields: dict) -> VerifyRequest:
+    from serving.ingress import _describe
+
+    try:
+        return VerifyRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _describe(exc.errors())) from exc
+
+
+async def read_verify(request: Request) -> tuple[bytes, VerifyRequest]:
+    from serving.ingress import _b64
+
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=80)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "missing_audio", "the form needs a 'file' field holding the audio")
+        events = [e.strip() for v in form.getlist("events") if isinstance(v, str) for e in v.split(",") if e.strip()]
+        fields = {"audio": "", "events": events}
+        if isinstance(form.get("truncate"), str):
+            fields["truncate"] = form.get("truncate")
+        return await upload.read(), _validate(fields)
+    if content_type.startswith("application/json"):
+        try:
+            fields = await request.json()
+        except ValueError as exc:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise ApiError(422, "invalid_request", "the JSON body must be an object")
+        parsed = _validate(fields)
+        return _b64(parsed.audio), parsed
+    raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file + events) or application/json (base64 audio)")
+
+
+async def verify(service, request: Request) -> VerifyResponse:
+    """Decode the clip like the QA path does, then ask the verifier deployment; 503/504 when it can't answer."""
+    from serving.guard.runner import failure_reason
+
+    data, fields = await read_verify(request)
+    events = [e.strip() for e in fields.events]
+    if any(not e or len(e) > MAX_EVENT_CHARS for e in events):
+        raise ApiError(422, "invalid_request", f"events: each must be 1-{MAX_EVENT_CHARS} characters")
+    if service.guard.verifier is None:
+        raise ApiError(503, "verifier_unavailable", "no verifier is deployed here", {"Retry-After": "30"})
+    if len(data) > service.settings.max_upload_bytes:
+        from serving.limits import too_large
+
+        raise too_large(service.settings.max_upload_bytes)
+    limit_s = service.settings.max_audio_s
+    clip = await asyncio.to_thread(intake.decode, data, 16_000, limit_s, fields.truncate)
+    response = service.guard.verifier.verify.remote(clip.samples, events)
+    try:
+        result = await asyncio.wait_for(response, service.settings.verifier_timeout_s)
+    except Exception as exc:
+        reason = failure_reason(exc)
+        service.metrics.verifier_failures.labels(reason).inc()
+        if reason == "timeout":
+            response.cancel()
+            raise ApiError(504, "timeout", f"the verifier did not answer within {service.settings.verifier_timeout_s:g} s") from exc
+        raise ApiError(503, "verifier_unavailable", f"the verifier failed ({reason}); retry shortly", {"Retry-After": "2"}) from exc
+    return VerifyResponse(
+        verifier=result["verifier"],
+        events=result["events"],
+        absent_below=result["absent_below"],
+        present_above=result["present_above"],
+        audio=AudioInfo(
+            duration_s=round(clip.duration_s, 3),
+            sample_rate=clip.sample_rate,
+            source_format=clip.source_format,
+            source_sample_rate=clip.source_sample_rate,
+            channels=clip.source_channels,
+            flags=list(clip.flags),
+        ),
+        request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+    )
+

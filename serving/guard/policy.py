@@ -1,0 +1,143 @@
+"""Judging claims from the two signals, the answer's verdict, and what each policy does with it.
+
+Per claim, two independent signals:
+
+- ``verifier_score``: the verifier's calibrated probability that the claimed sound is in the
+  clip (absent below ``absent_below``, present from ``present_above``, uncertain between);
+- ``contrast``: ``log P(answer | real audio) − log P(answer | blank audio)`` from the served model
+  (nats). Near zero or below, the answer does not depend on the audio: a prior, not a hearing.
+
+A claim is judged **absent** when the verifier says absent, or when the verifier is uncertain
+and the answer is a prior (``contrast <= contrast_prior``); **present** when the verifier says
+present, or is uncertain while the answer clearly depends on the audio (``contrast >=
+contrast_heard``); otherwise uncertain. The verifier's confident judgement is never overridden by
+the contrast: the model's own likelihoods are the weaker witness.
+
+Verdict: ``unsupported`` if any claim is judged absent, ``supported`` if all are present (or
+nothing was claimed), ``uncertain`` otherwise, ``unverified`` when the checks could not run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+POLICIES = ("off", "annotate", "abstain", "correct")
+VERDICTS = ("supported", "unsupported", "uncertain", "unverified")
+
+
+@dataclass
+class ClaimCheck:
+    event: str  # ontology class (or the mention itself when it matched none)
+    text: str  # the mention as written
+    source: str  # question | answer
+    verifier_score: float | None = None
+    contrast: float | None = None
+    present: bool | None = None
+    span: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "event": self.event,
+            "text": self.text,
+            "verifier_score": None if self.verifier_score is None else round(self.verifier_score, 4),
+            "contrast": None if self.contrast is None else round(self.contrast, 4),
+            "present": self.present,
+        }
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    absent_below: float
+    present_above: float
+    contrast_prior: float = 0.05
+    contrast_heard: float = 1.0
+
+
+def judge(score: float | None, contrast: float | None, t: Thresholds) -> bool | None:
+    if score is None:
+        return None
+    if score < t.absent_below:
+        return False
+    if score >= t.present_above:
+        return True
+    if contrast is not None:
+        if contrast <= t.contrast_prior:
+            return False
+        if contrast >= t.contrast_heard:
+            return True
+    return None
+
+
+def verdict(claims: list[ClaimCheck], verified: bool = True) -> str:
+    if not verified:
+        return "unverified"
+    if any(c.present is False for c in claims):
+        return "unsupported"
+    if all(c.present is True for c in claims):
+        return "supported"
+    return "uncertain"
+
+
+@dataclass
+class Outcome:
+    answer: str
+    original_answer: str | None
+    policy: str
+    verdict: str
+    claims: list[ClaimCheck] = field(default_factory=list)
+
+    @property
+    def overridden(self) -> bool:
+        return self.original_answer is not None
+
+    def guard_dict(self) -> dict:
+        return {"policy": self.policy, "verdict": self.verdict, "claims": [c.to_dict() for c in self.claims]}
+
+
+def _names(claims: list[ClaimCheck]) -> str:
+    texts = list(dict.fromkeys(c.text for c in claims))
+    return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " or " + texts[-1]
+
+
+def _drop_spans(answer: str, spans: list[tuple[int, int]]) -> str:
+    keep, pos = [], 0
+    for a, b in sorted(spans):
+        keep.append(answer[pos:a])
+        pos = max(pos, b)
+    keep.append(answer[pos:])
+    text = "".join(keep)
+    text = re.sub(r"\s*,\s*(,\s*)+", ", ", text)
+    text = re.sub(r"(?:^|\s)(?:and|then|while|with|as)\s*(?=[.,;]|$)", "", text)
+    text = re.sub(r"^[\s,;.]+|[\s,;]+(?=[.!?]?$)", "", text).strip()
+    text = re.sub(r"\s{2,}", " ", text)
+    return text
+
+
+def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: bool) -> Outcome:
+    """The answer to return under ``policy``; ``original_answer`` is set only when it changed.
+
+    - ``annotate``: unchanged, verdict attached;
+    - ``abstain``: an unsupported answer becomes "I can't confirm hearing X." (X: the absent claims);
+    - ``correct``: a presence 'yes' whose sound is judged absent becomes "No."; free-form mentions
+      judged absent are cut from the answer ("I can't confirm hearing X." if nothing is left).
+    ``uncertain`` and ``unverified`` answers are never changed: only a judgement of absence acts.
+    """
+    if policy == "off":
+        return Outcome(answer, None, "off", "unverified", [])
+    v = verdict(claims, verified)
+    absent = [c for c in claims if c.present is False]
+    if v != "unsupported" or policy == "annotate":
+        return Outcome(answer, None, policy, v, claims)
+    if policy == "abstain":
+        return Outcome(f"I can't confirm hearing {_names(absent)}.", answer, policy, v, claims)
+    # correct
+    if any(c.source == "question" for c in absent):
+        return Outcome("No.", answer, policy, v, claims)
+    spans = [c.span for c in absent if c.span]
+    rest = _drop_spans(answer, spans) if spans else ""
+    if not re.search(r"[A-Za-z]{3,}", rest):
+        rest = f"I can't confirm hearing {_names(absent)}."
+    elif rest[-1] not in ".!?":
+        rest += "."
+    return Outcome(rest[0].upper() + rest[1:], answer, policy, v, claims)

@@ -1,0 +1,148 @@
+"""The ingress side of the guard: start the verifier beside the model, then judge the answer.
+
+``GuardRunner.start`` sends the clip (and a presence question's target) to the verifier
+deployment as soon as the audio is decoded, so its forward pass overlaps generation;
+``GuardRunner.finish`` extracts the answer's claims, matches free-form mentions to the ontology,
+combines the verifier's probability with the model's audio contrast and applies the policy.
+Any verifier failure or timeout yields verdict ``unverified`` (and a failure metric), never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from serving.errors import ApiError
+from serving.guard.claims import extract_claims, presence_target
+from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, judge
+
+log = logging.getLogger("earwitness.guard")
+
+
+@dataclass
+class Pending:
+    response: object | None  # the verifier's assess() call in flight
+    started: float
+    target: str | None
+
+
+def failure_reason(exc: BaseException) -> str:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, BackPressureError):
+        return "overloaded"
+    if isinstance(exc, RayActorError) or type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError"):
+        return "unavailable"
+    return "error"
+
+
+def answer_contrast(generation) -> float | None:
+    real, blank = getattr(generation, "answer_logprob", None), getattr(generation, "blank_logprob", None)
+    if real is None or blank is None:
+        return None
+    return float(real) - float(blank)
+
+
+class GuardRunner:
+    def __init__(self, verifier, settings, metrics):
+        self.verifier, self.settings, self.metrics = verifier, settings, metrics
+
+    def policy_for(self, requested: str | None) -> str:
+        policy = (requested or self.settings.guard_policy).strip().lower()
+        if policy not in POLICIES:
+            raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}")
+        return policy
+
+    def start(self, samples, question: str, policy: str) -> Pending:
+        if policy == "off" or self.verifier is None:
+            return Pending(None, time.perf_counter(), None)
+        target = presence_target(question)
+        try:
+            response = self.verifier.assess.remote(samples, [target] if target else [])
+        except Exception as exc:  # a handle that cannot even send: judged at finish
+            log.warning("verifier call failed to start: %s", type(exc).__name__)
+            response = exc
+        return Pending(response, time.perf_counter(), target)
+
+    def _remaining(self, pending: Pending) -> float:
+        return max(0.01, self.settings.verifier_timeout_s - (time.perf_counter() - pending.started))
+
+    async def _await(self, pending: Pending, response):
+        if isinstance(response, BaseException):
+            raise response
+        try:
+            return await asyncio.wait_for(response, self._remaining(pending))
+        except asyncio.TimeoutError:
+            try:
+                response.cancel()
+            except Exception:  # cancelling is best-effort
+                pass
+            raise
+
+    async def finish(self, pending: Pending, question: str, generation, policy: str) -> Outcome:
+        answer = generation.text
+        if policy == "off":
+            self.cancel(pending)
+            return apply_policy("off", answer, [], True)
+        contrast = answer_contrast(generation)
+        claims = extract_claims(question, answer)
+        if not claims:
+            self.cancel(pending)
+            return self._count(apply_policy(policy, answer, [], True))
+        checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in claims]
+        if pending.response is None:
+            self.metrics.verifier_failures.labels("disabled").inc()
+            return self._count(apply_policy(policy, answer, checks, False))
+        try:
+            result = await self._await(pending, pending.response)
+            mentions = [c for c in checks if c.source == "answer"]
+            matches = {}
+            if mentions:
+                matches = {m["text"]: m for m in await self._await(pending, self.verifier.match.remote([c.text for c in mentions]))}
+        except Exception as exc:  # whatever went wrong, the answer still goes out, marked unverified
+            reason = failure_reason(exc)
+            self.metrics.verifier_failures.labels(reason).inc()
+            log.warning("verifier %s: answering unverified", reason)
+            return self._count(apply_policy(policy, answer, checks, False))
+
+        t = Thresholds(result["absent_below"], result["present_above"], self.settings.guard_contrast_prior, self.settings.guard_contrast_heard)
+        probs = result["probabilities"]
+        target_events = {e["text"]: e for e in result.get("events", [])}
+        judged: list[ClaimCheck] = []
+        seen: set[str] = set()
+        for c in checks:
+            if c.source == "question":
+                ev = target_events.get(c.text)
+                c.event = (ev or {}).get("event") or c.text
+                c.verifier_score = (ev or {}).get("probability")
+            else:
+                m = matches.get(c.text)
+                if not m or m["event"] is None:
+                    continue  # a span that names no known sound is not a sound claim
+                c.event = m["event"]
+                c.verifier_score = probs.get(c.event)
+            if c.event in seen:
+                continue
+            seen.add(c.event)
+            c.present = judge(c.verifier_score, c.contrast, t)
+            judged.append(c)
+        return self._count(apply_policy(policy, answer, judged, True))
+
+    def cancel(self, pending: Pending) -> None:
+        response = pending.response
+        if response is not None and not isinstance(response, BaseException):
+            try:
+                response.cancel()
+            except Exception:  # best-effort
+                pass
+
+    def _count(self, outcome: Outcome) -> Outcome:
+        self.metrics.guard_verdicts.labels(outcome.verdict).inc()
+        if outcome.overridden:
+            self.metrics.guard_overrides.labels(outcome.policy).inc()
+        return outcome

@@ -1,0 +1,139 @@
+"""The embedded audio–text scorer: a small log-mel CNN whose frames live in MiniLM's 384-d space.
+
+Frames of audio are projected onto the unit sphere of the frozen text encoder; a text's score
+at a frame is ``scale · cos(frame, text) + bias``, and its clip score is a soft maximum over
+frames (log-mean-exp), so a 0.3 s camera click in a 10 s scene is not averaged away. Because the
+text side is the real text encoder, any phrase can be scored, not just the training classes.
+
+Used by training (``train/verifier.py``) and serving (:mod:`serving.guard.verifier`) alike, so
+the features the model was trained on are the features it is served with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from serving.guard.text import TEXT_DIM
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    sample_rate: int = 16_000
+    n_fft: int = 512
+    hop: int = 320  # 20 ms frames
+    n_mels: int = 64
+    fmin: float = 50.0
+    fmax: float = 8000.0
+    block: int = 4  # 80 ms blocks
+    width: int = 128
+    dim: int = TEXT_DIM
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LogMel(nn.Module):
+    """``[B, samples]`` → ``[B, n_mels, frames]`` natural-log mel energies."""
+
+    def __init__(self, cfg: ScorerConfig):
+        super().__init__()
+        from transformers.audio_utils import mel_filter_bank
+
+        fb = mel_filter_bank(cfg.n_fft // 2 + 1, cfg.n_mels, cfg.fmin, cfg.fmax, cfg.sample_rate, norm="slaney", mel_scale="slaney")
+        self.register_buffer("fb", torch.tensor(fb, dtype=torch.float32).T.contiguous(), persistent=False)
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.n_fft, self.hop = cfg.n_fft, cfg.hop
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(wave, self.n_fft, self.hop, window=self.window, center=True, return_complex=True)
+        power = spec.real**2 + spec.imag**2  # [B, F, T]
+        mel = torch.matmul(self.fb, power)  # [B, M, T]
+        return torch.log(mel + 1e-6)
+
+
+def _block(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (kernel - 1) // 2
+    return nn.Sequential(nn.Conv1d(cin, cout, kernel, 1, pad, dilation), nn.BatchNorm1d(cout), nn.GELU())
+
+
+def block_features(mel: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B, n_mels, T]`` → ``[B, 2·n_mels, T // block]``: mean and max of each block of frames.
+
+    The max keeps short transients (a click, a knock) that a mean over 80 ms would blur.
+    """
+    frames = mel.shape[-1] // block * block
+    if frames == 0:
+        mel = F.pad(mel, (0, block - mel.shape[-1]), value=float(mel.min()))
+        frames = block
+    x = mel[..., :frames].unflatten(-1, (frames // block, block))
+    return torch.cat([x.mean(-1), x.amax(-1)], dim=1)
+
+
+class AudioTextScorer(nn.Module):
+    """Block log-mel features → unit vectors in the text space → per-text frame and clip logits."""
+
+    def __init__(self, cfg: ScorerConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ScorerConfig()
+        self.frontend = LogMel(cfg)
+        channels = 2 * cfg.n_mels
+        self.register_buffer("feat_mean", torch.zeros(channels, 1))
+        self.register_buffer("feat_std", torch.ones(channels, 1))
+        w = cfg.width
+        self.body = nn.Sequential(
+            _block(channels, w, 3),
+            _block(w, w, 3, dilation=2),
+            _block(w, w, 3, dilation=4),
+            nn.Dropout(0.2),
+        )
+        self.proj = nn.Conv1d(w, cfg.dim, 1)
+        # a linear map on the (frozen) text embeddings, identity at start: spreads confusable class phrases apart
+        self.text_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        nn.init.eye_(self.text_proj.weight)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-5.0))
+
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
+        """``[B, samples]`` → ``[B, 2·n_mels, blocks]`` (what training caches)."""
+        return block_features(self.frontend(wave), self.cfg.block)
+
+    def frames(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[B, 2·n_mels, T]`` block features → ``[B, T, dim]`` unit frame embeddings."""
+        x = (feats - self.feat_mean) / self.feat_std
+        return F.normalize(self.proj(self.body(x)), dim=1).transpose(1, 2)
+
+    def frame_logits(self, frames: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``[B, T, dim]`` × ``[C, dim]`` → ``[B, C, T]``."""
+        text = F.normalize(self.text_proj(text), dim=-1)
+        return self.logit_scale.exp().clamp(max=100.0) * torch.einsum("btd,cd->bct", frames, text) + self.logit_bias
+
+    @staticmethod
+    def pool(frame_logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft maximum over time (log-mean-exp), over valid frames only: ``[B, C, T]`` → ``[B, C]``."""
+        if valid is None:
+            return torch.logsumexp(frame_logits, dim=-1) - math.log(frame_logits.shape[-1])
+        masked = frame_logits.masked_fill(~valid[:, None, :], float("-inf"))
+        return torch.logsumexp(masked, dim=-1) - torch.log(valid.sum(-1, keepdim=True).clamp(min=1).to(frame_logits.dtype))
+
+    def forward(self, feats: torch.Tensor, text: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pool(self.frame_logits(self.frames(feats), text), valid)
+
+    def valid_frames(self, n_samples: torch.Tensor, n_frames: int) -> torch.Tensor:
+        """Which blocks hold audio, for clips right-padded to a common length in a batch."""
+        blocks = (n_samples // self.cfg.hop + 1) // self.cfg.block
+        return torch.arange(n_frames, device=n_samples.device)[None, :] < blocks[:, None].clamp(min=1)
+
+
+def batch_waves(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad clips (at least one hop long) into ``[B, max_len]`` plus their true lengths."""
+    lengths = [max(len(c), 1024) for c in clips]
+    out = torch.zeros(len(clips), max(lengths))
+    for i, c in enumerate(clips):
+        out[i, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
+    return out, torch.tensor(lengths)

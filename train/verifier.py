@@ -1,0 +1,338 @@
+"""Train, calibrate and ship the embedded absent-sound verifier (``earwitness train verifier``).
+
+Audio side: :class:`serving.guard.scorer.AudioTextScorer`, a small CNN over 80 ms blocks of
+log-mel, trained from scratch on the corpus' train scenes. Text side: the frozen real text
+encoder (all-MiniLM-L6-v2); frames are projected into its 384-d space.
+
+Objective: multi-label sigmoid BCE of every scene against every class's phrase embedding
+(SigLIP-style pairwise loss rather than a softmax contrast). A scene holds several events, and
+the guard needs an independent "is X in here" probability per sound, which a softmax over
+classes cannot give. Each step draws one random phrase (or the caption) per class as its text,
+so the audio is pulled towards the whole phrase neighbourhood of a class, not one string, and
+paraphrases score like the phrases they resemble.
+
+Labels: a scene's foreground events plus its background bed (the QA rows count the bed as
+present too). Augmentation: a second scene mixed in (log-add-exp of the features at a random
+gain, labels unioned), circular time shifts, frequency-band masks.
+
+Calibration on the validation split's presence questions (present vs random/popular/
+adversarial absent, as asked): Platt scaling of the clip logit, so scores read as the
+probability that the asked-about sound is there under the question mix the corpus asks.
+Thresholds, also from validation: ``absent_below`` is the 2nd percentile of present events'
+probabilities (at most ~2% of real sounds can be judged absent), ``present_above`` the 90th
+percentile of absent ones; between them a claim is uncertain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.nn import functional as F
+
+from serving.guard.scorer import AudioTextScorer, ScorerConfig, batch_waves
+from serving.guard.text import OntologyIndex, TextEncoder, ontology_phrases
+
+FEATURE_TAG = "verifier-mel64-b4"
+ABSENT_PERCENTILE = 2.0
+PRESENT_PERCENTILE = 90.0
+
+
+def scene_labels(timeline: dict) -> set[str]:
+    labels = {e["label"] for e in timeline["events"]}
+    bed = (timeline.get("background") or {}).get("label")
+    if bed:
+        labels.add(bed)
+    return labels
+
+
+def recording_augment(x: torch.Tensor, yf: torch.Tensor, rng: np.random.Generator, n_mels: int, floor: float):
+    """Make a recording look like another recording of the same sound (the test split's are unseen ones).
+
+    Per clip, in the log-mel block domain: a random smooth equaliser curve (±6 dB: microphones and
+    rooms), a shift of up to ±3 mel bins (pitch: another dog, another bell), a time stretch of
+    0.8-1.25× (tempo), and a masked frequency band.
+    """
+    b, _, t = x.shape
+    bins = torch.arange(n_mels, dtype=torch.float32) / n_mels
+    for j in range(b):
+        curve = sum(float(rng.normal(0, 0.25)) * torch.cos(math.pi * k * bins + float(rng.uniform(0, math.pi))) for k in (1, 2, 3))
+        curve = curve * (6 * math.log(10) / 10) / 0.6
+        x[j, :n_mels] += curve[:, None]
+        x[j, n_mels:] += curve[:, None]
+        shift = int(rng.integers(-3, 4))
+        if shift:
+            for lo in (0, n_mels):
+                band = x[j, lo : lo + n_mels].roll(shift, dims=0)
+                if shift > 0:
+                    band[:shift] = band[shift : shift + 1]
+                else:
+                    band[shift:] = band[shift - 1 : shift]
+                x[j, lo : lo + n_mels] = band
+        if rng.random() < 0.5:
+            f0, width = int(rng.integers(0, n_mels - 8)), int(rng.integers(1, 8))
+            x[j, f0 : f0 + width] = floor
+            x[j, n_mels + f0 : n_mels + f0 + width] = floor
+    rate = float(rng.uniform(0.8, 1.25))
+    if abs(rate - 1) > 0.02:
+        new_t = max(8, int(round(t * rate)))
+        xs_ = F.interpolate(x, size=new_t, mode="linear", align_corners=False)
+        ys_ = F.interpolate(yf, size=new_t, mode="nearest")
+        if new_t >= t:
+            x, yf = xs_[..., :t], ys_[..., :t]
+        else:
+            x = torch.cat([xs_, torch.full((b, x.shape[1], t - new_t), floor)], dim=-1)
+            yf = torch.cat([ys_, torch.zeros(b, yf.shape[1], t - new_t)], dim=-1)
+    return x, yf
+
+
+def frame_targets(timelines: dict, rows: dict[str, int], ci: dict[str, int], n: int, frames: int, block_s: float) -> np.ndarray:
+    """``[N, C, frames]`` uint8: which classes sound in each block (events by onset/offset, the bed throughout)."""
+    out = np.zeros((n, len(ci), frames), dtype=np.uint8)
+    for sid, r in rows.items():
+        t = timelines[sid]
+        for e in t["events"]:
+            a = int(float(e["onset"]) / block_s)
+            b = max(a + 1, int(np.ceil(float(e["offset"]) / block_s)))
+            out[r, ci[e["label"]], a : min(b, frames)] = 1
+        bed = (t.get("background") or {}).get("label")
+        if bed:
+            out[r, ci[bed]] = 1
+    return out
+
+
+def load_timelines(corpus: Path, split: str) -> dict[str, dict]:
+    return json.loads((corpus / "scenes" / split / "timelines.json").read_text())
+
+
+@torch.inference_mode()
+def split_features(corpus: Path, split: str, scorer: AudioTextScorer, batch: int = 32, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+    """Block features of every scene of a split (float16, cached under ``features/``)."""
+    base = corpus / "features" / FEATURE_TAG
+    arr_path, idx_path = base / f"{split}.npy", base / f"{split}.json"
+    if arr_path.exists() and idx_path.exists():
+        return np.load(arr_path), json.loads(idx_path.read_text())
+    files = sorted((corpus / "scenes" / split).glob("*.flac"))
+    out, rows = None, {}
+    start = time.time()
+    for i in range(0, len(files), batch):
+        chunk = files[i : i + batch]
+        waves, _ = batch_waves([sf.read(p, dtype="float32")[0] for p in chunk])
+        feats = scorer.features(waves).numpy().astype(np.float16)
+        if out is None:
+            out = np.zeros((len(files), *feats.shape[1:]), dtype=np.float16)
+        out[i : i + len(chunk)] = feats
+        rows.update({p.stem: i + j for j, p in enumerate(chunk)})
+        if progress and (i // batch) % 40 == 0:
+            print(f"features {split}: {i + len(chunk)}/{len(files)} ({time.time() - start:.0f} s)", flush=True)
+    base.mkdir(parents=True, exist_ok=True)
+    np.save(arr_path, out)
+    idx_path.write_text(json.dumps(rows))
+    return out, rows
+
+
+def presence_pairs(corpus: Path, split: str) -> list[tuple[str, str, int, str]]:
+    """``(scene_id, class, present, sampling)`` of the split's presence questions, deduplicated."""
+    seen, out = set(), []
+    for line in (corpus / "qa" / f"{split}.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] != "presence":
+            continue
+        key = (r["scene_id"], r["label"], r["sampling"])
+        if key not in seen:
+            seen.add(key)
+            out.append((r["scene_id"], r["label"], int(r["sampling"] == "positive"), r["sampling"]))
+    return out
+
+
+@torch.inference_mode()
+def clip_logits(scorer: AudioTextScorer, feats: np.ndarray, text: torch.Tensor, batch: int = 128) -> np.ndarray:
+    scorer.eval()
+    out = []
+    for i in range(0, len(feats), batch):
+        out.append(scorer(torch.from_numpy(np.asarray(feats[i : i + batch], dtype=np.float32)), text).numpy())
+    return np.concatenate(out)
+
+
+def _pair_scores(logits: np.ndarray, rows: dict[str, int], classes: list[str], pairs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    ci = {c: i for i, c in enumerate(classes)}
+    s = np.array([logits[rows[sid], ci[c]] for sid, c, _, _ in pairs], dtype=np.float64)
+    y = np.array([p for _, _, p, _ in pairs])
+    return s, y, [smp for *_, smp in pairs]
+
+
+def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """``p = sigmoid(a·s + b)`` by Newton-free gradient fitting on log-loss (1-d, a few hundred steps)."""
+    a = torch.tensor(1.0, requires_grad=True)
+    b = torch.tensor(0.0, requires_grad=True)
+    s, t = torch.tensor(scores, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    opt = torch.optim.LBFGS([a, b], lr=0.5, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(a * s + b, t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(a), float(b)
+
+
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=np.float64)
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, threads: int | None = None,
+                   budget_s: float | None = None, progress: bool = True) -> dict:
+    """Train on ``corpus``'s train split, calibrate on validation, measure on test, write ``out``."""
+    from train.ontology import load_ontology
+
+    corpus, out = Path(corpus), Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    onto = load_ontology(corpus / "ontology.json") if (corpus / "ontology.json").exists() else load_ontology()
+    classes = onto.names
+    phrases = ontology_phrases(onto)
+    encoder = TextEncoder()
+    phrase_emb = encoder.encode([p for _, p in phrases])
+    index = OntologyIndex(classes, phrases, phrase_emb)
+    class_emb = torch.from_numpy(index.class_embeddings())
+    by_class = [np.flatnonzero(index.phrase_class == i) for i in range(len(classes))]
+    phrase_t = torch.from_numpy(phrase_emb)
+
+    cfg = ScorerConfig()
+    scorer = AudioTextScorer(cfg)
+    feats = {s: split_features(corpus, s, scorer, progress=progress) for s in ("train", "validation", "test")}
+    x_train, rows_train = feats["train"]
+    timelines = load_timelines(corpus, "train")
+    ci = {c: i for i, c in enumerate(classes)}
+    y_train = np.zeros((len(x_train), len(classes)), dtype=np.float32)
+    for sid, r in rows_train.items():
+        for label in scene_labels(timelines[sid]):
+            y_train[r, ci[label]] = 1.0
+    xs = torch.from_numpy(x_train.astype(np.float32))
+    with torch.no_grad():
+        scorer.feat_mean.copy_(xs.mean(dim=(0, 2))[:, None])
+        scorer.feat_std.copy_(xs.std(dim=(0, 2))[:, None] + 1e-3)
+    ys = torch.from_numpy(y_train)
+    frames_n = x_train.shape[-1]
+    block_s = cfg.hop * cfg.block / cfg.sample_rate
+    ft = torch.from_numpy(frame_targets(timelines, rows_train, ci, len(x_train), frames_n, block_s))
+    floor = float(xs.min())
+
+    pos_weight = torch.full((len(classes),), float(pos_weight))
+    opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(xs) / batch)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
+    n_mels = cfg.n_mels
+    step = 0
+    history = []
+    for epoch in range(epochs):
+        scorer.train()
+        order = torch.from_numpy(rng.permutation(len(xs)))
+        running = 0.0
+        for i in range(0, len(xs), batch):
+            idx = order[i : i + batch]
+            x, y, yf = xs[idx].clone(), ys[idx].clone(), ft[idx].float()
+            # mix in a second scene for half the batch: log-add-exp of mean and max features is a mix's upper bound
+            half = len(idx) // 2
+            other = torch.from_numpy(rng.integers(0, len(xs), half))
+            gain = torch.from_numpy(rng.uniform(-12, 3, (half, 1, 1)).astype(np.float32)) * math.log(10) / 10
+            x[:half] = torch.logaddexp(x[:half], xs[other] + gain)
+            y[:half] = torch.maximum(y[:half], ys[other])
+            yf[:half] = torch.maximum(yf[:half], ft[other].float())
+            shift = int(rng.integers(0, x.shape[-1]))
+            x, yf = torch.roll(x, shift, dims=-1), torch.roll(yf, shift, dims=-1)
+            x, yf = recording_augment(x, yf, rng, n_mels, floor)
+            y = yf.amax(-1)  # what is still in the (stretched, cropped) clip
+            pick = torch.tensor([int(rng.choice(ix)) for ix in by_class])
+            text = phrase_t[pick] if rng.random() < 0.7 else class_emb
+            frame_logits = scorer.frame_logits(scorer.frames(x), text)
+            logits = scorer.pool(frame_logits)
+            # strong labels: every 80 ms block knows what sounds in it; plus the clip-level (pooled) loss the guard reads
+            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight) + F.binary_cross_entropy_with_logits(
+                frame_logits, yf, pos_weight=pos_weight[:, None])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            running += float(loss.detach())
+        val_auc = _auc_on(scorer, feats["validation"], corpus, "validation", classes, class_emb)
+        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_auc": val_auc, "elapsed_s": round(time.time() - t0, 1)})
+        if progress:
+            print(json.dumps(history[-1]), flush=True)
+        if budget_s and time.time() - t0 > budget_s:
+            break
+
+    # calibration and thresholds on validation
+    scorer.eval()
+    val_pairs = presence_pairs(corpus, "validation")
+    val_logits = clip_logits(scorer, feats["validation"][0], class_emb)
+    # questions ask about a sound about as often whether it is frequent or rare: take (part of) the training
+    # prior out of each class's score, as much as validation says helps
+    prior = (y_train.sum(0) + 1) / (len(y_train) + 2)
+    prior_logit = np.log(prior / (1 - prior))
+    beta = max((0.0, 0.25, 0.5, 0.75, 1.0), key=lambda b_: roc_auc(*_pair_scores(val_logits - b_ * prior_logit, feats["validation"][1], classes, val_pairs)[1::-1]))
+    offsets = -beta * prior_logit
+    s_val, y_val, _ = _pair_scores(val_logits + offsets, feats["validation"][1], classes, val_pairs)
+    a, b = fit_platt(s_val, y_val)
+    p_val = 1 / (1 + np.exp(-(a * s_val + b)))
+    absent_below = float(np.percentile(p_val[y_val == 1], ABSENT_PERCENTILE))
+    present_above = float(max(absent_below, np.percentile(p_val[y_val == 0], PRESENT_PERCENTILE)))
+
+    # measurement on test
+    test_pairs = presence_pairs(corpus, "test")
+    s_test, y_test, smp = _pair_scores(clip_logits(scorer, feats["test"][0], class_emb) + offsets, feats["test"][1], classes, test_pairs)
+    p_test = 1 / (1 + np.exp(-(a * s_test + b)))
+    smp = np.array(smp)
+    metrics = {"test_roc_auc": roc_auc(y_test, p_test), "validation_roc_auc": roc_auc(y_val, p_val)}
+    for kind in ("random", "popular", "adversarial"):
+        keep = (smp == "positive") | (smp == kind)
+        metrics[f"test_roc_auc_{kind}"] = roc_auc(y_test[keep], p_test[keep])
+        metrics[f"test_absent_rate_{kind}"] = float((p_test[smp == kind] < absent_below).mean())
+    metrics["test_present_judged_absent"] = float((p_test[y_test == 1] < absent_below).mean())
+    metrics["test_pairs"] = int(len(y_test))
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+    from serving.guard.verifier import save_embedded
+
+    card = {
+        "calibration": {"a": a, "b": b},
+        "class_offsets": [float(o) for o in offsets],
+        "prior_correction": beta,
+        "thresholds": {"absent_below": absent_below, "present_above": present_above},
+        "metrics": metrics,
+        "training": {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "history": history,
+                     "train_scenes": int(len(xs)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)},
+    }
+    save_embedded(out, scorer, classes, phrases, phrase_emb, card)
+    return card
+
+
+def _auc_on(scorer, feats, corpus, split, classes, class_emb) -> float:
+    pairs = presence_pairs(corpus, split)
+    s, y, _ = _pair_scores(clip_logits(scorer, feats[0], class_emb), feats[1], classes, pairs)
+    return round(roc_auc(y, s), 4)
