@@ -1,4 +1,4 @@
-"""Compose the Serve application: ingress → model, with resources and scale from the settings.
+"""Compose the Serve application: ingress → model (+ verifier), with resources and scale from the settings.
 
 ``serve run serving.app:app_builder`` and Serve config files (``import_path: serving.app:app_builder``,
 ``args:`` holding any :class:`~serving.config.Settings` field) use :func:`app_builder`.
@@ -14,6 +14,7 @@ from ray.serve import Application
 from serving.config import Settings
 from serving.ingress import Ingress
 from serving.model_server import ModelServer
+from serving.verifier_server import VerifierServer
 
 
 def build(settings: Settings) -> Application:
@@ -28,11 +29,19 @@ def build(settings: Settings) -> Application:
         health_check_period_s=settings.health_check_period_s,
         **model_actor_options(settings),  # CPUs/GPUs, or a placement group for vLLM tensor parallelism
     ).bind(settings.model_dump())
+    verifier = None
+    if settings.verifier:
+        # the absent-sound verifier: its own deployment, scaled apart from the model
+        verifier = VerifierServer.options(
+            num_replicas=settings.verifier_replicas,
+            max_ongoing_requests=max(16, settings.max_ongoing_requests),
+            ray_actor_options={"num_cpus": settings.verifier_cpus},
+        ).bind(settings.model_dump())
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=max(64, settings.max_queued_requests + settings.max_ongoing_requests),
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}},
-    ).bind(model, settings.model_dump())
+    ).bind(model, settings.model_dump(), verifier)
 
 
 def _model_scale(settings: Settings) -> dict:

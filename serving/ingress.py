@@ -32,9 +32,12 @@ from serving.auth import ApiKeyMiddleware, keys_from_settings
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
+from serving.guard.endpoint import VERIFY_BODY
+from serving.guard.endpoint import verify as verify_audio
+from serving.guard.runner import GuardRunner
 from serving.limits import BodyLimitMiddleware, too_large
 from serving.metrics import Metrics, mark_process_dead
-from serving.schemas import AudioInfo, ErrorResponse, Health, ModelCard, ModelList, QARequest, QAResponse, Timing
+from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse
 
 log = logging.getLogger("earwitness.http")
 
@@ -69,6 +72,7 @@ _QA_BODY = {
                         "max_tokens": {"type": "integer", "minimum": 1},
                         "truncate": {"type": "boolean"},
                         "model": {"type": "string"},
+                        "guard": {"type": "string", "enum": ["off", "annotate", "abstain", "correct"]},
                     },
                 }
             },
@@ -178,12 +182,13 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 class Service:
     """What one ingress replica knows: settings, the model handle, its metrics."""
 
-    def __init__(self, model, settings: Settings):
+    def __init__(self, model, settings: Settings, verifier=None):
         self.settings = settings
         self.model = model
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
         self.metrics = Metrics()
+        self.guard = GuardRunner(verifier, settings, self.metrics)  # the absent-sound guard (serving/guard/)
         self._model_info: dict | None = None
 
     async def model_info(self) -> dict:
@@ -256,12 +261,25 @@ class Service:
         limit_s = min(self.settings.max_audio_s, info["max_audio_s"])
         clip = await asyncio.to_thread(intake.decode, data, info["sample_rate"], limit_s, fields.truncate)
         decoded = time.perf_counter()
-        generation = await self.generate(AudioPrompt(clip.samples, question, max_tokens))
+        policy = self.guard.policy_for(fields.guard)
+        pending = self.guard.start(clip.samples, question, policy)  # the verifier runs beside the model
+        contrast = policy != "off" and self.settings.guard_contrast
+        try:
+            generation = await self.generate(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast))
+        except BaseException:
+            self.guard.cancel(pending)
+            raise
         done = time.perf_counter()
-        kind = classify(generation.text)
+        outcome = await self.guard.finish(pending, question, generation, policy)
+        guarded = time.perf_counter()
+        if policy != "off":
+            self.metrics.latency.labels("/v1/audio/qa", "guard").observe(guarded - done)
+        kind = classify(outcome.answer)
         self._observe(clip, kind, info["model"], start, decoded, done)
         return QAResponse(
-            answer=generation.text,
+            answer=outcome.answer,
+            original_answer=outcome.original_answer,
+            guard=GuardInfo(**outcome.guard_dict()),
             answer_kind=kind,
             model=info["model"],
             audio=AudioInfo(
@@ -276,6 +294,7 @@ class Service:
                 decode_ms=round((decoded - start) * 1000, 2),
                 model_ms=round((done - decoded) * 1000, 2),
                 total_ms=round((time.perf_counter() - start) * 1000, 2),
+                guard_ms=round((guarded - done) * 1000, 2) if policy != "off" else None,
             ),
             request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
         )
@@ -340,6 +359,10 @@ def create_app(service: Service) -> FastAPI:
     async def qa(request: Request) -> QAResponse:
         return await service.answer(request)
 
+    @app.post("/v1/audio/verify", response_model=VerifyResponse, responses=_ERRORS, openapi_extra=VERIFY_BODY, summary="Presence scores of sound events in a clip (verifier only)")
+    async def verify(request: Request) -> VerifyResponse:
+        return await verify_audio(service, request)
+
     @app.get("/v1/models", response_model=ModelList, summary="Models served here")
     async def models() -> ModelList:
         return await service.models()
@@ -365,8 +388,8 @@ def create_app(service: Service) -> FastAPI:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    def __init__(self, model, settings: dict):
-        self.service = Service(model, Settings(**settings))
+    def __init__(self, model, settings: dict, verifier=None):
+        self.service = Service(model, Settings(**settings), verifier)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)
