@@ -25,13 +25,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint, tmp_path_factory):
+def verifier_checkpoint(tmp_path_factory):
+    """The shipped verifier (models/earwitness-verifier), or a small untrained one until it is trained."""
+    from tests.guard_helpers import verifier_dir
+
+    return verifier_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, verifier_checkpoint, tmp_path_factory):
     """One real Ray Serve application on a loopback port for the whole session."""
     from serving.config import Settings
     from serving.runtime import start, stop
 
     settings = Settings(
         model=str(tiny_checkpoint),
+        verifier=str(verifier_checkpoint),
+        verifier_cpus=0,  # fits beside the model on a 2-CPU test Ray, variants included
         port=_free_port(),
         max_upload_mb=1.0,
         max_queued_requests=32,

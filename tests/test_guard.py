@@ -1,0 +1,193 @@
+"""The absent-sound guard's parts with real models: text matching, claims, policies, verifiers, audio contrast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.guard.claims import extract_claims, presence_target
+from serving.guard.policy import ClaimCheck, Thresholds, apply_policy, judge, verdict
+
+# paraphrases → ontology class, through the real all-MiniLM-L6-v2 (most are not phrases of the ontology)
+PARAPHRASES = [
+    ("a puppy yapping", "Dog"),
+    ("a small dog yelping", "Dog"),
+    ("someone knocking", "Knock"),
+    ("rainfall", "Rain"),
+    ("a kitten meowing", "Cat"),
+    ("footsteps on gravel", "Walk, footsteps"),
+    ("a rooster crowing at dawn", "Chicken, rooster"),
+    ("a helicopter flying over", "Helicopter"),
+    ("people applauding", "Applause"),
+    ("a car honking", "Vehicle horn, car horn, honking"),
+    ("someone coughing", "Cough"),
+    ("an infant wailing", "Baby cry, infant cry"),
+    ("a piano melody", "Piano"),
+    ("a loud explosion", "Explosion"),
+    ("a cow mooing", "Cattle, bovinae"),
+    ("a phone ringing", "Telephone bell ringing"),
+    ("typing on a keyboard", "Typing"),
+    ("a man talking", "Speech"),
+    ("a door slams", "Door"),
+    ("birds chirping", "Bird"),
+    ("a nice day", None),
+]
+
+
+@pytest.fixture(scope="module")
+def verifier(verifier_checkpoint):
+    from serving.guard.verifier import load_verifier
+
+    return load_verifier(str(verifier_checkpoint))
+
+
+def test_text_encoder_is_real_minilm():
+    from serving.guard.text import shared_encoder
+
+    enc = shared_encoder()
+    v = enc.encode(["a dog barking", "a puppy yapping", "a helicopter flying over"])
+    assert v.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > 0.4 > v[0] @ v[2]
+
+
+@pytest.mark.parametrize("text,event", PARAPHRASES)
+def test_paraphrases_land_on_the_right_class(verifier, text, event):
+    (m,) = verifier.match([text])
+    assert m.event == event, (text, m)
+
+
+@pytest.mark.parametrize(
+    "question,answer,claims",
+    [
+        ("Is there a sound of a dog barking in the audio?", "Yes", [("a dog barking", "question")]),
+        ("Did you hear rain in the audio? Answer with yes or no.", "yes.", [("rain", "question")]),
+        ("Can you hear someone knocking?", "No", []),
+        ("Is the siren audible?", "Yes, and a puppy yapping too", [("the siren", "question"), ("a puppy yapping", "answer")]),
+        ("Describe the audio in detail.", "I hear a dog barking and rain falling, then a door slams.",
+         [("a dog barking", "answer"), ("rain falling", "answer"), ("a door slams", "answer")]),
+        ("Generate a caption for the audio.", "An organ plays, with a fire crackling in the background.",
+         [("An organ plays", "answer"), ("a fire crackling", "answer")]),
+        ("Describe the audio.", "There is no dog, only rain.", [("rain", "answer")]),
+    ],
+)
+def test_claims(question, answer, claims):
+    assert [(c.text, c.source) for c in extract_claims(question, answer)] == claims
+
+
+def test_presence_targets():
+    assert presence_target("Is there a sound of horse sounds in the audio?") == "horse sounds"
+    assert presence_target("Do you hear a baby crying?") == "a baby crying"
+    assert presence_target("Does the clip contain thunder?") == "thunder"
+    assert presence_target("How many times do you hear a dog?") is None
+    assert presence_target("Describe the audio in detail.") is None
+
+
+T = Thresholds(absent_below=0.1, present_above=0.6, contrast_prior=0.05, contrast_heard=1.0)
+
+
+def test_judge_combines_verifier_and_contrast():
+    assert judge(0.05, 3.0, T) is False  # the verifier's confident 'absent' stands, whatever the model's contrast
+    assert judge(0.9, -1.0, T) is True  # ... and so does its confident 'present'
+    assert judge(0.3, 0.0, T) is False  # unsure verifier + an answer that ignores the audio: a prior, not a hearing
+    assert judge(0.3, 2.0, T) is True  # unsure verifier + an answer that depends on the audio
+    assert judge(0.3, None, T) is None
+    assert judge(None, 2.0, T) is None
+
+
+def _claim(present, source="question", text="a dog barking", span=None):
+    return ClaimCheck(event="Dog", text=text, source=source, verifier_score=0.0, present=present, span=span)
+
+
+def test_policies():
+    absent = [_claim(False)]
+    assert apply_policy("annotate", "Yes", absent, True).answer == "Yes"
+    assert apply_policy("annotate", "Yes", absent, True).verdict == "unsupported"
+    out = apply_policy("correct", "Yes", absent, True)
+    assert (out.answer, out.original_answer, out.verdict) == ("No.", "Yes", "unsupported")
+    out = apply_policy("abstain", "Yes", absent, True)
+    assert (out.answer, out.original_answer) == ("I can't confirm hearing a dog barking.", "Yes")
+    out = apply_policy("off", "Yes", absent, True)
+    assert (out.answer, out.original_answer, out.verdict, out.claims) == ("Yes", None, "unverified", [])
+    for policy in ("annotate", "abstain", "correct"):
+        assert apply_policy(policy, "Yes", [_claim(True)], True).original_answer is None
+        assert apply_policy(policy, "Yes", [_claim(None)], True).verdict == "uncertain"
+        assert apply_policy(policy, "Yes", [_claim(None)], True).original_answer is None
+        unverified = apply_policy(policy, "Yes", [_claim(None)], False)
+        assert (unverified.verdict, unverified.answer) == ("unverified", "Yes")
+    assert verdict([], True) == "supported"
+
+
+def test_correct_cuts_absent_mentions_from_free_text():
+    answer = "I hear a dog barking and rain falling, then a door slams."
+    claims = {c.text: c for c in extract_claims("Describe the audio.", answer)}
+    checks = [
+        ClaimCheck("Dog", "a dog barking", "answer", 0.9, present=True, span=claims["a dog barking"].span),
+        ClaimCheck("Rain", "rain falling", "answer", 0.01, present=False, span=claims["rain falling"].span),
+        ClaimCheck("Door", "a door slams", "answer", 0.9, present=True, span=claims["a door slams"].span),
+    ]
+    out = apply_policy("correct", answer, checks, True)
+    assert "rain" not in out.answer.lower() and "dog barking" in out.answer and "door slams" in out.answer
+    assert out.original_answer == answer
+
+
+def test_verify_gives_calibrated_scores(verifier):
+    sr = verifier.sample_rate
+    noise = (0.05 * np.random.default_rng(0).standard_normal(sr * 2)).astype(np.float32)
+    scores = verifier.verify(noise, ["a puppy yapping", "rainfall", "a spaceship landing"])
+    assert [s.event for s in scores[:2]] == ["Dog", "Rain"]
+    for s in scores:
+        assert 0.0 <= s.probability <= 1.0 and s.present in (True, False, None)
+    probs = verifier.class_probabilities(noise)
+    assert len(probs) == 73 and probs["Dog"] == pytest.approx(scores[0].probability, abs=1e-4)
+
+
+def _tiny_clap(directory: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, ClapTextConfig
+
+    from serving.guard.text import minilm_path
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    text = ClapTextConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32,
+                          max_position_embeddings=130, pad_token_id=tok.pad_token_id, projection_dim=16)
+    audio = ClapAudioConfig(num_mel_bins=64, spec_size=128, window_size=4, patch_size=4, patch_stride=(4, 4), depths=[1, 1],
+                            num_attention_heads=[1, 2], patch_embeds_hidden_size=16, hidden_size=32, projection_dim=16)
+    ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=16)).save_pretrained(directory)
+    ClapProcessor(feature_extractor=ClapFeatureExtractor(feature_size=64, sampling_rate=48_000, max_length_s=1), tokenizer=tok).save_pretrained(directory)
+    return directory
+
+
+def test_clap_verifier_behind_the_same_interface(tmp_path, verifier):
+    from serving.guard.verifier import ClapVerifier, Verifier
+
+    clap = ClapVerifier.load(str(_tiny_clap(tmp_path / "clap")), verifier.index)
+    assert isinstance(clap, Verifier)
+    clip = (0.1 * np.random.default_rng(1).standard_normal(16_000 * 2)).astype(np.float32)
+    scores = clap.verify(clip, ["a puppy yapping", "someone knocking"])
+    assert [s.event for s in scores] == ["Dog", "Knock"]
+    assert all(0.0 <= s.probability <= 1.0 for s in scores)
+    assert set(clap.class_probabilities(clip)) == set(verifier.index.classes)
+
+
+def test_audio_contrast_from_the_model(tiny_checkpoint):
+    """Blank audio in, blank audio as reference: no contrast. Real audio: the two log-probs differ."""
+    from models.registry import resolve
+    from serving.backends import AudioPrompt
+    from serving.backends.hf import TransformersBackend
+
+    backend = TransformersBackend.load(resolve(str(tiny_checkpoint)))
+    rng = np.random.default_rng(0)
+    real = (0.2 * rng.standard_normal(16_000 * 4)).astype(np.float32)
+    blank = np.zeros(16_000 * 3, dtype=np.float32)
+    out = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True), AudioPrompt(blank, "Is there a dog?", 4, True),
+                            AudioPrompt(real, "Is there a dog?", 4, False)])
+    assert out[0].answer_logprob is not None and out[0].answer_logprob != pytest.approx(out[0].blank_logprob, abs=1e-6)
+    assert out[1].answer_logprob == pytest.approx(out[1].blank_logprob, abs=1e-4)
+    assert out[2].answer_logprob is None and out[2].blank_logprob is None
+    assert out[0].text == out[2].text  # asking for the contrast does not change the answer
+    again = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])  # second time: cached blank audio encoding
+    assert again[0].blank_logprob == pytest.approx(out[0].blank_logprob, abs=1e-4)
