@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -68,3 +69,38 @@ def client(server):
     url, _ = server
     with httpx.Client(base_url=url, timeout=30) as c:
         yield c
+
+
+# A real small corpus (minetest-data, bucklespring-data, scratch), fetched with apt-get into the cache.
+N_TRAIN = 48
+SEED = 7
+
+
+def fetchable() -> bool:
+    from train import sources as S
+
+    cache = S.cache_dir()
+    if all((cache / "unpacked" / p / ".complete").exists() for p in S.SMALL_PACKAGES):
+        return True
+    return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
+
+
+@pytest.fixture(scope="session")
+def small_roots():
+    from train import sources as S
+
+    if not fetchable():
+        pytest.skip("apt-get/dpkg-deb unavailable and no cached packages")
+    roots, failed = S.fetch(S.SMALL_PACKAGES)
+    assert not failed, f"could not fetch the test packages: {failed}"
+    return roots
+
+
+@pytest.fixture(scope="session")
+def corpus(small_roots, tmp_path_factory):
+    from train import sources as S
+    from train.build import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "c"
+    build_corpus(out, n_train=N_TRAIN, seed=SEED, packages=S.SMALL_PACKAGES, progress=False)
+    return out

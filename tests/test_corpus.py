@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +23,10 @@ from train.ontology import load_ontology
 from train.prefs import COLUMNS, KINDS, load_pairs
 from train.qa import read_qa_rows
 
-N_TRAIN = 48
-SEED = 7
+from tests.conftest import N_TRAIN, SEED, fetchable
 
 
-def _fetchable() -> bool:
-    cache = S.cache_dir()
-    if all((cache / "unpacked" / p / ".complete").exists() for p in S.SMALL_PACKAGES):
-        return True
-    return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
-
-
-pytestmark = pytest.mark.skipif(not _fetchable(), reason="apt-get/dpkg-deb unavailable and no cached packages")
-
-
-@pytest.fixture(scope="session")
-def small_roots() -> dict[str, Path]:
-    roots, failed = S.fetch(S.SMALL_PACKAGES)
-    assert not failed, f"could not fetch the test packages: {failed}"
-    return roots
-
-
-@pytest.fixture(scope="session")
-def corpus(small_roots, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus") / "c"
-    build_corpus(out, n_train=N_TRAIN, seed=SEED, packages=S.SMALL_PACKAGES, progress=False)
-    return out
+pytestmark = pytest.mark.skipif(not fetchable(), reason="apt-get/dpkg-deb unavailable and no cached packages")
 
 
 @pytest.fixture(scope="session")
