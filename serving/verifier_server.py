@@ -25,8 +25,7 @@ class VerifierServer:
         from serving.guard.verifier import load_verifier
 
         self.settings = Settings(**settings)
-        if self.settings.verifier_cpus >= 1:
-            torch.set_num_threads(int(self.settings.verifier_cpus))
+        torch.set_num_threads(max(1, int(self.settings.verifier_cpus)))  # a fractional share gets one thread
         self.verifier = load_verifier(self.settings.verifier)
         # warm up: the audio path and the text encoder
         self.verifier.verify(np.zeros(self.verifier.sample_rate, dtype=np.float32), ["a dog barking"])

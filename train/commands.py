@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--budget-s", type=float, default=None, help="stop after the epoch that passes this many seconds")
     ver.add_argument("--threads", type=int, default=None)
     ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--init", type=Path, default=None, help="warm start from a verifier directory")
+    ver.add_argument("--lr", type=float, default=1e-2)
+    ver.add_argument("--width", type=int, default=128, help="channels of the audio encoder")
     ver.set_defaults(func=_verifier)
 
     ev = subparsers.add_parser("eval", help="hallucination evaluation on a corpus split")
@@ -59,7 +62,8 @@ def _recipe(args) -> int:
 def _verifier(args) -> int:
     from train.verifier import train_verifier
 
-    card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s)
+    card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s,
+                          init=args.init, lr=args.lr, width=args.width)
     print(json.dumps({"out": str(args.out), **card["metrics"], "thresholds": card["thresholds"]}, indent=1))
     return 0
 

@@ -200,7 +200,7 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, threads: int | None = None,
+def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, init: Path | None = None, width: int = 128, threads: int | None = None,
                    budget_s: float | None = None, progress: bool = True) -> dict:
     """Train on ``corpus``'s train split, calibrate on validation, measure on test, write ``out``."""
     from train.ontology import load_ontology
@@ -221,8 +221,14 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
     by_class = [np.flatnonzero(index.phrase_class == i) for i in range(len(classes))]
     phrase_t = torch.from_numpy(phrase_emb)
 
-    cfg = ScorerConfig()
+    cfg = ScorerConfig(width=width)
     scorer = AudioTextScorer(cfg)
+    if init is not None:  # warm start (training in several short runs, each its own one-cycle schedule)
+        from safetensors.torch import load_file
+
+        missing, _ = scorer.load_state_dict(load_file(str(Path(init) / "scorer.safetensors")), strict=False)
+        if missing:
+            print(f"warm start from {init}: new parameters {missing}", flush=True)
     feats = {s: split_features(corpus, s, scorer, progress=progress) for s in ("train", "validation", "test")}
     x_train, rows_train = feats["train"]
     timelines = load_timelines(corpus, "train")
@@ -232,9 +238,10 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
         for label in scene_labels(timelines[sid]):
             y_train[r, ci[label]] = 1.0
     xs = torch.from_numpy(x_train.astype(np.float32))
-    with torch.no_grad():
-        scorer.feat_mean.copy_(xs.mean(dim=(0, 2))[:, None])
-        scorer.feat_std.copy_(xs.std(dim=(0, 2))[:, None] + 1e-3)
+    if init is None:
+        with torch.no_grad():
+            scorer.feat_mean.copy_(xs.mean(dim=(0, 2))[:, None])
+            scorer.feat_std.copy_(xs.std(dim=(0, 2))[:, None] + 1e-3)
     ys = torch.from_numpy(y_train)
     frames_n = x_train.shape[-1]
     block_s = cfg.hop * cfg.block / cfg.sample_rate
@@ -325,7 +332,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
         "prior_correction": beta,
         "thresholds": {"absent_below": absent_below, "present_above": present_above},
         "metrics": metrics,
-        "training": {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "history": history,
+        "training": {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "init": str(init) if init else None, "history": history,
                      "train_scenes": int(len(xs)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)},
     }
     save_embedded(out, scorer, classes, phrases, phrase_emb, card)

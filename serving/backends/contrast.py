@@ -6,6 +6,7 @@ audio (zeros of the same length, so the prompt and its audio-token count are unc
 difference says how much the answer depends on what was heard: an answer as likely on silence
 as on the clip is the model's prior, not a hearing.
 
+Answers read as 'no' claim no sound and get no blank pass (their log-probs stay None).
 The answer's tokens are scored up to and including the stop token the model emitted, so "Yes"
 is scored as the complete answer "Yes", not as a prefix of "Yes, but…".
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from serving.answers import classify
 from serving.backends.base import AudioPrompt, Generation
 
 
@@ -41,7 +43,8 @@ def _blank_features(backend, inputs, prompts: list[AudioPrompt]) -> torch.Tensor
 
 @torch.inference_mode()
 def with_audio_contrast(backend, inputs, new_tokens: torch.Tensor, step_logits, generations: list[Generation], prompts: list[AudioPrompt]) -> list[Generation]:
-    rows = [i for i, p in enumerate(prompts) if p.contrast]
+    # an answer that claims nothing heard ("No") has nothing for the contrast to weigh: skip its blank pass
+    rows = [i for i, p in enumerate(prompts) if p.contrast and classify(generations[i].text) != "no"]
     if not rows or new_tokens.shape[1] == 0:
         return generations
     steps = min(new_tokens.shape[1], len(step_logits))
