@@ -20,7 +20,9 @@ from train.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
 # Sized by measurement to fit the whole recipe in well under 90 minutes on 2 CPU cores.
-BASE = StageConfig(name="base", samplings=("positive",), epochs=2.5, batch_size=16, learning_rate=1.5e-3, warmup_steps=60, turns_per_chat=4)
+# The base keeps the stage-0 encoder frozen: joint training from a random language model wipes
+# out its sound-event knowledge and the model falls back to answer priors.
+BASE = StageConfig(name="base", trainable="all_but_audio_encoder", samplings=("positive",), epochs=2.0, batch_size=16, learning_rate=1.5e-3, warmup_steps=60, turns_per_chat=4)
 LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.3, batch_size=16, learning_rate=2e-3, warmup_steps=10, caption_share=0.1, turns_per_chat=4)
 
 

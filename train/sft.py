@@ -25,7 +25,7 @@ from train.qa import QARow
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    trainable: str = "all"  # "all" | "audio_adapter"
+    trainable: str = "all"  # "all" | "all_but_audio_encoder" | "audio_adapter"
     epochs: float = 2.0
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -81,7 +81,11 @@ def collate(tokenizer, features: np.ndarray, rows_of: dict[str, int], frames: np
 def set_trainable(model, trainable: str) -> int:
     """Freeze all but the chosen part; returns the number of trainable parameters."""
     for name, param in model.named_parameters():
-        param.requires_grad = trainable == "all" or (trainable == "audio_adapter" and "multi_modal_projector" in name)
+        param.requires_grad = (
+            trainable == "all"
+            or (trainable == "all_but_audio_encoder" and "audio_tower" not in name)
+            or (trainable == "audio_adapter" and "multi_modal_projector" in name)
+        )
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
