@@ -101,3 +101,15 @@ def test_vllm_refuses_what_it_cannot_run(tmp_path, tiny_checkpoint):
     assert "earwitness export --merge" in adapter_problem(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"modules_to_save": None, "r": 8}))
     assert adapter_problem(tmp_path) is None
+
+
+def test_vllm_refuses_a_tied_config_with_its_own_lm_head(tmp_path, tiny_checkpoint):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "processor_config.json").read_text())
+    config["feature_extractor"].update(chunk_length=30, hop_length=160, nb_max_frames=3000)  # a window vLLM takes
+    (ckpt / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineUnsupported, match="tie_word_embeddings"):
+        check_checkpoint(str(ckpt), "qwen2-audio")

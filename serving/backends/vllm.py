@@ -71,8 +71,21 @@ def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def _weight_names(source: Path) -> set[str]:
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = source / "model.safetensors"
+    if not single.is_file():
+        return set()
+    from safetensors import safe_open
+
+    with safe_open(str(single), "np") as f:
+        return set(f.keys())
+
+
 def check_checkpoint(source: str, family: str) -> None:
-    """Refuse, with the reason, a local Qwen2-Audio checkpoint whose audio window vLLM cannot take."""
+    """Refuse, with the reason, a local Qwen2-Audio checkpoint that vLLM would run differently or not at all."""
     if family != "qwen2-audio" or not Path(source).is_dir():
         return
     extractor = None
@@ -83,15 +96,24 @@ def check_checkpoint(source: str, family: str) -> None:
             extractor = data.get("feature_extractor", data)
             if "hop_length" in extractor:
                 break
-    if not extractor or "hop_length" not in extractor:
-        return
-    frames = int(extractor.get("nb_max_frames") or extractor["chunk_length"] * extractor["sampling_rate"] // extractor["hop_length"])
-    if frames != VLLM_WINDOW_FRAMES:
+    frames = None
+    if extractor and "hop_length" in extractor:
+        frames = int(extractor.get("nb_max_frames") or extractor["chunk_length"] * extractor["sampling_rate"] // extractor["hop_length"])
+    if frames is not None and frames != VLLM_WINDOW_FRAMES:
         raise EngineUnsupported(
             f"{Path(source).name}: its feature extractor gives {frames} mel frames per clip "
             f"(chunk_length {extractor.get('chunk_length')} s, hop {extractor.get('hop_length')}); vLLM's Qwen2-Audio "
             f"needs exactly {VLLM_WINDOW_FRAMES} (a 30 s window at hop 160). Serve it with engine=transformers."
         )
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        text_config = json.loads(config_file.read_text()).get("text_config", {})
+        if text_config.get("tie_word_embeddings") and "language_model.lm_head.weight" in _weight_names(Path(source)):
+            # transformers keeps this checkpoint's own lm_head; vLLM would tie it to the embeddings instead
+            raise EngineUnsupported(
+                f"{Path(source).name}: text_config.tie_word_embeddings is true but the checkpoint has its own lm_head "
+                "(transformers uses it, vLLM would replace it by the embeddings); set it to false in config.json"
+            )
 
 
 @dataclass(frozen=True)
