@@ -106,14 +106,17 @@ def _scalar(base: str, expr: str) -> float | None:
 
 def _mix(url: str) -> dict[str, int]:
     """A known mix: clips of 1-8 s in several formats, silence, a too-long clip, bad inputs; kinds as answered."""
-    kinds = {"yes": 0, "no": 0, "other": 0}
+    kinds = {"yes": 0, "no": 0, "other": 0, "overridden": 0, "guarded": 0}
     statuses = []
     with httpx.Client(base_url=url, timeout=30) as client:
         def ask(data: bytes, name: str = "clip.wav", **fields):
             r = client.post("/v1/audio/qa", files={"file": (name, data)}, data={"question": QUESTION, **fields})
             statuses.append(r.status_code)
             if r.status_code == 200:
-                kinds[r.json()["answer_kind"]] += 1
+                body = r.json()
+                kinds[body["answer_kind"]] += 1
+                kinds["guarded"] += bool(body.get("guard"))
+                kinds["overridden"] += body.get("original_answer") is not None
 
         for seconds, freq, ext in [(1, 220, "wav"), (2, 440, "flac"), (3, 660, "ogg"), (5, 880, "wav"), (8, 330, "mp3"), (4, 550, "wav")]:
             ask(encode(tone(seconds, 16_000, 1, freq=freq), 16_000, ext), f"clip.{ext}")
@@ -129,7 +132,7 @@ def _mix(url: str) -> dict[str, int]:
 def test_recording_rules_give_the_no_rate_of_a_known_mix(server, prometheus):
     url, _ = server
     kinds = _mix(url)
-    answered = sum(kinds.values())
+    answered = kinds["yes"] + kinds["no"] + kinds["other"]
     expected_no_rate = kinds["no"] / answered  # 0.0 with the random test model, whose answers are 'other'
 
     # wait until Prometheus has scraped the final counts and evaluated the rules on them
@@ -144,6 +147,12 @@ def test_recording_rules_give_the_no_rate_of_a_known_mix(server, prometheus):
     assert no_rate == pytest.approx(expected_no_rate, abs=1e-9 if expected_no_rate in (0.0, 1.0) else 0.02)
     yes_rate = _scalar(prometheus, f'earwitness:answers_yes:ratio_rate5m{{model="{model}"}}')
     assert yes_rate == pytest.approx(kinds["yes"] / answered, abs=1e-9 if kinds["yes"] in (0, answered) else 0.02)
+
+    overrides = _scalar(prometheus, "earwitness:guard_overrides:ratio_rate5m")  # the guard's, once it runs
+    assert overrides == pytest.approx(kinds["overridden"] / answered, abs=1e-9 if kinds["overridden"] == 0 else 0.02)
+    if kinds["guarded"]:
+        shares = {r["metric"]["verdict"]: float(r["value"][1]) for r in _query(prometheus, "earwitness:guard_verdicts:ratio_rate5m")}
+        assert shares and sum(shares.values()) == pytest.approx(1.0)
 
     assert _scalar(prometheus, "earwitness:qa_requests:rate5m") > 0
     assert _scalar(prometheus, "earwitness:qa_errors_5xx:ratio_rate5m") == 0  # 4xx are the client's, not errors
