@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     model_min_replicas: int | None = Field(None, ge=0, description="set with model_max_replicas to autoscale")
     model_max_replicas: int | None = Field(None, ge=1)
     target_ongoing_requests: float | None = Field(None, gt=0, description="per replica; Serve's default when None")
-    health_check_period_s: float = Field(2.0, gt=0, description="how often Serve checks model replicas; a dead one is replaced after it")
+    health_check_period_s: float = Field(2.0, gt=0, description="how often Serve health-checks model replicas (a crashed one is noticed at once, a stuck one at a failed check)")
 
     # the absent-sound guard (serving/guard/): every answer's sound claims checked against the audio
     guard_policy: Literal["off", "annotate", "abstain", "correct"] = Field(
