@@ -177,7 +177,8 @@ class VLLMBackend:
             model=spec.source,
             served_model_name=spec.name,
             tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend="ray" if tensor_parallel_size > 1 else None,
+            # one GPU (or the CPU): the worker lives in the engine-core process ("uni"), one process spawn less
+            distributed_executor_backend="ray" if tensor_parallel_size > 1 else "uni",
             max_model_len=max_model_len or spec.max_model_len,
             gpu_memory_utilization=gpu_memory_utilization or spec.gpu_memory_utilization,
             max_num_seqs=max_num_seqs,

