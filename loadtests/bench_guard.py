@@ -1,0 +1,233 @@
+"""Benchmark the absent-sound guard on the corpus test split (unseen recordings); prints tables.
+
+    python -m loadtests.bench_guard --corpus data/corpus                 # verifier + policies (+ the model when shipped)
+    python -m loadtests.bench_guard --corpus data/corpus --latency 40    # also p50 guarded / unguarded over HTTP
+
+1. Verifier alone: ROC-AUC of its calibrated probability, present vs absent asked-about events
+   (the test split's presence questions: positive vs random / popular / adversarial negatives).
+2. ``correct`` policy on a model that always says 'yes' (the verifier's judgement alone): its
+   false-'yes' rate per negative sampling unguarded (100%) and guarded, and the share of correct
+   'yes' answers overridden.
+3. The same with a served model (``--model``, default the shipped earwitness-tiny when it exists):
+   its own answers, its audio contrast, the verifier — through the serving code's claims, judgement
+   and policy.
+4. ``--latency N``: a local Serve app on loopback, N sequential requests each guarded (annotate) and
+   unguarded (off), alternating, on test clips; p50 of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+NEGATIVES = ("random", "popular", "adversarial")
+
+
+def presence_rows(corpus: Path, per_sampling: int, seed: int) -> list[dict]:
+    rows = [json.loads(line) for line in (corpus / "qa" / "test.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] == "presence"]
+    by = defaultdict(list)
+    for r in rows:
+        by[r["sampling"]].append(r)
+    rng = random.Random(seed)
+    out = []
+    for s in ("positive", *NEGATIVES):
+        out += by[s] if per_sampling <= 0 else rng.sample(by[s], min(per_sampling, len(by[s])))
+    return out
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def guard_outcomes(rows, answers, scores, contrasts, thresholds):
+    """Per row: (model said yes, guarded answer says yes) under ``correct``, through the serving policy code."""
+    from serving.answers import classify
+    from serving.guard.claims import extract_claims
+    from serving.guard.policy import ClaimCheck, apply_policy, judge
+
+    out = []
+    for r, answer, score, contrast in zip(rows, answers, scores, contrasts):
+        claims = extract_claims(r["question"], answer)
+        checks = []
+        for c in claims:
+            if c.source != "question":
+                continue  # the benchmark is about the asked-about sound
+            check = ClaimCheck(event=r["label"], text=c.text, source=c.source, verifier_score=score, contrast=contrast)
+            check.present = judge(score, contrast, thresholds)
+            checks.append(check)
+        outcome = apply_policy("correct", answer, checks, True)
+        out.append((classify(answer) == "yes", classify(outcome.answer) == "yes"))
+    return out
+
+
+def rates(rows, outcomes) -> list[list]:
+    table_rows = []
+    for s in NEGATIVES:
+        idx = [i for i, r in enumerate(rows) if r["sampling"] == s]
+        before = np.mean([outcomes[i][0] for i in idx])
+        after = np.mean([outcomes[i][1] for i in idx])
+        table_rows.append([f"false 'yes' ({s})", float(before), float(after), float(after / before) if before else float("nan")])
+    pos = [i for i, r in enumerate(rows) if r["sampling"] == "positive" and outcomes[i][0]]
+    overridden = np.mean([not outcomes[i][1] for i in pos]) if pos else float("nan")
+    table_rows.append(["correct 'yes' overridden", 0.0, float(overridden), ""])
+    return table_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtests.bench_guard")
+    ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    ap.add_argument("--verifier", default="earwitness-verifier")
+    ap.add_argument("--model", default=None, help="served model for part 3 (default: earwitness-tiny when shipped; 'none' skips)")
+    ap.add_argument("--per-sampling", type=int, default=0, help="questions per sampling for parts 1-2 (0: all)")
+    ap.add_argument("--model-per-sampling", type=int, default=150, help="questions per sampling for part 3")
+    ap.add_argument("--latency", type=int, default=0, help="requests per mode for part 4 (0 skips)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from serving.guard.policy import Thresholds
+    from serving.guard.verifier import load_verifier
+    from train.verifier import roc_auc
+
+    verifier = load_verifier(args.verifier)
+    cal = verifier.calibration
+    thresholds = Thresholds(cal.absent_below, cal.present_above)
+    rows = presence_rows(args.corpus, args.per_sampling, args.seed)
+    cache: dict[str, dict[str, float]] = {}
+    t0 = time.time()
+    for r in rows:
+        if r["scene_id"] not in cache:
+            samples, _ = sf.read(args.corpus / r["audio"], dtype="float32")
+            cache[r["scene_id"]] = verifier.class_probabilities(samples)
+    # the asked-about phrase goes through the text matcher like a served question's would
+    matched = {m.text: m.event for m in verifier.match(sorted({r["phrase"] for r in rows}))}
+    scores = [cache[r["scene_id"]].get(matched.get(r["phrase"]) or r["label"], 0.0) for r in rows]
+    mismatched = sum(1 for r in rows if matched.get(r["phrase"]) != r["label"])
+    y = np.array([r["sampling"] == "positive" for r in rows])
+    s = np.array(scores)
+    smp = np.array([r["sampling"] for r in rows])
+    auc_rows = [["all negatives", int(y.sum()), int((~y).sum()), roc_auc(y, s)]]
+    for k in NEGATIVES:
+        keep = (smp == "positive") | (smp == k)
+        auc_rows.append([k, int(y[keep].sum()), int((~y[keep]).sum()), roc_auc(y[keep], s[keep])])
+    print(f"\n## 1. Verifier alone ({verifier.name}), corpus test split: {len(rows)} presence questions, "
+          f"{len(cache)} scenes, {time.time() - t0:.0f} s; phrases matched to another class: {mismatched}\n")
+    print(table(["negatives", "present", "absent", "ROC-AUC"], auc_rows))
+    print(f"\nthresholds: absent below {cal.absent_below:.4f}, present from {cal.present_above:.4f}")
+
+    always_yes = ["Yes"] * len(rows)
+    outcomes = guard_outcomes(rows, always_yes, scores, [None] * len(rows), thresholds)
+    print("\n## 2. `correct` on a model that always says 'yes' (verifier only)\n")
+    print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, outcomes)))
+
+    model = args.model
+    if model is None:
+        from models.registry import EMBEDDED_DIR
+
+        model = "earwitness-tiny" if (EMBEDDED_DIR / "config.json").exists() else "none"
+    if model != "none":
+        model_part(args, model, verifier, thresholds)
+    if args.latency:
+        latency_part(args, model if model != "none" else None)
+    return 0
+
+
+def model_part(args, model: str, verifier, thresholds) -> None:
+    from models.registry import resolve
+    from serving.backends import AudioPrompt
+    from serving.backends.hf import TransformersBackend
+
+    spec = resolve(model)
+    backend = TransformersBackend.load(spec, adapter=spec.adapters.get("default"))
+    rows = presence_rows(args.corpus, args.model_per_sampling, args.seed + 1)
+    t0 = time.time()
+    answers, contrasts, scores = [], [], []
+    clips: dict[str, np.ndarray] = {}
+    for i in range(0, len(rows), 8):
+        batch = rows[i : i + 8]
+        prompts = []
+        for r in batch:
+            if r["scene_id"] not in clips:
+                clips[r["scene_id"]] = sf.read(args.corpus / r["audio"], dtype="float32")[0]
+            prompts.append(AudioPrompt(clips[r["scene_id"]], r["question"], 4, contrast=True))
+        for r, g in zip(batch, backend.generate(prompts)):
+            answers.append(g.text)
+            contrasts.append(None if g.answer_logprob is None else g.answer_logprob - g.blank_logprob)
+            events = verifier.verify(clips[r["scene_id"]], [r["phrase"]])
+            scores.append(events[0].probability)
+    print(f"\n## 3. `correct` on {spec.name} (+ its adapter): its answers, its audio contrast and the verifier "
+          f"({len(rows)} questions, {time.time() - t0:.0f} s)\n")
+    both = guard_outcomes(rows, answers, scores, contrasts, thresholds)
+    print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, both)))
+    only_verifier = guard_outcomes(rows, answers, scores, [None] * len(rows), thresholds)
+    print("\nverifier only (no contrast):\n")
+    print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, only_verifier)))
+    c = np.array([x for x in contrasts if x is not None])
+    if len(c):
+        yes = [x for x, a in zip(contrasts, answers) if x is not None and a.lower().startswith("yes")]
+        print(f"\ncontrast (nats): median {np.median(c):.3f}; on 'yes' answers median {np.median(yes) if yes else float('nan'):.3f}")
+
+
+def latency_part(args, model: str | None) -> None:
+    import tempfile
+
+    import httpx
+
+    from serving.config import Settings
+    from serving.runtime import start, stop
+    from tests.conftest import _free_port
+
+    if model is None:
+        from tests.helpers import build_tiny_checkpoint
+
+        model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="ew-bench-model-"))))
+    settings = Settings(model=model, port=_free_port(), verifier=args.verifier, num_cpus=2, verifier_cpus=0,
+                        ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"))
+    start(settings)
+    url = f"http://{settings.host}:{settings.port}"
+    rows = presence_rows(args.corpus, 0, args.seed + 2)
+    rng = random.Random(args.seed)
+    rng.shuffle(rows)
+    times = {"off": [], "annotate": []}
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for mode in ("off", "annotate"):  # warm both paths
+                _post(client, args.corpus, rows[0], mode)
+            for r in rows[: args.latency]:
+                for mode in (("off", "annotate") if rng.random() < 0.5 else ("annotate", "off")):
+                    times[mode].append(_post(client, args.corpus, r, mode))
+    finally:
+        stop()
+    p50 = {m: float(np.median(v)) for m, v in times.items()}
+    print(f"\n## 4. Latency at concurrency 1 ({Path(model).name}, {args.latency} requests per mode, this CPU)\n")
+    print(table(["mode", "p50 ms", "p90 ms"], [[m, p50[m] * 1000, float(np.percentile(v, 90)) * 1000] for m, v in times.items()]))
+    print(f"\nguarded / unguarded p50: {p50['annotate'] / p50['off']:.3f}")
+
+
+def _post(client, corpus: Path, row: dict, mode: str) -> float:
+    data = (corpus / row["audio"]).read_bytes()
+    start = time.perf_counter()
+    r = client.post("/v1/audio/qa", files={"file": ("clip.flac", data)}, data={"question": row["question"], "guard": mode, "max_tokens": "4"})
+    elapsed = time.perf_counter() - start
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.status_code} {r.text}")
+    return elapsed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The guard through the real Serve app: response shape, /v1/audio/verify, each policy, the verifier down.
+
+Policies are exercised on a variant application whose model is the tiny random Qwen2-Audio made to
+answer "yes" to everything (a real forward pass that ignores the audio: the maximal hallucinator)
+and whose verifier is the shipped one, on real recordings (corpus test-split scenes: unseen
+recordings) where the asked-about sound is and is not present.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import httpx
+import pytest
+
+from tests.guard_helpers import DATA, build_yes_checkpoint, clips_index, shipped_verifier
+from tests.helpers import encode, tone
+from tests.test_ops_variants import variant_app
+
+QUESTION = "Is there a sound of {x} in the audio?"
+
+
+def _wav(seconds: float = 1.0) -> bytes:
+    return encode(tone(seconds, 16_000, 1), 16_000, "wav")
+
+
+def test_default_response_carries_a_guard(client):
+    r = client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Is there a sound of a dog barking in the audio?"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["guard"]["policy"] == "annotate"
+    assert body["guard"]["verdict"] in ("supported", "unsupported", "uncertain", "unverified")
+    assert body.get("original_answer") is None  # annotate never changes the answer
+    assert body["timing"]["guard_ms"] is not None
+
+
+def test_guard_off_per_request(client):
+    r = client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Did you hear rain?", "guard": "off"})
+    assert r.status_code == 200, r.text
+    assert r.json()["guard"] == {"policy": "off", "verdict": "unverified", "claims": []}
+    assert r.json()["timing"]["guard_ms"] is None
+
+
+def test_unknown_guard_policy_is_422(client):
+    r = client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Did you hear rain?", "guard": "sometimes"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+
+def test_verify_endpoint_multipart_and_json(client):
+    r = client.post("/v1/audio/verify", files={"file": ("a.wav", _wav())}, data={"events": ["a puppy yapping", "rainfall"]})
+    assert r.status_code == 200, r.text
+    events = r.json()["events"]
+    assert [e["event"] for e in events] == ["Dog", "Rain"]
+    assert all(0 <= e["probability"] <= 1 and e["present"] in (True, False, None) for e in events)
+    r = client.post("/v1/audio/verify", json={"audio": base64.b64encode(_wav()).decode(), "events": ["someone knocking, a kitten meowing"]})
+    assert r.status_code == 200, r.text
+    assert [e["event"] for e in r.json()["events"]] == ["Knock"] or len(r.json()["events"]) == 1
+    r = client.post("/v1/audio/verify", json={"audio": base64.b64encode(_wav()).decode(), "events": []})
+    assert r.status_code == 422
+
+
+def test_guard_metrics_exposed(client):
+    client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Is there a dog?"})
+    text = client.get("/metrics").text
+    assert "earwitness_guard_verdicts_total" in text
+    assert 'stage="guard"' in text
+
+
+# ---- policies on real recordings, with a model that always says yes ----------------------------------
+
+@pytest.fixture(scope="module")
+def yes_app(server, tmp_path_factory):
+    if shipped_verifier() is None:
+        pytest.skip("needs the shipped verifier (models/earwitness-verifier)")
+    ckpt = build_yes_checkpoint(tmp_path_factory.mktemp("yes-model"))
+    with variant_app(server, "guard-yes", model=str(ckpt), verifier=str(shipped_verifier()), verifier_timeout_s=5.0) as base:
+        deadline = time.time() + 90
+        while time.time() < deadline:  # readyz covers the model; wait for the verifier replica too
+            try:
+                if httpx.post(f"{base}/v1/audio/verify", files={"file": ("a.wav", _wav())}, data={"events": "rain"}, timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield base
+
+
+def _ask(base: str, name: str, question: str, policy: str | None) -> dict:
+    data = {"question": question}
+    if policy:
+        data["guard"] = policy
+    with open(DATA / f"{name}.flac", "rb") as f:
+        r = httpx.post(f"{base}/v1/audio/qa", files={"file": (f"{name}.flac", f.read())}, data=data, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_policies_on_an_absent_sound(yes_app):
+    case = clips_index()["absent"]
+    question = QUESTION.format(x=case["phrase"])
+    annotated = _ask(yes_app, case["clip"], question, "annotate")
+    assert annotated["answer"] == "yes" and annotated.get("original_answer") is None
+    assert annotated["guard"]["verdict"] == "unsupported"
+    (claim,) = annotated["guard"]["claims"]
+    assert claim["event"] == case["event"] and claim["present"] is False
+    assert claim["contrast"] == pytest.approx(0.0, abs=0.5)  # a yes that ignores the audio: a prior
+
+    corrected = _ask(yes_app, case["clip"], question, "correct")
+    assert (corrected["answer"], corrected["original_answer"], corrected["answer_kind"]) == ("No.", "yes", "no")
+    abstained = _ask(yes_app, case["clip"], question, "abstain")
+    assert abstained["answer"] == f"I can't confirm hearing {case['phrase']}." and abstained["original_answer"] == "yes"
+    off = _ask(yes_app, case["clip"], question, "off")
+    assert off["answer"] == "yes" and off["guard"]["verdict"] == "unverified"
+
+
+def test_policies_keep_a_present_sound(yes_app):
+    case = clips_index()["present"]
+    question = QUESTION.format(x=case["phrase"])
+    for policy in ("correct", "abstain"):
+        body = _ask(yes_app, case["clip"], question, policy)
+        assert body["answer"] == "yes" and body.get("original_answer") is None, body
+        (claim,) = body["guard"]["claims"]
+        assert claim["event"] == case["event"] and claim["present"] is not False
+
+
+def test_verifier_down_answers_unverified(yes_app, server):
+    """Kill the verifier's replica: answers still come back 200, marked unverified, and the failure is counted."""
+    import ray
+
+    case = clips_index()["absent"]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "guard-yes#VerifierServer" in a["name"]]
+    assert names, "no verifier replica found"
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    start = time.time()
+    body = _ask(yes_app, case["clip"], QUESTION.format(x=case["phrase"]), "correct")
+    assert time.time() - start < 30
+    assert body["guard"]["verdict"] == "unverified" and body["answer"] == "yes"  # nothing judged, nothing changed
+    assert body["guard"]["claims"][0]["present"] is None
+    metrics = httpx.get(f"{yes_app}/metrics", timeout=10).text
+    assert "earwitness_verifier_failures_total" in metrics and 'verdict="unverified"' in metrics
