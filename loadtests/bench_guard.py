@@ -188,15 +188,20 @@ def latency_part(args, model: str | None) -> None:
 
     import httpx
 
+    import socket
+
     from serving.config import Settings
     from serving.runtime import start, stop
-    from tests.conftest import _free_port
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
 
     if model is None:
         from tests.helpers import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="ew-bench-model-"))))
-    settings = Settings(model=model, port=_free_port(), verifier=args.verifier, num_cpus=2, verifier_cpus=0,
+    settings = Settings(model=model, port=port, verifier=args.verifier, num_cpus=2, verifier_cpus=0,
                         ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"))
     start(settings)
     url = f"http://{settings.host}:{settings.port}"

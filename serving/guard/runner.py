@@ -85,6 +85,16 @@ class GuardRunner:
             raise
 
     async def finish(self, pending: Pending, question: str, generation, policy: str) -> Outcome:
+        """The outcome under ``policy``; whatever goes wrong in the guard, the answer goes out (unverified)."""
+        try:
+            return await self._finish(pending, question, generation, policy)
+        except Exception:  # never a 500 because of the guard
+            log.exception("guard failed; answering unverified")
+            self.cancel(pending)
+            self.metrics.verifier_failures.labels("error").inc()
+            return self._count(apply_policy(policy, generation.text, [], False) if policy != "off" else apply_policy("off", generation.text, [], True))
+
+    async def _finish(self, pending: Pending, question: str, generation, policy: str) -> Outcome:
         answer = generation.text
         if policy == "off":
             self.cancel(pending)
