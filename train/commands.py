@@ -15,6 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--work", type=Path, default=Path("runs/recipe"))
     recipe.add_argument("--ship", type=Path, default=None, help="copy the result here (e.g. models/earwitness-tiny)")
     recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--base-from", type=Path, default=None, help="reuse a trained base directory: run only LISTEN, DPO and evaluation")
     recipe.set_defaults(func=_recipe)
     base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")
     base.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _recipe(args) -> int:
     from train.recipe import run_recipe
 
-    out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed)
+    out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed, base_from=args.base_from)
     print(json.dumps(out["timings_s"]))
     return 0
 
