@@ -42,6 +42,7 @@ class GuardClaim(BaseModel):
     verifier_score: float | None = Field(None, description="the verifier's calibrated probability that the sound is there")
     contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats")
     present: bool | None = Field(None, description="judged present / absent; null: uncertain or unverified")
+    prior: bool = Field(False, description="the answer does not depend on the audio (as likely on blank audio): a prior, not a hearing")
 
 
 class GuardInfo(BaseModel):
