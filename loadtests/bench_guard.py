@@ -51,11 +51,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def guard_outcomes(rows, answers, scores, contrasts, thresholds):
-    """Per row: (model said yes, guarded answer says yes) under ``correct``, through the serving policy code."""
+def guard_outcomes(rows, answers, scores, contrasts, thresholds, policy: str = "correct"):
+    """Per row: (model said yes, guarded answer says yes) under ``policy``, through the serving policy code."""
     from serving.answers import classify
     from serving.guard.claims import extract_claims
-    from serving.guard.policy import ClaimCheck, apply_policy, judge
+    from serving.guard.policy import ClaimCheck, apply_policy, is_prior, judge
 
     out = []
     for r, answer, score, contrast in zip(rows, answers, scores, contrasts):
@@ -66,8 +66,9 @@ def guard_outcomes(rows, answers, scores, contrasts, thresholds):
                 continue  # the benchmark is about the asked-about sound
             check = ClaimCheck(event=r["label"], text=c.text, source=c.source, verifier_score=score, contrast=contrast)
             check.present = judge(score, contrast, thresholds)
+            check.prior = is_prior(contrast, thresholds)
             checks.append(check)
-        outcome = apply_policy("correct", answer, checks, True)
+        outcome = apply_policy(policy, answer, checks, True)
         out.append((classify(answer) == "yes", classify(outcome.answer) == "yes"))
     return out
 
@@ -81,7 +82,7 @@ def rates(rows, outcomes) -> list[list]:
         table_rows.append([f"false 'yes' ({s})", float(before), float(after), float(after / before) if before else float("nan")])
     pos = [i for i, r in enumerate(rows) if r["sampling"] == "positive" and outcomes[i][0]]
     overridden = np.mean([not outcomes[i][1] for i in pos]) if pos else float("nan")
-    table_rows.append(["correct 'yes' overridden", 0.0, float(overridden), ""])
+    table_rows.append(["correct 'yes' changed", 0.0, float(overridden), ""])
     return table_rows
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verifier", default="earwitness-verifier")
     ap.add_argument("--model", default=None, help="served model for part 3 (default: earwitness-tiny when shipped; 'none' skips)")
     ap.add_argument("--per-sampling", type=int, default=0, help="questions per sampling for parts 1-2 (0: all)")
-    ap.add_argument("--model-per-sampling", type=int, default=150, help="questions per sampling for part 3")
+    ap.add_argument("--model-per-sampling", type=int, default=150, help="questions per sampling for part 3 (0 skips it)")
     ap.add_argument("--latency", type=int, default=0, help="requests per mode for part 4 (0 skips)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         from models.registry import EMBEDDED_DIR
 
         model = "earwitness-tiny" if (EMBEDDED_DIR / "config.json").exists() else "none"
-    if model != "none":
+    if model != "none" and args.model_per_sampling > 0:
         model_part(args, model, verifier, thresholds)
     if args.latency:
         latency_part(args, model if model != "none" else None)
@@ -174,9 +175,9 @@ def model_part(args, model: str, verifier, thresholds) -> None:
           f"({len(rows)} questions, {time.time() - t0:.0f} s)\n")
     both = guard_outcomes(rows, answers, scores, contrasts, thresholds)
     print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, both)))
-    only_verifier = guard_outcomes(rows, answers, scores, [None] * len(rows), thresholds)
-    print("\nverifier only (no contrast):\n")
-    print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, only_verifier)))
+    abstained = guard_outcomes(rows, answers, scores, contrasts, thresholds, "abstain")
+    print("\n`abstain` (withholds also what neither signal confirms: unsure verifier + a prior answer):\n")
+    print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, abstained)))
     c = np.array([x for x in contrasts if x is not None])
     if len(c):
         yes = [x for x, a in zip(contrasts, answers) if x is not None and a.lower().startswith("yes")]

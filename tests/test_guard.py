@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from serving.guard.claims import extract_claims, presence_target
-from serving.guard.policy import ClaimCheck, Thresholds, apply_policy, judge, verdict
+from serving.guard.policy import ClaimCheck, Thresholds, apply_policy, is_prior, judge, verdict
 
 # paraphrases → ontology class, through the real all-MiniLM-L6-v2 (most are not phrases of the ontology)
 PARAPHRASES = [
@@ -91,7 +91,8 @@ T = Thresholds(absent_below=0.1, present_above=0.6, contrast_prior=0.05, contras
 def test_judge_combines_verifier_and_contrast():
     assert judge(0.05, 3.0, T) is False  # the verifier's confident 'absent' stands, whatever the model's contrast
     assert judge(0.9, -1.0, T) is True  # ... and so does its confident 'present'
-    assert judge(0.3, 0.0, T) is False  # unsure verifier + an answer that ignores the audio: a prior, not a hearing
+    assert judge(0.3, 0.0, T) is None  # a prior is no evidence of absence: unsure stays unsure
+    assert is_prior(0.0, T) and not is_prior(2.0, T) and not is_prior(None, T)
     assert judge(0.3, 2.0, T) is True  # unsure verifier + an answer that depends on the audio
     assert judge(0.3, None, T) is None
     assert judge(None, 2.0, T) is None
@@ -118,6 +119,12 @@ def test_policies():
         unverified = apply_policy(policy, "Yes", [_claim(None)], False)
         assert (unverified.verdict, unverified.answer) == ("unverified", "Yes")
     assert verdict([], True) == "supported"
+    # a 'yes' that ignores the audio about a sound the verifier can't confirm: abstain withholds it, correct keeps it
+    prior = _claim(None)
+    prior.prior = True
+    assert apply_policy("abstain", "Yes", [prior], True).answer == "I can't confirm hearing a dog barking."
+    assert apply_policy("correct", "Yes", [prior], True).original_answer is None
+    assert apply_policy("abstain", "Yes", [prior], False).original_answer is None  # unverified: never changed
 
 
 def test_correct_cuts_absent_mentions_from_free_text():

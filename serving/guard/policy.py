@@ -7,11 +7,12 @@ Per claim, two independent signals:
 - ``contrast``: ``log P(answer | real audio) − log P(answer | blank audio)`` from the served model
   (nats). Near zero or below, the answer does not depend on the audio: a prior, not a hearing.
 
-A claim is judged **absent** when the verifier says absent, or when the verifier is uncertain
-and the answer is a prior (``contrast <= contrast_prior``); **present** when the verifier says
-present, or is uncertain while the answer clearly depends on the audio (``contrast >=
-contrast_heard``); otherwise uncertain. The verifier's confident judgement is never overridden by
-the contrast: the model's own likelihoods are the weaker witness.
+A claim is judged **absent** only on the verifier's evidence of absence (a prior is no evidence
+either way: it only means the model did not hear the sound, not that the sound is not there);
+**present** when the verifier says present, or is uncertain while the answer clearly depends on
+the audio (``contrast >= contrast_heard``); otherwise uncertain, and marked ``prior`` when the
+answer does not depend on the audio (``contrast <= contrast_prior``). The verifier's confident
+judgement is never overridden by the contrast: the model's own likelihoods are the weaker witness.
 
 Verdict: ``unsupported`` if any claim is judged absent, ``supported`` if all are present (or
 nothing was claimed), ``uncertain`` otherwise, ``unverified`` when the checks could not run.
@@ -35,6 +36,7 @@ class ClaimCheck:
     contrast: float | None = None
     present: bool | None = None
     span: tuple[int, int] | None = None
+    prior: bool = False  # the answer does not depend on the audio (contrast at or below contrast_prior)
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +45,7 @@ class ClaimCheck:
             "verifier_score": None if self.verifier_score is None else round(self.verifier_score, 4),
             "contrast": None if self.contrast is None else round(self.contrast, 4),
             "present": self.present,
+            "prior": self.prior,
         }
 
 
@@ -61,12 +64,14 @@ def judge(score: float | None, contrast: float | None, t: Thresholds) -> bool | 
         return False
     if score >= t.present_above:
         return True
-    if contrast is not None:
-        if contrast <= t.contrast_prior:
-            return False
-        if contrast >= t.contrast_heard:
-            return True
+    if contrast is not None and contrast >= t.contrast_heard:
+        return True
     return None
+
+
+def is_prior(contrast: float | None, t: Thresholds) -> bool:
+    """The answer is as likely on blank audio as on the clip: the model did not hear what it claims."""
+    return contrast is not None and contrast <= t.contrast_prior
 
 
 def verdict(claims: list[ClaimCheck], verified: bool = True) -> str:
@@ -118,19 +123,22 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     """The answer to return under ``policy``; ``original_answer`` is set only when it changed.
 
     - ``annotate``: unchanged, verdict attached;
-    - ``abstain``: an unsupported answer becomes "I can't confirm hearing X." (X: the absent claims);
+    - ``abstain``: "I can't confirm hearing X." when a claim is judged absent, or is uncertain while
+      the answer is a prior (neither the verifier nor the model's own hearing confirms it);
     - ``correct``: a presence 'yes' whose sound is judged absent becomes "No."; free-form mentions
       judged absent are cut from the answer ("I can't confirm hearing X." if nothing is left).
-    ``uncertain`` and ``unverified`` answers are never changed: only a judgement of absence acts.
+      Only a judgement of absence corrects: an uncertain claim is not evidence for "No".
+    ``unverified`` answers are never changed.
     """
     if policy == "off":
         return Outcome(answer, None, "off", "unverified", [])
     v = verdict(claims, verified)
     absent = [c for c in claims if c.present is False]
-    if v != "unsupported" or policy == "annotate":
+    unconfirmed = absent + [c for c in claims if c.present is None and c.prior]
+    if policy == "abstain" and verified and unconfirmed:
+        return Outcome(f"I can't confirm hearing {_names(unconfirmed)}.", answer, policy, v, claims)
+    if v != "unsupported" or policy in ("annotate", "abstain"):
         return Outcome(answer, None, policy, v, claims)
-    if policy == "abstain":
-        return Outcome(f"I can't confirm hearing {_names(absent)}.", answer, policy, v, claims)
     # correct
     if any(c.source == "question" for c in absent):
         return Outcome("No.", answer, policy, v, claims)

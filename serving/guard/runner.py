@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from serving.errors import ApiError
 from serving.guard.claims import extract_claims, presence_target
-from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, judge
+from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge
 
 log = logging.getLogger("earwitness.guard")
 
@@ -140,6 +140,7 @@ class GuardRunner:
                 continue
             seen.add(c.event)
             c.present = judge(c.verifier_score, c.contrast, t)
+            c.prior = is_prior(c.contrast, t)
             judged.append(c)
         return self._count(apply_policy(policy, answer, judged, True))
 
