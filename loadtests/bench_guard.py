@@ -223,6 +223,12 @@ def latency_part(args, model: str | None) -> None:
     print(f"\n## 4. Latency at concurrency 1 ({Path(model).name}, {args.latency} requests per mode, this CPU)\n")
     print(table(["mode", "p50 ms", "p90 ms"], [[m, p50[m] * 1000, float(np.percentile(v, 90)) * 1000] for m, v in times.items()]))
     print(f"\nguarded / unguarded p50: {p50['annotate'] / p50['off']:.3f}")
+    stage_rows = []
+    for m, timings in STAGES.items():
+        med = {k: float(np.median([t[k] or 0.0 for t in timings])) for k in ("decode_ms", "model_ms", "guard_ms", "total_ms")}
+        stage_rows.append([m, med["decode_ms"], med["model_ms"], med["guard_ms"], med["total_ms"]])
+    print("\nserver-side medians (ms; the contrast pass is inside model_ms):\n")
+    print(table(["mode", "decode", "model", "guard", "total"], stage_rows))
 
 
 def _post(client, corpus: Path, row: dict, mode: str) -> float:
@@ -232,7 +238,11 @@ def _post(client, corpus: Path, row: dict, mode: str) -> float:
     elapsed = time.perf_counter() - start
     if r.status_code != 200:
         raise RuntimeError(f"{r.status_code} {r.text}")
+    STAGES[mode].append(r.json()["timing"])
     return elapsed
+
+
+STAGES: dict[str, list[dict]] = defaultdict(list)
 
 
 if __name__ == "__main__":
