@@ -23,9 +23,7 @@ from train.sft import StageConfig, select_rows, train_stage
 # The base keeps the stage-0 encoder frozen: joint training from a random language model wipes
 # out its sound-event knowledge and the model falls back to answer priors.
 BASE = StageConfig(name="base", trainable="all_but_audio_encoder", samplings=("positive",), epochs=2.0, batch_size=16, learning_rate=1.5e-3, warmup_steps=60, turns_per_chat=4)
-# LISTEN: presence questions only (synthesized absent-sound negatives with their positives), long
-# enough and fast enough for a projector-only update to move a frozen model that has never said "no".
-LISTEN = StageConfig(name="listen", trainable="audio_adapter", kinds=("presence",), epochs=1.0, batch_size=16, learning_rate=5e-3, warmup_steps=20, caption_share=0.0, turns_per_chat=4)
+LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.3, batch_size=16, learning_rate=2e-3, warmup_steps=10, caption_share=0.1, turns_per_chat=4)
 
 
 def corpus_texts(corpus_dir: Path) -> list[str]:
@@ -106,7 +104,7 @@ def preference_subset(corpus_dir: Path, per_kind: int, seed: int = 0):
     return pairs.select(keep).shuffle(seed=seed)
 
 
-def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int = 300, seed: int = 0) -> Path:
+def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int = 220, seed: int = 0) -> Path:
     """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along."""
     from train.dpo import train_dpo
 
@@ -119,7 +117,7 @@ def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind
         lora_r=16,
         lora_alpha=32,
         beta=0.1,
-        learning_rate=2e-3,
+        learning_rate=5e-4,
         epochs=1.0,
         batch_size=8,
         modules_to_save=["multi_modal_projector"],
