@@ -35,7 +35,7 @@ from serving.errors import ApiError
 from serving.guard.endpoint import VERIFY_BODY
 from serving.guard.endpoint import verify as verify_audio
 from serving.guard.runner import GuardRunner
-from serving.limits import BodyLimitMiddleware, too_large
+from serving.limits import BodyLimitMiddleware, json_object, too_large
 from serving.metrics import Metrics, mark_process_dead
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse
 
@@ -93,13 +93,7 @@ async def _read_qa(request: Request) -> tuple[bytes, QARequest]:
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
         return await upload.read(), _validate({**fields, "audio": ""})
     if content_type.startswith("application/json"):
-        try:
-            fields = await request.json()
-        except ValueError as exc:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(fields, dict):
-            raise ApiError(422, "invalid_request", "the JSON body must be an object")
-        parsed = _validate(fields)
+        parsed = _validate(await json_object(request))
         return _b64(parsed.audio), parsed
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file + question) or application/json (base64 audio)")
 
@@ -282,14 +276,7 @@ class Service:
             guard=GuardInfo(**outcome.guard_dict()),
             answer_kind=kind,
             model=info["model"],
-            audio=AudioInfo(
-                duration_s=round(clip.duration_s, 3),
-                sample_rate=clip.sample_rate,
-                source_format=clip.source_format,
-                source_sample_rate=clip.source_sample_rate,
-                channels=clip.source_channels,
-                flags=list(clip.flags),
-            ),
+            audio=AudioInfo.from_clip(clip),
             timing=Timing(
                 decode_ms=round((decoded - start) * 1000, 2),
                 model_ms=round((done - decoded) * 1000, 2),

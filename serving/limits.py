@@ -1,4 +1,5 @@
-"""Refuse oversized bodies before they are buffered: by Content-Length, else while streaming."""
+"""Request bodies: oversized ones refused before they are buffered (by Content-Length, else while
+streaming), and JSON ones read as an object or a named 4xx."""
 
 from __future__ import annotations
 
@@ -58,3 +59,14 @@ async def _send_error(send, error: ApiError) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def json_object(request) -> dict:
+    """The request's JSON body, which must be an object; 400 / 422 otherwise."""
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_request", "the JSON body must be an object")
+    return body

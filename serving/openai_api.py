@@ -258,14 +258,7 @@ async def chat_completion(service, request: Request):
             answer_kind=kind,
             original_answer=original,
             guard=guard_info,
-            audio=AudioInfo(
-                duration_s=round(clip.duration_s, 3),
-                sample_rate=clip.sample_rate,
-                source_format=clip.source_format,
-                source_sample_rate=clip.source_sample_rate,
-                channels=clip.source_channels,
-                flags=list(clip.flags),
-            ),
+            audio=AudioInfo.from_clip(clip),
             timing=Timing(
                 decode_ms=round((decoded - start) * 1000, 2),
                 model_ms=round((done - decoded) * 1000, 2),

@@ -28,6 +28,18 @@ class AudioInfo(BaseModel):
     channels: int
     flags: list[str] = Field(default_factory=list, description="digital_silence, truncated")
 
+    @classmethod
+    def from_clip(cls, clip) -> "AudioInfo":
+        """What intake made of the upload (a :class:`serving.audio.Clip`), as the API reports it."""
+        return cls(
+            duration_s=round(clip.duration_s, 3),
+            sample_rate=clip.sample_rate,
+            source_format=clip.source_format,
+            source_sample_rate=clip.source_sample_rate,
+            channels=clip.source_channels,
+            flags=list(clip.flags),
+        )
+
 
 class Timing(BaseModel):
     decode_ms: float

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from serving import audio as intake
 from serving.errors import ApiError
+from serving.limits import json_object
 from serving.schemas import AudioInfo, VerifyRequest, VerifyResponse
 
 MAX_EVENT_CHARS = 200
@@ -63,13 +64,7 @@ async def read_verify(request: Request) -> tuple[bytes, VerifyRequest]:
             fields["truncate"] = form.get("truncate")
         return await upload.read(), _validate(fields)
     if content_type.startswith("application/json"):
-        try:
-            fields = await request.json()
-        except ValueError as exc:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(fields, dict):
-            raise ApiError(422, "invalid_request", "the JSON body must be an object")
-        parsed = _validate(fields)
+        parsed = _validate(await json_object(request))
         return _b64(parsed.audio), parsed
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file + events) or application/json (base64 audio)")
 
@@ -105,14 +100,7 @@ async def verify(service, request: Request) -> VerifyResponse:
         events=result["events"],
         absent_below=result["absent_below"],
         present_above=result["present_above"],
-        audio=AudioInfo(
-            duration_s=round(clip.duration_s, 3),
-            sample_rate=clip.sample_rate,
-            source_format=clip.source_format,
-            source_sample_rate=clip.source_sample_rate,
-            channels=clip.source_channels,
-            flags=list(clip.flags),
-        ),
+        audio=AudioInfo.from_clip(clip),
         request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
     )
 
