@@ -117,8 +117,11 @@ def start_vllm(model: str, port: int, args, log: Path) -> tuple[subprocess.Popen
 _EARWITNESS = """
 import json, sys
 from serving.config import Settings
-from serving.runtime import start
-start(Settings(**json.loads(sys.argv[1])), blocking=True)
+from serving.runtime import start, stop
+try:
+    start(Settings(**json.loads(sys.argv[1])), blocking=True)
+finally:
+    stop()  # replicas shut down gracefully, and with them the vLLM engine-core process
 """
 
 

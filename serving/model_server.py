@@ -65,6 +65,16 @@ class ModelServer:
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_loaded_adapters)(load_adapter)
         log.info("model %s ready (adapter=%s)", self.backend.model_name, bool(self.adapter))
 
+    def __del__(self):
+        # Serve calls this on graceful shutdown: vLLM's engine-core process is not a Ray actor and
+        # would outlive the replica otherwise
+        shutdown = getattr(getattr(self, "backend", None), "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+
     def info(self) -> dict:
         return {
             "model": self.backend.model_name,
