@@ -40,6 +40,11 @@ _NEGATED = re.compile(r"^(?:no|not|never|without|nothing|none|neither|nor)\b|\b(
 _FILLER = re.compile(r"^(?:sound|sounds|noise|noises|audio|clip|it|this|that|here|there|something|yes|no|then|a|the)?$", re.I)
 
 
+_WORDY = re.compile(r"[A-Za-z]{3,}")
+MAX_MENTIONS = 8  # an answer's first mentions; bounds the guard's matching work per answer
+MAX_MENTION_WORDS = 10
+
+
 @dataclass(frozen=True)
 class Claim:
     text: str  # the mention as written ("a puppy yapping")
@@ -78,7 +83,11 @@ def answer_mentions(answer: str) -> list[Claim]:
             text = stripped
         if _NEGATED.search(text) or _FILLER.fullmatch(text.strip(" .,")):
             continue
+        if not _WORDY.search(text) or len(text.split()) > MAX_MENTION_WORDS:
+            continue  # not a phrase naming a sound (digits, symbols, a run-on sentence)
         out.append(Claim(text.strip(" .,"), "answer", (start, start + len(piece)) if start >= 0 else None))
+        if len(out) >= MAX_MENTIONS:
+            break
     return out
 
 
