@@ -112,7 +112,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, size: TinySize) -> Qwen2Aud
             num_attention_heads=size.text_heads,
             num_key_value_heads=size.text_kv_heads,
             max_position_embeddings=size.max_positions,
-            tie_word_embeddings=True,
+            tie_word_embeddings=False,  # transformers keeps a separate lm_head here; say so for other engines
             bos_token_id=tokenizer.convert_tokens_to_ids(IM_START),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
