@@ -1,14 +1,18 @@
-"""Real parts for guard tests: the shipped verifier (or a small untrained one), a 'yes'-saying model, real clips."""
+"""Real parts for guard tests: the shipped verifier (or a small untrained one), a 'yes'-saying model, real clips.
+
+The clips are scenes of the small real corpus the tests build from Debian packages (no audio is
+committed): one where a sound is present and the verifier judges it present, one where the same
+sound is absent and the verifier judges it absent.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-DATA = Path(__file__).resolve().parent / "data" / "guard"
+PREFERRED = ["Door", "Walk, footsteps", "Water", "Fire", "Typing", "Glass", "Dog", "Cat", "Bell", "Speech"]
 
 
 def shipped_verifier() -> Path | None:
@@ -63,10 +67,29 @@ def build_yes_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def clip(name: str) -> tuple[np.ndarray, int]:
-    samples, sr = sf.read(DATA / f"{name}.flac", dtype="float32")
-    return samples, sr
+def pick_clips(corpus: Path) -> dict:
+    """A confidently present and a confidently absent scene for one class, judged by the shipped verifier."""
+    from serving.guard.verifier import load_verifier
+    from train.ontology import load_ontology
+    from train.verifier import load_timelines, scene_labels
 
-
-def clips_index() -> dict:
-    return json.loads((DATA / "clips.json").read_text())
+    verifier, onto = load_verifier(), load_ontology()
+    cal = verifier.calibration
+    scenes = []
+    for split in ("train", "validation", "test"):
+        for sid, timeline in sorted(load_timelines(corpus, split).items()):
+            path = corpus / "scenes" / split / f"{sid}.flac"
+            scenes.append((sid, path, scene_labels(timeline), verifier.class_probabilities(sf.read(path, dtype="float32")[0])))
+    present_classes = {c for _, _, labels, _ in scenes for c in labels}
+    for cls in PREFERRED + sorted(present_classes - set(PREFERRED)):
+        phrase = onto[cls].phrases[0]
+        if cls not in present_classes or verifier.match([phrase])[0].event != cls:
+            continue
+        pos = sorted((probs[cls], sid, path, labels) for sid, path, labels, probs in scenes if cls in labels)
+        neg = sorted((probs[cls], sid, path, labels) for sid, path, labels, probs in scenes if cls not in labels)
+        if pos and neg and pos[-1][0] >= cal.present_above + 0.05 and neg[0][0] < cal.absent_below - 0.05:
+            return {
+                kind: {"path": path, "scene_id": sid, "event": cls, "phrase": phrase, "labels": sorted(labels), "probability": p}
+                for kind, (p, sid, path, labels) in (("present", pos[-1]), ("absent", neg[0]))
+            }
+    raise AssertionError("the verifier finds no class confidently present in one scene and absent in another")

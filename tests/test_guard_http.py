@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.guard_helpers import DATA, build_yes_checkpoint, clips_index, shipped_verifier
+from tests.guard_helpers import build_yes_checkpoint, pick_clips, shipped_verifier
 from tests.helpers import encode, tone
 from tests.test_ops_variants import variant_app
 
@@ -86,55 +86,60 @@ def yes_app(server, tmp_path_factory):
         yield base
 
 
-def _ask(base: str, name: str, question: str, policy: str | None) -> dict:
+@pytest.fixture(scope="module")
+def clips(corpus) -> dict:
+    return pick_clips(corpus)
+
+
+def _ask(base: str, path, question: str, policy: str | None) -> dict:
     data = {"question": question}
     if policy:
         data["guard"] = policy
-    with open(DATA / f"{name}.flac", "rb") as f:
-        r = httpx.post(f"{base}/v1/audio/qa", files={"file": (f"{name}.flac", f.read())}, data=data, timeout=60)
+    with open(path, "rb") as f:
+        r = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.flac", f.read())}, data=data, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def test_policies_on_an_absent_sound(yes_app):
-    case = clips_index()["absent"]
+def test_policies_on_an_absent_sound(yes_app, clips):
+    case = clips["absent"]
     question = QUESTION.format(x=case["phrase"])
-    annotated = _ask(yes_app, case["clip"], question, "annotate")
+    annotated = _ask(yes_app, case["path"], question, "annotate")
     assert annotated["answer"] == "yes" and annotated.get("original_answer") is None
     assert annotated["guard"]["verdict"] == "unsupported"
     (claim,) = annotated["guard"]["claims"]
     assert claim["event"] == case["event"] and claim["present"] is False
     assert claim["contrast"] == pytest.approx(0.0, abs=0.5)  # a yes that ignores the audio: a prior
 
-    corrected = _ask(yes_app, case["clip"], question, "correct")
+    corrected = _ask(yes_app, case["path"], question, "correct")
     assert (corrected["answer"], corrected["original_answer"], corrected["answer_kind"]) == ("No.", "yes", "no")
-    abstained = _ask(yes_app, case["clip"], question, "abstain")
+    abstained = _ask(yes_app, case["path"], question, "abstain")
     assert abstained["answer"] == f"I can't confirm hearing {case['phrase']}." and abstained["original_answer"] == "yes"
-    off = _ask(yes_app, case["clip"], question, "off")
+    off = _ask(yes_app, case["path"], question, "off")
     assert off["answer"] == "yes" and off["guard"]["verdict"] == "unverified"
 
 
-def test_policies_keep_a_present_sound(yes_app):
-    case = clips_index()["present"]
+def test_policies_keep_a_present_sound(yes_app, clips):
+    case = clips["present"]
     question = QUESTION.format(x=case["phrase"])
     for policy in ("correct", "abstain"):
-        body = _ask(yes_app, case["clip"], question, policy)
+        body = _ask(yes_app, case["path"], question, policy)
         assert body["answer"] == "yes" and body.get("original_answer") is None, body
         (claim,) = body["guard"]["claims"]
         assert claim["event"] == case["event"] and claim["present"] is not False
 
 
-def test_verifier_down_answers_unverified(yes_app, server):
+def test_verifier_down_answers_unverified(yes_app, server, clips):
     """Kill the verifier's replica: answers still come back 200, marked unverified, and the failure is counted."""
     import ray
 
-    case = clips_index()["absent"]
+    case = clips["absent"]
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "guard-yes#VerifierServer" in a["name"]]
     assert names, "no verifier replica found"
     for name in names:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     start = time.time()
-    body = _ask(yes_app, case["clip"], QUESTION.format(x=case["phrase"]), "correct")
+    body = _ask(yes_app, case["path"], QUESTION.format(x=case["phrase"]), "correct")
     assert time.time() - start < 30
     assert body["guard"]["verdict"] == "unverified" and body["answer"] == "yes"  # nothing judged, nothing changed
     assert body["guard"]["claims"][0]["present"] is None
