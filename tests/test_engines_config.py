@@ -111,5 +111,8 @@ def test_vllm_refuses_a_tied_config_with_its_own_lm_head(tmp_path, tiny_checkpoi
     config = json.loads((ckpt / "processor_config.json").read_text())
     config["feature_extractor"].update(chunk_length=30, hop_length=160, nb_max_frames=3000)  # a window vLLM takes
     (ckpt / "processor_config.json").write_text(json.dumps(config))
+    model_config = json.loads((ckpt / "config.json").read_text())
+    model_config["text_config"]["tie_word_embeddings"] = True  # claims tied, yet the weights hold an lm_head
+    (ckpt / "config.json").write_text(json.dumps(model_config))
     with pytest.raises(EngineUnsupported, match="tie_word_embeddings"):
         check_checkpoint(str(ckpt), "qwen2-audio")
