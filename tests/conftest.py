@@ -4,12 +4,11 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 
 import httpx
 import pytest
 
-from tests.helpers import build_tiny_checkpoint
+from tests.helpers import build_tiny_checkpoint, wait_ready
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -52,14 +51,7 @@ def server(tiny_checkpoint, verifier_checkpoint, tmp_path_factory):
     )
     start(settings)
     url = f"http://{settings.host}:{settings.port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_ready(url, 60)
     yield url, settings
     stop()
 

@@ -42,3 +42,20 @@ def build_tiny_checkpoint(directory: Path) -> Path:
     processor.save_pretrained(directory)
     model.save_pretrained(directory)
     return directory
+
+
+def wait_ready(url: str, timeout_s: float, poll_s: float = 0.5) -> bool:
+    """Poll ``url``/readyz until it answers 200 or ``timeout_s`` passes; returns whether it became ready."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    return False

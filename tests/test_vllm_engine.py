@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs the vLLM environment: bash serving/engines/make_vllm_env.sh")
 pytestmark = pytest.mark.vllm
+
+from tests.helpers import wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,14 +72,7 @@ def vllm_server(artifacts):
     settings = Settings(**fields)
     start(settings)
     url = f"http://{settings.host}:{settings.port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_ready(url, 240, poll_s=1)
     yield url
     stop()
 
