@@ -28,11 +28,7 @@ LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.3, batch
 
 def corpus_texts(corpus_dir: Path) -> list[str]:
     """Every question, answer and caption the model will read or write: the tokenizer's training text."""
-    texts = []
-    for split in ("train",):
-        for row in read_qa_rows(corpus_dir, split):
-            texts += [row.question, row.answer]
-    return texts
+    return [text for row in read_qa_rows(corpus_dir, "train") for text in (row.question, row.answer)]
 
 
 def stage_data(corpus_dir: Path, split: str, processor, config: StageConfig, tag: str) -> tuple:
@@ -170,7 +166,7 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
         shutil.copytree(base_from, base_dir, dirs_exist_ok=True)
         processor, base = load(resolve(str(base_dir)), device="cpu")
     else:
-        processor, base = train_base(corpus_dir, base_dir, config=BASE if seed == 0 else _seeded(BASE, seed), progress=progress)
+        processor, base = train_base(corpus_dir, base_dir, config=_seeded(BASE, seed), progress=progress)
     lap("base")
     results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
     lap("eval base")
