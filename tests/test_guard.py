@@ -198,3 +198,38 @@ def test_audio_contrast_from_the_model(tiny_checkpoint):
     assert out[0].text == out[2].text  # asking for the contrast does not change the answer
     again = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])  # second time: cached blank audio encoding
     assert again[0].blank_logprob == pytest.approx(out[0].blank_logprob, abs=1e-4)
+
+
+def test_lockstep_contrast_matches_a_separate_blank_pass(tiny_checkpoint):
+    """The twin decoded beside the real row scores the answer exactly as a teacher-forced blank pass does."""
+    import torch
+
+    from models.registry import resolve
+    from serving.backends import AudioPrompt
+    from serving.backends.hf import TransformersBackend
+
+    backend = TransformersBackend.load(resolve(str(tiny_checkpoint)))
+    real = (0.2 * np.random.default_rng(3).standard_normal(16_000 * 4)).astype(np.float32)
+    question, limit = "Is there a sound of a dog barking in the audio?", 3
+    [out] = backend.generate([AudioPrompt(real, question, limit, True)])
+    if out.answer_logprob is None:
+        pytest.skip("the random tiny model answered 'no': nothing to contrast")
+
+    tokenizer = backend.processor.tokenizer
+    inputs = backend.processor(text=[backend._prompt(question)], audio=[real], sampling_rate=16_000, return_tensors="pt")
+    with torch.no_grad():
+        generated = backend.model.generate(**inputs, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id)[0, inputs["input_ids"].shape[1] :]
+    answer = generated[: max(1, min(out.num_tokens + 1, limit))]
+
+    def teacher_forced(features: torch.Tensor) -> float:
+        ids = torch.cat([inputs["input_ids"][0], answer])[None]
+        with torch.no_grad():
+            logits = backend.model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=features,
+                                   feature_attention_mask=inputs["feature_attention_mask"]).logits[0]
+        lp = logits[-len(answer) - 1 : -1].float().log_softmax(-1)
+        return float(lp.gather(-1, answer[:, None]).sum())
+
+    silence = backend.processor.feature_extractor(np.zeros_like(real), sampling_rate=16_000, return_tensors="pt", padding="max_length")
+    assert out.answer_logprob == pytest.approx(teacher_forced(inputs["input_features"]), abs=1e-3)
+    assert out.blank_logprob == pytest.approx(teacher_forced(silence["input_features"]), abs=1e-3)

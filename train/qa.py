@@ -157,7 +157,9 @@ def scene_questions(onto: Ontology, scene_id: str, split: str, audio: str, timel
         if not cands:
             continue
         label = _pick(rng, cands)
-        phrase = _pick(rng, onto[label].phrases)
+        # the same generic phrases as positives: a specific phrase only ever asked of absent
+        # sounds would let the wording, not the audio, give the answer away
+        phrase = _pick(rng, onto[label].phrases[:GENERIC_PHRASES])
         row(_pick(rng, PRESENCE_TEMPLATES).format(x=phrase), "No", "presence", sampling, label, phrase)
     singles = [g for g in gs if len(g.spans) == 1]
     ordered = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1:] if a.last_offset <= b.first_onset]

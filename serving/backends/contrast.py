@@ -1,12 +1,15 @@
-"""Audio contrast of a generated answer, for the transformers engine.
+"""Audio contrast of a generated answer, for the transformers engine, in the same batched decode.
 
-``answer_logprob`` is read from ``generate``'s own per-step logits (no extra pass); ``blank_logprob``
-from one teacher-forced forward over the same token sequence with the audio replaced by blank
-audio (zeros of the same length, so the prompt and its audio-token count are unchanged). The
-difference says how much the answer depends on what was heard: an answer as likely on silence
-as on the clip is the model's prior, not a hearing.
+Every row that asks for the contrast gets a twin in the generate batch: the same prompt with the
+audio replaced by blank audio (zeros of the same length, so the prompt and its audio-token count
+are unchanged). A logits processor keeps each twin in lockstep with its real row — at every step
+the twin is forced to the token the real row picks — and records both rows' log-probabilities
+of that token. So ``answer_logprob`` (real audio) and ``blank_logprob`` (blank audio) come out of
+one decoding loop with one KV cache, no second pass: on a CPU the twin costs a wider batch, not
+another request's worth of latency. An answer as likely on silence as on the clip is the model's
+prior, not a hearing.
 
-Answers read as 'no' claim no sound and get no blank pass (their log-probs stay None).
+Answers read as 'no' claim no sound: their log-probs are left None (nothing for the guard to weigh).
 The answer's tokens are scored up to and including the stop token the model emitted, so "Yes"
 is scored as the complete answer "Yes", not as a prefix of "Yes, but…".
 """
@@ -15,99 +18,71 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor
 
 from serving.answers import classify
 from serving.backends.base import AudioPrompt, Generation
 
 
-def _blank_features(backend, inputs, prompts: list[AudioPrompt]) -> torch.Tensor:
-    """Log-mel of all-zero audio, shaped like the batch's features.
-
-    Whisper-style features of digital silence are one constant; it is computed once per backend
-    (from real zeros through the real extractor), and checked to be constant, else recomputed per clip.
-    """
-    feats = inputs["input_features"]
-    value = getattr(backend, "_blank_value", None)
-    if value is None:
+def blank_value(backend) -> float | None:
+    """Whisper-style log-mel of digital silence is one constant: computed once through the real extractor."""
+    if not hasattr(backend, "_blank_value"):
         extractor = backend.processor.feature_extractor
         probe = extractor(np.zeros(backend.sample_rate, dtype=np.float32), sampling_rate=backend.sample_rate, return_tensors="pt")["input_features"]
-        value = float(probe.flatten()[0]) if bool((probe == probe.flatten()[0]).all()) else float("nan")
-        backend._blank_value = value
-    if value == value:  # not NaN: silence is one constant
-        return torch.full_like(feats, value)
-    extractor = backend.processor.feature_extractor
-    zeros = [np.zeros(len(p.samples), dtype=np.float32) for p in prompts]
-    blank = extractor(zeros, sampling_rate=backend.sample_rate, return_tensors="pt", padding="max_length")["input_features"]
-    return blank.to(feats.device, feats.dtype)
+        constant = bool((probe == probe.flatten()[0]).all())
+        backend._blank_value = float(probe.flatten()[0]) if constant else None
+    return backend._blank_value
 
 
-@torch.inference_mode()
-def with_audio_contrast(backend, inputs, new_tokens: torch.Tensor, step_logits, generations: list[Generation], prompts: list[AudioPrompt]) -> list[Generation]:
-    # an answer that claims nothing heard ("No") has nothing for the contrast to weigh: skip its blank pass
-    rows = [i for i, p in enumerate(prompts) if p.contrast and classify(generations[i].text) != "no"]
-    if not rows or new_tokens.shape[1] == 0:
-        return generations
-    steps = min(new_tokens.shape[1], len(step_logits))
-    # answer length scored: its tokens plus the stop token when one was emitted (within the prompt's limit)
-    lengths = []
-    for i in rows:
-        g, limit = generations[i], prompts[i].max_new_tokens
-        lengths.append(max(1, min(g.num_tokens + 1, limit, steps)))
-    span = max(lengths)
-    tokens = new_tokens[rows, :span]
-    real_lp = torch.stack([step_logits[t][rows].float() for t in range(span)], dim=1).log_softmax(-1)
-    real_tok = real_lp.gather(-1, tokens[..., None]).squeeze(-1)  # [R, span]
-
-    ids = inputs["input_ids"][rows]
-    prompt_mask = inputs["attention_mask"][rows]
-    answer_mask = (torch.arange(span, device=ids.device)[None, :] < torch.tensor(lengths, device=ids.device)[:, None]).to(prompt_mask.dtype)
-    seq = torch.cat([ids, tokens], dim=1)
-    mask = torch.cat([prompt_mask, answer_mask], dim=1)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    blank = _blank_features(backend, inputs, prompts)[rows]
-    model = backend.model.get_base_model() if hasattr(backend.model, "get_base_model") else backend.model  # LoRA stays active
-    feature_mask = inputs["feature_attention_mask"][rows]
-    hidden = _blank_hidden(backend, model, seq, mask, position_ids, blank, feature_mask)
-    # only the positions that predict the answer tokens go through the LM head (a 150k vocabulary is costly)
-    logits = model.lm_head(hidden[:, -(span + 1) : -1]).float().log_softmax(-1)
-    blank_tok = logits.gather(-1, tokens[..., None]).squeeze(-1)
-
-    result = list(generations)
-    for k, (i, n) in enumerate(zip(rows, lengths)):
-        g = generations[i]
-        result[i] = Generation(g.text, g.num_tokens, answer_logprob=float(real_tok[k, :n].sum()), blank_logprob=float(blank_tok[k, :n].sum()))
-    return result
+def with_blank_twins(backend, inputs, prompts: list[AudioPrompt]) -> tuple[dict, list[int]]:
+    """The batch plus one blank-audio twin per contrast row (appended after the real rows)."""
+    rows = [i for i, p in enumerate(prompts) if p.contrast]
+    value = blank_value(backend)
+    feats = inputs["input_features"][rows]
+    if value is not None:
+        blank = torch.full_like(feats, value)
+    else:
+        extractor = backend.processor.feature_extractor
+        zeros = [np.zeros(len(prompts[i].samples), dtype=np.float32) for i in rows]
+        blank = extractor(zeros, sampling_rate=backend.sample_rate, return_tensors="pt", padding="max_length")["input_features"]
+        blank = blank.to(feats.device, feats.dtype)
+    doubled = dict(inputs)
+    for key in ("input_ids", "attention_mask", "feature_attention_mask"):
+        doubled[key] = torch.cat([inputs[key], inputs[key][rows]])
+    doubled["input_features"] = torch.cat([inputs["input_features"], blank])
+    return doubled, rows
 
 
-def _blank_hidden(backend, model, seq, mask, position_ids, blank, feature_mask) -> torch.Tensor:
-    """Last hidden states of the blank-audio pass.
+class Lockstep(LogitsProcessor):
+    """Forces twin ``n + k`` to follow real row ``rows[k]`` token by token, recording both log-probs."""
 
-    Blank audio's encoding depends only on its length, so the projected audio embeddings are
-    cached per (feature frames, valid frames); on a hit only the language model runs.
-    """
-    from collections import OrderedDict
+    def __init__(self, n_real: int, rows: list[int]):
+        self.n_real, self.rows = n_real, rows
+        self.real: list[torch.Tensor] = []
+        self.blank: list[torch.Tensor] = []
 
-    inner = model.model
-    audio_id = model.config.audio_token_id
-    cache = backend.__dict__.setdefault("_blank_audio_cache", OrderedDict())
-    keys = [(int(blank.shape[-1]), int(feature_mask[k].sum())) for k in range(len(seq))]
-    if all(k in cache for k in keys):
-        embeds = inner.get_input_embeddings()(seq)
-        audio = torch.cat([cache[k] for k in keys]).to(embeds.device, embeds.dtype)
-        embeds = embeds.masked_scatter((seq == audio_id)[..., None], audio)
-        return inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    captured = {}
-    hook = inner.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.setdefault("audio", out))
-    try:
-        hidden = inner(input_ids=seq, attention_mask=mask, position_ids=position_ids, input_features=blank,
-                       feature_attention_mask=feature_mask, use_cache=False).last_hidden_state
-    finally:
-        hook.remove()
-    if "audio" in captured:
-        for k, key in enumerate(keys):
-            n = int((seq[k] == audio_id).sum())
-            cache[key] = captured["audio"][k, :n].detach().clone()
-            cache.move_to_end(key)
-        while len(cache) > 64:
-            cache.popitem(last=False)
-    return hidden
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        real = scores[self.rows].float().log_softmax(-1)
+        chosen = real.argmax(-1, keepdim=True)  # greedy: the token the real row is about to take
+        twins = scores[self.n_real :].float().log_softmax(-1)
+        self.real.append(real.gather(-1, chosen).squeeze(-1))
+        self.blank.append(twins.gather(-1, chosen).squeeze(-1))
+        forced = torch.full_like(scores[self.n_real :], torch.finfo(scores.dtype).min)
+        forced.scatter_(-1, chosen, 0.0)
+        scores = scores.clone()
+        scores[self.n_real :] = forced
+        return scores
+
+    def contrasted(self, generations: list[Generation], prompts: list[AudioPrompt]) -> list[Generation]:
+        """``generations`` with the log-probs of each contrast row's answer (its tokens and its stop token)."""
+        if not self.real:
+            return generations
+        real, blank = torch.stack(self.real, dim=1), torch.stack(self.blank, dim=1)  # [rows, steps]
+        result = list(generations)
+        for k, i in enumerate(self.rows):
+            g = generations[i]
+            if classify(g.text) == "no":
+                continue
+            n = max(1, min(g.num_tokens + 1, prompts[i].max_new_tokens, real.shape[1]))
+            result[i] = Generation(g.text, g.num_tokens, answer_logprob=float(real[k, :n].sum()), blank_logprob=float(blank[k, :n].sum()))
+        return result
