@@ -36,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--width", type=int, default=128, help="channels of the audio encoder")
     ver.set_defaults(func=_verifier)
 
+    pr = sub.add_parser("probe", help="linear probe on a model's audio encoder: how well its audio tokens tell present from absent")
+    pr.add_argument("--model", default="earwitness-tiny")
+    pr.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    pr.set_defaults(func=_probe)
+
     ev = subparsers.add_parser("eval", help="hallucination evaluation on a corpus split")
     ev.add_argument("--model", default="earwitness-tiny")
     ev.add_argument("--adapter", default=None, help="LoRA adapter dir ('none' for the bare base)")
@@ -78,6 +83,13 @@ def _base(args) -> int:
     if args.epochs is not None:
         config = replace(config, epochs=args.epochs)
     train_base(args.corpus, args.out, config=config)
+    return 0
+
+
+def _probe(args) -> int:
+    from train.probe import probe, table
+
+    print(table(probe(args.model, args.corpus)))
     return 0
 
 
