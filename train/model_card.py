@@ -55,7 +55,7 @@ the stages side by side: `training/stages.png`.
 ## Evaluation (corpus test split: recordings never seen in training)
 
 {markdown(record['results'])}
-
+{_probe_section(record.get('probe'))}
 ## Data
 
 Scenes are mixed from real recordings in Debian packages (animal calls, footsteps, doors,
@@ -73,6 +73,25 @@ earwitness data build --out data/corpus
     path = ship_dir / "README.md"
     path.write_text(text)
     return path
+
+
+def _probe_section(results: dict | None) -> str:
+    """What the audio tokens know, against what the answers show (``earwitness train probe``)."""
+    if not results:
+        return ""
+    from train.probe import table
+
+    return f"""
+### What the audio tokens know (linear probe on the frozen encoder)
+
+A linear sound-event head fitted on the train split's audio tokens, scoring every presence
+question by the asked-about class (`earwitness train probe`). It bounds what the language model
+could answer: where the model's presence accuracy sits near 50% while the probe is well above
+0.5, the language model is not reading what its audio tokens carry; the gap between train and
+test is how far the audio side generalises to recordings it never heard.
+
+{table(results)}
+"""
 
 
 def _parameter_count(path: Path) -> int:

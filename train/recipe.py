@@ -170,6 +170,10 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     lap("base")
     results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
     lap("eval base")
+    from train.probe import probe
+
+    probed = probe(base_dir, corpus_dir)
+    lap("probe")
     _, listened = train_listen(base_dir, corpus_dir, work_dir / "listen", config=_seeded(LISTEN, seed), progress=progress)
     lap("listen")
     results["+ LISTEN"] = _evaluate("listen", processor, listened, corpus_dir, plan, progress)
@@ -181,7 +185,7 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     results["+ DPO (shipped)"] = _evaluate("aligned", processor, aligned, corpus_dir, plan, progress)
     lap("eval dpo")
 
-    (work_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "versions": versions(), "seed": seed}, indent=2))
+    (work_dir / "results.json").write_text(json.dumps({"results": results, "probe": probed, "timings_s": timings, "versions": versions(), "seed": seed}, indent=2))
     plot_stages(results, work_dir / "stages.png")
     (work_dir / "report.md").write_text("# Earwitness-tiny: evaluation\n\n" + markdown(results) + "\n")
     if ship_dir is not None:
