@@ -37,7 +37,7 @@ from serving.guard.endpoint import verify as verify_audio
 from serving.guard.runner import GuardRunner
 from serving.limits import BodyLimitMiddleware, json_object, too_large
 from serving.metrics import Metrics, mark_process_dead
-from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse
+from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
 
 log = logging.getLogger("earwitness.http")
 
@@ -58,28 +58,16 @@ def _describe(errors) -> str:
     return "; ".join(parts)
 
 
-_QA_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "question"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG/Vorbis or MP3"},
-                        "question": {"type": "string"},
-                        "max_tokens": {"type": "integer", "minimum": 1},
-                        "truncate": {"type": "boolean"},
-                        "model": {"type": "string"},
-                        "guard": {"type": "string", "enum": ["off", "annotate", "abstain", "correct"]},
-                    },
-                }
-            },
-            "application/json": {"schema": QARequest.model_json_schema()},
-        },
-    }
-}
+_QA_BODY = audio_body(
+    {
+        "question": {"type": "string"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "model": {"type": "string"},
+        "guard": {"type": "string", "enum": ["off", "annotate", "abstain", "correct"]},
+    },
+    ["question"],
+    QARequest,
+)
 
 
 async def _read_qa(request: Request) -> tuple[bytes, QARequest]:

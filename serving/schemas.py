@@ -128,3 +128,17 @@ class VerifyResponse(BaseModel):
     present_above: float
     audio: AudioInfo
     request_id: str
+
+
+def audio_body(fields: dict[str, dict], required: list[str], json_model: type[BaseModel]) -> dict:
+    """OpenAPI request body of an audio endpoint: a multipart upload (``file`` + ``fields``) or JSON."""
+    properties = {
+        "file": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG/Vorbis or MP3"},
+        **fields,
+        "truncate": {"type": "boolean"},
+    }
+    multipart = {"type": "object", "required": ["file", *required], "properties": properties}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": multipart},
+        "application/json": {"schema": json_model.model_json_schema()},
+    }}}

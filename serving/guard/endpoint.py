@@ -15,29 +15,15 @@ from pydantic import ValidationError
 from serving import audio as intake
 from serving.errors import ApiError
 from serving.limits import json_object
-from serving.schemas import AudioInfo, VerifyRequest, VerifyResponse
+from serving.schemas import AudioInfo, VerifyRequest, VerifyResponse, audio_body
 
 MAX_EVENT_CHARS = 200
 
-VERIFY_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "events"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG/Vorbis or MP3"},
-                        "events": {"type": "array", "items": {"type": "string"}, "description": "repeated, or one comma-separated field"},
-                        "truncate": {"type": "boolean"},
-                    },
-                }
-            },
-            "application/json": {"schema": VerifyRequest.model_json_schema()},
-        },
-    }
-}
+VERIFY_BODY = audio_body(
+    {"events": {"type": "array", "items": {"type": "string"}, "description": "repeated, or one comma-separated field"}},
+    ["events"],
+    VerifyRequest,
+)
 
 
 def _validate(fields: dict) -> VerifyRequest:
