@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-NEGATIVES = ("random", "popular", "adversarial")
+from train.qa import NEGATIVE_SAMPLINGS as NEGATIVES
 
 
 def presence_rows(corpus: Path, per_sampling: int, seed: int) -> list[dict]:

@@ -24,9 +24,8 @@ from tqdm import tqdm
 from serving.answers import classify
 from serving.backends import AudioPrompt
 from train.ontology import Ontology
-from train.qa import QARow, read_qa_rows
+from train.qa import NEGATIVE_SAMPLINGS, QARow, read_qa_rows
 
-NEGATIVE_SAMPLINGS = ("random", "popular", "adversarial")
 MAX_TOKENS = {"presence": 4, "order": 16, "count": 6, "duration": 8, "caption": 64}
 
 

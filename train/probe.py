@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 from train.verifier import roc_auc
 
-SAMPLINGS = ("random", "popular", "adversarial")
 
 
 @torch.no_grad()

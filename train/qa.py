@@ -29,7 +29,8 @@ CAPTION_PROMPTS = ("Describe the audio in detail.", "Generate a caption for the 
 ORDERED_CAPTION_PROMPT = "Describe the sounds in the audio in the order they occur."
 NUMBER_WORDS = {1: "once", 2: "twice", 3: "three times", 4: "four times", 5: "five times"}
 GENERIC_PHRASES = 2  # phrases[:2] hold for every source of a class; later ones are specific
-SAMPLINGS = ("positive", "random", "popular", "adversarial")
+NEGATIVE_SAMPLINGS = ("random", "popular", "adversarial")  # how absent sounds are picked
+SAMPLINGS = ("positive", *NEGATIVE_SAMPLINGS)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def scene_questions(onto: Ontology, scene_id: str, split: str, audio: str, timel
     for label in sorted(present):
         phrase = _pick(rng, onto[label].phrases[:GENERIC_PHRASES])
         row(_pick(rng, PRESENCE_TEMPLATES).format(x=phrase), "Yes", "presence", "positive", label, phrase)
-    for sampling in ("random", "popular", "adversarial"):
+    for sampling in NEGATIVE_SAMPLINGS:
         cands = absent_candidates(onto, present, sampling, popular, available)
         if not cands:
             continue

@@ -142,6 +142,7 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     from models.loading import load
     from models.registry import EMBEDDED_DIR, resolve
     from train.evaluate import EvalPlan
+    from train.probe import probe
     from train.report import markdown, plot_stages
 
     plan = eval_plan or EvalPlan(seed=seed)
@@ -170,8 +171,6 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     lap("base")
     results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
     lap("eval base")
-    from train.probe import probe
-
     probed = probe(base_dir, corpus_dir)
     lap("probe")
     _, listened = train_listen(base_dir, corpus_dir, work_dir / "listen", config=_seeded(LISTEN, seed), progress=progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SAMPLINGS = ("random", "popular", "adversarial")
+from train.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 
 
 def _pct(x: float) -> str:

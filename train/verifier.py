@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from serving.guard.scorer import AudioTextScorer, ScorerConfig, batch_waves
 from serving.guard.text import OntologyIndex, TextEncoder, ontology_phrases
+from train.qa import NEGATIVE_SAMPLINGS
 
 FEATURE_TAG = "verifier-mel64-b4"
 ABSENT_PERCENTILE = 2.0
@@ -316,7 +317,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
     p_test = 1 / (1 + np.exp(-(a * s_test + b)))
     smp = np.array(smp)
     metrics = {"test_roc_auc": roc_auc(y_test, p_test), "validation_roc_auc": roc_auc(y_val, p_val)}
-    for kind in ("random", "popular", "adversarial"):
+    for kind in NEGATIVE_SAMPLINGS:
         keep = (smp == "positive") | (smp == kind)
         metrics[f"test_roc_auc_{kind}"] = roc_auc(y_test[keep], p_test[keep])
         metrics[f"test_absent_rate_{kind}"] = float((p_test[smp == kind] < absent_below).mean())
