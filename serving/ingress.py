@@ -15,6 +15,7 @@ import os
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,11 +30,12 @@ from starlette.routing import Match
 from serving import audio as intake
 from serving.answers import classify
 from serving.auth import ApiKeyMiddleware, keys_from_settings
-from serving.backends import AudioPrompt
+from serving.backends import AudioPrompt, Generation
 from serving.config import Settings
 from serving.errors import ApiError
 from serving.guard.endpoint import VERIFY_BODY
 from serving.guard.endpoint import verify as verify_audio
+from serving.guard.policy import Outcome
 from serving.guard.runner import GuardRunner
 from serving.limits import BodyLimitMiddleware, json_object, too_large
 from serving.metrics import Metrics, mark_process_dead
@@ -161,6 +163,16 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error_response(ApiError(500, "internal_error", f"unexpected {type(exc).__name__}"))
 
 
+@dataclass(frozen=True)
+class Heard:
+    """One answered clip: the model's generation, the guard's outcome, and their stage times (seconds)."""
+
+    generation: Generation
+    outcome: Outcome
+    model_s: float
+    guard_s: float | None  # None when the guard is off
+
+
 class Service:
     """What one ingress replica knows: settings, the model handle, its metrics."""
 
@@ -210,12 +222,8 @@ class Service:
         _REQUEST_MODEL.set(model_id)
         return model_id, info
 
-    def send(self, prompt: AudioPrompt, model_id: str | None = None):
-        """Start the model call, routed (Serve model multiplexing) to a replica holding ``model_id``'s adapter.
-
-        The caller awaits it with :meth:`receive`; sent before the guard's verifier call, so the
-        model request — the longer one — leaves first.
-        """
+    def _send(self, prompt: AudioPrompt, model_id: str | None = None):
+        """Start the model call, routed (Serve model multiplexing) to a replica holding ``model_id``'s adapter."""
         model_id = model_id or _REQUEST_MODEL.get()
         if not model_id:
             return self.model.generate.remote(prompt)
@@ -224,8 +232,28 @@ class Service:
             handles[model_id] = self.model.options(multiplexed_model_id=model_id)
         return handles[model_id].complete.remote(prompt)
 
-    async def receive(self, response):
-        return await self._await_model(response)
+    async def hear(self, endpoint: str, clip, question: str, max_tokens: int, policy: str, model_id: str | None = None) -> Heard:
+        """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed.
+
+        The model call leaves before the verifier's, so the longer request is never queued behind the
+        shorter one; the verifier's call is cancelled if the model's fails.
+        """
+        start = time.perf_counter()
+        contrast = policy != "off" and self.settings.guard_contrast
+        response = self._send(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast), model_id)
+        pending = self.guard.start(clip.samples, question, policy)  # the verifier runs beside the model
+        try:
+            generation = await self._await_model(response)
+        except BaseException:
+            self.guard.cancel(pending)
+            raise
+        done = time.perf_counter()
+        outcome = await self.guard.finish(pending, question, generation, policy)
+        guard_s = time.perf_counter() - done if policy != "off" else None
+        self.metrics.latency.labels(endpoint, "model").observe(done - start)
+        if guard_s is not None:
+            self.metrics.latency.labels(endpoint, "guard").observe(guard_s)
+        return Heard(generation, outcome, done - start, guard_s)
 
     async def _await_model(self, response):
         """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""
@@ -250,22 +278,10 @@ class Service:
         limit_s = min(self.settings.max_audio_s, info["max_audio_s"])
         clip = await intake.decode_async(data, info["sample_rate"], limit_s, fields.truncate)
         decoded = time.perf_counter()
-        policy = self.guard.policy_for(fields.guard)
-        contrast = policy != "off" and self.settings.guard_contrast
-        response = self.send(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast))
-        pending = self.guard.start(clip.samples, question, policy)  # the verifier runs beside the model
-        try:
-            generation = await self.receive(response)
-        except BaseException:
-            self.guard.cancel(pending)
-            raise
-        done = time.perf_counter()
-        outcome = await self.guard.finish(pending, question, generation, policy)
-        guarded = time.perf_counter()
-        if policy != "off":
-            self.metrics.latency.labels("/v1/audio/qa", "guard").observe(guarded - done)
+        heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard))
+        outcome = heard.outcome
         kind = classify(outcome.answer)
-        self._observe(clip, kind, info["model"], start, decoded, done)
+        self.observe("/v1/audio/qa", clip, kind, info["model"], decoded - start)
         return QAResponse(
             answer=outcome.answer,
             original_answer=outcome.original_answer,
@@ -275,17 +291,17 @@ class Service:
             audio=AudioInfo.from_clip(clip),
             timing=Timing(
                 decode_ms=round((decoded - start) * 1000, 2),
-                model_ms=round((done - decoded) * 1000, 2),
+                model_ms=round(heard.model_s * 1000, 2),
                 total_ms=round((time.perf_counter() - start) * 1000, 2),
-                guard_ms=round((guarded - done) * 1000, 2) if policy != "off" else None,
+                guard_ms=round(heard.guard_s * 1000, 2) if heard.guard_s is not None else None,
             ),
             request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
         )
 
-    def _observe(self, clip, kind: str, model: str, start: float, decoded: float, done: float) -> None:
+    def observe(self, endpoint: str, clip, kind: str, model: str, decode_s: float) -> None:
+        """An answered request's decode stage, answer kind and audio facts."""
         m = self.metrics
-        m.latency.labels("/v1/audio/qa", "decode").observe(decoded - start)
-        m.latency.labels("/v1/audio/qa", "model").observe(done - decoded)
+        m.latency.labels(endpoint, "decode").observe(decode_s)
         m.answers.labels(kind, model).inc()
         m.audio_duration.observe(clip.duration_s)
         for flag in clip.flags:

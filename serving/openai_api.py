@@ -35,9 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving import audio as intake
 from serving.answers import classify
-from serving.backends import AudioPrompt
 from serving.errors import ApiError
-from serving.limits import too_large
+from serving.limits import json_object, too_large
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Timing
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
@@ -189,11 +188,9 @@ async def chat_completion(service, request: Request):
     """Answer one OpenAI chat completion through the service's model, guard and metrics."""
     start = time.perf_counter()
     try:
-        body = await request.json()
-    except ValueError as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise _invalid("the JSON body must be an object")
+        body = await json_object(request)
+    except ApiError as exc:  # OpenAI's clients expect every malformed body as a 400
+        raise ApiError(400, exc.code, exc.message) from exc
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
@@ -219,34 +216,11 @@ async def chat_completion(service, request: Request):
     limit_s = min(service.settings.max_audio_s, info["max_audio_s"])
     clip = await intake.decode_async(data, info["sample_rate"], limit_s, options.truncate)
     decoded = time.perf_counter()
-
-    guard = getattr(service, "guard", None)
-    policy = guard.policy_for(options.guard) if guard is not None else "off"
-    contrast = policy != "off" and bool(getattr(service.settings, "guard_contrast", False))
-    response = service.send(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast), model_id)
-    pending = guard.start(clip.samples, question, policy) if guard is not None else None
-    try:
-        generation = await service.receive(response)
-    except BaseException:
-        if guard is not None:
-            guard.cancel(pending)
-        raise
-    done = time.perf_counter()
-    answer, original, guard_info = generation.text, None, None
-    if guard is not None:
-        outcome = await guard.finish(pending, question, generation, policy)
-        answer, original, guard_info = outcome.answer, outcome.original_answer, GuardInfo(**outcome.guard_dict())
-    guarded = time.perf_counter()
+    heard = await service.hear(ENDPOINT, clip, question, max_tokens, service.guard.policy_for(options.guard), model_id)
+    generation, outcome = heard.generation, heard.outcome
+    answer = outcome.answer
     kind = classify(answer)
-    m = service.metrics
-    m.latency.labels(ENDPOINT, "decode").observe(decoded - start)
-    m.latency.labels(ENDPOINT, "model").observe(done - decoded)
-    if policy != "off":
-        m.latency.labels(ENDPOINT, "guard").observe(guarded - done)
-    m.answers.labels(kind, model_id).inc()
-    m.audio_duration.observe(clip.duration_s)
-    for flag in clip.flags:
-        m.audio_flags.labels(flag).inc()
+    service.observe(ENDPOINT, clip, kind, model_id, decoded - start)
 
     prompt_tokens = int(getattr(generation, "prompt_tokens", 0) or 0)
     result = ChatCompletion(
@@ -257,12 +231,12 @@ async def chat_completion(service, request: Request):
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generation.num_tokens, total_tokens=prompt_tokens + generation.num_tokens),
         earwitness=EarwitnessResult(
             answer_kind=kind,
-            original_answer=original,
-            guard=guard_info,
+            original_answer=outcome.original_answer,
+            guard=GuardInfo(**outcome.guard_dict()),
             audio=AudioInfo.from_clip(clip),
             timing=Timing(
                 decode_ms=round((decoded - start) * 1000, 2),
-                model_ms=round((done - decoded) * 1000, 2),
+                model_ms=round(heard.model_s * 1000, 2),
                 total_ms=round((time.perf_counter() - start) * 1000, 2),
             ),
         ),

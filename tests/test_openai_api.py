@@ -142,3 +142,10 @@ def test_bad_requests_are_400_with_code(oai, adapted, content, code):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=adapted[1], messages=[{"role": "user", "content": content}])
     assert err.value.body["code"] == code and err.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, code", [(b"{nope", "invalid_json"), (b"[1, 2]", "invalid_request")])
+def test_malformed_json_body_is_400_with_code(adapted, body, code):
+    base, _ = adapted
+    r = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code
