@@ -26,7 +26,6 @@ import io
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,13 +37,9 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from the vLLM environment: the project's helpers
+from tests.helpers import free_port  # noqa: E402
 QUESTION = "Is there a sound of a dog barking in the audio?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_clips(n: int, seconds: float, seed: int = 0) -> list[str]:

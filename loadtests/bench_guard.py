@@ -191,21 +191,12 @@ def latency_part(args, model: str | None) -> None:
 
     import httpx
 
-    import socket
-
     from serving.config import Settings
     from serving.runtime import start, stop
+    from tests.helpers import build_tiny_checkpoint, free_port
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    port, direct_port = ports
-
+    port, direct_port = free_port(), free_port()
     if model is None:
-        from tests.helpers import build_tiny_checkpoint
-
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="ew-bench-model-"))))
     settings = Settings(model=model, port=port, direct_port=direct_port if args.route == "direct" else None, verifier=args.verifier,
                         num_cpus=2, verifier_cpus=0, ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"))

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 
 import httpx
 import pytest
 
-from tests.helpers import build_tiny_checkpoint, wait_ready
+from tests.helpers import build_tiny_checkpoint, free_port, wait_ready
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -16,12 +15,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-audio"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +35,8 @@ def server(tiny_checkpoint, verifier_checkpoint, tmp_path_factory):
         model=str(tiny_checkpoint),
         verifier=str(verifier_checkpoint),
         verifier_cpus=0,  # fits beside the model on a 2-CPU test Ray, variants included
-        port=_free_port(),
-        direct_port=_free_port(),  # Serve's direct ingress too: the fast path is tested with everything else
+        port=free_port(),
+        direct_port=free_port(),  # Serve's direct ingress too: the fast path is tested with everything else
         max_upload_mb=1.0,
         max_queued_requests=32,
         request_timeout_s=30,

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"), "mp3": ("MP3", "MPEG_LAYER_III")}
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tone(seconds: float = 2.0, sample_rate: int = 44_100, channels: int = 2, freq: float = 440.0) -> np.ndarray:

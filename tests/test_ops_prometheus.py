@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,18 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import encode, tone
+from tests.helpers import encode, free_port, tone
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "k8s" / "base" / "monitoring" / "earwitness-rules.yaml"
 DASHBOARD = ROOT / "k8s" / "base" / "monitoring" / "earwitness-dashboard.json"
 QUESTION = "Is there a sound of a dog barking in the audio?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout_s: float, what: str):
@@ -63,7 +56,7 @@ def prometheus(server, tmp_path_factory):
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = open(tmp / "prometheus.log", "w")
     proc = subprocess.Popen(
         [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import pytest
 vllm = pytest.importorskip("vllm", reason="needs the vLLM environment: bash serving/engines/make_vllm_env.sh")
 pytestmark = pytest.mark.vllm
 
-from tests.helpers import wait_ready  # noqa: E402
+from tests.helpers import free_port, wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +47,6 @@ def _wav(samples) -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(artifacts):
     """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env)."""
@@ -63,7 +56,7 @@ def vllm_server(artifacts):
     from serving.runtime import start, stop
 
     fields = dict(
-        model=str(artifacts / "merged"), engine="vllm", port=_free_port(), num_cpus=2, model_cpus=1,
+        model=str(artifacts / "merged"), engine="vllm", port=free_port(), num_cpus=2, model_cpus=1,
         max_num_seqs=8, max_model_len=1024, request_timeout_s=120,
         ray_temp_dir=tempfile.mkdtemp(prefix="ew-vllm-"),
     )
