@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     model_cpus: float = Field(1.0, ge=0)
     model_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long an idle model waits for more requests before a batch; requests that arrive while one runs join the next")
     max_ongoing_requests: int = Field(16, ge=1, description="per model replica")
     max_queued_requests: int = Field(64, ge=-1, description="beyond this the ingress answers 503")
     # autoscaling of the model deployment (Serve autoscaling_config); None keeps model_replicas fixed

@@ -3,7 +3,8 @@
 Adapters are Ray Serve multiplexed models (serving/adapters.py): :meth:`ModelServer.complete` serves the
 request's ``multiplexed_model_id`` (base, default adapter, or a named one), loading it on first use and
 keeping the most recently used ``max_loaded_adapters`` per replica. The vLLM engine batches by itself
-(continuous batching), so its requests go straight to the engine instead of through ``@serve.batch``.
+(continuous batching), so its requests go straight to the engine; the transformers engine's requests are
+batched by :class:`serving.batching.Batcher` (no wait when the model is idle).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ray import serve
 from models.registry import resolve
 from serving.adapters import Catalog, LoadedAdapter, PeftAdapters, UnknownModel
 from serving.backends import AudioPrompt, Generation
+from serving.batching import Batcher
 from serving.config import Settings
 
 log = logging.getLogger("earwitness.model")
@@ -48,10 +50,7 @@ class ModelServer:
             torch.set_num_threads(int(self.settings.model_cpus))
         self.backend, self.adapter = make_backend(self.settings)
         self.backend.warm_up()
-        self.generate.set_max_batch_size(self.settings.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-        self._generate_with.set_max_batch_size(self.settings.max_batch_size)
-        self._generate_with.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._batcher = Batcher(self._run_batch, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter)
         self.is_async = bool(getattr(self.backend, "is_async", False))
         # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
@@ -86,13 +85,12 @@ class ModelServer:
             "catalog": self.catalog.to_dict(),
         }
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
-        # Off the event loop, so health checks and new arrivals are still served while it runs.
+    async def generate(self, prompt: AudioPrompt) -> Generation:
+        """One answer from the default model (base, or the default adapter)."""
         if self.is_async:  # the engine batches; the default adapter (if any) applies
             ref = self._lora_ref(self.catalog.default) if self.catalog.default else None
-            return list(await asyncio.gather(*(self.backend.generate_async(p, ref) for p in prompts)))
-        return await asyncio.to_thread(self._peft.generate, prompts, "default" if self.adapter else None)
+            return await self.backend.generate_async(prompt, ref)
+        return await self._batcher.submit((prompt, "default" if self.adapter else None))
 
     async def complete(self, prompt: AudioPrompt) -> Generation:
         """One answer from the model id this request was routed with (``multiplexed_model_id``)."""
@@ -100,18 +98,16 @@ class ModelServer:
         loaded = await self._adapter(model_id)
         if self.is_async:
             return await self.backend.generate_async(prompt, loaded.ref)
-        return await self._generate_with(prompt, loaded.name)
+        return await self._batcher.submit((prompt, self._peft_names.get(loaded.name, loaded.name)))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_with(self, prompts: list[AudioPrompt], adapters: list[str | None]) -> list[Generation]:
-        """A batch that may mix adapters: one greedy generate per adapter group, in arrival order."""
-        results: list[Generation | None] = [None] * len(prompts)
+    async def _run_batch(self, items: list[tuple[AudioPrompt, str | None]]) -> list[Generation]:
+        """A batch that may mix adapters (PEFT names): one greedy generate per adapter group, off the event loop."""
+        results: list[Generation | None] = [None] * len(items)
         groups: dict[str | None, list[int]] = {}
-        for i, name in enumerate(adapters):
+        for i, (_, name) in enumerate(items):
             groups.setdefault(name, []).append(i)
         for name, idx in groups.items():
-            peft_name = self._peft_names.get(name, name)
-            out = await asyncio.to_thread(self._peft.generate, [prompts[i] for i in idx], peft_name)
+            out = await asyncio.to_thread(self._peft.generate, [items[i][0] for i in idx], name)
             for i, generation in zip(idx, out):
                 results[i] = generation
         return results

@@ -198,6 +198,10 @@ def test_audio_contrast_from_the_model(tiny_checkpoint):
     assert out[0].text == out[2].text  # asking for the contrast does not change the answer
     again = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])  # second time: cached blank audio encoding
     assert again[0].blank_logprob == pytest.approx(out[0].blank_logprob, abs=1e-4)
+    from serving.backends.contrast import blank_encodings
+
+    memo = blank_encodings(backend)
+    assert memo is not None and memo.hits >= 1  # silence of one length was encoded once, then reused
 
 
 def test_lockstep_contrast_matches_a_separate_blank_pass(tiny_checkpoint):

@@ -149,3 +149,29 @@ def test_malformed_json_body_is_400_with_code(adapted, body, code):
     base, _ = adapted
     r = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == code
+
+
+def test_the_adapter_in_use_is_merged_and_switching_restores_the_base(tiny_checkpoint, tmp_path):
+    """Merged LoRA answers as the unmerged adapter does; unmerging for the base gives the base back."""
+    from models.registry import resolve
+    from serving.adapters import PeftAdapters
+    from serving.backends.hf import TransformersBackend
+
+    backend = TransformersBackend.load(resolve(str(tiny_checkpoint)))
+    peft = PeftAdapters(backend)
+    peft.load("a1", _random_adapter(tiny_checkpoint, tmp_path / "a1", 1))
+    inputs = backend.processor(text=[backend._prompt("Is there a dog?")], audio=[tone(1.0, 16_000, 1)], sampling_rate=16_000, return_tensors="pt")
+
+    def logits(name):
+        with peft.active(name), torch.no_grad():
+            return backend.model(**inputs).logits[0, -1]
+
+    base = logits(None)
+    merged = logits("a1")
+    assert peft.merged == "a1"
+    assert torch.allclose(logits(None), base, atol=1e-5) and peft.merged is None
+    backend.model.set_adapter("a1")  # the same adapter, unmerged
+    with torch.no_grad():
+        unmerged = backend.model(**inputs).logits[0, -1]
+    assert torch.allclose(merged, unmerged, atol=1e-4)
+    assert (merged - base).abs().max() > 1e-3  # the adapter does change the model

@@ -6,8 +6,9 @@ are unchanged). A logits processor keeps each twin in lockstep with its real row
 the twin is forced to the token the real row picks — and records both rows' log-probabilities
 of that token. So ``answer_logprob`` (real audio) and ``blank_logprob`` (blank audio) come out of
 one decoding loop with one KV cache, no second pass: on a CPU the twin costs a wider batch, not
-another request's worth of latency. An answer as likely on silence as on the clip is the model's
-prior, not a hearing.
+another request's worth of latency; and since silence encodes the same every time, the twin's audio
+encoding is computed once per clip length (:class:`BlankEncodings`), not per request. An answer
+as likely on silence as on the clip is the model's prior, not a hearing.
 
 Answers read as 'no' claim no sound: their log-probs are left None (nothing for the guard to weigh).
 The answer's tokens are scored up to and including the stop token the model emitted, so "Yes"
@@ -34,10 +35,61 @@ def blank_value(backend) -> float | None:
     return backend._blank_value
 
 
+class BlankEncodings:
+    """Silence encodes the same every time: the twins' audio-tower output, computed once per length.
+
+    Wraps the audio tower's ``forward`` on one model instance. Rows whose log-mel is the blank
+    constant take their encoding from a small cache keyed by (frames, attention-mask row); the
+    rest go through the tower as before. Only in eval mode (no dropout), so outputs are the same.
+    """
+
+    def __init__(self, tower, value: float, size: int = 16):
+        self.tower, self.value, self.size = tower, value, size
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.hits = 0
+        self._forward = tower.forward
+        tower.forward = self
+
+    def __call__(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        if self.tower.training or input_features.dim() != 3:
+            return self._forward(input_features, attention_mask=attention_mask, **kwargs)
+        blank = (input_features == self.value).flatten(1).all(-1)
+        if not bool(blank.any()) or bool(blank.all()):
+            return self._forward(input_features, attention_mask=attention_mask, **kwargs)
+        real = ~blank
+        out = self._forward(input_features[real], attention_mask=None if attention_mask is None else attention_mask[real], **kwargs)
+        hidden = out.last_hidden_state.new_empty((len(input_features), *out.last_hidden_state.shape[1:]))
+        hidden[real] = out.last_hidden_state
+        for i in torch.nonzero(blank).flatten().tolist():
+            hidden[i] = self._blank(input_features[i : i + 1], None if attention_mask is None else attention_mask[i : i + 1], kwargs)
+        out.last_hidden_state = hidden
+        return out
+
+    def _blank(self, features: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        key = (features.shape[-1], None if mask is None else int((mask == 0).sum()))
+        if key in self.cache:
+            self.hits += 1
+            return self.cache[key]
+        if len(self.cache) >= self.size:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[key] = self._forward(features, attention_mask=mask, **kwargs).last_hidden_state[0]
+        return self.cache[key]
+
+
+def blank_encodings(backend) -> BlankEncodings | None:
+    """The memo on ``backend``'s audio tower (installed on first use); None where blank audio is not one constant."""
+    if not hasattr(backend, "_blank_encodings"):
+        value = blank_value(backend)
+        tower = next((m for name, m in backend.model.named_modules() if name.endswith("audio_tower")), None)
+        backend._blank_encodings = BlankEncodings(tower, value) if value is not None and tower is not None else None
+    return backend._blank_encodings
+
+
 def with_blank_twins(backend, inputs, prompts: list[AudioPrompt]) -> tuple[dict, list[int]]:
     """The batch plus one blank-audio twin per contrast row (appended after the real rows)."""
     rows = [i for i, p in enumerate(prompts) if p.contrast]
     value = blank_value(backend)
+    blank_encodings(backend)
     feats = inputs["input_features"][rows]
     if value is not None:
         blank = torch.full_like(feats, value)
