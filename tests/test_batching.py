@@ -24,13 +24,19 @@ class Model:
         return [x * 10 for x in items]
 
 
+async def in_flight(batcher: Batcher, item: int) -> asyncio.Task:
+    """Submit ``item`` and let the event loop start its batch."""
+    task = asyncio.create_task(batcher.submit(item))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    return task
+
+
 def test_a_lone_request_runs_alone_and_arrivals_during_it_share_the_next_batch():
     async def scenario():
         model = Model()
         batcher = Batcher(model.run, max_batch_size=3)
-        first = asyncio.create_task(batcher.submit(1))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        first = await in_flight(batcher, 1)
         assert model.batches == [[1]]  # started without waiting for company
         rest = [asyncio.create_task(batcher.submit(x)) for x in (2, 3, 4, 5)]
         await asyncio.sleep(0)
@@ -61,8 +67,7 @@ def test_a_caller_that_gave_up_is_not_computed():
     async def scenario():
         model = Model()
         batcher = Batcher(model.run, max_batch_size=8)
-        first = asyncio.create_task(batcher.submit(1))
-        await asyncio.sleep(0)
+        first = await in_flight(batcher, 1)
         gone = asyncio.create_task(batcher.submit(2))
         kept = asyncio.create_task(batcher.submit(3))
         await asyncio.sleep(0)
