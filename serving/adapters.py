@@ -108,6 +108,7 @@ class PeftAdapters:
         model = backend.model
         self.loaded: set[str] = set(getattr(model, "peft_config", {}) or {})
         self.merged: str | None = None  # the adapter whose LoRA is folded into the base weights right now
+        self.current: str | None = None  # the adapter the last batch ran with (None: the base)
 
     def load(self, name: str, path: str) -> None:
         from peft import PeftModel
@@ -116,6 +117,7 @@ class PeftAdapters:
             if name in self.loaded:
                 return
             model = self.backend.model
+            self._weights_changed()  # an adapter reloaded under a known name may hold other weights
             if hasattr(model, "peft_config"):
                 self._merge(model, None)
                 model.load_adapter(path, adapter_name=name, is_trainable=False)
@@ -148,12 +150,21 @@ class PeftAdapters:
                 return
             if name is not None and name not in self.loaded:
                 raise UnknownModel(name)
+            if name != self.current:
+                self._weights_changed()
+                self.current = name
             self._merge(model, name)
             if name is None:
                 with model.disable_adapter():
                     yield
                 return
             yield
+
+    def _weights_changed(self) -> None:
+        """Caches computed with other weights (the blank-audio prompt prefixes) are stale."""
+        from serving.backends.contrast import blank_prefixes
+
+        blank_prefixes(self.backend).clear()
 
     def _merge(self, model, name: str | None) -> None:
         """Keep the adapter in use merged into the base weights (unmerged for the base or another adapter).

@@ -1,26 +1,29 @@
-"""Audio contrast of a generated answer, for the transformers engine, in the same batched decode.
+"""Audio contrast of a generated answer, for the transformers engine: its log-probability given the
+clip against given blank audio.
 
-Every row that asks for the contrast gets a twin in the generate batch: the same prompt with the
-audio replaced by blank audio (zeros of the same length, so the prompt and its audio-token count
-are unchanged). A logits processor keeps each twin in lockstep with its real row — at every step
-the twin is forced to the token the real row picks — and records both rows' log-probabilities
-of that token. So ``answer_logprob`` (real audio) and ``blank_logprob`` (blank audio) come out of
-one decoding loop with one KV cache, no second pass: on a CPU the twin costs a wider batch, not
-another request's worth of latency; and since silence encodes the same every time, the twin's audio
-encoding is computed once per clip length (:class:`BlankEncodings`), not per request. An answer
-as likely on silence as on the clip is the model's prior, not a hearing.
+The real answer's log-probability comes out of the decode itself (its logits). The blank side is
+the same prompt with the audio replaced by silence of the same length, teacher-forced on the
+answer's tokens. Everything in that prompt up to the end of the audio is the same for every
+question about a clip of that length, so its key–value cache is computed once and kept
+(:class:`BlankPrefixes`); a contrast then costs one forward pass over the question and answer
+tokens only. Answers read as 'no' claim no sound and get no contrast (their log-probs stay None):
+nothing is computed for them. An answer as likely on silence as on the clip is the model's prior,
+not a hearing.
 
-Answers read as 'no' claim no sound: their log-probs are left None (nothing for the guard to weigh).
 The answer's tokens are scored up to and including the stop token the model emitted, so "Yes"
 is scored as the complete answer "Yes", not as a prefix of "Yes, but…".
 """
 
 from __future__ import annotations
 
+import copy
+import threading
+from collections import OrderedDict
+
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
+from models.tiny import AUDIO_EOS
 from serving.answers import classify
 from serving.backends.base import AudioPrompt, Generation
 
@@ -35,106 +38,88 @@ def blank_value(backend) -> float | None:
     return backend._blank_value
 
 
-class BlankEncodings:
-    """Silence encodes the same every time: the twins' audio-tower output, computed once per length.
+class BlankPrefixes:
+    """Key–value caches of prompt prefixes that end with blank audio, keyed by their token ids.
 
-    Wraps the audio tower's ``forward`` on one model instance. Rows whose log-mel is the blank
-    constant take their encoding from a small cache keyed by (frames, attention-mask row); the
-    rest go through the tower as before. Only in eval mode (no dropout), so outputs are the same.
+    The weights they were computed with must not change under them: whoever switches adapters
+    calls :meth:`clear` (``serving.adapters.PeftAdapters`` does).
     """
 
-    def __init__(self, tower, value: float, size: int = 16):
-        self.tower, self.value, self.size = tower, value, size
-        self.cache: dict[tuple, torch.Tensor] = {}
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.entries: OrderedDict[tuple[int, ...], object] = OrderedDict()
+        self.lock = threading.Lock()
         self.hits = 0
-        self._forward = tower.forward
-        tower.forward = self
 
-    def __call__(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        if self.tower.training or input_features.dim() != 3:
-            return self._forward(input_features, attention_mask=attention_mask, **kwargs)
-        blank = (input_features == self.value).flatten(1).all(-1)
-        if not bool(blank.any()) or bool(blank.all()):
-            return self._forward(input_features, attention_mask=attention_mask, **kwargs)
-        real = ~blank
-        out = self._forward(input_features[real], attention_mask=None if attention_mask is None else attention_mask[real], **kwargs)
-        hidden = out.last_hidden_state.new_empty((len(input_features), *out.last_hidden_state.shape[1:]))
-        hidden[real] = out.last_hidden_state
-        for i in torch.nonzero(blank).flatten().tolist():
-            hidden[i] = self._blank(input_features[i : i + 1], None if attention_mask is None else attention_mask[i : i + 1], kwargs)
-        out.last_hidden_state = hidden
-        return out
+    def get(self, key: tuple[int, ...]):
+        with self.lock:
+            cache = self.entries.get(key)
+            if cache is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+            return cache
 
-    def _blank(self, features: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
-        key = (features.shape[-1], None if mask is None else int((mask == 0).sum()))
-        if key in self.cache:
-            self.hits += 1
-            return self.cache[key]
-        if len(self.cache) >= self.size:
-            self.cache.pop(next(iter(self.cache)))
-        self.cache[key] = self._forward(features, attention_mask=mask, **kwargs).last_hidden_state[0]
-        return self.cache[key]
+    def put(self, key: tuple[int, ...], cache) -> None:
+        with self.lock:
+            self.entries[key] = cache
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
 
 
-def blank_encodings(backend) -> BlankEncodings | None:
-    """The memo on ``backend``'s audio tower (installed on first use); None where blank audio is not one constant."""
-    if not hasattr(backend, "_blank_encodings"):
-        value = blank_value(backend)
-        tower = next((m for name, m in backend.model.named_modules() if name.endswith("audio_tower")), None)
-        backend._blank_encodings = BlankEncodings(tower, value) if value is not None and tower is not None else None
-    return backend._blank_encodings
+def blank_prefixes(backend) -> BlankPrefixes:
+    if not hasattr(backend, "_blank_prefixes"):
+        backend._blank_prefixes = BlankPrefixes()
+    return backend._blank_prefixes
 
 
-def with_blank_twins(backend, inputs, prompts: list[AudioPrompt]) -> tuple[dict, list[int]]:
-    """The batch plus one blank-audio twin per contrast row (appended after the real rows)."""
-    rows = [i for i, p in enumerate(prompts) if p.contrast]
+def _blank_features(backend, inputs, row: int, n_samples: int) -> torch.Tensor:
+    feats = inputs["input_features"][row : row + 1]
     value = blank_value(backend)
-    blank_encodings(backend)
-    feats = inputs["input_features"][rows]
     if value is not None:
-        blank = torch.full_like(feats, value)
-    else:
-        extractor = backend.processor.feature_extractor
-        zeros = [np.zeros(len(prompts[i].samples), dtype=np.float32) for i in rows]
-        blank = extractor(zeros, sampling_rate=backend.sample_rate, return_tensors="pt", padding="max_length")["input_features"]
-        blank = blank.to(feats.device, feats.dtype)
-    doubled = dict(inputs)
-    for key in ("input_ids", "attention_mask", "feature_attention_mask"):
-        doubled[key] = torch.cat([inputs[key], inputs[key][rows]])
-    doubled["input_features"] = torch.cat([inputs["input_features"], blank])
-    return doubled, rows
+        return torch.full_like(feats, value)
+    extractor = backend.processor.feature_extractor
+    blank = extractor([np.zeros(n_samples, dtype=np.float32)], sampling_rate=backend.sample_rate, return_tensors="pt", padding="max_length")
+    return blank["input_features"].to(feats.device, feats.dtype)
 
 
-class Lockstep(LogitsProcessor):
-    """Forces twin ``n + k`` to follow real row ``rows[k]`` token by token, recording both log-probs."""
+def blank_logprob(backend, inputs, row: int, n_samples: int, answer: torch.Tensor) -> float:
+    """log P(answer | the row's prompt with blank audio), from the cached blank prefix plus one pass."""
+    model, tokenizer = backend.model, backend.processor.tokenizer
+    ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+    eos_id = tokenizer.convert_tokens_to_ids(AUDIO_EOS)
+    eos = (ids == eos_id).nonzero() if eos_id is not None and eos_id != tokenizer.unk_token_id else ids[:0]
+    cut = int(eos[-1] if len(eos) else (ids == model.config.audio_token_id).nonzero()[-1]) + 1  # just past the audio
+    key = tuple(ids[:cut].tolist())
+    prefix = blank_prefixes(backend).get(key)
+    if prefix is None:
+        out = model(input_ids=ids[None, :cut], attention_mask=torch.ones_like(ids[None, :cut]),
+                    input_features=_blank_features(backend, inputs, row, n_samples),
+                    feature_attention_mask=inputs["feature_attention_mask"][row : row + 1], use_cache=True)
+        prefix = out.past_key_values
+        blank_prefixes(backend).put(key, prefix)
+    tail = torch.cat([ids[cut:], answer.to(ids.device)])[None]
+    logits = model(input_ids=tail, attention_mask=torch.ones((1, cut + tail.shape[1]), dtype=ids.dtype, device=ids.device),
+                   past_key_values=copy.deepcopy(prefix), use_cache=True).logits[0]
+    start = len(ids) - cut - 1  # the logits that predict the answer's first token
+    lp = logits[start : start + len(answer)].float().log_softmax(-1)
+    return float(lp.gather(-1, answer[:, None].to(lp.device)).sum())
 
-    def __init__(self, n_real: int, rows: list[int]):
-        self.n_real, self.rows = n_real, rows
-        self.real: list[torch.Tensor] = []
-        self.blank: list[torch.Tensor] = []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        real = scores[self.rows].float().log_softmax(-1)
-        chosen = real.argmax(-1, keepdim=True)  # greedy: the token the real row is about to take
-        twins = scores[self.n_real :].float().log_softmax(-1)
-        self.real.append(real.gather(-1, chosen).squeeze(-1))
-        self.blank.append(twins.gather(-1, chosen).squeeze(-1))
-        forced = torch.full_like(scores[self.n_real :], torch.finfo(scores.dtype).min)
-        forced.scatter_(-1, chosen, 0.0)
-        scores = scores.clone()
-        scores[self.n_real :] = forced
-        return scores
-
-    def contrasted(self, generations: list[Generation], prompts: list[AudioPrompt]) -> list[Generation]:
-        """``generations`` with the log-probs of each contrast row's answer (its tokens and its stop token)."""
-        if not self.real:
-            return generations
-        real, blank = torch.stack(self.real, dim=1), torch.stack(self.blank, dim=1)  # [rows, steps]
-        result = list(generations)
-        for k, i in enumerate(self.rows):
-            g = generations[i]
-            if classify(g.text) == "no":
-                continue
-            n = max(1, min(g.num_tokens + 1, prompts[i].max_new_tokens, real.shape[1]))
-            result[i] = Generation(g.text, g.num_tokens, answer_logprob=float(real[k, :n].sum()), blank_logprob=float(blank[k, :n].sum()))
-        return result
+def with_contrast(backend, inputs, prompts: list[AudioPrompt], generations: list[Generation], new_tokens: torch.Tensor,
+                  logits: tuple[torch.Tensor, ...]) -> list[Generation]:
+    """``generations`` with the real and blank log-probs of each contrast row's answer (unless it is a 'no')."""
+    result = list(generations)
+    for i, (p, g) in enumerate(zip(prompts, generations)):
+        if not p.contrast or classify(g.text) == "no":
+            continue
+        n = max(1, min(g.num_tokens + 1, p.max_new_tokens, len(logits)))
+        answer = new_tokens[i, :n]
+        steps = torch.stack([step[i] for step in logits[:n]]).float().log_softmax(-1)
+        real = float(steps.gather(-1, answer[:, None].to(steps.device)).sum())
+        blank = blank_logprob(backend, inputs, i, len(p.samples), answer)
+        result[i] = Generation(g.text, g.num_tokens, answer_logprob=real, blank_logprob=blank)
+    return result

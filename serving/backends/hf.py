@@ -39,26 +39,22 @@ class TransformersBackend:
             return_tensors="pt",
             padding=True,
         ).to(self.device)
-        lockstep = None
-        if any(p.contrast for p in prompts):
-            from transformers import LogitsProcessorList
-
-            from serving.backends.contrast import Lockstep, with_blank_twins
-
-            inputs, rows = with_blank_twins(self, inputs, prompts)
-            lockstep = Lockstep(len(prompts), rows)
-        sequences = self.model.generate(
+        contrast = any(p.contrast for p in prompts)
+        out = self.model.generate(
             **inputs,
             max_new_tokens=max(p.max_new_tokens for p in prompts),
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            logits_processor=LogitsProcessorList([lockstep]) if lockstep else None,
+            return_dict_in_generate=True,
+            output_logits=contrast,
         )
-        new_tokens = sequences[: len(prompts), inputs["input_ids"].shape[1] :]
+        new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
         generations = [self._finish(row, p.max_new_tokens) for row, p in zip(new_tokens, prompts)]
-        if lockstep is not None:
-            generations = lockstep.contrasted(generations, prompts)
+        if contrast:
+            from serving.backends.contrast import with_contrast
+
+            generations = with_contrast(self, inputs, prompts, generations, new_tokens, out.logits)
         return generations
 
     def _finish(self, row: torch.Tensor, limit: int) -> Generation:
