@@ -16,12 +16,12 @@ is scored as the complete answer "Yes", not as a prefix of "Yes, but…".
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections import OrderedDict
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from models.tiny import AUDIO_EOS
 from serving.answers import classify
@@ -47,7 +47,7 @@ class BlankPrefixes:
 
     def __init__(self, size: int = 32):
         self.size = size
-        self.entries: OrderedDict[tuple[int, ...], object] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, ...], list] = OrderedDict()  # ids -> [(keys, values) per layer]
         self.lock = threading.Lock()
         self.hits = 0
 
@@ -99,11 +99,14 @@ def blank_logprob(backend, inputs, row: int, n_samples: int, answer: torch.Tenso
         out = model(input_ids=ids[None, :cut], attention_mask=torch.ones_like(ids[None, :cut]),
                     input_features=_blank_features(backend, inputs, row, n_samples),
                     feature_attention_mask=inputs["feature_attention_mask"][row : row + 1], use_cache=True)
-        prefix = out.past_key_values
+        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         blank_prefixes(backend).put(key, prefix)
+    cache = DynamicCache()  # a fresh cache over the stored tensors: the pass below appends to it, never to them
+    for layer, (k, v) in enumerate(prefix):
+        cache.update(k, v, layer)
     tail = torch.cat([ids[cut:], answer.to(ids.device)])[None]
     logits = model(input_ids=tail, attention_mask=torch.ones((1, cut + tail.shape[1]), dtype=ids.dtype, device=ids.device),
-                   past_key_values=copy.deepcopy(prefix), use_cache=True).logits[0]
+                   past_key_values=cache, use_cache=True).logits[0]
     start = len(ids) - cut - 1  # the logits that predict the answer's first token
     lp = logits[start : start + len(answer)].float().log_softmax(-1)
     return float(lp.gather(-1, answer[:, None].to(lp.device)).sum())
