@@ -47,6 +47,30 @@ def _wav(samples) -> bytes:
     return buf.getvalue()
 
 
+def test_audio_contrast_matches_the_transformers_engine(artifacts):
+    """Answer log-prob on the clip and on blank audio, from vLLM, equal what transformers computes (runs before the server starts)."""
+    import asyncio
+
+    from models.registry import ModelSpec
+    from serving.backends import AudioPrompt
+    from serving.backends.vllm import VLLMBackend
+    from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
+
+    expected = json.loads((artifacts / "expected.json").read_text())["contrast"]
+    if expected["answer_logprob"] is None:
+        pytest.skip("the tiny model answered 'no': nothing to contrast")
+    backend = VLLMBackend.load(ModelSpec(name="merged", family="qwen2-audio", source=str(artifacts / "merged"), description=""),
+                               max_model_len=1024, max_num_seqs=4)
+    try:
+        out = asyncio.run(backend.generate_async(AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)))
+    finally:
+        backend.shutdown()
+    assert out.text == expected["text"]
+    assert out.answer_logprob == pytest.approx(expected["answer_logprob"], abs=2e-3)
+    assert out.blank_logprob == pytest.approx(expected["blank_logprob"], abs=2e-3)
+    assert abs(out.answer_logprob - out.blank_logprob) > 1e-3  # the clip does move the answer
+
+
 @pytest.fixture(scope="module")
 def vllm_server(artifacts):
     """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env)."""

@@ -7,7 +7,8 @@
   ``modules_to_save``), which vLLM cannot apply to Qwen2-Audio;
 * ``merged/``  that adapter merged into the weights by ``earwitness export --merge``;
 * ``expected.json`` the transformers engine's greedy answers (base + PEFT adapter, and base) for a fixed
-  clip and question, which vLLM must reproduce from ``merged/`` and ``base/``.
+  clip and question, which vLLM must reproduce from ``merged/`` and ``base/``, and its audio contrast
+  on ``merged/``.
 
     python -m tests.vllm_prep OUT_DIR
 """
@@ -74,6 +75,10 @@ def prepare(out: Path) -> Path:
         backend = TransformersBackend.load(ModelSpec(name="base", family="qwen2-audio", source=str(out / "base"), description=""), adapter=adapter, device="cpu", dtype="float32")
         generation = backend.generate([prompt])[0]
         expected[key] = {"text": generation.text, "num_tokens": generation.num_tokens}
+    # the audio contrast the transformers engine computes on the merged checkpoint, which vLLM's must match
+    merged = TransformersBackend.load(ModelSpec(name="merged", family="qwen2-audio", source=str(out / "merged"), description=""), device="cpu", dtype="float32")
+    g = merged.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)])[0]
+    expected["contrast"] = {"text": g.text, "answer_logprob": g.answer_logprob, "blank_logprob": g.blank_logprob}
     (out / "expected.json").write_text(json.dumps(expected, indent=2))
     return out
 

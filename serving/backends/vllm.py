@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from models.registry import ModelSpec
+from serving.answers import classify
 from serving.backends.base import AudioPrompt, Generation
 
 log = logging.getLogger("earwitness.vllm")
@@ -204,11 +205,40 @@ class VLLMBackend:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     async def generate_async(self, prompt: AudioPrompt, adapter: LoraRef | None = None) -> Generation:
-        """One greedy answer; concurrent calls are batched by the engine (continuous batching)."""
+        """One greedy answer; concurrent calls are batched by the engine (continuous batching).
+
+        With ``prompt.contrast`` (and an answer that is not a 'no') it also carries the audio contrast:
+        the answer's log-probability as generated, and as a prompt continuation on blank audio.
+        """
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=prompt.max_new_tokens, skip_special_tokens=True)
+        params = SamplingParams(temperature=0.0, max_tokens=prompt.max_new_tokens, skip_special_tokens=True,
+                                logprobs=0 if prompt.contrast else None)
         inputs = {"prompt": self._prompt(prompt.question), "multi_modal_data": {"audio": (np.asarray(prompt.samples, dtype=np.float32), self.sample_rate)}}
+        completion = (await self._run(inputs, params, adapter)).outputs[0]
+        generation = Generation(text=completion.text.strip(), num_tokens=len(completion.token_ids))
+        if not prompt.contrast or classify(generation.text) == "no" or not completion.token_ids:
+            return generation
+        answer = list(completion.token_ids)
+        real = sum(step[token].logprob for step, token in zip(completion.logprobs, answer))
+        blank = await self._blank_logprob(prompt, answer, adapter)
+        return Generation(generation.text, generation.num_tokens, answer_logprob=float(real), blank_logprob=blank)
+
+    async def _blank_logprob(self, prompt: AudioPrompt, answer: list[int], adapter: LoraRef | None) -> float:
+        """log P(answer | the same prompt on silence of the clip's length): the answer scored as prompt tokens.
+
+        The engine's prefix cache keeps the blank prompt up to the question, as the transformers engine does by hand.
+        """
+        from vllm import SamplingParams
+
+        ids = self.processor.tokenizer.encode(self._prompt(prompt.question), add_special_tokens=False) + answer
+        blank = np.zeros(len(prompt.samples), dtype=np.float32)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        out = await self._run({"prompt_token_ids": ids, "multi_modal_data": {"audio": (blank, self.sample_rate)}}, params, adapter)
+        scored = out.prompt_logprobs[-len(answer):]
+        return float(sum(step[token].logprob for step, token in zip(scored, answer)))
+
+    async def _run(self, inputs: dict, params, adapter: LoraRef | None):
         request_id = uuid.uuid4().hex
         final = None
         try:
@@ -217,8 +247,7 @@ class VLLMBackend:
         except asyncio.CancelledError:
             await self.engine.abort(request_id)
             raise
-        completion = final.outputs[0]
-        return Generation(text=completion.text.strip(), num_tokens=len(completion.token_ids))
+        return final
 
     def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
         """The synchronous interface, for callers outside the replica's event loop (tests, evaluation)."""
