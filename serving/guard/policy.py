@@ -43,7 +43,7 @@ class ClaimCheck:
             "event": self.event,
             "text": self.text,
             "verifier_score": None if self.verifier_score is None else round(self.verifier_score, 4),
-            "contrast": None if self.contrast is None else round(self.contrast, 4),
+            "contrast": None if self.contrast is None else round(self.contrast, 4) + 0.0,  # + 0.0: no "-0.0" in the JSON
             "present": self.present,
             "prior": self.prior,
         }
