@@ -108,7 +108,6 @@ class PeftAdapters:
         model = backend.model
         self.loaded: set[str] = set(getattr(model, "peft_config", {}) or {})
         self.merged: str | None = None  # the adapter whose LoRA is folded into the base weights right now
-        self.current: str | None = None  # the adapter the last batch ran with (None: the base)
 
     def load(self, name: str, path: str) -> None:
         from peft import PeftModel
@@ -117,7 +116,6 @@ class PeftAdapters:
             if name in self.loaded:
                 return
             model = self.backend.model
-            self._weights_changed()  # an adapter reloaded under a known name may hold other weights
             if hasattr(model, "peft_config"):
                 self._merge(model, None)
                 model.load_adapter(path, adapter_name=name, is_trainable=False)
@@ -150,9 +148,6 @@ class PeftAdapters:
                 return
             if name is not None and name not in self.loaded:
                 raise UnknownModel(name)
-            if name != self.current:
-                self._weights_changed()
-                self.current = name
             self._merge(model, name)
             if name is None:
                 with model.disable_adapter():
@@ -160,20 +155,18 @@ class PeftAdapters:
                 return
             yield
 
-    def _weights_changed(self) -> None:
-        """Caches computed with other weights (the blank-audio prompt prefixes) are stale."""
-        from serving.backends.contrast import blank_prefixes
-
-        blank_prefixes(self.backend).clear()
-
     def _merge(self, model, name: str | None) -> None:
         """Keep the adapter in use merged into the base weights (unmerged for the base or another adapter).
 
         Merged, a LoRA layer runs its base matmul only: on the embedded model the default adapter's
-        answer took about 15% longer unmerged. Switching costs one unmerge and one merge.
+        answer took about 15% longer unmerged. Switching costs one unmerge and one merge, and makes
+        the caches computed with the old weights (the blank-audio prompt prefixes) stale.
         """
         if self.merged == name:
             return
+        from serving.backends.contrast import blank_prefixes
+
+        blank_prefixes(self.backend).clear()
         if self.merged is not None:
             model.unmerge_adapter()
             self.merged = None

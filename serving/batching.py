@@ -24,7 +24,6 @@ class Batcher(Generic[T, R]):
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
         self._queue: list[tuple[T, asyncio.Future]] = []
         self._busy = False
-        self.batch_sizes: list[int] = []  # the last batches' sizes (bounded), for tests and debugging
 
     async def submit(self, item: T) -> R:
         future = asyncio.get_running_loop().create_future()
@@ -43,7 +42,6 @@ class Batcher(Generic[T, R]):
                 live = [(item, f) for item, f in batch if not f.done()]  # callers that gave up are not computed
                 if not live:
                     continue
-                self.batch_sizes = (self.batch_sizes + [len(live)])[-64:]
                 try:
                     results = await self.run([item for item, _ in live])
                 except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error

@@ -143,6 +143,7 @@ class VLLMBackend:
         self.supports_lora = supports_lora
         # the chat template rendered once per distinct question (assistants hear the same few often)
         self._prompt = functools.lru_cache(maxsize=4096)(self._render_prompt)
+        self._prompt_ids = functools.lru_cache(maxsize=4096)(self._tokenize_prompt)
 
     @classmethod
     def load(
@@ -204,6 +205,9 @@ class VLLMBackend:
         messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def _tokenize_prompt(self, question: str) -> tuple[int, ...]:
+        return tuple(self.processor.tokenizer.encode(self._prompt(question), add_special_tokens=False))
+
     async def generate_async(self, prompt: AudioPrompt, adapter: LoraRef | None = None) -> Generation:
         """One greedy answer; concurrent calls are batched by the engine (continuous batching).
 
@@ -231,7 +235,7 @@ class VLLMBackend:
         """
         from vllm import SamplingParams
 
-        ids = self.processor.tokenizer.encode(self._prompt(prompt.question), add_special_tokens=False) + answer
+        ids = [*self._prompt_ids(prompt.question), *answer]
         blank = np.zeros(len(prompt.samples), dtype=np.float32)
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         out = await self._run({"prompt_token_ids": ids, "multi_modal_data": {"audio": (blank, self.sample_rate)}}, params, adapter)
