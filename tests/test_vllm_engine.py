@@ -18,6 +18,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs the vLLM environment: bash serving/engines/make_vllm_env.sh")
@@ -61,10 +62,16 @@ def test_audio_contrast_matches_the_transformers_engine(artifacts):
         pytest.skip("the tiny model answered 'no': nothing to contrast")
     backend = VLLMBackend.load(ModelSpec(name="merged", family="qwen2-audio", source=str(artifacts / "merged"), description=""),
                                max_model_len=1024, max_num_seqs=4)
+    long = AudioPrompt(np.tile(clip(), 4), QUESTION, MAX_TOKENS, contrast=True)  # 8 s: its prompt spans cache blocks
+
+    async def run():  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
+        return [await backend.generate_async(p) for p in (AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True), long, long)]
+
     try:
-        out = asyncio.run(backend.generate_async(AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)))
+        out, first, again = asyncio.run(run())
     finally:
         backend.shutdown()
+    assert again.blank_logprob == pytest.approx(first.blank_logprob, abs=1e-4)
     assert out.text == expected["text"]
     assert out.answer_logprob == pytest.approx(expected["answer_logprob"], abs=2e-3)
     assert out.blank_logprob == pytest.approx(expected["blank_logprob"], abs=2e-3)

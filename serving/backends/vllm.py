@@ -231,15 +231,22 @@ class VLLMBackend:
     async def _blank_logprob(self, prompt: AudioPrompt, answer: list[int], adapter: LoraRef | None) -> float:
         """log P(answer | the same prompt on silence of the clip's length): the answer scored as prompt tokens.
 
-        The engine's prefix cache keeps the blank prompt up to the question, as the transformers engine does by hand.
+        vLLM skips its prefix cache for prompt log-probs by default; this pass reads it, because the blank
+        prompt (silence of a given length, then the question) repeats across requests and only the answer's
+        rows are needed. Rows inside the cached prefix are not computed, so when the cache reaches into the
+        answer (an identical blank request seen before) the pass is repeated without it.
         """
         from vllm import SamplingParams
 
-        ids = [*self._prompt_ids(prompt.question), *answer]
         blank = np.zeros(len(prompt.samples), dtype=np.float32)
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        out = await self._run({"prompt_token_ids": ids, "multi_modal_data": {"audio": (blank, self.sample_rate)}}, params, adapter)
-        scored = out.prompt_logprobs[-len(answer):]
+        inputs = {"prompt_token_ids": [*self._prompt_ids(prompt.question), *answer], "multi_modal_data": {"audio": (blank, self.sample_rate)}}
+        for cached in (True, False):
+            params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=not cached)
+            out = await self._run(inputs, params, adapter)
+            first = len(out.prompt_token_ids) - len(answer)  # the engine's prompt: audio placeholder expanded
+            if not cached or (out.num_cached_tokens or 0) <= first - 1:  # the answer's rows were computed
+                break
+        scored = out.prompt_logprobs[first:]
         return float(sum(step[token].logprob for step, token in zip(scored, answer)))
 
     async def _run(self, inputs: dict, params, adapter: LoraRef | None):
