@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--init", type=Path, default=None, help="warm start from a verifier directory")
     ver.add_argument("--lr", type=float, default=1e-2)
     ver.add_argument("--width", type=int, default=128, help="channels of the audio encoder")
+    ver.add_argument("--no-lowpass", dest="lowpass", action="store_false", help="leave out the low-pass (source bandwidth) augmentation")
     ver.set_defaults(func=_verifier)
 
     pr = sub.add_parser("probe", help="linear probe on a model's audio encoder: how well its audio tokens tell present from absent")
@@ -69,7 +70,7 @@ def _verifier(args) -> int:
     from train.verifier import train_verifier
 
     card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s,
-                          init=args.init, lr=args.lr, width=args.width)
+                          init=args.init, lr=args.lr, width=args.width, lowpass_aug=args.lowpass)
     print(json.dumps({"out": str(args.out), **card["metrics"], "thresholds": card["thresholds"]}, indent=1))
     return 0
 

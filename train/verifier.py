@@ -52,12 +52,14 @@ def scene_labels(timeline: dict) -> set[str]:
     return labels
 
 
-def recording_augment(x: torch.Tensor, yf: torch.Tensor, rng: np.random.Generator, n_mels: int, floor: float):
+def recording_augment(x: torch.Tensor, yf: torch.Tensor, rng: np.random.Generator, n_mels: int, floor: float,
+                      lowpass: list[torch.Tensor] | None = None):
     """Make a recording look like another recording of the same sound (the test split's are unseen ones).
 
     Per clip, in the log-mel block domain: a random smooth equaliser curve (±6 dB: microphones and
     rooms), a shift of up to ±3 mel bins (pitch: another dog, another bell), a time stretch of
-    0.8-1.25× (tempo), and a masked frequency band.
+    0.8-1.25× (tempo), a masked frequency band, and (``lowpass``: per-bin log gains) a low-pass at the
+    bandwidth of a lower-rate source, so that no sound is known by its recording's bandwidth alone.
     """
     b, _, t = x.shape
     bins = torch.arange(n_mels, dtype=torch.float32) / n_mels
@@ -75,6 +77,10 @@ def recording_augment(x: torch.Tensor, yf: torch.Tensor, rng: np.random.Generato
                 else:
                     band[shift:] = band[shift - 1 : shift]
                 x[j, lo : lo + n_mels] = band
+        if lowpass and rng.random() < 0.3:
+            gains = lowpass[int(rng.integers(len(lowpass)))]
+            for lo in (0, n_mels):
+                x[j, lo : lo + n_mels] = torch.clamp(x[j, lo : lo + n_mels] + gains[:, None], min=floor)
         if rng.random() < 0.5:
             f0, width = int(rng.integers(0, n_mels - 8)), int(rng.integers(1, 8))
             x[j, f0 : f0 + width] = floor
@@ -90,6 +96,20 @@ def recording_augment(x: torch.Tensor, yf: torch.Tensor, rng: np.random.Generato
             x = torch.cat([xs_, torch.full((b, x.shape[1], t - new_t), floor)], dim=-1)
             yf = torch.cat([ys_, torch.zeros(b, yf.shape[1], t - new_t)], dim=-1)
     return x, yf
+
+
+# The bandwidths of the corpus' low-rate sources (8 kHz and 11.025 kHz files: Nyquist 4 and 5.5 kHz).
+LOWPASS_HZ = (4000.0, 5512.5)
+
+
+def lowpass_log_gains(cfg: ScorerConfig, cutoff_hz: float) -> torch.Tensor:
+    """Per mel bin, the log of the share of its filter below ``cutoff_hz`` (-inf above): a low-pass in the log-mel domain."""
+    from transformers.audio_utils import mel_filter_bank
+
+    fb = mel_filter_bank(cfg.n_fft // 2 + 1, cfg.n_mels, cfg.fmin, cfg.fmax, cfg.sample_rate, norm="slaney", mel_scale="slaney")
+    freqs = np.linspace(0, cfg.sample_rate / 2, cfg.n_fft // 2 + 1)
+    kept = fb[freqs < cutoff_hz].sum(0) / np.maximum(fb.sum(0), 1e-12)
+    return torch.from_numpy(np.log(np.maximum(kept, 1e-30)).astype(np.float32))
 
 
 def frame_targets(timelines: dict, rows: dict[str, int], ci: dict[str, int], n: int, frames: int, block_s: float) -> np.ndarray:
@@ -202,7 +222,7 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, init: Path | None = None, width: int = 128, threads: int | None = None,
-                   budget_s: float | None = None, progress: bool = True) -> dict:
+                   budget_s: float | None = None, progress: bool = True, lowpass_aug: bool = True) -> dict:
     """Train on ``corpus``'s train split, calibrate on validation, measure on test, write ``out``."""
     from train.ontology import load_ontology
 
@@ -255,6 +275,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
     n_mels = cfg.n_mels
+    lowpass = [lowpass_log_gains(cfg, hz) for hz in LOWPASS_HZ] if lowpass_aug else None
     step = 0
     history = []
     for epoch in range(epochs):
@@ -273,7 +294,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
             yf[:half] = torch.maximum(yf[:half], ft[other].float())
             shift = int(rng.integers(0, x.shape[-1]))
             x, yf = torch.roll(x, shift, dims=-1), torch.roll(yf, shift, dims=-1)
-            x, yf = recording_augment(x, yf, rng, n_mels, floor)
+            x, yf = recording_augment(x, yf, rng, n_mels, floor, lowpass)
             y = yf.amax(-1)  # what is still in the (stretched, cropped) clip
             pick = torch.tensor([int(rng.choice(ix)) for ix in by_class])
             text = phrase_t[pick] if rng.random() < 0.7 else class_emb
@@ -333,7 +354,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
         "prior_correction": beta,
         "thresholds": {"absent_below": absent_below, "present_above": present_above},
         "metrics": metrics,
-        "training": {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "init": str(init) if init else None, "history": history,
+        "training": {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "init": str(init) if init else None, "lowpass": lowpass_aug, "history": history,
                      "train_scenes": int(len(xs)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)},
     }
     save_embedded(out, scorer, classes, phrases, phrase_emb, card)
