@@ -269,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     args.levels = [int(x) for x in args.levels.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model = args.model
+    model, model_name = args.model, args.model
     if model is None:  # the vLLM-compatible tiny Qwen2-Audio, made in the main environment
         model = str(args.out / "bench-model")
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tests.vllm_prep", model], check=True, cwd=ROOT)
-        model = str(Path(model) / "base")
+        model, model_name = str(Path(model) / "base"), "tests/vllm_prep.py's tiny Qwen2-Audio (random weights)"
     clips = make_clips(args.clips, args.clip_seconds)
     def vllm_server(log):
         return start_vllm(model, free_port(), args, log)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_all(systems, args, clips, args.out)
     answers = {r["system"]: r["answer"] for r in rows}
     report = [
-        f"model: {model}; clips: {args.clips} x {args.clip_seconds:g} s WAV; max_tokens {args.max_tokens}; "
+        f"model: {model_name}; clips: {args.clips} x {args.clip_seconds:g} s WAV; max_tokens {args.max_tokens}; "
         f"{args.seconds:g} s per level (<= {args.max_requests} requests); host: {os.cpu_count()} CPUs",
         "",
         table(rows),

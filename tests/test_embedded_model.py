@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,26 @@ def test_checkpoint_is_complete_and_small():
     assert config["r"] == 16 and config["lora_alpha"] == 32
     assert "audio_tower" not in json.dumps(config["target_modules"])  # LoRA scoped to the language model
     assert _size_mb(EMBEDDED_DIR) <= 50
+
+
+def test_shipped_files_name_no_training_machine_paths():
+    """The committed model must not point at the directory it was trained in on someone's machine."""
+    texts = {f: f.read_text() for f in EMBEDDED_DIR.parent.rglob("*") if f.suffix in (".json", ".md", ".jinja")}  # every committed model
+    assert texts
+    for f, text in texts.items():
+        assert not re.search(r"(?<![\w.])/(?:home|work|tmp|root|Users|mnt)/", text), f
+    adapter = json.loads((EMBEDDED_DIR / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "earwitness-tiny"
+
+
+def test_point_adapter_at_rewrites_both_records(tmp_path):
+    from train.recipe import point_adapter_at
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/somewhere/runs/base", "r": 16}))
+    (tmp_path / "earwitness_dpo.json").write_text(json.dumps({"base_model": "/somewhere/runs/base", "beta": 0.1}))
+    point_adapter_at(tmp_path, "earwitness-tiny")
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == {"base_model_name_or_path": "earwitness-tiny", "r": 16}
+    assert json.loads((tmp_path / "earwitness_dpo.json").read_text()) == {"base_model": "earwitness-tiny", "beta": 0.1}
 
 
 def test_default_spec_points_at_the_shipped_adapter():

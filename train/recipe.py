@@ -211,7 +211,8 @@ def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> N
             shutil.copy2(base_dir / name, ship_dir / name)
     if (ship_dir / "adapter").exists():
         shutil.rmtree(ship_dir / "adapter")
-    shutil.copytree(adapter_dir, ship_dir / "adapter", ignore=shutil.ignore_patterns("*.png", "*.jsonl", "checkpoint-*"))
+    shutil.copytree(adapter_dir, ship_dir / "adapter", ignore=shutil.ignore_patterns("*.png", "*.jsonl", "checkpoint-*", "README.md"))
+    point_adapter_at(ship_dir / "adapter", ship_dir.name)
     reports = ship_dir / "training"
     reports.mkdir(exist_ok=True)
     for src, dst in (
@@ -224,3 +225,18 @@ def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> N
         if src.exists():
             shutil.copy2(src, reports / dst)
     write_model_card(ship_dir, json.loads((work_dir / "results.json").read_text()))
+
+
+def point_adapter_at(adapter_dir: Path, base_name: str) -> None:
+    """Name the shipped adapter's base by its registry name, not the training run's directory.
+
+    PEFT and the export note record the path the base was trained from; in a committed model that
+    path means nothing on anyone else's machine. PEFT's generated README is dropped for the same
+    reason: the model card beside the adapter describes it.
+    """
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("earwitness_dpo.json", "base_model")):
+        path = adapter_dir / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            data[key] = base_name
+            path.write_text(json.dumps(data, indent=2) + "\n")

@@ -30,7 +30,7 @@ from train.rcc import RccBundle, RccError
 SAMPLE_RATE = 16_000
 MAX_SOURCE_S = 30.0  # longer recordings are cut: a 10 s scene never needs more
 
-#: Every package the project may use (see /work/shared/sounds/README.md); nothing else is fetched.
+#: Every package the project may use (the project's list of Debian sound sources); nothing else is fetched.
 PACKAGES: tuple[str, ...] = (
     "scratch", "tuxpaint-stamps-default", "qabcs-data", "gcompris-qt-data", "sonic-pi-samples",
     "hydrogen-drumkits", "lmms-common", "minetest-data", "scorched3d-data", "searchandrescue-data",
