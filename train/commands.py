@@ -42,6 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     pr.set_defaults(func=_probe)
 
+    bd = sub.add_parser("binding", help="diagnostic: can a fresh language model bind questions to oracle or encoder audio tokens")
+    bd.add_argument("--model", default="earwitness-tiny", help="checkpoint whose text config, tokenizer and audio tower are used")
+    bd.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    bd.add_argument("--audio", choices=("oracle", "encoder"), default="oracle")
+    bd.add_argument("--layout", choices=("chat", "direct"), default="chat")
+    bd.add_argument("--steps", type=int, default=1000)
+    bd.add_argument("--lr", type=float, default=3e-4)
+    bd.add_argument("--threads", type=int, default=None)
+    bd.add_argument("--seed", type=int, default=0)
+    bd.set_defaults(func=_binding)
+
     ev = subparsers.add_parser("eval", help="hallucination evaluation on a corpus split")
     ev.add_argument("--model", default="earwitness-tiny")
     ev.add_argument("--adapter", default=None, help="LoRA adapter dir ('none' for the bare base)")
@@ -91,6 +102,18 @@ def _probe(args) -> int:
     from train.probe import probe, table
 
     print(table(probe(args.model, args.corpus)))
+    return 0
+
+
+def _binding(args) -> int:
+    import torch
+
+    from train.binding import run, table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    history = run(args.model, args.corpus, audio=args.audio, layout=args.layout, steps=args.steps, learning_rate=args.lr, seed=args.seed)
+    print(table({(args.audio, args.layout): history}))
     return 0
 
 
