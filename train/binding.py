@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.tiny import AUDIO_BOS, AUDIO_EOS, IM_START
+from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START
 from train.conversations import prompt_ids
 from train.verifier import roc_auc
 
@@ -71,7 +71,7 @@ def sequence(tokenizer, row, n_audio: int, layout: str) -> list[int]:
     """Ids up to the position that predicts the answer; the audio placeholders stay to be replaced."""
     if layout == "chat":
         return prompt_ids(tokenizer, row.question, n_audio)
-    audio = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    audio = tokenizer.convert_tokens_to_ids(AUDIO)
     head = tokenizer.encode(f"{IM_START}user\n{AUDIO_BOS}", add_special_tokens=False)
     return head + [audio] * n_audio + tokenizer.encode(f"{AUDIO_EOS}\n{row.phrase}", add_special_tokens=False)
 
@@ -104,7 +104,7 @@ class Learner:
         self.projector = torch.nn.Linear(mean.shape[-1], text_config.hidden_size)
         self.tokenizer, self.audio, self.layout, self.word_ids = tokenizer, audio, layout, word_ids
         self.mean, self.std = mean, std
-        self.audio_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+        self.audio_id = tokenizer.convert_tokens_to_ids(AUDIO)
         self.yes, self.no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
 
     def parameters(self) -> list[torch.nn.Parameter]:
