@@ -25,7 +25,6 @@ the bottleneck is composing two hops in a small from-scratch language model, not
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -77,18 +76,10 @@ def sequence(tokenizer, row, n_audio: int, layout: str) -> list[int]:
 
 
 def load_split(model, processor, corpus_dir: Path, split: str, classes: list[str]) -> Split:
-    from models.tiny import TinySize
-    from train.encoder import frame_targets
-    from train.features import scene_features
-    from train.probe import encoder_outputs
+    from train.probe import encoded_split
     from train.qa import read_qa_rows
 
-    size = TinySize(**model.config.earwitness_tiny_size)
-    tag = f"mel{size.mel_bins}-hop{size.hop_length}-{size.chunk_s}s"
-    features, rows_of, _ = scene_features(corpus_dir, split, processor.feature_extractor, tag, progress=False)
-    hidden = encoder_outputs(model, features)
-    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
-    active = torch.from_numpy(frame_targets(timelines, rows_of, classes, hidden.shape[1], float(size.chunk_s)))
+    hidden, rows_of, active = encoded_split(model, processor, corpus_dir, split, classes)
     questions = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.scene_id in rows_of]
     return Split(hidden, active, rows_of, questions)
 

@@ -14,6 +14,11 @@ import soundfile as sf
 from tqdm import tqdm
 
 
+def feature_tag(size) -> str:
+    """The cache key of a tiny model's feature extractor (``models.tiny.TinySize``): features depend on nothing else."""
+    return f"mel{size.mel_bins}-hop{size.hop_length}-{size.chunk_s}s"
+
+
 def feature_cache(corpus_dir: Path, split: str, tag: str) -> tuple[Path, Path]:
     base = Path(corpus_dir) / "features" / tag
     return base / f"{split}.npy", base / f"{split}.json"

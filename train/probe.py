@@ -58,28 +58,30 @@ def presence_auc(clip_logits: np.ndarray, rows_of: dict[str, int], classes: list
     return out
 
 
+def encoded_split(model, processor, corpus_dir: Path, split: str, classes: list[str]) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
+    """``(audio tokens [N, P, dim], scene_id → row, strong-label activity [N, P, classes])`` of one split."""
+    from models.tiny import TinySize
+    from train.encoder import frame_targets
+    from train.features import feature_tag, scene_features
+
+    size = TinySize(**model.config.earwitness_tiny_size)
+    features, rows_of, _ = scene_features(corpus_dir, split, processor.feature_extractor, feature_tag(size), progress=False)
+    hidden = encoder_outputs(model, features)
+    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    return hidden, rows_of, torch.from_numpy(frame_targets(timelines, rows_of, classes, hidden.shape[1], float(size.chunk_s)))
+
+
 def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...] = ("train", "test"), steps: int = 300) -> dict[str, dict[str, float]]:
     """Presence ROC-AUC per split and negative sampling, from a linear head on the frozen encoder."""
     from models.loading import load
     from models.registry import resolve
-    from models.tiny import TinySize
-    from train.encoder import frame_targets
-    from train.features import scene_features
     from train.ontology import load_ontology
     from train.qa import read_qa_rows
 
     corpus_dir = Path(corpus_dir)
     processor, model = load(resolve(str(model_dir)), device="cpu")
-    size = TinySize(**model.config.earwitness_tiny_size)
-    tag = f"mel{size.mel_bins}-hop{size.hop_length}-{size.chunk_s}s"
     classes = load_ontology(corpus_dir / "ontology.json").names
-    data = {}
-    for split in dict.fromkeys(("train", *splits)):
-        features, rows_of, _ = scene_features(corpus_dir, split, processor.feature_extractor, tag, progress=False)
-        hidden = encoder_outputs(model, features)
-        timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
-        targets = torch.from_numpy(frame_targets(timelines, rows_of, classes, hidden.shape[1], float(size.chunk_s)))
-        data[split] = (hidden, rows_of, targets)
+    data = {split: encoded_split(model, processor, corpus_dir, split, classes) for split in dict.fromkeys(("train", *splits))}
     head = fit_head(data["train"][0], data["train"][2], steps=steps)
     results = {}
     with torch.no_grad():

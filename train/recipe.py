@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from models.tiny import TinySize, build_untrained
-from train.features import scene_features
+from train.features import feature_tag, scene_features
 from train.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
@@ -47,7 +47,7 @@ def versions() -> dict:
 def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), config: StageConfig = BASE, vocab_size: int = 2000, progress: bool = True):
     """Stage 1: a tokenizer and a model from scratch; with ``config.samplings=('positive',)`` the hallucinating baseline."""
     processor, model = build_untrained(corpus_texts(corpus_dir), size, vocab_size=vocab_size, seed=config.seed)
-    tag = f"mel{size.mel_bins}-hop{size.hop_length}-{size.chunk_s}s"
+    tag = feature_tag(size)
     train = stage_data(corpus_dir, "train", processor, config, tag)
     val = stage_data(corpus_dir, "validation", processor, config, tag)
     pretrain_audio_encoder(model, corpus_dir, train, val, size, out_dir / "encoder", config.seed, progress)
@@ -79,7 +79,7 @@ def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageC
 
     processor, model = load(resolve(str(base_dir)), device="cpu")
     size = TinySize(**model.config.earwitness_tiny_size)
-    tag = f"mel{size.mel_bins}-hop{size.hop_length}-{size.chunk_s}s"
+    tag = feature_tag(size)
     train = stage_data(corpus_dir, "train", processor, config, tag)
     val = stage_data(corpus_dir, "validation", processor, config, tag)
     train_stage(model, processor.tokenizer, train, val, config, out_dir, progress=progress)
