@@ -120,11 +120,11 @@ finally:
 """
 
 
-def start_earwitness(model: str, port: int, args, guard: bool, log: Path) -> tuple[subprocess.Popen, dict[str, str], str]:
+def start_earwitness(model: str, port: int, args, guard: bool, topology: str, log: Path) -> tuple[subprocess.Popen, dict[str, str], str]:
     """One Earwitness app; its URLs by route: through Serve's proxy, and straight to the ingress replica."""
     direct = free_port()
     fields = dict(
-        model=model, engine="vllm", port=port, direct_port=direct, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        model=model, engine="vllm", topology=topology, port=port, direct_port=direct, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         vllm_cpu_kvcache_gb=args.kvcache_gb, max_ongoing_requests=max(64, args.max_num_seqs), max_queued_requests=512,
         request_timeout_s=300, ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"), num_cpus=os.cpu_count() or 2,
         model_cpus=1, max_tokens_limit=max(256, args.max_tokens),
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kvcache-gb", type=int, default=1)
     p.add_argument("--start-timeout", type=float, default=400)
-    p.add_argument("--systems", default="vllm,off,on,proxy", help="which of vllm, off, on, proxy to run")
+    p.add_argument("--systems", default="vllm,fused-off,fused-on,off,on", help="which of vllm, fused-off, fused-on, off, on, proxy to run")
     p.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
     p.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results")
     p.add_argument("--gpu", dest="cpu", action="store_false", help="bf16 and CUDA graphs (default: CPU settings)")
@@ -278,16 +278,24 @@ def main(argv: list[str] | None = None) -> int:
     def vllm_server(log):
         return start_vllm(model, free_port(), args, log)
 
-    def earwitness_server(log):  # one app: the guard is chosen per request (earwitness.guard)
-        return start_earwitness(model, free_port(), args, "on" in args.systems, log)
+    guarded = any(key.endswith("on") for key in args.systems.split(","))
+
+    def split_server(log):  # one app per topology: the guard is chosen per request (earwitness.guard)
+        return start_earwitness(model, free_port(), args, guarded, "split", log)
+
+    def fused_server(log):
+        return start_earwitness(model, free_port(), args, guarded, "fused", log)
 
     # Earwitness is measured where clients meet it: straight at the ingress replica (Serve's direct
-    # ingress); "proxy" is the same app through Serve's proxy actor, to show what that hop costs
+    # ingress); "proxy" is the split app through Serve's proxy actor, to show what that hop costs.
+    # fused: the model in the ingress replica (as vLLM's server holds its engine); split: behind a handle
     every = {
         "vllm": ("vllm serve", vllm_server, None, "vllm"),
-        "off": ("earwitness vllm, guard off", earwitness_server, "off", "direct"),
-        "on": ("earwitness vllm, guard on", earwitness_server, "annotate", "direct"),
-        "proxy": ("earwitness vllm, guard off, via proxy", earwitness_server, "off", "proxy"),
+        "fused-off": ("earwitness fused, guard off", fused_server, "off", "direct"),
+        "fused-on": ("earwitness fused, guard on", fused_server, "annotate", "direct"),
+        "off": ("earwitness split, guard off", split_server, "off", "direct"),
+        "on": ("earwitness split, guard on", split_server, "annotate", "direct"),
+        "proxy": ("earwitness split, guard off, via proxy", split_server, "off", "proxy"),
     }
     systems = {key: every[key] for key in args.systems.split(",")}
     rows = run_all(systems, args, clips, args.out)

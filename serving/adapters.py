@@ -160,13 +160,13 @@ class PeftAdapters:
 
         Merged, a LoRA layer runs its base matmul only: on the embedded model the default adapter's
         answer took about 15% longer unmerged. Switching costs one unmerge and one merge, and makes
-        the caches computed with the old weights (the blank-audio prompt prefixes) stale.
+        the caches computed with the old weights (blank-audio prefixes and scores) stale.
         """
         if self.merged == name:
             return
-        from serving.backends.contrast import blank_prefixes
+        from serving.backends.contrast import clear_blank_caches
 
-        blank_prefixes(self.backend).clear()
+        clear_blank_caches(self.backend)
         if self.merged is not None:
             model.unmerge_adapter()
             self.merged = None

@@ -1,4 +1,5 @@
-"""Compose the Serve application: ingress → model (+ verifier), with resources and scale from the settings.
+"""Compose the Serve application: ingress → model (+ verifier), or ingress holding the model (``topology``),
+with resources and scale from the settings.
 
 ``serve run serving.app:app_builder`` and Serve config files (``import_path: serving.app:app_builder``,
 ``args:`` holding any :class:`~serving.config.Settings` field) use :func:`app_builder`.
@@ -20,8 +21,31 @@ from serving.verifier_server import VerifierServer
 def build(settings: Settings) -> Application:
     # One fresh metrics directory per application, so restarts don't resurrect old counts.
     metrics_dir = str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
+    metrics_env = {"runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}}
     from serving.placement import model_actor_options
 
+    verifier = None
+    if settings.verifier and settings.topology == "split":
+        # the absent-sound verifier: its own deployment, scaled apart from the model
+        verifier = VerifierServer.options(
+            num_replicas=settings.verifier_replicas,
+            max_ongoing_requests=max(16, settings.max_ongoing_requests),
+            ray_actor_options={"num_cpus": settings.verifier_cpus},
+        ).bind(settings.model_dump())
+    # the ingress takes every request at once (its model calls queue, or are refused, behind it)
+    ingress_ongoing = max(64, settings.max_queued_requests + settings.max_ongoing_requests)
+    if settings.topology == "fused":  # one deployment: each ingress replica holds model and verifier (serving/model_client.py)
+        if settings.ingress_replicas != 1:
+            raise ValueError("topology 'fused' scales with model_replicas (or model_min/max_replicas); leave ingress_replicas at 1")
+        options = model_actor_options(settings)
+        options["ray_actor_options"].update(metrics_env)
+        if settings.verifier:  # the verifier runs in the same replica: its CPUs too (in the replica's bundle)
+            options["ray_actor_options"]["num_cpus"] += settings.verifier_cpus
+            for bundle in options.get("placement_group_bundles", [])[:1]:
+                bundle["CPU"] += settings.verifier_cpus
+        return Ingress.options(
+            **_model_scale(settings), **options, max_ongoing_requests=ingress_ongoing, health_check_period_s=settings.health_check_period_s,
+        ).bind(None, settings.model_dump(), verifier)
     model = ModelServer.options(
         **_model_scale(settings),
         max_ongoing_requests=settings.max_ongoing_requests,
@@ -29,18 +53,10 @@ def build(settings: Settings) -> Application:
         health_check_period_s=settings.health_check_period_s,
         **model_actor_options(settings),  # CPUs/GPUs, or a placement group for vLLM tensor parallelism
     ).bind(settings.model_dump())
-    verifier = None
-    if settings.verifier:
-        # the absent-sound verifier: its own deployment, scaled apart from the model
-        verifier = VerifierServer.options(
-            num_replicas=settings.verifier_replicas,
-            max_ongoing_requests=max(16, settings.max_ongoing_requests),
-            ray_actor_options={"num_cpus": settings.verifier_cpus},
-        ).bind(settings.model_dump())
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
-        max_ongoing_requests=max(64, settings.max_queued_requests + settings.max_ongoing_requests),
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}},
+        max_ongoing_requests=ingress_ongoing,
+        ray_actor_options={"num_cpus": 0, **metrics_env},
     ).bind(model, settings.model_dump(), verifier)
 
 

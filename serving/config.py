@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
 
     # scale and batching: configuration, not code
+    topology: Literal["split", "fused"] = Field(
+        "split", description="split: ingress and model are two deployments (scaled apart, adapters routed by "
+        "model multiplexing); fused: each ingress replica holds the model, as vLLM's own server does (one process "
+        "hop less per request; model_* scale settings apply to it, ingress_replicas must stay 1)",
+    )
     model_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     model_cpus: float = Field(1.0, ge=0)

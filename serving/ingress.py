@@ -39,6 +39,7 @@ from serving.guard.policy import Outcome
 from serving.guard.runner import GuardRunner
 from serving.limits import BodyLimitMiddleware, json_object, too_large
 from serving.metrics import Metrics, mark_process_dead
+from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
 
 log = logging.getLogger("earwitness.http")
@@ -174,9 +175,9 @@ class Heard:
 
 
 class Service:
-    """What one ingress replica knows: settings, the model handle, its metrics."""
+    """What one ingress replica knows: settings, its model (``serving.model_client``), its metrics."""
 
-    def __init__(self, model, settings: Settings, verifier=None):
+    def __init__(self, model: RemoteModel | LocalModel, settings: Settings, verifier=None):
         self.settings = settings
         self.model = model
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -187,7 +188,7 @@ class Service:
 
     async def model_info(self) -> dict:
         if self._model_info is None:
-            self._model_info = await self._await_model(self.model.info.remote())
+            self._model_info = await self._await_model(self.model.info())
         return self._model_info
 
     def check_question(self, question: str) -> str:
@@ -222,16 +223,6 @@ class Service:
         _REQUEST_MODEL.set(model_id)
         return model_id, info
 
-    def _send(self, prompt: AudioPrompt, model_id: str | None = None):
-        """Start the model call, routed (Serve model multiplexing) to a replica holding ``model_id``'s adapter."""
-        model_id = model_id or _REQUEST_MODEL.get()
-        if not model_id:
-            return self.model.generate.remote(prompt)
-        handles = self.__dict__.setdefault("_handles", {})
-        if model_id not in handles:
-            handles[model_id] = self.model.options(multiplexed_model_id=model_id)
-        return handles[model_id].complete.remote(prompt)
-
     async def hear(self, endpoint: str, clip, question: str, max_tokens: int, policy: str, model_id: str | None = None) -> Heard:
         """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed.
 
@@ -240,7 +231,7 @@ class Service:
         """
         start = time.perf_counter()
         contrast = policy != "off" and self.settings.guard_contrast
-        response = self._send(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast), model_id)
+        response = self.model.complete(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast), model_id or _REQUEST_MODEL.get())
         pending = self.guard.start(clip.samples, question, policy)  # the verifier runs beside the model
         try:
             generation = await self._await_model(response)
@@ -328,7 +319,7 @@ class Service:
     async def ready(self) -> str | None:
         """None when a warm model replica answers, else why not."""
         try:
-            await asyncio.wait_for(self.model.info.remote(), 5.0)
+            await asyncio.wait_for(self.model.info(), 5.0)
         except BackPressureError:
             return None  # loaded and busy: readiness must not flap under load
         except Exception as exc:  # any failure to reach a warm replica means not ready
@@ -387,11 +378,24 @@ def create_app(service: Service) -> FastAPI:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
+    """The HTTP edge over the model and verifier deployments' handles, or (``model`` None: topology
+    ``fused``) holding both in this process."""
+
     def __init__(self, model, settings: dict, verifier=None):
-        self.service = Service(model, Settings(**settings), verifier)
+        config = Settings(**settings)
+        if model is not None:
+            self.service = Service(RemoteModel(model), config, verifier)
+            return
+        from serving.verifier_server import VerifierServer
+
+        local_verifier = InProcess(VerifierServer.func_or_class(settings)) if config.verifier else None
+        self.service = Service(LocalModel(config), config, local_verifier)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)
 
     def __del__(self):
         mark_process_dead()
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.model.close()

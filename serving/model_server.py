@@ -64,15 +64,17 @@ class ModelServer:
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_loaded_adapters)(load_adapter)
         log.info("model %s ready (adapter=%s)", self.backend.model_name, bool(self.adapter))
 
-    def __del__(self):
-        # Serve calls this on graceful shutdown: vLLM's engine-core process is not a Ray actor and
-        # would outlive the replica otherwise
+    def close(self) -> None:
+        """Stop the engine: vLLM's engine-core process is not a Ray actor and would outlive the replica."""
         shutdown = getattr(getattr(self, "backend", None), "shutdown", None)
         if shutdown is not None:
             try:
                 shutdown()
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
+
+    def __del__(self):
+        self.close()  # Serve calls this on graceful shutdown
 
     def info(self) -> dict:
         return {
@@ -92,9 +94,9 @@ class ModelServer:
             return await self.backend.generate_async(prompt, ref)
         return await self._batcher.submit((prompt, "default" if self.adapter else None))
 
-    async def complete(self, prompt: AudioPrompt) -> Generation:
-        """One answer from the model id this request was routed with (``multiplexed_model_id``)."""
-        model_id = serve.get_multiplexed_model_id() or self.catalog.default_id
+    async def complete(self, prompt: AudioPrompt, model_id: str | None = None) -> Generation:
+        """One answer from ``model_id``, else the id this request was routed with (``multiplexed_model_id``)."""
+        model_id = model_id or serve.get_multiplexed_model_id() or self.catalog.default_id
         loaded = await self._adapter(model_id)
         if self.is_async:
             return await self.backend.generate_async(prompt, loaded.ref)

@@ -25,7 +25,8 @@ class VerifierServer:
         from serving.guard.verifier import load_verifier
 
         self.settings = Settings(**settings)
-        torch.set_num_threads(max(1, int(self.settings.verifier_cpus)))  # a fractional share gets one thread
+        if self.settings.topology == "split":  # fused: the process's threads are the model's to set
+            torch.set_num_threads(max(1, int(self.settings.verifier_cpus)))  # a fractional share gets one thread
         self.verifier = load_verifier(self.settings.verifier)
         # warm up: the audio path and the text encoder
         self.verifier.verify(np.zeros(self.verifier.sample_rate, dtype=np.float32), ["a dog barking"])

@@ -196,11 +196,20 @@ def test_audio_contrast_from_the_model(tiny_checkpoint):
     assert out[1].answer_logprob == pytest.approx(out[1].blank_logprob, abs=1e-4)
     assert out[2].answer_logprob is None and out[2].blank_logprob is None
     assert out[0].text == out[2].text  # asking for the contrast does not change the answer
-    again = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])  # second time: cached blank audio encoding
-    assert again[0].blank_logprob == pytest.approx(out[0].blank_logprob, abs=1e-4)
-    from serving.backends.contrast import blank_prefixes
+    from serving.backends.contrast import blank_prefixes, blank_scores
 
+    assert blank_scores(backend).hits == 0
+    blank_scores(backend).clear()  # the pass again, from the blank prompt's kept prefix
+    again = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])
+    assert again[0].blank_logprob == pytest.approx(out[0].blank_logprob, abs=1e-4)
     assert blank_prefixes(backend).hits >= 1  # the blank prompt up to the question was computed once, then reused
+    other = (0.2 * rng.standard_normal(16_000 * 4)).astype(np.float32)  # another clip of the same length
+    [third] = backend.generate([AudioPrompt(other, "Is there a dog?", 4, True)])
+    if third.text == out[0].text:  # the same answer to the same question: its blank side is the one kept
+        assert blank_scores(backend).hits == 1 and third.blank_logprob == out[0].blank_logprob
+    hits = blank_scores(backend).hits
+    backend.generate([AudioPrompt(real[: 16_000 * 2], "Is there a dog?", 4, True)])
+    assert blank_scores(backend).hits == hits  # another length: computed anew
 
 
 def test_contrast_matches_full_teacher_forced_passes(tiny_checkpoint):

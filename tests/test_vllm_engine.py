@@ -64,14 +64,23 @@ def test_audio_contrast_matches_the_transformers_engine(artifacts):
                                max_model_len=1024, max_num_seqs=4)
     long = AudioPrompt(np.tile(clip(), 4), QUESTION, MAX_TOKENS, contrast=True)  # 8 s: its prompt spans cache blocks
 
-    async def run():  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
-        return [await backend.generate_async(p) for p in (AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True), long, long)]
+    from serving.backends.contrast import blank_scores
+
+    async def run():
+        out = await backend.generate_async(AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True))
+        first = await backend.generate_async(long)
+        blank_scores(backend).clear()  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
+        again = await backend.generate_async(long)
+        hits = blank_scores(backend).hits
+        kept = await backend.generate_async(long)  # the third: the blank score kept, no pass
+        return out, first, again, kept, blank_scores(backend).hits - hits
 
     try:
-        out, first, again = asyncio.run(run())
+        out, first, again, kept, hits = asyncio.run(run())
     finally:
         backend.shutdown()
     assert again.blank_logprob == pytest.approx(first.blank_logprob, abs=1e-4)
+    assert kept.blank_logprob == again.blank_logprob and hits == (1 if kept.blank_logprob is not None else 0)
     assert out.text == expected["text"]
     assert out.answer_logprob == pytest.approx(expected["answer_logprob"], abs=2e-3)
     assert out.blank_logprob == pytest.approx(expected["blank_logprob"], abs=2e-3)

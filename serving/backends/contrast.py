@@ -5,8 +5,9 @@ The real answer's log-probability comes out of the decode itself (its logits). T
 the same prompt with the audio replaced by silence of the same length, teacher-forced on the
 answer's tokens. Everything in that prompt up to the end of the audio is the same for every
 question about a clip of that length, so its key–value cache is computed once and kept
-(:class:`BlankPrefixes`); a contrast then costs one forward pass over the question and answer
-tokens only. Answers read as 'no' claim no sound and get no contrast (their log-probs stay None):
+(:func:`blank_prefixes`); a contrast then costs one forward pass over the question and answer
+tokens only, and none when the same question got the same answer on a clip of that length before
+(:func:`blank_scores`). Answers read as 'no' claim no sound and get no contrast (their log-probs stay None):
 nothing is computed for them. An answer as likely on silence as on the clip is the model's prior,
 not a hearing.
 
@@ -38,30 +39,31 @@ def blank_value(backend) -> float | None:
     return backend._blank_value
 
 
-class BlankPrefixes:
-    """Key–value caches of prompt prefixes that end with blank audio, keyed by their token ids.
+class LruCache:
+    """A bounded, thread-safe map from tuples to values, least recently used out first, hits counted.
 
-    The weights they were computed with must not change under them: whoever switches adapters
-    calls :meth:`clear` (``serving.adapters.PeftAdapters`` does).
+    Blank-audio results are cached under keys holding everything they were computed from but the
+    weights: whoever switches adapters under a backend calls :func:`clear_blank_caches`
+    (``serving.adapters.PeftAdapters`` does); the vLLM backend keys its scores by adapter instead.
     """
 
-    def __init__(self, size: int = 32):
+    def __init__(self, size: int):
         self.size = size
-        self.entries: OrderedDict[tuple[int, ...], list] = OrderedDict()  # ids -> [(keys, values) per layer]
+        self.entries: OrderedDict[tuple, object] = OrderedDict()
         self.lock = threading.Lock()
         self.hits = 0
 
-    def get(self, key: tuple[int, ...]):
+    def get(self, key: tuple):
         with self.lock:
-            cache = self.entries.get(key)
-            if cache is not None:
+            value = self.entries.get(key)
+            if value is not None:
                 self.entries.move_to_end(key)
                 self.hits += 1
-            return cache
+            return value
 
-    def put(self, key: tuple[int, ...], cache) -> None:
+    def put(self, key: tuple, value) -> None:
         with self.lock:
-            self.entries[key] = cache
+            self.entries[key] = value
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
 
@@ -70,10 +72,25 @@ class BlankPrefixes:
             self.entries.clear()
 
 
-def blank_prefixes(backend) -> BlankPrefixes:
+def blank_prefixes(backend) -> LruCache:
+    """Key–value caches of prompt prefixes that end with blank audio (tensors: few are kept)."""
     if not hasattr(backend, "_blank_prefixes"):
-        backend._blank_prefixes = BlankPrefixes()
+        backend._blank_prefixes = LruCache(32)
     return backend._blank_prefixes
+
+
+def blank_scores(backend) -> LruCache:
+    """Finished blank-side log-probs. Silence of a given length is always the same silence, so the blank
+    side of a contrast depends on the clip's length, the question and the answer only: assistants that
+    ask the same questions of fixed-length windows get it without a model pass."""
+    if not hasattr(backend, "_blank_scores"):
+        backend._blank_scores = LruCache(4096)
+    return backend._blank_scores
+
+
+def clear_blank_caches(backend) -> None:
+    blank_prefixes(backend).clear()
+    blank_scores(backend).clear()
 
 
 def _blank_features(backend, inputs, row: int, n_samples: int) -> torch.Tensor:
@@ -90,10 +107,15 @@ def blank_logprob(backend, inputs, row: int, n_samples: int, answer: torch.Tenso
     """log P(answer | the row's prompt with blank audio), from the cached blank prefix plus one pass."""
     model, tokenizer = backend.model, backend.processor.tokenizer
     ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+    frames = int(inputs["feature_attention_mask"][row].sum())  # the silence's length, as the encoder sees it
+    score_key = (frames, tuple(ids.tolist()), tuple(answer.tolist()))
+    score = blank_scores(backend).get(score_key)
+    if score is not None:
+        return score
     eos_id = tokenizer.convert_tokens_to_ids(AUDIO_EOS)
     eos = (ids == eos_id).nonzero() if eos_id is not None and eos_id != tokenizer.unk_token_id else ids[:0]
     cut = int(eos[-1] if len(eos) else (ids == model.config.audio_token_id).nonzero()[-1]) + 1  # just past the audio
-    key = tuple(ids[:cut].tolist())
+    key = (frames, *ids[:cut].tolist())
     prefix = blank_prefixes(backend).get(key)
     if prefix is None:
         out = model(input_ids=ids[None, :cut], attention_mask=torch.ones_like(ids[None, :cut]),
@@ -109,7 +131,9 @@ def blank_logprob(backend, inputs, row: int, n_samples: int, answer: torch.Tenso
                    past_key_values=cache, use_cache=True).logits[0]
     start = len(ids) - cut - 1  # the logits that predict the answer's first token
     lp = logits[start : start + len(answer)].float().log_softmax(-1)
-    return float(lp.gather(-1, answer[:, None].to(lp.device)).sum())
+    score = float(lp.gather(-1, answer[:, None].to(lp.device)).sum())
+    blank_scores(backend).put(score_key, score)
+    return score
 
 
 def with_contrast(backend, inputs, prompts: list[AudioPrompt], generations: list[Generation], new_tokens: torch.Tensor,

@@ -229,7 +229,8 @@ class VLLMBackend:
         return Generation(generation.text, generation.num_tokens, answer_logprob=float(real), blank_logprob=blank)
 
     async def _blank_logprob(self, prompt: AudioPrompt, answer: list[int], adapter: LoraRef | None) -> float:
-        """log P(answer | the same prompt on silence of the clip's length): the answer scored as prompt tokens.
+        """log P(answer | the same prompt on silence of the clip's length): the answer scored as prompt tokens,
+        or the score kept from the last time (:func:`serving.backends.contrast.blank_scores`).
 
         vLLM skips its prefix cache for prompt log-probs by default; this pass reads it, because the blank
         prompt (silence of a given length, then the question) repeats across requests and only the answer's
@@ -238,6 +239,12 @@ class VLLMBackend:
         """
         from vllm import SamplingParams
 
+        from serving.backends.contrast import blank_scores
+
+        key = (adapter.name if adapter else None, len(prompt.samples), prompt.question, tuple(answer))
+        score = blank_scores(self).get(key)
+        if score is not None:  # this question got this answer on a clip of this length before
+            return score
         blank = np.zeros(len(prompt.samples), dtype=np.float32)
         inputs = {"prompt_token_ids": [*self._prompt_ids(prompt.question), *answer], "multi_modal_data": {"audio": (blank, self.sample_rate)}}
         for cached in (True, False):
@@ -247,7 +254,9 @@ class VLLMBackend:
             if not cached or (out.num_cached_tokens or 0) <= first - 1:  # the answer's rows were computed
                 break
         scored = out.prompt_logprobs[first:]
-        return float(sum(step[token].logprob for step, token in zip(scored, answer)))
+        score = float(sum(step[token].logprob for step, token in zip(scored, answer)))
+        blank_scores(self).put(key, score)
+        return score
 
     async def _run(self, inputs: dict, params, adapter: LoraRef | None):
         request_id = uuid.uuid4().hex
