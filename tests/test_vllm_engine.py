@@ -87,16 +87,17 @@ def test_audio_contrast_matches_the_transformers_engine(artifacts):
     assert abs(out.answer_logprob - out.blank_logprob) > 1e-3  # the clip does move the answer
 
 
-@pytest.fixture(scope="module")
-def vllm_server(artifacts):
-    """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env)."""
+@pytest.fixture(scope="module", params=["split", "fused"])
+def vllm_server(artifacts, request):
+    """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env), in
+    both topologies: the engine behind a handle, and in the ingress replica."""
     import httpx
 
     from serving.config import Settings
     from serving.runtime import start, stop
 
     fields = dict(
-        model=str(artifacts / "merged"), engine="vllm", port=free_port(), num_cpus=2, model_cpus=1,
+        model=str(artifacts / "merged"), engine="vllm", topology=request.param, port=free_port(), num_cpus=2, model_cpus=1,
         max_num_seqs=8, max_model_len=1024, request_timeout_s=120,
         ray_temp_dir=tempfile.mkdtemp(prefix="ew-vllm-"),
     )
