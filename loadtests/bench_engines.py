@@ -140,13 +140,23 @@ def start_earwitness(model: str, port: int, args, guard: bool, topology: str, lo
 
 
 async def load(url: str, payloads: list[dict], concurrency: int, seconds: float, max_requests: int) -> dict:
-    """Closed-loop: ``concurrency`` clients, each sending the next request when its last one returns."""
+    """Closed-loop: ``concurrency`` clients, each sending the next request when its last one returns.
+
+    Each client's first request is not counted: it opens the connection and meets a server that sat
+    idle while the other systems had their window (bare vLLM's and Earwitness' first request after
+    such a pause both took up to a second, at random, which would swamp a window's mean).
+    """
     latencies: list[float] = []
     errors = 0
     sent = 0
-    deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def wake(i: int):
+            await client.post("/v1/chat/completions", json=payloads[i % len(payloads)])
+
+        await asyncio.gather(*(wake(i) for i in range(concurrency)))
+        deadline = time.perf_counter() + seconds
 
         async def worker(i: int):
             nonlocal sent, errors
@@ -211,21 +221,23 @@ def merge(parts: list[dict]) -> dict:
         "concurrency": parts[0]["concurrency"], "requests": n, "errors": sum(p["errors"] for p in parts), "wall_s": wall,
         "p50_ms": 1000 * statistics.median(latencies) if n else float("nan"),
         "p95_ms": 1000 * latencies[min(n - 1, int(0.95 * n))] if n else float("nan"),
+        "mean_ms": 1000 * statistics.fmean(latencies) if n else float("nan"),
         "rps": n / wall if wall else 0.0,
+        "latencies_ms": [[round(1000 * x, 2) for x in p["latencies"]] for p in parts],  # per window, in completion order
     }
 
 
 def table(rows: list[dict]) -> str:
     base = {r["concurrency"]: r for r in rows if r["system"] == "vllm serve"}
     lines = [
-        "| system | concurrency | requests | p50 ms | p95 ms | req/s | p50 / vLLM | p95 / vLLM | req/s / vLLM |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | concurrency | requests | p50 ms | p95 ms | mean ms | req/s | p50 / vLLM | p95 / vLLM | req/s / vLLM |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         b = base.get(r["concurrency"])
         ratios = ("", "", "") if r["system"] == "vllm serve" or not b else (
             f"{r['p50_ms'] / b['p50_ms']:.2f}x", f"{r['p95_ms'] / b['p95_ms']:.2f}x", f"{r['rps'] / b['rps']:.2f}x")
-        lines.append(f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['rps']:.2f} | " + " | ".join(ratios) + " |")
+        lines.append(f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['mean_ms']:.0f} | {r['rps']:.2f} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ from serving.guard.endpoint import VERIFY_BODY
 from serving.guard.endpoint import verify as verify_audio
 from serving.guard.policy import Outcome
 from serving.guard.runner import GuardRunner
+from serving.heap import freeze_startup_heap
 from serving.limits import BodyLimitMiddleware, json_object, too_large
 from serving.metrics import Metrics, mark_process_dead
 from serving.model_client import InProcess, LocalModel, RemoteModel
@@ -385,11 +386,13 @@ class Ingress:
         config = Settings(**settings)
         if model is not None:
             self.service = Service(RemoteModel(model), config, verifier)
+            freeze_startup_heap()
             return
         from serving.verifier_server import VerifierServer
 
         local_verifier = InProcess(VerifierServer.func_or_class(settings)) if config.verifier else None
         self.service = Service(LocalModel(config), config, local_verifier)
+        freeze_startup_heap()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)

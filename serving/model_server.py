@@ -20,6 +20,7 @@ from serving.adapters import Catalog, LoadedAdapter, PeftAdapters, UnknownModel
 from serving.backends import AudioPrompt, Generation
 from serving.batching import Batcher
 from serving.config import Settings
+from serving.heap import freeze_startup_heap
 
 log = logging.getLogger("earwitness.model")
 
@@ -62,6 +63,7 @@ class ModelServer:
 
         # A plain function (not a bound method) so Serve can cache its multiplexing state on it.
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_loaded_adapters)(load_adapter)
+        freeze_startup_heap()
         log.info("model %s ready (adapter=%s)", self.backend.model_name, bool(self.adapter))
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import torch
 from ray import serve
 
 from serving.config import Settings
+from serving.heap import freeze_startup_heap
 
 log = logging.getLogger("earwitness.verifier")
 
@@ -30,6 +31,7 @@ class VerifierServer:
         self.verifier = load_verifier(self.settings.verifier)
         # warm up: the audio path and the text encoder
         self.verifier.verify(np.zeros(self.verifier.sample_rate, dtype=np.float32), ["a dog barking"])
+        freeze_startup_heap()
         log.info("verifier %s ready", self.verifier.name)
 
     def info(self) -> dict:
