@@ -5,12 +5,13 @@ Run from the vLLM environment (it starts ``vllm serve`` from there, and Earwitne
     .venv-vllm/bin/python loadtests/bench_engines.py                       # tiny CPU model, bounded
     .venv-vllm/bin/python loadtests/bench_engines.py --model DIR --levels 1,8,32 --seconds 20
 
-Both servers are started (one Earwitness app serves guard off and on: the guard is per request), warmed,
+The servers are started (bare vLLM, and one Earwitness app per topology — fused: the engine in the
+ingress replica, split: behind a handle — each serving guard off and on, the guard being per request), warmed,
 then loaded at each concurrency level by closed-loop clients for ``--seconds`` in all (at most
 ``--max-requests``), split into ``--rounds`` windows that rotate over the systems, so whatever else
 runs on the host weighs on all of them alike. Every request is the
 same OpenAI ``/v1/chat/completions`` body — an ``input_audio`` WAV clip (cycled over ``--clips``) and a
-question, greedy, ``max_tokens`` — so the three systems generate the same tokens. Printed: p50 / p95
+question, greedy, ``max_tokens`` — so all systems generate the same tokens. Printed: p50 / p95
 latency and requests/s per system and level, and the ratios to bare vLLM against the targets
 (Earwitness guard off: latency <= 1.15x, throughput >= 0.9x; guard on: latency <= 1.3x).
 
@@ -254,9 +255,9 @@ def verdicts(rows: list[dict]) -> list[str]:
         if "guard off" in r["system"]:
             thr = r["rps"] / b["rps"]
             ok = lat <= 1.15 and thr >= 0.9
-            out.append(f"c={r['concurrency']}: guard off latency {lat:.2f}x (<= 1.15), throughput {thr:.2f}x (>= 0.9): {'MET' if ok else 'MISSED'}")
+            out.append(f"c={r['concurrency']}: {r['system']}: latency {lat:.2f}x (<= 1.15), throughput {thr:.2f}x (>= 0.9): {'MET' if ok else 'MISSED'}")
         else:
-            out.append(f"c={r['concurrency']}: guard on latency {lat:.2f}x (<= 1.3): {'MET' if lat <= 1.3 else 'MISSED'}")
+            out.append(f"c={r['concurrency']}: {r['system']}: latency {lat:.2f}x (<= 1.3): {'MET' if lat <= 1.3 else 'MISSED'}")
     return out
 
 
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     answers = {r["system"]: r["answer"] for r in rows}
     report = [
         f"model: {model_name}; clips: {args.clips} x {args.clip_seconds:g} s WAV; max_tokens {args.max_tokens}; "
-        f"{args.seconds:g} s per level (<= {args.max_requests} requests); host: {os.cpu_count()} CPUs",
+        f"{args.seconds:g} s per level (<= {args.max_requests} requests) in {args.rounds} interleaved windows; host: {os.cpu_count()} CPUs; "
+        "guard on = annotate: the verifier's forward + the answer's audio contrast (its log-probs, and the blank side, scored or kept)",
         "",
         table(rows),
         "",
