@@ -261,6 +261,55 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def breakdown(model: str, args, clips: list[str], n: int) -> str:
+    """Where a guarded request's time goes, without HTTP: the fused replica's own code path in this process
+    (``LocalModel`` on the vLLM engine, the verifier in process, the guard's judgement), ``n`` sequential
+    requests per variant, interleaved in two rounds; p50 and its ratio to the engine alone."""
+    from serving import audio as intake
+    from serving.backends import AudioPrompt
+    from serving.config import Settings
+    from serving.guard.runner import GuardRunner
+    from serving.metrics import Metrics
+    from serving.model_client import InProcess, LocalModel
+    from serving.verifier_server import VerifierServer
+
+    settings = Settings(model=model, engine="vllm", topology="fused", max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        vllm_cpu_kvcache_gb=args.kvcache_gb, model_cpus=1)
+    local = LocalModel(settings)
+    guard = GuardRunner(InProcess(VerifierServer.func_or_class(settings.model_dump())), settings, Metrics())
+    decoded = [intake.decode(base64.b64decode(c), local.server.backend.sample_rate, 30).samples for c in clips]
+    variants = {"engine alone": (False, "off"), "+ audio contrast": (True, "off"), "+ verifier and judgement": (False, "annotate"),
+                "+ both (guard on)": (True, "annotate")}
+
+    async def one(i: int, contrast: bool, policy: str) -> float:
+        start = time.perf_counter()
+        prompt = AudioPrompt(decoded[i % len(decoded)], QUESTION, args.max_tokens, contrast=contrast)
+        response = local.complete(prompt, None)
+        pending = guard.start(prompt.samples, QUESTION, policy)
+        await guard.finish(pending, QUESTION, await response, policy)
+        return time.perf_counter() - start
+
+    async def measure() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(2):
+            for name, (contrast, policy) in variants.items():
+                for i in range(n // 2 + 3):
+                    t = await one(i, contrast, policy)
+                    if i >= 3:  # the first few warm caches (the blank side's included)
+                        times[name].append(t)
+        return times
+
+    try:
+        times = asyncio.run(measure())
+    finally:
+        local.close()
+    base = statistics.median(times["engine alone"])
+    lines = ["| in process, sequential | p50 ms | / engine alone |", "| --- | ---: | ---: |"]
+    for name, ts in times.items():
+        lines.append(f"| {name} | {1000 * statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory vLLM accepts (default: tests/vllm_prep.py's tiny, built now)")
@@ -278,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
     p.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results")
     p.add_argument("--gpu", dest="cpu", action="store_false", help="bf16 and CUDA graphs (default: CPU settings)")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="only the in-process breakdown of a guarded request, N requests per variant (no servers)")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tests.vllm_prep", model], check=True, cwd=ROOT)
         model, model_name = str(Path(model) / "base"), "tests/vllm_prep.py's tiny Qwen2-Audio (random weights)"
     clips = make_clips(args.clips, args.clip_seconds)
+    if args.breakdown:
+        text = f"model: {model_name}; clips: {args.clips} x {args.clip_seconds:g} s; max_tokens {args.max_tokens}\n\n" + breakdown(model, args, clips, args.breakdown)
+        print(text)
+        (args.out / "bench_engines_breakdown.md").write_text(text + "\n")
+        return 0
     def vllm_server(log):
         return start_vllm(model, free_port(), args, log)
 

@@ -135,8 +135,9 @@ def test_model_replica_killed_under_load_fails_fast_and_recovers(autoscaled):
     assert _ask(base)[2] == 200
 
 
-def test_full_queue_is_answered_503_with_retry_after(server):
-    with variant_app(server, "faults-queue", max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1) as base:
+@pytest.mark.parametrize("topology", ["split", "fused"])  # fused: the limit is the ingress replica's own (serving/model_client.py)
+def test_full_queue_is_answered_503_with_retry_after(server, topology):
+    with variant_app(server, f"faults-queue-{topology}", topology=topology, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1) as base:
         with cf.ThreadPoolExecutor(10) as pool:
             results = list(pool.map(lambda _: _ask(base, max_tokens=256, timeout=60), range(10)))
         statuses = [r[2] for r in results]
@@ -147,6 +148,7 @@ def test_full_queue_is_answered_503_with_retry_after(server):
         for _, end, _, code, headers in rejected:
             assert code == "overloaded" and headers.get("retry-after") == "1"
         assert max(r[1] - r[0] for r in rejected) < 5, "refusals are immediate, not queued"
+        assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
 
 
 def test_request_over_its_timeout_gets_504_and_the_service_lives(server):
