@@ -34,10 +34,14 @@ def _random_adapter(base, out, seed: int):
 
 
 @pytest.fixture(scope="module")
-def adapted(server, tiny_checkpoint, tmp_path_factory):
+def adapter_dirs(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("adapters")
-    adapters = {"a1": _random_adapter(tiny_checkpoint, root / "a1", 1), "a2": _random_adapter(tiny_checkpoint, root / "a2", 2)}
-    with variant_app(server, "oai", adapters=adapters, max_loaded_adapters=1, max_batch_size=4) as base:
+    return {"a1": _random_adapter(tiny_checkpoint, root / "a1", 1), "a2": _random_adapter(tiny_checkpoint, root / "a2", 2)}
+
+
+@pytest.fixture(scope="module")
+def adapted(server, tiny_checkpoint, adapter_dirs):
+    with variant_app(server, "oai", adapters=adapter_dirs, max_loaded_adapters=1, max_batch_size=4) as base:
         yield base, tiny_checkpoint.name
 
 
@@ -90,6 +94,17 @@ def test_adapters_are_routed_and_reloaded(oai, adapted):
     assert answers["a1"][0] == answers["a1"][1]  # reloaded after eviction: the same weights
     assert answers["a2"][0] == answers["a2"][1]  # the bare adapter name routes to the same adapter
     assert len({answers[name][0], answers["a1"][0], answers["a2"][0]}) > 1  # adapters change the model
+
+
+def test_fused_topology_serves_the_same_adapters(oai, adapted, server, adapter_dirs):
+    """The engine in the ingress replica (topology fused) answers every model id as the split app does."""
+    _, name = adapted
+    models = (name, f"{name}:a1", f"{name}:a2", f"{name}:a1", "a2")
+    split = [_ask(oai, model).choices[0].message.content for model in models]
+    with variant_app(server, "oai-fused", topology="fused", adapters=adapter_dirs, max_loaded_adapters=1, max_batch_size=4) as base:
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as fused:
+            assert [m.id for m in fused.models.list().data] == [name, f"{name}:a1", f"{name}:a2"]
+            assert [_ask(fused, model).choices[0].message.content for model in models] == split
 
 
 def test_streaming(oai, adapted):
