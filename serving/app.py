@@ -45,7 +45,7 @@ def build(settings: Settings) -> Application:
                 bundle["CPU"] += settings.verifier_cpus
         return Ingress.options(
             **_model_scale(settings), **options, max_ongoing_requests=ingress_ongoing, health_check_period_s=settings.health_check_period_s,
-        ).bind(None, settings.model_dump(), verifier)
+        ).bind(None, settings.model_dump())  # no handles: the replica builds both
     model = ModelServer.options(
         **_model_scale(settings),
         max_ongoing_requests=settings.max_ongoing_requests,

@@ -386,12 +386,11 @@ class Ingress:
         config = Settings(**settings)
         if model is not None:
             self.service = Service(RemoteModel(model), config, verifier)
-            freeze_startup_heap()
-            return
-        from serving.verifier_server import VerifierServer
+        else:
+            from serving.verifier_server import VerifierServer
 
-        local_verifier = InProcess(VerifierServer.func_or_class(settings)) if config.verifier else None
-        self.service = Service(LocalModel(config), config, local_verifier)
+            local_verifier = InProcess(VerifierServer.func_or_class(settings)) if config.verifier else None
+            self.service = Service(LocalModel(config), config, local_verifier)
         freeze_startup_heap()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -203,10 +203,8 @@ def test_audio_contrast_from_the_model(tiny_checkpoint):
     again = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])
     assert again[0].blank_logprob == pytest.approx(out[0].blank_logprob, abs=1e-4)
     assert blank_prefixes(backend).hits >= 1  # the blank prompt up to the question was computed once, then reused
-    other = (0.2 * rng.standard_normal(16_000 * 4)).astype(np.float32)  # another clip of the same length
-    [third] = backend.generate([AudioPrompt(other, "Is there a dog?", 4, True)])
-    if third.text == out[0].text:  # the same answer to the same question: its blank side is the one kept
-        assert blank_scores(backend).hits == 1 and third.blank_logprob == out[0].blank_logprob
+    [kept] = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])  # the same answer to the same question
+    assert blank_scores(backend).hits == 1 and kept.blank_logprob == again[0].blank_logprob  # its blank side kept, no pass
     hits = blank_scores(backend).hits
     backend.generate([AudioPrompt(real[: 16_000 * 2], "Is there a dog?", 4, True)])
     assert blank_scores(backend).hits == hits  # another length: computed anew
