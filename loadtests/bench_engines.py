@@ -10,10 +10,17 @@ ingress replica, split: behind a handle — each serving guard off and on, the g
 then loaded at each concurrency level by closed-loop clients for ``--seconds`` in all (at most
 ``--max-requests``), split into ``--rounds`` windows that rotate over the systems, so whatever else
 runs on the host weighs on all of them alike. Every request is the
-same OpenAI ``/v1/chat/completions`` body — an ``input_audio`` WAV clip (cycled over ``--clips``) and a
-question, greedy, ``max_tokens`` — so all systems generate the same tokens. Printed: p50 / p95
-latency and requests/s per system and level, and the ratios to bare vLLM against the targets
-(Earwitness guard off: latency <= 1.15x, throughput >= 0.9x; guard on: latency <= 1.3x).
+same OpenAI ``/v1/chat/completions`` body — an ``input_audio`` WAV clip and a question, greedy,
+``max_tokens`` — so all systems generate the same tokens. Two workloads (``--workloads``):
+
+* ``repeat``: the ``--clips`` clips in turn. Every server has heard each clip before, so vLLM's prefix
+  cache answers the whole prompt and only the decode is left; Earwitness' verifier keeps its result per clip too.
+* ``fresh``: every request a recording no server has heard: the same clips, each with six of its
+  samples rewritten (by at most 15/32768) to a number never sent before. The audio is encoded and
+  prefilled, and verified, every time, as for an assistant's live traffic.
+
+Printed: p50 / p95 latency and requests/s per workload, system and level, and the ratios to bare
+vLLM against the targets (Earwitness guard off: latency <= 1.15x, throughput >= 0.9x; guard on: latency <= 1.3x).
 
 Only loopback addresses are used; every loop is bounded in time and count.
 """
@@ -24,10 +31,12 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import os
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,6 +65,34 @@ def make_clips(n: int, seconds: float, seed: int = 0) -> list[str]:
         sf.write(buf, wave.astype(np.float32), 16_000, format="WAV", subtype="PCM_16")
         out.append(base64.b64encode(buf.getvalue()).decode())
     return out
+
+
+WAV_DATA_CHAR = 64  # base64 of bytes 48..59: six PCM-16 samples just past the 44-byte WAV header, 3-byte aligned
+_SENT = itertools.count(1)  # one numbering for every server: no fresh clip is sent twice, to anyone
+
+
+def fresh_clip(clip: str, n: int) -> str:
+    """``clip`` (base64 PCM-16 WAV) with samples 2..7 set to ``n``'s six 4-bit digits: a recording that
+    hashes apart from every other ``n`` and sounds the same (each sample at most 15 / 32768)."""
+    digits = struct.pack("<6h", *((n >> (4 * i)) & 0xF for i in range(6)))
+    return clip[:WAV_DATA_CHAR] + base64.b64encode(digits).decode() + clip[WAV_DATA_CHAR + 16:]
+
+
+class Requests:
+    """The bodies one system is sent, the ``k``-th by ``requests(k)``: the clips in turn (``repeat``), or each
+    of them made a recording never sent before (``fresh``)."""
+
+    def __init__(self, model: str, clips: list[str], max_tokens: int, guard: str | None, workload: str):
+        self.bodies = [body(model, c, max_tokens, guard) for c in clips]
+        self.fresh = workload == "fresh"
+
+    def __call__(self, k: int) -> dict:
+        template = self.bodies[k % len(self.bodies)]
+        if not self.fresh:
+            return template
+        audio = template["messages"][0]["content"][0]["input_audio"]
+        content = [{"type": "input_audio", "input_audio": {**audio, "data": fresh_clip(audio["data"], next(_SENT))}}, template["messages"][0]["content"][1]]
+        return {**template, "messages": [{"role": "user", "content": content}]}
 
 
 def body(model: str, clip: str, max_tokens: int, guard: str | None) -> dict:
@@ -140,7 +177,7 @@ def start_earwitness(model: str, port: int, args, guard: bool, topology: str, lo
     return proc, {"proxy": f"http://127.0.0.1:{port}", "direct": f"http://127.0.0.1:{direct}"}, Path(model).name
 
 
-async def load(url: str, payloads: list[dict], concurrency: int, seconds: float, max_requests: int) -> dict:
+async def load(url: str, requests: Requests, concurrency: int, seconds: float, max_requests: int) -> dict:
     """Closed-loop: ``concurrency`` clients, each sending the next request when its last one returns.
 
     Each client's first request is not counted: it opens the connection and meets a server that sat
@@ -154,7 +191,7 @@ async def load(url: str, payloads: list[dict], concurrency: int, seconds: float,
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
         async def wake(i: int):
-            await client.post("/v1/chat/completions", json=payloads[i % len(payloads)])
+            await client.post("/v1/chat/completions", json=requests(i))
 
         await asyncio.gather(*(wake(i) for i in range(concurrency)))
         deadline = time.perf_counter() + seconds
@@ -165,7 +202,7 @@ async def load(url: str, payloads: list[dict], concurrency: int, seconds: float,
             while time.perf_counter() < deadline and sent < max_requests:
                 sent += 1
                 t0 = time.perf_counter()
-                r = await client.post("/v1/chat/completions", json=payloads[k % len(payloads)])
+                r = await client.post("/v1/chat/completions", json=requests(k))
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
@@ -179,8 +216,8 @@ async def load(url: str, payloads: list[dict], concurrency: int, seconds: float,
 
 
 def run_all(systems: dict, args, clips: list[str], logdir: Path) -> list[dict]:
-    """Start the servers, then measure them interleaved: each level is split in ``--rounds`` windows that
-    rotate over the systems, so load from elsewhere on the host falls on all of them alike."""
+    """Start the servers, then measure them interleaved: each workload and level is split in ``--rounds``
+    windows that rotate over the systems, so load from elsewhere on the host falls on all of them alike."""
     servers, rows = {}, []
     try:
         for key, (name, starter, guard, route) in systems.items():
@@ -189,26 +226,28 @@ def run_all(systems: dict, args, clips: list[str], logdir: Path) -> list[dict]:
         for key, (name, starter, guard, route) in systems.items():
             proc, urls, _ = servers[starter]
             wait_ready(f"{urls[route]}/v1/models", proc, args.start_timeout)
-        payloads, answers = {}, {}
+        answers = {}
         for key, (name, starter, guard, route) in systems.items():
             _, urls, model = servers[starter]
             url = urls[route]
-            payloads[key] = (url, [body(model, c, args.max_tokens, guard) for c in clips])
-            first = httpx.post(f"{url}/v1/chat/completions", json=payloads[key][1][0], timeout=300)
+            first = httpx.post(f"{url}/v1/chat/completions", json=body(model, clips[0], args.max_tokens, guard), timeout=300)
             first.raise_for_status()
             answers[key] = first.json()["choices"][0]["message"]["content"]
-            asyncio.run(load(url, payloads[key][1], 2, 3.0, 8))  # warm-up
-        for level in args.levels:
-            parts: dict[str, list[dict]] = {key: [] for key in systems}
-            for _ in range(args.rounds):
-                for key in systems:
-                    url, bodies = payloads[key]
-                    parts[key].append(asyncio.run(load(url, bodies, level, args.seconds / args.rounds, args.max_requests // args.rounds)))
-            for key, (name, *_) in systems.items():
-                row = merge(parts[key])
-                row.update(system=name, answer=answers[key])
-                print(f"  {name:<28} c={level:<3} n={row['requests']:<4} err={row['errors']} p50={row['p50_ms']:.0f} ms p95={row['p95_ms']:.0f} ms {row['rps']:.2f} req/s", flush=True)
-                rows.append(row)
+            asyncio.run(load(url, Requests(model, clips, args.max_tokens, guard, "repeat"), 2, 3.0, 8))  # warm-up
+        for workload in args.workloads:
+            requests = {key: (servers[starter][1][route], Requests(servers[starter][2], clips, args.max_tokens, guard, workload))
+                        for key, (name, starter, guard, route) in systems.items()}
+            for level in args.levels:
+                parts: dict[str, list[dict]] = {key: [] for key in systems}
+                for _ in range(args.rounds):
+                    for key, (url, bodies) in requests.items():
+                        parts[key].append(asyncio.run(load(url, bodies, level, args.seconds / args.rounds, args.max_requests // args.rounds)))
+                for key, (name, *_) in systems.items():
+                    row = merge(parts[key])
+                    row.update(system=name, workload=workload, answer=answers[key])
+                    print(f"  {workload:<6} {name:<28} c={level:<3} n={row['requests']:<4} err={row['errors']} p50={row['p50_ms']:.0f} ms "
+                          f"p95={row['p95_ms']:.0f} ms {row['rps']:.2f} req/s", flush=True)
+                    rows.append(row)
         return rows
     finally:
         for proc, _, _ in servers.values():
@@ -228,43 +267,47 @@ def merge(parts: list[dict]) -> dict:
     }
 
 
+def _baselines(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    return {(r["workload"], r["concurrency"]): r for r in rows if r["system"] == "vllm serve"}
+
+
 def table(rows: list[dict]) -> str:
-    base = {r["concurrency"]: r for r in rows if r["system"] == "vllm serve"}
+    base = _baselines(rows)
     lines = [
-        "| system | concurrency | requests | p50 ms | p95 ms | mean ms | req/s | p50 / vLLM | p95 / vLLM | req/s / vLLM |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | system | concurrency | requests | p50 ms | p95 ms | mean ms | req/s | p50 / vLLM | p95 / vLLM | req/s / vLLM |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        b = base.get(r["concurrency"])
+        b = base.get((r["workload"], r["concurrency"]))
         ratios = ("", "", "") if r["system"] == "vllm serve" or not b else (
             f"{r['p50_ms'] / b['p50_ms']:.2f}x", f"{r['p95_ms'] / b['p95_ms']:.2f}x", f"{r['rps'] / b['rps']:.2f}x")
-        lines.append(f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['mean_ms']:.0f} | {r['rps']:.2f} | " + " | ".join(ratios) + " |")
+        lines.append(f"| {r['workload']} | {r['system']} | {r['concurrency']} | {r['requests']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+                     f"{r['mean_ms']:.0f} | {r['rps']:.2f} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    base = {r["concurrency"]: r for r in rows if r["system"] == "vllm serve"}
+    base = _baselines(rows)
     out = []
     for r in rows:
-        b = base.get(r["concurrency"])
-        if not b or r["system"] == "vllm serve":
-            continue
+        b = base.get((r["workload"], r["concurrency"]))
+        if not b or r["system"] == "vllm serve" or "via proxy" in r["system"]:
+            continue  # the proxy row is shown for the hop's cost; the targets are for the direct route
         lat = r["p50_ms"] / b["p50_ms"]
-        if "via proxy" in r["system"]:
-            continue  # shown for the hop's cost; the targets are for the direct route
+        where = f"{r['workload']}, c={r['concurrency']}: {r['system']}"
         if "guard off" in r["system"]:
             thr = r["rps"] / b["rps"]
             ok = lat <= 1.15 and thr >= 0.9
-            out.append(f"c={r['concurrency']}: {r['system']}: latency {lat:.2f}x (<= 1.15), throughput {thr:.2f}x (>= 0.9): {'MET' if ok else 'MISSED'}")
+            out.append(f"{where}: latency {lat:.2f}x (<= 1.15), throughput {thr:.2f}x (>= 0.9): {'MET' if ok else 'MISSED'}")
         else:
-            out.append(f"c={r['concurrency']}: {r['system']}: latency {lat:.2f}x (<= 1.3): {'MET' if lat <= 1.3 else 'MISSED'}")
+            out.append(f"{where}: latency {lat:.2f}x (<= 1.3): {'MET' if lat <= 1.3 else 'MISSED'}")
     return out
 
 
 def breakdown(model: str, args, clips: list[str], n: int) -> str:
     """Where a guarded request's time goes, without HTTP: the fused replica's own code path in this process
     (``LocalModel`` on the vLLM engine, the verifier in process, the guard's judgement), ``n`` sequential
-    requests per variant, interleaved in two rounds; p50 and its ratio to the engine alone."""
+    requests per variant and workload, interleaved in two rounds; p50 and its ratio to the engine alone."""
     from serving import audio as intake
     from serving.backends import AudioPrompt
     from serving.config import Settings
@@ -277,36 +320,41 @@ def breakdown(model: str, args, clips: list[str], n: int) -> str:
                         vllm_cpu_kvcache_gb=args.kvcache_gb, model_cpus=1)
     local = LocalModel(settings)
     guard = GuardRunner(InProcess(VerifierServer.func_or_class(settings.model_dump())), settings, Metrics())
-    decoded = [intake.decode(base64.b64decode(c), local.server.backend.sample_rate, 30).samples for c in clips]
+    rate = local.server.backend.sample_rate
     variants = {"engine alone": (False, "off"), "+ audio contrast": (True, "off"), "+ verifier and judgement": (False, "annotate"),
                 "+ both (guard on)": (True, "annotate")}
 
-    async def one(i: int, contrast: bool, policy: str) -> float:
+    def samples(i: int, workload: str):
+        clip = clips[i % len(clips)]
+        return intake.decode(base64.b64decode(fresh_clip(clip, next(_SENT)) if workload == "fresh" else clip), rate, 30).samples
+
+    async def one(clip, contrast: bool, policy: str) -> float:
         start = time.perf_counter()
-        prompt = AudioPrompt(decoded[i % len(decoded)], QUESTION, args.max_tokens, contrast=contrast)
+        prompt = AudioPrompt(clip, QUESTION, args.max_tokens, contrast=contrast)
         response = local.complete(prompt, None)
         pending = guard.start(prompt.samples, QUESTION, policy)
         await guard.finish(pending, QUESTION, await response, policy)
         return time.perf_counter() - start
 
-    async def measure() -> dict[str, list[float]]:
-        times: dict[str, list[float]] = {name: [] for name in variants}
+    async def measure() -> dict[tuple[str, str], list[float]]:
+        times: dict[tuple[str, str], list[float]] = {(w, name): [] for w in args.workloads for name in variants}
         for _ in range(2):
-            for name, (contrast, policy) in variants.items():
-                for i in range(n // 2 + 3):
-                    t = await one(i, contrast, policy)
-                    if i >= 3:  # the first few warm caches (the blank side's included)
-                        times[name].append(t)
+            for workload in args.workloads:
+                for name, (contrast, policy) in variants.items():
+                    for i in range(n // 2 + 3):
+                        t = await one(samples(i, workload), contrast, policy)
+                        if i >= 3:  # the first few warm caches (the blank side's included)
+                            times[workload, name].append(t)
         return times
 
     try:
         times = asyncio.run(measure())
     finally:
         local.close()
-    base = statistics.median(times["engine alone"])
-    lines = ["| in process, sequential | p50 ms | / engine alone |", "| --- | ---: | ---: |"]
-    for name, ts in times.items():
-        lines.append(f"| {name} | {1000 * statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f}x |")
+    lines = ["| workload | in process, sequential | p50 ms | / engine alone |", "| --- | --- | ---: | ---: |"]
+    for (workload, name), ts in times.items():
+        base = statistics.median(times[workload, "engine alone"])
+        lines.append(f"| {workload} | {name} | {1000 * statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f}x |")
     return "\n".join(lines)
 
 
@@ -325,12 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=400)
     p.add_argument("--systems", default="vllm,fused-off,fused-on,off,on", help="which of vllm, fused-off, fused-on, off, on, proxy to run")
     p.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
+    p.add_argument("--workloads", default="repeat,fresh", help="repeat: the clips in turn; fresh: every request a clip never sent before")
     p.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results")
     p.add_argument("--gpu", dest="cpu", action="store_false", help="bf16 and CUDA graphs (default: CPU settings)")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="only the in-process breakdown of a guarded request, N requests per variant (no servers)")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.workloads = args.workloads.split(",")
+    if not set(args.workloads) <= {"repeat", "fresh"}:
+        p.error("--workloads: repeat and/or fresh")
     args.out.mkdir(parents=True, exist_ok=True)
 
     model, model_name = args.model, args.model
@@ -349,11 +401,10 @@ def main(argv: list[str] | None = None) -> int:
 
     guarded = any(key.endswith("on") for key in args.systems.split(","))
 
-    def split_server(log):  # one app per topology: the guard is chosen per request (earwitness.guard)
-        return start_earwitness(model, free_port(), args, guarded, "split", log)
+    def earwitness(topology: str):  # one app per topology: the guard is chosen per request (earwitness.guard)
+        return lambda log: start_earwitness(model, free_port(), args, guarded, topology, log)
 
-    def fused_server(log):
-        return start_earwitness(model, free_port(), args, guarded, "fused", log)
+    fused_server, split_server = earwitness("fused"), earwitness("split")
 
     # Earwitness is measured where clients meet it: straight at the ingress replica (Serve's direct
     # ingress); "proxy" is the split app through Serve's proxy actor, to show what that hop costs.
@@ -371,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     answers = {r["system"]: r["answer"] for r in rows}
     report = [
         f"model: {model_name}; clips: {args.clips} x {args.clip_seconds:g} s WAV; max_tokens {args.max_tokens}; "
-        f"{args.seconds:g} s per level (<= {args.max_requests} requests) in {args.rounds} interleaved windows; host: {os.cpu_count()} CPUs; "
-        "guard on = annotate: the verifier's forward + the answer's audio contrast (its log-probs, and the blank side, scored or kept)",
+        f"{args.seconds:g} s per workload and level (<= {args.max_requests} requests) in {args.rounds} interleaved windows; host: {os.cpu_count()} CPUs; "
+        "guard on = annotate: the verifier's forward (kept per clip) + the answer's audio contrast (its log-probs, and the blank side, scored or kept); "
+        "repeat: the clips in turn, each heard before by every server; fresh: every request a clip no server has heard",
         "",
         table(rows),
         "",

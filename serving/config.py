@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     verifier_replicas: int = Field(1, ge=1)
     verifier_cpus: float = Field(1.0, ge=0)
     verifier_timeout_s: float = Field(5.0, gt=0, description="past this the answer goes out 'unverified'")
+    verifier_cache_size: int = Field(
+        1024, ge=0, description="clips whose class probabilities a verifier replica keeps (by SHA-256 of the samples); 0: none"
+    )
     guard_contrast: bool = Field(True, description="also score the answer on blank audio (the model's audio contrast)")
     guard_contrast_prior: float = Field(0.05, description="nats; at or below, an answer the verifier is unsure of is a prior")
     guard_contrast_heard: float = Field(1.0, description="nats; at or above, an answer the verifier is unsure of was heard")

@@ -3,11 +3,17 @@
 It owns the verifier (embedded or CLAP, :func:`serving.guard.verifier.load_verifier`) and the
 text encoder that matches mentions to ontology classes. The ingress calls it concurrently with
 the model, so on a guarded request its audio forward overlaps generation.
+
+One forward scores every class of the ontology, whatever the question, so a replica keeps the
+result per clip (``verifier_cache_size``, keyed by the samples' SHA-256): the next question about
+the same recording, or a retry, is verified without an audio pass, as vLLM's own caches spare the
+engine a clip it has seen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 
 import numpy as np
@@ -16,6 +22,7 @@ from ray import serve
 
 from serving.config import Settings
 from serving.heap import freeze_startup_heap
+from serving.lru import LruCache
 
 log = logging.getLogger("earwitness.verifier")
 
@@ -29,6 +36,7 @@ class VerifierServer:
         if self.settings.topology == "split":  # fused: the process's threads are the model's to set
             torch.set_num_threads(max(1, int(self.settings.verifier_cpus)))  # a fractional share gets one thread
         self.verifier = load_verifier(self.settings.verifier)
+        self.kept = LruCache(self.settings.verifier_cache_size)
         # warm up: the audio path and the text encoder
         self.verifier.verify(np.zeros(self.verifier.sample_rate, dtype=np.float32), ["a dog barking"])
         freeze_startup_heap()
@@ -41,8 +49,18 @@ class VerifierServer:
         """Every class's probability for the clip, plus ``texts`` matched to classes (one call, one audio forward)."""
         return await asyncio.to_thread(self._assess, samples, texts)
 
+    def class_probabilities(self, samples: np.ndarray) -> dict[str, float]:
+        """Every class's calibrated probability for the clip: kept from the last time it was heard, or one forward."""
+        clip = np.ascontiguousarray(samples, dtype=np.float32)
+        key = (clip.size, hashlib.sha256(memoryview(clip)).digest())
+        probs = self.kept.get(key)
+        if probs is None:
+            probs = self.verifier.class_probabilities(clip)
+            self.kept.put(key, probs)
+        return dict(probs)  # the kept one stays as computed, whatever a caller does with its copy
+
     def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
-        probs = self.verifier.class_probabilities(samples)
+        probs = self.class_probabilities(samples)
         events = [e.to_dict() for e in self.verifier.verify(samples, texts, probs)] if texts else []
         return {"probabilities": probs, "events": events, **self._thresholds()}
 
@@ -54,7 +72,7 @@ class VerifierServer:
 
     async def verify(self, samples: np.ndarray, texts: list[str]) -> dict:
         """``POST /v1/audio/verify``: per phrase, class, calibrated probability, present."""
-        scores = await asyncio.to_thread(self.verifier.verify, samples, texts)
+        scores = await asyncio.to_thread(lambda: self.verifier.verify(samples, texts, self.class_probabilities(samples)))
         return {"verifier": self.verifier.name, "events": [s.to_dict() for s in scores], **self._thresholds()}
 
     def _thresholds(self) -> dict:

@@ -151,6 +151,36 @@ def test_verify_gives_calibrated_scores(verifier):
     assert len(probs) == 73 and probs["Dog"] == pytest.approx(scores[0].probability, abs=1e-4)
 
 
+def test_verifier_replica_keeps_a_clips_probabilities(verifier_checkpoint):
+    """The same recording asked again (another question, a retry) is verified without an audio pass;
+    a clip that differs in one sample, or in length, is scored anew; the cache stays bounded."""
+    from serving.config import Settings
+    from serving.verifier_server import VerifierServer
+
+    server = VerifierServer.func_or_class(Settings(verifier=str(verifier_checkpoint), verifier_cache_size=2).model_dump())
+    forwards = []
+    score = server.verifier.class_probabilities
+    server.verifier.class_probabilities = lambda clip: forwards.append(len(clip)) or score(clip)
+    rng = np.random.default_rng(3)
+    clip = (0.1 * rng.standard_normal(16_000)).astype(np.float32)
+    first = server._assess(clip, ["a dog barking"])
+    again = server._assess(clip.copy(), ["someone knocking"])  # the same samples in another buffer
+    assert forwards == [16_000] and again["probabilities"] == first["probabilities"]
+    assert again["events"][0]["event"] == "Knock"  # the question's own target is still matched
+    again["probabilities"]["Dog"] = -1.0  # a caller's copy: the kept result is untouched
+    assert server._assess(clip, [])["probabilities"]["Dog"] == first["probabilities"]["Dog"]
+    nudged = clip.copy()
+    nudged[100] += 1e-3
+    server._assess(nudged, [])
+    server._assess(clip[:8_000], [])
+    assert forwards == [16_000, 16_000, 8_000]
+    server._assess(clip, [])  # pushed out by the two after it (size 2)
+    assert forwards == [16_000, 16_000, 8_000, 16_000] and len(server.kept.entries) == 2
+    off = VerifierServer.func_or_class(Settings(verifier=str(verifier_checkpoint), verifier_cache_size=0).model_dump())
+    off._assess(clip, [])
+    assert len(off.kept.entries) == 0
+
+
 def _tiny_clap(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, ClapTextConfig

@@ -33,3 +33,29 @@ def test_short_load_run_writes_the_report(server, tmp_path):
     report = (out / "report.md").read_text()
     assert "p99" in report and "5xx other than 503 backpressure: 0" in report
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_engine_bench_fresh_clips_are_new_recordings_that_sound_the_same():
+    """bench_engines' fresh workload: each request a clip no server has heard (so no cache answers it),
+    decoding to the same length and, but for six samples moved by at most 15/32768, the same audio."""
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from loadtests.bench_engines import Requests, fresh_clip, make_clips
+
+    (clip,) = make_clips(1, 1.0)
+    original, rate = sf.read(io.BytesIO(base64.b64decode(clip)), dtype="int16")
+    variants = [sf.read(io.BytesIO(base64.b64decode(fresh_clip(clip, n))), dtype="int16") for n in (1, 2, 4097)]
+    heard = {v.tobytes() for v, _ in variants}
+    assert len(heard) == 3 and original.tobytes() not in heard
+    for v, r in variants:
+        assert r == rate and v.shape == original.shape
+        changed = np.flatnonzero(v != original)
+        assert set(changed) <= set(range(2, 8)) and np.abs(v[2:8]).max() <= 15
+    fresh, repeat = Requests("m", [clip], 8, "off", "fresh"), Requests("m", [clip], 8, "off", "repeat")
+    audio = lambda body: body["messages"][0]["content"][0]["input_audio"]["data"]  # noqa: E731
+    assert audio(repeat(0)) == audio(repeat(1)) == clip
+    assert audio(fresh(0)) != audio(fresh(0)) and fresh(0)["messages"][0]["content"][1] == repeat(0)["messages"][0]["content"][1]

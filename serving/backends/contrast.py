@@ -17,9 +17,6 @@ is scored as the complete answer "Yes", not as a prefix of "Yes, but…".
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import numpy as np
 import torch
 from transformers import DynamicCache
@@ -27,6 +24,7 @@ from transformers import DynamicCache
 from models.tiny import AUDIO_EOS
 from serving.answers import classify
 from serving.backends.base import AudioPrompt, Generation
+from serving.lru import LruCache
 
 
 def blank_value(backend) -> float | None:
@@ -37,39 +35,6 @@ def blank_value(backend) -> float | None:
         constant = bool((probe == probe.flatten()[0]).all())
         backend._blank_value = float(probe.flatten()[0]) if constant else None
     return backend._blank_value
-
-
-class LruCache:
-    """A bounded, thread-safe map from tuples to values, least recently used out first, hits counted.
-
-    Blank-audio results are cached under keys holding everything they were computed from but the
-    weights: whoever switches adapters under a backend calls :func:`clear_blank_caches`
-    (``serving.adapters.PeftAdapters`` does); the vLLM backend keys its scores by adapter instead.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self.entries: OrderedDict[tuple, object] = OrderedDict()
-        self.lock = threading.Lock()
-        self.hits = 0
-
-    def get(self, key: tuple):
-        with self.lock:
-            value = self.entries.get(key)
-            if value is not None:
-                self.entries.move_to_end(key)
-                self.hits += 1
-            return value
-
-    def put(self, key: tuple, value) -> None:
-        with self.lock:
-            self.entries[key] = value
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
 
 
 def blank_prefixes(backend) -> LruCache:
@@ -89,6 +54,8 @@ def blank_scores(backend) -> LruCache:
 
 
 def clear_blank_caches(backend) -> None:
+    """After an adapter switch under the backend (``serving.adapters.PeftAdapters`` calls it); the vLLM
+    backend keys its scores by adapter instead."""
     blank_prefixes(backend).clear()
     blank_scores(backend).clear()
 
