@@ -44,6 +44,10 @@ class Metrics:
             f"{PREFIX}_guard_verdicts", "Guarded answers by verdict: supported, unsupported, uncertain, unverified.", ["verdict"], registry=registry
         )
         self.guard_overrides = Counter(f"{PREFIX}_guard_overrides", "Answers the guard changed, by policy (abstain, correct).", ["policy"], registry=registry)
+        self.verifier_clips = Counter(
+            f"{PREFIX}_verifier_clips", "Guarded clips by how the verifier judged them: kept (its result for that clip, no audio pass) or scored.",
+            ["result"], registry=registry,
+        )
         self.verifier_failures = Counter(
             f"{PREFIX}_verifier_failures", "Verifier calls that failed: timeout, unavailable, overloaded, error, disabled.", ["reason"], registry=registry
         )

@@ -46,23 +46,25 @@ class VerifierServer:
         return self.verifier.info()
 
     async def assess(self, samples: np.ndarray, texts: list[str]) -> dict:
-        """Every class's probability for the clip, plus ``texts`` matched to classes (one call, one audio forward)."""
+        """Every class's probability for the clip (``kept``: without a forward), plus ``texts`` matched to classes (one call)."""
         return await asyncio.to_thread(self._assess, samples, texts)
 
-    def class_probabilities(self, samples: np.ndarray) -> dict[str, float]:
-        """Every class's calibrated probability for the clip: kept from the last time it was heard, or one forward."""
+    def class_probabilities(self, samples: np.ndarray) -> tuple[dict[str, float], bool]:
+        """Every class's calibrated probability for the clip, and whether it was kept from the last time
+        the clip was heard (else: one forward)."""
         clip = np.ascontiguousarray(samples, dtype=np.float32)
         key = (clip.size, hashlib.sha256(memoryview(clip)).digest())
         probs = self.kept.get(key)
-        if probs is None:
+        kept = probs is not None
+        if not kept:
             probs = self.verifier.class_probabilities(clip)
             self.kept.put(key, probs)
-        return dict(probs)  # the kept one stays as computed, whatever a caller does with its copy
+        return dict(probs), kept  # a copy: the kept one stays as computed, whatever a caller does with it
 
     def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
-        probs = self.class_probabilities(samples)
+        probs, kept = self.class_probabilities(samples)
         events = [e.to_dict() for e in self.verifier.verify(samples, texts, probs)] if texts else []
-        return {"probabilities": probs, "events": events, **self._thresholds()}
+        return {"probabilities": probs, "kept": kept, "events": events, **self._thresholds()}
 
     async def match(self, texts: list[str]) -> list[dict]:
         return await asyncio.to_thread(self._match, texts)
@@ -72,7 +74,7 @@ class VerifierServer:
 
     async def verify(self, samples: np.ndarray, texts: list[str]) -> dict:
         """``POST /v1/audio/verify``: per phrase, class, calibrated probability, present."""
-        scores = await asyncio.to_thread(lambda: self.verifier.verify(samples, texts, self.class_probabilities(samples)))
+        scores = await asyncio.to_thread(lambda: self.verifier.verify(samples, texts, self.class_probabilities(samples)[0]))
         return {"verifier": self.verifier.name, "events": [s.to_dict() for s in scores], **self._thresholds()}
 
     def _thresholds(self) -> dict:

@@ -166,6 +166,7 @@ def test_verifier_replica_keeps_a_clips_probabilities(verifier_checkpoint):
     first = server._assess(clip, ["a dog barking"])
     again = server._assess(clip.copy(), ["someone knocking"])  # the same samples in another buffer
     assert forwards == [16_000] and again["probabilities"] == first["probabilities"]
+    assert (first["kept"], again["kept"]) == (False, True)
     assert again["events"][0]["event"] == "Knock"  # the question's own target is still matched
     again["probabilities"]["Dog"] = -1.0  # a caller's copy: the kept result is untouched
     assert server._assess(clip, [])["probabilities"]["Dog"] == first["probabilities"]["Dog"]

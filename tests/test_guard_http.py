@@ -60,6 +60,10 @@ def test_verify_endpoint_multipart_and_json(client):
     assert r.status_code == 422
 
 
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def test_guard_metrics_exposed(client):
     client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Is there a dog?"})
     text = client.get("/metrics").text
@@ -101,9 +105,15 @@ def _ask(base: str, path, question: str, policy: str | None) -> dict:
     return r.json()
 
 
+def _clip_counts(base: str) -> tuple[float, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return tuple(_sample(text, f'earwitness_verifier_clips_total{{result="{r}"}}') for r in ("scored", "kept"))
+
+
 def test_policies_on_an_absent_sound(yes_app, clips):
     case = clips["absent"]
     question = QUESTION.format(x=case["phrase"])
+    before = _clip_counts(yes_app)
     annotated = _ask(yes_app, case["path"], question, "annotate")
     assert annotated["answer"] == "yes" and annotated.get("original_answer") is None
     assert annotated["guard"]["verdict"] == "unsupported"
@@ -117,6 +127,8 @@ def test_policies_on_an_absent_sound(yes_app, clips):
     assert abstained["answer"] == f"I can't confirm hearing {case['phrase']}." and abstained["original_answer"] == "yes"
     off = _ask(yes_app, case["path"], question, "off")
     assert off["answer"] == "yes" and off["guard"]["verdict"] == "unverified"
+    scored, kept = (after - b for after, b in zip(_clip_counts(yes_app), before))
+    assert scored <= 1 and kept >= 2 and scored + kept == 3  # one recording, judged three times: one audio pass at most
 
 
 def test_policies_keep_a_present_sound(yes_app, clips):

@@ -110,6 +110,7 @@ class GuardRunner:
             return self._count(apply_policy(policy, answer, checks, False))
         try:
             result = await self._await(pending, pending.response)
+            self.metrics.verifier_clips.labels("kept" if result.get("kept") else "scored").inc()
             mentions = [c for c in checks if c.source == "answer"]
             matches = {}
             if mentions:
