@@ -87,16 +87,15 @@ class Requests:
     of them made a recording never sent before (``fresh``)."""
 
     def __init__(self, model: str, clips: list[str], max_tokens: int, guard: str | None, workload: str):
-        self.bodies = [body(model, c, max_tokens, guard) for c in clips]
+        self.clips, self.fields = clips, (model, max_tokens, guard)
         self.fresh = workload == "fresh"
+        self.bodies = [body(model, c, max_tokens, guard) for c in clips]  # repeat: built once
 
     def __call__(self, k: int) -> dict:
-        template = self.bodies[k % len(self.bodies)]
         if not self.fresh:
-            return template
-        audio = template["messages"][0]["content"][0]["input_audio"]
-        content = [{"type": "input_audio", "input_audio": {**audio, "data": fresh_clip(audio["data"], next(_SENT))}}, template["messages"][0]["content"][1]]
-        return {**template, "messages": [{"role": "user", "content": content}]}
+            return self.bodies[k % len(self.bodies)]
+        model, max_tokens, guard = self.fields
+        return body(model, fresh_clip(self.clips[k % len(self.clips)], next(_SENT)), max_tokens, guard)
 
 
 def body(model: str, clip: str, max_tokens: int, guard: str | None) -> dict:

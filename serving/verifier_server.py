@@ -53,6 +53,8 @@ class VerifierServer:
         """Every class's calibrated probability for the clip, and whether it was kept from the last time
         the clip was heard (else: one forward)."""
         clip = np.ascontiguousarray(samples, dtype=np.float32)
+        if self.kept.size == 0:  # nothing is kept: no hash to compute
+            return self.verifier.class_probabilities(clip), False
         key = (clip.size, hashlib.sha256(memoryview(clip)).digest())
         probs = self.kept.get(key)
         kept = probs is not None
