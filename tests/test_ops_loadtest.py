@@ -59,3 +59,22 @@ def test_engine_bench_fresh_clips_are_new_recordings_that_sound_the_same():
     audio = lambda body: body["messages"][0]["content"][0]["input_audio"]["data"]  # noqa: E731
     assert audio(repeat(0)) == audio(repeat(1)) == clip
     assert audio(fresh(0)) != audio(fresh(0)) and fresh(0)["messages"][0]["content"][1] == repeat(0)["messages"][0]["content"][1]
+
+
+def test_engine_bench_load_is_a_closed_loop_that_counts_refusals(server):
+    """bench_engines' load generator against the real app: bounded by its request budget, every answer
+    timed, and a refused request (an unknown model, 404) counted as an error rather than as a latency."""
+    import asyncio
+
+    import httpx
+
+    from loadtests.bench_engines import Requests, load, make_clips
+
+    url, _ = server
+    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    clips = make_clips(2, 1.0)
+    answered = asyncio.run(load(url, Requests(model, clips, 4, "off", "fresh"), 2, 60.0, 6))
+    assert answered["errors"] == 0 and len(answered["latencies"]) == 6
+    assert all(0 < x < answered["wall_s"] for x in answered["latencies"])
+    refused = asyncio.run(load(url, Requests("no-such-model", clips, 4, "off", "repeat"), 2, 60.0, 4))
+    assert refused["errors"] == 4 and refused["latencies"] == []
