@@ -116,3 +116,31 @@ def test_vllm_refuses_a_tied_config_with_its_own_lm_head(tmp_path, tiny_checkpoi
     (ckpt / "config.json").write_text(json.dumps(model_config))
     with pytest.raises(EngineUnsupported, match="tie_word_embeddings"):
         check_checkpoint(str(ckpt), "qwen2-audio")
+
+
+def test_vllm_cpu_engine_processes_start_with_one_omp_thread(monkeypatch):
+    """What a process started during the engine's start-up inherits: OMP_NUM_THREADS=1 on CPU (Ray's value for
+    the replica would give vLLM's engine core that many spin-waiting torch threads beside the worker), the
+    replica's own value with CUDA; and the replica's environment afterwards as it was, set or unset, also
+    when the start fails."""
+    import os
+    import subprocess
+    import sys
+
+    from serving.backends.vllm import _one_engine_core_thread
+
+    def child() -> str:
+        code = "import os; print(os.environ.get('OMP_NUM_THREADS'))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with _one_engine_core_thread(cuda=False):
+        assert child() == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    with _one_engine_core_thread(cuda=True):
+        assert child() == "2"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with pytest.raises(RuntimeError):
+        with _one_engine_core_thread(cuda=False):
+            raise RuntimeError("the engine did not start")
+    assert "OMP_NUM_THREADS" not in os.environ

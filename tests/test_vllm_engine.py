@@ -48,8 +48,9 @@ def _wav(samples) -> bytes:
     return buf.getvalue()
 
 
-def test_audio_contrast_matches_the_transformers_engine(artifacts):
-    """Answer log-prob on the clip and on blank audio, from vLLM, equal what transformers computes (runs before the server starts)."""
+def test_audio_contrast_matches_the_transformers_engine(artifacts, monkeypatch):
+    """Answer log-prob on the clip and on blank audio, from vLLM, equal what transformers computes (runs before
+    the server starts). The engine starts under the OMP_NUM_THREADS Ray gives a replica, which it leaves as it was."""
     import asyncio
 
     from models.registry import ModelSpec
@@ -60,8 +61,10 @@ def test_audio_contrast_matches_the_transformers_engine(artifacts):
     expected = json.loads((artifacts / "expected.json").read_text())["contrast"]
     if expected["answer_logprob"] is None:
         pytest.skip("the tiny model answered 'no': nothing to contrast")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what Ray sets in a fused replica with model and verifier CPUs
     backend = VLLMBackend.load(ModelSpec(name="merged", family="qwen2-audio", source=str(artifacts / "merged"), description=""),
                                max_model_len=1024, max_num_seqs=4)
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # the engine processes got 1 (tests/test_engines_config.py)
     long = AudioPrompt(np.tile(clip(), 4), QUESTION, MAX_TOKENS, contrast=True)  # 8 s: its prompt spans cache blocks
 
     from serving.backends.contrast import blank_scores

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +198,8 @@ class VLLMBackend:
             seed=seed,
             disable_log_stats=True,
         )
-        engine = AsyncLLM.from_engine_args(args)
+        with _one_engine_core_thread(cuda):
+            engine = AsyncLLM.from_engine_args(args)
         window = float(getattr(extractor, "chunk_length", spec.max_audio_s))
         return cls(spec.name, engine, processor, min(spec.max_audio_s, window), int(extractor.sampling_rate), supports_lora)
 
@@ -282,6 +284,28 @@ class VLLMBackend:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+@contextmanager
+def _one_engine_core_thread(cuda: bool):
+    """Start vLLM's CPU engine processes with ``OMP_NUM_THREADS=1``, as ``vllm serve`` runs its engine core.
+
+    They inherit the replica's environment, where Ray sets ``OMP_NUM_THREADS`` to the replica's CPUs
+    (the model's and, fused, the verifier's). The engine core then keeps that many torch threads, whose
+    OpenMP spin-waits take CPU from the worker beside it (vLLM warns so); with the verifier in a fused
+    replica on two cores that cost fresh-clip throughput. The worker's own threads come from vLLM's
+    core binding, not from this variable. The replica's environment is restored once the engine runs.
+    """
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if not cuda:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def _cuda_available() -> bool:
