@@ -7,16 +7,33 @@ import json
 import sys
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _serve(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C or SIGTERM (``docker stop``, systemd, ``kill``); either shuts Serve, then Ray, down.
+
+    The SIGTERM handler is set once Ray has started, whose own would print a stack trace and exit at once.
+    """
+    import signal
+
     from serving.config import Settings
-    from serving.runtime import start
+    from serving.runtime import start, start_ray, stop
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
     settings = Settings(**overrides)
-    print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C stops)", file=sys.stderr)
+    print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     if settings.direct_port is not None:
         print(f"earwitness: and straight from the ingress replica on http://{settings.host}:{settings.direct_port}", file=sys.stderr)
-    start(settings, blocking=True)
+    start_ray(settings)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        start(settings, blocking=True)
+    except KeyboardInterrupt:
+        print("earwitness: stopping", file=sys.stderr)
+    finally:
+        stop()
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,39 @@ def test_serve_config_args_are_settings():
 def test_unknown_setting_is_refused():
     with pytest.raises(Exception, match="max_batchsize"):
         Settings(max_batchsize=4)
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    """``earwitness serve`` under docker stop / systemd: SIGTERM shuts Serve and Ray down and exits 0,
+    with no stack trace from Ray's own signal handler and no Ray process left behind."""
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from tests.helpers import free_port
+
+    port, temp = free_port(), tempfile.mkdtemp(prefix="ew-sigterm-")
+    env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "earwitness: stopping" in text and "SIGTERM received" not in text
+    left = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+    assert not left, f"Ray processes left: {left}"
