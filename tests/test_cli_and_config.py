@@ -64,27 +64,15 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     """``earwitness serve`` under docker stop / systemd: SIGTERM shuts Serve and Ray down and exits 0,
     with no stack trace from Ray's own signal handler and no Ray process left behind."""
     import signal
-    import subprocess
-    import time
 
-    import httpx
-
-    from tests.helpers import free_port
+    from tests.helpers import free_port, wait_ready
 
     port, temp = free_port(), tempfile.mkdtemp(prefix="ew-sigterm-")
     env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2", "RAY_USAGE_STATS_ENABLED": "0"}
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        assert proc.poll() is None, log.read_text()[-2000:]
+        assert wait_ready(f"http://127.0.0.1:{port}", 240, poll_s=2) and proc.poll() is None, log.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, log.read_text()[-2000:]
     finally:
