@@ -20,7 +20,9 @@ same OpenAI ``/v1/chat/completions`` body — an ``input_audio`` WAV clip and a 
   prefilled, and verified, every time, as for an assistant's live traffic.
 
 Printed: p50 / p95 latency and requests/s per workload, system and level, and the ratios to bare
-vLLM against the targets (Earwitness guard off: latency <= 1.15x, throughput >= 0.9x; guard on: latency <= 1.3x).
+vLLM against the targets (Earwitness guard off: latency <= 1.15x, throughput >= 0.9x; guard on: latency <= 1.3x),
+each with its 90% interval from a paired bootstrap over the rounds: "within noise" marks a verdict the
+host's noise could have turned.
 
 Only loopback addresses are used; every loop is bounded in time and count.
 """
@@ -274,7 +276,39 @@ def merge(parts: list[dict]) -> dict:
         "mean_ms": 1000 * statistics.fmean(latencies) if n else float("nan"),
         "rps": n / wall if wall else 0.0,
         "latencies_ms": [[round(1000 * x, 2) for x in p["latencies"]] for p in parts],  # per window, in completion order
+        "walls_s": [p["wall_s"] for p in parts],
     }
+
+
+def _p50(windows: list[dict], idx) -> float:
+    return float(np.median(np.concatenate([windows[j]["latencies_ms"] for j in idx])))
+
+
+def _rps(windows: list[dict], idx) -> float:
+    return sum(len(windows[j]["latencies_ms"]) for j in idx) / sum(windows[j]["wall_s"] for j in idx)
+
+
+def windows(row: dict) -> list[dict]:
+    return [{"latencies_ms": lat, "wall_s": wall} for lat, wall in zip(row["latencies_ms"], row["walls_s"])]
+
+
+def ratio_interval(system: list[dict], base: list[dict], stat, level: float = 0.9, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """``level`` interval of ``stat(system) / stat(base)`` by a paired bootstrap over the rounds.
+
+    Window ``j`` of every system ran in round ``j``, seconds apart, so whatever else the host did then
+    weighs on both sides of a pair: rounds are drawn with replacement, the same ones for both sides,
+    and the pooled statistic is recomputed. A target inside the interval is a verdict the host's
+    noise could have turned either way.
+    """
+    rng = np.random.default_rng(seed)
+    n = min(len(system), len(base))
+    ratios = []
+    for _ in range(draws):
+        idx = rng.integers(0, n, n)
+        if sum(len(system[j]["latencies_ms"]) for j in idx) and sum(len(base[j]["latencies_ms"]) for j in idx):
+            ratios.append(stat(system, idx) / stat(base, idx))
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def _baselines(rows: list[dict]) -> dict[tuple[str, int], dict]:
@@ -296,21 +330,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _check(name: str, value: float, interval: tuple[float, float], bound: float, most: bool) -> tuple[str, bool, bool]:
+    """One target: its text, whether the point estimate meets it, and whether the interval crosses it."""
+    lo, hi = interval
+    return f"{name} {value:.2f}x [{lo:.2f}-{hi:.2f}] ({'<=' if most else '>='} {bound:g})", value <= bound if most else value >= bound, lo <= bound <= hi
+
+
 def verdicts(rows: list[dict]) -> list[str]:
+    """MET / MISSED per target on the pooled ratio, with its 90% paired-bootstrap interval over the rounds;
+    "within noise" where that interval holds the target."""
     base = _baselines(rows)
     out = []
     for r in rows:
         b = base.get((r["workload"], r["concurrency"]))
         if not b or r["system"] == "vllm serve" or "via proxy" in r["system"]:
             continue  # the proxy row is shown for the hop's cost; the targets are for the direct route
-        lat = r["p50_ms"] / b["p50_ms"]
-        where = f"{r['workload']}, c={r['concurrency']}: {r['system']}"
+        mine, theirs = windows(r), windows(b)
+        checks = [_check("latency", r["p50_ms"] / b["p50_ms"], ratio_interval(mine, theirs, _p50), 1.3 if "guard on" in r["system"] else 1.15, True)]
         if "guard off" in r["system"]:
-            thr = r["rps"] / b["rps"]
-            ok = lat <= 1.15 and thr >= 0.9
-            out.append(f"{where}: latency {lat:.2f}x (<= 1.15), throughput {thr:.2f}x (>= 0.9): {'MET' if ok else 'MISSED'}")
-        else:
-            out.append(f"{where}: latency {lat:.2f}x (<= 1.3): {'MET' if lat <= 1.3 else 'MISSED'}")
+            checks.append(_check("throughput", r["rps"] / b["rps"], ratio_interval(mine, theirs, _rps), 0.9, False))
+        ok = all(c[1] for c in checks)
+        noise = " (within noise)" if any(c[2] for c in checks) else ""
+        out.append(f"{r['workload']}, c={r['concurrency']}: {r['system']}: " + ", ".join(c[0] for c in checks) + f": {'MET' if ok else 'MISSED'}{noise}")
     return out
 
 

@@ -78,3 +78,41 @@ def test_engine_bench_load_is_a_closed_loop_that_counts_refusals(server):
     assert all(0 < x < answered["wall_s"] for x in answered["latencies"])
     refused = asyncio.run(load(url, Requests("no-such-model", clips, 4, "off", "repeat"), 2, 60.0, 4))
     assert refused["errors"] == 4 and refused["latencies"] == []
+
+
+def _rounds(rng, scale: float, jitter: list[float], n: int = 200) -> list[dict]:
+    """One system's windows: round j's latencies drawn around ``scale * jitter[j]`` ms (the host's load then)."""
+    rounds = [list(rng.gamma(20, scale * j / 20, n)) for j in jitter]
+    return [{"latencies_ms": lat, "wall_s": sum(lat) / 1000} for lat in rounds]  # one client: back to back
+
+
+def test_engine_bench_interval_pairs_rounds_and_flags_verdicts_within_noise():
+    """bench_engines' paired bootstrap: a round's load weighs on both sides of a pair, so it cancels; a real
+    difference lies outside the interval of no difference; a target inside the interval is flagged."""
+    import numpy as np
+
+    from loadtests.bench_engines import _p50, _rps, ratio_interval, verdicts
+
+    rng = np.random.default_rng(1)
+    jitter = [1.0, 1.4, 0.8, 1.2, 0.9, 1.3]  # the host's load moves latency by ±30% from round to round
+    base = _rounds(rng, 50, jitter)
+    same = ratio_interval(_rounds(rng, 50, jitter), base, _p50)
+    slower = ratio_interval(_rounds(rng, 60, jitter), base, _p50)
+    assert same[0] < 1.0 < same[1] and same[1] - same[0] < 0.1  # paired: the ±30% between rounds cancels
+    assert 1.1 < slower[0] < 1.2 < slower[1] < 1.3
+    unpaired = ratio_interval(_rounds(rng, 50, jitter[::-1]), base, _p50)
+    assert unpaired[1] - unpaired[0] > 2 * (same[1] - same[0])  # pairing is what makes it narrow
+    fewer = ratio_interval(_rounds(rng, 50, jitter), base, _rps)
+    assert fewer[0] < 1.0 < fewer[1]
+
+    def row(system: str, windows: list[dict]) -> dict:
+        lat = [x for w in windows for x in w["latencies_ms"]]
+        wall = sum(w["wall_s"] for w in windows)
+        return {"system": system, "workload": "fresh", "concurrency": 1, "p50_ms": float(np.median(lat)), "rps": len(lat) / wall,
+                "latencies_ms": [w["latencies_ms"] for w in windows], "walls_s": [w["wall_s"] for w in windows]}
+
+    near = row("earwitness fused, guard on", _rounds(rng, 65, jitter))  # 1.3x: on the target
+    far = row("earwitness fused, guard off", _rounds(rng, 80, jitter))  # 1.6x: well past it
+    lines = verdicts([row("vllm serve", base), near, far])
+    assert lines[0].endswith("(within noise)") and "latency 1.3" in lines[0]
+    assert lines[1].endswith(": MISSED") and "throughput 0.6" in lines[1]
