@@ -56,6 +56,9 @@ QUESTION = "Is there a sound of a dog barking in the audio?"
 # SpinCondition): on a small host the system measured before would otherwise hold the cores into the
 # next one's window. A pause past that between windows lets each window start on a quiet host.
 SETTLE_S = 1.5
+# A reference, not a target: bare vLLM also returning the answer's log-probabilities, the part of the guard's
+# audio contrast that vLLM computes per generated token, so guard on's cost splits into vLLM's and Earwitness' own.
+LOGPROBS = "vllm serve, answer log-probs"
 
 
 def make_clips(n: int, seconds: float, seed: int = 0) -> list[str]:
@@ -88,28 +91,27 @@ class Requests:
     """The bodies one system is sent, the ``k``-th by ``requests(k)``: the clips in turn (``repeat``), or each
     of them made a recording never sent before (``fresh``)."""
 
-    def __init__(self, model: str, clips: list[str], max_tokens: int, guard: str | None, workload: str):
-        self.clips, self.fields = clips, (model, max_tokens, guard)
+    def __init__(self, model: str, clips: list[str], max_tokens: int, extra: dict, workload: str):
+        self.clips, self.fields = clips, (model, max_tokens, extra)
         self.fresh = workload == "fresh"
-        self.bodies = [body(model, c, max_tokens, guard) for c in clips]  # repeat: built once
+        self.bodies = [body(model, c, max_tokens, extra) for c in clips]  # repeat: built once
 
     def __call__(self, k: int) -> dict:
         if not self.fresh:
             return self.bodies[k % len(self.bodies)]
-        model, max_tokens, guard = self.fields
-        return body(model, fresh_clip(self.clips[k % len(self.clips)], next(_SENT)), max_tokens, guard)
+        model, max_tokens, extra = self.fields
+        return body(model, fresh_clip(self.clips[k % len(self.clips)], next(_SENT)), max_tokens, extra)
 
 
-def body(model: str, clip: str, max_tokens: int, guard: str | None) -> dict:
-    payload = {
+def body(model: str, clip: str, max_tokens: int, extra: dict) -> dict:
+    """The chat request every system is sent, plus ``extra`` fields (Earwitness' guard, or log-probs)."""
+    return {
         "model": model,
         "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}, {"type": "text", "text": QUESTION}]}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
+        **extra,
     }
-    if guard is not None:
-        payload["earwitness"] = {"guard": guard}
-    return payload
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -231,23 +233,23 @@ def run_all(systems: dict, args, clips: list[str], logdir: Path) -> list[dict]:
     windows that rotate over the systems, so load from elsewhere on the host falls on all of them alike."""
     servers, rows = {}, []
     try:
-        for key, (name, starter, guard, route) in systems.items():
+        for key, (name, starter, extra, route) in systems.items():
             if starter not in servers:
                 servers[starter] = starter(logdir / f"{key}.log")
-        for key, (name, starter, guard, route) in systems.items():
+        for key, (name, starter, extra, route) in systems.items():
             proc, urls, _ = servers[starter]
             wait_ready(f"{urls[route]}/v1/models", proc, args.start_timeout)
         answers = {}
-        for key, (name, starter, guard, route) in systems.items():
+        for key, (name, starter, extra, route) in systems.items():
             _, urls, model = servers[starter]
             url = urls[route]
-            first = httpx.post(f"{url}/v1/chat/completions", json=body(model, clips[0], args.max_tokens, guard), timeout=300)
+            first = httpx.post(f"{url}/v1/chat/completions", json=body(model, clips[0], args.max_tokens, extra), timeout=300)
             first.raise_for_status()
             answers[key] = first.json()["choices"][0]["message"]["content"]
-            asyncio.run(load(url, Requests(model, clips, args.max_tokens, guard, "repeat"), 2, 3.0, 8))  # warm-up
+            asyncio.run(load(url, Requests(model, clips, args.max_tokens, extra, "repeat"), 2, 3.0, 8))  # warm-up
         for workload in args.workloads:
-            requests = {key: (servers[starter][1][route], Requests(servers[starter][2], clips, args.max_tokens, guard, workload))
-                        for key, (name, starter, guard, route) in systems.items()}
+            requests = {key: (servers[starter][1][route], Requests(servers[starter][2], clips, args.max_tokens, extra, workload))
+                        for key, (name, starter, extra, route) in systems.items()}
             for level in args.levels:
                 parts: dict[str, list[dict]] = {key: [] for key in systems}
                 for _ in range(args.rounds):
@@ -340,18 +342,23 @@ def verdicts(rows: list[dict]) -> list[str]:
     """MET / MISSED per target on the pooled ratio, with its 90% paired-bootstrap interval over the rounds;
     "within noise" where that interval holds the target."""
     base = _baselines(rows)
+    logprobs = {(r["workload"], r["concurrency"]): r for r in rows if r["system"] == LOGPROBS}
     out = []
     for r in rows:
         b = base.get((r["workload"], r["concurrency"]))
-        if not b or r["system"] == "vllm serve" or "via proxy" in r["system"]:
-            continue  # the proxy row is shown for the hop's cost; the targets are for the direct route
+        if not b or not r["system"].startswith("earwitness") or "via proxy" in r["system"]:
+            continue  # the proxy row is shown for the hop's cost, the log-probs row for vLLM's; the targets are for the direct route
         mine, theirs = windows(r), windows(b)
         checks = [_check("latency", r["p50_ms"] / b["p50_ms"], ratio_interval(mine, theirs, _p50), 1.3 if "guard on" in r["system"] else 1.15, True)]
         if "guard off" in r["system"]:
             checks.append(_check("throughput", r["rps"] / b["rps"], ratio_interval(mine, theirs, _rps), 0.9, False))
         ok = all(c[1] for c in checks)
         noise = " (within noise)" if any(c[2] for c in checks) else ""
-        out.append(f"{r['workload']}, c={r['concurrency']}: {r['system']}: " + ", ".join(c[0] for c in checks) + f": {'MET' if ok else 'MISSED'}{noise}")
+        added = f"; p50 {r['p50_ms'] - b['p50_ms']:+.0f} ms"
+        ref = logprobs.get((r["workload"], r["concurrency"]))
+        if ref and "guard on" in r["system"]:
+            added += f", {r['p50_ms'] / ref['p50_ms']:.2f}x of vLLM's with the answer's log-probs"
+        out.append(f"{r['workload']}, c={r['concurrency']}: {r['system']}: " + ", ".join(c[0] for c in checks) + f": {'MET' if ok else 'MISSED'}{noise}{added}")
     return out
 
 
@@ -422,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kvcache-gb", type=int, default=1)
     p.add_argument("--start-timeout", type=float, default=400)
-    p.add_argument("--systems", default="vllm,fused-off,fused-on,off,on", help="which of vllm, fused-off, fused-on, off, on, proxy to run")
+    p.add_argument("--systems", default="vllm,vllm-logprobs,fused-off,fused-on,off,on", help="which of vllm, vllm-logprobs, fused-off, fused-on, off, on, proxy to run")
     p.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
     p.add_argument("--workloads", default="repeat,fresh", help="repeat: the clips in turn; fresh: every request a clip never sent before")
     p.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results")
@@ -452,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
 
     guarded = any(key.endswith("on") for key in args.systems.split(","))
 
+    def guard(policy: str) -> dict:
+        return {"earwitness": {"guard": policy}}
+
     def earwitness(topology: str):  # one app per topology: the guard is chosen per request (earwitness.guard)
         return lambda log: start_earwitness(model, free_port(), args, guarded, topology, log)
 
@@ -461,12 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     # ingress); "proxy" is the split app through Serve's proxy actor, to show what that hop costs.
     # fused: the model in the ingress replica (as vLLM's server holds its engine); split: behind a handle
     every = {
-        "vllm": ("vllm serve", vllm_server, None, "vllm"),
-        "fused-off": ("earwitness fused, guard off", fused_server, "off", "direct"),
-        "fused-on": ("earwitness fused, guard on", fused_server, "annotate", "direct"),
-        "off": ("earwitness split, guard off", split_server, "off", "direct"),
-        "on": ("earwitness split, guard on", split_server, "annotate", "direct"),
-        "proxy": ("earwitness split, guard off, via proxy", split_server, "off", "proxy"),
+        "vllm": ("vllm serve", vllm_server, {}, "vllm"),
+        "vllm-logprobs": (LOGPROBS, vllm_server, {"logprobs": True, "top_logprobs": 0}, "vllm"),
+        "fused-off": ("earwitness fused, guard off", fused_server, guard("off"), "direct"),
+        "fused-on": ("earwitness fused, guard on", fused_server, guard("annotate"), "direct"),
+        "off": ("earwitness split, guard off", split_server, guard("off"), "direct"),
+        "on": ("earwitness split, guard on", split_server, guard("annotate"), "direct"),
+        "proxy": ("earwitness split, guard off, via proxy", split_server, guard("off"), "proxy"),
     }
     systems = {key: every[key] for key in args.systems.split(",")}
     rows = run_all(systems, args, clips, args.out)

@@ -238,6 +238,7 @@ async def chat_completion(service, request: Request):
                 decode_ms=round((decoded - start) * 1000, 2),
                 model_ms=round(heard.model_s * 1000, 2),
                 total_ms=round((time.perf_counter() - start) * 1000, 2),
+                guard_ms=round(heard.guard_s * 1000, 2) if heard.guard_s is not None else None,
             ),
         ),
     )

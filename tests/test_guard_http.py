@@ -42,6 +42,23 @@ def test_guard_off_per_request(client):
     assert r.json()["timing"]["guard_ms"] is None
 
 
+def test_chat_completion_times_the_guard_as_the_qa_endpoint_does(client):
+    """The OpenAI route reports the guard's stage (``timing.guard_ms``) when it runs, and null when it is off."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(_wav()).decode(), "format": "wav"}}
+
+    def timing(policy: str) -> dict:
+        body = {"model": model, "max_tokens": 4, "earwitness": {"guard": policy},
+                "messages": [{"role": "user", "content": [audio, {"type": "text", "text": "Is there a sound of a dog barking in the audio?"}]}]}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["earwitness"]["timing"]
+
+    guarded = timing("annotate")
+    assert guarded["guard_ms"] is not None and 0 <= guarded["guard_ms"] <= guarded["total_ms"]
+    assert timing("off")["guard_ms"] is None
+
+
 def test_unknown_guard_policy_is_422(client):
     r = client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Did you hear rain?", "guard": "sometimes"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"

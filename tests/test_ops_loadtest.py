@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_engine_bench_fresh_clips_are_new_recordings_that_sound_the_same():
         assert r == rate and v.shape == original.shape
         changed = np.flatnonzero(v != original)
         assert set(changed) <= set(range(2, 8)) and np.abs(v[2:8]).max() <= 15
-    fresh, repeat = Requests("m", [clip], 8, "off", "fresh"), Requests("m", [clip], 8, "off", "repeat")
+    fresh, repeat = Requests("m", [clip], 8, {}, "fresh"), Requests("m", [clip], 8, {}, "repeat")
     audio = lambda body: body["messages"][0]["content"][0]["input_audio"]["data"]  # noqa: E731
     assert audio(repeat(0)) == audio(repeat(1)) == clip
     assert audio(fresh(0)) != audio(fresh(0)) and fresh(0)["messages"][0]["content"][1] == repeat(0)["messages"][0]["content"][1]
@@ -73,10 +74,10 @@ def test_engine_bench_load_is_a_closed_loop_that_counts_refusals(server):
     url, _ = server
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     clips = make_clips(2, 1.0)
-    answered = asyncio.run(load(url, Requests(model, clips, 4, "off", "fresh"), 2, 60.0, 6))
+    answered = asyncio.run(load(url, Requests(model, clips, 4, {"earwitness": {"guard": "off"}}, "fresh"), 2, 60.0, 6))
     assert answered["errors"] == 0 and len(answered["latencies"]) == 6
     assert all(0 < x < answered["wall_s"] for x in answered["latencies"])
-    refused = asyncio.run(load(url, Requests("no-such-model", clips, 4, "off", "repeat"), 2, 60.0, 4))
+    refused = asyncio.run(load(url, Requests("no-such-model", clips, 4, {}, "repeat"), 2, 60.0, 4))
     assert refused["errors"] == 4 and refused["latencies"] == []
 
 
@@ -91,7 +92,7 @@ def test_engine_bench_interval_pairs_rounds_and_flags_verdicts_within_noise():
     difference lies outside the interval of no difference; a target inside the interval is flagged."""
     import numpy as np
 
-    from loadtests.bench_engines import _p50, _rps, ratio_interval, verdicts
+    from loadtests.bench_engines import LOGPROBS, _p50, _rps, ratio_interval, verdicts
 
     rng = np.random.default_rng(1)
     jitter = [1.0, 1.4, 0.8, 1.2, 0.9, 1.3]  # the host's load moves latency by ±30% from round to round
@@ -113,6 +114,11 @@ def test_engine_bench_interval_pairs_rounds_and_flags_verdicts_within_noise():
 
     near = row("earwitness fused, guard on", _rounds(rng, 65, jitter))  # 1.3x: on the target
     far = row("earwitness fused, guard off", _rounds(rng, 80, jitter))  # 1.6x: well past it
-    lines = verdicts([row("vllm serve", base), near, far])
-    assert lines[0].endswith("(within noise)") and "latency 1.3" in lines[0]
-    assert lines[1].endswith(": MISSED") and "throughput 0.6" in lines[1]
+    logprobs = row(LOGPROBS, _rounds(rng, 60, jitter))  # a reference: no verdict of its own
+    lines = verdicts([row("vllm serve", base), logprobs, near, far])
+    assert len(lines) == 2
+    assert "latency 1.3" in lines[0] and "(within noise); p50 +1" in lines[0]
+    against_logprobs = float(lines[0].split(", ")[-1].split("x of vLLM's with the answer's log-probs")[0])
+    assert abs(against_logprobs - 65 / 60) < 0.03
+    missed = re.search(r"throughput 0\.6\dx .*: MISSED; p50 \+(\d+) ms$", lines[1])
+    assert missed and 25 <= int(missed.group(1)) <= 40  # 80 vs 50 ms around the rounds' medians
