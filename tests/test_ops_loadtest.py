@@ -92,7 +92,7 @@ def test_engine_bench_interval_pairs_rounds_and_flags_verdicts_within_noise():
     difference lies outside the interval of no difference; a target inside the interval is flagged."""
     import numpy as np
 
-    from loadtests.bench_engines import LOGPROBS, _p50, _rps, ratio_interval, verdicts
+    from loadtests.bench_engines import LOGPROBS, _p50, _rps, merge, ratio_interval, verdicts
 
     rng = np.random.default_rng(1)
     jitter = [1.0, 1.4, 0.8, 1.2, 0.9, 1.3]  # the host's load moves latency by ±30% from round to round
@@ -106,11 +106,9 @@ def test_engine_bench_interval_pairs_rounds_and_flags_verdicts_within_noise():
     fewer = ratio_interval(_rounds(rng, 50, jitter), base, _rps)
     assert fewer[0] < 1.0 < fewer[1]
 
-    def row(system: str, windows: list[dict]) -> dict:
-        lat = [x for w in windows for x in w["latencies_ms"]]
-        wall = sum(w["wall_s"] for w in windows)
-        return {"system": system, "workload": "fresh", "concurrency": 1, "p50_ms": float(np.median(lat)), "rps": len(lat) / wall,
-                "latencies_ms": [w["latencies_ms"] for w in windows], "walls_s": [w["wall_s"] for w in windows]}
+    def row(system: str, windows: list[dict]) -> dict:  # as run_all makes it: merge() over the windows' load() results
+        parts = [{"concurrency": 1, "latencies": [x / 1000 for x in w["latencies_ms"]], "errors": 0, "wall_s": w["wall_s"]} for w in windows]
+        return {**merge(parts), "system": system, "workload": "fresh"}
 
     near = row("earwitness fused, guard on", _rounds(rng, 65, jitter))  # 1.3x: on the target
     far = row("earwitness fused, guard off", _rounds(rng, 80, jitter))  # 1.6x: well past it
