@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from train.qa import NEGATIVE_SAMPLINGS as NEGATIVES
+from train.data.qa import NEGATIVE_SAMPLINGS as NEGATIVES
 
 
 def presence_rows(corpus: Path, per_sampling: int, seed: int) -> list[dict]:

@@ -63,7 +63,7 @@ SEED = 7
 
 
 def fetchable() -> bool:
-    from train import sources as S
+    from train.data import sources as S
 
     cache = S.cache_dir()
     if all((cache / "unpacked" / p / ".complete").exists() for p in S.SMALL_PACKAGES):
@@ -73,7 +73,7 @@ def fetchable() -> bool:
 
 @pytest.fixture(scope="session")
 def small_roots():
-    from train import sources as S
+    from train.data import sources as S
 
     if not fetchable():
         pytest.skip("apt-get/dpkg-deb unavailable and no cached packages")
@@ -84,8 +84,8 @@ def small_roots():
 
 @pytest.fixture(scope="session")
 def corpus(small_roots, tmp_path_factory):
-    from train import sources as S
-    from train.build import build_corpus
+    from train.data import sources as S
+    from train.data.build import build_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "c"
     build_corpus(out, n_train=N_TRAIN, seed=SEED, packages=S.SMALL_PACKAGES, progress=False)

@@ -28,7 +28,7 @@ def build_tiny_verifier(directory: Path) -> Path:
     from serving.guard.scorer import AudioTextScorer, ScorerConfig
     from serving.guard.text import ontology_phrases, shared_encoder
     from serving.guard.verifier import save_embedded
-    from train.ontology import load_ontology
+    from train.data.ontology import load_ontology
 
     torch.manual_seed(0)
     onto = load_ontology()
@@ -70,7 +70,7 @@ def build_yes_checkpoint(directory: Path) -> Path:
 def pick_clips(corpus: Path) -> dict:
     """A confidently present and a confidently absent scene for one class, judged by the shipped verifier."""
     from serving.guard.verifier import load_verifier
-    from train.ontology import load_ontology
+    from train.data.ontology import load_ontology
     from train.verifier import load_timelines, scene_labels
 
     verifier, onto = load_verifier(), load_ontology()

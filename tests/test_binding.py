@@ -24,7 +24,7 @@ def test_oracle_tokens_are_the_mean_phrase_embedding_of_the_active_classes():
 def test_layouts_put_the_answer_after_the_template_or_right_after_the_phrase(tiny_checkpoint, corpus):
     from models.loading import load
     from models.registry import resolve
-    from train.qa import read_qa_rows
+    from train.data.qa import read_qa_rows
 
     processor, _ = load(resolve(str(tiny_checkpoint)), device="cpu")
     tok = processor.tokenizer

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from train import mixer as M
-from train import sources as S
-from train.build import build_corpus
-from train.formats import read_audiotime_json, read_strong_tsv
-from train.ontology import load_ontology
-from train.prefs import COLUMNS, KINDS, load_pairs
-from train.qa import GENERIC_PHRASES, read_qa_rows
+from train.data import mixer as M
+from train.data import sources as S
+from train.data.build import build_corpus
+from train.data.formats import read_audiotime_json, read_strong_tsv
+from train.data.ontology import load_ontology
+from train.data.prefs import COLUMNS, KINDS, load_pairs
+from train.data.qa import GENERIC_PHRASES, read_qa_rows
 
 from tests.conftest import N_TRAIN, SEED, fetchable
 

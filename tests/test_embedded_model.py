@@ -56,7 +56,7 @@ def test_answers_real_scenes_in_its_trained_forms(corpus):
     """On scenes mixed from real recordings, presence questions get yes/no and counts get a number."""
     from serving.backends.hf import TransformersBackend
     from train.evaluate import answer_rows
-    from train.qa import read_qa_rows
+    from train.data.qa import read_qa_rows
 
     backend = TransformersBackend.load(REGISTRY["earwitness-tiny"], adapter=REGISTRY["earwitness-tiny"].adapters["default"])
     rows = read_qa_rows(corpus, "test")

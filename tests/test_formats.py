@@ -11,11 +11,11 @@ import pytest
 import soundfile as sf
 
 from serving.audio import decode
-from train.formats import (
+from train.data.formats import (
     StrongLabel, read_audiocaps_csv, read_audiotime_json, read_clotho_csv, read_strong_tsv,
     timeline_strong_labels, write_audiocaps_csv, write_audiotime_json, write_clotho_csv, write_strong_tsv,
 )
-from train.rcc import RccBundle, RccError, write_rcc
+from train.data.rcc import RccBundle, RccError, write_rcc
 
 
 def test_audiocaps_csv_roundtrip(tmp_path):

@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from train.ontology import KINDS as CLASS_KINDS
-from train.ontology import load_ontology
-from train.prefs import scene_pairs
-from train.qa import absent_candidates, caption, groups, popular_classes, scene_questions
-from train.sources import _load_rules, apply_label_rules, recording_group
+from train.data.ontology import KINDS as CLASS_KINDS
+from train.data.ontology import load_ontology
+from train.data.prefs import scene_pairs
+from train.data.qa import absent_candidates, caption, groups, popular_classes, scene_questions
+from train.data.sources import _load_rules, apply_label_rules, recording_group
 
 ONTO = load_ontology()
 

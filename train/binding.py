@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START
-from train.conversations import prompt_ids
+from train.data.conversations import prompt_ids
 from train.verifier import roc_auc
 
 AUDIO_SOURCES = ("oracle", "encoder")
@@ -77,7 +77,7 @@ def sequence(tokenizer, row, n_audio: int, layout: str) -> list[int]:
 
 def load_split(model, processor, corpus_dir: Path, split: str, classes: list[str]) -> Split:
     from train.probe import encoded_split
-    from train.qa import read_qa_rows
+    from train.data.qa import read_qa_rows
 
     hidden, rows_of, active = encoded_split(model, processor, corpus_dir, split, classes)
     questions = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.scene_id in rows_of]
@@ -135,7 +135,7 @@ def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", la
     """Train one (audio, layout) cell; returns ``[{step, loss, train_auc, validation_auc, elapsed_s}]``."""
     from models.loading import load
     from models.registry import resolve
-    from train.ontology import load_ontology
+    from train.data.ontology import load_ontology
 
     if audio not in AUDIO_SOURCES or layout not in LAYOUTS:
         raise ValueError(f"audio must be one of {AUDIO_SOURCES} and layout one of {LAYOUTS}")

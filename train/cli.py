@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from train.sources import PACKAGES, fetch
+    from train.data.sources import PACKAGES, fetch
 
     roots, failed = fetch(args.packages or PACKAGES, args.cache)
     for pkg, root in roots.items():
@@ -41,8 +41,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from train.build import build_corpus
-    from train.sources import PACKAGES
+    from train.data.build import build_corpus
+    from train.data.sources import PACKAGES
 
     report = build_corpus(args.out, n_train=args.scenes, seed=args.seed, packages=args.packages or PACKAGES,
                           cache=args.cache, workers=args.workers, progress=not args.no_progress)

@@ -129,7 +129,7 @@ def _resolve_adapter(model: str, adapter: str | None) -> tuple:
 def _eval(args) -> int:
     from serving.backends.hf import TransformersBackend
     from train.evaluate import evaluate
-    from train.report import markdown
+    from train.data.report import markdown
 
     spec, adapter = _resolve_adapter(args.model, args.adapter)
     backend = TransformersBackend.load(spec, adapter=adapter)

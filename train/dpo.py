@@ -27,7 +27,7 @@ MLP (``gate_proj/up_proj/down_proj``).
 Dataset columns: ``prompt`` (question text, or a list of chat messages), ``chosen``, ``rejected``
 (answer texts), ``audio`` (path, float array at 16 kHz, or a ``datasets.Audio`` dict), ``rejected_audio``
 (same, or None) and optionally ``kind`` and anything else (ignored). Relative paths are resolved against
-``audio_root`` (``train.prefs`` writes paths relative to the corpus directory).
+``audio_root`` (``train.data.prefs`` writes paths relative to the corpus directory).
 """
 
 from __future__ import annotations

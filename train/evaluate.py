@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from serving.answers import classify
 from serving.backends import AudioPrompt
-from train.ontology import Ontology
-from train.qa import NEGATIVE_SAMPLINGS, QARow, read_qa_rows
+from train.data.ontology import Ontology
+from train.data.qa import NEGATIVE_SAMPLINGS, QARow, read_qa_rows
 
 MAX_TOKENS = {"presence": 4, "order": 16, "count": 6, "duration": 8, "caption": 64}
 
@@ -194,7 +194,7 @@ def caption_metrics(rows: list[QARow], answers: list[str], ontology: Ontology, t
 
 
 def evaluate(backend, corpus_dir: str | Path, split: str = "test", plan: EvalPlan = EvalPlan(), progress: bool = True) -> dict:
-    from train.ontology import load_ontology
+    from train.data.ontology import load_ontology
 
     corpus_dir = Path(corpus_dir)
     rows = sample_rows(read_qa_rows(corpus_dir, split), plan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.report import markdown
+from train.data.report import markdown
 
 REPRODUCE = "earwitness train recipe --corpus data/corpus --work runs/recipe --ship models/earwitness-tiny"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
+from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 from train.verifier import roc_auc
 
 
@@ -75,8 +75,8 @@ def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...]
     """Presence ROC-AUC per split and negative sampling, from a linear head on the frozen encoder."""
     from models.loading import load
     from models.registry import resolve
-    from train.ontology import load_ontology
-    from train.qa import read_qa_rows
+    from train.data.ontology import load_ontology
+    from train.data.qa import read_qa_rows
 
     corpus_dir = Path(corpus_dir)
     processor, model = load(resolve(str(model_dir)), device="cpu")

@@ -16,7 +16,7 @@ import torch
 
 from models.tiny import TinySize, build_untrained
 from train.features import feature_tag, scene_features
-from train.qa import read_qa_rows
+from train.data.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
 # Sized by measurement to fit the whole recipe in well under 90 minutes on 2 CPU cores.
@@ -60,7 +60,7 @@ def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), con
 def pretrain_audio_encoder(model, corpus_dir: Path, train: tuple, val: tuple, size: TinySize, out_dir: Path, seed: int, progress: bool) -> None:
     """Stage 0: frame-level sound-event detection on the strong labels (see train.encoder)."""
     from train.encoder import frame_targets, pretrain_encoder
-    from train.ontology import load_ontology
+    from train.data.ontology import load_ontology
 
     classes = load_ontology(corpus_dir / "ontology.json").names
     positions = size.max_source_positions // 2
@@ -88,7 +88,7 @@ def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageC
 
 def preference_subset(corpus_dir: Path, per_kind: int, seed: int = 0):
     """A stratified sample of the training pairs: every LISTEN / AHA / ACPO kind equally represented."""
-    from train.prefs import load_pairs
+    from train.data.prefs import load_pairs
 
     pairs = load_pairs(corpus_dir, "train").shuffle(seed=seed)
     kinds = pairs["kind"]
@@ -125,7 +125,7 @@ def _evaluate(name: str, processor, model, corpus_dir: Path, plan, progress: boo
     from serving.backends.hf import TransformersBackend
     from train.evaluate import evaluate
 
-    from train.report import headline
+    from train.data.report import headline
 
     result = evaluate(TransformersBackend(name, processor, model), corpus_dir, "test", plan, progress=progress)
     print(f"[recipe] {name}: {json.dumps({k: round(v, 3) for k, v in headline({name: result})[name].items()})}", flush=True)
@@ -143,7 +143,7 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     from models.registry import EMBEDDED_DIR, resolve
     from train.evaluate import EvalPlan
     from train.probe import probe
-    from train.report import markdown, plot_stages
+    from train.data.report import markdown, plot_stages
 
     plan = eval_plan or EvalPlan(seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
         print(f"[recipe] {name} done in {timings[name]:.0f} s", flush=True)
 
     if not (corpus_dir / "report.json").exists():
-        from train.build import build_corpus
+        from train.data.build import build_corpus
 
         build_corpus(corpus_dir, seed=seed, progress=progress)
         lap("corpus")

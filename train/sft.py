@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from train.conversations import IGNORE, Turn, audio_tokens_for_frames, encode_chat
-from train.qa import QARow
+from train.data.conversations import IGNORE, Turn, audio_tokens_for_frames, encode_chat
+from train.data.qa import QARow
 
 
 @dataclass(frozen=True)

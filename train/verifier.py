@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from serving.guard.scorer import AudioTextScorer, ScorerConfig, batch_waves
 from serving.guard.text import OntologyIndex, TextEncoder, ontology_phrases
-from train.qa import NEGATIVE_SAMPLINGS
+from train.data.qa import NEGATIVE_SAMPLINGS
 
 FEATURE_TAG = "verifier-mel64-b4"
 ABSENT_PERCENTILE = 2.0
@@ -224,7 +224,7 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
 def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, init: Path | None = None, width: int = 128, threads: int | None = None,
                    budget_s: float | None = None, progress: bool = True, lowpass_aug: bool = True) -> dict:
     """Train on ``corpus``'s train split, calibrate on validation, measure on test, write ``out``."""
-    from train.ontology import load_ontology
+    from train.data.ontology import load_ontology
 
     corpus, out = Path(corpus), Path(out)
     if threads:

@@ -24,8 +24,8 @@ import numpy as np
 
 from serving.audio import decode
 from serving.errors import ApiError
-from train.ontology import DATA_DIR, load_ontology
-from train.rcc import RccBundle, RccError
+from train.data.ontology import DATA_DIR, load_ontology
+from train.data.rcc import RccBundle, RccError
 
 SAMPLE_RATE = 16_000
 MAX_SOURCE_S = 30.0  # longer recordings are cut: a 10 s scene never needs more

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.ontology import Ontology
+from train.data.ontology import Ontology
 
 PRESENCE_TEMPLATES = (
     "Is there a sound of {x} in the audio?",

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from train import mixer as M
-from train import sources as S
-from train.formats import timeline_strong_labels, write_audiotime_json, write_strong_tsv
-from train.ontology import load_ontology
-from train.prefs import KINDS as PAIR_KINDS
-from train.prefs import QuestionWriter, save_pairs, scene_pairs, template_writer
-from train.qa import caption, popular_classes, scene_questions, write_qa_jsonl
+from train.data import mixer as M
+from train.data import sources as S
+from train.data.formats import timeline_strong_labels, write_audiotime_json, write_strong_tsv
+from train.data.ontology import load_ontology
+from train.data.prefs import KINDS as PAIR_KINDS
+from train.data.prefs import QuestionWriter, save_pairs, scene_pairs, template_writer
+from train.data.qa import caption, popular_classes, scene_questions, write_qa_jsonl
 
 BED_MIN_S = 3.0
 SPLIT_INDEX = {s: i for i, s in enumerate(S.SPLITS)}

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent
 KINDS = ("real", "sampled", "foley", "synthetic")
 
 

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
-from train.ontology import Ontology
-from train.qa import (
+from train.data.ontology import Ontology
+from train.data.qa import (
     COUNT_TEMPLATE, DURATION_TEMPLATE, GENERIC_PHRASES, NUMBER_WORDS, ORDER_TEMPLATES, ORDERED_CAPTION_PROMPT, PRESENCE_TEMPLATES,
     QARow, caption_from_groups, groups,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
+from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 
 
 def _pct(x: float) -> str:
