@@ -37,9 +37,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--no-lowpass", dest="lowpass", action="store_false", help="leave out the low-pass (source bandwidth) augmentation")
     ver.set_defaults(func=_verifier)
 
-    pr = sub.add_parser("probe", help="linear probe on a model's audio encoder: how well its audio tokens tell present from absent")
-    pr.add_argument("--model", default="earwitness-tiny")
-    pr.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
+                                       "in recordings they never heard")
+    pr.add_argument("--corpus", type=Path, action="append", help="corpus directory (repeat to compare corpora); default data/corpus")
+    pr.add_argument("--encoders", default="whisper-tiny.en,whisper-base",
+                    help="comma-separated pretrained encoders (models.pretrained); see --model for a checkpoint's own tower")
+    pr.add_argument("--poolings", default=",".join(("meanmax", "attention", "frame")))
+    pr.add_argument("--views", type=int, default=0, help="augmented copies of every train scene besides the clean one")
+    pr.add_argument("--layers", choices=("last", "middle", "both"), default="both")
+    pr.add_argument("--no-lopo", dest="lopo", action="store_false", help="skip the leave-one-package-out evaluation")
+    pr.add_argument("--epochs", type=int, default=12)
+    pr.add_argument("--report", type=Path, help="write probe.json, probe.md and probe.png here")
+    pr.add_argument("--model", help="probe this checkpoint's own audio tower instead (e.g. earwitness-tiny)")
     pr.set_defaults(func=_probe)
 
     bd = sub.add_parser("binding", help="diagnostic: can a fresh language model bind questions to oracle or encoder audio tokens")
@@ -99,9 +108,17 @@ def _base(args) -> int:
 
 
 def _probe(args) -> int:
-    from train.probe import probe, table
+    from train.probe import probe, probe_report, run_probe, table
 
-    print(table(probe(args.model, args.corpus)))
+    corpora = args.corpus or [Path("data/corpus")]
+    if args.model:
+        print(table(probe(args.model, corpora[0], epochs=args.epochs)))
+        return 0
+    results = []
+    for corpus in corpora:
+        results += run_probe(corpus, encoders=tuple(args.encoders.split(",")), poolings=tuple(args.poolings.split(",")),
+                             views=tuple(range(args.views + 1)), layers=args.layers, lopo=args.lopo, epochs=args.epochs)
+    print(probe_report(results, args.report))
     return 0
 
 

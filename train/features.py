@@ -1,16 +1,20 @@
-"""Log-mel features of every scene, computed once with the model's own feature extractor.
+"""Features of every scene, computed once: log-mels for a model's own extractor, and the outputs of
+frozen pretrained encoders.
 
 Training reads the same scene in every epoch and for many questions; caching its features
-(float16, one array per split) takes the feature extractor out of the training loop.
+(float16, one array per split) takes the feature extractor, and a frozen encoder, out of the
+training loop.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from tqdm import tqdm
 
 
@@ -51,3 +55,103 @@ def scene_features(corpus_dir: str | Path, split: str, extractor, tag: str, prog
     np.save(array_path, out)
     index_path.write_text(json.dumps({"rows": rows, "frames": frames.tolist()}))
     return out, rows, frames
+
+
+# --------------------------------------------------------------------------- frozen pretrained encoders
+
+#: Pretrained encoders the probe and the verifier read (``models.pretrained``).
+PRETRAINED_ENCODERS = ("whisper-tiny.en", "whisper-base")
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """A frozen encoder's outputs for every scene of one split: ``last`` (the audio tower's output, the
+    tensor Qwen2-Audio's projector reads) and ``middle`` (its middle layer, avg-pooled the same way),
+    each ``[N, positions, d_model]`` float16; ``rows`` maps scene id → row; ``view`` 0 is the clean audio."""
+
+    last: np.ndarray
+    middle: np.ndarray
+    rows: dict[str, int]
+    view: int
+
+
+def encoder_tag(encoder: str, window_s: int) -> str:
+    return f"{encoder}-{window_s}s"
+
+
+def _encoder_files(corpus_dir: Path, split: str, tag: str, view: int) -> tuple[Path, Path, Path]:
+    base = Path(corpus_dir) / "features" / tag
+    stem = f"{split}.v{view}"
+    return base / f"{stem}.last.npy", base / f"{stem}.middle.npy", base / f"{stem}.json"
+
+
+@torch.no_grad()
+def encode_layers(tower, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(last, middle)`` of one forward: the middle layer is read by a hook, so the tower's own forward runs."""
+    middle: list[torch.Tensor] = []
+    layer = tower.layers[len(tower.layers) // 2 - 1]
+    handle = layer.register_forward_hook(lambda _m, _i, out: middle.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        last = tower(input_features).last_hidden_state
+    finally:
+        handle.remove()
+    pooled = tower.avg_pooler(middle[0].permute(0, 2, 1)).permute(0, 2, 1)
+    return last, pooled
+
+
+def encoder_features(corpus_dir: str | Path, split: str, encoder: str, window_s: int = 10, view: int = 0,
+                     batch_size: int = 8, progress: bool = True, augment_seed: int = 0) -> EncodedSplit:
+    """A frozen pretrained encoder's outputs for a split, computed once and cached per (encoder, window, view).
+
+    View ``k > 0`` encodes the scenes through the recording-setup augmentation
+    (``train.data.augment.augment_scene``, seeded by ``(augment_seed, k, row)``): the same scenes and
+    labels heard through other microphones, rooms and codecs. Every later stage reads these arrays,
+    never the audio.
+    """
+    from models.pretrained import whisper_encoder, whisper_feature_extractor
+    from models.pretrained.whisper import POSITIONS_PER_SECOND
+
+    corpus_dir = Path(corpus_dir)
+    last_path, middle_path, index_path = _encoder_files(corpus_dir, split, encoder_tag(encoder, window_s), view)
+    if last_path.exists() and middle_path.exists() and index_path.exists():
+        rows = json.loads(index_path.read_text())["rows"]
+        return EncodedSplit(np.load(last_path, mmap_mode="r"), np.load(middle_path, mmap_mode="r"), rows, view)
+    files = sorted((corpus_dir / "scenes" / split).glob("*.flac"))
+    if not files:
+        raise FileNotFoundError(f"no scenes under {corpus_dir / 'scenes' / split}")
+    tower = whisper_encoder(encoder, max_source_positions=window_s * POSITIONS_PER_SECOND)
+    extractor = whisper_feature_extractor(chunk_length=window_s, num_mel_bins=tower.config.num_mel_bins)
+    last_path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (len(files), window_s * POSITIONS_PER_SECOND // 2, tower.config.d_model)
+    tmp = [p.with_suffix(".tmp.npy") for p in (last_path, middle_path)]
+    last = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=np.float16, shape=shape)
+    middle = np.lib.format.open_memmap(tmp[1], mode="w+", dtype=np.float16, shape=shape)
+    bar = tqdm(total=len(files), desc=f"{encoder} {split} v{view}", disable=not progress, unit="scene")
+    for start in range(0, len(files), batch_size):
+        clips = [_scene_audio(f, extractor.sampling_rate, view, augment_seed, start + k)
+                 for k, f in enumerate(files[start:start + batch_size])]
+        feats = extractor(clips, sampling_rate=extractor.sampling_rate, padding="max_length", return_tensors="pt")
+        a, b = encode_layers(tower, feats["input_features"])
+        last[start:start + len(clips)] = a.numpy().astype(np.float16)
+        middle[start:start + len(clips)] = b.numpy().astype(np.float16)
+        bar.update(len(clips))
+    bar.close()
+    last.flush(), middle.flush()
+    del last, middle
+    for t, final in zip(tmp, (last_path, middle_path)):
+        t.replace(final)
+    rows = {f.stem: i for i, f in enumerate(files)}
+    index_path.write_text(json.dumps({"rows": rows, "encoder": encoder, "window_s": window_s, "view": view,
+                                      "augment_seed": augment_seed}))
+    return EncodedSplit(np.load(last_path, mmap_mode="r"), np.load(middle_path, mmap_mode="r"), rows, view)
+
+
+def _scene_audio(path: Path, sampling_rate: int, view: int, seed: int, row: int) -> np.ndarray:
+    samples, sr = sf.read(path, dtype="float32")
+    if sr != sampling_rate:
+        raise ValueError(f"{path.name}: {sr} Hz, the encoder expects {sampling_rate} Hz")
+    if view == 0:
+        return samples
+    from train.data.augment import augment_scene
+
+    return augment_scene(samples, np.random.default_rng([seed, view, row]))

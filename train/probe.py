@@ -1,17 +1,25 @@
-"""How much the audio tokens know: a linear probe on the model's audio encoder.
+"""How much an audio encoder knows about recordings it never heard: sound-event probes on frozen features.
 
-The language model can only answer "is there X?" as well as its audio tokens separate present
-from absent X. This fits one linear sound-event-detection head on the frozen encoder's outputs
-(the tensor the projector reads) over the train split, then scores every presence question of
-each split by the head's clip-level logit for the asked-about class, and reports ROC-AUC per
-negative sampling. Train vs test shows how far the audio side generalises to unseen recordings;
-either against the model's own presence accuracy shows how much of what is heard the language
-model reads. ``earwitness train probe --model DIR --corpus DIR`` prints the table.
+A language model can only answer "is there X?" as well as its audio tokens separate present from
+absent X. A probe fits a small sound-event head on a frozen encoder's outputs over the train split,
+then scores every presence question by the head's clip-level logit for the asked-about class and
+reports ROC-AUC per negative sampling. Three heads, from least to most use of the strong labels:
+
+- ``meanmax``: one logistic regression per class on the clip's mean and max over time;
+- ``attention``: per class, an attention over time of per-frame logits (multiple-instance pooling);
+- ``frame``: per-frame logits trained on the strong labels' activity, the clip's score their maximum.
+
+Train against test shows how far the audio side generalises to unseen recordings; the
+leave-one-package-out evaluation (train without a package's recordings, test on them) is the
+honest figure for recordings from elsewhere. ``earwitness train probe`` prints the table.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +28,284 @@ import torch
 from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 from train.verifier import roc_auc
 
+POOLINGS = ("meanmax", "attention", "frame")
+PROBE_POSITIONS = 125  # 80 ms: the strong labels' events are longer than that
+
+
+@dataclass
+class ProbeData:
+    """Features ``[N, P, D]`` (float16), strong-label activity ``[N, P, C]`` and each scene's source packages."""
+
+    features: np.ndarray
+    targets: np.ndarray
+    rows: dict[str, int]
+    packages: list[set[str]]
+    event_packages: list[dict[str, set[str]]]  # per scene: class → packages its events came from
+
+
+def pool_time(x: np.ndarray, positions: int) -> np.ndarray:
+    """Average ``[N, P, D]`` down to ``positions`` steps (P a multiple of it)."""
+    n, p, d = x.shape
+    return x.reshape(n, positions, p // positions, d).mean(axis=2, dtype=np.float32).astype(np.float16)
+
+
+def scene_packages(corpus_dir: Path, split: str, rows: dict[str, int]) -> tuple[list[set[str]], list[dict[str, set[str]]]]:
+    """Per scene row: the packages of all its sources, and per class the packages its events came from."""
+    package_of = {}
+    with (corpus_dir / "sources.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            package_of[r["id"]] = r["package"]
+    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    packages: list[set[str]] = [set() for _ in rows]
+    by_class: list[dict[str, set[str]]] = [defaultdict(set) for _ in rows]
+    for sid, row in rows.items():
+        t = timelines[sid]
+        for e in t["events"]:
+            pkg = package_of.get(e["source_id"], "synthetic")
+            packages[row].add(pkg)
+            by_class[row][e["label"]].add(pkg)
+        bed = t.get("background") or {}
+        if bed.get("source_id"):
+            pkg = package_of.get(bed["source_id"], "synthetic")
+            packages[row].add(pkg)
+            by_class[row][bed["label"]].add(pkg)
+    return packages, by_class
+
+
+def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], layers: str = "both",
+               views: tuple[int, ...] = (0,), window_s: int = 10, progress: bool = True) -> ProbeData:
+    """One split's frozen features (views stacked), pooled to :data:`PROBE_POSITIONS`, with their labels."""
+    from train.encoder import frame_targets
+    from train.features import encoder_features
+
+    feats, targets, packages, event_packages, rows = [], [], [], [], {}
+    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    for view in views:
+        enc = encoder_features(corpus_dir, split, encoder, window_s=window_s, view=view, progress=progress)
+        parts = {"last": [enc.last], "middle": [enc.middle], "both": [enc.last, enc.middle]}[layers]
+        pooled = np.concatenate([pool_time(np.asarray(p), PROBE_POSITIONS) for p in parts], axis=-1)
+        feats.append(pooled)
+        targets.append(frame_targets(timelines, enc.rows, classes, PROBE_POSITIONS, float(window_s)))
+        pk, ev = scene_packages(corpus_dir, split, enc.rows)
+        packages += pk
+        event_packages += ev
+        if view == views[0]:
+            rows = enc.rows
+    return ProbeData(np.concatenate(feats), np.concatenate(targets), rows, packages, event_packages)
+
+
+class ProbeHead(torch.nn.Module):
+    """A sound-event head on standardised frozen features; ``forward`` gives (clip logits, frame logits or None)."""
+
+    def __init__(self, dim: int, classes: int, pooling: str, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}")
+        self.pooling = pooling
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.drop = torch.nn.Dropout(0.2)
+        self.cla = torch.nn.Linear(2 * dim if pooling == "meanmax" else dim, classes)
+        self.att = torch.nn.Linear(dim, classes) if pooling == "attention" else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.drop((x.float() - self.mean) / self.std)
+        if self.pooling == "meanmax":
+            return self.cla(torch.cat([x.mean(1), x.amax(1)], dim=-1)), None
+        frame = self.cla(x)
+        if self.pooling == "attention":
+            weights = torch.softmax(self.att(x), dim=1)
+            return (weights * frame).sum(1), frame
+        return frame.amax(1), frame
+
+
+def fit_probe(data: ProbeData, pooling: str, keep: np.ndarray | None = None, epochs: int = 12, batch_size: int = 128,
+              lr: float = 2e-3, weight_decay: float = 1e-2, seed: int = 0) -> ProbeHead:
+    """Minibatch AdamW on clip-level BCE (and, for ``frame``, frame-level BCE on the strong labels)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(keep) if keep is not None else np.arange(len(data.features))
+    sample = data.features[rng.choice(idx, size=min(len(idx), 512), replace=False)].astype(np.float32)
+    mean = torch.from_numpy(sample.reshape(-1, sample.shape[-1]).mean(0))
+    std = torch.from_numpy(sample.reshape(-1, sample.shape[-1]).std(0) + 1e-3)
+    head = ProbeHead(data.features.shape[-1], data.targets.shape[-1], pooling, mean, std)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    steps = epochs * math.ceil(len(idx) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    head.train()
+    for _ in range(epochs):
+        for batch in np.array_split(rng.permutation(idx), math.ceil(len(idx) / batch_size)):
+            batch = np.sort(batch)
+            x = torch.from_numpy(np.asarray(data.features[batch]))
+            y = torch.from_numpy(data.targets[batch])
+            clip, frame = head(x)
+            loss = bce(clip, y.amax(1))
+            if pooling == "frame":
+                loss = loss + bce(frame, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def clip_logits(head: ProbeHead, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate([head(torch.from_numpy(np.asarray(features[i:i + batch_size])))[0].numpy()
+                           for i in range(0, len(features), batch_size)])
+
+
+def presence_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows, select=None) -> dict[str, float]:
+    """ROC-AUC of the asked-about class's clip logit: positives against each negative sampling, and all together.
+
+    ``select(row) -> bool`` keeps only some questions (leave-one-package-out keeps a package's scenes).
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    asked = [r for r in qa_rows if r.kind == "presence" and r.scene_id in rows_of and r.label in index
+             and (select is None or select(r))]
+    score = np.array([logits[rows_of[r.scene_id], index[r.label]] for r in asked])
+    positive = np.array([r.sampling == "positive" for r in asked])
+    out = {}
+    for sampling in (*SAMPLINGS, "all"):
+        sel = np.array([r.sampling == "positive" or sampling in ("all", r.sampling) for r in asked], dtype=bool)
+        if sel.any() and positive[sel].any() and (~positive[sel]).any():
+            out[sampling] = roc_auc(positive[sel], score[sel])
+    return out
+
+
+def held_out_packages(corpus_dir: Path, count: int = 6) -> list[str]:
+    """The packages with the most distinct non-speech classes: each is left out of training in turn."""
+    classes: dict[str, set[str]] = defaultdict(set)
+    with (corpus_dir / "sources.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if r["label"] != "Speech" and r["package"] != "synthetic":
+                classes[r["package"]].add(r["label"])
+    return sorted(classes, key=lambda p: (-len(classes[p]), p))[:count]
+
+
+def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], classes: list[str], pooling: str,
+                          packages: list[str], **fit) -> dict[str, dict[str, float]]:
+    """Per package P: fit on train scenes holding none of P's recordings; score, over every split's scenes
+    that hold P's recordings, questions whose present class came from P against the absent ones."""
+    train = data["train"]
+    out = {}
+    for pkg in packages:
+        keep = np.array([pkg not in p for p in train.packages])
+        head = fit_probe(train, pooling, keep=keep, **fit)
+        scores, positives = [], []
+        for split, d in data.items():
+            logits = clip_logits(head, d.features[: len(d.rows)])
+
+            def from_pkg(r, d=d, split=split):
+                row = d.rows[r.scene_id]
+                if pkg not in d.packages[row] or (split == "train" and keep[row]):
+                    return False
+                return r.sampling != "positive" or pkg in d.event_packages[row].get(r.label, ())
+
+            index = {name: i for i, name in enumerate(classes)}
+            for r in qa[split]:
+                if r.kind == "presence" and r.scene_id in d.rows and r.label in index and from_pkg(r):
+                    scores.append(logits[d.rows[r.scene_id], index[r.label]])
+                    positives.append(r.sampling == "positive")
+        y = np.array(positives)
+        out[pkg] = {"auc": roc_auc(y, np.array(scores)) if y.any() and (~y).any() else float("nan"),
+                    "questions": int(len(y)), "train_scenes": int(keep.sum())}
+    return out
+
+
+def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny.en",), poolings: tuple[str, ...] = POOLINGS,
+              views: tuple[int, ...] = (0,), layers: str = "both", lopo: bool = True, lopo_count: int = 6,
+              progress: bool = True, **fit) -> list[dict]:
+    """Every encoder × pooling on one corpus: presence ROC-AUC per split and sampling, and leave-one-package-out."""
+    from train.data.ontology import load_ontology
+    from train.data.qa import read_qa_rows
+
+    corpus_dir = Path(corpus_dir)
+    classes = load_ontology(corpus_dir / "ontology.json").names
+    qa = {s: read_qa_rows(corpus_dir, s) for s in ("train", "validation", "test")}
+    results = []
+    for encoder in encoders:
+        data = {"train": load_split(corpus_dir, "train", encoder, classes, layers, views, progress=progress)}
+        for split in ("validation", "test"):
+            data[split] = load_split(corpus_dir, split, encoder, classes, layers, (0,), progress=progress)
+        packages = held_out_packages(corpus_dir, lopo_count) if lopo else []
+        for pooling in poolings:
+            head = fit_probe(data["train"], pooling, **fit)
+            row = {"corpus": corpus_dir.name, "encoder": encoder, "pooling": pooling, "views": len(views), "layers": layers}
+            for split, d in data.items():
+                row[split] = presence_auc(clip_logits(head, d.features[: len(d.rows)]), d.rows, classes, qa[split])
+            row["per_class_test"] = per_class_auc(clip_logits(head, data["test"].features), data["test"].rows, classes, qa["test"])
+            if packages:
+                row["lopo"] = leave_one_package_out(data, qa, classes, pooling, packages, **fit)
+                aucs = [v["auc"] for v in row["lopo"].values() if not math.isnan(v["auc"])]
+                row["lopo_mean"] = float(np.mean(aucs)) if aucs else float("nan")
+            results.append(row)
+            if progress:
+                print(probe_table([row]), flush=True)
+    return results
+
+
+def probe_report(results: list[dict], out: Path | None = None) -> str:
+    """The table as markdown; with ``out``, also probe.json, probe.md and a bar plot (probe.png)."""
+    text = probe_table(results)
+    if out is None:
+        return text
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(results, indent=1))
+    (out / "probe.md").write_text(text + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['corpus']}\n{r['encoder']}\n{r['pooling']}" + (f" +{r['views'] - 1}aug" if r["views"] > 1 else "") for r in results]
+    series = {"test (all negatives)": [r["test"].get("all", np.nan) for r in results],
+              "test vs adversarial": [r["test"].get("adversarial", np.nan) for r in results],
+              "leave-one-package-out": [r.get("lopo_mean", np.nan) for r in results]}
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(results)), 4))
+    width = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(results)) + (k - 1) * width, values, width, label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(np.arange(len(results)), labels, fontsize=7)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("presence ROC-AUC")
+    ax.set_title("frozen encoder probes on unseen recordings")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "probe.png", dpi=120)
+    plt.close(fig)
+    return text
+
+
+def per_class_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows) -> dict[str, float]:
+    """Test ROC-AUC per asked-about class (all negative samplings): which classes stay weak."""
+    out = {}
+    for name in classes:
+        auc = presence_auc(logits, rows_of, classes, qa_rows, select=lambda r, n=name: r.label == n).get("all")
+        if auc is not None:
+            out[name] = round(auc, 3)
+    return out
+
+
+def probe_table(results: list[dict]) -> str:
+    """Markdown: one row per corpus × encoder × pooling × augmented views."""
+    head = ("| corpus | encoder | pooling | aug views | train | test | test vs random | vs popular | vs adversarial "
+            "| leave-one-package-out |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in results:
+        lopo = f"{r['lopo_mean']:.3f}" if "lopo_mean" in r else "–"
+        t = r["test"]
+        lines.append(f"| {r['corpus']} | {r['encoder']} | {r['pooling']} | {r['views'] - 1} | {r['train'].get('all', float('nan')):.3f} "
+                     f"| {t.get('all', float('nan')):.3f} | " + " | ".join(f"{t[s]:.3f}" if s in t else "–" for s in SAMPLINGS)
+                     + f" | {lopo} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a checkpoint's own audio tower
 
 
 @torch.no_grad()
@@ -28,34 +314,6 @@ def encoder_outputs(model, features: np.ndarray, batch_size: int = 64) -> torch.
     chunks = [tower(torch.from_numpy(np.asarray(features[i : i + batch_size], dtype=np.float32))).last_hidden_state
               for i in range(0, len(features), batch_size)]
     return torch.cat(chunks)
-
-
-def fit_head(hidden: torch.Tensor, targets: torch.Tensor, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> torch.nn.Linear:
-    """Full-batch Adam on frame and clip (max over frames) detection losses, as stage 0 trains."""
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(hidden.shape[-1], targets.shape[-1])
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    for _ in range(steps):
-        logits = head(hidden)
-        loss = bce(logits, targets) + bce(logits.max(1).values, targets.max(1).values)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return head
-
-
-def presence_auc(clip_logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows) -> dict[str, float]:
-    """ROC-AUC of the asked-about class's clip logit: positives against each negative sampling."""
-    index = {name: i for i, name in enumerate(classes)}
-    asked = [r for r in qa_rows if r.kind == "presence" and r.scene_id in rows_of]
-    score = {id(r): float(clip_logits[rows_of[r.scene_id], index[r.label]]) for r in asked}
-    out = {}
-    for sampling in SAMPLINGS:
-        sel = [r for r in asked if r.sampling in ("positive", sampling)]
-        if sel and any(r.sampling == sampling for r in sel):
-            out[sampling] = roc_auc(np.array([r.sampling == "positive" for r in sel]), np.array([score[id(r)] for r in sel]))
-    return out
 
 
 def encoded_split(model, processor, corpus_dir: Path, split: str, classes: list[str]) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
@@ -71,8 +329,8 @@ def encoded_split(model, processor, corpus_dir: Path, split: str, classes: list[
     return hidden, rows_of, torch.from_numpy(frame_targets(timelines, rows_of, classes, hidden.shape[1], float(size.chunk_s)))
 
 
-def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...] = ("train", "test"), steps: int = 300) -> dict[str, dict[str, float]]:
-    """Presence ROC-AUC per split and negative sampling, from a linear head on the frozen encoder."""
+def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...] = ("train", "test"), epochs: int = 12) -> dict[str, dict[str, float]]:
+    """Presence ROC-AUC per split and negative sampling of a checkpoint's own audio tower (``frame`` head)."""
     from models.loading import load
     from models.registry import resolve
     from train.data.ontology import load_ontology
@@ -81,17 +339,17 @@ def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...]
     corpus_dir = Path(corpus_dir)
     processor, model = load(resolve(str(model_dir)), device="cpu")
     classes = load_ontology(corpus_dir / "ontology.json").names
-    data = {split: encoded_split(model, processor, corpus_dir, split, classes) for split in dict.fromkeys(("train", *splits))}
-    head = fit_head(data["train"][0], data["train"][2], steps=steps)
-    results = {}
-    with torch.no_grad():
-        for split in splits:
-            hidden, rows_of, _ = data[split]
-            results[split] = presence_auc(head(hidden).max(1).values.numpy(), rows_of, classes, read_qa_rows(corpus_dir, split))
-    return results
+    data = {}
+    for split in dict.fromkeys(("train", *splits)):
+        hidden, rows, active = encoded_split(model, processor, corpus_dir, split, classes)
+        data[split] = ProbeData(hidden.numpy().astype(np.float16), active.numpy(), rows, [], [])
+    head = fit_probe(data["train"], "frame", epochs=epochs)
+    return {split: presence_auc(clip_logits(head, data[split].features), data[split].rows, classes, read_qa_rows(corpus_dir, split))
+            for split in splits}
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown of :func:`probe`: one row per split."""
     lines = ["| split | " + " | ".join(f"ROC-AUC vs {s}" for s in SAMPLINGS) + " |", "| --- |" + " --- |" * len(SAMPLINGS)]
     for split, aucs in results.items():
         lines.append(f"| {split} | " + " | ".join(f"{aucs[s]:.3f}" if s in aucs else "–" for s in SAMPLINGS) + " |")

@@ -92,7 +92,7 @@ def build_corpus(
              "test": n_test if n_test is not None else max(1, n_train // 6)}
 
     # sources
-    roots, fetch_failed = S.fetch(packages, cache)
+    roots, fetch_failed = S.fetch(packages, cache, progress=progress)
     clips, excluded = S.labelled_sources(packages)
     paths, skipped, durations = S.decode_sources(clips, roots, cache, workers=workers, progress=progress)
     beeps = M.synthetic_beeps()
@@ -107,6 +107,9 @@ def build_corpus(
     dur_arr = np.array([durations[i] for i in ids])
     by_id = {c.id: c for c in usable}
     dups = [(by_id[ids[a]].group, by_id[ids[b]].group) for a, b in S.duplicate_pairs(fps, dur_arr)]
+    profiles = {i: S.frame_profile(store.get(i)) for i in ids if by_id[i].package != "synthetic"}
+    cross = S.cross_package_duplicates(usable, profiles)
+    dups += [(by_id[a].group, by_id[b].group) for a, b, _ in cross]
     split_of = S.assign_splits(usable, dups)
     with (out / "sources.jsonl").open("w", encoding="utf-8") as fh:
         for c in sorted(usable, key=lambda c: c.id):
@@ -177,8 +180,14 @@ def build_corpus(
         qa_counts[split] = Counter(f"{r.kind}/{r.sampling}" for r in all_rows)
         pair_counts[split] = Counter(p.kind for p in all_pairs)
 
+    recordings = recording_table(usable, S.recording_components(usable, dups), durations)
     report = _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair_counts, fetch_failed,
                      excluded, skipped, popular, examples, packages, seed, time.time() - t0, out)
+    report["recordings"] = recordings
+    report["cross_package_duplicates"] = [
+        {"a": f"{by_id[a].package}:{by_id[a].path}", "b": f"{by_id[b].package}:{by_id[b].path}", "similarity": sim}
+        for a, b, sim in cross]
+    _write_report(report, out)
     return report
 
 
@@ -213,12 +222,34 @@ def _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair
         "examples": examples,
         "pair_kinds": list(PAIR_KINDS),
     }
+    return report
+
+
+def _write_report(report: dict, out: Path) -> None:
     report["disk_bytes"] = _disk_usage(out)
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     report["disk_bytes"] = _disk_usage(out)
-    return report
 
+
+def recording_table(clips: Sequence[S.SourceClip], component: dict[str, str], durations: dict[str, float]) -> dict[str, dict]:
+    """Per class: distinct source recordings and hours from the core packages alone and from all used.
+
+    Files are not recordings: one session's takes, and one recording shipped by two games, count once.
+    """
+    out: dict[str, dict] = {}
+    for scope, keep in (("core", lambda c: c.package in S.CORE_PACKAGES), ("all", lambda c: True)):
+        recs: dict[str, set[str]] = defaultdict(set)
+        hours: Counter = Counter()
+        for c in clips:
+            if keep(c) and c.package != "synthetic":
+                recs[c.label].add(component[c.id])
+                hours[c.label] += durations[c.id] / 3600
+        for label in set(recs) | set(out):
+            out.setdefault(label, {})[scope] = {"recordings": len(recs.get(label, ())), "hours": round(hours[label], 4)}
+    for row in out.values():
+        row.setdefault("core", {"recordings": 0, "hours": 0.0})
+    return dict(sorted(out.items()))
 
 def _markdown(r: dict) -> str:
     lines = [f"# Earwitness corpus build (seed {r['seed']})", "",
@@ -243,6 +274,19 @@ def _markdown(r: dict) -> str:
         src = "/".join(str(c["sources"][s]) for s in r["splits"])
         ev = "/".join(str(c["events"][s]) for s in r["splits"])
         lines.append(f"| {c['name']} | {c['mid'] or '—'} | {c['kind']} | {src} | {ev} |")
+    if r.get("recordings"):
+        lines += ["", "## Distinct source recordings and hours per class: core packages → all packages", "",
+                  "| class | recordings | hours |", "| --- | --- | --- |"]
+        for name, row in r["recordings"].items():
+            lines.append(f"| {name} | {row['core']['recordings']} → {row['all']['recordings']} | "
+                         f"{row['core']['hours']:.3f} → {row['all']['hours']:.3f} |")
+        tot = {k: sum(row[k]["recordings"] for row in r["recordings"].values()) for k in ("core", "all")}
+        hrs = {k: sum(row[k]["hours"] for row in r["recordings"].values()) for k in ("core", "all")}
+        lines.append(f"| **all classes** | {tot['core']} → {tot['all']} | {hrs['core']:.2f} → {hrs['all']:.2f} |")
+    if r.get("cross_package_duplicates") is not None:
+        lines += ["", f"Cross-package duplicates found (one recording in two packages, same split): "
+                      f"{len(r['cross_package_duplicates'])}", ""]
+        lines += [f"- `{d['a']}` = `{d['b']}` ({d['similarity']:.3f})" for d in r["cross_package_duplicates"][:40]]
     lines += ["", "## Skipped", ""]
     for what, d in r["skipped"].items():
         lines.append(f"- **{what}**: " + (", ".join(f"{k}: {v}" for k, v in d.items()) if d else "none"))

@@ -24,22 +24,40 @@ import numpy as np
 
 from serving.audio import decode
 from serving.errors import ApiError
+from train.data.archives import ArchiveError, archive_file, is_archived, read_member
 from train.data.ontology import DATA_DIR, load_ontology
 from train.data.rcc import RccBundle, RccError
 
 SAMPLE_RATE = 16_000
 MAX_SOURCE_S = 30.0  # longer recordings are cut: a 10 s scene never needs more
 
-#: Every package the project may use (the project's list of Debian sound sources); nothing else is fetched.
-PACKAGES: tuple[str, ...] = (
+#: The core Debian sound sources (their files are listed in ``train/data/sources.csv``).
+CORE_PACKAGES: tuple[str, ...] = (
     "scratch", "tuxpaint-stamps-default", "qabcs-data", "gcompris-qt-data", "sonic-pi-samples",
     "hydrogen-drumkits", "lmms-common", "minetest-data", "scorched3d-data", "searchandrescue-data",
     "lincity-ng-data", "etw-data", "bucklespring-data", "lugaru-data", "triplea",
     "asterisk-core-sounds-en-wav", "ktuberling-data", "kajongg", "pocketsphinx-testdata",
     "sound-icons", "gnome-audio", "sound-theme-freedesktop",
 )
+#: More packages with labelled real recordings (``train/data/extra_sources.csv``); mostly games, so
+#: some of their files sit inside the games' archives (``train.data.archives``).
+EXTRA_PACKAGES: tuple[str, ...] = (
+    "0ad-data", "7kaa-data", "ardentryst", "bambam", "berusky2-data", "brainparty-data", "btanks-data",
+    "castle-game-engine-doc", "caveexpress-data", "circuslinux-data", "clanlib-doc", "crossfire-client",
+    "dustracing2d-data", "flare-game", "foobillardplus-data", "freedink-data", "frozen-bubble-data",
+    "gambas3-examples", "gemdropx", "gl-117-data", "gnome-shell-pomodoro-data", "hannah-data",
+    "libreoffice-common", "madbomber-data", "micropolis-data", "minetest-mod-unified-inventory",
+    "mirrormagic-data", "netpanzer-data", "open-invaders-data", "openclonk-data", "openttd-opensfx",
+    "orage-data", "pangzero", "pekka-kana-2-data", "plee-the-bear-data", "redeclipse-data",
+    "simutrans-pak64", "supertux-data", "supertuxkart-data", "trackballs-data", "trophy-data", "tuxfootball",
+    "tuxmath-data", "ufoai-sound", "ukui-media", "wx3.2-examples", "xboard", "xemacs21-basesupport",
+)
+#: Every package the project may use (the project's list of Debian sound sources); nothing else is fetched.
+PACKAGES: tuple[str, ...] = CORE_PACKAGES + EXTRA_PACKAGES
+#: The labelled file lists, one per group of packages.
+SOURCE_TABLES: tuple[Path, ...] = (DATA_DIR / "sources.csv", DATA_DIR / "extra_sources.csv")
 #: A few tens of MB that still cover a dozen classes; used by the tests.
-SMALL_PACKAGES: tuple[str, ...] = ("minetest-data", "bucklespring-data", "scratch")
+SMALL_PACKAGES: tuple[str, ...] = ("minetest-data", "bucklespring-data", "scratch", "openttd-opensfx")
 
 
 class FetchError(RuntimeError):
@@ -65,16 +83,18 @@ def _find_deb(pkg: str, debs: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def fetch_package(pkg: str, cache: Path | None = None) -> Path:
+def fetch_package(pkg: str, cache: Path | None = None, files: Sequence[str] | None = None) -> Path:
     """Download (``apt-get download``) and unpack (``dpkg-deb -x``) one package; return its root.
 
-    Idempotent: a finished unpack leaves a ``.complete`` marker and is reused.
+    With ``files`` (paths inside the package), only those are unpacked: a game's 1.4 GB package
+    may hold 60 MB of the sounds the corpus uses. Idempotent: a finished unpack leaves a
+    ``.complete`` marker (listing what was unpacked) and is reused while it covers ``files``.
     """
     if pkg not in PACKAGES:
         raise FetchError(f"{pkg} is not one of the project's source packages")
     cache = cache or cache_dir()
     root = cache / "unpacked" / pkg
-    if (root / ".complete").exists():
+    if _unpacked_covers(root, files):
         return root
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
@@ -94,7 +114,7 @@ def fetch_package(pkg: str, cache: Path | None = None) -> Path:
             raise FetchError(f"apt-get download {pkg} produced no .deb")
     tmp = Path(tempfile.mkdtemp(prefix=f".{pkg}-", dir=cache / "debs"))
     try:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+        _unpack(deb, tmp, files)
         if root.exists():
             shutil.rmtree(root)
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -102,17 +122,47 @@ def fetch_package(pkg: str, cache: Path | None = None) -> Path:
     except (subprocess.CalledProcessError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"could not unpack {deb.name}: {exc}") from exc
-    (root / ".complete").write_text(deb.name + "\n")
+    (root / ".complete").write_text(deb.name + "\n" + "".join(f"{f}\n" for f in sorted(set(files or ()))))
     return root
 
 
-def fetch(packages: Iterable[str] = PACKAGES, cache: Path | None = None) -> tuple[dict[str, Path], dict[str, str]]:
-    """Fetch several packages; failures are returned (package → reason), never raised."""
+def _unpacked_covers(root: Path, files: Sequence[str] | None) -> bool:
+    """Whether a finished unpack holds ``files`` (a whole unpack, listing none, holds everything)."""
+    marker = root / ".complete"
+    if not marker.exists():
+        return False
+    listed = marker.read_text().splitlines()[1:]
+    return not listed or (files is not None and set(files) <= set(listed))
+
+
+def _unpack(deb: Path, into: Path, files: Sequence[str] | None) -> None:
+    """``dpkg-deb -x``, or only ``files`` out of the package's data tarball."""
+    if not files:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True, capture_output=True)
+        return
+    members = into / ".members"
+    members.write_text("".join(f"./{f.lstrip('/')}\n" for f in sorted(set(files))))
+    try:
+        subprocess.run(["bash", "-o", "pipefail", "-c", 'dpkg-deb --fsys-tarfile "$0" | tar -x -C "$1" -T "$2"',
+                        str(deb), str(into), str(members)], check=True, capture_output=True)
+    finally:
+        members.unlink(missing_ok=True)
+
+
+def fetch(packages: Iterable[str] = PACKAGES, cache: Path | None = None, progress: bool = False) -> tuple[dict[str, Path], dict[str, str]]:
+    """Fetch several packages; failures are returned (package → reason), never raised.
+
+    Extra packages unpack only the files their table lists; core packages unpack whole (GCompris'
+    bundles are found by scanning).
+    """
+    from tqdm import tqdm
+
     roots: dict[str, Path] = {}
     failed: dict[str, str] = {}
-    for pkg in packages:
+    needed = package_files()
+    for pkg in tqdm(list(packages), desc="fetch packages", unit="pkg", disable=not progress):
         try:
-            roots[pkg] = fetch_package(pkg, cache)
+            roots[pkg] = fetch_package(pkg, cache, needed.get(pkg) if pkg in EXTRA_PACKAGES else None)
         except FetchError as exc:
             failed[pkg] = str(exc)
     return roots, failed
@@ -149,7 +199,9 @@ def recording_group(package: str, path: str) -> str:
     ``bd_01``/``bd_02`` velocity layers, ``door_open``/``door_close`` takes and
     ``Water1..5`` loops of one recording session all land in one group, hence one split.
     """
-    p = path.removeprefix("rcc:")
+    if path.startswith("cat:"):  # a sound catalogue: each entry is its own recording
+        return f"{package}:{path}"
+    p = path.removeprefix("rcc:").split(":", 1)[-1] if is_archived(path) else path.removeprefix("rcc:")
     stem = Path(p).stem.lower()
     # hex-coded take names ("6b-0", "1d-1": one keyboard's keys) are numbers too
     stem = re.sub(r"(?<![a-z0-9])(?=[a-f]*[0-9])[0-9a-f]+(?![a-z0-9])", "", stem)
@@ -184,8 +236,24 @@ def apply_label_rules(csv_label: str, path: str, rules: Sequence[_Rule]) -> tupl
     return None, f"no label rule for {csv_label!r}"
 
 
-def labelled_sources(packages: Iterable[str] = PACKAGES, table: Path = DATA_DIR / "sources.csv") -> tuple[list[SourceClip], Counter]:
-    """Project-owned labelled file list (a trimmed, speech-balanced copy of core_sources.csv).
+def _table_rows(tables: Sequence[Path] = SOURCE_TABLES) -> Iterable[dict]:
+    for table in tables:
+        with table.open(newline="", encoding="utf-8") as fh:
+            yield from csv.DictReader(fh)
+
+
+def package_files(tables: Sequence[Path] = SOURCE_TABLES) -> dict[str, list[str]]:
+    """Package → the files (archives for archived members) its rows need unpacked."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for row in _table_rows(tables):
+        if not row["path"].startswith("rcc:"):
+            out[row["package"]].add(archive_file(row["path"]).lstrip("/"))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def labelled_sources(packages: Iterable[str] = PACKAGES, tables: Sequence[Path] = SOURCE_TABLES) -> tuple[list[SourceClip], Counter]:
+    """Project-owned labelled file lists (``sources.csv``: a trimmed, speech-balanced copy of the core
+    list; ``extra_sources.csv``: more packages), mapped to ontology classes by the label rules.
 
     Returns the clips and a counter of excluded rows by reason.
     """
@@ -194,19 +262,18 @@ def labelled_sources(packages: Iterable[str] = PACKAGES, table: Path = DATA_DIR 
     onto = load_ontology()
     clips: list[SourceClip] = []
     excluded: Counter = Counter()
-    with table.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row["package"] not in wanted:
-                continue
-            label, why = apply_label_rules(row["label"], row["path"], rules)
-            if label is None:
-                excluded[f"label rule: {why}"] += 1
-                continue
-            if label not in onto:
-                excluded[f"label {label!r} not in ontology"] += 1
-                continue
-            clips.append(SourceClip(_clip_id(row["package"], row["path"]), label, onto[label].kind,
-                                    row["package"], row["path"], recording_group(row["package"], row["path"])))
+    for row in _table_rows(tables):
+        if row["package"] not in wanted:
+            continue
+        label, why = apply_label_rules(row["label"], row["path"], rules)
+        if label is None:
+            excluded[f"label rule: {why}"] += 1
+            continue
+        if label not in onto:
+            excluded[f"label {label!r} not in ontology"] += 1
+            continue
+        clips.append(SourceClip(_clip_id(row["package"], row["path"]), label, onto[label].kind,
+                                row["package"], row["path"], recording_group(row["package"], row["path"])))
     return clips, excluded
 
 
@@ -243,6 +310,8 @@ def read_source_bytes(clip: SourceClip, root: Path, rcc: _RccIndex | None = None
         if rcc is None:
             rcc = _RccIndex(root)
         return rcc.read(clip.path.removeprefix("rcc:"))
+    if is_archived(clip.path):
+        return read_member(clip.path, root)
     return (root / clip.path.lstrip("/")).read_bytes()
 
 
@@ -293,6 +362,8 @@ def _decode_one(args: tuple[SourceClip, str, str]) -> tuple[str, str | None, flo
         return clip.id, "missing_file", 0.0
     except RccError as exc:
         return clip.id, "rcc_zstd_unsupported" if "zstd" in str(exc) else "rcc_corrupt", 0.0
+    except ArchiveError:
+        return clip.id, "archive_member_unreadable", 0.0
     return _decode_to_cache(clip.id, data, out_path)
 
 
@@ -393,6 +464,81 @@ def duplicate_pairs(fps: np.ndarray, durations: np.ndarray, threshold: float = 0
     return list(zip(i.tolist(), j.tolist()))
 
 
+ALIGN_HOP = 400  # 25 ms frames for the alignment fingerprint
+
+
+def frame_profile(samples: np.ndarray, bands: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``([frames, bands] unit-norm spectral shapes, [frames] loudness in dB)`` of 25 ms frames.
+
+    Aligned frame by frame, two copies of one recording match wherever they overlap, whatever
+    was cut from either end, its gain or its resampling (bands stop at 4 kHz, which 8 kHz copies
+    keep); frames 50 dB under the peak count as silence.
+    """
+    n_fft = 1024
+    x = samples if len(samples) >= n_fft else np.pad(samples, (0, n_fft - len(samples)))
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::ALIGN_HOP] * np.hanning(n_fft)
+    spec = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    top = int(4000 / (SAMPLE_RATE / n_fft))
+    edges = np.unique(np.geomspace(3, top, bands + 1).astype(int))
+    band = np.stack([spec[:, a:b].sum(axis=1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
+    logb = np.log10(band + 1e-10)
+    loud = 10 * np.log10(band.sum(axis=1) + 1e-10)
+    shape = logb - logb.mean(axis=1, keepdims=True)
+    shape /= np.linalg.norm(shape, axis=1, keepdims=True) + 1e-9
+    shape[loud < loud.max() - 50.0] = 0.0
+    return shape.astype(np.float32), loud.astype(np.float32)
+
+
+def aligned_similarity(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], min_overlap_s: float = 2.0,
+                       candidates: int = 5) -> tuple[float, float]:
+    """``(spectral-shape similarity, loudness-envelope correlation)`` at the best alignment of two profiles.
+
+    Lags need an overlap of ``min_overlap_s`` and half the shorter clip: one-shots (a drum hit, a bark) all
+    share a strike-and-decay envelope, so only recordings that long are compared (the fixed-length
+    :func:`fingerprint` still catches exact copies of short ones). Shape alone matches any two
+    recordings of one steady texture (two fires, two winds); only a copy also follows the other's
+    loudness, frame by frame, so the candidate lags with the best shapes are judged by both.
+    """
+    (sa, la), (sb, lb) = a, b
+    sim = sa @ sb.T
+    lag = (np.arange(len(sa))[:, None] - np.arange(len(sb))[None, :]).ravel() + len(sb) - 1
+    total = np.bincount(lag, weights=sim.ravel(), minlength=len(sa) + len(sb) - 1)
+    active = (np.abs(sa).sum(1) > 0).astype(np.float32)[:, None] * (np.abs(sb).sum(1) > 0).astype(np.float32)[None, :]
+    count = np.bincount(lag, weights=active.ravel(), minlength=len(sa) + len(sb) - 1)
+    need = max(min_overlap_s * SAMPLE_RATE / ALIGN_HOP, 0.5 * min(len(sa), len(sb)))
+    score = np.where(count >= need, total / np.maximum(count, 1), -1.0)
+    best = (0.0, 0.0)
+    for k in np.argsort(score)[::-1][:candidates]:
+        if score[k] <= 0:
+            break
+        shift = int(k) - (len(sb) - 1)  # frame i of a meets frame i - shift of b
+        i0, i1 = max(0, shift), min(len(sa), len(sb) + shift)
+        x, y = la[i0:i1], lb[i0 - shift:i1 - shift]
+        corr = float(np.corrcoef(x, y)[0, 1]) if x.std() > 1e-3 and y.std() > 1e-3 else 0.0
+        if min(score[k], corr) > min(best):
+            best = (float(score[k]), corr)
+    return best
+
+
+def cross_package_duplicates(clips: Sequence[SourceClip], profiles: dict[str, tuple[np.ndarray, np.ndarray]],
+                             shape_threshold: float = 0.85, envelope_threshold: float = 0.9) -> list[tuple[str, str, float]]:
+    """Same-class clips of different packages that hold one recording: games ship the same public
+    recordings, cropped, re-encoded or resampled. Returns (id, id, envelope correlation) pairs."""
+    by_label: dict[str, list[SourceClip]] = defaultdict(list)
+    for c in clips:
+        if c.id in profiles:
+            by_label[c.label].append(c)
+    found = []
+    for members in by_label.values():
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                if a.package != b.package:
+                    shape, envelope = aligned_similarity(profiles[a.id], profiles[b.id])
+                    if shape >= shape_threshold and envelope >= envelope_threshold:
+                        found.append((a.id, b.id, round(envelope, 4)))
+    return found
+
+
 class _UnionFind:
     def __init__(self, items: Iterable[str]):
         self.parent = {x: x for x in items}
@@ -420,15 +566,10 @@ def assign_splits(clips: Sequence[SourceClip], dup_pairs: Iterable[tuple[str, st
     validation, with at least one test component once a class has two, and one validation
     component once it has three.
     """
-    uf = _UnionFind(c.group for c in clips)
-    by_group: dict[str, list[SourceClip]] = defaultdict(list)
-    for c in clips:
-        by_group[c.group].append(c)
-    for a, b in dup_pairs:
-        uf.union(a, b)
+    component = recording_components(clips, dup_pairs)
     comps: dict[str, list[SourceClip]] = defaultdict(list)
     for c in clips:
-        comps[uf.find(c.group)].append(c)
+        comps[component[c.id]].append(c)
     per_label: dict[str, list[str]] = defaultdict(list)
     for root, members in comps.items():
         label = Counter(m.label for m in members).most_common(1)[0][0]
@@ -441,7 +582,15 @@ def assign_splits(clips: Sequence[SourceClip], dup_pairs: Iterable[tuple[str, st
         n_val = 0 if n < 3 else max(1, round(0.08 * n))
         for k, r in enumerate(roots):
             comp_split[r] = "test" if k < n_test else "validation" if k < n_test + n_val else "train"
-    return {c.id: comp_split[uf.find(c.group)] for c in clips}
+    return {c.id: comp_split[component[c.id]] for c in clips}
+
+
+def recording_components(clips: Sequence[SourceClip], dup_pairs: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+    """Clip id → its recording: the union of its group with every group it duplicates."""
+    uf = _UnionFind(c.group for c in clips)
+    for a, b in dup_pairs:
+        uf.union(a, b)
+    return {c.id: uf.find(c.group) for c in clips}
 
 
 def source_record(clip: SourceClip, split: str, duration: float) -> dict:
