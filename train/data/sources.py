@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.cache import cache_dir
 from serving.audio import decode
 from serving.errors import ApiError
 from train.data.archives import ArchiveError, archive_file, is_archived, read_member
@@ -62,11 +63,6 @@ SMALL_PACKAGES: tuple[str, ...] = ("minetest-data", "bucklespring-data", "scratc
 
 class FetchError(RuntimeError):
     """A package could not be downloaded or unpacked."""
-
-
-def cache_dir() -> Path:
-    """Where debs, unpacked trees and decoded clips live; shared between builds and tests."""
-    return Path(os.environ.get("EARWITNESS_CACHE") or Path.home() / ".cache" / "earwitness")
 
 
 # --------------------------------------------------------------------------- fetching

@@ -1,0 +1,27 @@
+"""Pretrained parts shipped as plain files in pinned PyPI wheels, converted once into transformers models.
+
+``whisper_encoder`` gives Qwen2-Audio's audio tower from Whisper, ``whisper_feature_extractor`` its
+log-mel front end, ``whisper_model`` the whole Whisper (with processor), ``smollm2_qwen2`` SmolLM2
+as a Qwen2 language model; conversions are cached
+under ``<cache>/pretrained/<name>/``.
+"""
+
+from models.pretrained.smollm2 import gguf_llama, qwen2_from_llama, smollm2_qwen2
+from models.pretrained.whisper import (
+    POSITIONS_PER_SECOND,
+    qwen2_audio_encoder,
+    whisper_encoder,
+    whisper_feature_extractor,
+    whisper_model,
+)
+
+__all__ = [
+    "POSITIONS_PER_SECOND",
+    "gguf_llama",
+    "qwen2_from_llama",
+    "smollm2_qwen2",
+    "qwen2_audio_encoder",
+    "whisper_encoder",
+    "whisper_feature_extractor",
+    "whisper_model",
+]
