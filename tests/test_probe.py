@@ -12,3 +12,30 @@ def test_probe_separates_present_from_absent_on_what_it_was_fitted_on(tiny_check
     # classes must rank above chance there; a row or class mix-up would sit at 0.5
     assert sum(results["train"].values()) / len(SAMPLINGS) > 0.6
     assert table(results).count("\n") == 3
+
+
+def test_frozen_whisper_probe_caches_features_and_holds_packages_out(corpus):
+    """Whisper tiny.en's frozen features, cached per (encoder, window, view), fit every head; the
+    leave-one-package-out head never trains on the held-out package's scenes."""
+    import numpy as np
+
+    from train.features import encoder_features
+    from train.probe import POOLINGS, held_out_packages, probe_table, run_probe
+
+    clean = encoder_features(corpus, "train", "whisper-tiny.en", window_s=10, progress=False)
+    assert clean.last.shape[1:] == (250, 384) and clean.middle.shape == clean.last.shape  # 10 s = 500 positions, pooled by 2
+    again = encoder_features(corpus, "train", "whisper-tiny.en", window_s=10, progress=False)
+    assert isinstance(again.last, np.memmap) and np.array_equal(again.last[:2], clean.last[:2])  # read back, not recomputed
+    heard_elsewhere = encoder_features(corpus, "train", "whisper-tiny.en", window_s=10, view=1, progress=False)
+    assert not np.array_equal(heard_elsewhere.last[:4], clean.last[:4])  # an augmented view is other audio
+    assert heard_elsewhere.rows == clean.rows
+
+    results = run_probe(corpus, encoders=("whisper-tiny.en",), views=(0, 1), lopo_count=2, progress=False, epochs=20)
+    assert [r["pooling"] for r in results] == list(POOLINGS)
+    for r in results:
+        assert set(SAMPLINGS) <= set(r["train"]) and all(0.0 <= v <= 1.0 for v in r["test"].values())
+        assert r["train"]["all"] > 0.7  # fitted there: a row, class or target mix-up would sit near 0.5
+        assert set(r["lopo"]) == set(held_out_packages(corpus, 2))
+        for held in r["lopo"].values():
+            assert held["train_scenes"] < 2 * 48  # two views of 48 scenes, less those holding the package
+    assert probe_table(results).count("\n") == len(results) + 1

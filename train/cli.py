@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = data.add_subparsers(dest="data_command", required=True)
 
     fetch = sub.add_parser("fetch", help="download and unpack the Debian sound packages into the cache")
-    fetch.add_argument("--packages", nargs="+", default=None, help="subset of packages (default: all)")
+    fetch.add_argument("--packages", nargs="+", default=None, help="subset of packages, or 'core' / 'extra' (default: all)")
     fetch.add_argument("--cache", type=Path, default=None, help="cache dir (default $EARWITNESS_CACHE or ~/.cache/earwitness)")
     fetch.set_defaults(func=_fetch)
 
@@ -22,17 +22,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", type=Path, required=True, help="output directory (replaced)")
     build.add_argument("--scenes", type=int, default=6000, help="training scenes; validation/test get 1/10 and 1/6 of it")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--packages", nargs="+", default=None, help="subset of packages (default: all)")
+    build.add_argument("--packages", nargs="+", default=None,
+                       help="subset of packages, or 'core' (the original 22, for comparison) / 'extra' (default: all)")
     build.add_argument("--cache", type=Path, default=None)
     build.add_argument("--workers", type=int, default=2, help="processes (capped at 2)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=_build)
 
 
-def _fetch(args: argparse.Namespace) -> int:
-    from train.data.sources import PACKAGES, fetch
+def _packages(names: list[str] | None) -> tuple[str, ...]:
+    from train.data.sources import CORE_PACKAGES, EXTRA_PACKAGES, PACKAGES
 
-    roots, failed = fetch(args.packages or PACKAGES, args.cache)
+    groups = {"core": CORE_PACKAGES, "extra": EXTRA_PACKAGES, "all": PACKAGES}
+    return tuple(p for name in (names or ["all"]) for p in groups.get(name, (name,)))
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from train.data.sources import fetch
+
+    roots, failed = fetch(_packages(args.packages), args.cache, progress=True)
     for pkg, root in roots.items():
         print(f"ok      {pkg:32s} {root}")
     for pkg, why in failed.items():
@@ -42,9 +50,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from train.data.build import build_corpus
-    from train.data.sources import PACKAGES
 
-    report = build_corpus(args.out, n_train=args.scenes, seed=args.seed, packages=args.packages or PACKAGES,
+    report = build_corpus(args.out, n_train=args.scenes, seed=args.seed, packages=_packages(args.packages),
                           cache=args.cache, workers=args.workers, progress=not args.no_progress)
     summary = {s: {k: d[k] for k in ("scenes", "hours", "source_clips")} for s, d in report["splits"].items()}
     print(json.dumps({"out": str(args.out), "seconds": report["build_seconds"], "disk_bytes": report["disk_bytes"],

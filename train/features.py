@@ -152,6 +152,9 @@ def _scene_audio(path: Path, sampling_rate: int, view: int, seed: int, row: int)
         raise ValueError(f"{path.name}: {sr} Hz, the encoder expects {sampling_rate} Hz")
     if view == 0:
         return samples
-    from train.data.augment import augment_scene
+    from dataclasses import replace
 
-    return augment_scene(samples, np.random.default_rng([seed, view, row]))
+    from train.data.augment import AugmentConfig, augment_scene
+
+    # every scene of an augmented view is augmented: a clean one would repeat view 0
+    return augment_scene(samples, np.random.default_rng([seed, view, row]), replace(AugmentConfig(), p_scene=1.0))
