@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--poolings", default=",".join(("meanmax", "attention", "frame")))
     pr.add_argument("--views", type=int, default=0, help="augmented copies of every train scene besides the clean one")
     pr.add_argument("--layers", choices=("last", "middle", "both"), default="both")
+    pr.add_argument("--window", type=int, default=10, choices=(10, 30), help="encoder window in seconds (Whisper's own is 30)")
+    pr.add_argument("--train-packages", choices=("all", "core"), default="all",
+                    help="core: fit only on train scenes made of the core packages' recordings (the corpus before the extra packages)")
+    pr.add_argument("--train-scenes", type=int, help="fit on this many train scenes (drawn with seed 0)")
     pr.add_argument("--no-lopo", dest="lopo", action="store_false", help="skip the leave-one-package-out evaluation")
     pr.add_argument("--epochs", type=int, default=12)
     pr.add_argument("--report", type=Path, help="write probe.json, probe.md and probe.png here")
@@ -108,6 +112,7 @@ def _base(args) -> int:
 
 
 def _probe(args) -> int:
+    from train.data.sources import CORE_PACKAGES
     from train.probe import probe, probe_report, run_probe, table
 
     corpora = args.corpus or [Path("data/corpus")]
@@ -117,7 +122,9 @@ def _probe(args) -> int:
     results = []
     for corpus in corpora:
         results += run_probe(corpus, encoders=tuple(args.encoders.split(",")), poolings=tuple(args.poolings.split(",")),
-                             views=tuple(range(args.views + 1)), layers=args.layers, lopo=args.lopo, epochs=args.epochs)
+                             views=tuple(range(args.views + 1)), layers=args.layers, lopo=args.lopo,
+                             window_s=args.window, epochs=args.epochs, train_scenes=args.train_scenes,
+                             train_packages=CORE_PACKAGES if args.train_packages == "core" else None)
     print(probe_report(results, args.report))
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.data.mixer import SCENE_S
 from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 from train.verifier import roc_auc
 
@@ -84,9 +85,10 @@ def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], l
     for view in views:
         enc = encoder_features(corpus_dir, split, encoder, window_s=window_s, view=view, progress=progress)
         parts = {"last": [enc.last], "middle": [enc.middle], "both": [enc.last, enc.middle]}[layers]
-        pooled = np.concatenate([pool_time(np.asarray(p), PROBE_POSITIONS) for p in parts], axis=-1)
+        heard = int(enc.last.shape[1] * SCENE_S / window_s)  # a 30 s window holds the 10 s scene, then padding
+        pooled = np.concatenate([pool_time(np.asarray(p[:, :heard]), PROBE_POSITIONS) for p in parts], axis=-1)
         feats.append(pooled)
-        targets.append(frame_targets(timelines, enc.rows, classes, PROBE_POSITIONS, float(window_s)))
+        targets.append(frame_targets(timelines, enc.rows, classes, PROBE_POSITIONS, SCENE_S))
         pk, ev = scene_packages(corpus_dir, split, enc.rows)
         packages += pk
         event_packages += ev
@@ -218,8 +220,14 @@ def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], class
 
 def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny.en",), poolings: tuple[str, ...] = POOLINGS,
               views: tuple[int, ...] = (0,), layers: str = "both", lopo: bool = True, lopo_count: int = 6,
+              window_s: int = 10, train_packages: tuple[str, ...] | None = None, train_scenes: int | None = None,
               progress: bool = True, **fit) -> list[dict]:
-    """Every encoder × pooling on one corpus: presence ROC-AUC per split and sampling, and leave-one-package-out."""
+    """Every encoder × pooling on one corpus: presence ROC-AUC per split and sampling, and leave-one-package-out.
+
+    ``train_packages`` fits only on train scenes made entirely of those packages' recordings (the
+    core packages: the corpus as it was, scored on the same test split); ``train_scenes`` keeps that
+    many of them (drawn with seed 0), so that breadth and count can be told apart.
+    """
     from train.data.ontology import load_ontology
     from train.data.qa import read_qa_rows
 
@@ -228,17 +236,20 @@ def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny
     qa = {s: read_qa_rows(corpus_dir, s) for s in ("train", "validation", "test")}
     results = []
     for encoder in encoders:
-        data = {"train": load_split(corpus_dir, "train", encoder, classes, layers, views, progress=progress)}
+        data = {"train": load_split(corpus_dir, "train", encoder, classes, layers, views, window_s, progress)}
         for split in ("validation", "test"):
-            data[split] = load_split(corpus_dir, split, encoder, classes, layers, (0,), progress=progress)
+            data[split] = load_split(corpus_dir, split, encoder, classes, layers, (0,), window_s, progress)
         packages = held_out_packages(corpus_dir, lopo_count) if lopo else []
+        keep = train_subset(data["train"], train_packages, train_scenes)
         for pooling in poolings:
-            head = fit_probe(data["train"], pooling, **fit)
-            row = {"corpus": corpus_dir.name, "encoder": encoder, "pooling": pooling, "views": len(views), "layers": layers}
+            head = fit_probe(data["train"], pooling, keep=keep, **fit)
+            row = {"corpus": corpus_dir.name, "encoder": encoder, "pooling": pooling, "views": len(views), "layers": layers,
+                   "window_s": window_s, "train_packages": "core" if train_packages else "all",
+                   "train_rows": int(len(data["train"].features) if keep is None else keep.sum())}
             for split, d in data.items():
                 row[split] = presence_auc(clip_logits(head, d.features[: len(d.rows)]), d.rows, classes, qa[split])
             row["per_class_test"] = per_class_auc(clip_logits(head, data["test"].features), data["test"].rows, classes, qa["test"])
-            if packages:
+            if packages and keep is None:
                 row["lopo"] = leave_one_package_out(data, qa, classes, pooling, packages, **fit)
                 aucs = [v["auc"] for v in row["lopo"].values() if not math.isnan(v["auc"])]
                 row["lopo_mean"] = float(np.mean(aucs)) if aucs else float("nan")
@@ -261,7 +272,8 @@ def probe_report(results: list[dict], out: Path | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['corpus']}\n{r['encoder']}\n{r['pooling']}" + (f" +{r['views'] - 1}aug" if r["views"] > 1 else "") for r in results]
+    labels = [f"{r.get('train_packages', 'all')} data\n{r['encoder']}\n{r['pooling']}" + (f" +{r['views'] - 1}aug" if r["views"] > 1 else "")
+              for r in results]
     series = {"test (all negatives)": [r["test"].get("all", np.nan) for r in results],
               "test vs adversarial": [r["test"].get("adversarial", np.nan) for r in results],
               "leave-one-package-out": [r.get("lopo_mean", np.nan) for r in results]}
@@ -281,6 +293,18 @@ def probe_report(results: list[dict], out: Path | None = None) -> str:
     return text
 
 
+def train_subset(train: ProbeData, packages: tuple[str, ...] | None, scenes: int | None) -> np.ndarray | None:
+    """Mask of the train rows to fit on (None: all of them)."""
+    if packages is None and scenes is None:
+        return None
+    keep = np.array([p <= set(packages) | {"synthetic"} for p in train.packages]) if packages else np.ones(len(train.packages), bool)
+    if scenes is not None and keep.sum() > scenes:
+        chosen = np.random.default_rng(0).choice(np.flatnonzero(keep), size=scenes, replace=False)
+        keep = np.zeros_like(keep)
+        keep[chosen] = True
+    return keep
+
+
 def per_class_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows) -> dict[str, float]:
     """Test ROC-AUC per asked-about class (all negative samplings): which classes stay weak."""
     out = {}
@@ -293,13 +317,14 @@ def per_class_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str
 
 def probe_table(results: list[dict]) -> str:
     """Markdown: one row per corpus × encoder × pooling × augmented views."""
-    head = ("| corpus | encoder | pooling | aug views | train | test | test vs random | vs popular | vs adversarial "
+    head = ("| corpus | train data (rows) | encoder | window | pooling | aug views | train | test | test vs random | vs popular | vs adversarial "
             "| leave-one-package-out |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in results:
         lopo = f"{r['lopo_mean']:.3f}" if "lopo_mean" in r else "–"
         t = r["test"]
-        lines.append(f"| {r['corpus']} | {r['encoder']} | {r['pooling']} | {r['views'] - 1} | {r['train'].get('all', float('nan')):.3f} "
+        data = f"{r.get('train_packages', 'all')} ({r.get('train_rows', '?')})"
+        lines.append(f"| {r['corpus']} | {data} | {r['encoder']} | {r.get('window_s', 10)} s | {r['pooling']} | {r['views'] - 1} | {r['train'].get('all', float('nan')):.3f} "
                      f"| {t.get('all', float('nan')):.3f} | " + " | ".join(f"{t[s]:.3f}" if s in t else "–" for s in SAMPLINGS)
                      + f" | {lopo} |")
     return "\n".join(lines)
