@@ -58,7 +58,7 @@ def qwen2_from_llama(llama) -> "Qwen2ForCausalLM":  # noqa: F821
         sd[key.removesuffix("weight") + "bias"] = torch.zeros(sd[key].shape[0], dtype=sd[key].dtype)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
-    model.load_state_dict(sd, strict=not config.tie_word_embeddings, assign=True)
+    model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     model.generation_config.update(**llama.generation_config.to_diff_dict())
     return model.float().eval()

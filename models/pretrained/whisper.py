@@ -182,13 +182,18 @@ def whisper_checkpoint(name: str) -> str:
     return str(build_once(name, lambda out: _convert(name, out)))
 
 
-def whisper_model(name: str):
-    """``(WhisperForConditionalGeneration, WhisperProcessor)`` in eval mode, float32."""
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+def load_whisper(name: str):
+    """``WhisperForConditionalGeneration`` for ``name`` (a pinned part, hub id or directory), float32, eval mode."""
+    from transformers import WhisperForConditionalGeneration
 
-    src = whisper_checkpoint(name)
-    model = WhisperForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
-    return model, WhisperProcessor.from_pretrained(src)
+    return WhisperForConditionalGeneration.from_pretrained(whisper_checkpoint(name), dtype=torch.float32).eval()
+
+
+def whisper_model(name: str):
+    """``(WhisperForConditionalGeneration, WhisperProcessor)``: the whole model, to transcribe with."""
+    from transformers import WhisperProcessor
+
+    return load_whisper(name), WhisperProcessor.from_pretrained(whisper_checkpoint(name))
 
 
 def qwen2_audio_encoder(whisper, max_source_positions: int = 1500):
@@ -217,5 +222,4 @@ def qwen2_audio_encoder(whisper, max_source_positions: int = 1500):
 
 def whisper_encoder(name: str, max_source_positions: int = 1500):
     """The audio tower of ``name`` (a pinned part, hub id or directory) as a ``Qwen2AudioEncoder``."""
-    model, _ = whisper_model(name)
-    return qwen2_audio_encoder(model, max_source_positions)
+    return qwen2_audio_encoder(load_whisper(name), max_source_positions)
