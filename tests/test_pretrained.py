@@ -234,3 +234,16 @@ def test_ctranslate2_reader_keeps_dtypes_resolves_aliases_and_refuses_unknown_ve
     path.write_bytes(struct.pack("<I", 5) + body)
     with pytest.raises(ct2.CTranslate2FormatError, match="version 5"):
         ct2.read_model(path)
+
+
+def test_a_checkpoint_directory_loads_as_is(tiny):
+    """Hub ids and directories go to ``from_pretrained`` unchanged: here, the converted tiny.en's own directory."""
+    from models.pretrained import qwen2_audio_encoder, whisper_encoder
+    from models.pretrained.store import converted_dir
+
+    encoder = whisper_encoder(str(converted_dir("whisper-tiny.en")), max_source_positions=500)
+    expected = qwen2_audio_encoder(tiny[0], 500).state_dict()
+    assert encoder.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in encoder.state_dict().items())
+    with pytest.raises(KeyError, match="whisper-tiny.en"):
+        whisper_encoder("whisper-huge")

