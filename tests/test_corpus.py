@@ -58,7 +58,8 @@ def _timelines(corpus: Path, split: str) -> dict[str, dict]:
 def test_fetch_unpacks_real_audio(small_roots):
     for pkg, root in small_roots.items():
         assert (root / ".complete").exists()
-        audio = [p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".ogg", ".mp3")]
+        # OpenTTD ships its sounds inside one catalogue (train/data/archives.py reads it)
+        audio = [p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".ogg", ".mp3", ".cat")]
         assert audio, f"{pkg} unpacked without audio files"
 
 
