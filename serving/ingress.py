@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -22,9 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from serving import audio as intake
@@ -38,9 +38,10 @@ from serving.guard.endpoint import verify as verify_audio
 from serving.guard.policy import Outcome
 from serving.guard.runner import GuardRunner
 from serving.heap import freeze_startup_heap
-from serving.limits import BodyLimitMiddleware, json_object, too_large
+from serving.limits import BodyLimitMiddleware, check_text, json_object, too_large
 from serving.metrics import Metrics, mark_process_dead
 from serving.model_client import InProcess, LocalModel, RemoteModel
+from serving.proxy import request_id
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
 
 log = logging.getLogger("earwitness.http")
@@ -51,7 +52,9 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # The model id a request resolved to, for the model call further down the same request's task.
 _REQUEST_MODEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("earwitness_model_id", default=None)
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 500, 503, 504)}
+# What a response's status is counted as when the client went away before one was sent (nginx's 499).
+CLIENT_CLOSED = 499
 
 def _describe(errors) -> str:
     """Pydantic's errors as one line a client can act on ("max_tokens: Input should be ...")."""
@@ -136,6 +139,10 @@ class RequestMetricsMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.asgi(scope, receive, tracking_send)
+        except (asyncio.CancelledError, ClientDisconnect):
+            if status["code"] == 500:  # no response went out: the client left, the server did not fail
+                status["code"] = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.in_flight.dec()
             if endpoint != "/metrics":
@@ -160,9 +167,19 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")
-    return _error_response(ApiError(500, "internal_error", f"unexpected {type(exc).__name__}"))
+def _internal_error_handler(app: FastAPI, metrics: Metrics):
+    """Any exception nothing else handled: a bug report. A JSON 500 ``internal_error`` with the request id,
+    logged with its traceback (never the request's audio or text) and counted by endpoint."""
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        endpoint = _route_template(app, request.scope)
+        rid = request_id(request.headers)
+        metrics.internal_errors.labels(endpoint).inc()
+        log.error("internal error on %s (request %s): %s", endpoint, rid, type(exc).__name__, exc_info=(type(exc), exc, exc.__traceback__))
+        error = ApiError(500, "internal_error", f"unexpected {type(exc).__name__}; quote the request id when reporting it")
+        return JSONResponse({"error": {**error.body()["error"], "request_id": rid}}, status_code=500)
+
+    return unexpected
 
 
 @dataclass(frozen=True)
@@ -193,7 +210,7 @@ class Service:
         return self._model_info
 
     def check_question(self, question: str) -> str:
-        question = question.strip()
+        question = check_text(question, "question").strip()
         if not question:
             raise ApiError(422, "empty_question", "'question' is empty")
         if len(question) > self.settings.max_question_chars:
@@ -258,6 +275,10 @@ class Service:
             raise ApiError(503, "overloaded", "the model's queue is full; retry shortly", {"Retry-After": "1"}) from exc
         except RayActorError as exc:
             raise ApiError(503, "model_unavailable", "the model replica failed; retry shortly", {"Retry-After": "2"}) from exc
+        except RayTaskError as exc:  # the model replica refused the request (its ApiError), or a bug: a 500
+            if isinstance(exc.cause, ApiError):
+                raise exc.cause from None
+            raise
 
     async def answer(self, request: Request) -> QAResponse:
         start = time.perf_counter()
@@ -287,7 +308,7 @@ class Service:
                 total_ms=round((time.perf_counter() - start) * 1000, 2),
                 guard_ms=round(heard.guard_s * 1000, 2) if heard.guard_s is not None else None,
             ),
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+            request_id=request_id(request.headers),
         )
 
     def observe(self, endpoint: str, clip, kind: str, model: str, decode_s: float) -> None:
@@ -335,13 +356,13 @@ def create_app(service: Service) -> FastAPI:
         version="0.1.0",
         description="Audio question answering whose answers only testify to what was actually heard.",
     )
-    app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes, body_timeout_s=service.settings.body_timeout_s)
     app.add_middleware(ApiKeyMiddleware, digests=keys_from_settings(service.settings))
     app.add_middleware(RequestMetricsMiddleware, app=app, metrics=service.metrics)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(Exception, _internal_error_handler(app, service.metrics))
     from serving import openai_api
 
     openai_api.register(app, service)  # POST /v1/chat/completions (OpenAI-compatible, input_audio parts)

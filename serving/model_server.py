@@ -20,6 +20,7 @@ from serving.adapters import Catalog, LoadedAdapter, PeftAdapters, UnknownModel
 from serving.backends import AudioPrompt, Generation
 from serving.batching import Batcher
 from serving.config import Settings
+from serving.errors import ApiError
 from serving.heap import freeze_startup_heap
 
 log = logging.getLogger("earwitness.model")
@@ -89,8 +90,17 @@ class ModelServer:
             "catalog": self.catalog.to_dict(),
         }
 
+    def admit(self, prompt: AudioPrompt) -> None:
+        """Bound a request's cost before it joins a batch: its question in the served tokenizer's tokens
+        (tokenized as text, as the prompt will hold it), 422 ``question_too_long`` past ``max_question_tokens``."""
+        tokens = self.backend.processor.tokenizer(prompt.question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        limit = self.settings.max_question_tokens
+        if len(tokens) > limit:
+            raise ApiError(422, "question_too_long", f"'question' is {len(tokens)} tokens, over the {limit}-token limit", param="question")
+
     async def generate(self, prompt: AudioPrompt) -> Generation:
         """One answer from the default model (base, or the default adapter)."""
+        self.admit(prompt)
         if self.is_async:  # the engine batches; the default adapter (if any) applies
             ref = self._lora_ref(self.catalog.default) if self.catalog.default else None
             return await self.backend.generate_async(prompt, ref)
@@ -98,6 +108,7 @@ class ModelServer:
 
     async def complete(self, prompt: AudioPrompt, model_id: str | None = None) -> Generation:
         """One answer from ``model_id``, else the id this request was routed with (``multiplexed_model_id``)."""
+        self.admit(prompt)
         model_id = model_id or serve.get_multiplexed_model_id() or self.catalog.default_id
         loaded = await self._adapter(model_id)
         if self.is_async:

@@ -25,20 +25,28 @@ class TransformersBackend:
         processor, model = load(spec, adapter=adapter, device=device, dtype=dtype)
         return cls(spec.name, processor, model, spec.max_audio_s)
 
-    def _prompt(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def inputs(self, prompts: list[AudioPrompt]):
+        """The batch's model inputs, built by the model's own chat template and processor.
+
+        ``sanitize_control_tokens``: a question is always tokenized as text. A ``<|AUDIO|>`` or
+        ``<|im_end|>`` a client writes is those characters, never a placeholder or a turn boundary, so
+        each prompt holds exactly the template's one audio block.
+        """
+        chats = [[{"role": "user", "content": [{"type": "audio", "audio": p.samples}, {"type": "text", "text": p.question}]}] for p in prompts]
+        return self.processor.apply_chat_template(
+            chats,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            sanitize_control_tokens=True,
+            processor_kwargs={"padding": True, "sampling_rate": self.sample_rate},
+        ).to(self.device)
 
     @torch.inference_mode()
     def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
         tokenizer = self.processor.tokenizer
-        inputs = self.processor(
-            text=[self._prompt(p.question) for p in prompts],
-            audio=[p.samples for p in prompts],
-            sampling_rate=self.sample_rate,
-            return_tensors="pt",
-            padding=True,
-        ).to(self.device)
+        inputs = self.inputs(prompts)
         contrast = any(p.contrast for p in prompts)
         out = self.model.generate(
             **inputs,
