@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+import traceback
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
@@ -167,19 +169,50 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
 
 
-def _internal_error_handler(app: FastAPI, metrics: Metrics):
-    """Any exception nothing else handled: a bug report. A JSON 500 ``internal_error`` with the request id,
-    logged with its traceback (never the request's audio or text) and counted by endpoint."""
+def _stack(exc: BaseException) -> str:
+    """Where ``exc`` and its causes were raised: frames and exception types, not their messages (which may
+    quote the request's text)."""
+    parts = []
+    while exc is not None and len(parts) < 8:
+        parts.append(f"{type(exc).__module__}.{type(exc).__qualname__} raised at:\n" + "".join(traceback.format_tb(exc.__traceback__)))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
 
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        endpoint = _route_template(app, request.scope)
-        rid = request_id(request.headers)
-        metrics.internal_errors.labels(endpoint).inc()
-        log.error("internal error on %s (request %s): %s", endpoint, rid, type(exc).__name__, exc_info=(type(exc), exc, exc.__traceback__))
-        error = ApiError(500, "internal_error", f"unexpected {type(exc).__name__}; quote the request id when reporting it")
-        return JSONResponse({"error": {**error.body()["error"], "request_id": rid}}, status_code=500)
 
-    return unexpected
+class InternalErrorMiddleware:
+    """Any exception nothing else handled is a bug report: a JSON 500 ``internal_error`` with the request id,
+    logged with where it was raised (never the request's audio or text) and counted by endpoint.
+
+    Pure ASGI, inside the metrics middleware (which then counts the 500), and it does not re-raise: Serve
+    would log the exception's message, which may quote the request.
+    """
+
+    def __init__(self, asgi, app: FastAPI, metrics: Metrics):
+        self.asgi, self.app, self.metrics = asgi, app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.asgi(scope, receive, tracking_send)
+        except ClientDisconnect:
+            raise  # the client left: counted as such, no bug
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            endpoint = _route_template(self.app, scope)
+            rid = request_id(Headers(scope=scope))
+            self.metrics.internal_errors.labels(endpoint).inc()
+            log.error("internal error on %s (request %s): %s\n%s", endpoint, rid, type(exc).__name__, _stack(exc))
+            if started:  # too late for a status: the connection ends with the partial response
+                return
+            error = ApiError(500, "internal_error", f"unexpected {type(exc).__name__}; quote the request id when reporting it")
+            await JSONResponse({"error": {**error.body()["error"], "request_id": rid}}, status_code=500)(scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -356,13 +389,13 @@ def create_app(service: Service) -> FastAPI:
         version="0.1.0",
         description="Audio question answering whose answers only testify to what was actually heard.",
     )
+    app.add_middleware(InternalErrorMiddleware, app=app, metrics=service.metrics)  # innermost: the others see its 500
     app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes, body_timeout_s=service.settings.body_timeout_s)
     app.add_middleware(ApiKeyMiddleware, digests=keys_from_settings(service.settings))
     app.add_middleware(RequestMetricsMiddleware, app=app, metrics=service.metrics)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error_handler(app, service.metrics))
     from serving import openai_api
 
     openai_api.register(app, service)  # POST /v1/chat/completions (OpenAI-compatible, input_audio parts)
