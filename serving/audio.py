@@ -205,9 +205,3 @@ async def decode_async(data: bytes, target_sample_rate: int, max_duration_s: flo
     if len(data) <= INLINE_WAV_BYTES and data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         return decode(data, target_sample_rate, max_duration_s, truncate)
     return await asyncio.to_thread(decode, data, target_sample_rate, max_duration_s, truncate)
-
-
-def load_file(path: str, target_sample_rate: int, max_duration_s: float | None = None, truncate: bool = False) -> Clip:
-    """Decode a file from disk with the same checks as an upload."""
-    with open(path, "rb") as fh:
-        return decode(fh.read(), target_sample_rate, max_duration_s, truncate)

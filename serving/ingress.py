@@ -30,7 +30,6 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from serving import audio as intake
-from serving.answers import classify
 from serving.auth import ApiKeyMiddleware, keys_from_settings
 from serving.backends import AudioPrompt, Generation
 from serving.config import Settings
@@ -55,6 +54,8 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _REQUEST_MODEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("earwitness_model_id", default=None)
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 500, 503, 504)}
+# How long /readyz waits for the model: under a probe's usual 1 s timeout.
+READY_PROBE_S = 0.5
 # What a response's status is counted as when the client went away before one was sent (nginx's 499).
 CLIENT_CLOSED = 499
 
@@ -236,6 +237,7 @@ class Service:
         self.metrics = Metrics()
         self.guard = GuardRunner(verifier, settings, self.metrics)  # the absent-sound guard (serving/guard/)
         self._model_info: dict | None = None
+        self._was_ready = False
 
     async def model_info(self) -> dict:
         if self._model_info is None:
@@ -326,7 +328,7 @@ class Service:
         decoded = time.perf_counter()
         heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard))
         outcome = heard.outcome
-        kind = classify(outcome.answer)
+        kind = outcome.kind
         self.observe("/v1/audio/qa", clip, kind, info["model"], decoded - start)
         return QAResponse(
             answer=outcome.answer,
@@ -372,13 +374,17 @@ class Service:
         return ModelList(data=cards)
 
     async def ready(self) -> str | None:
-        """None when a warm model replica answers, else why not."""
+        """None when a warm model replica answers, else why not; within :data:`READY_PROBE_S`, so a probe
+        during warm-up gets its 503 rather than timing out."""
         try:
-            await asyncio.wait_for(self.model.info(), 5.0)
+            await asyncio.wait_for(self.model.info(), READY_PROBE_S)
         except BackPressureError:
             return None  # loaded and busy: readiness must not flap under load
+        except asyncio.TimeoutError:  # slow: warming up, or a replica that answered before and is busy now
+            return None if self._was_ready else "warming_up"
         except Exception as exc:  # any failure to reach a warm replica means not ready
             return type(exc).__name__
+        self._was_ready = True
         return None
 
 

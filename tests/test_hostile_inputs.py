@@ -193,3 +193,19 @@ def test_a_client_that_leaves_is_counted_as_499_not_as_a_500(server):
     while count("499") < before_499 + 1 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert count("499") >= before_499 + 1 and count("500") == before_500
+
+
+def test_chat_reports_prompt_tokens_and_answers_bad_audio_with_400(server):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", json=_chat(QUESTION), timeout=60)
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] > 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]  # audio tokens too
+    for data, code in [(b"not audio" * 50, "unsupported_audio_format"), (encode(np.full(8_000, np.nan, np.float32), 16_000, "wav", "FLOAT"), "invalid_samples")]:
+        r = httpx.post(f"{url}/v1/chat/completions", json=_chat(QUESTION, data), timeout=60)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, code)
+
+
+def test_guard_off_is_skipped_not_unverified(server):
+    url, _ = server
+    guard = _qa(url, guard="off").json()["guard"]
+    assert (guard["policy"], guard["verdict"]) == ("off", "skipped")

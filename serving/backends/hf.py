@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -58,7 +60,9 @@ class TransformersBackend:
             output_logits=contrast,
         )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
-        generations = [self._finish(row, p.max_new_tokens) for row, p in zip(new_tokens, prompts)]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        generations = [dataclasses.replace(self._finish(row, p.max_new_tokens), prompt_tokens=int(n))
+                       for row, p, n in zip(new_tokens, prompts, prompt_tokens)]
         if contrast:
             from serving.backends.contrast import with_contrast
 

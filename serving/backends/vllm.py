@@ -19,6 +19,7 @@ What vLLM assumes of a Qwen2-Audio checkpoint (checked against vllm 0.32; see RE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -232,14 +233,15 @@ class VLLMBackend:
         params = SamplingParams(temperature=0.0, max_tokens=prompt.max_new_tokens, skip_special_tokens=True,
                                 logprobs=0 if prompt.contrast else None)
         inputs = {"prompt_token_ids": list(self._prompt_ids(prompt.question)), "multi_modal_data": {"audio": (np.asarray(prompt.samples, dtype=np.float32), self.sample_rate)}}
-        completion = (await self._run(inputs, params, adapter)).outputs[0]
-        generation = Generation(text=completion.text.strip(), num_tokens=len(completion.token_ids))
+        output = await self._run(inputs, params, adapter)
+        completion = output.outputs[0]
+        generation = Generation(text=completion.text.strip(), num_tokens=len(completion.token_ids), prompt_tokens=len(output.prompt_token_ids or ()))
         if not prompt.contrast or classify(generation.text) == "no" or not completion.token_ids:
             return generation
         answer = list(completion.token_ids)
         real = sum(step[token].logprob for step, token in zip(completion.logprobs, answer))
         blank = await self._blank_logprob(prompt, answer, adapter)
-        return Generation(generation.text, generation.num_tokens, answer_logprob=float(real), blank_logprob=blank)
+        return dataclasses.replace(generation, answer_logprob=float(real), blank_logprob=blank)
 
     async def _blank_logprob(self, prompt: AudioPrompt, answer: list[int], adapter: LoraRef | None) -> float:
         """log P(answer | the same prompt on silence of the clip's length): the answer scored as prompt tokens,

@@ -1,13 +1,15 @@
-"""A 500 is a bug report: an unexpected exception becomes a JSON ``internal_error`` with the request id, is
-logged with where it was raised (never the request's text) and counted by endpoint.
+"""The HTTP edge in process, over model clients with faults the real model cannot be made to have: a bug
+(an unexpected exception) and a model that is still loading.
 
-The fault is a model that raises, in process: a bug cannot be caused on purpose through the real model.
+A 500 is a bug report: a JSON ``internal_error`` with the request id, logged with where it was raised (never
+the request's text) and counted by endpoint. /readyz answers a probe quickly while the model warms up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from fastapi.testclient import TestClient
 
@@ -51,5 +53,22 @@ def test_an_unexpected_exception_is_a_counted_json_500_with_the_request_id(caplo
     assert (error["code"], error["type"], error["request_id"]) == ("internal_error", "server_error", "req-42")
     assert 'earwitness_internal_errors_total{endpoint="/v1/audio/qa"} 1.0' in metrics
     logged = "\n".join(rec.getMessage() for rec in caplog.records)
-    assert "req-42" in logged and "TypeError" in logged and "test_internal_errors.py" in logged  # where it was raised
+    assert "req-42" in logged and "TypeError" in logged and "test_edge_in_process.py" in logged  # where it was raised
     assert "launch code" not in logged and "launch code" not in r.text
+
+
+class LoadingModel(BrokenModel):
+    """A model client whose replica is still loading: its calls never answer."""
+
+    def info(self):
+        return asyncio.get_event_loop().create_future()
+
+
+def test_readyz_answers_503_quickly_while_the_model_warms_up():
+    service = Service(LoadingModel(), Settings(_env_file=None, verifier=None))
+    with TestClient(create_app(service)) as client:
+        start = time.monotonic()
+        r = client.get("/readyz")
+        assert time.monotonic() - start < 1.0, "under a probe's 1 s timeout"
+        assert (r.status_code, r.json()["detail"]) == (503, "warming_up")
+        assert client.get("/healthz").status_code == 200
