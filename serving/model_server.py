@@ -10,6 +10,7 @@ batched by :class:`serving.batching.Batcher` (no wait when the model is idle).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 
 import torch
@@ -53,6 +54,9 @@ class ModelServer:
         self.backend, self.adapter = make_backend(self.settings)
         self.backend.warm_up()
         self._batcher = Batcher(self._run_batch, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
+        # its own copy: ``split_special_tokens`` is a switch on the Rust tokenizer, and flipping it on the one a
+        # batch is being tokenized with (in a worker thread) would turn the template's audio placeholder into text
+        self._question_tokenizer = copy.deepcopy(self.backend.processor.tokenizer)
         self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter)
         self.is_async = bool(getattr(self.backend, "is_async", False))
         # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
@@ -93,7 +97,7 @@ class ModelServer:
     def admit(self, prompt: AudioPrompt) -> None:
         """Bound a request's cost before it joins a batch: its question in the served tokenizer's tokens
         (tokenized as text, as the prompt will hold it), 422 ``question_too_long`` past ``max_question_tokens``."""
-        tokens = self.backend.processor.tokenizer(prompt.question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        tokens = self._question_tokenizer(prompt.question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         limit = self.settings.max_question_tokens
         if len(tokens) > limit:
             raise ApiError(422, "question_too_long", f"'question' is {len(tokens)} tokens, over the {limit}-token limit", param="question")

@@ -209,3 +209,37 @@ def test_guard_off_is_skipped_not_unverified(server):
     url, _ = server
     guard = _qa(url, guard="off").json()["guard"]
     assert (guard["policy"], guard["verdict"]) == ("off", "skipped")
+
+
+def test_counting_a_question_leaves_the_batch_tokenizer_alone(tiny_checkpoint):
+    """``split_special_tokens`` is a switch on the Rust tokenizer: flipped on the one a batch is tokenized with (in
+    a worker thread), it turned the template's audio placeholder into text and failed valid requests."""
+    import threading
+
+    from serving.backends import AudioPrompt
+    from serving.config import Settings
+    from serving.model_server import ModelServer
+
+    server = ModelServer.func_or_class(Settings(_env_file=None, model=str(tiny_checkpoint), verifier=None, model_cpus=0).model_dump())
+    shared = server.backend.processor.tokenizer._tokenizer
+    server.admit(AudioPrompt(np.zeros(8_000, np.float32), "Is there <|AUDIO|> a dog?", 2))
+    assert shared.encode_special_tokens is False, "counting a question switched the batch tokenizer to split special tokens"
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def batches():
+        try:
+            while not done.is_set():
+                server.backend.inputs([AudioPrompt(np.zeros(8_000, np.float32), QUESTION, 2)])
+        except Exception as exc:  # noqa: BLE001 - what the race raised
+            errors.append(exc)
+
+    worker = threading.Thread(target=batches)
+    worker.start()
+    try:
+        for _ in range(300):
+            server.admit(AudioPrompt(np.zeros(8_000, np.float32), "Is there <|AUDIO|> a dog?", 2))
+    finally:
+        done.set()
+        worker.join()
+    assert not errors, errors[0]
