@@ -19,6 +19,11 @@ request is written as a reproducer (``fuzz-repro/NNNN.json``: the exact bytes, b
 
 The same case builders drive the CI property test (tests/test_fuzz_properties.py), with hypothesis'
 ``randoms()`` in place of the seeded generator.
+
+Soak (``--rss``: the resident memory of this machine's Serve replicas, sampled every 10 s, its growth after
+a minute's warm-up in the report):
+
+    python -m loadtests.fuzz --host http://127.0.0.1:8000 --requests 100000 --max-seconds 600 --concurrency 16 --rss
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import base64
 import collections
 import concurrent.futures as cf
+import contextlib
 import io
 import json
 import random
@@ -513,6 +519,8 @@ def campaign(base: str, requests: int, concurrency: int, seed: int, max_seconds:
                     index = next(counter, None)
                 if index is None:
                     return
+                if index and index % 1000 == 0:
+                    print(f"fuzz: {index} requests sent, {len(tally.problems)} problems, {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
                 case = draw(random.Random(f"{seed}:{index}"))
                 if tally.add(index, case, send(base, case, hang_s, client)) and repro_dir is not None:
                     repro_dir.mkdir(parents=True, exist_ok=True)
@@ -524,7 +532,54 @@ def campaign(base: str, requests: int, concurrency: int, seed: int, max_seconds:
     return tally, time.monotonic() - start
 
 
-def report(tally: Tally, args, seconds: float) -> str:
+class ReplicaMemory:
+    """Resident memory (MiB) of this machine's Serve replica processes (``ray::ServeReplica:…``), sampled in a thread."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.samples = every_s, []  # (seconds since start, {process name: MiB})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ReplicaMemory":
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.monotonic() - self._start, replica_rss()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0 if not self.samples else self.every_s):
+            self.samples.append((time.monotonic() - self._start, replica_rss()))
+
+    def growth(self, warm_up_s: float = 60.0) -> list[tuple[str, float, float]]:
+        """(replica, MiB after warm-up, MiB at the end) for each replica seen in both."""
+        after = next((rss for t, rss in self.samples if t >= warm_up_s), self.samples[0][1] if self.samples else {})
+        last = self.samples[-1][1] if self.samples else {}
+        return [(name, after[name], last[name]) for name in sorted(after) if name in last]
+
+
+def replica_rss() -> dict[str, float]:
+    """{``ServeReplica:app:Deployment`` (pid): resident MiB} from /proc."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")[0].decode("latin-1")
+            if not cmdline.startswith("ray::ServeReplica"):
+                continue
+            rss_kb = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        replica = cmdline.removeprefix("ray::").split(".")[0]  # the title ends with the method running now
+        out[f"{replica} ({proc.name})"] = rss_kb / 1024
+    return out
+
+
+def report(tally: Tally, args, seconds: float, memory: ReplicaMemory | None = None) -> str:
     total = sum(sum(c.values()) for c in tally.by_class.values())
     statuses = sorted({s for c in tally.by_class.values() for s in c}, key=str)
     kinds = collections.Counter(p for item in tally.problems for p in item["problems"])
@@ -551,6 +606,10 @@ def report(tally: Tally, args, seconds: float) -> str:
     for cls in CLASSES:
         if cls in tally.codes:
             lines.append(f"| {cls} | " + ", ".join(f"`{c}` {n}" for c, n in tally.codes[cls].most_common()) + " |")
+    if memory is not None:
+        lines += ["", "## Replica memory (RSS, MiB): after a minute's warm-up and at the end", "", "| replica | after warm-up | end | growth |", "| --- | ---: | ---: | ---: |"]
+        for name, first, last in memory.growth():
+            lines.append(f"| {name} | {first:.0f} | {last:.0f} | {100 * (last - first) / first:+.1f}% |")
     if tally.problems:
         lines += ["", "## Problems (first 50; reproducers in fuzz-repro/)", "", "| # | class | problems | status | s | response |", "| ---: | --- | --- | --- | ---: | --- |"]
         for item in sorted(tally.problems, key=lambda x: x["index"])[:50]:
@@ -567,13 +626,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop after this long, whatever is left (at most 4 h)")
     parser.add_argument("--hang-s", type=float, default=75.0, help="no answer within this long is a hang (above the server's request_timeout_s)")
     parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    parser.add_argument("--rss", action="store_true", help="sample this machine's Serve replicas' resident memory (soak runs)")
     args = parser.parse_args(argv)
     if not is_loopback(args.host):
         parser.error(f"{args.host} is not a loopback address: the campaign only targets this machine")
     if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 64 or not 0 < args.max_seconds <= 4 * 3600:
         parser.error("--requests 1..100000, --concurrency 1..64, --max-seconds up to 4 h")
-    tally, seconds = campaign(args.host.rstrip("/"), args.requests, args.concurrency, args.seed, args.max_seconds, args.hang_s, args.out / "fuzz-repro")
-    text = report(tally, args, seconds)
+    memory = ReplicaMemory() if args.rss else None
+    with memory or contextlib.nullcontext():
+        tally, seconds = campaign(args.host.rstrip("/"), args.requests, args.concurrency, args.seed, args.max_seconds, args.hang_s, args.out / "fuzz-repro")
+    text = report(tally, args, seconds, memory)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fuzz.md").write_text(text)
     (args.out / "fuzz.json").write_text(json.dumps({"classes": {k: dict(v) for k, v in tally.by_class.items()}, "problems": tally.problems}, indent=1))
