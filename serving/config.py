@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(1000, gt=0)
     max_question_tokens: int = Field(512, gt=0, description="a question's length in the served tokenizer's tokens, checked before it joins a batch")
     body_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next piece of a request body, then 408 body_timeout")
+    header_timeout_s: float = Field(10.0, gt=0, description="longest a request's headers may take (uvicorn has none: serving/proxy.py), then the connection is closed")
     default_max_tokens: int = Field(32, ge=1)
     max_tokens_limit: int = Field(256, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)

@@ -47,7 +47,7 @@ def start_ray(settings: Settings) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.update(direct_ingress_env(settings))  # the local cluster's processes inherit them
-    os.environ.update(proxy_env())
+    os.environ.update(proxy_env(settings.header_timeout_s))
     if settings.ray_address:
         ray.init(address=settings.ray_address, logging_level=logging.WARNING)
         return

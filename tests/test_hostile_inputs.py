@@ -243,3 +243,29 @@ def test_counting_a_question_leaves_the_batch_tokenizer_alone(tiny_checkpoint):
         done.set()
         worker.join()
     assert not errors, errors[0]
+
+
+def test_headers_that_never_finish_are_cut_off_and_requests_on_a_kept_connection_still_work(server):
+    url, settings = server
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=settings.header_timeout_s + 20) as s:
+        start = time.monotonic()
+        s.sendall(b"POST /v1/audio/qa HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(int(settings.header_timeout_s) + 5):  # a byte a second: each one would reset an idle timer
+            time.sleep(1)
+            try:
+                s.sendall(b"X")
+            except OSError:
+                break
+        assert s.recv(4096) == b"", "closed, not answered"
+    assert time.monotonic() - start < settings.header_timeout_s + 3
+    with httpx.Client(base_url=url, timeout=30) as client:  # a slow body is the app's 408, a kept connection is fine
+        for _ in range(2):
+            assert client.get("/healthz").status_code == 200
+            time.sleep(1)
+
+
+def test_a_multipart_body_that_does_not_parse_is_400(server):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/audio/qa", content=b"xx", headers={"content-type": "multipart/form-data; boundary="}, timeout=30)
+    assert _error(r) == (400, "invalid_body")
