@@ -19,6 +19,13 @@ from serving.errors import ApiError
 SUPPORTED_FORMATS = ("WAV", "FLAC", "OGG", "MP3")
 MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 8  # 7.1 surround; more is refused (422 too_many_channels) before a frame is decoded
+# Shorter clips are padded with trailing silence to this length (flag "padded"): Qwen2-Audio's encoder
+# needs a few mel frames (earwitness-tiny fails at 0.24 s), and every clip of a batch then has audio tokens.
+MIN_AUDIO_S = 0.5
+# Float formats may exceed full scale a little; a sample past this is no recording (3.4e38 overflows a
+# float32 mean and turns into NaN in the resampler), so it is refused as invalid_samples.
+MAX_ABS_SAMPLE = 1_000.0
 
 
 @dataclass(frozen=True)
@@ -71,11 +78,25 @@ def decode(
     max_duration_s: float | None = None,
     truncate: bool = False,
 ) -> Clip:
-    """Decode, check and convert ``data``; raise :class:`ApiError` (4xx) for anything unusable."""
+    """Decode, check and convert ``data``; raise :class:`ApiError` (4xx) for anything unusable.
+
+    Whatever a decoder raises on hostile bytes is the upload's fault: it is a 400 ``corrupt_audio``.
+    """
+    try:
+        return _decode(data, target_sample_rate, max_duration_s, truncate)
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - libsndfile/mpg123/soxr on damaged input: never a 500
+        raise _audio_error(400, "corrupt_audio", f"the audio could not be decoded ({type(exc).__name__})") from exc
+
+
+def _decode(data: bytes, target_sample_rate: int, max_duration_s: float | None, truncate: bool) -> Clip:
     with _open(data) as handle:
         fmt, sr, channels = handle.format, handle.samplerate, handle.channels
         if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
             raise _audio_error(422, "invalid_sample_rate", f"sample rate {sr} Hz is outside {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz")
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise _audio_error(422, "too_many_channels", f"the audio has {channels} channels; at most {MAX_CHANNELS} are accepted")
         declared = _declared_frames(data, handle)
         limit = None
         if max_duration_s is not None:
@@ -148,18 +169,30 @@ def _too_long(duration_s: float, max_duration_s: float | None) -> ApiError:
 def _finish(samples: np.ndarray, sr: int, fmt: str, channels: int, target_sr: int, truncated: bool) -> Clip:
     if samples.size == 0:
         raise _audio_error(400, "empty_audio", f"the {fmt} file holds no decodable audio frames (empty or truncated)")
-    if not np.isfinite(samples).all():
-        raise _audio_error(422, "invalid_samples", "the audio contains NaN or infinite samples")
+    _check_samples(samples, "the audio")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     if sr != target_sr:
         mono = soxr.resample(mono, sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+        _check_samples(mono, "the resampled audio")  # what the model gets is checked, not only what came in
     mono = np.clip(mono, -1.0, 1.0)
     flags: list[str] = []
     if not np.any(samples):
         flags.append("digital_silence")
     if truncated:
         flags.append("truncated")
+    shortfall = int(MIN_AUDIO_S * target_sr) - len(mono)
+    if shortfall > 0:
+        mono = np.concatenate([mono, np.zeros(shortfall, np.float32)])
+        flags.append("padded")
     return Clip(np.ascontiguousarray(mono), target_sr, fmt, sr, channels, tuple(flags))
+
+
+def _check_samples(samples: np.ndarray, what: str) -> None:
+    """422 ``invalid_samples`` for NaN/inf, or magnitudes no recording has (past :data:`MAX_ABS_SAMPLE`)."""
+    if not np.isfinite(samples).all():
+        raise _audio_error(422, "invalid_samples", f"{what} contains NaN or infinite samples")
+    if samples.size and float(np.abs(samples).max()) > MAX_ABS_SAMPLE:
+        raise _audio_error(422, "invalid_samples", f"{what} has samples past ±{MAX_ABS_SAMPLE:g} (full scale is ±1)")
 
 
 # A PCM WAV up to this size decodes in about a millisecond (a copy and a few checks): cheaper on the
@@ -172,9 +205,3 @@ async def decode_async(data: bytes, target_sample_rate: int, max_duration_s: flo
     if len(data) <= INLINE_WAV_BYTES and data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         return decode(data, target_sample_rate, max_duration_s, truncate)
     return await asyncio.to_thread(decode, data, target_sample_rate, max_duration_s, truncate)
-
-
-def load_file(path: str, target_sample_rate: int, max_duration_s: float | None = None, truncate: bool = False) -> Clip:
-    """Decode a file from disk with the same checks as an upload."""
-    with open(path, "rb") as fh:
-        return decode(fh.read(), target_sample_rate, max_duration_s, truncate)

@@ -7,6 +7,9 @@ batches stay at one. :class:`Batcher` forms a batch when the model becomes free 
 request to an idle model starts at once (after an optional ``wait_s``), and whatever arrives
 while a batch runs goes into the next one, up to ``max_batch_size`` — the continuous batching
 rule of vLLM's scheduler, at the granularity of a whole ``generate`` call.
+
+No request can fail another: when a batch's call raises, its requests are run again one by one, so
+only the one at fault gets the error and the others get their answers.
 """
 
 from __future__ import annotations
@@ -44,13 +47,35 @@ class Batcher(Generic[T, R]):
                     continue
                 try:
                     results = await self.run([item for item, _ in live])
-                except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
-                    for _, f in live:
-                        if not f.done():
-                            f.set_exception(exc)
+                except Exception as exc:  # noqa: BLE001 - alone, the error is its caller's; in a batch, find whose
+                    if len(live) == 1:
+                        _settle(live[0][1], exception=exc)
+                    else:
+                        await self._one_by_one(live)
                     continue
                 for (_, f), result in zip(live, results):
-                    if not f.done():
-                        f.set_result(result)
+                    _settle(f, result)
         finally:
             self._busy = False
+
+    async def _one_by_one(self, live: list[tuple[T, asyncio.Future]]) -> None:
+        """A failed batch again, each request alone: only the offending ones get their error."""
+        for item, f in live:
+            if f.done():
+                continue
+            try:
+                (result,) = await self.run([item])
+            except Exception as exc:  # noqa: BLE001 - this request's own error
+                _settle(f, exception=exc)
+            else:
+                _settle(f, result)
+
+
+def _settle(future: asyncio.Future, result=None, exception: BaseException | None = None) -> None:
+    """A caller's answer or error, unless it gave up waiting."""
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

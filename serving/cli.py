@@ -46,12 +46,18 @@ def _ask(args: argparse.Namespace) -> int:
     from serving.errors import ApiError
     from serving.model_server import make_backend
 
+    try:  # the file first: a missing one should not cost a model load
+        with open(args.file, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        print(f"earwitness ask: cannot read {args.file}: {err.strerror}", file=sys.stderr)
+        return 2
     settings = Settings(**{k: v for k, v in {"model": args.model, "adapter": args.adapter}.items() if v is not None})
     backend, _ = make_backend(settings)
     try:
-        clip = audio.load_file(args.file, backend.sample_rate, min(settings.max_audio_s, backend.max_audio_s), args.truncate)
+        clip = audio.decode(data, backend.sample_rate, min(settings.max_audio_s, backend.max_audio_s), args.truncate)
     except ApiError as err:
-        print(json.dumps(err.body()), file=sys.stderr)
+        print(json.dumps(err.body()).replace("truncate=true", "--truncate"), file=sys.stderr)
         return 2
     generation = backend.generate([AudioPrompt(clip.samples, args.question, args.max_tokens)])[0]
     print(json.dumps({"answer": generation.text, "answer_kind": classify(generation.text), "model": backend.model_name}))
@@ -67,7 +73,7 @@ def _models(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="earwitness", description=__doc__)
+    parser = argparse.ArgumentParser(prog="earwitness", description=__doc__.replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the HTTP API with Ray Serve")

@@ -11,6 +11,7 @@ class ApiError(Exception):
     """A client-facing failure with an HTTP status and a stable machine-readable code."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None):
+        message, param = _printable(message), _printable(param)
         super().__init__(message)
         self.status = status
         self.code = code
@@ -34,3 +35,8 @@ class ApiError(Exception):
 
     def __reduce__(self):  # keep the fields when Ray pickles the exception across processes
         return (type(self), (self.status, self.code, self.message, self.headers, self.param))
+
+
+def _printable(text: str | None) -> str | None:
+    """``text`` encodable as UTF-8 (a lone surrogate from the request, escaped), so the error can be sent."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")

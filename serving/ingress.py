@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-import uuid
+import traceback
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -22,13 +22,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from serving import audio as intake
-from serving.answers import classify
 from serving.auth import ApiKeyMiddleware, keys_from_settings
 from serving.backends import AudioPrompt, Generation
 from serving.config import Settings
@@ -38,9 +39,10 @@ from serving.guard.endpoint import verify as verify_audio
 from serving.guard.policy import Outcome
 from serving.guard.runner import GuardRunner
 from serving.heap import freeze_startup_heap
-from serving.limits import BodyLimitMiddleware, json_object, too_large
+from serving.limits import BodyLimitMiddleware, check_text, json_object, too_large
 from serving.metrics import Metrics, mark_process_dead
 from serving.model_client import InProcess, LocalModel, RemoteModel
+from serving.proxy import request_id
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
 
 log = logging.getLogger("earwitness.http")
@@ -51,7 +53,11 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # The model id a request resolved to, for the model call further down the same request's task.
 _REQUEST_MODEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("earwitness_model_id", default=None)
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 500, 503, 504)}
+# How long /readyz waits for the model: under a probe's usual 1 s timeout.
+READY_PROBE_S = 0.5
+# What a response's status is counted as when the client went away before one was sent (nginx's 499).
+CLIENT_CLOSED = 499
 
 def _describe(errors) -> str:
     """Pydantic's errors as one line a client can act on ("max_tokens: Input should be ...")."""
@@ -136,6 +142,10 @@ class RequestMetricsMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.asgi(scope, receive, tracking_send)
+        except (asyncio.CancelledError, ClientDisconnect):
+            if status["code"] == 500:  # no response went out: the client left, the server did not fail
+                status["code"] = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.in_flight.dec()
             if endpoint != "/metrics":
@@ -156,13 +166,54 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}  # 400: a body the form parser cannot read
     return _error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")
-    return _error_response(ApiError(500, "internal_error", f"unexpected {type(exc).__name__}"))
+def _stack(exc: BaseException) -> str:
+    """Where ``exc`` and its causes were raised: frames and exception types, not their messages (which may
+    quote the request's text)."""
+    parts = []
+    while exc is not None and len(parts) < 8:
+        parts.append(f"{type(exc).__module__}.{type(exc).__qualname__} raised at:\n" + "".join(traceback.format_tb(exc.__traceback__)))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+class InternalErrorMiddleware:
+    """Any exception nothing else handled is a bug report: a JSON 500 ``internal_error`` with the request id,
+    logged with where it was raised (never the request's audio or text) and counted by endpoint.
+
+    Pure ASGI, inside the metrics middleware (which then counts the 500), and it does not re-raise: Serve
+    would log the exception's message, which may quote the request.
+    """
+
+    def __init__(self, asgi, app: FastAPI, metrics: Metrics):
+        self.asgi, self.app, self.metrics = asgi, app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.asgi(scope, receive, tracking_send)
+        except ClientDisconnect:
+            raise  # the client left: counted as such, no bug
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            endpoint = _route_template(self.app, scope)
+            rid = request_id(Headers(scope=scope))
+            self.metrics.internal_errors.labels(endpoint).inc()
+            log.error("internal error on %s (request %s): %s\n%s", endpoint, rid, type(exc).__name__, _stack(exc))
+            if started:  # too late for a status: the connection ends with the partial response
+                return
+            error = ApiError(500, "internal_error", f"unexpected {type(exc).__name__}; quote the request id when reporting it")
+            await JSONResponse({"error": {**error.body()["error"], "request_id": rid}}, status_code=500)(scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -186,6 +237,7 @@ class Service:
         self.metrics = Metrics()
         self.guard = GuardRunner(verifier, settings, self.metrics)  # the absent-sound guard (serving/guard/)
         self._model_info: dict | None = None
+        self._was_ready = False
 
     async def model_info(self) -> dict:
         if self._model_info is None:
@@ -193,7 +245,7 @@ class Service:
         return self._model_info
 
     def check_question(self, question: str) -> str:
-        question = question.strip()
+        question = check_text(question, "question").strip()
         if not question:
             raise ApiError(422, "empty_question", "'question' is empty")
         if len(question) > self.settings.max_question_chars:
@@ -258,6 +310,10 @@ class Service:
             raise ApiError(503, "overloaded", "the model's queue is full; retry shortly", {"Retry-After": "1"}) from exc
         except RayActorError as exc:
             raise ApiError(503, "model_unavailable", "the model replica failed; retry shortly", {"Retry-After": "2"}) from exc
+        except RayTaskError as exc:  # the model replica refused the request (its ApiError), or a bug: a 500
+            if isinstance(exc.cause, ApiError):
+                raise exc.cause from None
+            raise
 
     async def answer(self, request: Request) -> QAResponse:
         start = time.perf_counter()
@@ -272,7 +328,7 @@ class Service:
         decoded = time.perf_counter()
         heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard))
         outcome = heard.outcome
-        kind = classify(outcome.answer)
+        kind = outcome.kind
         self.observe("/v1/audio/qa", clip, kind, info["model"], decoded - start)
         return QAResponse(
             answer=outcome.answer,
@@ -287,7 +343,7 @@ class Service:
                 total_ms=round((time.perf_counter() - start) * 1000, 2),
                 guard_ms=round(heard.guard_s * 1000, 2) if heard.guard_s is not None else None,
             ),
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+            request_id=request_id(request.headers),
         )
 
     def observe(self, endpoint: str, clip, kind: str, model: str, decode_s: float) -> None:
@@ -318,13 +374,17 @@ class Service:
         return ModelList(data=cards)
 
     async def ready(self) -> str | None:
-        """None when a warm model replica answers, else why not."""
+        """None when a warm model replica answers, else why not; within :data:`READY_PROBE_S`, so a probe
+        during warm-up gets its 503 rather than timing out."""
         try:
-            await asyncio.wait_for(self.model.info(), 5.0)
+            await asyncio.wait_for(self.model.info(), READY_PROBE_S)
         except BackPressureError:
             return None  # loaded and busy: readiness must not flap under load
+        except asyncio.TimeoutError:  # slow: warming up, or a replica that answered before and is busy now
+            return None if self._was_ready else "warming_up"
         except Exception as exc:  # any failure to reach a warm replica means not ready
             return type(exc).__name__
+        self._was_ready = True
         return None
 
 
@@ -335,13 +395,13 @@ def create_app(service: Service) -> FastAPI:
         version="0.1.0",
         description="Audio question answering whose answers only testify to what was actually heard.",
     )
-    app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes)
+    app.add_middleware(InternalErrorMiddleware, app=app, metrics=service.metrics)  # innermost: the others see its 500
+    app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes, body_timeout_s=service.settings.body_timeout_s)
     app.add_middleware(ApiKeyMiddleware, digests=keys_from_settings(service.settings))
     app.add_middleware(RequestMetricsMiddleware, app=app, metrics=service.metrics)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
     from serving import openai_api
 
     openai_api.register(app, service)  # POST /v1/chat/completions (OpenAI-compatible, input_audio parts)

@@ -1,12 +1,20 @@
 """Request bodies: oversized ones refused before they are buffered (by Content-Length, else while
-streaming), and JSON ones read as an object or a named 4xx."""
+streaming), slow ones cut off (``body_timeout_s`` between two reads), and JSON ones read as an object
+of bounded depth holding only valid text, or a named 4xx."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+
 from serving.errors import ApiError
 
 _JSON_OVERHEAD = 64 * 1024
+# The deepest JSON body accepted: a chat request is 6 levels deep; Python's parser recurses per level.
+MAX_JSON_DEPTH = 32
+# A UTF-16 surrogate is no character: JSON's "\ud800" escape parses into one, and no tokenizer takes it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def body_limit(content_type: str, max_upload_bytes: int) -> int:
@@ -23,9 +31,10 @@ def too_large(limit: int) -> ApiError:
 class BodyLimitMiddleware:
     """Pure ASGI: a 413 as soon as a declared or streamed body passes the limit."""
 
-    def __init__(self, app, max_upload_bytes: int):
+    def __init__(self, app, max_upload_bytes: int, body_timeout_s: float = 30.0):
         self.app = app
         self.max_upload_bytes = max_upload_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -39,7 +48,10 @@ class BodyLimitMiddleware:
 
         async def limited_receive():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s", {"Connection": "close"}) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
@@ -67,6 +79,41 @@ async def json_object(request) -> dict:
         body = await request.json()
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object")
+    check_json(body)
     return body
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, "invalid_json", f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def check_json(value: object) -> None:
+    """400 ``invalid_json`` past :data:`MAX_JSON_DEPTH` levels; 422 ``invalid_text`` for a lone surrogate in
+    any string or key (walked iteratively: a deep body cannot exhaust the stack here)."""
+    stack: list[tuple[object, int, str]] = [(value, 1, "")]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, str):
+            check_text(item, path or None)
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in pairs:
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str):
+                check_text(key, where)
+            stack.append((child, depth + 1, where))
+
+
+def check_text(text: str, param: str | None = None) -> str:
+    """``text`` itself, or 422 ``invalid_text`` when it holds an unpaired UTF-16 surrogate (not a character)."""
+    if _SURROGATE.search(text):
+        raise ApiError(422, "invalid_text", f"{param or 'a string'} holds an unpaired UTF-16 surrogate, which is not text", param=param)
+    return text

@@ -10,6 +10,7 @@ batched by :class:`serving.batching.Batcher` (no wait when the model is idle).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 
 import torch
@@ -20,6 +21,7 @@ from serving.adapters import Catalog, LoadedAdapter, PeftAdapters, UnknownModel
 from serving.backends import AudioPrompt, Generation
 from serving.batching import Batcher
 from serving.config import Settings
+from serving.errors import ApiError
 from serving.heap import freeze_startup_heap
 
 log = logging.getLogger("earwitness.model")
@@ -52,6 +54,9 @@ class ModelServer:
         self.backend, self.adapter = make_backend(self.settings)
         self.backend.warm_up()
         self._batcher = Batcher(self._run_batch, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
+        # its own copy: ``split_special_tokens`` is a switch on the Rust tokenizer, and flipping it on the one a
+        # batch is being tokenized with (in a worker thread) would turn the template's audio placeholder into text
+        self._question_tokenizer = copy.deepcopy(self.backend.processor.tokenizer)
         self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter)
         self.is_async = bool(getattr(self.backend, "is_async", False))
         # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
@@ -89,8 +94,17 @@ class ModelServer:
             "catalog": self.catalog.to_dict(),
         }
 
+    def admit(self, prompt: AudioPrompt) -> None:
+        """Bound a request's cost before it joins a batch: its question in the served tokenizer's tokens
+        (tokenized as text, as the prompt will hold it), 422 ``question_too_long`` past ``max_question_tokens``."""
+        tokens = self._question_tokenizer(prompt.question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        limit = self.settings.max_question_tokens
+        if len(tokens) > limit:
+            raise ApiError(422, "question_too_long", f"'question' is {len(tokens)} tokens, over the {limit}-token limit", param="question")
+
     async def generate(self, prompt: AudioPrompt) -> Generation:
         """One answer from the default model (base, or the default adapter)."""
+        self.admit(prompt)
         if self.is_async:  # the engine batches; the default adapter (if any) applies
             ref = self._lora_ref(self.catalog.default) if self.catalog.default else None
             return await self.backend.generate_async(prompt, ref)
@@ -98,6 +112,7 @@ class ModelServer:
 
     async def complete(self, prompt: AudioPrompt, model_id: str | None = None) -> Generation:
         """One answer from ``model_id``, else the id this request was routed with (``multiplexed_model_id``)."""
+        self.admit(prompt)
         model_id = model_id or serve.get_multiplexed_model_id() or self.catalog.default_id
         loaded = await self._adapter(model_id)
         if self.is_async:

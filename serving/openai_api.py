@@ -34,7 +34,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving import audio as intake
-from serving.answers import classify
 from serving.errors import ApiError
 from serving.limits import json_object, too_large
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Timing
@@ -219,10 +218,10 @@ async def chat_completion(service, request: Request):
     heard = await service.hear(ENDPOINT, clip, question, max_tokens, service.guard.policy_for(options.guard), model_id)
     generation, outcome = heard.generation, heard.outcome
     answer = outcome.answer
-    kind = classify(answer)
+    kind = outcome.kind
     service.observe(ENDPOINT, clip, kind, model_id, decoded - start)
 
-    prompt_tokens = int(getattr(generation, "prompt_tokens", 0) or 0)
+    prompt_tokens = generation.prompt_tokens
     result = ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -282,7 +281,12 @@ def register(app: FastAPI, service) -> None:
         summary="OpenAI-compatible chat completion with input_audio parts",
     )
     async def chat_completions(request: Request):
-        result = await chat_completion(service, request)
+        try:
+            result = await chat_completion(service, request)
+        except ApiError as exc:  # OpenAI's clients read every invalid request as a 400 (sizes stay 413)
+            if exc.status in (415, 422):
+                raise ApiError(400, exc.code, exc.message, exc.headers, exc.param) from exc
+            raise
         if isinstance(result, StreamingResponse):
             return result
         return JSONResponse(result.model_dump())

@@ -10,6 +10,7 @@ from ray import serve
 
 from serving.app import build
 from serving.config import Settings
+from serving.proxy import proxy_env
 
 APP_NAME = "earwitness"
 
@@ -46,6 +47,7 @@ def start_ray(settings: Settings) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.update(direct_ingress_env(settings))  # the local cluster's processes inherit them
+    os.environ.update(proxy_env(settings.header_timeout_s))
     if settings.ray_address:
         ray.init(address=settings.ray_address, logging_level=logging.WARNING)
         return

@@ -26,7 +26,7 @@ class AudioInfo(BaseModel):
     source_format: str
     source_sample_rate: int
     channels: int
-    flags: list[str] = Field(default_factory=list, description="digital_silence, truncated")
+    flags: list[str] = Field(default_factory=list, description="digital_silence, truncated, padded (shorter than 0.5 s: trailing silence added)")
 
     @classmethod
     def from_clip(cls, clip) -> "AudioInfo":
@@ -52,14 +52,17 @@ class GuardClaim(BaseModel):
     event: str = Field(..., description="the ontology class claimed (or the mention itself when it matched none)")
     text: str = Field(..., description="the claim as the question or answer put it")
     verifier_score: float | None = Field(None, description="the verifier's calibrated probability that the sound is there")
-    contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats")
+    contrast: float | None = Field(None, description="the answer's audio contrast (guard.contrast), the same on each of its claims")
     present: bool | None = Field(None, description="judged present / absent; null: uncertain or unverified")
-    prior: bool = Field(False, description="the answer does not depend on the audio (as likely on blank audio): a prior, not a hearing")
+    prior: bool = Field(False, description="the answer does not depend on the audio (as likely on blank audio): a prior, not a hearing. "
+                        "With present true: the sound is there, but the model guessed it rather than heard it")
 
 
 class GuardInfo(BaseModel):
     policy: Literal["off", "annotate", "abstain", "correct"]
-    verdict: Literal["supported", "unsupported", "uncertain", "unverified"]
+    verdict: Literal["supported", "unsupported", "uncertain", "unverified", "skipped"] = Field(
+        ..., description="skipped: guard off, nothing checked; unverified: the verifier failed or timed out")
+    contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats: one number for the whole answer")
     claims: list[GuardClaim] = Field(default_factory=list)
 
 
@@ -79,6 +82,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str = Field("invalid_request_error", description="OpenAI's error type (invalid_request_error, server_error, ...)")
     param: str | None = Field(None, description="the request field at fault, when there is one")
+    request_id: str | None = Field(None, description="on a 500 internal_error: the id to quote when reporting it")
 
 
 class ErrorResponse(BaseModel):

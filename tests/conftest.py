@@ -40,6 +40,8 @@ def server(tiny_checkpoint, verifier_checkpoint, tmp_path_factory):
         max_upload_mb=1.0,
         max_queued_requests=32,
         request_timeout_s=30,
+        body_timeout_s=3,  # a body that stops arriving is cut off quickly (tests/test_hostile_inputs.py)
+        header_timeout_s=3,  # and headers that do
         num_cpus=2,
         ray_temp_dir=tempfile.mkdtemp(prefix="ew-ray-"),  # short: Ray puts unix sockets under it
     )

@@ -78,3 +78,41 @@ def test_digital_silence_is_accepted_but_flagged():
     assert clip.flags == ("digital_silence",)
     quiet = decode(encode(tone(1.0, 16_000, 1) * 0.01, 16_000, "wav"), 16_000)
     assert "digital_silence" not in quiet.flags
+
+
+@pytest.mark.parametrize("frames", [1, 100, 3_840])
+def test_very_short_clips_are_padded_to_the_minimum_and_flagged(frames):
+    from serving.audio import MIN_AUDIO_S
+
+    clip = decode(encode(tone(1.0, 16_000, 1)[:frames], 16_000, "wav"), 16_000)
+    assert clip.duration_s == MIN_AUDIO_S and "padded" in clip.flags
+    assert np.all(clip.samples[frames + 16:] == 0)  # trailing silence, the heard part first
+
+
+def test_more_channels_than_surround_are_refused():
+    from serving.audio import MAX_CHANNELS
+
+    ok = decode(encode(np.full((16_000, MAX_CHANNELS), 0.1, np.float32), 16_000, "flac"), 16_000)
+    assert ok.source_channels == MAX_CHANNELS
+    assert _code(encode(np.full((16_000, MAX_CHANNELS + 1), 0.1, np.float32), 16_000, "wav")) == (422, "too_many_channels")
+
+
+@pytest.mark.parametrize("rate", [16_000, 22_050, 44_100])
+def test_huge_finite_samples_are_refused_before_they_turn_into_nan(rate):
+    assert _code(encode(np.full(rate, 3.4e38, np.float32), rate, "wav", "FLOAT")) == (422, "invalid_samples")
+    loud = decode(encode(np.full(rate, 1.5, np.float32), rate, "wav", "FLOAT"), 16_000)  # past full scale, but a signal
+    assert np.isfinite(loud.samples).all() and np.abs(loud.samples).max() <= 1.0
+
+
+def test_damaged_headers_are_a_4xx_whatever_the_decoder_raises():
+    rng = np.random.default_rng(0)
+    for ext in ("wav", "flac", "ogg", "mp3"):
+        data = encode(tone(0.5, 16_000, 1), 16_000, ext)
+        for _ in range(60):  # single bit flips in the first 64 bytes: the headers
+            flipped = bytearray(data)
+            pos = int(rng.integers(0, min(64, len(data))))
+            flipped[pos] ^= 1 << int(rng.integers(0, 8))
+            try:
+                decode(bytes(flipped), 16_000, max_duration_s=30)
+            except ApiError as exc:
+                assert 400 <= exc.status < 500

@@ -49,17 +49,18 @@ def test_a_lone_request_runs_alone_and_arrivals_during_it_share_the_next_batch()
     assert batches == [[1], [2, 3, 4], [5]]  # capped at max_batch_size, in arrival order
 
 
-def test_a_failed_batch_fails_its_callers_only():
+def test_a_failed_batch_is_retried_one_by_one_so_only_the_offender_fails():
     async def scenario():
         model = Model()
         model.release.set()
         batcher = Batcher(model.run, max_batch_size=8)
-        bad = await asyncio.gather(batcher.submit(-1), batcher.submit(2), return_exceptions=True)
+        mixed = await asyncio.gather(batcher.submit(2), batcher.submit(-1), batcher.submit(4), return_exceptions=True)
         good = await batcher.submit(3)
-        return bad, good
+        return model.batches, mixed, good
 
-    bad, good = asyncio.run(scenario())
-    assert all(isinstance(e, ValueError) for e in bad)
+    batches, mixed, good = asyncio.run(scenario())
+    assert mixed[0] == 20 and isinstance(mixed[1], ValueError) and mixed[2] == 40
+    assert batches == [[2, -1, 4], [2], [-1], [4], [3]]  # the failed batch, then each of its requests alone
     assert good == 30
 
 

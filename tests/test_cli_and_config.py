@@ -40,6 +40,21 @@ def test_ask_reports_bad_audio_as_an_error(tiny_checkpoint, tmp_path):
     assert json.loads(result.stderr.strip().splitlines()[-1])["error"]["code"] == "unsupported_audio_format"
 
 
+def test_ask_checks_the_file_before_loading_a_model(tmp_path):
+    result = _cli("ask", str(tmp_path / "missing.wav"), "Is there a dog?", "--model", str(tmp_path / "no-such-model"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot read" in result.stderr and "missing.wav" in result.stderr
+
+
+def test_ask_names_its_own_truncate_flag(tiny_checkpoint, tmp_path):
+    long = tmp_path / "long.wav"
+    long.write_bytes(encode(tone(12.0, 16_000, 1), 16_000, "wav"))  # over the tiny model's 10 s window
+    result = _cli("ask", str(long), "Is there a dog?", "--model", str(tiny_checkpoint))
+    error = json.loads(result.stderr.strip().splitlines()[-1])["error"]
+    assert (result.returncode, error["code"]) == (2, "audio_too_long") and "--truncate" in error["message"] and "truncate=true" not in error["message"]
+    assert "``" not in _cli("--help").stdout
+
+
 def test_models_lists_the_registry():
     result = _cli("models")
     assert result.returncode == 0

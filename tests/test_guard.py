@@ -110,8 +110,10 @@ def test_policies():
     assert (out.answer, out.original_answer, out.verdict) == ("No.", "Yes", "unsupported")
     out = apply_policy("abstain", "Yes", absent, True)
     assert (out.answer, out.original_answer) == ("I can't confirm hearing a dog barking.", "Yes")
+    assert out.kind == "other", "an abstention is no 'no' (answer_kind, the 'no'-rate)"
     out = apply_policy("off", "Yes", absent, True)
-    assert (out.answer, out.original_answer, out.verdict, out.claims) == ("Yes", None, "unverified", [])
+    assert (out.answer, out.original_answer, out.verdict, out.claims) == ("Yes", None, "skipped", [])
+    assert out.kind == "yes"
     for policy in ("annotate", "abstain", "correct"):
         assert apply_policy(policy, "Yes", [_claim(True)], True).original_answer is None
         assert apply_policy(policy, "Yes", [_claim(None)], True).verdict == "uncertain"
@@ -257,7 +259,7 @@ def test_contrast_matches_full_teacher_forced_passes(tiny_checkpoint):
         pytest.skip("the random tiny model answered 'no': nothing to contrast")
 
     tokenizer = backend.processor.tokenizer
-    inputs = backend.processor(text=[backend._prompt(question)], audio=[real], sampling_rate=16_000, return_tensors="pt")
+    inputs = backend.inputs([AudioPrompt(real, question, limit)])
     with torch.no_grad():
         generated = backend.model.generate(**inputs, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                            eos_token_id=tokenizer.eos_token_id)[0, inputs["input_ids"].shape[1] :]

@@ -38,7 +38,7 @@ def test_default_response_carries_a_guard(client):
 def test_guard_off_per_request(client):
     r = client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Did you hear rain?", "guard": "off"})
     assert r.status_code == 200, r.text
-    assert r.json()["guard"] == {"policy": "off", "verdict": "unverified", "claims": []}
+    assert r.json()["guard"] == {"policy": "off", "verdict": "skipped", "contrast": None, "claims": []}
     assert r.json()["timing"]["guard_ms"] is None
 
 
@@ -143,7 +143,7 @@ def test_policies_on_an_absent_sound(yes_app, clips):
     abstained = _ask(yes_app, case["path"], question, "abstain")
     assert abstained["answer"] == f"I can't confirm hearing {case['phrase']}." and abstained["original_answer"] == "yes"
     off = _ask(yes_app, case["path"], question, "off")
-    assert off["answer"] == "yes" and off["guard"]["verdict"] == "unverified"
+    assert off["answer"] == "yes" and off["guard"]["verdict"] == "skipped"
     scored, kept = (after - b for after, b in zip(_clip_counts(yes_app), before))
     assert scored <= 1 and kept >= 2 and scored + kept == 3  # one recording, judged three times: one audio pass at most
 

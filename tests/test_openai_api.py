@@ -170,12 +170,13 @@ def test_the_adapter_in_use_is_merged_and_switching_restores_the_base(tiny_check
     """Merged LoRA answers as the unmerged adapter does; unmerging for the base gives the base back."""
     from models.registry import resolve
     from serving.adapters import PeftAdapters
+    from serving.backends import AudioPrompt
     from serving.backends.hf import TransformersBackend
 
     backend = TransformersBackend.load(resolve(str(tiny_checkpoint)))
     peft = PeftAdapters(backend)
     peft.load("a1", _random_adapter(tiny_checkpoint, tmp_path / "a1", 1))
-    inputs = backend.processor(text=[backend._prompt("Is there a dog?")], audio=[tone(1.0, 16_000, 1)], sampling_rate=16_000, return_tensors="pt")
+    inputs = backend.inputs([AudioPrompt(tone(1.0, 16_000, 1), "Is there a dog?", 1)])
 
     def logits(name):
         with peft.active(name), torch.no_grad():

@@ -26,6 +26,7 @@ class Generation:
     # log P(answer tokens | real audio) and | blank audio (zeros, same length), in nats; None when not computed
     answer_logprob: float | None = None
     blank_logprob: float | None = None
+    prompt_tokens: int = 0  # the prompt's tokens, audio placeholders expanded (the chat API's usage)
 
 
 class Backend(Protocol):

@@ -17,6 +17,8 @@ is scored as the complete answer "Yes", not as a prefix of "Yes, but…".
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from transformers import DynamicCache
@@ -115,5 +117,5 @@ def with_contrast(backend, inputs, prompts: list[AudioPrompt], generations: list
         steps = torch.stack([step[i] for step in logits[:n]]).float().log_softmax(-1)
         real = float(steps.gather(-1, answer[:, None].to(steps.device)).sum())
         blank = blank_logprob(backend, inputs, i, len(p.samples), answer)
-        result[i] = Generation(g.text, g.num_tokens, answer_logprob=real, blank_logprob=blank)
+        result[i] = dataclasses.replace(g, answer_logprob=real, blank_logprob=blank)
     return result

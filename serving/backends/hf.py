@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -25,20 +27,28 @@ class TransformersBackend:
         processor, model = load(spec, adapter=adapter, device=device, dtype=dtype)
         return cls(spec.name, processor, model, spec.max_audio_s)
 
-    def _prompt(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def inputs(self, prompts: list[AudioPrompt]):
+        """The batch's model inputs, built by the model's own chat template and processor.
+
+        ``sanitize_control_tokens``: a question is always tokenized as text. A ``<|AUDIO|>`` or
+        ``<|im_end|>`` a client writes is those characters, never a placeholder or a turn boundary, so
+        each prompt holds exactly the template's one audio block.
+        """
+        chats = [[{"role": "user", "content": [{"type": "audio", "audio": p.samples}, {"type": "text", "text": p.question}]}] for p in prompts]
+        return self.processor.apply_chat_template(
+            chats,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            sanitize_control_tokens=True,
+            processor_kwargs={"padding": True, "sampling_rate": self.sample_rate},
+        ).to(self.device)
 
     @torch.inference_mode()
     def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
         tokenizer = self.processor.tokenizer
-        inputs = self.processor(
-            text=[self._prompt(p.question) for p in prompts],
-            audio=[p.samples for p in prompts],
-            sampling_rate=self.sample_rate,
-            return_tensors="pt",
-            padding=True,
-        ).to(self.device)
+        inputs = self.inputs(prompts)
         contrast = any(p.contrast for p in prompts)
         out = self.model.generate(
             **inputs,
@@ -50,7 +60,9 @@ class TransformersBackend:
             output_logits=contrast,
         )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
-        generations = [self._finish(row, p.max_new_tokens) for row, p in zip(new_tokens, prompts)]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        generations = [dataclasses.replace(self._finish(row, p.max_new_tokens), prompt_tokens=int(n))
+                       for row, p, n in zip(new_tokens, prompts, prompt_tokens)]
         if contrast:
             from serving.backends.contrast import with_contrast
 

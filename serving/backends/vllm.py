@@ -19,6 +19,7 @@ What vLLM assumes of a Qwen2-Audio checkpoint (checked against vllm 0.32; see RE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -38,6 +39,8 @@ log = logging.getLogger("earwitness.vllm")
 
 VLLM_WINDOW_FRAMES = 3000  # vLLM's Qwen2AudioFeatureInputs: TensorShape("na", "nmb", 3000)
 ARCHITECTURES = {"qwen2-audio": "Qwen2AudioForConditionalGeneration", "qwen2.5-omni-thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
+# Where the question goes when the prompt is rendered around it (no tokenizer has this as a token).
+_QUESTION_SLOT = "\x00earwitness-question\x00"
 
 
 class EngineUnsupported(RuntimeError):
@@ -208,7 +211,16 @@ class VLLMBackend:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _tokenize_prompt(self, question: str) -> tuple[int, ...]:
-        return tuple(self.processor.tokenizer.encode(self._prompt(question), add_special_tokens=False))
+        """The prompt's token ids with the question tokenized as text (``split_special_tokens``): a
+        ``<|AUDIO|>`` or ``<|im_end|>`` in it is those characters, so the engine finds the template's one
+        audio placeholder and no turn boundary the client wrote."""
+        tokenizer = self.processor.tokenizer
+        before, after = self._prompt(_QUESTION_SLOT).split(_QUESTION_SLOT)
+        return (
+            *tokenizer.encode(before, add_special_tokens=False),
+            *tokenizer.encode(question, add_special_tokens=False, split_special_tokens=True),
+            *tokenizer.encode(after, add_special_tokens=False),
+        )
 
     async def generate_async(self, prompt: AudioPrompt, adapter: LoraRef | None = None) -> Generation:
         """One greedy answer; concurrent calls are batched by the engine (continuous batching).
@@ -220,15 +232,16 @@ class VLLMBackend:
 
         params = SamplingParams(temperature=0.0, max_tokens=prompt.max_new_tokens, skip_special_tokens=True,
                                 logprobs=0 if prompt.contrast else None)
-        inputs = {"prompt": self._prompt(prompt.question), "multi_modal_data": {"audio": (np.asarray(prompt.samples, dtype=np.float32), self.sample_rate)}}
-        completion = (await self._run(inputs, params, adapter)).outputs[0]
-        generation = Generation(text=completion.text.strip(), num_tokens=len(completion.token_ids))
+        inputs = {"prompt_token_ids": list(self._prompt_ids(prompt.question)), "multi_modal_data": {"audio": (np.asarray(prompt.samples, dtype=np.float32), self.sample_rate)}}
+        output = await self._run(inputs, params, adapter)
+        completion = output.outputs[0]
+        generation = Generation(text=completion.text.strip(), num_tokens=len(completion.token_ids), prompt_tokens=len(output.prompt_token_ids or ()))
         if not prompt.contrast or classify(generation.text) == "no" or not completion.token_ids:
             return generation
         answer = list(completion.token_ids)
         real = sum(step[token].logprob for step, token in zip(completion.logprobs, answer))
         blank = await self._blank_logprob(prompt, answer, adapter)
-        return Generation(generation.text, generation.num_tokens, answer_logprob=float(real), blank_logprob=blank)
+        return dataclasses.replace(generation, answer_logprob=float(real), blank_logprob=blank)
 
     async def _blank_logprob(self, prompt: AudioPrompt, answer: list[int], adapter: LoraRef | None) -> float:
         """log P(answer | the same prompt on silence of the clip's length): the answer scored as prompt tokens,

@@ -7,14 +7,14 @@ Multipart: ``file`` plus ``events`` (repeated fields, or one comma-separated fie
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 from fastapi import Request
 from pydantic import ValidationError
 
 from serving import audio as intake
 from serving.errors import ApiError
-from serving.limits import json_object
+from serving.limits import check_text, json_object
+from serving.proxy import request_id
 from serving.schemas import AudioInfo, VerifyRequest, VerifyResponse, audio_body
 
 MAX_EVENT_CHARS = 200
@@ -60,7 +60,7 @@ async def verify(service, request: Request) -> VerifyResponse:
     from serving.guard.runner import failure_reason
 
     data, fields = await read_verify(request)
-    events = [e.strip() for e in fields.events]
+    events = [check_text(e, "events").strip() for e in fields.events]
     if any(not e or len(e) > MAX_EVENT_CHARS for e in events):
         raise ApiError(422, "invalid_request", f"events: each must be 1-{MAX_EVENT_CHARS} characters")
     if service.guard.verifier is None:
@@ -80,6 +80,8 @@ async def verify(service, request: Request) -> VerifyResponse:
         if reason == "timeout":
             response.cancel()
             raise ApiError(504, "timeout", f"the verifier did not answer within {service.settings.verifier_timeout_s:g} s") from exc
+        if reason == "error":  # the verifier raised on this request: its input was checked above, so a bug (500), no outage
+            raise
         raise ApiError(503, "verifier_unavailable", f"the verifier failed ({reason}); retry shortly", {"Retry-After": "2"}) from exc
     return VerifyResponse(
         verifier=result["verifier"],
@@ -87,6 +89,6 @@ async def verify(service, request: Request) -> VerifyResponse:
         absent_below=result["absent_below"],
         present_above=result["present_above"],
         audio=AudioInfo.from_clip(clip),
-        request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        request_id=request_id(request.headers),
     )
 

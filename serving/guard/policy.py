@@ -15,7 +15,11 @@ answer does not depend on the audio (``contrast <= contrast_prior``). The verifi
 judgement is never overridden by the contrast: the model's own likelihoods are the weaker witness.
 
 Verdict: ``unsupported`` if any claim is judged absent, ``supported`` if all are present (or
-nothing was claimed), ``uncertain`` otherwise, ``unverified`` when the checks could not run.
+nothing was claimed), ``uncertain`` otherwise, ``unverified`` when the checks could not run, ``skipped``
+when the policy is ``off`` (nothing was checked, and nothing failed).
+
+A claim can be ``present`` and ``prior`` at once: the sound is there (the verifier is confident), but the
+answer is as likely on silence, so the model guessed right rather than heard it.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from serving.answers import classify
+
 POLICIES = ("off", "annotate", "abstain", "correct")
-VERDICTS = ("supported", "unsupported", "uncertain", "unverified")
+VERDICTS = ("supported", "unsupported", "uncertain", "unverified", "skipped")
+ABSTAIN = "I can't confirm hearing"
 
 
 @dataclass
@@ -91,13 +98,21 @@ class Outcome:
     policy: str
     verdict: str
     claims: list[ClaimCheck] = field(default_factory=list)
+    abstained: bool = False  # the answer is the guard's "I can't confirm hearing X.", not the model's
 
     @property
     def overridden(self) -> bool:
         return self.original_answer is not None
 
+    @property
+    def kind(self) -> str:
+        """The answer read as yes / no / other; an abstention is neither a yes nor a no."""
+        return "other" if self.abstained else classify(self.answer)
+
     def guard_dict(self) -> dict:
-        return {"policy": self.policy, "verdict": self.verdict, "claims": [c.to_dict() for c in self.claims]}
+        contrasts = {c.contrast for c in self.claims if c.contrast is not None}
+        return {"policy": self.policy, "verdict": self.verdict, "contrast": contrasts.pop() if len(contrasts) == 1 else None,
+                "claims": [c.to_dict() for c in self.claims]}
 
 
 def _names(claims: list[ClaimCheck]) -> str:
@@ -131,12 +146,12 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     ``unverified`` answers are never changed.
     """
     if policy == "off":
-        return Outcome(answer, None, "off", "unverified", [])
+        return Outcome(answer, None, "off", "skipped", [])
     v = verdict(claims, verified)
     absent = [c for c in claims if c.present is False]
     unconfirmed = absent + [c for c in claims if c.present is None and c.prior]
     if policy == "abstain" and verified and unconfirmed:
-        return Outcome(f"I can't confirm hearing {_names(unconfirmed)}.", answer, policy, v, claims)
+        return Outcome(f"{ABSTAIN} {_names(unconfirmed)}.", answer, policy, v, claims, abstained=True)
     if v != "unsupported" or policy in ("annotate", "abstain"):
         return Outcome(answer, None, policy, v, claims)
     # correct
@@ -145,7 +160,7 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     spans = [c.span for c in absent if c.span]
     rest = _drop_spans(answer, spans) if spans else ""
     if not re.search(r"[A-Za-z]{3,}", rest):
-        rest = f"I can't confirm hearing {_names(absent)}."
-    elif rest[-1] not in ".!?":
+        return Outcome(f"{ABSTAIN} {_names(absent)}.", answer, policy, v, claims, abstained=True)
+    if rest[-1] not in ".!?":
         rest += "."
     return Outcome(rest[0].upper() + rest[1:], answer, policy, v, claims)

@@ -64,7 +64,8 @@ class TextEncoder:
     def _embed(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(self.device)
+            # phrases are text: a "[SEP]" a client writes is those characters, not BERT's separator
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=128, split_special_tokens=True, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -171,7 +171,7 @@ class ClapVerifier(Verifier):
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        batch = self.processor.tokenizer([f"the sound of {t}" for t in texts], padding=True, return_tensors="pt").to(self.device)
+        batch = self.processor.tokenizer([f"the sound of {t}" for t in texts], padding=True, split_special_tokens=True, return_tensors="pt").to(self.device)
         emb = self.model.get_text_features(**batch)
         emb = getattr(emb, "pooler_output", emb)
         return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()

@@ -1,0 +1,74 @@
+"""The HTTP edge in process, over model clients with faults the real model cannot be made to have: a bug
+(an unexpected exception) and a model that is still loading.
+
+A 500 is a bug report: a JSON ``internal_error`` with the request id, logged with where it was raised (never
+the request's text) and counted by endpoint. /readyz answers a probe quickly while the model warms up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi.testclient import TestClient
+
+from serving.config import Settings
+from serving.ingress import Service, create_app
+from tests.helpers import encode, tone
+
+SECRET_QUESTION = "Is the launch code 7-7-alpha audible?"
+
+
+class BrokenModel:
+    """A model client whose every answer fails with a bug that quotes the question."""
+
+    def info(self):
+        return _done({"model": "broken", "family": "qwen2-audio", "sample_rate": 16_000, "max_audio_s": 10.0})
+
+    def complete(self, prompt, model_id):
+        async def fail():
+            raise TypeError(f"cannot handle {prompt.question!r}")
+
+        return asyncio.ensure_future(fail())
+
+    def close(self):
+        pass
+
+
+def _done(value):
+    future = asyncio.get_event_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+def test_an_unexpected_exception_is_a_counted_json_500_with_the_request_id(caplog):
+    service = Service(BrokenModel(), Settings(_env_file=None, verifier=None, guard_policy="off"))
+    with TestClient(create_app(service), raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR, "earwitness.http"):
+        r = client.post("/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
+                        data={"question": SECRET_QUESTION}, headers={"X-Request-Id": "req-42"})
+        metrics = client.get("/metrics").text
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert (error["code"], error["type"], error["request_id"]) == ("internal_error", "server_error", "req-42")
+    assert 'earwitness_internal_errors_total{endpoint="/v1/audio/qa"} 1.0' in metrics
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "req-42" in logged and "TypeError" in logged and "test_edge_in_process.py" in logged  # where it was raised
+    assert "launch code" not in logged and "launch code" not in r.text
+
+
+class LoadingModel(BrokenModel):
+    """A model client whose replica is still loading: its calls never answer."""
+
+    def info(self):
+        return asyncio.get_event_loop().create_future()
+
+
+def test_readyz_answers_503_quickly_while_the_model_warms_up():
+    service = Service(LoadingModel(), Settings(_env_file=None, verifier=None))
+    with TestClient(create_app(service)) as client:
+        start = time.monotonic()
+        r = client.get("/readyz")
+        assert time.monotonic() - start < 1.0, "under a probe's 1 s timeout"
+        assert (r.status_code, r.json()["detail"]) == (503, "warming_up")
+        assert client.get("/healthz").status_code == 200
