@@ -50,14 +50,13 @@ def pool_time(x: np.ndarray, positions: int) -> np.ndarray:
     return x.reshape(n, positions, p // positions, d).mean(axis=2, dtype=np.float32).astype(np.float16)
 
 
-def scene_packages(corpus_dir: Path, split: str, rows: dict[str, int]) -> tuple[list[set[str]], list[dict[str, set[str]]]]:
+def scene_packages(corpus_dir: Path, timelines: dict, rows: dict[str, int]) -> tuple[list[set[str]], list[dict[str, set[str]]]]:
     """Per scene row: the packages of all its sources, and per class the packages its events came from."""
     package_of = {}
     with (corpus_dir / "sources.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             r = json.loads(line)
             package_of[r["id"]] = r["package"]
-    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
     packages: list[set[str]] = [set() for _ in rows]
     by_class: list[dict[str, set[str]]] = [defaultdict(set) for _ in rows]
     for sid, row in rows.items():
@@ -80,7 +79,7 @@ def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], l
     from train.encoder import frame_targets
     from train.features import encoder_features
 
-    feats, targets, packages, event_packages, rows = [], [], [], [], {}
+    feats, targets, rows = [], [], {}
     timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
     for view in views:
         enc = encoder_features(corpus_dir, split, encoder, window_s=window_s, view=view, progress=progress)
@@ -89,12 +88,10 @@ def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], l
         pooled = np.concatenate([pool_time(np.asarray(p[:, :heard]), PROBE_POSITIONS) for p in parts], axis=-1)
         feats.append(pooled)
         targets.append(frame_targets(timelines, enc.rows, classes, PROBE_POSITIONS, SCENE_S))
-        pk, ev = scene_packages(corpus_dir, split, enc.rows)
-        packages += pk
-        event_packages += ev
         if view == views[0]:
             rows = enc.rows
-    return ProbeData(np.concatenate(feats), np.concatenate(targets), rows, packages, event_packages)
+    packages, event_packages = scene_packages(corpus_dir, timelines, rows)  # every view holds the same scenes, in order
+    return ProbeData(np.concatenate(feats), np.concatenate(targets), rows, packages * len(views), event_packages * len(views))
 
 
 class ProbeHead(torch.nn.Module):
@@ -159,8 +156,8 @@ def clip_logits(head: ProbeHead, features: np.ndarray, batch_size: int = 256) ->
                            for i in range(0, len(features), batch_size)])
 
 
-def presence_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows, select=None) -> dict[str, float]:
-    """ROC-AUC of the asked-about class's clip logit: positives against each negative sampling, and all together.
+def question_scores(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows, select=None) -> tuple[list, np.ndarray, np.ndarray]:
+    """``(questions, present?, the asked-about class's clip logit)`` of the presence questions about scenes in ``rows_of``.
 
     ``select(row) -> bool`` keeps only some questions (leave-one-package-out keeps a package's scenes).
     """
@@ -168,7 +165,12 @@ def presence_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str]
     asked = [r for r in qa_rows if r.kind == "presence" and r.scene_id in rows_of and r.label in index
              and (select is None or select(r))]
     score = np.array([logits[rows_of[r.scene_id], index[r.label]] for r in asked])
-    positive = np.array([r.sampling == "positive" for r in asked])
+    return asked, np.array([r.sampling == "positive" for r in asked], dtype=bool), score
+
+
+def presence_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows, select=None) -> dict[str, float]:
+    """ROC-AUC of the asked-about class's clip logit: positives against each negative sampling, and all together."""
+    asked, positive, score = question_scores(logits, rows_of, classes, qa_rows, select)
     out = {}
     for sampling in (*SAMPLINGS, "all"):
         sel = np.array([r.sampling == "positive" or sampling in ("all", r.sampling) for r in asked], dtype=bool)
@@ -199,7 +201,6 @@ def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], class
         head = fit_probe(train, pooling, keep=keep, **fit)
         scores, positives = [], []
         for split, d in data.items():
-            logits = clip_logits(head, d.features[: len(d.rows)])
 
             def from_pkg(r, d=d, split=split):
                 row = d.rows[r.scene_id]
@@ -207,13 +208,11 @@ def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], class
                     return False
                 return r.sampling != "positive" or pkg in d.event_packages[row].get(r.label, ())
 
-            index = {name: i for i, name in enumerate(classes)}
-            for r in qa[split]:
-                if r.kind == "presence" and r.scene_id in d.rows and r.label in index and from_pkg(r):
-                    scores.append(logits[d.rows[r.scene_id], index[r.label]])
-                    positives.append(r.sampling == "positive")
-        y = np.array(positives)
-        out[pkg] = {"auc": roc_auc(y, np.array(scores)) if y.any() and (~y).any() else float("nan"),
+            _, positive, score = question_scores(clip_logits(head, d.features[: len(d.rows)]), d.rows, classes, qa[split], from_pkg)
+            scores.append(score)
+            positives.append(positive)
+        y, scores = np.concatenate(positives), np.concatenate(scores)
+        out[pkg] = {"auc": roc_auc(y, scores) if y.any() and (~y).any() else float("nan"),
                     "questions": int(len(y)), "train_scenes": int(keep.sum())}
     return out
 
@@ -246,9 +245,10 @@ def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny
             row = {"corpus": corpus_dir.name, "encoder": encoder, "pooling": pooling, "views": len(views), "layers": layers,
                    "window_s": window_s, "train_packages": "core" if train_packages else "all",
                    "train_rows": int(len(data["train"].features) if keep is None else keep.sum())}
+            logits = {split: clip_logits(head, d.features[: len(d.rows)]) for split, d in data.items()}
             for split, d in data.items():
-                row[split] = presence_auc(clip_logits(head, d.features[: len(d.rows)]), d.rows, classes, qa[split])
-            row["per_class_test"] = per_class_auc(clip_logits(head, data["test"].features), data["test"].rows, classes, qa["test"])
+                row[split] = presence_auc(logits[split], d.rows, classes, qa[split])
+            row["per_class_test"] = per_class_auc(logits["test"], data["test"].rows, classes, qa["test"])
             if packages and keep is None:
                 row["lopo"] = leave_one_package_out(data, qa, classes, pooling, packages, **fit)
                 aucs = [v["auc"] for v in row["lopo"].values() if not math.isnan(v["auc"])]

@@ -197,7 +197,7 @@ def recording_group(package: str, path: str) -> str:
     """
     if path.startswith("cat:"):  # a sound catalogue: each entry is its own recording
         return f"{package}:{path}"
-    p = path.removeprefix("rcc:").split(":", 1)[-1] if is_archived(path) else path.removeprefix("rcc:")
+    p = path.split(":", 1)[1] if path.startswith("rcc:") or is_archived(path) else path  # the path without its kind
     stem = Path(p).stem.lower()
     # hex-coded take names ("6b-0", "1d-1": one keyboard's keys) are numbers too
     stem = re.sub(r"(?<![a-z0-9])(?=[a-f]*[0-9])[0-9a-f]+(?![a-z0-9])", "", stem)
