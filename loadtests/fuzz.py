@@ -561,6 +561,17 @@ class ReplicaMemory:
         return [(name, after[name], last[name]) for name in sorted(after) if name in last]
 
 
+    def timeline(self, every_s: float = 60.0) -> list[str]:
+        """A markdown table: one row per ``every_s``, one column per replica (growth that levels off is warm-up, a leak keeps climbing)."""
+        names = sorted({name for _, rss in self.samples for name in rss})
+        rows, next_t = [], 0.0
+        for t, rss in self.samples:
+            if t >= next_t or (t, rss) == self.samples[-1]:
+                rows.append(f"| {t:.0f} | " + " | ".join(f"{rss[n]:.0f}" if n in rss else "" for n in names) + " |")
+                next_t = t + every_s
+        return ["| s | " + " | ".join(names) + " |", "| ---: | " + " | ".join("---:" for _ in names) + " |", *rows]
+
+
 def replica_rss() -> dict[str, float]:
     """{``ServeReplica:app:Deployment`` (pid): resident MiB} from /proc."""
     out = {}
@@ -610,6 +621,7 @@ def report(tally: Tally, args, seconds: float, memory: ReplicaMemory | None = No
         lines += ["", "## Replica memory (RSS, MiB): after a minute's warm-up and at the end", "", "| replica | after warm-up | end | growth |", "| --- | ---: | ---: | ---: |"]
         for name, first, last in memory.growth():
             lines.append(f"| {name} | {first:.0f} | {last:.0f} | {100 * (last - first) / first:+.1f}% |")
+        lines += ["", "## Replica memory over time (RSS, MiB, one sample a minute)", "", *memory.timeline()]
     if tally.problems:
         lines += ["", "## Problems (first 50; reproducers in fuzz-repro/)", "", "| # | class | problems | status | s | response |", "| ---: | --- | --- | --- | ---: | --- |"]
         for item in sorted(tally.problems, key=lambda x: x["index"])[:50]:

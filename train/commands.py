@@ -32,9 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--threads", type=int, default=None)
     ver.add_argument("--seed", type=int, default=0)
     ver.add_argument("--init", type=Path, default=None, help="warm start from a verifier directory")
-    ver.add_argument("--lr", type=float, default=1e-2)
-    ver.add_argument("--width", type=int, default=128, help="channels of the audio encoder")
+    ver.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-2 for mel, 2e-3 for Whisper)")
+    ver.add_argument("--width", type=int, default=None,
+                     help="mel: channels of the audio encoder (default 128); Whisper: hidden width of the head (default 0: linear)")
     ver.add_argument("--no-lowpass", dest="lowpass", action="store_false", help="leave out the low-pass (source bandwidth) augmentation")
+    ver.add_argument("--audio", default="mel", choices=("mel", "whisper-tiny.en", "whisper-base"),
+                     help="audio side: a log-mel CNN trained from scratch, or a head on that frozen Whisper encoder (its feature cache)")
+    ver.add_argument("--views", type=int, default=1, help="Whisper: augmented copies of every train scene besides the clean one")
     ver.set_defaults(func=_verifier)
 
     pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
@@ -51,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--train-scenes", type=int, help="fit on this many train scenes (drawn with seed 0)")
     pr.add_argument("--no-lopo", dest="lopo", action="store_false", help="skip the leave-one-package-out evaluation")
     pr.add_argument("--epochs", type=int, default=12)
+    pr.add_argument("--no-prior-correction", dest="prior_correction", action="store_false",
+                    help="score with the heads' raw logits (default: the share of each class's training prior that validation says helps is taken out)")
     pr.add_argument("--report", type=Path, help="write probe.json, probe.md and probe.png here")
     pr.add_argument("--model", help="probe this checkpoint's own audio tower instead (e.g. earwitness-tiny)")
     pr.set_defaults(func=_probe)
@@ -91,10 +97,14 @@ def _recipe(args) -> int:
 
 
 def _verifier(args) -> int:
-    from train.verifier import train_verifier
+    from train.verifier import train_verifier, train_whisper_verifier
 
-    card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s,
-                          init=args.init, lr=args.lr, width=args.width, lowpass_aug=args.lowpass)
+    if args.audio == "mel":
+        card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s,
+                              init=args.init, lr=args.lr or 1e-2, width=args.width or 128, lowpass_aug=args.lowpass)
+    else:
+        card = train_whisper_verifier(args.corpus, args.out, encoder=args.audio, views=args.views, width=args.width or 0,
+                                      epochs=args.epochs, lr=args.lr or 2e-3, seed=args.seed, threads=args.threads)
     print(json.dumps({"out": str(args.out), **card["metrics"], "thresholds": card["thresholds"]}, indent=1))
     return 0
 
@@ -123,7 +133,7 @@ def _probe(args) -> int:
     for corpus in corpora:
         results += run_probe(corpus, encoders=tuple(args.encoders.split(",")), poolings=tuple(args.poolings.split(",")),
                              views=tuple(range(args.views + 1)), layers=args.layers, lopo=args.lopo,
-                             window_s=args.window, epochs=args.epochs, train_scenes=args.train_scenes,
+                             window_s=args.window, epochs=args.epochs, train_scenes=args.train_scenes, prior_correction=args.prior_correction,
                              train_packages=CORE_PACKAGES if args.train_packages == "core" else None)
     print(probe_report(results, args.report))
     return 0

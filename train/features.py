@@ -85,20 +85,6 @@ def _encoder_files(corpus_dir: Path, split: str, tag: str, view: int) -> tuple[P
     return base / f"{stem}.last.npy", base / f"{stem}.middle.npy", base / f"{stem}.json"
 
 
-@torch.no_grad()
-def encode_layers(tower, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(last, middle)`` of one forward: the middle layer is read by a hook, so the tower's own forward runs."""
-    middle: list[torch.Tensor] = []
-    layer = tower.layers[len(tower.layers) // 2 - 1]
-    handle = layer.register_forward_hook(lambda _m, _i, out: middle.append(out[0] if isinstance(out, tuple) else out))
-    try:
-        last = tower(input_features).last_hidden_state
-    finally:
-        handle.remove()
-    pooled = tower.avg_pooler(middle[0].permute(0, 2, 1)).permute(0, 2, 1)
-    return last, pooled
-
-
 def encoder_features(corpus_dir: str | Path, split: str, encoder: str, window_s: int = 10, view: int = 0,
                      batch_size: int = 8, progress: bool = True, augment_seed: int = 0) -> EncodedSplit:
     """A frozen pretrained encoder's outputs for a split, computed once and cached per (encoder, window, view).
@@ -109,7 +95,7 @@ def encoder_features(corpus_dir: str | Path, split: str, encoder: str, window_s:
     never the audio.
     """
     from models.pretrained import whisper_encoder, whisper_feature_extractor
-    from models.pretrained.whisper import POSITIONS_PER_SECOND
+    from models.pretrained.whisper import POSITIONS_PER_SECOND, encode_layers
 
     corpus_dir = Path(corpus_dir)
     last_path, middle_path, index_path = _encoder_files(corpus_dir, split, encoder_tag(encoder, window_s), view)

@@ -27,7 +27,7 @@ import torch
 
 from train.data.mixer import SCENE_S
 from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
-from train.verifier import roc_auc
+from train.verifier import choose_prior_correction, class_prior_logits, roc_auc
 
 POOLINGS = ("meanmax", "attention", "frame")
 PROBE_POSITIONS = 125  # 80 ms: the strong labels' events are longer than that
@@ -191,14 +191,17 @@ def held_out_packages(corpus_dir: Path, count: int = 6) -> list[str]:
 
 
 def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], classes: list[str], pooling: str,
-                          packages: list[str], **fit) -> dict[str, dict[str, float]]:
+                          packages: list[str], prior_beta: float = 0.0, **fit) -> dict[str, dict[str, float]]:
     """Per package P: fit on train scenes holding none of P's recordings; score, over every split's scenes
-    that hold P's recordings, questions whose present class came from P against the absent ones."""
+    that hold P's recordings, questions whose present class came from P against the absent ones.
+
+    ``prior_beta`` takes that share of the fitted scenes' class prior out of the scores (as chosen on validation)."""
     train = data["train"]
     out = {}
     for pkg in packages:
         keep = np.array([pkg not in p for p in train.packages])
         head = fit_probe(train, pooling, keep=keep, **fit)
+        offsets = -prior_beta * class_prior_logits(train.targets[keep].max(1))
         scores, positives = [], []
         for split, d in data.items():
 
@@ -208,7 +211,7 @@ def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], class
                     return False
                 return r.sampling != "positive" or pkg in d.event_packages[row].get(r.label, ())
 
-            _, positive, score = question_scores(clip_logits(head, d.features[: len(d.rows)]), d.rows, classes, qa[split], from_pkg)
+            _, positive, score = question_scores(clip_logits(head, d.features[: len(d.rows)]) + offsets, d.rows, classes, qa[split], from_pkg)
             scores.append(score)
             positives.append(positive)
         y, scores = np.concatenate(positives), np.concatenate(scores)
@@ -220,12 +223,14 @@ def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], class
 def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny.en",), poolings: tuple[str, ...] = POOLINGS,
               views: tuple[int, ...] = (0,), layers: str = "both", lopo: bool = True, lopo_count: int = 6,
               window_s: int = 10, train_packages: tuple[str, ...] | None = None, train_scenes: int | None = None,
-              progress: bool = True, **fit) -> list[dict]:
+              prior_correction: bool = True, progress: bool = True, **fit) -> list[dict]:
     """Every encoder × pooling on one corpus: presence ROC-AUC per split and sampling, and leave-one-package-out.
 
     ``train_packages`` fits only on train scenes made entirely of those packages' recordings (the
     core packages: the corpus as it was, scored on the same test split); ``train_scenes`` keeps that
-    many of them (drawn with seed 0), so that breadth and count can be told apart.
+    many of them (drawn with seed 0), so that breadth and count can be told apart. ``prior_correction``
+    takes the share of each class's training prior that validation says helps out of its scores
+    (``train.verifier.choose_prior_correction``), as the verifier does.
     """
     from train.data.ontology import load_ontology
     from train.data.qa import read_qa_rows
@@ -246,11 +251,17 @@ def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny
                    "window_s": window_s, "train_packages": "core" if train_packages else "all",
                    "train_rows": int(len(data["train"].features) if keep is None else keep.sum())}
             logits = {split: clip_logits(head, d.features[: len(d.rows)]) for split, d in data.items()}
+            prior_logit = class_prior_logits(data["train"].targets.max(1) if keep is None else data["train"].targets[keep].max(1))
+            beta = choose_prior_correction(
+                lambda offsets: presence_auc(logits["validation"] + offsets, data["validation"].rows, classes, qa["validation"])["all"], prior_logit,
+            ) if prior_correction else 0.0
+            logits = {split: v - beta * prior_logit for split, v in logits.items()}
+            row["prior_beta"] = beta
             for split, d in data.items():
                 row[split] = presence_auc(logits[split], d.rows, classes, qa[split])
             row["per_class_test"] = per_class_auc(logits["test"], data["test"].rows, classes, qa["test"])
             if packages and keep is None:
-                row["lopo"] = leave_one_package_out(data, qa, classes, pooling, packages, **fit)
+                row["lopo"] = leave_one_package_out(data, qa, classes, pooling, packages, prior_beta=beta, **fit)
                 aucs = [v["auc"] for v in row["lopo"].values() if not math.isnan(v["auc"])]
                 row["lopo_mean"] = float(np.mean(aucs)) if aucs else float("nan")
             results.append(row)
@@ -318,15 +329,16 @@ def per_class_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str
 def probe_table(results: list[dict]) -> str:
     """Markdown: one row per corpus × encoder × pooling × augmented views."""
     head = ("| corpus | train data (rows) | encoder | window | pooling | aug views | train | test | test vs random | vs popular | vs adversarial "
-            "| leave-one-package-out |")
+            "| leave-one-package-out | prior β |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in results:
         lopo = f"{r['lopo_mean']:.3f}" if "lopo_mean" in r else "–"
+        beta = f"{r['prior_beta']:g}" if "prior_beta" in r else "–"
         t = r["test"]
         data = f"{r.get('train_packages', 'all')} ({r.get('train_rows', '?')})"
         lines.append(f"| {r['corpus']} | {data} | {r['encoder']} | {r.get('window_s', 10)} s | {r['pooling']} | {r['views'] - 1} | {r['train'].get('all', float('nan')):.3f} "
                      f"| {t.get('all', float('nan')):.3f} | " + " | ".join(f"{t[s]:.3f}" if s in t else "–" for s in SAMPLINGS)
-                     + f" | {lopo} |")
+                     + f" | {lopo} | {beta} |")
     return "\n".join(lines)
 
 

@@ -221,6 +221,26 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+PRIOR_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def class_prior_logits(labels: np.ndarray) -> np.ndarray:
+    """Each class's log-odds of being present in a training clip (``labels`` ``[N, C]``, Laplace-smoothed)."""
+    prior = (labels.sum(0) + 1) / (len(labels) + 2)
+    return np.log(prior / (1 - prior))
+
+
+def choose_prior_correction(validation_auc, prior_logit: np.ndarray, betas: tuple[float, ...] = PRIOR_BETAS) -> float:
+    """How much of the training prior to take out of each class's score: the β whose offsets ``-β·prior``
+    give the best validation ROC-AUC (``validation_auc(offsets)``).
+
+    Presence questions ask about rare and frequent sounds alike, while a head trained on scenes learns
+    that frequent classes are usually there: left in, that prior ranks an absent popular sound above a
+    present rare one.
+    """
+    return max(betas, key=lambda beta: validation_auc(-beta * prior_logit))
+
+
 def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, init: Path | None = None, width: int = 128, threads: int | None = None,
                    budget_s: float | None = None, progress: bool = True, lowpass_aug: bool = True) -> dict:
     """Train on ``corpus``'s train split, calibrate on validation, measure on test, write ``out``."""
@@ -316,15 +336,19 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
         if budget_s and time.time() - t0 > budget_s:
             break
 
-    # calibration and thresholds on validation
+    training = {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "init": str(init) if init else None, "lowpass": lowpass_aug,
+                "history": history, "train_scenes": int(len(xs)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)}
+    return calibrate_and_ship(scorer, feats, corpus, classes, class_emb, y_train, phrases, phrase_emb, out, training)
+
+
+def calibrate_and_ship(scorer, feats: dict, corpus: Path, classes: list[str], class_emb: torch.Tensor, y_train: np.ndarray,
+                       phrases, phrase_emb: np.ndarray, out: Path, training: dict) -> dict:
+    """Prior correction, Platt calibration and thresholds on validation; the measured table on test; the checkpoint in ``out``."""
     scorer.eval()
     val_pairs = presence_pairs(corpus, "validation")
     val_logits = clip_logits(scorer, feats["validation"][0], class_emb)
-    # questions ask about a sound about as often whether it is frequent or rare: take (part of) the training
-    # prior out of each class's score, as much as validation says helps
-    prior = (y_train.sum(0) + 1) / (len(y_train) + 2)
-    prior_logit = np.log(prior / (1 - prior))
-    beta = max((0.0, 0.25, 0.5, 0.75, 1.0), key=lambda b_: roc_auc(*_pair_scores(val_logits - b_ * prior_logit, feats["validation"][1], classes, val_pairs)[1::-1]))
+    prior_logit = class_prior_logits(y_train)
+    beta = choose_prior_correction(lambda offsets: roc_auc(*_pair_scores(val_logits + offsets, feats["validation"][1], classes, val_pairs)[1::-1]), prior_logit)
     offsets = -beta * prior_logit
     s_val, y_val, _ = _pair_scores(val_logits + offsets, feats["validation"][1], classes, val_pairs)
     a, b = fit_platt(s_val, y_val)
@@ -354,11 +378,87 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
         "prior_correction": beta,
         "thresholds": {"absent_below": absent_below, "present_above": present_above},
         "metrics": metrics,
-        "training": {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "init": str(init) if init else None, "lowpass": lowpass_aug, "history": history,
-                     "train_scenes": int(len(xs)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)},
+        "training": training,
     }
     save_embedded(out, scorer, classes, phrases, phrase_emb, card)
     return card
+
+
+# --------------------------------------------------------------------------- on a frozen pretrained Whisper encoder
+
+
+def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny.en", views: int = 1, width: int = 0, epochs: int = 12,
+                           batch: int = 64, lr: float = 2e-3, pos_weight: float = 4.0, seed: int = 0, threads: int | None = None,
+                           progress: bool = True) -> dict:
+    """The verifier's head on a frozen Whisper encoder, trained on the feature cache (``train.features``).
+
+    The audio side is the frozen encoder's last and middle layers every 80 ms (what the probe
+    measures); trained are a map into the text space and the text-side map. Targets are the strong
+    labels: every 80 ms frame's activity, plus the clip's (pooled, multiple-instance) label. The
+    recording-setup augmentation is in the ``views`` augmented copies of each train scene.
+    """
+    from serving.guard.scorer import WhisperScorerConfig, WhisperTextScorer
+    from train.data.ontology import load_ontology
+    from train.probe import PROBE_POSITIONS, load_split
+
+    corpus, out = Path(corpus), Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    onto = load_ontology(corpus / "ontology.json") if (corpus / "ontology.json").exists() else load_ontology()
+    classes = onto.names
+    phrases = ontology_phrases(onto)
+    text_encoder = TextEncoder()
+    phrase_emb = text_encoder.encode([p for _, p in phrases])
+    index = OntologyIndex(classes, phrases, phrase_emb)
+    class_emb = torch.from_numpy(index.class_embeddings())
+    by_class = [np.flatnonzero(index.phrase_class == i) for i in range(len(classes))]
+    phrase_t = torch.from_numpy(phrase_emb)
+
+    data = {"train": load_split(corpus, "train", encoder, classes, "both", tuple(range(views + 1)), progress=progress)}
+    for split in ("validation", "test"):
+        data[split] = load_split(corpus, split, encoder, classes, "both", (0,), progress=progress)
+    feats = {split: (d.features, d.rows) for split, d in data.items()}
+    x_train, ft = data["train"].features, data["train"].targets  # [N, P, F] float16, [N, P, C]
+    cfg = WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=int(x_train.shape[-1]), width=width)
+    scorer = WhisperTextScorer(cfg)
+    sample = np.asarray(x_train[rng.choice(len(x_train), size=min(len(x_train), 512), replace=False)], dtype=np.float32).reshape(-1, cfg.features)
+    with torch.no_grad():
+        scorer.feat_mean.copy_(torch.from_numpy(sample.mean(0)))
+        scorer.feat_std.copy_(torch.from_numpy(sample.std(0) + 1e-3))
+    y_clip = ft.max(1).astype(np.float32)  # [N, C]
+
+    weights = torch.full((len(classes),), float(pos_weight))
+    opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-2)
+    steps_per_epoch = math.ceil(len(x_train) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    history = []
+    for epoch in range(epochs):
+        scorer.train()
+        running = 0.0
+        for idx in np.array_split(rng.permutation(len(x_train)), steps_per_epoch):
+            idx = np.sort(idx)
+            x = torch.from_numpy(np.asarray(x_train[idx]))
+            yf = torch.from_numpy(ft[idx]).float().transpose(1, 2)  # [B, C, P]
+            pick = torch.tensor([int(rng.choice(ix)) for ix in by_class])
+            text = phrase_t[pick] if rng.random() < 0.7 else class_emb
+            frame_logits = scorer.frame_logits(scorer.frames(x), text)
+            loss = F.binary_cross_entropy_with_logits(scorer.pool(frame_logits), torch.from_numpy(y_clip[idx]), pos_weight=weights) \
+                + F.binary_cross_entropy_with_logits(frame_logits, yf, pos_weight=weights[:, None])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach())
+        val_auc = _auc_on(scorer, feats["validation"], corpus, "validation", classes, class_emb)
+        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_auc": val_auc, "elapsed_s": round(time.time() - t0, 1)})
+        if progress:
+            print(json.dumps(history[-1]), flush=True)
+    training = {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "views": views, "history": history,
+                "train_scenes": int(len(data["train"].rows)), "train_rows": int(len(x_train)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)}
+    return calibrate_and_ship(scorer, feats, corpus, classes, class_emb, y_clip, phrases, phrase_emb, out, training)
 
 
 def _auc_on(scorer, feats, corpus, split, classes, class_emb) -> float:

@@ -228,3 +228,17 @@ def qwen2_audio_encoder(whisper: WhisperForConditionalGeneration, max_source_pos
 def whisper_encoder(name: str, max_source_positions: int = 1500) -> Qwen2AudioEncoder:
     """The audio tower of ``name`` (a pinned part, hub id or directory) as a ``Qwen2AudioEncoder``."""
     return qwen2_audio_encoder(load_whisper(name), max_source_positions)
+
+
+@torch.no_grad()
+def encode_layers(tower, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(last, middle)`` of one forward: the middle layer is read by a hook, so the tower's own forward runs."""
+    middle: list[torch.Tensor] = []
+    layer = tower.layers[len(tower.layers) // 2 - 1]
+    handle = layer.register_forward_hook(lambda _m, _i, out: middle.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        last = tower(input_features).last_hidden_state
+    finally:
+        handle.remove()
+    pooled = tower.avg_pooler(middle[0].permute(0, 2, 1)).permute(0, 2, 1)
+    return last, pooled

@@ -75,38 +75,19 @@ def block_features(mel: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([x.mean(-1), x.amax(-1)], dim=1)
 
 
-class AudioTextScorer(nn.Module):
-    """Block log-mel features → unit vectors in the text space → per-text frame and clip logits."""
+class TextSpaceScoring:
+    """Frames on the unit sphere of the text space → ``scale · cos(frame, text) + bias`` per frame, soft maximum over time.
 
-    def __init__(self, cfg: ScorerConfig | None = None):
-        super().__init__()
-        self.cfg = cfg = cfg or ScorerConfig()
-        self.frontend = LogMel(cfg)
-        channels = 2 * cfg.n_mels
-        self.register_buffer("feat_mean", torch.zeros(channels, 1))
-        self.register_buffer("feat_std", torch.ones(channels, 1))
-        w = cfg.width
-        self.body = nn.Sequential(
-            _block(channels, w, 3),
-            _block(w, w, 3, dilation=2),
-            _block(w, w, 3, dilation=4),
-            nn.Dropout(0.2),
-        )
-        self.proj = nn.Conv1d(w, cfg.dim, 1)
+    Shared by both audio sides; a subclass registers the parameters with :meth:`_init_text_space`
+    and provides ``frames(feats)``.
+    """
+
+    def _init_text_space(self, dim: int) -> None:
         # a linear map on the (frozen) text embeddings, identity at start: spreads confusable class phrases apart
-        self.text_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.text_proj = nn.Linear(dim, dim, bias=False)
         nn.init.eye_(self.text_proj.weight)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-5.0))
-
-    def features(self, wave: torch.Tensor) -> torch.Tensor:
-        """``[B, samples]`` → ``[B, 2·n_mels, blocks]`` (what training caches)."""
-        return block_features(self.frontend(wave), self.cfg.block)
-
-    def frames(self, feats: torch.Tensor) -> torch.Tensor:
-        """``[B, 2·n_mels, T]`` block features → ``[B, T, dim]`` unit frame embeddings."""
-        x = (feats - self.feat_mean) / self.feat_std
-        return F.normalize(self.proj(self.body(x)), dim=1).transpose(1, 2)
 
     def frame_logits(self, frames: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``[B, T, dim]`` × ``[C, dim]`` → ``[B, C, T]``."""
@@ -124,6 +105,44 @@ class AudioTextScorer(nn.Module):
     def forward(self, feats: torch.Tensor, text: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return self.pool(self.frame_logits(self.frames(feats), text), valid)
 
+
+class AudioTextScorer(TextSpaceScoring, nn.Module):
+    """Block log-mel features → unit vectors in the text space → per-text frame and clip logits."""
+
+    def __init__(self, cfg: ScorerConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ScorerConfig()
+        self.frontend = LogMel(cfg)
+        channels = 2 * cfg.n_mels
+        self.register_buffer("feat_mean", torch.zeros(channels, 1))
+        self.register_buffer("feat_std", torch.ones(channels, 1))
+        w = cfg.width
+        self.body = nn.Sequential(
+            _block(channels, w, 3),
+            _block(w, w, 3, dilation=2),
+            _block(w, w, 3, dilation=4),
+            nn.Dropout(0.2),
+        )
+        self.proj = nn.Conv1d(w, cfg.dim, 1)
+        self._init_text_space(cfg.dim)
+
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
+        """``[B, samples]`` → ``[B, 2·n_mels, blocks]`` (what training caches)."""
+        return block_features(self.frontend(wave), self.cfg.block)
+
+    def frames(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[B, 2·n_mels, T]`` block features → ``[B, T, dim]`` unit frame embeddings."""
+        x = (feats - self.feat_mean) / self.feat_std
+        return F.normalize(self.proj(self.body(x)), dim=1).transpose(1, 2)
+
+    @torch.inference_mode()
+    def score_clip(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
+        """One clip's clip logits against ``[N, dim]`` text embeddings."""
+        wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
+        if wave.shape[1] < self.cfg.n_fft:
+            wave = F.pad(wave, (0, self.cfg.n_fft - wave.shape[1]))
+        return self(self.features(wave), torch.from_numpy(np.asarray(texts, dtype=np.float32)))[0].numpy()
+
     def valid_frames(self, n_samples: torch.Tensor, n_frames: int) -> torch.Tensor:
         """Which blocks hold audio, for clips right-padded to a common length in a batch."""
         blocks = (n_samples // self.cfg.hop + 1) // self.cfg.block
@@ -137,3 +156,99 @@ def batch_waves(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, c in enumerate(clips):
         out[i, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
     return out, torch.tensor(lengths)
+
+
+# --------------------------------------------------------------------------- on a frozen pretrained Whisper encoder
+
+
+@dataclass(frozen=True)
+class WhisperScorerConfig:
+    """A head on a frozen Whisper encoder's last and middle layers, read every 80 ms (``positions`` per window)."""
+
+    encoder: str = "whisper-tiny.en"
+    window_s: int = 10
+    positions: int = 125
+    features: int = 768  # last + middle layer, d_model each
+    width: int = 0  # 0: one linear map into the text space; > 0: a hidden layer of that width first
+    dim: int = TEXT_DIM
+    kind: str = "whisper"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pool_positions(x: torch.Tensor, positions: int) -> torch.Tensor:
+    """Average ``[B, P, D]`` down to ``positions`` steps (P a multiple of it)."""
+    b, p, d = x.shape
+    return x.reshape(b, positions, p // positions, d).mean(2)
+
+
+class WhisperFrontend:
+    """Clip → ``[1, windows · positions, features]``: the frozen encoder over consecutive windows, last ⊕ middle layer.
+
+    Not a module: the encoder's weights come from the pinned package (``models.pretrained``) on
+    first use and are never saved with the head.
+    """
+
+    def __init__(self, cfg: WhisperScorerConfig):
+        from models.pretrained import whisper_encoder, whisper_feature_extractor
+        from models.pretrained.whisper import POSITIONS_PER_SECOND
+
+        self.cfg = cfg
+        self.tower = whisper_encoder(cfg.encoder, max_source_positions=cfg.window_s * POSITIONS_PER_SECOND).eval()
+        self.extractor = whisper_feature_extractor(chunk_length=cfg.window_s, num_mel_bins=self.tower.config.num_mel_bins)
+        self.window = cfg.window_s * self.extractor.sampling_rate
+
+    @torch.inference_mode()
+    def __call__(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features [1, T, F], valid [1, T])``: T covers whole windows, ``valid`` the frames that hold audio."""
+        from models.pretrained.whisper import encode_layers
+
+        samples = np.asarray(samples, dtype=np.float32)
+        windows = [samples[i : i + self.window] for i in range(0, max(len(samples), 1), self.window)]
+        feats = self.extractor(windows, sampling_rate=self.extractor.sampling_rate, padding="max_length", return_tensors="pt")
+        last, middle = encode_layers(self.tower, feats["input_features"])
+        pooled = torch.cat([pool_positions(last, self.cfg.positions), pool_positions(middle, self.cfg.positions)], dim=-1)
+        frames = pooled.reshape(1, -1, pooled.shape[-1])
+        frame_s = self.cfg.window_s / self.cfg.positions
+        heard = max(1, math.ceil(len(samples) / self.extractor.sampling_rate / frame_s))
+        return frames, torch.arange(frames.shape[1])[None] < heard
+
+
+class WhisperTextScorer(TextSpaceScoring, nn.Module):
+    """Frozen Whisper frames (80 ms, last ⊕ middle layer, standardised) → unit vectors in the text space."""
+
+    def __init__(self, cfg: WhisperScorerConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or WhisperScorerConfig()
+        self.register_buffer("feat_mean", torch.zeros(cfg.features))
+        self.register_buffer("feat_std", torch.ones(cfg.features))
+        self.drop = nn.Dropout(0.2)
+        layers = [nn.Linear(cfg.features, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.dim)] if cfg.width else [nn.Linear(cfg.features, cfg.dim)]
+        self.proj = nn.Sequential(*layers)
+        self._init_text_space(cfg.dim)
+        self._frontend: WhisperFrontend | None = None
+
+    def frames(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[B, T, F]`` encoder frames → ``[B, T, dim]`` unit frame embeddings."""
+        x = self.drop((feats.float() - self.feat_mean) / self.feat_std)
+        return F.normalize(self.proj(x), dim=-1)
+
+    @property
+    def frontend(self) -> WhisperFrontend:
+        if self._frontend is None:  # fetched and converted on first use, then cached on disk
+            self._frontend = WhisperFrontend(self.cfg)
+        return self._frontend
+
+    @torch.inference_mode()
+    def score_clip(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
+        feats, valid = self.frontend(samples)
+        return self(feats, torch.from_numpy(np.asarray(texts, dtype=np.float32)), valid)[0].numpy()
+
+
+def scorer_from_config(doc: dict) -> nn.Module:
+    """The scorer a ``verifier.json``'s ``scorer`` section describes (log-mel CNN, or a head on a frozen Whisper)."""
+    if doc.get("kind") == "whisper":
+        return WhisperTextScorer(WhisperScorerConfig(**doc))
+    return AudioTextScorer(ScorerConfig(**doc))
+

@@ -129,12 +129,8 @@ class EmbeddedVerifier(Verifier):
     def class_texts(self) -> np.ndarray:
         return self._class_texts
 
-    @torch.inference_mode()
     def raw_scores(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
-        wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
-        if wave.shape[1] < self.scorer.cfg.n_fft:
-            wave = torch.nn.functional.pad(wave, (0, self.scorer.cfg.n_fft - wave.shape[1]))
-        return self.scorer(self.scorer.features(wave), torch.from_numpy(np.asarray(texts, dtype=np.float32)))[0].numpy()
+        return self.scorer.score_clip(samples, texts)
 
 
 class ClapVerifier(Verifier):
@@ -282,11 +278,11 @@ audio — beside it, else an uncalibrated default is used).
 def load_embedded(path: str | Path, encoder: TextEncoder | None = None) -> EmbeddedVerifier:
     from safetensors.torch import load_file
 
-    from serving.guard.scorer import AudioTextScorer, ScorerConfig
+    from serving.guard.scorer import scorer_from_config
 
     path = Path(path)
     doc = json.loads((path / "verifier.json").read_text())
-    scorer = AudioTextScorer(ScorerConfig(**doc["scorer"]))
+    scorer = scorer_from_config(doc["scorer"])
     scorer.load_state_dict(load_file(str(path / "scorer.safetensors")))
     emb = load_file(str(path / "phrases.safetensors"))["embeddings"].numpy()
     index = OntologyIndex(doc["classes"], [tuple(p) for p in doc["phrases"]], emb, doc.get("min_similarity", 0.5))
