@@ -56,6 +56,11 @@ class GuardClaim(BaseModel):
     present: bool | None = Field(None, description="judged present / absent; null: uncertain or unverified")
     prior: bool = Field(False, description="the answer does not depend on the audio (as likely on blank audio): a prior, not a hearing. "
                         "With present true: the sound is there, but the model guessed it rather than heard it")
+    nearest: str | None = Field(None, description="the closest ontology class to the claim, close enough to match or not")
+    similarity: float | None = Field(None, description="cosine similarity of the claim to `nearest` (1.0: one of its phrases)")
+    reason: Literal["outside_ontology"] | None = Field(
+        None, description="outside_ontology: the claim matched no class (similarity below the verifier's minimum), so it is never "
+                          "judged present or absent (present null, verdict at best uncertain) and no policy changes the answer for it")
 
 
 class GuardInfo(BaseModel):
@@ -119,10 +124,16 @@ class VerifyRequest(BaseModel):
 
 class EventPresence(BaseModel):
     text: str
-    event: str | None = Field(None, description="the ontology class the phrase matched (null: none close enough)")
-    similarity: float = Field(..., description="cosine similarity of the phrase to the matched class phrase")
-    probability: float = Field(..., description="calibrated probability that the event is in the clip")
-    present: bool | None = Field(None, description="judged present / absent with the verifier's thresholds; null: uncertain")
+    event: str | None = Field(None, description="the ontology class the phrase matched (null: none close enough, see reason)")
+    nearest: str | None = Field(None, description="the closest ontology class, close enough to match or not")
+    similarity: float = Field(..., description="cosine similarity of the phrase to `nearest` (1.0: one of its phrases); "
+                              "below the verifier's minimum, `event` is null")
+    probability: float = Field(..., description="calibrated probability that the event is in the clip; for a phrase outside the "
+                               "ontology, of its own text, reported as evidence only")
+    present: bool | None = Field(None, description="judged present / absent with the verifier's thresholds; null: uncertain, "
+                                 "or not judged (reason)")
+    reason: Literal["outside_ontology"] | None = Field(
+        None, description="outside_ontology: the phrase matched no class, so it is not judged (present null), whatever its probability")
 
 
 class VerifyResponse(BaseModel):

@@ -72,7 +72,8 @@ class VerifierServer:
         return await asyncio.to_thread(self._match, texts)
 
     def _match(self, texts: list[str]) -> list[dict]:
-        return [{"text": m.text, "event": m.event, "similarity": m.similarity} for m in self.verifier.match(texts)] if texts else []
+        return [{"text": m.text, "event": m.event, "nearest": m.nearest, "similarity": m.similarity, "reason": m.reason}
+                for m in self.verifier.match(texts)] if texts else []
 
     async def verify(self, samples: np.ndarray, texts: list[str]) -> dict:
         """``POST /v1/audio/verify``: per phrase, class, calibrated probability, present."""

@@ -9,6 +9,7 @@ import pytest
 
 from serving.guard.claims import extract_claims, presence_target
 from serving.guard.policy import ClaimCheck, Thresholds, apply_policy, is_prior, judge, verdict
+from tests.guard_helpers import OUTSIDE_ONTOLOGY
 
 # paraphrases → ontology class, through the real all-MiniLM-L6-v2 (most are not phrases of the ontology)
 PARAPHRASES = [
@@ -96,6 +97,8 @@ def test_judge_combines_verifier_and_contrast():
     assert judge(0.3, 2.0, T) is True  # unsure verifier + an answer that depends on the audio
     assert judge(0.3, None, T) is None
     assert judge(None, 2.0, T) is None
+    # a claim outside the ontology is never judged, however sure its score or the contrast looks
+    assert judge(0.99, 3.0, T, "outside_ontology") is None and judge(0.0, 0.0, T, "outside_ontology") is None
 
 
 def _claim(present, source="question", text="a dog barking", span=None):
@@ -153,6 +156,40 @@ def test_verify_gives_calibrated_scores(verifier):
     assert len(probs) == 73 and probs["Dog"] == pytest.approx(scores[0].probability, abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def noise_probs(verifier):
+    noise = (0.05 * np.random.default_rng(0).standard_normal(verifier.sample_rate * 2)).astype(np.float32)
+    return noise, verifier.class_probabilities(noise)
+
+
+@pytest.mark.parametrize("text", OUTSIDE_ONTOLOGY)
+def test_phrase_outside_the_ontology_is_never_judged(verifier, noise_probs, text):
+    """No class matched: the nearest one and its similarity are reported, the free-text probability too, and no judgement."""
+    noise, probs = noise_probs
+    (s,) = verifier.verify(noise, [text], probs)
+    assert s.event is None and s.nearest in verifier.index.classes
+    assert 0.0 < s.similarity < verifier.index.min_similarity
+    assert s.present is None and s.reason == "outside_ontology"
+    assert 0.0 <= s.probability <= 1.0  # its own text scored, as evidence
+    assert s.to_dict()["nearest"] == s.nearest and s.to_dict()["reason"] == "outside_ontology"
+
+
+def test_matched_phrases_name_their_nearest_class(verifier):
+    exact, paraphrase = verifier.match(["dog", "a small dog yelping"])
+    assert (exact.event, exact.nearest, exact.similarity, exact.reason) == ("Dog", "Dog", 1.0, None)
+    assert paraphrase.event == paraphrase.nearest == "Dog" and 0.5 <= paraphrase.similarity < 1.0 and paraphrase.reason is None
+
+
+@pytest.mark.parametrize("forced", [0.999, 0.0])
+def test_a_forced_free_text_probability_does_not_judge_an_unmatched_phrase(verifier, noise_probs, monkeypatch, forced):
+    """The free-text score is a space trained only on the classes: sure-looking or not, it judges nothing."""
+    noise, probs = noise_probs
+    monkeypatch.setattr(verifier, "free_text_probabilities", lambda samples, texts: [forced] * len(texts))
+    fax, dog = verifier.verify(noise, ["a fax machine handshake", "a puppy yapping"], probs)
+    assert fax.probability == forced and fax.present is None and fax.reason == "outside_ontology"
+    assert dog.reason is None and dog.present == judge(dog.probability, None, verifier.calibration.thresholds())  # a class: judged
+
+
 def test_verifier_replica_keeps_a_clips_probabilities(verifier_checkpoint):
     """The same recording asked again (another question, a retry) is verified without an audio pass;
     a clip that differs in one sample, or in length, is scored anew; the cache stays bounded."""
@@ -182,6 +219,61 @@ def test_verifier_replica_keeps_a_clips_probabilities(verifier_checkpoint):
     off = VerifierServer.func_or_class(Settings(verifier=str(verifier_checkpoint), verifier_cache_size=0).model_dump())
     off._assess(clip, [])
     assert len(off.kept.entries) == 0
+
+
+class _Handle:
+    """A Serve handle's shape (``handle.method.remote(...)`` → awaitable) around a VerifierServer in this process."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def __getattr__(self, name):
+        method = getattr(self.server, name)
+        return type("Method", (), {"remote": staticmethod(lambda *args: method(*args))})()
+
+
+@pytest.fixture(scope="module")
+def verifier_server(verifier_checkpoint):
+    from serving.config import Settings
+    from serving.verifier_server import VerifierServer
+
+    return VerifierServer.func_or_class(Settings(verifier=str(verifier_checkpoint), verifier_cache_size=0).model_dump())
+
+
+def _guard(verifier_server, question: str, answer: str, contrast: float, policy: str):
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.config import Settings
+    from serving.guard.runner import GuardRunner
+    from serving.metrics import Metrics
+
+    runner = GuardRunner(_Handle(verifier_server), Settings(), Metrics())
+    clip = (0.05 * np.random.default_rng(2).standard_normal(16_000)).astype(np.float32)
+    generation = SimpleNamespace(text=answer, answer_logprob=-0.5, blank_logprob=-0.5 - contrast)
+
+    async def run():
+        return await runner.finish(runner.start(clip, question, policy), question, generation, policy)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("forced,contrast", [(0.999, 5.0), (0.0, 0.0)])
+def test_guard_keeps_a_claim_outside_the_ontology_uncertain(verifier_server, monkeypatch, forced, contrast):
+    """A 'yes' about a sound no class stands for: uncertain under every policy, even when its free-text score (forced
+    here: a fault real audio can't easily cause) and the model's contrast both look sure; `correct` leaves the answer."""
+    monkeypatch.setattr(verifier_server.verifier, "free_text_probabilities", lambda samples, texts: [forced] * len(texts))
+    question, answer = "Is there a sound of a fax machine handshake in the audio?", "Yes, I hear a fax machine handshake."
+    for policy in ("annotate", "abstain", "correct"):
+        out = _guard(verifier_server, question, answer, contrast, policy)
+        assert out.verdict == "uncertain", (policy, out)
+        (claim,) = out.claims
+        assert (claim.present, claim.reason, claim.event, claim.verifier_score) == (None, "outside_ontology", "a fax machine handshake", forced)
+        assert claim.nearest in verifier_server.verifier.index.classes and claim.similarity < 0.5
+        if policy != "abstain" or not claim.prior:
+            assert (out.answer, out.original_answer) == (answer, None), policy
+        else:  # abstain's own rule: unsure and a prior (the answer as likely on silence) is withheld, never denied
+            assert out.answer == "I can't confirm hearing a fax machine handshake." and out.kind == "other"
 
 
 def _tiny_clap(directory: Path) -> Path:

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.guard_helpers import build_yes_checkpoint, pick_clips, shipped_verifier
+from tests.guard_helpers import OUTSIDE_ONTOLOGY, build_yes_checkpoint, pick_clips, shipped_verifier
 from tests.helpers import encode, tone
 from tests.test_ops_variants import variant_app
 
@@ -75,6 +75,20 @@ def test_verify_endpoint_multipart_and_json(client):
     assert [e["event"] for e in r.json()["events"]] == ["Knock"] or len(r.json()["events"]) == 1
     r = client.post("/v1/audio/verify", json={"audio": base64.b64encode(_wav()).decode(), "events": []})
     assert r.status_code == 422
+
+
+def test_verify_names_the_nearest_class_of_phrases_outside_the_ontology(client):
+    """Each phrase says which class it landed on (null here), the nearest one and how close, and is not judged."""
+    r = client.post("/v1/audio/verify", json={"audio": base64.b64encode(_wav()).decode(), "events": [*OUTSIDE_ONTOLOGY, "a puppy yapping"]})
+    assert r.status_code == 200, r.text
+    *outside, dog = r.json()["events"]
+    assert [e["text"] for e in outside] == OUTSIDE_ONTOLOGY
+    for e in outside:
+        assert e["event"] is None and e["nearest"] and 0 < e["similarity"] < 0.5, e
+        assert e["present"] is None and e["reason"] == "outside_ontology" and 0 <= e["probability"] <= 1, e
+    assert (dog["event"], dog["nearest"], dog["reason"]) == ("Dog", "Dog", None)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["EventPresence"]["properties"]
+    assert {"nearest", "similarity", "reason"} <= set(schema) and "outside_ontology" in schema["reason"]["description"]
 
 
 def _sample(text: str, name: str) -> float:
@@ -156,6 +170,23 @@ def test_policies_keep_a_present_sound(yes_app, clips):
         assert body["answer"] == "yes" and body.get("original_answer") is None, body
         (claim,) = body["guard"]["claims"]
         assert claim["event"] == case["event"] and claim["present"] is not False
+
+
+def test_a_yes_about_a_sound_outside_the_ontology_stays_uncertain(yes_app):
+    """A 'yes' to a sound no class stands for is neither confirmed nor denied: uncertain, and `correct` leaves it."""
+    question = QUESTION.format(x="a fax machine handshake")
+    for policy in ("annotate", "correct", "abstain"):
+        r = httpx.post(f"{yes_app}/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": question, "guard": policy}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["guard"]["verdict"] == "uncertain", body
+        (claim,) = body["guard"]["claims"]
+        assert claim["present"] is None and claim["reason"] == "outside_ontology" and claim["event"] == "a fax machine handshake"
+        assert claim["nearest"] and claim["similarity"] < 0.5
+        if policy != "abstain":
+            assert body["answer"] == "yes" and body.get("original_answer") is None, body
+        else:  # abstain's own rule: unsure and a prior withholds the 'yes'; never a "No."
+            assert body["answer"] == ("yes" if not claim["prior"] else "I can't confirm hearing a fax machine handshake."), body
 
 
 def test_verifier_down_answers_unverified(yes_app, server, clips):

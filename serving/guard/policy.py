@@ -13,6 +13,8 @@ either way: it only means the model did not hear the sound, not that the sound i
 the audio (``contrast >= contrast_heard``); otherwise uncertain, and marked ``prior`` when the
 answer does not depend on the audio (``contrast <= contrast_prior``). The verifier's confident
 judgement is never overridden by the contrast: the model's own likelihoods are the weaker witness.
+A claim that matched no ontology class (``reason`` ``outside_ontology``) is never judged either way: it
+stays uncertain, so it can make an answer neither supported nor unsupported, and ``correct`` leaves it.
 
 Verdict: ``unsupported`` if any claim is judged absent, ``supported`` if all are present (or
 nothing was claimed), ``uncertain`` otherwise, ``unverified`` when the checks could not run, ``skipped``
@@ -44,6 +46,9 @@ class ClaimCheck:
     present: bool | None = None
     span: tuple[int, int] | None = None
     prior: bool = False  # the answer does not depend on the audio (contrast at or below contrast_prior)
+    nearest: str | None = None  # the closest ontology class, close enough or not
+    similarity: float | None = None  # of the mention to ``nearest``
+    reason: str | None = None  # outside_ontology: matched no class, so never judged (see :func:`judge`)
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +58,9 @@ class ClaimCheck:
             "contrast": None if self.contrast is None else round(self.contrast, 4) + 0.0,  # + 0.0: no "-0.0" in the JSON
             "present": self.present,
             "prior": self.prior,
+            "nearest": self.nearest,
+            "similarity": None if self.similarity is None else round(self.similarity, 4),
+            "reason": self.reason,
         }
 
 
@@ -64,8 +72,10 @@ class Thresholds:
     contrast_heard: float = 1.0
 
 
-def judge(score: float | None, contrast: float | None, t: Thresholds) -> bool | None:
-    if score is None:
+def judge(score: float | None, contrast: float | None, t: Thresholds, reason: str | None = None) -> bool | None:
+    """Present / absent / None (uncertain). A claim with a ``reason`` (outside the ontology) is never judged:
+    its score is its free text through a space trained only on the classes, and no match is no evidence of absence."""
+    if score is None or reason is not None:
         return None
     if score < t.absent_below:
         return False

@@ -48,6 +48,12 @@ def answer_contrast(generation) -> float | None:
     return float(real) - float(blank)
 
 
+def place(check: ClaimCheck, match: dict) -> None:
+    """Where the verifier put a claim: its class (else the claim's own text), nearest class, similarity and reason."""
+    check.event = match.get("event") or check.text
+    check.nearest, check.similarity, check.reason = match.get("nearest"), match.get("similarity"), match.get("reason")
+
+
 class GuardRunner:
     def __init__(self, verifier, settings, metrics):
         self.verifier, self.settings, self.metrics = verifier, settings, metrics
@@ -128,19 +134,19 @@ class GuardRunner:
         seen: set[str] = set()
         for c in checks:
             if c.source == "question":
-                ev = target_events.get(c.text)
-                c.event = (ev or {}).get("event") or c.text
-                c.verifier_score = (ev or {}).get("probability")
+                ev = target_events.get(c.text) or {}
+                place(c, ev)
+                c.verifier_score = ev.get("probability")
             else:
                 m = matches.get(c.text)
                 if not m or m["event"] is None:
                     continue  # a span that names no known sound is not a sound claim
-                c.event = m["event"]
+                place(c, m)
                 c.verifier_score = probs.get(c.event)
             if c.event in seen:
                 continue
             seen.add(c.event)
-            c.present = judge(c.verifier_score, c.contrast, t)
+            c.present = judge(c.verifier_score, c.contrast, t, c.reason)
             c.prior = is_prior(c.contrast, t)
             judged.append(c)
         return self._count(apply_policy(policy, answer, judged, True))

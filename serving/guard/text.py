@@ -89,12 +89,21 @@ def normalise_phrase(text: str) -> str:
     return text
 
 
+OUTSIDE_ONTOLOGY = "outside_ontology"  # why a phrase is not judged: no class is close enough to stand for it
+
+
 @dataclass(frozen=True)
 class Match:
     text: str
-    event: str | None  # ontology class, None when nothing is close enough
-    phrase: str | None  # the class phrase it matched
-    similarity: float
+    event: str | None  # ontology class, None when even the nearest is not close enough (< min_similarity)
+    phrase: str | None  # the nearest class's closest phrase
+    similarity: float  # to the nearest class (1.0: an exact class phrase)
+    nearest: str | None = None  # the closest class, close enough or not
+
+    @property
+    def reason(self) -> str | None:
+        """``outside_ontology`` when no class matched: the one place that decides a phrase is not a known sound."""
+        return OUTSIDE_ONTOLOGY if self.event is None else None
 
 
 class OntologyIndex:
@@ -119,12 +128,13 @@ class OntologyIndex:
                 self._exact.setdefault(normalise_phrase(part), c)
 
     def match(self, texts: list[str], encoder: TextEncoder) -> list[Match]:
+        """Each text's nearest class, kept even when too far to count as a match (it tells a client why not)."""
         keys = [normalise_phrase(t) for t in texts]
         vectors = encoder.encode(keys) if keys else np.zeros((0, TEXT_DIM), np.float32)
         out = []
         for text, key, v in zip(texts, keys, vectors):
             if key in self._exact:
-                out.append(Match(text, self._exact[key], key, 1.0))
+                out.append(Match(text, self._exact[key], key, 1.0, self._exact[key]))
                 continue
             sims = self.embeddings @ v
             nearest = np.full(len(self.classes), -1.0, dtype=np.float32)
@@ -136,7 +146,8 @@ class OntologyIndex:
             members = np.flatnonzero(self.phrase_class == cls_i)
             phrase = self.phrases[int(members[np.argmax(sims[members])])][1]
             sim = float(score[cls_i])
-            out.append(Match(text, self.classes[cls_i] if sim >= self.min_similarity else None, phrase, round(sim, 4)))
+            nearest_class = self.classes[cls_i]
+            out.append(Match(text, nearest_class if sim >= self.min_similarity else None, phrase, round(sim, 4), nearest_class))
         return out
 
     def class_embeddings(self) -> np.ndarray:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serving.guard.policy import Thresholds, judge
 from serving.guard.text import Match, OntologyIndex, TextEncoder, shared_encoder
 
 log = logging.getLogger("earwitness.verifier")
@@ -42,25 +43,23 @@ class Calibration:
     def prob(self, raw: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(raw, dtype=np.float64) + self.b)))
 
-    def judge(self, p: float) -> bool | None:
-        if p >= self.present_above:
-            return True
-        if p < self.absent_below:
-            return False
-        return None
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.absent_below, self.present_above)
 
 
 @dataclass
 class EventScore:
     text: str
     event: str | None  # matched ontology class
-    similarity: float  # text ↔ matched class phrase
-    probability: float  # calibrated presence probability
-    present: bool | None  # None: between the thresholds
+    similarity: float  # text ↔ nearest class
+    probability: float  # calibrated presence probability (of the free text when no class matched)
+    present: bool | None  # None: between the thresholds, or not judged (``reason``)
+    nearest: str | None = None  # the closest class, close enough or not
+    reason: str | None = None  # outside_ontology: no class matched, so not judged
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "event": self.event, "similarity": round(self.similarity, 4),
-                "probability": round(self.probability, 4), "present": self.present}
+        return {"text": self.text, "event": self.event, "nearest": self.nearest, "similarity": round(self.similarity, 4),
+                "probability": round(self.probability, 4), "present": self.present, "reason": self.reason}
 
 
 @dataclass
@@ -93,10 +92,11 @@ class Verifier:
         return {c: float(v) for c, v in zip(self.index.classes, p)}
 
     def verify(self, samples: np.ndarray, texts: list[str], probs: dict[str, float] | None = None) -> list[EventScore]:
-        """Per phrase: its ontology class, presence probability and judgement.
+        """Per phrase: its ontology class (and nearest), presence probability and judgement.
 
         A phrase that matches no class is scored as its own text (the scorer's text space is the
-        encoder's), so any sound can be asked about; its judgement uses the same thresholds.
+        encoder's) and that probability reported as evidence, but never judged: the scorer and its
+        thresholds were fitted on the classes only, so it stays uncertain (``reason``).
         """
         matches = self.match(texts)
         probs = probs if probs is not None else self.class_probabilities(samples)
@@ -104,9 +104,10 @@ class Verifier:
         unmatched = [i for i, m in enumerate(matches) if m.event is None]
         free = self.free_text_probabilities(samples, [texts[i] for i in unmatched]) if unmatched else []
         free_by_i = dict(zip(unmatched, free))
+        t = self.calibration.thresholds()
         for i, m in enumerate(matches):
             p = probs[m.event] if m.event is not None else free_by_i[i]
-            out.append(EventScore(m.text, m.event, m.similarity, p, self.calibration.judge(p)))
+            out.append(EventScore(m.text, m.event, m.similarity, p, judge(p, None, t, m.reason), m.nearest, m.reason))
         return out
 
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
