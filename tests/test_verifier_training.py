@@ -40,9 +40,20 @@ def test_recording_augment_low_pass_floors_the_high_bins_of_mean_and_max():
 
 def test_model_card_reproduces_the_run_it_describes():
     doc = json.loads((EMBEDDED_VERIFIER_DIR / "verifier.json").read_text())
-    doc["training"] = {**doc.get("training", {}), "epochs_run": 7, "lr": 0.01, "seed": 3, "lowpass": False}
+    doc["training"] = {**doc.get("training", {}), "epochs_run": 7, "lr": 0.01, "seed": 3, "views": 2}
+    card = model_card(doc)
+    sc = doc["scorer"]
+    assert sc["kind"] == "whisper"  # the shipped verifier is a head on a frozen pretrained encoder
+    assert f"--audio {sc['encoder']} --views 2 --width {sc['width']} --epochs 7 --lr 0.01 --seed 3" in card
+    assert "## Pretrained part" in card and "sha256" in card  # provenance and licence of the fetched encoder
+
+
+def test_model_card_of_a_log_mel_verifier_names_its_augmentation():
+    doc = json.loads((EMBEDDED_VERIFIER_DIR / "verifier.json").read_text())
+    doc["scorer"] = ScorerConfig().to_dict()
+    doc["training"] = {"epochs_run": 7, "lr": 0.01, "seed": 3, "lowpass": False}
     card = model_card(doc)
     assert "--epochs 7 --lr 0.01 --seed 3 --no-lowpass" in card
-    assert "low-pass" not in card.split("## Measured")[0]
+    assert "low-pass" not in card.split("## Measured")[0] and "## Pretrained part" not in card
     doc["training"]["lowpass"] = True
     assert "--no-lowpass" not in model_card(doc) and "low-pass at the bandwidth" in model_card(doc)

@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--audio", default="mel", choices=("mel", "whisper-tiny.en", "whisper-base"),
                      help="audio side: a log-mel CNN trained from scratch, or a head on that frozen Whisper encoder (its feature cache)")
     ver.add_argument("--views", type=int, default=1, help="Whisper: augmented copies of every train scene besides the clean one")
+    ver.add_argument("--lopo-epochs", type=int, default=0, help="Whisper: also measure leave-one-package-out, a head of this many epochs per package")
     ver.set_defaults(func=_verifier)
 
     pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
@@ -104,7 +105,8 @@ def _verifier(args) -> int:
                               init=args.init, lr=args.lr or 1e-2, width=args.width or 128, lowpass_aug=args.lowpass)
     else:
         card = train_whisper_verifier(args.corpus, args.out, encoder=args.audio, views=args.views, width=args.width or 0,
-                                      epochs=args.epochs, lr=args.lr or 2e-3, seed=args.seed, threads=args.threads)
+                                      epochs=args.epochs, lr=args.lr or 2e-3, seed=args.seed, threads=args.threads,
+                                      lopo_epochs=args.lopo_epochs)
     print(json.dumps({"out": str(args.out), **card["metrics"], "thresholds": card["thresholds"]}, indent=1))
     return 0
 

@@ -190,17 +190,18 @@ def held_out_packages(corpus_dir: Path, count: int = 6) -> list[str]:
     return sorted(classes, key=lambda p: (-len(classes[p]), p))[:count]
 
 
-def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], classes: list[str], pooling: str,
-                          packages: list[str], prior_beta: float = 0.0, **fit) -> dict[str, dict[str, float]]:
+def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], classes: list[str], packages: list[str], fit,
+                          prior_beta: float = 0.0) -> dict[str, dict[str, float]]:
     """Per package P: fit on train scenes holding none of P's recordings; score, over every split's scenes
     that hold P's recordings, questions whose present class came from P against the absent ones.
 
+    ``fit(keep)`` trains a head on the train rows in ``keep`` and returns its ``features -> clip logits``;
     ``prior_beta`` takes that share of the fitted scenes' class prior out of the scores (as chosen on validation)."""
     train = data["train"]
     out = {}
     for pkg in packages:
         keep = np.array([pkg not in p for p in train.packages])
-        head = fit_probe(train, pooling, keep=keep, **fit)
+        score_of = fit(keep)
         offsets = -prior_beta * class_prior_logits(train.targets[keep].max(1))
         scores, positives = [], []
         for split, d in data.items():
@@ -211,7 +212,7 @@ def leave_one_package_out(data: dict[str, ProbeData], qa: dict[str, list], class
                     return False
                 return r.sampling != "positive" or pkg in d.event_packages[row].get(r.label, ())
 
-            _, positive, score = question_scores(clip_logits(head, d.features[: len(d.rows)]) + offsets, d.rows, classes, qa[split], from_pkg)
+            _, positive, score = question_scores(score_of(d.features[: len(d.rows)]) + offsets, d.rows, classes, qa[split], from_pkg)
             scores.append(score)
             positives.append(positive)
         y, scores = np.concatenate(positives), np.concatenate(scores)
@@ -261,7 +262,11 @@ def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny
                 row[split] = presence_auc(logits[split], d.rows, classes, qa[split])
             row["per_class_test"] = per_class_auc(logits["test"], data["test"].rows, classes, qa["test"])
             if packages and keep is None:
-                row["lopo"] = leave_one_package_out(data, qa, classes, pooling, packages, prior_beta=beta, **fit)
+                def fit_head(keep_rows, pooling=pooling):
+                    head = fit_probe(data["train"], pooling, keep=keep_rows, **fit)
+                    return lambda features: clip_logits(head, features)
+
+                row["lopo"] = leave_one_package_out(data, qa, classes, packages, fit_head, prior_beta=beta)
                 aucs = [v["auc"] for v in row["lopo"].values() if not math.isnan(v["auc"])]
                 row["lopo_mean"] = float(np.mean(aucs)) if aucs else float("nan")
             results.append(row)

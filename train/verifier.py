@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,7 @@ def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return loss
 
     opt.step(closure)
-    return float(a), float(b)
+    return float(a.detach()), float(b.detach())
 
 
 def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -244,7 +245,6 @@ def choose_prior_correction(validation_auc, prior_logit: np.ndarray, betas: tupl
 def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, init: Path | None = None, width: int = 128, threads: int | None = None,
                    budget_s: float | None = None, progress: bool = True, lowpass_aug: bool = True) -> dict:
     """Train on ``corpus``'s train split, calibrate on validation, measure on test, write ``out``."""
-    from train.data.ontology import load_ontology
 
     corpus, out = Path(corpus), Path(out)
     if threads:
@@ -252,15 +252,8 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0 = time.time()
-    onto = load_ontology(corpus / "ontology.json") if (corpus / "ontology.json").exists() else load_ontology()
-    classes = onto.names
-    phrases = ontology_phrases(onto)
-    encoder = TextEncoder()
-    phrase_emb = encoder.encode([p for _, p in phrases])
-    index = OntologyIndex(classes, phrases, phrase_emb)
-    class_emb = torch.from_numpy(index.class_embeddings())
-    by_class = [np.flatnonzero(index.phrase_class == i) for i in range(len(classes))]
-    phrase_t = torch.from_numpy(phrase_emb)
+    space = TextSpace.build(corpus)
+    classes, phrases, phrase_emb, class_emb = space.classes, space.phrases, space.phrase_emb, space.class_emb
 
     cfg = ScorerConfig(width=width)
     scorer = AudioTextScorer(cfg)
@@ -316,9 +309,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
             x, yf = torch.roll(x, shift, dims=-1), torch.roll(yf, shift, dims=-1)
             x, yf = recording_augment(x, yf, rng, n_mels, floor, lowpass)
             y = yf.amax(-1)  # what is still in the (stretched, cropped) clip
-            pick = torch.tensor([int(rng.choice(ix)) for ix in by_class])
-            text = phrase_t[pick] if rng.random() < 0.7 else class_emb
-            frame_logits = scorer.frame_logits(scorer.frames(x), text)
+            frame_logits = scorer.frame_logits(scorer.frames(x), space.draw(rng))
             logits = scorer.pool(frame_logits)
             # strong labels: every 80 ms block knows what sounds in it; plus the clip-level (pooled) loss the guard reads
             loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight) + F.binary_cross_entropy_with_logits(
@@ -387,78 +378,126 @@ def calibrate_and_ship(scorer, feats: dict, corpus: Path, classes: list[str], cl
 # --------------------------------------------------------------------------- on a frozen pretrained Whisper encoder
 
 
-def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny.en", views: int = 1, width: int = 0, epochs: int = 12,
-                           batch: int = 64, lr: float = 2e-3, pos_weight: float = 4.0, seed: int = 0, threads: int | None = None,
-                           progress: bool = True) -> dict:
-    """The verifier's head on a frozen Whisper encoder, trained on the feature cache (``train.features``).
+@dataclass
+class TextSpace:
+    """The class phrases in the frozen text space: what the verifier's audio frames are trained against."""
 
-    The audio side is the frozen encoder's last and middle layers every 80 ms (what the probe
-    measures); trained are a map into the text space and the text-side map. Targets are the strong
-    labels: every 80 ms frame's activity, plus the clip's (pooled, multiple-instance) label. The
-    recording-setup augmentation is in the ``views`` augmented copies of each train scene.
+    classes: list[str]
+    phrases: list[tuple[str, str]]
+    phrase_emb: np.ndarray
+    class_emb: torch.Tensor
+    by_class: list[np.ndarray]  # per class, the rows of its phrases
+
+    @classmethod
+    def build(cls, corpus: Path) -> "TextSpace":
+        from train.data.ontology import load_ontology
+
+        onto = load_ontology(corpus / "ontology.json") if (corpus / "ontology.json").exists() else load_ontology()
+        phrases = ontology_phrases(onto)
+        phrase_emb = TextEncoder().encode([p for _, p in phrases])
+        index = OntologyIndex(onto.names, phrases, phrase_emb)
+        return cls(onto.names, phrases, phrase_emb, torch.from_numpy(index.class_embeddings()),
+                   [np.flatnonzero(index.phrase_class == i) for i in range(len(onto.names))])
+
+    def draw(self, rng: np.random.Generator) -> torch.Tensor:
+        """One random phrase per class (or, 30% of steps, the class centroids): a class is its phrase neighbourhood."""
+        if rng.random() < 0.3:
+            return self.class_emb
+        return torch.from_numpy(self.phrase_emb[[int(rng.choice(ix)) for ix in self.by_class]])
+
+
+def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = None, epochs: int = 12, batch: int = 64, lr: float = 2e-3,
+                     pos_weight: float = 4.0, seed: int = 0, on_epoch=None):
+    """Train a :class:`~serving.guard.scorer.WhisperTextScorer` head on frozen features (``train``: a probe split, ``keep``: its rows to use).
+
+    Targets are the strong labels: every 80 ms frame's activity, plus the clip's (pooled, multiple-instance) label.
     """
-    from serving.guard.scorer import WhisperScorerConfig, WhisperTextScorer
-    from train.data.ontology import load_ontology
-    from train.probe import PROBE_POSITIONS, load_split
+    from serving.guard.scorer import WhisperTextScorer
 
-    corpus, out = Path(corpus), Path(out)
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    t0 = time.time()
-    onto = load_ontology(corpus / "ontology.json") if (corpus / "ontology.json").exists() else load_ontology()
-    classes = onto.names
-    phrases = ontology_phrases(onto)
-    text_encoder = TextEncoder()
-    phrase_emb = text_encoder.encode([p for _, p in phrases])
-    index = OntologyIndex(classes, phrases, phrase_emb)
-    class_emb = torch.from_numpy(index.class_embeddings())
-    by_class = [np.flatnonzero(index.phrase_class == i) for i in range(len(classes))]
-    phrase_t = torch.from_numpy(phrase_emb)
-
-    data = {"train": load_split(corpus, "train", encoder, classes, "both", tuple(range(views + 1)), progress=progress)}
-    for split in ("validation", "test"):
-        data[split] = load_split(corpus, split, encoder, classes, "both", (0,), progress=progress)
-    feats = {split: (d.features, d.rows) for split, d in data.items()}
-    x_train, ft = data["train"].features, data["train"].targets  # [N, P, F] float16, [N, P, C]
-    cfg = WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=int(x_train.shape[-1]), width=width)
+    rows = np.flatnonzero(keep) if keep is not None else np.arange(len(train.features))
+    x_all, ft = train.features, train.targets  # [N, P, F] float16, [N, P, C]
     scorer = WhisperTextScorer(cfg)
-    sample = np.asarray(x_train[rng.choice(len(x_train), size=min(len(x_train), 512), replace=False)], dtype=np.float32).reshape(-1, cfg.features)
+    sample = np.asarray(x_all[np.sort(rng.choice(rows, size=min(len(rows), 512), replace=False))], dtype=np.float32).reshape(-1, cfg.features)
     with torch.no_grad():
         scorer.feat_mean.copy_(torch.from_numpy(sample.mean(0)))
         scorer.feat_std.copy_(torch.from_numpy(sample.std(0) + 1e-3))
-    y_clip = ft.max(1).astype(np.float32)  # [N, C]
-
-    weights = torch.full((len(classes),), float(pos_weight))
+    weights = torch.full((len(space.classes),), float(pos_weight))
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-2)
-    steps_per_epoch = math.ceil(len(x_train) / batch)
+    steps_per_epoch = math.ceil(len(rows) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
-    history = []
     for epoch in range(epochs):
         scorer.train()
         running = 0.0
-        for idx in np.array_split(rng.permutation(len(x_train)), steps_per_epoch):
+        for idx in np.array_split(rng.permutation(rows), steps_per_epoch):
             idx = np.sort(idx)
-            x = torch.from_numpy(np.asarray(x_train[idx]))
             yf = torch.from_numpy(ft[idx]).float().transpose(1, 2)  # [B, C, P]
-            pick = torch.tensor([int(rng.choice(ix)) for ix in by_class])
-            text = phrase_t[pick] if rng.random() < 0.7 else class_emb
-            frame_logits = scorer.frame_logits(scorer.frames(x), text)
-            loss = F.binary_cross_entropy_with_logits(scorer.pool(frame_logits), torch.from_numpy(y_clip[idx]), pos_weight=weights) \
+            frame_logits = scorer.frame_logits(scorer.frames(torch.from_numpy(np.asarray(x_all[idx]))), space.draw(rng))
+            loss = F.binary_cross_entropy_with_logits(scorer.pool(frame_logits), yf.amax(-1), pos_weight=weights) \
                 + F.binary_cross_entropy_with_logits(frame_logits, yf, pos_weight=weights[:, None])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             running += float(loss.detach())
-        val_auc = _auc_on(scorer, feats["validation"], corpus, "validation", classes, class_emb)
-        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_auc": val_auc, "elapsed_s": round(time.time() - t0, 1)})
+        if on_epoch is not None:
+            on_epoch(epoch, scorer.eval(), running / steps_per_epoch)
+    return scorer.eval()
+
+
+def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny.en", views: int = 1, width: int = 0, epochs: int = 12,
+                           batch: int = 64, lr: float = 2e-3, pos_weight: float = 4.0, seed: int = 0, threads: int | None = None,
+                           lopo_epochs: int = 0, progress: bool = True) -> dict:
+    """The verifier's head on a frozen Whisper encoder, trained on the feature cache (``train.features``).
+
+    The audio side is the frozen encoder's last and middle layers every 80 ms (what the probe
+    measures); trained are a map into the text space and the text-side map. The recording-setup
+    augmentation is in the ``views`` augmented copies of each train scene. ``lopo_epochs`` > 0 also
+    measures leave-one-package-out (the probe's packages, a head of that many epochs per package).
+    """
+    from serving.guard.scorer import WhisperScorerConfig
+    from train.probe import PROBE_POSITIONS, load_split
+
+    corpus, out = Path(corpus), Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    space = TextSpace.build(corpus)
+    data = {"train": load_split(corpus, "train", encoder, space.classes, "both", tuple(range(views + 1)), progress=progress)}
+    for split in ("validation", "test"):
+        data[split] = load_split(corpus, split, encoder, space.classes, "both", (0,), progress=progress)
+    feats = {split: (d.features, d.rows) for split, d in data.items()}
+    cfg = WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=int(data["train"].features.shape[-1]), width=width)
+    history = []
+
+    def log(epoch, scorer, loss):
+        val_auc = _auc_on(scorer, feats["validation"], corpus, "validation", space.classes, space.class_emb)
+        history.append({"epoch": epoch + 1, "loss": loss, "val_auc": val_auc, "elapsed_s": round(time.time() - t0, 1)})
         if progress:
             print(json.dumps(history[-1]), flush=True)
+
+    scorer = fit_whisper_head(data["train"], space, cfg, epochs=epochs, batch=batch, lr=lr, pos_weight=pos_weight, seed=seed, on_epoch=log)
     training = {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "views": views, "history": history,
-                "train_scenes": int(len(data["train"].rows)), "train_rows": int(len(x_train)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)}
-    return calibrate_and_ship(scorer, feats, corpus, classes, class_emb, y_clip, phrases, phrase_emb, out, training)
+                "train_scenes": int(len(data["train"].rows)), "train_rows": int(len(data["train"].features)),
+                "seconds": round(time.time() - t0, 1), "corpus": str(corpus)}
+    card = calibrate_and_ship(scorer, feats, corpus, space.classes, space.class_emb, data["train"].targets.max(1).astype(np.float32),
+                              space.phrases, space.phrase_emb, out, training)
+    if lopo_epochs:
+        from serving.guard.verifier import save_embedded
+        from train.data.qa import read_qa_rows
+        from train.probe import held_out_packages, leave_one_package_out
+
+        def fit(keep):
+            head = fit_whisper_head(data["train"], space, cfg, keep, epochs=lopo_epochs, batch=batch, lr=lr, pos_weight=pos_weight, seed=seed)
+            return lambda features: clip_logits(head, features, space.class_emb)
+
+        qa = {split: read_qa_rows(corpus, split) for split in data}
+        card["lopo"] = leave_one_package_out(data, qa, space.classes, held_out_packages(corpus), fit, prior_beta=card["prior_correction"])
+        card["metrics"]["lopo_mean"] = round(float(np.nanmean([v["auc"] for v in card["lopo"].values()])), 4)
+        card["training"]["lopo_epochs"] = lopo_epochs
+        save_embedded(out, scorer, space.classes, space.phrases, space.phrase_emb, card)
+    return card
 
 
 def _auc_on(scorer, feats, corpus, split, classes, class_emb) -> float:

