@@ -29,7 +29,8 @@ def build(settings: Settings) -> Application:
         # the absent-sound verifier: its own deployment, scaled apart from the model
         verifier = VerifierServer.options(
             num_replicas=settings.verifier_replicas,
-            max_ongoing_requests=max(16, settings.max_ongoing_requests),
+            max_ongoing_requests=settings.verifier_max_ongoing,
+            max_queued_requests=settings.verifier_max_queued,
             ray_actor_options={"num_cpus": settings.verifier_cpus},
         ).bind(settings.model_dump())
     # the ingress takes every request at once (its model calls queue, or are refused, behind it)

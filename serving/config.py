@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     verifier_replicas: int = Field(1, ge=1)
     verifier_cpus: float = Field(1.0, ge=0)
     verifier_timeout_s: float = Field(5.0, gt=0, description="past this the answer goes out 'unverified'")
+    verifier_max_ongoing: int = Field(4, ge=1, description="clips a verifier replica scores at once (its encoder is CPU-bound: more only thrash)")
+    verifier_max_queued: int = Field(
+        16, ge=-1, description="verifier calls waiting per handle beyond the ongoing ones; past this a guarded answer goes out "
+        "'unverified' at once and /v1/audio/verify answers 503 with Retry-After, rather than both waiting out the timeout; -1: unbounded"
+    )
     verifier_cache_size: int = Field(
         1024, ge=0, description="clips whose class probabilities a verifier replica keeps (by SHA-256 of the samples); 0: none"
     )

@@ -289,7 +289,7 @@ def probe_report(results: list[dict], out: Path | None = None) -> str:
     import matplotlib.pyplot as plt
 
     labels = [f"{r.get('train_packages', 'all')} data\n{r['encoder']}\n{r['pooling']}" + (f" +{r['views'] - 1}aug" if r["views"] > 1 else "")
-              for r in results]
+              + ("\n−prior" if r.get("prior_beta") else "") for r in results]
     series = {"test (all negatives)": [r["test"].get("all", np.nan) for r in results],
               "test vs adversarial": [r["test"].get("adversarial", np.nan) for r in results],
               "leave-one-package-out": [r.get("lopo_mean", np.nan) for r in results]}

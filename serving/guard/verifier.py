@@ -229,6 +229,8 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                     "labels plus BCE of the pooled clip score, against class phrase embeddings (one random phrase per class per step). "
                     f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on this CPU (feature cache not counted).")
         flags = f"--audio {sc['encoder']} --views {tr.get('views', 0)} --width {sc.get('width', 0)} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
+        if tr.get("lopo_epochs"):
+            flags += f" --lopo-epochs {tr['lopo_epochs']}"
         prov = ("\n## Pretrained part\n\nThe encoder is fetched from its pinned wheel, checked and converted on first use "
                 "(`models.pretrained`); only the head is stored here.\n\n" + provenance_markdown([sc["encoder"]]) + "\n")
         return audio, training, flags, prov
@@ -243,6 +245,17 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
     if tr.get("lowpass") is False:
         flags += " --no-lowpass"
     return audio, training, flags, ""
+
+
+def _lopo_section(doc: dict) -> str:
+    """Leave-one-package-out, per package: the figure for recordings from elsewhere."""
+    lopo = doc.get("lopo")
+    if not lopo:
+        return ""
+    rows = "\n".join(f"| {pkg} | {v['auc']:.3f} | {v['questions']} | {v['train_scenes']} |" for pkg, v in lopo.items())
+    return ("\n\n`lopo_mean` is the mean of leave-one-package-out: per package, a head trained without any scene holding its "
+            "recordings scores the questions about that package's sounds (every split), against the absent ones of those scenes.\n\n"
+            "| held-out package | ROC-AUC | questions | train rows |\n| --- | --- | --- | --- |\n" + rows)
 
 
 def model_card(doc: dict) -> str:
@@ -281,7 +294,7 @@ The embedded absent-sound verifier of Earwitness: is the sound a phrase names in
 
 `test_roc_auc` is the ROC-AUC of the calibrated probability for present vs absent asked-about events;
 `test_absent_rate_<kind>` the share of absent events of that kind judged absent; `test_present_judged_absent`
-the share of present events judged absent.
+the share of present events judged absent.{_lopo_section(doc)}
 
 {verdict}
 
