@@ -15,10 +15,12 @@ from serving.proxy import proxy_env
 APP_NAME = "earwitness"
 
 
-#: glibc malloc arenas per process. Its default (8 per core) gives every thread that decodes a request
-#: body its own arena, whose high-water mark stays resident: in a soak the ingress grew 56% to a
-#: plateau with it, and 6% with two (loadtests/results/soak.md).
-MALLOC_ARENA_MAX = "2"
+#: glibc malloc settings for every Ray process. By default glibc gives each thread that decodes a
+#: request body its own arena (up to 8 per core) and, after a large block is freed, raises its mmap
+#: threshold so that later large blocks come from those arenas and stay resident. In a soak the
+#: ingress grew 56% to a plateau that way; two arenas and a fixed 128 KiB threshold (large blocks
+#: mapped and returned to the system when freed) keep it flat (loadtests/results/soak.md).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 DIRECT_PORTS = 100  # ports reserved for ingress replicas on one node when direct_port is set
 
@@ -51,7 +53,8 @@ def start_ray(settings: Settings) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)  # read by glibc when each Ray process starts
+    for name, value in MALLOC_ENV.items():  # read by glibc when each Ray process starts
+        os.environ.setdefault(name, value)
     os.environ.update(direct_ingress_env(settings))  # the local cluster's processes inherit them
     os.environ.update(proxy_env(settings.header_timeout_s))
     if settings.ray_address:

@@ -156,3 +156,15 @@ def test_health_readiness_models_and_docs(client, server):
     body = spec["paths"]["/v1/audio/qa"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert client.get("/docs").status_code == 200
+
+
+def test_ray_processes_start_with_the_malloc_settings(server):
+    """glibc reads them when a process starts: the local cluster's workers (replicas among them) inherit them."""
+    import os
+
+    import ray
+
+    from serving.runtime import MALLOC_ENV
+
+    probe = ray.remote(num_cpus=0)(lambda: {name: os.environ.get(name) for name in MALLOC_ENV})
+    assert ray.get(probe.remote(), timeout=60) == MALLOC_ENV

@@ -259,11 +259,11 @@ def test_every_ray_container_sets_what_a_local_run_sets(overlay):
     """The proxy callback (request ids, header timeout), and capped malloc arenas: the ingress holds many
     decoded bodies at once, and glibc's default arenas keep each thread's peak resident."""
     from serving.proxy import proxy_env
-    from serving.runtime import MALLOC_ARENA_MAX
+    from serving.runtime import MALLOC_ENV
 
     for name, template in _pod_templates(_one(render(overlay), "RayService")).items():
         for container in template["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
-            assert env.get("MALLOC_ARENA_MAX") == MALLOC_ARENA_MAX, (name, container["name"])
+            assert {k: env.get(k) for k in MALLOC_ENV} == MALLOC_ENV, (name, container["name"])
             callback = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
             assert env.get(callback) == proxy_env()[callback], (name, container["name"])
