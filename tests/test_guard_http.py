@@ -205,3 +205,11 @@ def test_verifier_down_answers_unverified(yes_app, server, clips):
     assert body["guard"]["claims"][0]["present"] is None
     metrics = httpx.get(f"{yes_app}/metrics", timeout=10).text
     assert "earwitness_verifier_failures_total" in metrics and 'verdict="unverified"' in metrics
+
+
+def test_a_verify_the_verifier_cannot_answer_in_time_is_503_with_retry_after(server, verifier_checkpoint):
+    """A live verifier that can't keep up is overloaded, not a gateway failure: the client is told when to retry."""
+    with variant_app(server, "verify-slow", verifier=str(verifier_checkpoint), verifier_timeout_s=0.001) as base:
+        r = httpx.post(f"{base}/v1/audio/verify", files={"file": ("a.wav", _wav())}, data={"events": "rain"}, timeout=30)
+    assert r.status_code == 503 and r.headers.get("retry-after")
+    assert r.json()["error"]["code"] == "verifier_unavailable"

@@ -30,7 +30,8 @@ def test_frozen_whisper_probe_caches_features_and_holds_packages_out(corpus):
     assert not np.array_equal(heard_elsewhere.last[:4], clean.last[:4])  # an augmented view is other audio
     assert heard_elsewhere.rows == clean.rows
 
-    results = run_probe(corpus, encoders=("whisper-tiny.en",), views=(0, 1), lopo_count=2, progress=False, epochs=20)
+    # raw logits: on 48 train scenes, validation's prior correction would swamp what the heads fitted
+    results = run_probe(corpus, encoders=("whisper-tiny.en",), views=(0, 1), lopo_count=2, progress=False, epochs=20, prior_correction=False)
     assert [r["pooling"] for r in results] == list(POOLINGS)
     for r in results:
         assert set(SAMPLINGS) <= set(r["train"]) and all(0.0 <= v <= 1.0 for v in r["test"].values())
@@ -39,3 +40,22 @@ def test_frozen_whisper_probe_caches_features_and_holds_packages_out(corpus):
         for held in r["lopo"].values():
             assert held["train_scenes"] < 2 * 48  # two views of 48 scenes, less those holding the package
     assert probe_table(results).count("\n") == len(results) + 1
+
+
+def test_prior_correction_takes_out_as_much_prior_as_validation_says_helps():
+    """Scores that are a class's prior plus signal want the prior out (β = 1); scores of pure signal want none."""
+    import numpy as np
+
+    from train.verifier import choose_prior_correction, class_prior_logits, roc_auc
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((400, 5)) < np.array([0.05, 0.2, 0.4, 0.6, 0.9])).astype(np.float32)
+    prior = class_prior_logits(labels)
+    present = rng.random((200, 5)) < 0.5  # questions: each class asked about as often present as absent
+    signal = present * 1.0 + 0.3 * rng.standard_normal(present.shape)
+
+    def auc_with(scores):
+        return lambda offsets: roc_auc(present.ravel(), (scores + offsets).ravel())
+
+    assert choose_prior_correction(auc_with(signal + prior), prior) == 1.0
+    assert choose_prior_correction(auc_with(signal), prior) == 0.0
