@@ -63,3 +63,19 @@ def test_clips_of_any_length_are_read_in_whole_windows(trained, seconds, windows
     feats, valid = frontend(samples)
     assert feats.shape[1] == windows * frontend.cfg.positions and valid.shape == (1, feats.shape[1])
     assert int(valid.sum()) == int(np.ceil(seconds / (frontend.cfg.window_s / frontend.cfg.positions)))
+
+
+def test_a_phrase_outside_the_classes_costs_no_second_encoder_pass(trained):
+    """verify() scores the clip against the classes and then against an unmatched phrase: one encoder forward."""
+    from serving.guard.verifier import load_verifier
+
+    out, _ = trained
+    verifier = load_verifier(str(out))
+    calls = []
+    verifier.scorer.frontend.tower.register_forward_hook(lambda *_: calls.append(1))
+    clip = (0.05 * np.random.default_rng(3).standard_normal(16_000 * 4)).astype(np.float32)
+    scores = verifier.verify(clip, ["a dog barking", "quantum entanglement"])
+    assert [s.reason for s in scores] == [None, "outside_ontology"]
+    assert len(calls) == 1
+    verifier.verify(clip * 0.5, ["quantum entanglement"])  # another clip is heard anew
+    assert len(calls) == 2

@@ -45,9 +45,10 @@ class ProbeData:
 
 
 def pool_time(x: np.ndarray, positions: int) -> np.ndarray:
-    """Average ``[N, P, D]`` down to ``positions`` steps (P a multiple of it)."""
-    n, p, d = x.shape
-    return x.reshape(n, positions, p // positions, d).mean(axis=2, dtype=np.float32).astype(np.float16)
+    """Average ``[N, P, D]`` down to ``positions`` steps (P a multiple of it), as the served verifier does."""
+    from serving.guard.scorer import pool_positions
+
+    return pool_positions(torch.from_numpy(np.asarray(x, dtype=np.float32)), positions).numpy().astype(np.float16)
 
 
 def scene_packages(corpus_dir: Path, timelines: dict, rows: dict[str, int]) -> tuple[list[set[str]], list[dict[str, set[str]]]]:

@@ -77,13 +77,12 @@ async def verify(service, request: Request) -> VerifyResponse:
     except Exception as exc:
         reason = failure_reason(exc)
         service.metrics.verifier_failures.labels(reason).inc()
-        if reason == "timeout":  # a live verifier that can't keep up is overloaded: the client retries, as on a full queue
-            response.cancel()
-            raise ApiError(503, "verifier_unavailable", f"the verifier is busy (no answer within {service.settings.verifier_timeout_s:g} s); "
-                           "retry shortly", {"Retry-After": "2"}) from exc
         if reason == "error":  # the verifier raised on this request: its input was checked above, so a bug (500), no outage
             raise
-        raise ApiError(503, "verifier_unavailable", f"the verifier failed ({reason}); retry shortly", {"Retry-After": "2"}) from exc
+        if reason == "timeout":  # a live verifier that can't keep up is overloaded: the client retries, as on a full queue
+            response.cancel()
+        why = f"is busy (no answer within {service.settings.verifier_timeout_s:g} s)" if reason == "timeout" else f"failed ({reason})"
+        raise ApiError(503, "verifier_unavailable", f"the verifier {why}; retry shortly", {"Retry-After": "2"}) from exc
     return VerifyResponse(
         verifier=result["verifier"],
         events=result["events"],
