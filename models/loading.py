@@ -33,16 +33,25 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+def checkpoint_source(spec: ModelSpec) -> str:
+    """What ``from_pretrained`` reads for ``spec``: its source, or, for a model committed as trained
+    tensors over pretrained parts (``models.small``), the full checkpoint assembled once in the cache."""
+    from models.small import assemble, is_assembled_checkpoint
+
+    return str(assemble(spec.source)) if is_assembled_checkpoint(spec.source) else spec.source
+
+
 def load(spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
     """Return ``(processor, model)`` in eval mode; a local directory never touches the network."""
     from transformers import AutoProcessor
 
-    local = Path(spec.source).is_dir()
-    if not local and spec.source.startswith(("/", ".")):
-        raise FileNotFoundError(f"model directory {spec.source} does not exist")
+    source = checkpoint_source(spec)
+    local = Path(source).is_dir()
+    if not local and source.startswith(("/", ".")):
+        raise FileNotFoundError(f"model directory {source} does not exist")
     device = pick_device(device)
-    processor = AutoProcessor.from_pretrained(spec.source, local_files_only=local)
-    model = _model_class(spec.family).from_pretrained(spec.source, local_files_only=local, dtype=pick_dtype(device, dtype))
+    processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+    model = _model_class(spec.family).from_pretrained(source, local_files_only=local, dtype=pick_dtype(device, dtype))
     if adapter:
         from peft import PeftModel
 

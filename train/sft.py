@@ -25,7 +25,7 @@ from train.data.qa import QARow
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    trainable: str = "all"  # "all" | "all_but_audio_encoder" | "audio_adapter"
+    trainable: str = "all"  # "all" | "all_but_audio_encoder" | "audio_adapter" | "projector_and_lora"
     epochs: float = 2.0
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -85,6 +85,7 @@ def set_trainable(model, trainable: str) -> int:
             trainable == "all"
             or (trainable == "all_but_audio_encoder" and "audio_tower" not in name)
             or (trainable == "audio_adapter" and "multi_modal_projector" in name)
+            or (trainable == "projector_and_lora" and ("multi_modal_projector" in name or "lora_" in name))
         )
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -97,20 +98,24 @@ def _lr(step: int, total: int, config: StageConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model, tokenizer, features, rows_of, frames, by_scene, config: StageConfig, limit: int = 256) -> float:
+def evaluate_loss(model, tokenizer, features, rows_of, frames, by_scene, config: StageConfig, limit: int = 256, collate_fn=collate) -> float:
     model.eval()
     chats = _chats(dict(list(by_scene.items())[:limit]), config, random.Random(1234))
     total, count = 0.0, 0
     for start in range(0, len(chats), config.batch_size):
-        batch = collate(tokenizer, features, rows_of, frames, chats[start : start + config.batch_size])
+        batch = collate_fn(tokenizer, features, rows_of, frames, chats[start : start + config.batch_size])
         total += model(**batch).loss.item() * len(chats[start : start + config.batch_size])
         count += len(chats[start : start + config.batch_size])
     model.train()
     return total / max(1, count)
 
 
-def train_stage(model, tokenizer, train_data: tuple, val_data: tuple, config: StageConfig, out_dir: Path, progress: bool = True) -> list[dict]:
-    """Train ``model`` in place; ``*_data`` are ``(features, rows_of, frames, by_scene)``."""
+def train_stage(model, tokenizer, train_data: tuple, val_data: tuple, config: StageConfig, out_dir: Path, progress: bool = True, collate_fn=collate) -> list[dict]:
+    """Train ``model`` in place; ``*_data`` are ``(features, rows_of, frames, by_scene)``.
+
+    ``collate_fn`` turns chats into the model's inputs: log-mels by default, cached tower outputs
+    with ``train.encoded.collate_encoded`` (then ``model`` is a ``train.encoded.EncodedForward``).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -130,7 +135,7 @@ def train_stage(model, tokenizer, train_data: tuple, val_data: tuple, config: St
         for i in range(0, len(chats), config.batch_size):
             if step >= total:
                 break
-            batch = collate(tokenizer, features, rows_of, frames, chats[i : i + config.batch_size])
+            batch = collate_fn(tokenizer, features, rows_of, frames, chats[i : i + config.batch_size])
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, total, config)
             loss = model(**batch).loss
@@ -141,7 +146,7 @@ def train_stage(model, tokenizer, train_data: tuple, val_data: tuple, config: St
             step += 1
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": round(loss.item(), 5), "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - start, 1)}
             if step % steps_per_epoch == 0 or step == total:
-                record["val_loss"] = round(evaluate_loss(model, tokenizer, *val_data, config), 5)
+                record["val_loss"] = round(evaluate_loss(model, tokenizer, *val_data, config, collate_fn=collate_fn), 5)
             history.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()

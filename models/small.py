@@ -1,0 +1,191 @@
+"""earwitness-small: a Qwen2-Audio assembled from pretrained parts plus the few tensors ``train/`` trains.
+
+The audio tower is a pretrained Whisper encoder and the language model is SmolLM2-135M-Instruct
+(as Qwen2) cut to its first ``lm_layers`` layers, both fetched from pinned wheels by
+``models.pretrained``. What training adds is small: the audio projector, the three audio tokens'
+embeddings (``trained.safetensors``), the base stage's LoRA on the language model (``base_lora/``)
+and the aligned adapter (``adapter/``). Only those are committed. :func:`assemble` joins parts and
+trained tensors into an ordinary Qwen2-Audio checkpoint once, in the cache, so every engine that
+serves Qwen2-Audio (transformers, vLLM) loads it like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, CHAT_TEMPLATE, IM_END, PAD
+
+PARTS_FILE = "earwitness_parts.json"
+TRAINED_FILE = "trained.safetensors"
+BASE_LORA_DIR = "base_lora"
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
+_TRAINED_PREFIXES = ("model.multi_modal_projector.",)
+
+
+@dataclass(frozen=True)
+class SmallSpec:
+    """Which pretrained parts, and how much of the language model, the small model is made of."""
+
+    encoder: str = "whisper-tiny.en"
+    language_model: str = "smollm2-135m-instruct"
+    lm_layers: int = 4
+    window_s: int = 10
+
+    @property
+    def audio_tokens(self) -> int:
+        """Audio tokens for a full window: Whisper's 50 positions a second, pooled by 2."""
+        return self.window_s * 25
+
+
+def is_assembled_checkpoint(path: str | Path) -> bool:
+    """A directory holding trained tensors and the recipe of parts they complete."""
+    return (Path(path) / PARTS_FILE).exists()
+
+
+def read_spec(path: str | Path) -> SmallSpec:
+    return SmallSpec(**json.loads((Path(path) / PARTS_FILE).read_text())["spec"])
+
+
+def build_tokenizer(lm_tokenizer):
+    """The language model's tokenizer with Qwen2-Audio's three audio tokens added as special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = lm_tokenizer.backend_tokenizer.__class__.from_str(lm_tokenizer.backend_tokenizer.to_str())
+    backend.add_special_tokens([AUDIO, AUDIO_BOS, AUDIO_EOS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=PAD,
+        padding_side="left",
+        extra_special_tokens={"audio_token": AUDIO, "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS},
+    )
+
+
+def build_untrained(spec: SmallSpec = SmallSpec(), seed: int = 0):
+    """``(processor, Qwen2AudioForConditionalGeneration)`` from the pinned pretrained parts; projector random."""
+    from models.pretrained import POSITIONS_PER_SECOND, smollm2_qwen2, whisper_encoder
+
+    tower = whisper_encoder(spec.encoder, max_source_positions=spec.window_s * POSITIONS_PER_SECOND)
+    lm, lm_tokenizer = smollm2_qwen2(num_layers=spec.lm_layers, source=spec.language_model)
+    return build_from_parts(tower, lm, lm_tokenizer, spec, seed)
+
+
+def build_from_parts(tower, lm, lm_tokenizer, spec: SmallSpec, seed: int = 0):
+    """Join a ``Qwen2AudioEncoder`` and a ``Qwen2ForCausalLM`` (tied embeddings) into one Qwen2-Audio."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+    from models.pretrained import whisper_feature_extractor
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(lm_tokenizer)
+    extractor = whisper_feature_extractor(chunk_length=spec.window_s, num_mel_bins=tower.config.num_mel_bins)
+    processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    text_config = lm.config.to_dict()
+    text_config.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=True)
+    config = Qwen2AudioConfig(
+        audio_config=tower.config.to_dict(),
+        text_config=text_config,
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
+        tie_word_embeddings=True,
+    )
+    config.earwitness_small_spec = asdict(spec)
+    model = Qwen2AudioForConditionalGeneration(config)
+    model.model.audio_tower.load_state_dict(tower.state_dict())
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight  # SmolLM2 ties them
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return processor, model.float().eval()
+
+
+def audio_token_ids(tokenizer) -> list[int]:
+    return tokenizer.convert_tokens_to_ids([AUDIO, AUDIO_BOS, AUDIO_EOS])
+
+
+def trained_tensors(model, tokenizer) -> dict[str, torch.Tensor]:
+    """What training adds to the parts: the projector and the audio tokens' embedding rows."""
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.startswith(_TRAINED_PREFIXES)}
+    embed = model.model.language_model.embed_tokens.weight
+    sd["audio_token_embeddings"] = embed[audio_token_ids(tokenizer)].detach().clone()
+    return sd
+
+
+def save_trained(model, processor, out_dir: Path, spec: SmallSpec, base_lora: Path | None = None) -> None:
+    """Write the committed form: trained tensors, processor, the parts recipe (and the base LoRA)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from models.pretrained import provenance
+    from models.pretrained.parts import PARTS
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(trained_tensors(model, processor.tokenizer), str(out_dir / TRAINED_FILE))
+    processor.save_pretrained(out_dir)
+    if base_lora is not None and base_lora.resolve() != (out_dir / BASE_LORA_DIR).resolve():
+        shutil.rmtree(out_dir / BASE_LORA_DIR, ignore_errors=True)
+        shutil.copytree(base_lora, out_dir / BASE_LORA_DIR, ignore=shutil.ignore_patterns("README.md", "*.png", "*.jsonl"))
+    parts = {"spec": asdict(spec), "parts": {p: provenance(p) for p in (spec.encoder, spec.language_model) if p in PARTS}}
+    (out_dir / PARTS_FILE).write_text(json.dumps(parts, indent=2) + "\n")
+
+
+def load_trained(model, tokenizer, ckpt: Path) -> None:
+    """Put a checkpoint's trained tensors (and merge its base LoRA) into a model built from the parts."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt / TRAINED_FILE))
+    rows = sd.pop("audio_token_embeddings")
+    missing = [k for k in model.state_dict() if k.startswith(_TRAINED_PREFIXES) and k not in sd]
+    if missing:
+        raise ValueError(f"{ckpt / TRAINED_FILE} lacks {missing}")
+    model.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight[audio_token_ids(tokenizer)] = rows
+    if (ckpt / BASE_LORA_DIR).exists():
+        merge_lora(model, ckpt / BASE_LORA_DIR)
+
+
+def merge_lora(model, adapter_dir: Path) -> None:
+    """Fold a PEFT LoRA into ``model``'s weights in place (the base stage's LoRA becomes the base)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model.merge_and_unload()
+
+
+def fingerprint(ckpt: Path) -> str:
+    """A short hash of everything that decides the assembled weights."""
+    h = hashlib.sha256()
+    files = [ckpt / PARTS_FILE, ckpt / TRAINED_FILE, *sorted((ckpt / BASE_LORA_DIR).glob("*"))]
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def assemble(ckpt: str | Path, progress: bool = True) -> Path:
+    """The full Qwen2-Audio checkpoint for ``ckpt``, built once in the cache from parts + trained tensors."""
+    from models.pretrained.store import build_once
+
+    ckpt = Path(ckpt).resolve()
+    spec = read_spec(ckpt)
+
+    def build(out: Path) -> None:
+        if progress:
+            print(f"[earwitness] assembling {ckpt.name} from {spec.encoder} + {spec.language_model}[:{spec.lm_layers}] (once)", flush=True)
+        processor, model = build_untrained(spec)
+        load_trained(model, processor.tokenizer, ckpt)
+        model.save_pretrained(out)
+        for name in PROCESSOR_FILES:
+            if (ckpt / name).exists():
+                (out / name).write_bytes((ckpt / name).read_bytes())
+
+    return build_once(f"assembled/{ckpt.name}-{fingerprint(ckpt)}", build)

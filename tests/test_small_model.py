@@ -1,0 +1,100 @@
+"""earwitness-small's construction and training path, on tiny random parts (no download).
+
+The supervised stages train on cached audio-tower outputs instead of running the tower; that is only
+sound if it is the served model's own computation. And the committed form (trained tensors + base
+LoRA over the parts) must rebuild exactly the model that was trained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.small import SmallSpec, build_from_parts, load_trained, save_trained
+from models.tiny import train_tokenizer
+from train.data.conversations import Turn, encode_chat
+from train.encoded import EncodedForward, collate_encoded
+
+SPEC = SmallSpec(encoder="test-tower", language_model="test-lm", lm_layers=2, window_s=10)
+TEXTS = ["Is there a sound of a dog barking in the audio?", "Yes", "No", "A dog barks, then rain falls."] * 20
+
+
+def _parts(seed: int = 0):
+    from transformers import Qwen2AudioEncoder, Qwen2AudioEncoderConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tower = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(num_mel_bins=80, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                                                      d_model=32, max_source_positions=500)).eval()
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    return tower, lm, tokenizer
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_from_parts(*_parts(), SPEC)
+
+
+def _clip(seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(16_000 * 10)).astype(np.float32)
+
+
+def test_the_audio_tokens_are_special_and_the_head_is_tied(small):
+    processor, model = small
+    tok = processor.tokenizer
+    ids = tok.encode("<|audio_bos|><|AUDIO|><|audio_eos|>", add_special_tokens=False)
+    assert ids == tok.convert_tokens_to_ids(["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"])
+    assert model.config.audio_token_id == ids[1]
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_training_on_cached_tower_outputs_is_the_served_forward(small):
+    processor, model = small
+    turns = [Turn("Is there a sound of a dog barking in the audio?", "Yes"), Turn("Is there a sound of rain in the audio?", "No")]
+    feats = processor.feature_extractor([_clip(), _clip(1)], sampling_rate=16_000, padding="max_length", return_tensors="pt").input_features
+    with torch.no_grad():
+        tower_out = model.model.audio_tower(feats).last_hidden_state.numpy()
+        batch = collate_encoded(processor.tokenizer, tower_out, {"a": 0, "b": 1}, None, [("a", turns), ("b", turns[::-1])])
+        cached = EncodedForward(model)(**batch).loss
+        ids, _ = encode_chat(processor.tokenizer, turns, tower_out.shape[1])
+        assert batch["input_ids"].shape[1] == len(ids)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     input_features=feats, feature_attention_mask=torch.ones(2, feats.shape[-1], dtype=torch.long)).loss
+    assert torch.isfinite(cached)
+    assert cached.item() == pytest.approx(full.item(), rel=1e-4)
+
+
+def test_the_committed_tensors_rebuild_the_trained_model(small, tmp_path):
+    from peft import get_peft_model
+
+    from train.dpo import lora_config
+
+    _, trained = build_from_parts(*_parts(), SPEC)
+    processor = small[0]
+    peft_model = get_peft_model(trained, lora_config(trained, dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "multi_modal_projector" in name:
+                p.normal_(0, 0.05)
+        emb = trained.model.language_model.embed_tokens.weight
+        emb[processor.tokenizer.convert_tokens_to_ids(["<|audio_bos|>", "<|audio_eos|>"])] += 1.0
+    peft_model.save_pretrained(tmp_path / "lora")
+    merged = peft_model.merge_and_unload().eval()
+    save_trained(merged, processor, tmp_path / "ckpt", SPEC, base_lora=tmp_path / "lora")
+    committed = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"trained.safetensors", "base_lora", "earwitness_parts.json", "tokenizer.json"} <= committed
+    assert "model.safetensors" not in committed  # the pretrained parts are never part of the committed form
+
+    _, rebuilt = build_from_parts(*_parts(), SPEC)
+    load_trained(rebuilt, processor.tokenizer, tmp_path / "ckpt")
+    inputs = processor.apply_chat_template(
+        [[{"role": "user", "content": [{"type": "audio", "audio": _clip(2)}, {"type": "text", "text": "Is there a dog?"}]}]],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs={"sampling_rate": 16_000})
+    with torch.no_grad():
+        want = merged(**inputs).logits
+        got = rebuilt(**inputs).logits
+        untrained = small[1](**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(untrained, want, atol=1e-3)  # the trained tensors did change the model

@@ -1,0 +1,143 @@
+"""The recipe of earwitness-small: pretrained parts → base → LISTEN → DPO → evaluation → shipped tensors.
+
+The audio tower (Whisper, frozen) and the language model (SmolLM2 cut to ``lm_layers``) come from
+``models.small``; the supervised stages read the tower's cached outputs (``train.encoded``), so the
+tower runs once per scene for the whole recipe.
+
+1. **base** — the hallucinating baseline: projector + a LoRA on the cut language model learn
+   captions and presence / order / count / duration questions with the absent-sound questions left
+   out. The LoRA is then merged: it is part of the base, not an adapter.
+2. **LISTEN** — the base plus synthesized absent-sound questions answered "No"; only the projector
+   learns, the language model is frozen.
+3. **DPO** — TRL with audio on both sides (``train.dpo``), LoRA r=16, α=32 on the language model, the
+   LISTEN projector riding along; LISTEN + AHA ×4 + ACPO pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from models.small import SmallSpec, build_untrained, save_trained
+from train.data.qa import read_qa_rows
+from train.sft import StageConfig, select_rows, train_stage
+
+BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("positive",), epochs=0.6, batch_size=8,
+                   learning_rate=1e-3, warmup_steps=20, turns_per_chat=6, caption_share=0.2)
+LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.4, batch_size=8, learning_rate=1e-3,
+                     warmup_steps=10, turns_per_chat=6, caption_share=0.1)
+DPO_PAIRS_PER_KIND = 40
+
+
+def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallSpec, progress: bool = True) -> tuple:
+    """``(tower outputs, scene → row, frames, rows by scene)`` for a stage, from the feature cache."""
+    from train.features import encoder_features
+
+    enc = encoder_features(corpus_dir, split, spec.encoder, spec.window_s, progress=progress)
+    frames = np.full(len(enc.rows), spec.window_s * 100, dtype=np.int32)
+    return enc.last, enc.rows, frames, select_rows(read_qa_rows(corpus_dir, split), config)
+
+
+def _supervised(model, processor, corpus_dir: Path, config: StageConfig, spec: SmallSpec, out_dir: Path, progress: bool) -> None:
+    from train.encoded import EncodedForward, collate_encoded
+
+    train = encoded_data(corpus_dir, "train", config, spec, progress)
+    val = encoded_data(corpus_dir, "validation", config, spec, progress)
+    train_stage(EncodedForward(model), processor.tokenizer, train, val, config, out_dir, progress=progress, collate_fn=collate_encoded)
+
+
+def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True):
+    """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form."""
+    from peft import get_peft_model
+
+    from train.dpo import lora_config
+
+    processor, model = build_untrained(spec, seed=config.seed)
+    peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
+    _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress)
+    peft_model.save_pretrained(out_dir / "lora")
+    model = peft_model.merge_and_unload().eval()
+    save_trained(model, processor, out_dir, spec, base_lora=out_dir / "lora")
+    return processor, model
+
+
+def train_listen(base, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: StageConfig = LISTEN, progress: bool = True):
+    """Stage 2 (LISTEN) in place: absent-sound questions answered "No" join; only the projector learns."""
+    _supervised(base, processor, corpus_dir, config, spec, out_dir, progress)
+    return base.eval()
+
+
+def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, spec: SmallSpec = SmallSpec(), seed: int = 0,
+                     progress: bool = True, eval_plan=None, dpo_pairs_per_kind: int = DPO_PAIRS_PER_KIND) -> dict:
+    """Parts to shipped tensors, with every stage evaluated on the test split; returns results and timings."""
+    import copy
+
+    from peft import PeftModel
+
+    from train.data.report import markdown, plot_stages
+    from train.evaluate import EvalPlan
+    from train.recipe import _evaluate, align_dpo, versions
+
+    plan = eval_plan or EvalPlan(presence_per_sampling=150, per_temporal_kind=60, captions=40, seed=seed)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    results: dict[str, dict] = {}
+    clock = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.time() - clock, 1)
+        clock = time.time()
+        print(f"[recipe] {name} done in {timings[name]:.0f} s", flush=True)
+
+    base_dir = work_dir / "base"
+    processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
+    lap("base")
+    results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
+    lap("eval base")
+    listened = train_listen(copy.deepcopy(base), processor, corpus_dir, work_dir / "listen", spec, replace(LISTEN, seed=seed), progress)
+    lap("listen")
+    results["+ LISTEN"] = _evaluate("listen", processor, listened, corpus_dir, plan, progress)
+    lap("eval listen")
+    adapter_dir = align_dpo(listened, processor, corpus_dir, work_dir / "dpo", per_kind=dpo_pairs_per_kind, seed=seed)
+    lap("dpo")
+    aligned = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    results["+ DPO (shipped)"] = _evaluate("aligned", processor, aligned, corpus_dir, plan, progress)
+    lap("eval dpo")
+
+    (work_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "versions": versions(), "seed": seed,
+                                                       "spec": asdict(spec), "plan": asdict(plan)}, indent=2))
+    plot_stages(results, work_dir / "stages.png")
+    (work_dir / "report.md").write_text("# earwitness-small: evaluation\n\n" + markdown(results) + "\n")
+    if ship_dir is not None:
+        ship(base_dir, adapter_dir, work_dir, ship_dir)
+    return {"results": results, "timings_s": timings}
+
+
+def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
+    """Only what training made: trained tensors, base LoRA, aligned adapter, processor, curves, card."""
+    from models.small import BASE_LORA_DIR, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE
+    from train.recipe import point_adapter_at
+
+    ship_dir.mkdir(parents=True, exist_ok=True)
+    for name in (PARTS_FILE, TRAINED_FILE, *PROCESSOR_FILES):
+        if (base_dir / name).exists():
+            shutil.copy2(base_dir / name, ship_dir / name)
+    for sub, src in ((BASE_LORA_DIR, base_dir / BASE_LORA_DIR), ("adapter", adapter_dir)):
+        shutil.rmtree(ship_dir / sub, ignore_errors=True)
+        shutil.copytree(src, ship_dir / sub, ignore=shutil.ignore_patterns("*.png", "*.jsonl", "checkpoint-*", "README.md", "*.json.bak",
+                                                                          "tokenizer*", "processor_config.json", "chat_template.jinja"))
+    point_adapter_at(ship_dir / "adapter", ship_dir.name)
+    point_adapter_at(ship_dir / BASE_LORA_DIR, ship_dir.name)
+    reports = ship_dir / "training"
+    reports.mkdir(exist_ok=True)
+    for src, dst in ((base_dir / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
+                     (work_dir / "dpo" / "dpo_curve.png", "dpo_curve.png"), (work_dir / "stages.png", "stages.png"),
+                     (work_dir / "results.json", "results.json")):
+        if src.exists():
+            shutil.copy2(src, reports / dst)
