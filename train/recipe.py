@@ -9,7 +9,6 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -86,21 +85,23 @@ def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageC
     return processor, model
 
 
-def preference_subset(corpus_dir: Path, per_kind: int, seed: int = 0):
-    """A stratified sample of the training pairs: every LISTEN / AHA / ACPO kind equally represented."""
+def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int], seed: int = 0):
+    """A stratified sample of the training pairs: ``per_kind`` of every LISTEN / AHA / ACPO kind (or a count per kind)."""
     from train.data.prefs import load_pairs
 
     pairs = load_pairs(corpus_dir, "train").shuffle(seed=seed)
     kinds = pairs["kind"]
+    quota = per_kind if isinstance(per_kind, dict) else {k: per_kind for k in set(kinds)}
     keep, seen = [], {}
     for i, kind in enumerate(kinds):
-        if seen.get(kind, 0) < per_kind:
+        if seen.get(kind, 0) < quota.get(kind, 0):
             keep.append(i)
             seen[kind] = seen.get(kind, 0) + 1
     return pairs.select(keep).shuffle(seed=seed)
 
 
-def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int = 220, seed: int = 0) -> Path:
+def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int | dict[str, int] = 220, seed: int = 0,
+              learning_rate: float = 5e-4) -> Path:
     """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along."""
     from train.dpo import train_dpo
 
@@ -113,7 +114,7 @@ def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind
         lora_r=16,
         lora_alpha=32,
         beta=0.1,
-        learning_rate=5e-4,
+        learning_rate=learning_rate,
         epochs=1.0,
         batch_size=8,
         modules_to_save=["multi_modal_projector"],
@@ -140,7 +141,7 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     from peft import PeftModel
 
     from models.loading import load
-    from models.registry import EMBEDDED_DIR, resolve
+    from models.registry import resolve
     from train.evaluate import EvalPlan
     from train.probe import probe
     from train.data.report import markdown, plot_stages

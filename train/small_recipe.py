@@ -29,9 +29,13 @@ from train.sft import StageConfig, select_rows, train_stage
 
 BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("positive",), epochs=0.6, batch_size=8,
                    learning_rate=1e-3, warmup_steps=20, turns_per_chat=6, caption_share=0.2)
-LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.4, batch_size=8, learning_rate=1e-3,
-                     warmup_steps=10, turns_per_chat=6, caption_share=0.1)
-DPO_PAIRS_PER_KIND = 40
+LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=1.5, batch_size=8, learning_rate=2e-3,
+                     warmup_steps=20, turns_per_chat=6, caption_share=0.05)
+# DPO is ~60x the CPU of a supervised answer (two full sequences, policy and reference, the tower on
+# both sides); its pairs go mostly where hallucination is: presence, absent and present, and swapped audio.
+DPO_PAIRS = {"listen_absent": 120, "acpo_output_contrastive": 60, "acpo_input_contrastive": 60, "aha_event_omission": 20,
+             "aha_false_event_identity": 20, "aha_temporal_relation_error": 20, "aha_quantitative_temporal_error": 20}
+DPO_LEARNING_RATE = 1e-3
 
 
 def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallSpec, progress: bool = True) -> tuple:
@@ -73,8 +77,12 @@ def train_listen(base, processor, corpus_dir: Path, out_dir: Path, spec: SmallSp
 
 
 def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, spec: SmallSpec = SmallSpec(), seed: int = 0,
-                     progress: bool = True, eval_plan=None, dpo_pairs_per_kind: int = DPO_PAIRS_PER_KIND) -> dict:
-    """Parts to shipped tensors, with every stage evaluated on the test split; returns results and timings."""
+                     progress: bool = True, eval_plan=None, dpo_pairs: int | dict[str, int] | None = None,
+                     base_from: Path | None = None) -> dict:
+    """Parts to shipped tensors, with every stage evaluated on the test split; returns results and timings.
+
+    ``base_from`` reuses a finished run's directory for stage 1 (its ``base/`` and its base evaluation).
+    """
     import copy
 
     from peft import PeftModel
@@ -96,15 +104,23 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
         print(f"[recipe] {name} done in {timings[name]:.0f} s", flush=True)
 
     base_dir = work_dir / "base"
-    processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
-    lap("base")
-    results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
-    lap("eval base")
+    if base_from is not None:
+        processor, base = reuse_base(Path(base_from), base_dir)
+        earlier = json.loads((Path(base_from) / "results.json").read_text())
+        results["baseline (positive-only)"] = earlier["results"]["baseline (positive-only)"]
+        timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
+        clock = time.time()
+    else:
+        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
+        lap("base")
+        results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
+        lap("eval base")
     listened = train_listen(copy.deepcopy(base), processor, corpus_dir, work_dir / "listen", spec, replace(LISTEN, seed=seed), progress)
     lap("listen")
     results["+ LISTEN"] = _evaluate("listen", processor, listened, corpus_dir, plan, progress)
     lap("eval listen")
-    adapter_dir = align_dpo(listened, processor, corpus_dir, work_dir / "dpo", per_kind=dpo_pairs_per_kind, seed=seed)
+    adapter_dir = align_dpo(listened, processor, corpus_dir, work_dir / "dpo", per_kind=dpo_pairs or DPO_PAIRS, seed=seed,
+                            learning_rate=DPO_LEARNING_RATE)
     lap("dpo")
     aligned = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     results["+ DPO (shipped)"] = _evaluate("aligned", processor, aligned, corpus_dir, plan, progress)
@@ -119,9 +135,21 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
     return {"results": results, "timings_s": timings}
 
 
+def reuse_base(earlier: Path, base_dir: Path):
+    """An earlier run's base, rebuilt from its committed form (parts + trained tensors + base LoRA)."""
+    from models.small import build_untrained, load_trained, read_spec
+
+    if earlier / "base" != base_dir:
+        shutil.copytree(earlier / "base", base_dir, dirs_exist_ok=True)
+    processor, model = build_untrained(read_spec(base_dir))
+    load_trained(model, processor.tokenizer, base_dir)
+    return processor, model.eval()
+
+
 def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
     """Only what training made: trained tensors, base LoRA, aligned adapter, processor, curves, card."""
     from models.small import BASE_LORA_DIR, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE
+    from train.model_card import write_small_model_card
     from train.recipe import point_adapter_at
 
     ship_dir.mkdir(parents=True, exist_ok=True)
@@ -141,3 +169,4 @@ def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> N
                      (work_dir / "results.json", "results.json")):
         if src.exists():
             shutil.copy2(src, reports / dst)
+    write_small_model_card(ship_dir, json.loads((work_dir / "results.json").read_text()))
