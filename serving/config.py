@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     )
 
     # what to serve
-    model: str = Field("earwitness-tiny", description="registered model name or checkpoint directory")
+    model: str = Field("earwitness-small", description="registered model name or checkpoint directory")
     adapter: str | None = Field(None, description="LoRA adapter directory; None uses the model's shipped adapter")
     device: str = "auto"
     dtype: str = "auto"

@@ -59,7 +59,7 @@ def test_models_lists_the_registry():
     result = _cli("models")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names[:3] == ["earwitness-tiny", "qwen2-audio-7b-instruct", "qwen2.5-omni-7b"]
+    assert names[:4] == ["earwitness-small", "earwitness-tiny", "qwen2-audio-7b-instruct", "qwen2.5-omni-7b"]
 
 
 def test_serve_config_args_are_settings():

@@ -1,0 +1,59 @@
+"""The committed embedded default, earwitness-small: only trained tensors committed, assembled from the
+pinned parts, and answering real scenes in its trained forms while telling present from absent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.registry import REGISTRY, SMALL_DIR, resolve
+
+pytestmark = pytest.mark.skipif(not (SMALL_DIR / "trained.safetensors").exists(), reason="earwitness-small is not shipped")
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def test_only_what_training_made_is_committed():
+    names = {p.name for p in SMALL_DIR.iterdir()}
+    assert {"trained.safetensors", "base_lora", "adapter", "earwitness_parts.json", "README.md", "tokenizer.json"} <= names
+    assert not list(SMALL_DIR.rglob("model*.safetensors"))  # the pretrained tower and language model are fetched, not committed
+    parts = json.loads((SMALL_DIR / "earwitness_parts.json").read_text())
+    for part in parts["parts"].values():
+        assert all(len(w["sha256"]) == 64 for w in part["wheels"])  # every part pinned by hash
+    adapter = json.loads((SMALL_DIR / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["lora_alpha"] == 32 and adapter["base_model_name_or_path"] == "earwitness-small"
+    assert "audio_tower" not in json.dumps(adapter["target_modules"])
+    assert _size_mb(SMALL_DIR) <= 50
+
+
+def test_it_is_the_default_and_resolves_by_name_and_directory():
+    from serving.config import Settings
+
+    assert Settings(_env_file=None).model == "earwitness-small"
+    assert resolve("earwitness-small") is REGISTRY["earwitness-small"]
+    assert resolve(str(SMALL_DIR)).source == str(SMALL_DIR.resolve())
+
+
+def test_answers_real_scenes_and_says_no_to_absent_sounds(corpus):
+    """Presence questions get "Yes"/"No" (not always "Yes"), counts get a number, captions name sounds."""
+    from serving.backends.hf import TransformersBackend
+    from train.data.qa import read_qa_rows
+    from train.evaluate import answer_rows
+
+    spec = REGISTRY["earwitness-small"]
+    backend = TransformersBackend.load(spec, adapter=spec.adapters["default"])
+    rows = read_qa_rows(corpus, "test")
+    present = [r for r in rows if r.kind == "presence" and r.sampling == "positive"][:10]
+    absent = [r for r in rows if r.kind == "presence" and r.sampling == "random"][:10]
+    counts = [r for r in rows if r.kind == "count"][:4]
+    answers = answer_rows(backend, present + absent + counts, corpus, progress=False)
+    yes_no = [a.strip().rstrip(".").lower() for a in answers[:20]]
+    assert set(yes_no) <= {"yes", "no"}, answers
+    assert "no" in yes_no[10:20], answers  # it does not say "yes" to everything it never heard
+    correct = sum(a == "yes" for a in yes_no[:10]) + sum(a == "no" for a in yes_no[10:20])
+    assert correct >= 13, answers  # chance is 10 of 20
+    assert all(a.strip().isdigit() for a in answers[20:]), answers
