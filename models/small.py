@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, CHAT_TEMPLATE, IM_END, PAD
+from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, CHAT_TEMPLATE, chatml_tokenizer
 
 PARTS_FILE = "earwitness_parts.json"
 TRAINED_FILE = "trained.safetensors"
@@ -53,17 +53,9 @@ def read_spec(path: str | Path) -> SmallSpec:
 
 def build_tokenizer(lm_tokenizer):
     """The language model's tokenizer with Qwen2-Audio's three audio tokens added as special tokens."""
-    from transformers import PreTrainedTokenizerFast
-
     backend = lm_tokenizer.backend_tokenizer.__class__.from_str(lm_tokenizer.backend_tokenizer.to_str())
     backend.add_special_tokens([AUDIO, AUDIO_BOS, AUDIO_EOS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=IM_END,
-        pad_token=PAD,
-        padding_side="left",
-        extra_special_tokens={"audio_token": AUDIO, "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS},
-    )
+    return chatml_tokenizer(backend)
 
 
 def build_untrained(spec: SmallSpec = SmallSpec(), seed: int = 0):

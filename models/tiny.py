@@ -73,8 +73,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrainedT
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    return chatml_tokenizer(tok)
+
+
+def chatml_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A ``tokenizers`` backend as the Qwen2-Audio processor reads it: ChatML end and pad, audio tokens named."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=backend,
         eos_token=IM_END,
         pad_token=PAD,
         padding_side="left",

@@ -15,22 +15,14 @@ import numpy as np
 import torch
 
 from train.data.conversations import IGNORE, Turn, encode_chat
+from train.sft import pad_chats
 
 
 def collate_encoded(tokenizer, features: np.ndarray, rows_of: dict[str, int], frames: np.ndarray, batch: list[tuple[str, list[Turn]]]) -> dict:
     """A right-padded batch of chats with each scene's cached tower output (``frames`` is unused)."""
     idx = [rows_of[scene_id] for scene_id, _ in batch]
-    encoded = [encode_chat(tokenizer, turns, features.shape[1]) for _, turns in batch]
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        attention[row, : len(ids)] = 1
-    audio = torch.from_numpy(np.asarray(features[idx], dtype=np.float32))
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "audio_features": audio}
+    text = pad_chats(tokenizer, [encode_chat(tokenizer, turns, features.shape[1]) for _, turns in batch])
+    return {**text, "audio_features": torch.from_numpy(np.asarray(features[idx], dtype=np.float32))}
 
 
 def _qwen2_audio(model):

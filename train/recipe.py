@@ -148,15 +148,9 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
 
     plan = eval_plan or EvalPlan(seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    lap = Laps()
+    timings = lap.timings
     results: dict[str, dict] = {}
-    clock = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.time() - clock, 1)
-        clock = time.time()
-        print(f"[recipe] {name} done in {timings[name]:.0f} s", flush=True)
 
     if not (corpus_dir / "report.json").exists():
         from train.data.build import build_corpus
@@ -191,6 +185,22 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     if ship_dir is not None:
         ship(base_dir, adapter_dir, work_dir, ship_dir)
     return {"results": results, "timings_s": timings}
+
+
+class Laps:
+    """Wall time of each recipe stage since the previous one, printed as it ends."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        self.clock = time.time()
+
+    def __call__(self, name: str) -> None:
+        self.timings[name] = round(time.time() - self.clock, 1)
+        print(f"[recipe] {name} done in {self.timings[name]:.0f} s", flush=True)
+        self.restart()
 
 
 def _seeded(config: StageConfig, seed: int) -> StageConfig:

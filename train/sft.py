@@ -62,20 +62,25 @@ def _chats(by_scene: dict[str, list[QARow]], config: StageConfig, rng: random.Ra
     return chats
 
 
-def collate(tokenizer, features: np.ndarray, rows_of: dict[str, int], frames: np.ndarray, batch: list[tuple[str, list[Turn]]]) -> dict:
-    idx = [rows_of[scene_id] for scene_id, _ in batch]
-    encoded = [encode_chat(tokenizer, turns, audio_tokens_for_frames(int(frames[i]))) for i, (_, turns) in zip(idx, batch)]
+def pad_chats(tokenizer, encoded: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``labels`` and ``attention_mask`` of encoded chats (``encode_chat``)."""
     width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, (ids, labs) in enumerate(encoded):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(labs)] = torch.tensor(labs)
         attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def collate(tokenizer, features: np.ndarray, rows_of: dict[str, int], frames: np.ndarray, batch: list[tuple[str, list[Turn]]]) -> dict:
+    idx = [rows_of[scene_id] for scene_id, _ in batch]
+    text = pad_chats(tokenizer, [encode_chat(tokenizer, turns, audio_tokens_for_frames(int(frames[i]))) for i, (_, turns) in zip(idx, batch)])
     feats = torch.from_numpy(np.asarray(features[idx], dtype=np.float32))
     mask = (torch.arange(feats.shape[-1])[None, :] < torch.from_numpy(frames[idx])[:, None]).long()
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "input_features": feats, "feature_attention_mask": mask}
+    return {**text, "input_features": feats, "feature_attention_mask": mask}
 
 
 def set_trainable(model, trainable: str) -> int:

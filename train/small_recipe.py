@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from models.small import SmallSpec, build_untrained, save_trained
+from models.small import BASE_LORA_DIR, SmallSpec, build_untrained, save_trained
 from train.data.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
@@ -64,9 +63,9 @@ def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), c
     processor, model = build_untrained(spec, seed=config.seed)
     peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
     _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress)
-    peft_model.save_pretrained(out_dir / "lora")
+    peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
     model = peft_model.merge_and_unload().eval()
-    save_trained(model, processor, out_dir, spec, base_lora=out_dir / "lora")
+    save_trained(model, processor, out_dir, spec)
     return processor, model
 
 
@@ -89,19 +88,13 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
 
     from train.data.report import markdown, plot_stages
     from train.evaluate import EvalPlan
-    from train.recipe import _evaluate, align_dpo, versions
+    from train.recipe import Laps, _evaluate, align_dpo, versions
 
     plan = eval_plan or EvalPlan(presence_per_sampling=150, per_temporal_kind=60, captions=40, seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    lap = Laps()
+    timings = lap.timings
     results: dict[str, dict] = {}
-    clock = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.time() - clock, 1)
-        clock = time.time()
-        print(f"[recipe] {name} done in {timings[name]:.0f} s", flush=True)
 
     base_dir = work_dir / "base"
     if base_from is not None:
@@ -109,7 +102,7 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
         earlier = json.loads((Path(base_from) / "results.json").read_text())
         results["baseline (positive-only)"] = earlier["results"]["baseline (positive-only)"]
         timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
-        clock = time.time()
+        lap.restart()
     else:
         processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
         lap("base")
@@ -148,7 +141,7 @@ def reuse_base(earlier: Path, base_dir: Path):
 
 def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
     """Only what training made: trained tensors, base LoRA, aligned adapter, processor, curves, card."""
-    from models.small import BASE_LORA_DIR, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE
+    from models.small import PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE
     from train.model_card import write_small_model_card
     from train.recipe import point_adapter_at
 
