@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.binding import Learner, Split, fit, oracle_tokens, run, sequence, table
+from train.binding import Learner, Split, checkpoint_lm, fit, oracle_tokens, pool_positions, run, sequence, table
 
 
 def test_oracle_tokens_are_the_mean_phrase_embedding_of_the_active_classes():
@@ -72,9 +72,52 @@ def test_oracle_tokens_in_the_direct_layout_are_learnt_and_generalise(tiny_check
         assert 0.35 < history[-1]["validation_auc"] < 0.65, history
     else:
         assert history[-1]["validation_auc"] > 0.9, history
-    assert "| oracle | direct | 200 |" in table({("oracle", "direct"): history})
+    assert "| oracle | direct | fresh | 200 |" in table({("oracle", "direct"): history})
 
 
 def test_unknown_cell_is_refused(tiny_checkpoint, corpus):
     with pytest.raises(ValueError, match="audio must be one of"):
         run(tiny_checkpoint, corpus, audio="perfect", steps=1, progress=False)
+
+
+def test_pooled_positions_average_the_tower_and_keep_every_label():
+    hidden = torch.arange(8, dtype=torch.float32).reshape(1, 4, 2)
+    active = torch.tensor([[[1.0, 0], [0, 0], [0, 0], [0, 1]]])
+    h, a = pool_positions(hidden, active, 2)
+    assert torch.equal(h, torch.tensor([[[1.0, 2.0], [5.0, 6.0]]]))
+    assert torch.equal(a, torch.tensor([[[1.0, 0], [0, 1]]]))  # a short event survives the pooling
+    assert pool_positions(hidden, active, None)[0] is hidden
+    with pytest.raises(ValueError, match="divide"):
+        pool_positions(hidden, active, 3)
+
+
+def test_the_checkpoints_language_model_is_copied_not_shared(tiny_checkpoint):
+    from models.loading import load
+    from models.registry import resolve
+
+    processor, model = load(resolve(str(tiny_checkpoint)), device="cpu")
+    lm = checkpoint_lm(model)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        ours = lm(input_ids=ids).logits
+        theirs = model.lm_head(model.model.language_model(input_ids=ids).last_hidden_state)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    with torch.no_grad():
+        next(lm.parameters()).add_(1.0)
+    assert not torch.allclose(lm(input_ids=ids).logits, theirs, atol=1e-3)  # learning on it leaves the served model alone
+    learner = Learner(model.config.text_config, processor.tokenizer, "oracle", "chat", [[1]], torch.zeros(2), torch.ones(2), seed=0, lm=lm)
+    learnt = {id(p) for p in learner.parameters()}
+    assert id(lm.model.embed_tokens.weight) not in learnt and not lm.model.embed_tokens.weight.requires_grad  # oracle tokens are its words
+    assert id(lm.model.layers[0].self_attn.q_proj.weight) in learnt
+
+
+def test_unknown_language_model_start_is_refused(tiny_checkpoint, corpus):
+    with pytest.raises(ValueError, match="lm_init one of"):
+        run(tiny_checkpoint, corpus, lm_init="bigger", steps=1, progress=False)
+
+
+def test_the_curriculum_learns_on_oracle_tokens_then_on_the_encoders(tiny_checkpoint, corpus):
+    history = run(tiny_checkpoint, corpus, audio="encoder", layout="chat", steps=2, oracle_steps=2, batch_size=4, eval_every=1,
+                  eval_questions=8, progress=False)
+    assert [(h["step"], h["audio"]) for h in history] == [(1, "oracle"), (2, "oracle"), (3, "encoder"), (4, "encoder")]
+    assert "| encoder | chat | fresh | 4 |" in table({("encoder", "chat"): history})

@@ -25,6 +25,7 @@ the bottleneck is composing two hops in a small from-scratch language model, not
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -75,23 +76,59 @@ def sequence(tokenizer, row, n_audio: int, layout: str) -> list[int]:
     return head + [audio] * n_audio + tokenizer.encode(f"{AUDIO_EOS}\n{row.phrase}", add_special_tokens=False)
 
 
-def load_split(model, processor, corpus_dir: Path, split: str, classes: list[str]) -> Split:
-    from train.probe import encoded_split
+def pool_positions(hidden: torch.Tensor, active: torch.Tensor, positions: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fewer, coarser audio tokens (mean of the tower's, union of the labels'): a cheaper cell, same lookup."""
+    if positions is None or positions == hidden.shape[1]:
+        return hidden, active
+    if hidden.shape[1] % positions:
+        raise ValueError(f"positions must divide {hidden.shape[1]}")
+    n, p, _ = hidden.shape
+    return hidden.reshape(n, positions, p // positions, -1).mean(2), active.reshape(n, positions, p // positions, -1).amax(2)
+
+
+def tower_outputs(model_dir: str | Path, model, processor, corpus_dir: Path, split: str, classes: list[str]):
+    """``(hidden, rows_of, active)``: earwitness-small reads the pretrained tower's feature cache, the tiny models their own tower."""
+    from models.registry import resolve
+    from models.small import is_assembled_checkpoint, read_spec
+
+    source = resolve(str(model_dir)).source
+    if not is_assembled_checkpoint(source):
+        from train.probe import encoded_split
+
+        return encoded_split(model, processor, corpus_dir, split, classes)
+    from train.data.mixer import SCENE_S
+    from train.encoder import frame_targets
+    from train.features import encoder_features
+
+    spec = read_spec(source)
+    enc = encoder_features(corpus_dir, split, spec.encoder, spec.window_s, progress=False)
+    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    hidden = torch.from_numpy(np.asarray(enc.last, dtype=np.float32))
+    return hidden, enc.rows, torch.from_numpy(frame_targets(timelines, enc.rows, classes, hidden.shape[1], SCENE_S))
+
+
+def load_split(model_dir, model, processor, corpus_dir: Path, split: str, classes: list[str], positions: int | None = None) -> Split:
     from train.data.qa import read_qa_rows
 
-    hidden, rows_of, active = encoded_split(model, processor, corpus_dir, split, classes)
+    hidden, rows_of, active = tower_outputs(model_dir, model, processor, corpus_dir, split, classes)
+    hidden, active = pool_positions(hidden, active, positions)
     questions = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.scene_id in rows_of]
     return Split(hidden, active, rows_of, questions)
 
 
 class Learner:
-    """A fresh language model (and projector, for encoder tokens) fed audio tokens as embeddings."""
+    """A language model (and projector, for encoder tokens) fed audio tokens as embeddings: fresh, or
+    ``lm`` (the checkpoint's own, pretrained for earwitness-small) learning on."""
 
-    def __init__(self, text_config, tokenizer, audio: str, layout: str, word_ids, mean: torch.Tensor, std: torch.Tensor, seed: int):
+    def __init__(self, text_config, tokenizer, audio: str, layout: str, word_ids, mean: torch.Tensor, std: torch.Tensor, seed: int,
+                 lm=None):
         from transformers import Qwen2ForCausalLM
 
         torch.manual_seed(seed)
-        self.lm = Qwen2ForCausalLM(text_config)
+        self.lm = lm if lm is not None else Qwen2ForCausalLM(text_config)
+        self.learn_words = lm is None  # a given (pretrained) model keeps its word embeddings: the oracle tokens are made of them
+        for words in (self.lm.model.embed_tokens.weight, self.lm.lm_head.weight):
+            words.requires_grad_(self.learn_words)
         self.projector = torch.nn.Linear(mean.shape[-1], text_config.hidden_size)
         self.tokenizer, self.audio, self.layout, self.word_ids = tokenizer, audio, layout, word_ids
         self.mean, self.std = mean, std
@@ -99,7 +136,9 @@ class Learner:
         self.yes, self.no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.lm.parameters()) + (list(self.projector.parameters()) if self.audio == "encoder" else [])
+        words = {id(p) for p in (self.lm.model.embed_tokens.weight, self.lm.lm_head.weight)}
+        lm = [p for p in self.lm.parameters() if self.learn_words or id(p) not in words]
+        return lm + (list(self.projector.parameters()) if self.audio == "encoder" else [])
 
     def margins(self, data: Split, rows: list) -> torch.Tensor:
         """logit(Yes) − logit(No) at each row's answer position."""
@@ -118,7 +157,8 @@ class Learner:
         inputs = embed(ids)
         inputs = inputs.masked_scatter((ids == self.audio_id)[..., None], tokens.to(inputs.dtype))
         last = mask.sum(1) - 1
-        logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits[torch.arange(len(rows)), last]
+        hidden = self.lm.model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state[torch.arange(len(rows)), last]
+        logits = self.lm.lm_head(hidden)  # the answer position only: a 49 k vocabulary at every position would cost more than the layers
         return logits[:, self.yes] - logits[:, self.no]
 
     @torch.no_grad()
@@ -129,24 +169,52 @@ class Learner:
         return roc_auc(np.array([r.answer == "Yes" for r in rows]), margins.numpy())
 
 
+LM_INITS = ("fresh", "checkpoint")
+
+
+def checkpoint_lm(model):
+    """The checkpoint's language model and head as one ``Qwen2ForCausalLM`` (a copy: the checkpoint stays as it is)."""
+    from transformers import Qwen2ForCausalLM
+
+    text_config = model.config.text_config
+    lm = Qwen2ForCausalLM(text_config)
+    lm.model.load_state_dict(model.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    return lm.float().train()
+
+
 def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", layout: str = "chat", steps: int = 1000,
         batch_size: int = 64, learning_rate: float = 3e-4, eval_every: int = 250, eval_questions: int = 600,
-        seed: int = 0, progress: bool = True) -> list[dict]:
-    """Train one (audio, layout) cell; returns ``[{step, loss, train_auc, validation_auc, elapsed_s}]``."""
+        seed: int = 0, progress: bool = True, lm_init: str = "fresh", positions: int | None = None,
+        oracle_steps: int = 0) -> list[dict]:
+    """Train one (audio, layout) cell; returns ``[{step, audio, loss, train_auc, validation_auc, elapsed_s}]``.
+
+    ``lm_init="checkpoint"`` starts from the checkpoint's own language model (for earwitness-small,
+    the pretrained SmolLM2 layers) instead of a fresh one; ``positions`` pools the audio tokens;
+    ``oracle_steps`` first teaches the lookup on oracle tokens (the sounds' written names), then
+    ``steps`` more on ``audio`` tokens: a curriculum, text before audio.
+    """
     from models.loading import load
     from models.registry import resolve
     from train.data.ontology import load_ontology
 
-    if audio not in AUDIO_SOURCES or layout not in LAYOUTS:
-        raise ValueError(f"audio must be one of {AUDIO_SOURCES} and layout one of {LAYOUTS}")
+    if audio not in AUDIO_SOURCES or layout not in LAYOUTS or lm_init not in LM_INITS:
+        raise ValueError(f"audio must be one of {AUDIO_SOURCES}, layout one of {LAYOUTS}, lm_init one of {LM_INITS}")
     corpus_dir = Path(corpus_dir)
     processor, model = load(resolve(str(model_dir)), device="cpu")
     ontology = load_ontology(corpus_dir / "ontology.json")
-    data = {split: load_split(model, processor, corpus_dir, split, ontology.names) for split in ("train", "validation")}
+    data = {split: load_split(model_dir, model, processor, corpus_dir, split, ontology.names, positions) for split in ("train", "validation")}
     flat = data["train"].hidden.reshape(-1, data["train"].hidden.shape[-1])
     learner = Learner(model.config.text_config, processor.tokenizer, audio, layout, phrase_word_ids(ontology, processor.tokenizer),
-                      flat.mean(0), flat.std(0).clamp(min=1e-6), seed)
-    return fit(learner, data, steps, batch_size, learning_rate, eval_every, eval_questions, seed, progress)
+                      flat.mean(0), flat.std(0).clamp(min=1e-6), seed, lm=checkpoint_lm(model) if lm_init == "checkpoint" else None)
+    history = []
+    for source, n in (("oracle", oracle_steps if audio != "oracle" else 0), (audio, steps)):
+        if n:
+            learner.audio = source
+            done = history[-1]["step"] if history else 0
+            history += [{**h, "step": h["step"] + done, "audio": source}
+                        for h in fit(learner, data, n, batch_size, learning_rate, eval_every, eval_questions, seed, progress)]
+    return history
 
 
 def fit(learner: Learner, data: dict[str, Split], steps: int, batch_size: int = 64, learning_rate: float = 3e-4, eval_every: int = 250,
@@ -178,9 +246,10 @@ def fit(learner: Learner, data: dict[str, Split], steps: int, batch_size: int = 
     return history
 
 
-def table(cells: dict[tuple[str, str], list[dict]]) -> str:
-    """One row per evaluation of each (audio, layout) cell."""
-    lines = ["| audio tokens | layout | step | train ROC-AUC | validation ROC-AUC |", "| --- | --- | ---: | ---: | ---: |"]
-    for (audio, layout), history in cells.items():
-        lines += [f"| {audio} | {layout} | {h['step']} | {h['train_auc']:.3f} | {h['validation_auc']:.3f} |" for h in history]
+def table(cells: dict[tuple[str, ...], list[dict]]) -> str:
+    """One row per evaluation of each cell, keyed ``(audio, layout)`` or ``(audio, layout, language model)``."""
+    lines = ["| audio tokens | layout | language model | step | train ROC-AUC | validation ROC-AUC |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for (audio, layout, *lm), history in cells.items():
+        lm_name = lm[0] if lm else "fresh"
+        lines += [f"| {h.get('audio', audio)} | {layout} | {lm_name} | {h['step']} | {h['train_auc']:.3f} | {h['validation_auc']:.3f} |" for h in history]
     return "\n".join(lines)

@@ -64,13 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--model", help="probe this checkpoint's own audio tower instead (e.g. earwitness-tiny)")
     pr.set_defaults(func=_probe)
 
-    bd = sub.add_parser("binding", help="diagnostic: can a fresh language model bind questions to oracle or encoder audio tokens")
+    bd = sub.add_parser("binding", help="diagnostic: can a language model (fresh or the checkpoint's) bind questions to oracle or encoder audio tokens")
     bd.add_argument("--model", default="earwitness-tiny", help="checkpoint whose text config, tokenizer and audio tower are used")
     bd.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     bd.add_argument("--audio", choices=("oracle", "encoder"), default="oracle")
     bd.add_argument("--layout", choices=("chat", "direct"), default="chat")
     bd.add_argument("--steps", type=int, default=1000)
     bd.add_argument("--lr", type=float, default=3e-4)
+    bd.add_argument("--lm", choices=("fresh", "checkpoint"), default="fresh", help="a fresh language model, or the checkpoint's own (pretrained for earwitness-small)")
+    bd.add_argument("--positions", type=int, default=None, help="pool the audio tokens to this many positions (a cheaper cell)")
+    bd.add_argument("--batch-size", type=int, default=64)
+    bd.add_argument("--eval-every", type=int, default=250)
+    bd.add_argument("--oracle-steps", type=int, default=0, help="first learn the lookup on oracle tokens for this many steps, then on --audio")
     bd.add_argument("--threads", type=int, default=None)
     bd.add_argument("--seed", type=int, default=0)
     bd.set_defaults(func=_binding)
@@ -155,8 +160,10 @@ def _binding(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    history = run(args.model, args.corpus, audio=args.audio, layout=args.layout, steps=args.steps, learning_rate=args.lr, seed=args.seed)
-    print(table({(args.audio, args.layout): history}))
+    history = run(args.model, args.corpus, audio=args.audio, layout=args.layout, steps=args.steps, learning_rate=args.lr, seed=args.seed,
+                  lm_init=args.lm, positions=args.positions, batch_size=args.batch_size, eval_every=args.eval_every,
+                  oracle_steps=args.oracle_steps)
+    print(table({(args.audio, args.layout, args.lm): history}))
     return 0
 
 
