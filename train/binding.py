@@ -25,7 +25,6 @@ the bottleneck is composing two hops in a small from-scratch language model, not
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -86,31 +85,11 @@ def pool_positions(hidden: torch.Tensor, active: torch.Tensor, positions: int | 
     return hidden.reshape(n, positions, p // positions, -1).mean(2), active.reshape(n, positions, p // positions, -1).amax(2)
 
 
-def tower_outputs(model_dir: str | Path, model, processor, corpus_dir: Path, split: str, classes: list[str]):
-    """``(hidden, rows_of, active)``: earwitness-small reads the pretrained tower's feature cache, the tiny models their own tower."""
-    from models.registry import resolve
-    from models.small import is_assembled_checkpoint, read_spec
-
-    source = resolve(str(model_dir)).source
-    if not is_assembled_checkpoint(source):
-        from train.probe import encoded_split
-
-        return encoded_split(model, processor, corpus_dir, split, classes)
-    from train.data.mixer import SCENE_S
-    from train.encoder import frame_targets
-    from train.features import encoder_features
-
-    spec = read_spec(source)
-    enc = encoder_features(corpus_dir, split, spec.encoder, spec.window_s, progress=False)
-    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
-    hidden = torch.from_numpy(np.asarray(enc.last, dtype=np.float32))
-    return hidden, enc.rows, torch.from_numpy(frame_targets(timelines, enc.rows, classes, hidden.shape[1], SCENE_S))
-
-
 def load_split(model_dir, model, processor, corpus_dir: Path, split: str, classes: list[str], positions: int | None = None) -> Split:
     from train.data.qa import read_qa_rows
+    from train.probe import encoded_split
 
-    hidden, rows_of, active = tower_outputs(model_dir, model, processor, corpus_dir, split, classes)
+    hidden, rows_of, active = encoded_split(model_dir, model, processor, corpus_dir, split, classes)
     hidden, active = pool_positions(hidden, active, positions)
     questions = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.scene_id in rows_of]
     return Split(hidden, active, rows_of, questions)
@@ -126,9 +105,8 @@ class Learner:
 
         torch.manual_seed(seed)
         self.lm = lm if lm is not None else Qwen2ForCausalLM(text_config)
-        self.learn_words = lm is None  # a given (pretrained) model keeps its word embeddings: the oracle tokens are made of them
         for words in (self.lm.model.embed_tokens.weight, self.lm.lm_head.weight):
-            words.requires_grad_(self.learn_words)
+            words.requires_grad_(lm is None)  # a given (pretrained) model keeps its word embeddings: the oracle tokens are made of them
         self.projector = torch.nn.Linear(mean.shape[-1], text_config.hidden_size)
         self.tokenizer, self.audio, self.layout, self.word_ids = tokenizer, audio, layout, word_ids
         self.mean, self.std = mean, std
@@ -136,8 +114,7 @@ class Learner:
         self.yes, self.no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        words = {id(p) for p in (self.lm.model.embed_tokens.weight, self.lm.lm_head.weight)}
-        lm = [p for p in self.lm.parameters() if self.learn_words or id(p) not in words]
+        lm = [p for p in self.lm.parameters() if p.requires_grad]
         return lm + (list(self.projector.parameters()) if self.audio == "encoder" else [])
 
     def margins(self, data: Split, rows: list) -> torch.Tensor:
@@ -207,13 +184,13 @@ def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", la
     flat = data["train"].hidden.reshape(-1, data["train"].hidden.shape[-1])
     learner = Learner(model.config.text_config, processor.tokenizer, audio, layout, phrase_word_ids(ontology, processor.tokenizer),
                       flat.mean(0), flat.std(0).clamp(min=1e-6), seed, lm=checkpoint_lm(model) if lm_init == "checkpoint" else None)
-    history = []
+    history, done = [], 0
     for source, n in (("oracle", oracle_steps if audio != "oracle" else 0), (audio, steps)):
         if n:
             learner.audio = source
-            done = history[-1]["step"] if history else 0
             history += [{**h, "step": h["step"] + done, "audio": source}
                         for h in fit(learner, data, n, batch_size, learning_rate, eval_every, eval_questions, seed, progress)]
+            done += n
     return history
 
 

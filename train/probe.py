@@ -359,17 +359,30 @@ def encoder_outputs(model, features: np.ndarray, batch_size: int = 64) -> torch.
     return torch.cat(chunks)
 
 
-def encoded_split(model, processor, corpus_dir: Path, split: str, classes: list[str]) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
-    """``(audio tokens [N, P, dim], scene_id → row, strong-label activity [N, P, classes])`` of one split."""
-    from models.tiny import TinySize
+def encoded_split(model_dir: str | Path, model, processor, corpus_dir: Path, split: str, classes: list[str]) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
+    """``(audio tokens [N, P, dim], scene_id → row, strong-label activity [N, P, classes])`` of one split, from
+    the checkpoint's own audio tower: a tiny model's runs on its cached mels; earwitness-small's is a frozen
+    pretrained encoder, whose outputs the feature cache already holds (``train.features.encoder_features``)."""
+    from models.registry import resolve
+    from models.small import is_assembled_checkpoint, read_spec
     from train.encoder import frame_targets
-    from train.features import feature_tag, scene_features
 
-    size = TinySize(**model.config.earwitness_tiny_size)
-    features, rows_of, _ = scene_features(corpus_dir, split, processor.feature_extractor, feature_tag(size), progress=False)
-    hidden = encoder_outputs(model, features)
+    source = resolve(str(model_dir)).source
+    if is_assembled_checkpoint(source):
+        from train.features import encoder_features
+
+        spec = read_spec(source)
+        enc = encoder_features(corpus_dir, split, spec.encoder, spec.window_s, progress=False)
+        hidden, rows_of, window_s = torch.from_numpy(np.asarray(enc.last, dtype=np.float32)), enc.rows, float(spec.window_s)
+    else:
+        from models.tiny import TinySize
+        from train.features import feature_tag, scene_features
+
+        size = TinySize(**model.config.earwitness_tiny_size)
+        features, rows_of, _ = scene_features(corpus_dir, split, processor.feature_extractor, feature_tag(size), progress=False)
+        hidden, window_s = encoder_outputs(model, features), float(size.chunk_s)
     timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
-    return hidden, rows_of, torch.from_numpy(frame_targets(timelines, rows_of, classes, hidden.shape[1], float(size.chunk_s)))
+    return hidden, rows_of, torch.from_numpy(frame_targets(timelines, rows_of, classes, hidden.shape[1], window_s))
 
 
 def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...] = ("train", "test"), epochs: int = 12) -> dict[str, dict[str, float]]:
@@ -384,7 +397,7 @@ def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...]
     classes = load_ontology(corpus_dir / "ontology.json").names
     data = {}
     for split in dict.fromkeys(("train", *splits)):
-        hidden, rows, active = encoded_split(model, processor, corpus_dir, split, classes)
+        hidden, rows, active = encoded_split(model_dir, model, processor, corpus_dir, split, classes)
         data[split] = ProbeData(hidden.numpy().astype(np.float16), active.numpy(), rows, [], [])
     head = fit_probe(data["train"], "frame", epochs=epochs)
     return {split: presence_auc(clip_logits(head, data[split].features), data[split].rows, classes, read_qa_rows(corpus_dir, split))
