@@ -25,6 +25,7 @@ TRAINED_FILE = "trained.safetensors"
 BASE_LORA_DIR = "base_lora"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
 _TRAINED_PREFIXES = ("model.multi_modal_projector.",)
+_LM_PREFIXES = ("model.language_model.layers.", "model.language_model.norm.")  # with ``trained_layers``: the lookup stage's
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class SmallSpec:
     language_model: str = "smollm2-135m-instruct"
     lm_layers: int = 4
     window_s: int = 10
+    trained_layers: bool = False  # the language model's layers were trained too (the lookup stage), so they are committed
+
+    @property
+    def trained_prefixes(self) -> tuple[str, ...]:
+        return _TRAINED_PREFIXES + (_LM_PREFIXES if self.trained_layers else ())
 
     @property
     def audio_tokens(self) -> int:
@@ -101,9 +107,11 @@ def audio_token_ids(tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids([AUDIO, AUDIO_BOS, AUDIO_EOS])
 
 
-def trained_tensors(model, tokenizer) -> dict[str, torch.Tensor]:
-    """What training adds to the parts: the projector and the audio tokens' embedding rows."""
-    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.startswith(_TRAINED_PREFIXES)}
+def trained_tensors(model, tokenizer, spec: SmallSpec) -> dict[str, torch.Tensor]:
+    """What training adds to the parts: the projector, the audio tokens' embedding rows and (``trained_layers``)
+    the language model's layers, those in float16 (half the bytes committed; their values sit well inside its range)."""
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.startswith(spec.trained_prefixes)}
+    sd = {k: v.half() if k.startswith(_LM_PREFIXES) else v for k, v in sd.items()}
     embed = model.model.language_model.embed_tokens.weight
     sd["audio_token_embeddings"] = embed[audio_token_ids(tokenizer)].detach().clone()
     return sd
@@ -119,7 +127,7 @@ def save_trained(model, processor, out_dir: Path, spec: SmallSpec, base_lora: Pa
     from models.pretrained.parts import PARTS
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(trained_tensors(model, processor.tokenizer), str(out_dir / TRAINED_FILE))
+    save_file(trained_tensors(model, processor.tokenizer, spec), str(out_dir / TRAINED_FILE))
     processor.save_pretrained(out_dir)
     if base_lora is not None and base_lora.resolve() != (out_dir / BASE_LORA_DIR).resolve():
         shutil.rmtree(out_dir / BASE_LORA_DIR, ignore_errors=True)
@@ -132,9 +140,9 @@ def load_trained(model, tokenizer, ckpt: Path) -> None:
     """Put a checkpoint's trained tensors (and merge its base LoRA) into a model built from the parts."""
     from safetensors.torch import load_file
 
-    sd = load_file(str(ckpt / TRAINED_FILE))
+    sd = {k: v.float() for k, v in load_file(str(ckpt / TRAINED_FILE)).items()}
     rows = sd.pop("audio_token_embeddings")
-    missing = [k for k in model.state_dict() if k.startswith(_TRAINED_PREFIXES) and k not in sd]
+    missing = [k for k in model.state_dict() if k.startswith(read_spec(ckpt).trained_prefixes) and k not in sd]
     if missing:
         raise ValueError(f"{ckpt / TRAINED_FILE} lacks {missing}")
     model.load_state_dict(sd, strict=False)

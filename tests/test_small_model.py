@@ -7,6 +7,8 @@ LoRA over the parts) must rebuild exactly the model that was trained.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,43 @@ def test_the_committed_tensors_rebuild_the_trained_model(small, tmp_path):
         untrained = small[1](**inputs).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(untrained, want, atol=1e-3)  # the trained tensors did change the model
+
+
+def test_trained_layers_are_committed_and_rebuilt_only_when_the_spec_says_so(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = replace(SPEC, trained_layers=True)
+    processor, trained = build_from_parts(*_parts(), spec)
+    with torch.no_grad():
+        trained.model.language_model.layers[0].mlp.up_proj.weight.add_(0.05)
+        trained.model.multi_modal_projector.linear.weight.normal_(0, 0.05)
+    for s, name in ((SPEC, "projector-only"), (spec, "with-layers")):
+        save_trained(trained, processor, tmp_path / name, s)
+    lean, full = (load_file(str(tmp_path / n / "trained.safetensors")) for n in ("projector-only", "with-layers"))
+    assert not any(k.startswith("model.language_model.") for k in lean)
+    layer_keys = [k for k in full if k.startswith("model.language_model.layers.")]
+    assert layer_keys and all(full[k].dtype == torch.float16 for k in layer_keys)
+    assert "model.language_model.embed_tokens.weight" not in full  # the pretrained word embeddings stay the part's
+
+    _, rebuilt = build_from_parts(*_parts(), spec)
+    load_trained(rebuilt, processor.tokenizer, tmp_path / "with-layers")
+    want = trained.model.language_model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(rebuilt.model.language_model.layers[0].mlp.up_proj.weight, want, atol=1e-3)
+    _, lean_model = build_from_parts(*_parts(), SPEC)
+    load_trained(lean_model, processor.tokenizer, tmp_path / "projector-only")
+    assert not torch.allclose(lean_model.model.language_model.layers[0].mlp.up_proj.weight, want, atol=1e-3)
+
+
+def test_the_lookup_stage_trains_the_language_model_layers_and_nothing_else(corpus, tmp_path):
+    from train.small_recipe import LookupConfig, train_lookup
+
+    spec = replace(SPEC, trained_layers=True)
+    processor, model = build_from_parts(*_parts(), spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train_lookup(model, processor, corpus, tmp_path, spec, LookupConfig(steps=4, positions=25, batch_size=8, eval_every=2),
+                           progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.language_model.layers.") or k.startswith("model.language_model.norm.") for k in changed)
+    assert [h["step"] for h in history] == [2, 4] and all(0.0 <= h["validation_auc"] <= 1.0 for h in history)
+    assert (tmp_path / "lookup.json").exists()

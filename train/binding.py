@@ -85,6 +85,20 @@ def pool_positions(hidden: torch.Tensor, active: torch.Tensor, positions: int | 
     return hidden.reshape(n, positions, p // positions, -1).mean(2), active.reshape(n, positions, p // positions, -1).amax(2)
 
 
+def oracle_split(corpus_dir: Path, split: str, classes: list[str], positions: int, window_s: float) -> Split:
+    """A split for oracle tokens only: the strong labels at ``positions`` steps, no audio tower run."""
+    import json
+
+    from train.data.qa import read_qa_rows
+    from train.encoder import frame_targets
+
+    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    rows_of = {scene_id: i for i, scene_id in enumerate(timelines)}
+    active = torch.from_numpy(frame_targets(timelines, rows_of, classes, positions, window_s))
+    questions = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.scene_id in rows_of]
+    return Split(torch.zeros(len(rows_of), positions, 0), active, rows_of, questions)
+
+
 def load_split(model_dir, model, processor, corpus_dir: Path, split: str, classes: list[str], positions: int | None = None) -> Split:
     from train.data.qa import read_qa_rows
     from train.probe import encoded_split
@@ -147,6 +161,7 @@ class Learner:
 
 
 LM_INITS = ("fresh", "checkpoint")
+AUDIO_TRAINS = ("all", "projector")
 
 
 def checkpoint_lm(model):
@@ -163,24 +178,30 @@ def checkpoint_lm(model):
 def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", layout: str = "chat", steps: int = 1000,
         batch_size: int = 64, learning_rate: float = 3e-4, eval_every: int = 250, eval_questions: int = 600,
         seed: int = 0, progress: bool = True, lm_init: str = "fresh", positions: int | None = None,
-        oracle_steps: int = 0) -> list[dict]:
+        oracle_steps: int = 0, audio_trains: str = "all", eval_full: bool = False) -> list[dict]:
     """Train one (audio, layout) cell; returns ``[{step, audio, loss, train_auc, validation_auc, elapsed_s}]``.
 
     ``lm_init="checkpoint"`` starts from the checkpoint's own language model (for earwitness-small,
     the pretrained SmolLM2 layers) instead of a fresh one; ``positions`` pools the audio tokens;
     ``oracle_steps`` first teaches the lookup on oracle tokens (the sounds' written names), then
-    ``steps`` more on ``audio`` tokens: a curriculum, text before audio.
+    ``steps`` more on ``audio`` tokens: a curriculum, text before audio. ``audio_trains="projector"``
+    freezes the language model for the audio steps (LISTEN's split: the lookup learnt on text, the
+    projector learns to speak to it). ``eval_full`` also scores validation at the tower's full length
+    (``validation_full_auc``): whether a lookup learnt on pooled tokens holds on the served ones.
     """
     from models.loading import load
     from models.registry import resolve
     from train.data.ontology import load_ontology
 
-    if audio not in AUDIO_SOURCES or layout not in LAYOUTS or lm_init not in LM_INITS:
-        raise ValueError(f"audio must be one of {AUDIO_SOURCES}, layout one of {LAYOUTS}, lm_init one of {LM_INITS}")
+    if audio not in AUDIO_SOURCES or layout not in LAYOUTS or lm_init not in LM_INITS or audio_trains not in AUDIO_TRAINS:
+        raise ValueError(f"audio must be one of {AUDIO_SOURCES}, layout one of {LAYOUTS}, lm_init one of {LM_INITS}, "
+                         f"audio_trains one of {AUDIO_TRAINS}")
     corpus_dir = Path(corpus_dir)
     processor, model = load(resolve(str(model_dir)), device="cpu")
     ontology = load_ontology(corpus_dir / "ontology.json")
     data = {split: load_split(model_dir, model, processor, corpus_dir, split, ontology.names, positions) for split in ("train", "validation")}
+    if eval_full and positions is not None:
+        data["validation_full"] = load_split(model_dir, model, processor, corpus_dir, "validation", ontology.names, None)
     flat = data["train"].hidden.reshape(-1, data["train"].hidden.shape[-1])
     learner = Learner(model.config.text_config, processor.tokenizer, audio, layout, phrase_word_ids(ontology, processor.tokenizer),
                       flat.mean(0), flat.std(0).clamp(min=1e-6), seed, lm=checkpoint_lm(model) if lm_init == "checkpoint" else None)
@@ -188,6 +209,8 @@ def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", la
     for source, n in (("oracle", oracle_steps if audio != "oracle" else 0), (audio, steps)):
         if n:
             learner.audio = source
+            if source == "encoder" and audio_trains == "projector":
+                learner.lm.requires_grad_(False)
             history += [{**h, "step": h["step"] + done, "audio": source}
                         for h in fit(learner, data, n, batch_size, learning_rate, eval_every, eval_questions, seed, progress)]
             done += n
@@ -225,8 +248,11 @@ def fit(learner: Learner, data: dict[str, Split], steps: int, batch_size: int = 
 
 def table(cells: dict[tuple[str, ...], list[dict]]) -> str:
     """One row per evaluation of each cell, keyed ``(audio, layout)`` or ``(audio, layout, language model)``."""
-    lines = ["| audio tokens | layout | language model | step | train ROC-AUC | validation ROC-AUC |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    full = any("validation_full_auc" in h for history in cells.values() for h in history)
+    lines = ["| audio tokens | layout | language model | step | train ROC-AUC | validation ROC-AUC |" + (" validation, unpooled |" if full else ""),
+             "| --- | --- | --- | ---: | ---: | ---: |" + (" ---: |" if full else "")]
     for (audio, layout, *lm), history in cells.items():
         lm_name = lm[0] if lm else "fresh"
-        lines += [f"| {h.get('audio', audio)} | {layout} | {lm_name} | {h['step']} | {h['train_auc']:.3f} | {h['validation_auc']:.3f} |" for h in history]
+        lines += [f"| {h.get('audio', audio)} | {layout} | {lm_name} | {h['step']} | {h['train_auc']:.3f} | {h['validation_auc']:.3f} |"
+                  + (f" {h['validation_full_auc']:.3f} |" if "validation_full_auc" in h else (" – |" if full else "")) for h in history]
     return "\n".join(lines)

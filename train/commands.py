@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--base-from", type=Path, default=None, help="reuse an earlier run (small: its work directory; tiny: its base directory): run only LISTEN, DPO and evaluation")
     recipe.add_argument("--model", choices=("small", "tiny"), default="small",
                         help="small: the embedded default on pretrained Whisper + SmolLM2 parts; tiny: the from-scratch test-size model")
+    recipe.add_argument("--lookup-steps", type=int, default=300,
+                        help="small: steps of the lookup stage (the language model's layers learn presence over written names); 0 skips it")
     recipe.set_defaults(func=_recipe)
     base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")
     base.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -76,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bd.add_argument("--batch-size", type=int, default=64)
     bd.add_argument("--eval-every", type=int, default=250)
     bd.add_argument("--oracle-steps", type=int, default=0, help="first learn the lookup on oracle tokens for this many steps, then on --audio")
+    bd.add_argument("--audio-trains", choices=("all", "projector"), default="all",
+                    help="what learns on encoder tokens: language model and projector, or the projector alone (the language model frozen)")
+    bd.add_argument("--eval-full", action="store_true", help="with --positions: also score validation on the tower's unpooled tokens")
     bd.add_argument("--threads", type=int, default=None)
     bd.add_argument("--seed", type=int, default=0)
     bd.set_defaults(func=_binding)
@@ -98,9 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _recipe(args) -> int:
     if args.model == "small":
-        from train.small_recipe import run_small_recipe
+        from dataclasses import replace
 
-        out = run_small_recipe(args.corpus, args.work, args.ship, seed=args.seed, base_from=args.base_from)
+        from models.small import SmallSpec
+        from train.small_recipe import LOOKUP, run_small_recipe
+
+        out = run_small_recipe(args.corpus, args.work, args.ship, SmallSpec(trained_layers=args.lookup_steps > 0), seed=args.seed,
+                               base_from=args.base_from, lookup=replace(LOOKUP, steps=max(args.lookup_steps, 1)))
     else:
         from train.recipe import run_recipe
 
@@ -162,7 +171,8 @@ def _binding(args) -> int:
         torch.set_num_threads(args.threads)
     history = run(args.model, args.corpus, audio=args.audio, layout=args.layout, steps=args.steps, learning_rate=args.lr, seed=args.seed,
                   lm_init=args.lm, positions=args.positions, batch_size=args.batch_size, eval_every=args.eval_every,
-                  oracle_steps=args.oracle_steps)
+                  oracle_steps=args.oracle_steps, audio_trains=args.audio_trains,
+                  eval_full=args.eval_full)
     print(table({(args.audio, args.layout, args.lm): history}))
     return 0
 

@@ -4,6 +4,11 @@ The audio tower (Whisper, frozen) and the language model (SmolLM2 cut to ``lm_la
 ``models.small``; the supervised stages read the tower's cached outputs (``train.encoded``), so the
 tower runs once per scene for the whole recipe.
 
+0. **lookup** (``SmallSpec.trained_layers``) — text before audio: the cut language model's layers
+   (all of their weights; the word embeddings stay frozen) learn presence questions, present and
+   absent, over the sounds' written names laid where the audio tokens go (``train.binding``'s oracle
+   tokens, pooled), in the served chat layout. The binding diagnostic measured that these layers
+   learn this match in a few hundred steps where a LoRA barely moves; the layers are committed.
 1. **base** — the hallucinating baseline: projector + a LoRA on the cut language model learn
    captions and presence / order / count / duration questions with the absent-sound questions left
    out. The LoRA is then merged: it is part of the base, not an adapter.
@@ -17,10 +22,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from models.small import BASE_LORA_DIR, SmallSpec, build_untrained, save_trained
 from train.data.qa import read_qa_rows
@@ -35,6 +41,43 @@ LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.4, batch
 # sounds (120 LISTEN, 60 + 60 ACPO, 20 per AHA kind) at lr 1e-3 collapsed to "No" to everything.
 DPO_PAIRS = 40
 DPO_LEARNING_RATE = 5e-4
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    """The lookup stage: oracle (written-name) tokens pooled to ``positions``, served chat layout."""
+
+    steps: int = 300
+    positions: int = 25
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    eval_every: int = 100
+    seed: int = 0
+
+
+LOOKUP = LookupConfig()
+
+
+def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: LookupConfig = LOOKUP,
+                 progress: bool = True) -> list[dict]:
+    """Stage 0 in place: the language model's layers learn to answer presence questions over written names.
+
+    Returns the validation history (ROC-AUC of logit(Yes) − logit(No)); ``out_dir/lookup.json`` keeps it.
+    """
+    from train.binding import Learner, checkpoint_lm, fit, oracle_split, phrase_word_ids
+    from train.data.ontology import load_ontology
+
+    ontology = load_ontology(corpus_dir / "ontology.json")
+    data = {split: oracle_split(corpus_dir, split, ontology.names, config.positions, float(spec.window_s)) for split in ("train", "validation")}
+    none = torch.zeros(1)
+    learner = Learner(model.config.text_config, processor.tokenizer, "oracle", "chat", phrase_word_ids(ontology, processor.tokenizer),
+                      none, none, config.seed, lm=checkpoint_lm(model))
+    history = fit(learner, data, config.steps, config.batch_size, config.learning_rate, config.eval_every, seed=config.seed, progress=progress)
+    with torch.no_grad():
+        model.model.language_model.load_state_dict(learner.lm.model.state_dict())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
+    return history
 
 
 def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallSpec, progress: bool = True) -> tuple:
@@ -54,13 +97,17 @@ def _supervised(model, processor, corpus_dir: Path, config: StageConfig, spec: S
     train_stage(EncodedForward(model), processor.tokenizer, train, val, config, out_dir, progress=progress, collate_fn=collate_encoded)
 
 
-def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True):
-    """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form."""
+def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True,
+               lookup: LookupConfig = LOOKUP):
+    """(Stage 0, with ``spec.trained_layers``, then) stage 1: projector + LoRA (merged afterwards) on positive-only
+    questions; saved in committed form."""
     from peft import get_peft_model
 
     from train.dpo import lora_config
 
     processor, model = build_untrained(spec, seed=config.seed)
+    if spec.trained_layers:
+        train_lookup(model, processor, corpus_dir, out_dir, spec, replace(lookup, seed=config.seed), progress)
     peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
     _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress)
     peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
@@ -77,7 +124,7 @@ def train_listen(base, processor, corpus_dir: Path, out_dir: Path, spec: SmallSp
 
 def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, spec: SmallSpec = SmallSpec(), seed: int = 0,
                      progress: bool = True, eval_plan=None, dpo_pairs: int | dict[str, int] | None = None,
-                     base_from: Path | None = None) -> dict:
+                     base_from: Path | None = None, lookup: LookupConfig = LOOKUP) -> dict:
     """Parts to shipped tensors, with every stage evaluated on the test split; returns results and timings.
 
     ``base_from`` reuses a finished run's directory for stage 1 (its ``base/`` and its base evaluation).
@@ -104,7 +151,7 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
         timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
         lap.restart()
     else:
-        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
+        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress, lookup)
         lap("base")
         results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
         lap("eval base")
@@ -157,7 +204,7 @@ def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> N
     point_adapter_at(ship_dir / BASE_LORA_DIR, ship_dir.name)
     reports = ship_dir / "training"
     reports.mkdir(exist_ok=True)
-    for src, dst in ((base_dir / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
+    for src, dst in ((base_dir / "lookup.json", "lookup.json"), (base_dir / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
                      (work_dir / "dpo" / "dpo_curve.png", "dpo_curve.png"), (work_dir / "stages.png", "stages.png"),
                      (work_dir / "results.json", "results.json")):
         if src.exists():
