@@ -155,9 +155,11 @@ def model_part(args, model: str, verifier, thresholds) -> None:
     from models.registry import resolve
     from serving.backends import AudioPrompt
     from serving.backends.hf import TransformersBackend
+    from serving.guard.scorer import TowerLayers
 
     spec = resolve(model)
     backend = TransformersBackend.load(spec, adapter=spec.adapters.get("default"))
+    share = backend.tower is not None and backend.tower == verifier.tower  # as served (guard_share_encoder): one encoder pass
     rows = presence_rows(args.corpus, args.model_per_sampling, args.seed + 1)
     t0 = time.time()
     answers, contrasts, scores = [], [], []
@@ -168,14 +170,15 @@ def model_part(args, model: str, verifier, thresholds) -> None:
         for r in batch:
             if r["scene_id"] not in clips:
                 clips[r["scene_id"]] = sf.read(args.corpus / r["audio"], dtype="float32")[0]
-            prompts.append(AudioPrompt(clips[r["scene_id"]], r["question"], 4, contrast=True))
+            prompts.append(AudioPrompt(clips[r["scene_id"]], r["question"], 4, contrast=True, tower_layers=share))
         for r, g in zip(batch, backend.generate(prompts)):
             answers.append(g.text)
             contrasts.append(None if g.answer_logprob is None else g.answer_logprob - g.blank_logprob)
-            events = verifier.verify(clips[r["scene_id"]], [r["phrase"]])
+            clip = clips[r["scene_id"]]
+            events = verifier.verify(clip if g.tower_layers is None else TowerLayers(g.tower_layers, len(clip)), [r["phrase"]])
             scores.append(events[0].probability)
     print(f"\n## 3. `correct` on {spec.name} (+ its adapter): its answers, its audio contrast and the verifier "
-          f"({len(rows)} questions, {time.time() - t0:.0f} s)\n")
+          f"({len(rows)} questions, {time.time() - t0:.0f} s{'; the encoder shared' if share else ''})\n")
     both = guard_outcomes(rows, answers, scores, contrasts, thresholds)
     print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, both)))
     abstained = guard_outcomes(rows, answers, scores, contrasts, thresholds, "abstain")

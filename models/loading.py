@@ -41,6 +41,23 @@ def checkpoint_source(spec: ModelSpec) -> str:
     return str(assemble(spec.source)) if is_assembled_checkpoint(spec.source) else spec.source
 
 
+def tower_signature(encoder: str, window_s: int) -> str:
+    """Names a frozen pretrained audio tower and its window, e.g. ``whisper-tiny.en@10s``: two models whose
+    towers have the same signature compute the same layers for the same clip."""
+    return f"{encoder}@{window_s}s"
+
+
+def frozen_tower(spec: ModelSpec) -> str | None:
+    """The signature of ``spec``'s audio tower when it is a pretrained part as fetched (a model committed as
+    trained tensors over pretrained parts, ``models.small``: training never touches the tower), else None."""
+    from models.small import is_assembled_checkpoint, read_spec
+
+    if not is_assembled_checkpoint(spec.source):
+        return None
+    parts = read_spec(spec.source)
+    return tower_signature(parts.encoder, parts.window_s)
+
+
 def load(spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
     """Return ``(processor, model)`` in eval mode; a local directory never touches the network."""
     from transformers import AutoProcessor

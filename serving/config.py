@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     verifier_cache_size: int = Field(
         1024, ge=0, description="clips whose class probabilities a verifier replica keeps (by SHA-256 of the samples); 0: none"
     )
+    guard_share_encoder: bool = Field(
+        True, description="when the served model's audio tower and the verifier's encoder are the same frozen pretrained part "
+        "with the same window (the same `tower` signature in both info()), a clip that fills the window is encoded once: the model "
+        "returns the encoder's layers and the verifier scores them after the answer, instead of encoding the clip beside it; "
+        "false: the verifier always encodes the clip itself",
+    )
     guard_contrast: bool = Field(True, description="also score the answer on blank audio (the model's audio contrast)")
     guard_contrast_prior: float = Field(0.05, description="nats; at or below, an answer the verifier is unsure of is a prior")
     guard_contrast_heard: float = Field(1.0, description="nats; at or above, an answer the verifier is unsure of was heard")

@@ -280,12 +280,16 @@ class Service:
         """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed.
 
         The model call leaves before the verifier's, so the longer request is never queued behind the
-        shorter one; the verifier's call is cancelled if the model's fails.
+        shorter one; the verifier's call is cancelled if the model's fails. When the two share their
+        frozen encoder (``guard_share_encoder``) and the clip fills its window, the model returns the
+        encoder's layers and the verifier scores them after the answer instead.
         """
+        shared = policy != "off" and await self.guard.shares_encoder(await self.model_info(), len(clip.samples))
         start = time.perf_counter()
         contrast = policy != "off" and self.settings.guard_contrast
-        response = self.model.complete(AudioPrompt(clip.samples, question, max_tokens, contrast=contrast), model_id or _REQUEST_MODEL.get())
-        pending = self.guard.start(clip.samples, question, policy)  # the verifier runs beside the model
+        prompt = AudioPrompt(clip.samples, question, max_tokens, contrast=contrast, tower_layers=shared)
+        response = self.model.complete(prompt, model_id or _REQUEST_MODEL.get())
+        pending = self.guard.start(clip.samples, question, policy, shared)  # the verifier runs beside the model, or after it
         try:
             generation = await self._await_model(response)
         except BaseException:

@@ -48,7 +48,8 @@ class Metrics:
         )
         self.guard_overrides = Counter(f"{PREFIX}_guard_overrides", "Answers the guard changed, by policy (abstain, correct).", ["policy"], registry=registry)
         self.verifier_clips = Counter(
-            f"{PREFIX}_verifier_clips", "Guarded clips by how the verifier judged them: kept (its result for that clip, no audio pass) or scored.",
+            f"{PREFIX}_verifier_clips", "Guarded clips by how the verifier judged them: kept (its result for that clip, no audio pass), "
+            "shared (from the model's tower layers, no encoder pass of its own) or scored.",
             ["result"], registry=registry,
         )
         self.verifier_failures = Counter(

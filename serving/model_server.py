@@ -58,6 +58,9 @@ class ModelServer:
         # batch is being tokenized with (in a worker thread) would turn the template's audio placeholder into text
         self._question_tokenizer = copy.deepcopy(self.backend.processor.tokenizer)
         self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter)
+        # the frozen pretrained audio tower's signature, when every adapter served leaves it as fetched (guard_share_encoder)
+        shared = getattr(self.backend, "shared_tower", None)
+        self.tower = shared(self.catalog.paths.values()) if shared is not None else None
         self.is_async = bool(getattr(self.backend, "is_async", False))
         # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
         self._peft = None if self.is_async else PeftAdapters(self.backend)
@@ -92,6 +95,7 @@ class ModelServer:
             "adapter": self.adapter,
             "engine": self.settings.engine,
             "catalog": self.catalog.to_dict(),
+            "tower": self.tower,
         }
 
     def admit(self, prompt: AudioPrompt) -> None:

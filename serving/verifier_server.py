@@ -8,6 +8,11 @@ One forward scores every class of the ontology, whatever the question, so a repl
 result per clip (``verifier_cache_size``, keyed by the samples' SHA-256): the next question about
 the same recording, or a retry, is verified without an audio pass, as vLLM's own caches spare the
 engine a clip it has seen.
+
+When the served model's audio tower is this verifier's frozen encoder (the same signature in both
+``info()``: ``guard_share_encoder``), the ingress sends the layers the model computed instead of the
+clip (:meth:`VerifierServer.assess_layers`): no encoder pass here at all, and nothing to keep, since
+scoring given layers costs only the head.
 """
 
 from __future__ import annotations
@@ -64,8 +69,23 @@ class VerifierServer:
         return dict(probs), kept  # a copy: the kept one stays as computed, whatever a caller does with it
 
     def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
-        probs, kept = self.class_probabilities(samples)
-        events = [e.to_dict() for e in self.verifier.verify(samples, texts, probs)] if texts else []
+        return self._result(samples, texts, *self.class_probabilities(samples))
+
+    async def assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str]) -> dict:
+        """:meth:`assess` of a clip given as its encoder layers (``Generation.tower_layers`` of a model whose tower
+        has this verifier's signature) and its length in samples: the head only, never kept (``shared``)."""
+        return await asyncio.to_thread(self._assess_layers, layers, n_samples, texts)
+
+    def _assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str]) -> dict:
+        from serving.guard.scorer import TowerLayers
+
+        if self.verifier.tower is None:
+            raise ValueError(f"verifier {self.verifier.name} reads no encoder's layers")
+        clip = TowerLayers(np.asarray(layers, dtype=np.float32), int(n_samples))
+        return {**self._result(clip, texts, self.verifier.class_probabilities(clip), False), "shared": True}
+
+    def _result(self, clip, texts: list[str], probs: dict[str, float], kept: bool) -> dict:
+        events = [e.to_dict() for e in self.verifier.verify(clip, texts, probs)] if texts else []
         return {"probabilities": probs, "kept": kept, "events": events, **self._thresholds()}
 
     async def match(self, texts: list[str]) -> list[dict]:

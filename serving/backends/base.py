@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -17,6 +17,8 @@ class AudioPrompt:
     max_new_tokens: int
     # ask for the audio contrast of the answer (Generation.answer_logprob / blank_logprob); optional for engines
     contrast: bool = False
+    # ask for the audio tower's layers on this clip (Generation.tower_layers); optional for engines
+    tower_layers: bool = False
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class Generation:
     answer_logprob: float | None = None
     blank_logprob: float | None = None
     prompt_tokens: int = 0  # the prompt's tokens, audio placeholders expanded (the chat API's usage)
+    # float32 [2, positions, d_model]: the audio tower's last and middle layer on the clip, as
+    # models.pretrained.whisper.encode_layers returns them (after the tower's avg-pool); None when not asked or not computed
+    tower_layers: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class Backend(Protocol):

@@ -1,7 +1,12 @@
 """The ingress side of the guard: start the verifier beside the model, then judge the answer.
 
 ``GuardRunner.start`` sends the clip (and a presence question's target) to the verifier
-deployment as soon as the audio is decoded, so its forward pass overlaps generation;
+deployment as soon as the audio is decoded, so its forward pass overlaps generation. When the
+served model's audio tower is the verifier's own frozen encoder (``shares_encoder``: the same
+signature in both deployments' ``info()``) and the clip fills its window, the model returns that
+encoder's layers with its answer and the verifier scores those instead (``assess_layers``, sent by
+``finish``): one encoder pass per request, and none spent on an answer that claims nothing; a model
+that returns no layers gets the clip scored as before.
 ``GuardRunner.finish`` extracts the answer's claims, matches free-form mentions to the ontology,
 combines the verifier's probability with the model's audio contrast and applies the policy.
 Any verifier failure or timeout yields verdict ``unverified`` (and a failure metric), never an error.
@@ -23,9 +28,13 @@ log = logging.getLogger("earwitness.guard")
 
 @dataclass
 class Pending:
-    response: object | None  # the verifier's assess() call in flight
+    response: object | None  # the verifier's call in flight: assess(), or assess_layers() once the model has answered
     started: float
     target: str | None
+    samples: object | None = None  # the clip, while the verifier waits for the model's tower layers (shared encoder)
+
+
+_UNKNOWN = object()
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -57,6 +66,29 @@ def place(check: ClaimCheck, match: dict) -> None:
 class GuardRunner:
     def __init__(self, verifier, settings, metrics):
         self.verifier, self.settings, self.metrics = verifier, settings, metrics
+        self._verifier_tower = _UNKNOWN  # its info()'s tower signature, asked once
+
+    async def shares_encoder(self, model_info: dict, n_samples: int) -> bool:
+        """Whether the model should hand the verifier its tower's layers on this clip: both name the same
+        frozen tower, and the clip fills the model's window (``max_audio_s``). A shorter clip keeps the overlapped
+        clip path: the model's tower masks the padding the encoder alone attends to, so its layers are other numbers.
+
+        The verifier's signature is asked on the first such request (again after an ask that failed,
+        which leaves that request on the clip path)."""
+        tower = model_info.get("tower")
+        if tower is None or self.verifier is None or not self.settings.guard_share_encoder:
+            return False
+        if n_samples < model_info["max_audio_s"] * model_info["sample_rate"]:
+            return False
+        if self._verifier_tower is _UNKNOWN:
+            try:
+                info = await asyncio.wait_for(self.verifier.info.remote(), self.settings.verifier_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the clip path still works
+                log.warning("verifier info unavailable (%s): it encodes the clip itself", failure_reason(exc))
+                return False
+            self._verifier_tower = info.get("tower")
+            log.info("encoder %s: model %s, verifier %s", "shared" if tower == self._verifier_tower else "not shared", tower, self._verifier_tower)
+        return tower == self._verifier_tower
 
     def policy_for(self, requested: str | None) -> str:
         policy = (requested or self.settings.guard_policy).strip().lower()
@@ -64,16 +96,30 @@ class GuardRunner:
             raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}")
         return policy
 
-    def start(self, samples, question: str, policy: str) -> Pending:
+    def start(self, samples, question: str, policy: str, shared: bool = False) -> Pending:
+        """The verifier's call on the clip, beside the model's; ``shared``: none yet (``finish`` sends the model's layers)."""
         if policy == "off" or self.verifier is None:
             return Pending(None, time.perf_counter(), None)
         target = presence_target(question)
+        if shared:
+            return Pending(None, time.perf_counter(), target, samples)
+        return Pending(self._send("assess", samples, [target] if target else []), time.perf_counter(), target)
+
+    def _send(self, method: str, *args):
         try:
-            response = self.verifier.assess.remote(samples, [target] if target else [])
+            return getattr(self.verifier, method).remote(*args)
         except Exception as exc:  # a handle that cannot even send: judged at finish
             log.warning("verifier call failed to start: %s", type(exc).__name__)
-            response = exc
-        return Pending(response, time.perf_counter(), target)
+            return exc
+
+    def _send_shared(self, pending: Pending, generation) -> None:
+        """The shared encoder's verifier call, now that the model answered: its layers, or the clip when it sent none."""
+        layers, texts = getattr(generation, "tower_layers", None), [pending.target] if pending.target else []
+        if layers is not None:
+            pending.response = self._send("assess_layers", layers, len(pending.samples), texts)
+        else:
+            pending.response = self._send("assess", pending.samples, texts)
+        pending.started, pending.samples = time.perf_counter(), None
 
     def _remaining(self, pending: Pending) -> float:
         return max(0.01, self.settings.verifier_timeout_s - (time.perf_counter() - pending.started))
@@ -111,12 +157,14 @@ class GuardRunner:
             self.cancel(pending)
             return self._count(apply_policy(policy, answer, [], True))
         checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in claims]
+        if pending.samples is not None:
+            self._send_shared(pending, generation)
         if pending.response is None:
             self.metrics.verifier_failures.labels("disabled").inc()
             return self._count(apply_policy(policy, answer, checks, False))
         try:
             result = await self._await(pending, pending.response)
-            self.metrics.verifier_clips.labels("kept" if result.get("kept") else "scored").inc()
+            self.metrics.verifier_clips.labels("kept" if result.get("kept") else "shared" if result.get("shared") else "scored").inc()
             mentions = [c for c in checks if c.source == "answer"]
             matches = {}
             if mentions:

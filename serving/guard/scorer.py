@@ -177,6 +177,23 @@ class WhisperScorerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def tower(self) -> str:
+        """The frozen encoder's signature (``models.loading.tower_signature``): a served model whose tower has the
+        same one computes this head's input itself, and can hand it over (:class:`TowerLayers`)."""
+        from models.loading import tower_signature
+
+        return tower_signature(self.encoder, self.window_s)
+
+
+@dataclass(frozen=True)
+class TowerLayers:
+    """One clip as a frozen encoder heard it, in place of its samples: the last and middle layer of its one
+    window (``[2, positions, d_model]``, as ``encode_layers`` returns them) and the clip's length."""
+
+    layers: np.ndarray
+    n_samples: int
+
 
 def pool_positions(x: torch.Tensor, positions: int) -> torch.Tensor:
     """Average ``[B, P, D]`` down to ``positions`` steps (P a multiple of it)."""
@@ -201,12 +218,15 @@ class WhisperFrontend:
         self.window = cfg.window_s * self.extractor.sampling_rate
         self._last: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def __call__(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, samples: np.ndarray | TowerLayers) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features [1, T, F], valid [1, T])``: T covers whole windows, ``valid`` the frames that hold audio.
 
         The last clip's frames are kept: one request scores its clip against the classes and then
-        against any phrase outside them, and the encoder is the whole cost of either.
+        against any phrase outside them, and the encoder is the whole cost of either. A clip given as
+        its :class:`TowerLayers` (a served model's own pass of this encoder) costs no encoder pass.
         """
+        if isinstance(samples, TowerLayers):
+            return self._given(samples)
         samples = np.ascontiguousarray(samples, dtype=np.float32)
         key = (samples.size, hashlib.sha256(memoryview(samples)).digest())
         last = self._last
@@ -223,10 +243,22 @@ class WhisperFrontend:
         windows = [samples[i : i + self.window] for i in range(0, max(len(samples), 1), self.window)]
         feats = self.extractor(windows, sampling_rate=self.extractor.sampling_rate, padding="max_length", return_tensors="pt")
         last, middle = encode_layers(self.tower, feats["input_features"])
+        return self.from_layers(last, middle, len(samples))
+
+    def _given(self, clip: TowerLayers) -> tuple[torch.Tensor, torch.Tensor]:
+        """A clip's frames from its encoder layers (one window) computed elsewhere."""
+        layers = torch.from_numpy(np.asarray(clip.layers, dtype=np.float32))
+        positions = self.tower.config.max_source_positions // 2  # after the tower's avg-pool
+        if layers.shape != (2, positions, self.tower.config.d_model) or not 0 <= clip.n_samples <= self.window:
+            raise ValueError(f"layers {tuple(layers.shape)} for {clip.n_samples} samples are not one {self.cfg.encoder} window")
+        return self.from_layers(layers[:1], layers[1:], clip.n_samples)
+
+    def from_layers(self, last: torch.Tensor, middle: torch.Tensor, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[W, P, d_model]`` last and middle layer of a clip's W windows and its length → ``(features, valid)``."""
         pooled = torch.cat([pool_positions(last, self.cfg.positions), pool_positions(middle, self.cfg.positions)], dim=-1)
         frames = pooled.reshape(1, -1, pooled.shape[-1])
         frame_s = self.cfg.window_s / self.cfg.positions
-        heard = max(1, math.ceil(len(samples) / self.extractor.sampling_rate / frame_s))
+        heard = max(1, math.ceil(n_samples / self.extractor.sampling_rate / frame_s))
         return frames, torch.arange(frames.shape[1])[None] < heard
 
 

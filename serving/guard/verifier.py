@@ -74,7 +74,10 @@ class Verifier:
     class_offsets: np.ndarray | None = None  # per-class score offsets (training-prior correction), added before calibration
 
     def raw_scores(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
-        """Uncalibrated scores of one clip against ``[N, D]`` text embeddings (subclass-specific space)."""
+        """Uncalibrated scores of one clip against ``[N, D]`` text embeddings (subclass-specific space).
+
+        Here and in every method below that takes ``samples``, a clip is its samples or, for a verifier
+        with a :attr:`tower`, its :class:`serving.guard.scorer.TowerLayers`."""
         raise NotImplementedError
 
     def class_texts(self) -> np.ndarray:
@@ -116,9 +119,15 @@ class Verifier:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode(texts)
 
+    @property
+    def tower(self) -> str | None:
+        """The signature of the frozen pretrained encoder it reads (``models.loading.tower_signature``), when it
+        can score a clip from that encoder's layers (:class:`serving.guard.scorer.TowerLayers`) instead of its samples."""
+        return None
+
     def info(self) -> dict:
         return {"verifier": self.name, "classes": len(self.index.classes), "absent_below": self.calibration.absent_below,
-                "present_above": self.calibration.present_above}
+                "present_above": self.calibration.present_above, "tower": self.tower}
 
 
 class EmbeddedVerifier(Verifier):
@@ -129,6 +138,10 @@ class EmbeddedVerifier(Verifier):
 
     def class_texts(self) -> np.ndarray:
         return self._class_texts
+
+    @property
+    def tower(self) -> str | None:
+        return getattr(self.scorer.cfg, "tower", None)  # a head on a frozen Whisper; None for the log-mel CNN
 
     def raw_scores(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
         return self.scorer.score_clip(samples, texts)
