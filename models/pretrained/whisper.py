@@ -7,6 +7,7 @@ for name, with the position table cut to the chosen window (50 positions per sec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -230,15 +231,36 @@ def whisper_encoder(name: str, max_source_positions: int = 1500) -> Qwen2AudioEn
     return qwen2_audio_encoder(load_whisper(name), max_source_positions)
 
 
-@torch.no_grad()
-def encode_layers(tower, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(last, middle)`` of one forward: the middle layer is read by a hook, so the tower's own forward runs."""
+@contextlib.contextmanager
+def captured_layers(tower):
+    """The tower's last and middle layer of its first forward inside the block: ``out["layers"]`` =
+    ``(last, middle)``, each ``[B, positions, d_model]``; the middle layer (``layers[len // 2 - 1]``) is
+    read by a hook and avg-pooled by the tower's own pooler, so the tower's own forward runs (inside
+    a model's ``generate`` too, which is how a served model hands its tower's layers to the verifier)."""
+    out: dict = {}
     middle: list[torch.Tensor] = []
     layer = tower.layers[len(tower.layers) // 2 - 1]
-    handle = layer.register_forward_hook(lambda _m, _i, out: middle.append(out[0] if isinstance(out, tuple) else out))
+
+    def on_middle(_m, _i, result):
+        if not middle:
+            middle.append(result[0] if isinstance(result, tuple) else result)
+
+    def on_tower(_m, _i, result):
+        if "layers" not in out and middle:
+            pooled = tower.avg_pooler(middle[0].permute(0, 2, 1)).permute(0, 2, 1)
+            out["layers"] = (result.last_hidden_state, pooled)
+
+    handles = [layer.register_forward_hook(on_middle), tower.register_forward_hook(on_tower)]
     try:
-        last = tower(input_features).last_hidden_state
+        yield out
     finally:
-        handle.remove()
-    pooled = tower.avg_pooler(middle[0].permute(0, 2, 1)).permute(0, 2, 1)
-    return last, pooled
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def encode_layers(tower, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(last, middle)`` of one forward (:func:`captured_layers`)."""
+    with captured_layers(tower) as out:
+        tower(input_features)
+    return out["layers"]

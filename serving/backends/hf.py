@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from models.loading import frozen_tower, load
+from models.pretrained.whisper import captured_layers
 from models.registry import ModelSpec
 from serving.backends.base import AudioPrompt, Generation
 
@@ -36,32 +37,6 @@ def adapter_leaves_tower(adapter_dir: str, tower_names: list[str]) -> bool:
     if any(name == m or name.endswith(f".{m}") for m in saved for name in tower_names):
         return False
     return not (getattr(config, "target_modules", None) and any(check_target_module_exists(config, name) for name in tower_names))
-
-
-@contextlib.contextmanager
-def captured_layers(tower):
-    """The tower's last and middle layer of its first forward inside the block: ``out["layers"]`` =
-    ``(last, middle)``, each ``[B, positions, d_model]``, as ``models.pretrained.whisper.encode_layers``
-    reads them (the middle layer ``layers[len // 2 - 1]``, avg-pooled by the tower's own pooler)."""
-    out: dict = {}
-    middle: list[torch.Tensor] = []
-    layer = tower.layers[len(tower.layers) // 2 - 1]
-
-    def on_middle(_m, _i, result):
-        if not middle:
-            middle.append(result[0] if isinstance(result, tuple) else result)
-
-    def on_tower(_m, _i, result):
-        if "layers" not in out and middle:
-            pooled = tower.avg_pooler(middle[0].permute(0, 2, 1)).permute(0, 2, 1)
-            out["layers"] = (result.last_hidden_state, pooled)
-
-    handles = [layer.register_forward_hook(on_middle), tower.register_forward_hook(on_tower)]
-    try:
-        yield out
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class TransformersBackend:
