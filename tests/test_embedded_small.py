@@ -19,7 +19,9 @@ def _size_mb(path: Path) -> float:
 
 def test_only_what_training_made_is_committed():
     names = {p.name for p in SMALL_DIR.iterdir()}
-    assert {"trained.safetensors", "base_lora", "adapter", "earwitness_parts.json", "README.md", "tokenizer.json"} <= names
+    assert {"trained.safetensors", "adapter", "earwitness_parts.json", "README.md", "tokenizer.json"} <= names
+    spec = json.loads((SMALL_DIR / "earwitness_parts.json").read_text())["spec"]
+    assert ("base_lora" in names) != spec.get("trained_layers", False)  # trained layers carry the base LoRA merged, else it is its own
     assert not list(SMALL_DIR.rglob("model*.safetensors"))  # the pretrained tower and language model are fetched, not committed
     parts = json.loads((SMALL_DIR / "earwitness_parts.json").read_text())
     for part in parts["parts"].values():

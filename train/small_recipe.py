@@ -110,7 +110,8 @@ def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), c
         train_lookup(model, processor, corpus_dir, out_dir, spec, replace(lookup, seed=config.seed), progress)
     peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
     _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress)
-    peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
+    if not spec.trained_layers:  # else the committed layers carry the LoRA, merged
+        peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
     model = peft_model.merge_and_unload().eval()
     save_trained(model, processor, out_dir, spec)
     return processor, model
@@ -146,10 +147,17 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
     base_dir = work_dir / "base"
     if base_from is not None:
         processor, base = reuse_base(Path(base_from), base_dir)
-        earlier = json.loads((Path(base_from) / "results.json").read_text())
-        results["baseline (positive-only)"] = earlier["results"]["baseline (positive-only)"]
-        timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
-        lap.restart()
+        done = Path(base_from) / "results.json"
+        if done.exists():
+            earlier = json.loads(done.read_text())
+            results["baseline (positive-only)"] = earlier["results"]["baseline (positive-only)"]
+            timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
+            lap.restart()
+        else:  # a run stopped after its base: evaluate that base now; its time is what its stages logged
+            timings["base"] = round(sum(_logged_seconds(base_dir)), 1)
+            lap.restart()
+            results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
+            lap("eval base")
     else:
         processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress, lookup)
         lap("base")
@@ -175,6 +183,17 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
     return {"results": results, "timings_s": timings}
 
 
+def _logged_seconds(base_dir: Path) -> list[float]:
+    """The wall times a base directory's stages wrote: the base stage's and, if run, the lookup's last evaluation."""
+    out = []
+    if (base_dir / "stage.json").exists():
+        out.append(float(json.loads((base_dir / "stage.json").read_text())["wall_s"]))
+    if (base_dir / "lookup.json").exists():
+        history = json.loads((base_dir / "lookup.json").read_text())["history"]
+        out.append(float(history[-1]["elapsed_s"]) if history else 0.0)
+    return out
+
+
 def reuse_base(earlier: Path, base_dir: Path):
     """An earlier run's base, rebuilt from its committed form (parts + trained tensors + base LoRA)."""
     from models.small import build_untrained, load_trained, read_spec
@@ -198,10 +217,13 @@ def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> N
             shutil.copy2(base_dir / name, ship_dir / name)
     for sub, src in ((BASE_LORA_DIR, base_dir / BASE_LORA_DIR), ("adapter", adapter_dir)):
         shutil.rmtree(ship_dir / sub, ignore_errors=True)
+        if not src.exists():
+            continue
         shutil.copytree(src, ship_dir / sub, ignore=shutil.ignore_patterns("*.png", "*.jsonl", "checkpoint-*", "README.md", "*.json.bak",
                                                                           "tokenizer*", "processor_config.json", "chat_template.jinja"))
     point_adapter_at(ship_dir / "adapter", ship_dir.name)
-    point_adapter_at(ship_dir / BASE_LORA_DIR, ship_dir.name)
+    if (ship_dir / BASE_LORA_DIR).exists():
+        point_adapter_at(ship_dir / BASE_LORA_DIR, ship_dir.name)
     reports = ship_dir / "training"
     reports.mkdir(exist_ok=True)
     for src, dst in ((base_dir / "lookup.json", "lookup.json"), (base_dir / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
