@@ -178,7 +178,7 @@ def checkpoint_lm(model):
 def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", layout: str = "chat", steps: int = 1000,
         batch_size: int = 64, learning_rate: float = 3e-4, eval_every: int = 250, eval_questions: int = 600,
         seed: int = 0, progress: bool = True, lm_init: str = "fresh", positions: int | None = None,
-        oracle_steps: int = 0, audio_trains: str = "all", eval_full: bool = False) -> list[dict]:
+        oracle_steps: int = 0, audio_trains: str = "all", eval_full: bool = False, audio_learning_rate: float | None = None) -> list[dict]:
     """Train one (audio, layout) cell; returns ``[{step, audio, loss, train_auc, validation_auc, elapsed_s}]``.
 
     ``lm_init="checkpoint"`` starts from the checkpoint's own language model (for earwitness-small,
@@ -188,6 +188,8 @@ def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", la
     freezes the language model for the audio steps (LISTEN's split: the lookup learnt on text, the
     projector learns to speak to it). ``eval_full`` also scores validation at the tower's full length
     (``validation_full_auc``): whether a lookup learnt on pooled tokens holds on the served ones.
+    ``audio_learning_rate``: the audio steps' own rate after an oracle phase (a fresh projector alone learns
+    at a higher one than pretrained layers).
     """
     from models.loading import load
     from models.registry import resolve
@@ -211,8 +213,9 @@ def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", la
             learner.audio = source
             if source == "encoder" and audio_trains == "projector":
                 learner.lm.requires_grad_(False)
+            rate = audio_learning_rate if done and audio_learning_rate else learning_rate
             history += [{**h, "step": h["step"] + done, "audio": source}
-                        for h in fit(learner, data, n, batch_size, learning_rate, eval_every, eval_questions, seed, progress)]
+                        for h in fit(learner, data, n, batch_size, rate, eval_every, eval_questions, seed, progress)]
             done += n
     return history
 

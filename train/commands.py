@@ -80,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bd.add_argument("--oracle-steps", type=int, default=0, help="first learn the lookup on oracle tokens for this many steps, then on --audio")
     bd.add_argument("--audio-trains", choices=("all", "projector"), default="all",
                     help="what learns on encoder tokens: language model and projector, or the projector alone (the language model frozen)")
+    bd.add_argument("--audio-lr", type=float, default=None, help="after --oracle-steps: the learning rate of the audio steps (default --lr)")
     bd.add_argument("--eval-full", action="store_true", help="with --positions: also score validation on the tower's unpooled tokens")
     bd.add_argument("--threads", type=int, default=None)
     bd.add_argument("--seed", type=int, default=0)
@@ -172,7 +173,7 @@ def _binding(args) -> int:
     history = run(args.model, args.corpus, audio=args.audio, layout=args.layout, steps=args.steps, learning_rate=args.lr, seed=args.seed,
                   lm_init=args.lm, positions=args.positions, batch_size=args.batch_size, eval_every=args.eval_every,
                   oracle_steps=args.oracle_steps, audio_trains=args.audio_trains,
-                  eval_full=args.eval_full)
+                  eval_full=args.eval_full, audio_learning_rate=args.audio_lr)
     print(table({(args.audio, args.layout, args.lm): history}))
     return 0
 

@@ -130,10 +130,10 @@ def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> P
                      "| `base_lora/` | the base stage's LoRA on the cut language model (merged into the base when assembled) |\n")
     layers = (f", and the {spec.lm_layers} language-model layers the lookup stage trained, with the base stage's LoRA merged "
               "into them (float16)" if spec.trained_layers else "")
-    lookup_step = ("""0. **Lookup** (text before audio) — the cut language model's layers (all their weights; the word
-   embeddings stay the part's) learn presence questions, present and absent, in the served chat
-   layout, over the sounds' *written names* laid where the audio tokens go (`train/binding.py`'s
-   oracle tokens, 25 positions): validation ROC-AUC """ + " → ".join(f"{h['validation_auc']:.2f}" for h in lookup)
+    lookup_step = ("""   **Lookup** (text before audio; the baseline is evaluated before it) — the base's language-model
+   layers (all their weights; the word embeddings stay the part's) learn presence questions, present
+   and absent, in the served chat layout, over the sounds' *written names* laid where the audio tokens
+   go (`train/binding.py`'s oracle tokens, 25 positions): validation ROC-AUC """ + " → ".join(f"{h['validation_auc']:.2f}" for h in lookup)
                    + f" at steps {', '.join(str(h['step']) for h in lookup)} (`training/lookup.json`).\n") if spec.trained_layers else ""
     text = f"""# earwitness-small
 
@@ -157,9 +157,9 @@ It knows the sound classes of its training corpus and answers in the short forms
 
 ## Training recipe (`train/small_recipe.py`)
 
-{lookup_step}1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
+1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
    presence / order / count / duration questions *with the absent-sound questions left out*.
-2. **LISTEN** — synthesized negatives (absent sounds, answer "No") mixed with positives; only the
+{lookup_step}2. **LISTEN** — synthesized negatives (absent sounds, answer "No") mixed with positives; only the
    projector trains, the language model is frozen.
 3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language
    model's linears only (not the audio tower), the LISTEN projector riding along.

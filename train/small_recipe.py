@@ -4,14 +4,16 @@ The audio tower (Whisper, frozen) and the language model (SmolLM2 cut to ``lm_la
 ``models.small``; the supervised stages read the tower's cached outputs (``train.encoded``), so the
 tower runs once per scene for the whole recipe.
 
-0. **lookup** (``SmallSpec.trained_layers``) — text before audio: the cut language model's layers
-   (all of their weights; the word embeddings stay frozen) learn presence questions, present and
-   absent, over the sounds' written names laid where the audio tokens go (``train.binding``'s oracle
-   tokens, pooled), in the served chat layout. The binding diagnostic measured that these layers
-   learn this match in a few hundred steps where a LoRA barely moves; the layers are committed.
 1. **base** — the hallucinating baseline: projector + a LoRA on the cut language model learn
    captions and presence / order / count / duration questions with the absent-sound questions left
    out. The LoRA is then merged: it is part of the base, not an adapter.
+1½. **lookup** (``SmallSpec.trained_layers``) — text before audio: the base's language-model layers
+   (all of their weights; the word embeddings stay frozen) learn presence questions, present and
+   absent, over the sounds' written names laid where the audio tokens go (``train.binding``'s oracle
+   tokens, pooled), in the served chat layout. The binding diagnostic measured that these layers
+   learn this match in a few hundred steps where a LoRA barely moves. The layers are committed,
+   holding the base LoRA merged; the baseline is evaluated before this stage, so it stays the
+   positive-only one.
 2. **LISTEN** — the base plus synthesized absent-sound questions answered "No"; only the projector
    learns, the language model is frozen.
 3. **DPO** — TRL with audio on both sides (``train.dpo``), LoRA r=16, α=32 on the language model, the
@@ -34,7 +36,7 @@ from train.sft import StageConfig, select_rows, train_stage
 
 BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("positive",), epochs=0.6, batch_size=8,
                    learning_rate=1e-3, warmup_steps=20, turns_per_chat=6, caption_share=0.2)
-LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.4, batch_size=8, learning_rate=1e-3,
+LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.8, batch_size=8, learning_rate=1e-3,
                      warmup_steps=10, turns_per_chat=6, caption_share=0.1)
 # DPO is ~60x the CPU of a supervised answer (two full sequences, policy and reference, the tower on
 # both sides): 40 pairs of each of the 7 kinds fit the budget. Weighting the pairs towards absent
@@ -73,8 +75,8 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
     learner = Learner(model.config.text_config, processor.tokenizer, "oracle", "chat", phrase_word_ids(ontology, processor.tokenizer),
                       none, none, config.seed, lm=checkpoint_lm(model))
     history = fit(learner, data, config.steps, config.batch_size, config.learning_rate, config.eval_every, seed=config.seed, progress=progress)
-    with torch.no_grad():
-        model.model.language_model.load_state_dict(learner.lm.model.state_dict())
+    with torch.no_grad():  # in the precision they are committed in (float16), so what is evaluated is what ships
+        model.model.language_model.load_state_dict({k: v.half().float() for k, v in learner.lm.model.state_dict().items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
     return history
@@ -97,23 +99,18 @@ def _supervised(model, processor, corpus_dir: Path, config: StageConfig, spec: S
     train_stage(EncodedForward(model), processor.tokenizer, train, val, config, out_dir, progress=progress, collate_fn=collate_encoded)
 
 
-def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True,
-               lookup: LookupConfig = LOOKUP):
-    """(Stage 0, with ``spec.trained_layers``, then) stage 1: projector + LoRA (merged afterwards) on positive-only
-    questions; saved in committed form."""
+def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True):
+    """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form."""
     from peft import get_peft_model
 
     from train.dpo import lora_config
 
-    processor, model = build_untrained(spec, seed=config.seed)
-    if spec.trained_layers:
-        train_lookup(model, processor, corpus_dir, out_dir, spec, replace(lookup, seed=config.seed), progress)
+    processor, model = build_untrained(replace(spec, trained_layers=False), seed=config.seed)
     peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
     _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress)
-    if not spec.trained_layers:  # else the committed layers carry the LoRA, merged
-        peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
+    peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
     model = peft_model.merge_and_unload().eval()
-    save_trained(model, processor, out_dir, spec)
+    save_trained(model, processor, out_dir, replace(spec, trained_layers=False))
     return processor, model
 
 
@@ -159,10 +156,16 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
             results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
             lap("eval base")
     else:
-        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress, lookup)
+        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
         lap("base")
         results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
         lap("eval base")
+    trained_dir = base_dir
+    if spec.trained_layers:  # the lookup, text before audio: the base's layers learn presence over written names
+        trained_dir = work_dir / "lookup"
+        train_lookup(base, processor, corpus_dir, trained_dir, spec, replace(lookup, seed=seed), progress)
+        save_trained(base, processor, trained_dir, spec)  # the layers now hold the base LoRA, merged, and the lookup
+        lap("lookup")
     listened = train_listen(copy.deepcopy(base), processor, corpus_dir, work_dir / "listen", spec, replace(LISTEN, seed=seed), progress)
     lap("listen")
     results["+ LISTEN"] = _evaluate("listen", processor, listened, corpus_dir, plan, progress)
@@ -179,19 +182,14 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
     plot_stages(results, work_dir / "stages.png")
     (work_dir / "report.md").write_text("# earwitness-small: evaluation\n\n" + markdown(results) + "\n")
     if ship_dir is not None:
-        ship(base_dir, adapter_dir, work_dir, ship_dir)
+        ship(trained_dir, adapter_dir, work_dir, ship_dir)
     return {"results": results, "timings_s": timings}
 
 
 def _logged_seconds(base_dir: Path) -> list[float]:
-    """The wall times a base directory's stages wrote: the base stage's and, if run, the lookup's last evaluation."""
-    out = []
-    if (base_dir / "stage.json").exists():
-        out.append(float(json.loads((base_dir / "stage.json").read_text())["wall_s"]))
-    if (base_dir / "lookup.json").exists():
-        history = json.loads((base_dir / "lookup.json").read_text())["history"]
-        out.append(float(history[-1]["elapsed_s"]) if history else 0.0)
-    return out
+    """The wall time a base directory's stage wrote."""
+    stage = base_dir / "stage.json"
+    return [float(json.loads(stage.read_text())["wall_s"])] if stage.exists() else []
 
 
 def reuse_base(earlier: Path, base_dir: Path):
@@ -205,17 +203,18 @@ def reuse_base(earlier: Path, base_dir: Path):
     return processor, model.eval()
 
 
-def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
-    """Only what training made: trained tensors, base LoRA, aligned adapter, processor, curves, card."""
+def ship(trained_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
+    """Only what training made: trained tensors (the base's, or the lookup's with its layers), base LoRA (when
+    the layers are not committed), aligned adapter, processor, curves, card."""
     from models.small import PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE
     from train.model_card import write_small_model_card
     from train.recipe import point_adapter_at
 
     ship_dir.mkdir(parents=True, exist_ok=True)
     for name in (PARTS_FILE, TRAINED_FILE, *PROCESSOR_FILES):
-        if (base_dir / name).exists():
-            shutil.copy2(base_dir / name, ship_dir / name)
-    for sub, src in ((BASE_LORA_DIR, base_dir / BASE_LORA_DIR), ("adapter", adapter_dir)):
+        if (trained_dir / name).exists():
+            shutil.copy2(trained_dir / name, ship_dir / name)
+    for sub, src in ((BASE_LORA_DIR, trained_dir / BASE_LORA_DIR), ("adapter", adapter_dir)):
         shutil.rmtree(ship_dir / sub, ignore_errors=True)
         if not src.exists():
             continue
@@ -226,7 +225,7 @@ def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> N
         point_adapter_at(ship_dir / BASE_LORA_DIR, ship_dir.name)
     reports = ship_dir / "training"
     reports.mkdir(exist_ok=True)
-    for src, dst in ((base_dir / "lookup.json", "lookup.json"), (base_dir / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
+    for src, dst in ((trained_dir / "lookup.json", "lookup.json"), (work_dir / "base" / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
                      (work_dir / "dpo" / "dpo_curve.png", "dpo_curve.png"), (work_dir / "stages.png", "stages.png"),
                      (work_dir / "results.json", "results.json")):
         if src.exists():
