@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--base-from", type=Path, default=None, help="reuse an earlier run (small: its work directory; tiny: its base directory): run only LISTEN, DPO and evaluation")
     recipe.add_argument("--model", choices=("small", "tiny"), default="small",
                         help="small: the embedded default on pretrained Whisper + SmolLM2 parts; tiny: the from-scratch test-size model")
-    recipe.add_argument("--lookup-steps", type=int, default=300,
+    recipe.add_argument("--lookup-steps", type=int, default=0,
                         help="small: steps of the lookup stage (the language model's layers learn presence over written names); 0 skips it")
     recipe.set_defaults(func=_recipe)
     base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")

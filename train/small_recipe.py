@@ -36,7 +36,7 @@ from train.sft import StageConfig, select_rows, train_stage
 
 BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("positive",), epochs=0.6, batch_size=8,
                    learning_rate=1e-3, warmup_steps=20, turns_per_chat=6, caption_share=0.2)
-LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.8, batch_size=8, learning_rate=1e-3,
+LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.4, batch_size=8, learning_rate=1e-3,
                      warmup_steps=10, turns_per_chat=6, caption_share=0.1)
 # DPO is ~60x the CPU of a supervised answer (two full sequences, policy and reference, the tower on
 # both sides): 40 pairs of each of the 7 kinds fit the budget. Weighting the pairs towards absent
@@ -76,7 +76,8 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
                       none, none, config.seed, lm=checkpoint_lm(model))
     history = fit(learner, data, config.steps, config.batch_size, config.learning_rate, config.eval_every, seed=config.seed, progress=progress)
     with torch.no_grad():  # in the precision they are committed in (float16), so what is evaluated is what ships
-        model.model.language_model.load_state_dict({k: v.half().float() for k, v in learner.lm.model.state_dict().items()})
+        trained = {k: v.half().float() for k, v in learner.lm.model.state_dict().items() if k.startswith(("layers.", "norm."))}
+        model.model.language_model.load_state_dict(trained, strict=False)  # the word embeddings stay the part's, exactly
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
     return history
