@@ -26,7 +26,8 @@ TRAINED_FILE = "trained.safetensors"
 BASE_LORA_DIR = "base_lora"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
 _TRAINED_PREFIXES = ("model.multi_modal_projector.",)
-_LM_PREFIXES = ("model.language_model.layers.", "model.language_model.norm.")  # with ``trained_layers``: the lookup stage's
+LM_TRAINED_PARTS = ("layers.", "norm.")  # of the language model, with ``trained_layers``: the lookup stage's (not the word embeddings)
+_LM_PREFIXES = tuple(f"model.language_model.{p}" for p in LM_TRAINED_PARTS)
 
 
 @dataclass(frozen=True)

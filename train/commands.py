@@ -110,7 +110,7 @@ def _recipe(args) -> int:
         from train.small_recipe import LOOKUP, run_small_recipe
 
         out = run_small_recipe(args.corpus, args.work, args.ship, SmallSpec(trained_layers=args.lookup_steps > 0), seed=args.seed,
-                               base_from=args.base_from, lookup=replace(LOOKUP, steps=max(args.lookup_steps, 1)))
+                               base_from=args.base_from, lookup=replace(LOOKUP, steps=args.lookup_steps))
     else:
         from train.recipe import run_recipe
 

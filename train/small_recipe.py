@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.small import BASE_LORA_DIR, SmallSpec, build_untrained, save_trained
+from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, SmallSpec, build_untrained, save_trained
 from train.data.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
@@ -62,7 +62,7 @@ LOOKUP = LookupConfig()
 
 def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: LookupConfig = LOOKUP,
                  progress: bool = True) -> list[dict]:
-    """Stage 0 in place: the language model's layers learn to answer presence questions over written names.
+    """The lookup stage, in place on the base: its language-model layers learn presence questions over written names.
 
     Returns the validation history (ROC-AUC of logit(Yes) − logit(No)); ``out_dir/lookup.json`` keeps it.
     """
@@ -76,7 +76,7 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
                       none, none, config.seed, lm=checkpoint_lm(model))
     history = fit(learner, data, config.steps, config.batch_size, config.learning_rate, config.eval_every, seed=config.seed, progress=progress)
     with torch.no_grad():  # in the precision they are committed in (float16), so what is evaluated is what ships
-        trained = {k: v.half().float() for k, v in learner.lm.model.state_dict().items() if k.startswith(("layers.", "norm."))}
+        trained = {k: v.half().float() for k, v in learner.lm.model.state_dict().items() if k.startswith(LM_TRAINED_PARTS)}
         model.model.language_model.load_state_dict(trained, strict=False)  # the word embeddings stay the part's, exactly
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
