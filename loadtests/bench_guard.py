@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from serving.guard.policy import Thresholds
     from serving.guard.verifier import load_verifier
-    from train.verifier import roc_auc
+    from train.verifier import ranking_bounds, roc_auc
 
     verifier = load_verifier(args.verifier)
     cal = verifier.calibration
@@ -125,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     y = np.array([r["sampling"] == "positive" for r in rows])
     s = np.array(scores)
     smp = np.array([r["sampling"] for r in rows])
-    auc_rows = [["all negatives", int(y.sum()), int((~y).sum()), roc_auc(y, s)]]
-    for k in NEGATIVES:
-        keep = (smp == "positive") | (smp == k)
-        auc_rows.append([k, int(y[keep].sum()), int((~y[keep]).sum()), roc_auc(y[keep], s[keep])])
+    auc_rows = []
+    for k, keep in [("all negatives", np.ones(len(y), bool)), *[(k, (smp == "positive") | (smp == k)) for k in NEGATIVES]]:
+        best, passed = ranking_bounds(y[keep], s[keep])
+        auc_rows.append([k, int(y[keep].sum()), int((~y[keep]).sum()), roc_auc(y[keep], s[keep]), best, passed])
     print(f"\n## 1. Verifier alone ({verifier.name}), corpus test split: {len(rows)} presence questions, "
           f"{len(cache)} scenes, {time.time() - t0:.0f} s; phrases matched to another class: {mismatched}\n")
-    print(table(["negatives", "present", "absent", "ROC-AUC"], auc_rows))
+    print(table(["negatives", "present", "absent", "ROC-AUC", "best balanced accuracy*", "absent passed at 95% present kept*"], auc_rows))
+    print("\n*any threshold, tuned on these very questions: the ceiling of a presence answer read from these scores, "
+          "and the floor of `correct`'s false 'yes' where it may override at most 5% of true 'yes' answers")
     print(f"\nthresholds: absent below {cal.absent_below:.4f}, present from {cal.present_above:.4f}")
 
     always_yes = ["Yes"] * len(rows)

@@ -59,3 +59,18 @@ def test_prior_correction_takes_out_as_much_prior_as_validation_says_helps():
 
     assert choose_prior_correction(auc_with(signal + prior), prior) == 1.0
     assert choose_prior_correction(auc_with(signal), prior) == 0.0
+
+
+def test_ranking_bounds_read_the_ceiling_and_the_floor_off_the_scores():
+    """Separable scores reach accuracy 1 and pass no absent sound; scores that ignore presence reach 0.5 and pass them all."""
+    import numpy as np
+
+    from train.verifier import ranking_bounds
+
+    y = np.array([1] * 40 + [0] * 60, bool)
+    assert ranking_bounds(y, np.where(y, 0.9, 0.1)) == (1.0, 0.0)
+    assert ranking_bounds(y, np.full(100, 0.5)) == (0.5, 1.0)
+    # half the absent sounds score like the present ones: the best threshold keeps all present and drops the other half
+    s = np.concatenate([np.linspace(0.6, 1.0, 40), np.linspace(0.6, 1.0, 30), np.full(30, 0.1)])
+    best, passed = ranking_bounds(y, s)
+    assert best == 0.75 and 0.45 <= passed <= 0.5

@@ -222,6 +222,22 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def ranking_bounds(y: np.ndarray, s: np.ndarray, keep: float = 0.95) -> tuple[float, float]:
+    """What any threshold on these scores can reach, tuned on the very questions it is scored on.
+
+    ``(best balanced accuracy, share of absent sounds scored at or above the threshold that keeps
+    ``keep`` of the present ones)``: the ceiling on a presence answer read from the scores, and the
+    floor on `correct`'s false 'yes' when it may override at most ``1 - keep`` of true 'yes' answers.
+    """
+    y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=np.float64)
+    pos, neg = np.sort(s[y]), np.sort(s[~y])
+    cuts = np.unique(s)
+    tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / len(pos)  # present scored >= cut
+    tnr = np.searchsorted(neg, cuts, side="left") / len(neg)  # absent scored < cut
+    cut = pos[int(np.floor((1.0 - keep) * len(pos)))]
+    return float(np.max((tpr + tnr) / 2)), float(np.mean(neg >= cut))
+
+
 PRIOR_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
