@@ -58,3 +58,13 @@ def test_answers_real_scenes_in_its_trained_forms_and_not_always_yes(corpus):
     assert set(answers) <= {"yes", "no"}, list(zip([r.question for r in presence], answers))
     assert "no" in answers, answers
     assert all(a.strip().isdigit() for a in answer_rows(backend, counts, corpus, progress=False))
+
+
+def test_the_model_card_names_every_pretrained_part_with_its_wheel_hash_and_licence():
+    card = (SMALL_DIR / "README.md").read_text()
+    parts = json.loads((SMALL_DIR / "earwitness_parts.json").read_text())["parts"]
+    for name, part in parts.items():
+        assert name in card and part["original_model"] in card and part["licence"] in card
+        for wheel in part["wheels"]:
+            assert f"{wheel['package']}=={wheel['version']}" in card and wheel["sha256"] in card
+    assert "## Reproduce" in card and "earwitness train recipe" in card
