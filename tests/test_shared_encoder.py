@@ -243,6 +243,20 @@ def test_the_verifier_refuses_layers_that_are_not_one_window(app):
         server._assess_layers(np.zeros((2, 250, 384), np.float32), WINDOW + 1, [])
 
 
+
+def test_the_verifier_scores_read_only_layers_as_a_ray_handle_delivers_them(app):
+    """An object-store view is read-only: the verifier copies it once instead of wrapping it (torch warns of undefined behaviour)."""
+    import warnings
+
+    server = app[3]
+    layers = np.zeros((2, 250, 384), np.float32)
+    layers.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = server._assess_layers(layers, WINDOW, [])
+    probs = result["probabilities"].values()
+    assert result["shared"] and len(probs) > 0 and all(0.0 <= p <= 1.0 for p in probs)
+
 # ---- the runner, on a fake verifier --------------------------------------------------------------------
 
 

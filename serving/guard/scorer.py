@@ -247,8 +247,8 @@ class WhisperFrontend:
 
     def _given(self, clip: TowerLayers) -> tuple[torch.Tensor, torch.Tensor]:
         """A clip's frames from its encoder layers (one window) computed elsewhere."""
-        # a copy: the array a Ray handle delivers is a read-only view of the object store
-        layers = torch.tensor(np.asarray(clip.layers, dtype=np.float32))
+        # one copy (and cast): the array a Ray handle delivers is a read-only view of the object store
+        layers = torch.from_numpy(np.array(clip.layers, dtype=np.float32))
         positions = self.tower.config.max_source_positions // 2  # after the tower's avg-pool
         if layers.shape != (2, positions, self.tower.config.d_model) or not 0 <= clip.n_samples <= self.window:
             raise ValueError(f"layers {tuple(layers.shape)} for {clip.n_samples} samples are not one {self.cfg.encoder} window")
