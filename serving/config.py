@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     verifier_replicas: int = Field(1, ge=1)
     verifier_cpus: float = Field(1.0, ge=0)
     verifier_timeout_s: float = Field(5.0, gt=0, description="past this the answer goes out 'unverified'")
+    verifier_log_level: Literal["DEBUG", "INFO", "WARNING"] = Field(
+        "INFO", description="DEBUG logs each verdict's clip (SHA-256 prefix, kept or scored), to trace which audio a verdict came from",
+    )
     verifier_max_ongoing: int = Field(4, ge=1, description="clips a verifier replica scores at once (its encoder is CPU-bound: more only thrash)")
     verifier_max_queued: int = Field(
         16, ge=-1, description="verifier calls waiting per handle beyond the ongoing ones; past this a guarded answer goes out "

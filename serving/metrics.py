@@ -52,6 +52,10 @@ class Metrics:
             "shared (from the model's tower layers, no encoder pass of its own) or scored.",
             ["result"], registry=registry,
         )
+        self.verifier_kept_hits = Counter(
+            f"{PREFIX}_verifier_kept_hits", "Verifier results served from a replica's kept results (the same clip's samples, "
+            "byte for byte, heard before): guarded answers and /v1/audio/verify alike.", registry=registry,
+        )
         self.verifier_failures = Counter(
             f"{PREFIX}_verifier_failures", "Verifier calls that failed: timeout, unavailable, overloaded, error, disabled.", ["reason"], registry=registry
         )

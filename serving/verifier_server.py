@@ -38,6 +38,9 @@ class VerifierServer:
         from serving.guard.verifier import load_verifier
 
         self.settings = Settings(**settings)
+        log.setLevel(self.settings.verifier_log_level)
+        if self.settings.verifier_log_level == "DEBUG" and not log.handlers:  # the replica's log file gets them
+            log.addHandler(logging.StreamHandler())
         if self.settings.topology == "split":  # fused: the process's threads are the model's to set
             torch.set_num_threads(max(1, int(self.settings.verifier_cpus)))  # a fractional share gets one thread
         self.verifier = load_verifier(self.settings.verifier)
@@ -56,16 +59,22 @@ class VerifierServer:
 
     def class_probabilities(self, samples: np.ndarray) -> tuple[dict[str, float], bool]:
         """Every class's calibrated probability for the clip, and whether it was kept from the last time
-        the clip was heard (else: one forward)."""
+        the clip was heard (else: one forward).
+
+        A kept value is keyed by the clip's length and the SHA-256 of exactly the float32 samples it was
+        computed from; the weights never change in a replica, so the key holds everything else it depends on.
+        """
         clip = np.ascontiguousarray(samples, dtype=np.float32)
-        if self.kept.size == 0:  # nothing is kept: no hash to compute
-            return self.verifier.class_probabilities(clip), False
-        key = (clip.size, hashlib.sha256(memoryview(clip)).digest())
-        probs = self.kept.get(key)
+        need_key = self.kept.size > 0 or log.isEnabledFor(logging.DEBUG)
+        key = (clip.size, hashlib.sha256(memoryview(clip)).digest()) if need_key else None
+        probs = self.kept.get(key) if self.kept.size > 0 else None
         kept = probs is not None
         if not kept:
             probs = self.verifier.class_probabilities(clip)
-            self.kept.put(key, probs)
+            if self.kept.size > 0:
+                self.kept.put(key, probs)
+        if key is not None:
+            log.debug("verifier: clip %s (%d samples) %s", key[1][:6].hex(), clip.size, "kept" if kept else "scored")
         return dict(probs), kept  # a copy: the kept one stays as computed, whatever a caller does with it
 
     def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
@@ -97,8 +106,12 @@ class VerifierServer:
 
     async def verify(self, samples: np.ndarray, texts: list[str]) -> dict:
         """``POST /v1/audio/verify``: per phrase, class, calibrated probability, present."""
-        scores = await asyncio.to_thread(lambda: self.verifier.verify(samples, texts, self.class_probabilities(samples)[0]))
-        return {"verifier": self.verifier.name, "events": [s.to_dict() for s in scores], **self._thresholds()}
+        return await asyncio.to_thread(self._verify, samples, texts)
+
+    def _verify(self, samples: np.ndarray, texts: list[str]) -> dict:
+        probs, kept = self.class_probabilities(samples)
+        scores = self.verifier.verify(samples, texts, probs)
+        return {"verifier": self.verifier.name, "events": [s.to_dict() for s in scores], "kept": kept, **self._thresholds()}
 
     def _thresholds(self) -> dict:
         c = self.verifier.calibration

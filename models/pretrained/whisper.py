@@ -8,8 +8,10 @@ for name, with the position table cut to the chosen window (50 positions per sec
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -231,31 +233,61 @@ def whisper_encoder(name: str, max_source_positions: int = 1500) -> Qwen2AudioEn
     return qwen2_audio_encoder(load_whisper(name), max_source_positions)
 
 
+#: The layers a tower forward is asked to record, per calling context (thread or asyncio task). The hooks
+#: below are installed once per tower and hold no state: each writes into the recorder of the context
+#: that runs the forward, so two forwards in flight on one tower (the verifier replica's threads) each
+#: record only their own layers. Recording through state on the module itself would hand the first
+#: forward's layers to every caller waiting at that moment.
+_RECORDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("earwitness_tower_layers", default=None)
+_HOOKED = "_earwitness_layer_hooks"
+_INSTALL = threading.Lock()  # two first calls at once install the hooks once
+
+
+def _middle(tower) -> torch.nn.Module:
+    return tower.layers[len(tower.layers) // 2 - 1]
+
+
+def _install_hooks(tower) -> None:
+    """Once per tower: stateless hooks that feed the current context's recorder, if it records this tower."""
+    with _INSTALL:
+        if tower.__dict__.get(_HOOKED) != id(tower):
+            _middle(tower).register_forward_hook(_on_middle)
+            tower.register_forward_hook(_on_tower)
+            tower.__dict__[_HOOKED] = id(tower)
+
+
+def _on_middle(module, _inputs, result) -> None:
+    rec = _RECORDING.get()
+    if rec is not None and rec.get("middle_layer") is module and "middle" not in rec:
+        rec["middle"] = result[0] if isinstance(result, tuple) else result
+
+
+def _on_tower(module, _inputs, result) -> None:
+    rec = _RECORDING.get()
+    if rec is not None and rec.get("tower") is module and "layers" not in rec and "middle" in rec:
+        pooled = module.avg_pooler(rec.pop("middle").permute(0, 2, 1)).permute(0, 2, 1)
+        rec["layers"] = (result.last_hidden_state, pooled)
+
+
 @contextlib.contextmanager
 def captured_layers(tower):
-    """The tower's last and middle layer of its first forward inside the block: ``out["layers"]`` =
+    """The tower's last and middle layer of this context's first forward inside the block: ``out["layers"]`` =
     ``(last, middle)``, each ``[B, positions, d_model]``; the middle layer (``layers[len // 2 - 1]``) is
-    read by a hook and avg-pooled by the tower's own pooler, so the tower's own forward runs (inside
-    a model's ``generate`` too, which is how a served model hands its tower's layers to the verifier)."""
-    out: dict = {}
-    middle: list[torch.Tensor] = []
-    layer = tower.layers[len(tower.layers) // 2 - 1]
+    avg-pooled by the tower's own pooler, so the tower's own forward runs (inside a model's ``generate``
+    too, which is how a served model hands its tower's layers to the verifier).
 
-    def on_middle(_m, _i, result):
-        if not middle:
-            middle.append(result[0] if isinstance(result, tuple) else result)
-
-    def on_tower(_m, _i, result):
-        if "layers" not in out and middle:
-            pooled = tower.avg_pooler(middle[0].permute(0, 2, 1)).permute(0, 2, 1)
-            out["layers"] = (result.last_hidden_state, pooled)
-
-    handles = [layer.register_forward_hook(on_middle), tower.register_forward_hook(on_tower)]
+    Per call: what is recorded lives in the calling context (:data:`_RECORDING`), never on the shared
+    tower, so concurrent forwards in other threads neither see nor fill this block's ``out``.
+    """
+    _install_hooks(tower)
+    out: dict = {"tower": tower, "middle_layer": _middle(tower)}
+    token = _RECORDING.set(out)
     try:
         yield out
     finally:
-        for handle in handles:
-            handle.remove()
+        _RECORDING.reset(token)
+        for key in ("tower", "middle_layer", "middle"):
+            out.pop(key, None)
 
 
 @torch.no_grad()

@@ -83,6 +83,8 @@ async def verify(service, request: Request) -> VerifyResponse:
             response.cancel()
         why = f"is busy (no answer within {service.settings.verifier_timeout_s:g} s)" if reason == "timeout" else f"failed ({reason})"
         raise ApiError(503, "verifier_unavailable", f"the verifier {why}; retry shortly", {"Retry-After": "2"}) from exc
+    if result.get("kept"):
+        service.metrics.verifier_kept_hits.inc()
     return VerifyResponse(
         verifier=result["verifier"],
         events=result["events"],

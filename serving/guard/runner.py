@@ -165,6 +165,8 @@ class GuardRunner:
         try:
             result = await self._await(pending, pending.response)
             self.metrics.verifier_clips.labels("kept" if result.get("kept") else "shared" if result.get("shared") else "scored").inc()
+            if result.get("kept"):
+                self.metrics.verifier_kept_hits.inc()
             mentions = [c for c in checks if c.source == "answer"]
             matches = {}
             if mentions:
