@@ -11,6 +11,8 @@ seeded :class:`random.Random`, so a run is reproducible. Every answer is checked
 * every 4xx/5xx from the app has a JSON ``{"error": {"code", ...}}`` body (the ``protocol`` class, HTTP
   garbage uvicorn refuses before the app, is exempt);
 * a valid request is answered (200, or 503 backpressure);
+* a known request (a fixed pool, each sent alone before the campaign) gets the answer it got alone, in
+  everything that depends on its audio and text: one caller's audio never decides another's answer;
 * no request goes unanswered for ``--hang-s``.
 
 The report (``fuzz.md``) gives status codes per class and the problems; every 5xx, hang or failed valid
@@ -33,6 +35,7 @@ import base64
 import collections
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import io
 import json
 import random
@@ -72,6 +75,7 @@ class Case:
     valid: bool = False  # well formed: must be answered 200 (or 503 backpressure)
     raw: bytes | None = None  # an HTTP/1.1 request as sent on the wire (protocol cases)
     method: str = "POST"
+    reference: str | None = None  # a known request: its answer must equal the one it got alone (:func:`known_references`)
 
 
 # --- audio ----------------------------------------------------------------------------------------------------
@@ -269,6 +273,49 @@ def case_valid(rng: random.Random) -> Case:
     return request(rng, "valid", valid_clip(rng), text, valid=True)
 
 
+KNOWN_TEXTS = (QUESTION, "a dog barking", "Is there a sound of speech in the audio?", "rain")
+
+
+def known_cases(count: int = 12) -> list[Case]:
+    """A fixed pool of valid requests (each its own clip, endpoint and shape) whose answers are known: each was
+    sent alone before the campaign (:func:`known_references`), and the same request in the hostile traffic must
+    get the same answer, whatever is in flight beside it."""
+    cases = []
+    for i in range(count):
+        rng = random.Random(f"known:{i}")
+        case = request(rng, "known", valid_clip(rng), KNOWN_TEXTS[i % len(KNOWN_TEXTS)], valid=True)
+        cases.append(dataclasses.replace(case, reference=f"known-{i}"))
+    return cases
+
+
+KNOWN = known_cases()
+
+
+def case_known(rng: random.Random) -> Case:
+    return rng.choice(KNOWN)
+
+
+def answer_content(body: bytes) -> object:
+    """What an answer says about its audio and text (``loadtests.equivalence.content``), or the raw body."""
+    from loadtests.equivalence import content
+
+    try:
+        return content(json.loads(body))
+    except ValueError:
+        return body[:300].decode("utf-8", "replace")
+
+
+def known_references(base: str, timeout_s: float = 75.0) -> dict[str, object]:
+    """Each known case's answer when it is alone on the server; raises unless each is answered 200."""
+    refs = {}
+    for case in KNOWN:
+        result = send(base, case, timeout_s)
+        if result.status != 200:
+            raise RuntimeError(f"known request {case.reference} ({case.path}) answered {result.status} alone: {result.body[:200]!r}")
+        refs[case.reference] = answer_content(result.body)
+    return refs
+
+
 def case_audio_edges(rng: random.Random) -> Case:
     return request(rng, "audio_edges", odd_clip(rng), QUESTION)
 
@@ -362,7 +409,8 @@ def case_other_paths(rng: random.Random) -> Case:
 
 # class -> (builder, weight out of 100)
 CLASSES = {
-    "valid": (case_valid, 22),
+    "valid": (case_valid, 12),
+    "known": (case_known, 10),
     "audio_edges": (case_audio_edges, 12),
     "sample_values": (case_sample_values, 7),
     "damaged_audio": (case_damaged_audio, 14),
@@ -452,8 +500,8 @@ def error_code(result: Result) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def problems(case: Case, result: Result) -> list[str]:
-    """What is wrong with this answer (empty: nothing)."""
+def problems(case: Case, result: Result, references: dict[str, object] | None = None) -> list[str]:
+    """What is wrong with this answer (empty: nothing); a known case's answer is also checked against its reference."""
     if result.failure is not None:
         return [result.failure]
     status, out = result.status or 0, []
@@ -464,6 +512,8 @@ def problems(case: Case, result: Result) -> list[str]:
         out.append("non-JSON error body")
     if case.valid and status != 200 and not backpressure:
         out.append(f"valid request answered {status}")
+    if case.reference is not None and references is not None and status == 200 and answer_content(result.body) != references[case.reference]:
+        out.append("differs from its reference")
     return out
 
 
@@ -477,9 +527,10 @@ class Tally:
     problems: list[dict] = field(default_factory=list)
     latencies: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    references: dict[str, object] | None = None  # known cases' answers alone
 
     def add(self, index: int, case: Case, result: Result) -> list[str]:
-        found = problems(case, result)
+        found = problems(case, result, self.references)
         key = str(result.status) if result.status is not None else result.failure
         with self.lock:
             self.by_class[case.cls][key] += 1
@@ -494,14 +545,14 @@ class Tally:
 def reproducer(case: Case) -> dict:
     return {"class": case.cls, "method": case.method, "path": case.path, "headers": {k: v.decode("latin-1") for k, v in case.headers.items()},
             "body_b64": base64.b64encode(case.body).decode(), "raw_b64": base64.b64encode(case.raw).decode() if case.raw is not None else None,
-            "valid": case.valid}
+            "valid": case.valid, "reference": case.reference}
 
 
 def replay(base: str, path: str, timeout_s: float = 75.0) -> Result:
     """Send a reproducer file again."""
     doc = json.loads(Path(path).read_text())
     case = Case(doc["class"], doc["path"], base64.b64decode(doc["body_b64"]), {k: v.encode("latin-1") for k, v in doc["headers"].items()},
-                doc["valid"], base64.b64decode(doc["raw_b64"]) if doc["raw_b64"] else None, doc["method"])
+                doc["valid"], base64.b64decode(doc["raw_b64"]) if doc["raw_b64"] else None, doc["method"], doc.get("reference"))
     return send(base, case, timeout_s)
 
 
@@ -509,7 +560,8 @@ def campaign(base: str, requests: int, concurrency: int, seed: int, max_seconds:
     """``requests`` cases (case i drawn from ``Random(seed, i)``), ``concurrency`` at a time, for at most ``max_seconds``."""
     import httpx
 
-    tally, start, counter = Tally(), time.monotonic(), iter(range(requests))
+    tally = Tally(references=known_references(base, hang_s))  # each known request alone first
+    start, counter = time.monotonic(), iter(range(requests))
     lock = threading.Lock()
 
     def worker() -> None:
@@ -602,7 +654,8 @@ def report(tally: Tally, args, seconds: float, memory: ReplicaMemory | None = No
         "Responses >= 500 other than 503 with Retry-After: "
         f"{sum(v for c in tally.by_class.values() for s, v in c.items() if s.isdigit() and int(s) >= 500 and s != '503')}; "
         f"hangs: {kinds.get('hang', 0)}; non-JSON error bodies from the app: {kinds.get('non-JSON error body', 0)}; "
-        f"valid requests not answered: {sum(v for k, v in kinds.items() if k.startswith('valid request'))} of {sum(tally.by_class['valid'].values())}.", "",
+        f"valid requests not answered: {sum(v for k, v in kinds.items() if k.startswith('valid request'))} of {sum(tally.by_class['valid'].values()) + sum(tally.by_class['known'].values())}; "
+        f"known requests whose answer differs from their answer alone: {kinds.get('differs from its reference', 0)} of {sum(tally.by_class['known'].values())}.", "",
         "## Status codes per class", "",
         "| class | requests | " + " | ".join(statuses) + " | p50 ms | p99 ms |",
         "| --- | ---: | " + " | ".join("---:" for _ in statuses) + " | ---: | ---: |",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -75,25 +76,57 @@ def test_unknown_setting_is_refused():
         Settings(max_batchsize=4)
 
 
-def test_serve_stops_cleanly_on_sigterm(tmp_path):
-    """``earwitness serve`` under docker stop / systemd: SIGTERM shuts Serve and Ray down and exits 0,
-    with no stack trace from Ray's own signal handler and no Ray process left behind."""
+def _processes_of_run(marker: str) -> list[str]:
+    """Every live process whose environment carries ``marker``: all a run started (Ray's GCS, raylet, workers and
+    Serve replicas inherit the CLI's environment, whatever they rename themselves to)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                cmdline = (proc / "cmdline").read_bytes().replace(bytes(1), b" ").decode(errors="replace")
+                found.append(f"{proc.name} {cmdline[:80]}")
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group"])
+def test_serve_stops_cleanly(tmp_path, how):
+    """``earwitness serve`` under docker stop / systemd (SIGTERM to the process) and Ctrl-C in a terminal (SIGINT to
+    the whole foreground process group, Ray's processes included): after serving a request it shuts Serve and Ray
+    down and exits 0, with no stack trace from Ray's own signal handler and no process of that run left behind."""
     import signal
+    import uuid
+
+    import httpx
 
     from tests.helpers import free_port, wait_ready
 
-    port, temp = free_port(), tempfile.mkdtemp(prefix="ew-sigterm-")
-    env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2", "RAY_USAGE_STATS_ENABLED": "0"}
+    port, temp, marker = free_port(), tempfile.mkdtemp(prefix="ew-stop-"), f"ew-run-{uuid.uuid4().hex}"
+    env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
+           "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            cwd=ROOT, start_new_session=True)  # its own process group, as a shell job has
     try:
         assert wait_ready(f"http://127.0.0.1:{port}", 240, poll_s=2) and proc.poll() is None, log.read_text()[-2000:]
-        proc.send_signal(signal.SIGTERM)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
+                       data={"question": "Is there a dog?", "max_tokens": "4"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert len(_processes_of_run(marker)) > 3, "the run's Ray processes are found by their environment"
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(120) == 0, log.read_text()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
     assert "earwitness: stopping" in text and "SIGTERM received" not in text
-    left = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
-    assert not left, f"Ray processes left: {left}"
+    deadline = time.monotonic() + 15  # a worker may take a moment to exit after the raylet is gone
+    while (left := _processes_of_run(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the run left: {left}"

@@ -1,5 +1,6 @@
 """Property tests against the real app: whatever a request holds, the answer is < 500 (but 503 backpressure), a
-4xx has a JSON error body, and valid requests sent beside it are still answered.
+4xx has a JSON error body, and valid requests sent beside it are still answered, with the answers they get alone
+(known requests from the campaign's pool, their references taken alone once).
 
 The cases come from the fuzz campaign's builders (loadtests/fuzz.py: containers and their headers, sample
 values, lengths, channel counts, text, JSON shapes and depths, parameters, HTTP headers, raw protocol), driven
@@ -17,25 +18,37 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtests.fuzz import CLASSES, ENDPOINTS, SPECIAL_TOKENS, Case, case_valid, problems, send, valid_clip
+from loadtests.fuzz import CLASSES, ENDPOINTS, KNOWN, SPECIAL_TOKENS, Case, known_references, problems, send, valid_clip
 
 TIMEOUT_S = 60.0
 BOUNDED = settings(max_examples=70, deadline=None, derandomize=True, database=None, print_blob=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
-HOSTILE = sorted(set(CLASSES) - {"valid"})
+HOSTILE = sorted(set(CLASSES) - {"valid", "known"})
 # text as a client may send it: any code point, lone surrogates, special tokens of the served and verifier tokenizers
 TEXT = st.lists(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr), st.sampled_from(SPECIAL_TOKENS)), max_size=40).map("".join)
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=12)
 
 
+_REFERENCES: dict[str, dict] = {}
+
+
+def _references(url: str) -> dict:
+    """The known requests' answers alone, taken once per server."""
+    if url not in _REFERENCES:
+        _REFERENCES[url] = known_references(url, TIMEOUT_S)
+    return _REFERENCES[url]
+
+
 def _with_neighbours(url: str, case: Case, neighbours: int = 2) -> None:
-    """``case`` sent with ``neighbours`` valid requests at the same time (so they share model batches); all judged."""
-    valid = [case_valid(random.Random(i)) for i in range(neighbours)]
+    """``case`` sent with ``neighbours`` known valid requests at the same time (so they share model batches and the
+    verifier); all judged, and the neighbours' answers must be the ones they get alone."""
+    refs = _references(url)
+    valid = [KNOWN[(len(case.body) + i) % len(KNOWN)] for i in range(neighbours)]
     with cf.ThreadPoolExecutor(1 + neighbours) as pool:
         results = list(pool.map(lambda c: send(url, c, TIMEOUT_S), [case, *valid]))
     for sent, result in zip([case, *valid], results):
-        found = problems(sent, result)
+        found = problems(sent, result, refs)
         assert not found, (sent.cls, sent.path, found, result.status, result.body[:300])
 
 

@@ -120,3 +120,19 @@ def test_engine_bench_interval_pairs_rounds_and_flags_verdicts_within_noise():
     assert abs(against_logprobs - 65 / 60) < 0.03
     missed = re.search(r"throughput 0\.6\dx .*: MISSED; p50 \+(\d+) ms$", lines[1])
     assert missed and 25 <= int(missed.group(1)) <= 40  # 80 vs 50 ms around the rounds' medians
+
+
+def test_a_known_request_is_judged_by_its_answer_alone():
+    """The fuzz campaign fails a known request whose answer differs from its reference, in content only."""
+    import json
+
+    from loadtests.fuzz import KNOWN, Result, answer_content, problems
+
+    case = KNOWN[0]
+    alone = {"answer": "yes", "guard": {"claims": [{"event": "Dog", "verifier_score": 0.52}]}, "timing": {"total_ms": 10.0}}
+    refs = {case.reference: answer_content(json.dumps(alone).encode())}
+    same = {**alone, "timing": {"total_ms": 99.0}, "request_id": "x"}  # handling differs, content does not
+    other = {**alone, "guard": {"claims": [{"event": "Dog", "verifier_score": 0.24}]}}
+    assert problems(case, Result(200, json.dumps(same).encode(), {}, 0.1), refs) == []
+    assert problems(case, Result(200, json.dumps(other).encode(), {}, 0.1), refs) == ["differs from its reference"]
+    assert problems(case, Result(503, b'{"error": {"code": "overloaded"}}', {"retry-after": "1"}, 0.1), refs) == []
