@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextvars
 import logging
 import os
 import re
@@ -50,8 +49,6 @@ log = logging.getLogger("earwitness.http")
 # What a served model or adapter name may look like: no path separators, no "..", bounded length
 # (":" joins a model and its adapter: earwitness-tiny:base; see serving/adapters.py).
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-# The model id a request resolved to, for the model call further down the same request's task.
-_REQUEST_MODEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("earwitness_model_id", default=None)
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 500, 503, 504)}
 # How long /readyz waits for the model: under a probe's usual 1 s timeout.
@@ -273,10 +270,9 @@ class Service:
             model_id, _ = catalog.resolve(requested)
         except UnknownModel:
             raise ApiError(404, "model_not_found", f"model {requested!r} is not served here; see GET /v1/models", param="model") from None
-        _REQUEST_MODEL.set(model_id)
         return model_id, info
 
-    async def hear(self, endpoint: str, clip, question: str, max_tokens: int, policy: str, model_id: str | None = None) -> Heard:
+    async def hear(self, endpoint: str, clip, question: str, max_tokens: int, policy: str, model_id: str) -> Heard:
         """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed.
 
         The model call leaves before the verifier's, so the longer request is never queued behind the
@@ -288,7 +284,7 @@ class Service:
         start = time.perf_counter()
         contrast = policy != "off" and self.settings.guard_contrast
         prompt = AudioPrompt(clip.samples, question, max_tokens, contrast=contrast, tower_layers=shared)
-        response = self.model.complete(prompt, model_id or _REQUEST_MODEL.get())
+        response = self.model.complete(prompt, model_id)
         pending = self.guard.start(clip.samples, question, policy, shared)  # the verifier runs beside the model, or after it
         try:
             generation = await self._await_model(response)
@@ -324,13 +320,13 @@ class Service:
         data, fields = await _read_qa(request)
         question = self.check_question(fields.question)
         max_tokens = self.check_max_tokens(fields.max_tokens)
-        _, info = await self.resolve_model(fields.model)
+        model_id, info = await self.resolve_model(fields.model)
         if len(data) > self.settings.max_upload_bytes:
             raise too_large(self.settings.max_upload_bytes)
         limit_s = min(self.settings.max_audio_s, info["max_audio_s"])
         clip = await intake.decode_async(data, info["sample_rate"], limit_s, fields.truncate)
         decoded = time.perf_counter()
-        heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard))
+        heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard), model_id)
         outcome = heard.outcome
         kind = outcome.kind
         self.observe("/v1/audio/qa", clip, kind, info["model"], decoded - start)

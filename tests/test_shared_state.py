@@ -1,4 +1,5 @@
-"""A tower's recorded layers belong to the forward that computed them, however many run at once.
+"""What concurrent requests share in a replica gives each its own result: a tower's recorded layers belong to the
+forward that computed them, however many run at once, and the verifier's text encoder embeds each caller's phrases.
 
 The verifier replica scores up to ``verifier_max_ongoing`` clips in threads on one Whisper tower, and the
 model server records its tower's layers inside ``generate``: both read them through
@@ -12,6 +13,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +76,16 @@ def test_a_forward_outside_the_block_records_nothing(tower):
             tower(feats)
     torch.testing.assert_close(out["layers"][0], encode_layers(tower, feats)[0])
     assert set(out) == {"layers"}
+
+
+def test_the_text_encoder_embeds_each_threads_phrases():
+    """The verifier's threads share one MiniLM encoder and its cache (kept small here, so it is cleared while others read)."""
+    from serving.guard.text import TextEncoder
+
+    encoder = TextEncoder(cache_size=4)
+    texts = [[f"a sound of thing {i}", "a dog barking" if i % 2 else f"thing {i} {'far ' * i}"] for i in range(24)]
+    alone = [encoder._embed(t) for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: (i, encoder.encode(texts[i])), list(range(24)) * 3))
+    for i, vectors in got:
+        np.testing.assert_allclose(vectors, alone[i], atol=1e-5)
