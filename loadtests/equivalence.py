@@ -9,7 +9,9 @@ questions on each endpoint that depends on the audio: ``/v1/audio/verify``, guar
 from them are sent in shuffled order, ``--concurrency`` at a time, and every answer is compared with its
 reference in everything that depends on the audio and the text (:func:`content`: the answer, the verdict,
 every claim and its verifier score, every verify probability; floats to 4 decimals). A mismatch is counted
-and written as a reproducer (``equivalence-repro/NNNN.json``). A server whose verifier keeps results
+and written as a reproducer (``equivalence-repro/NNNN.json``). Load shed is counted apart, not compared: a 503
+with Retry-After, and an answer the guard marks ``unverified`` because the verifier could not answer within
+``verifier_timeout_s`` (neither claims anything about the audio). A server whose verifier keeps results
 (``verifier_cache_size``) answers a repeated clip from them: start it with ``EARWITNESS_VERIFIER_CACHE_SIZE=0``
 to make every concurrent request run the encoder. Loopback hosts only.
 """
@@ -118,11 +120,21 @@ def burst(base: str, clips: list[bytes], todo: list[Probe], model: str, concurre
         return [row for rows in pool.map(run, chunks) for row in rows]
 
 
+def _guard(body: dict) -> dict:
+    return body.get("guard") or (body.get("earwitness") or {}).get("guard") or {}
+
+
+def shed(status: int, body: dict) -> bool:
+    """Load shed, as documented: a 503 with Retry-After, or an answer the guard marks ``unverified`` because the
+    verifier could not answer in time (``verifier_timeout_s``). Neither claims anything about the audio."""
+    return status == 503 or _guard(body).get("verdict") == "unverified"
+
+
 def mismatches(refs: dict[Probe, tuple[int, dict]], answers: list[tuple[Probe, int, dict]]) -> list[dict]:
-    """Every answer that differs from its probe's reference (a 503 under backpressure is not an answer: skipped)."""
+    """Every answer that differs from its probe's reference (load shed is not an answer: skipped, counted apart)."""
     out = []
     for probe, status, body in answers:
-        if status == 503:
+        if shed(status, body):
             continue
         ref_status, ref = refs[probe]
         if status != ref_status or body != ref:
@@ -148,7 +160,7 @@ def campaign(base: str, clips: list[bytes], model: str, n_requests: int, concurr
         wall = time.monotonic() - start
         diff = mismatches(refs, answers)
         found += [{**m, "concurrency": c} for m in diff]
-        levels.append({"concurrency": c, "requests": len(answers), "answered": sum(s != 503 for _, s, _ in answers),
+        levels.append({"concurrency": c, "requests": len(answers), "answered": sum(not shed(s, b) for _, s, b in answers),
                        "differ": len(diff), "req_per_s": len(answers) / wall})
         if progress:
             print(f"c={c}: {len(answers)} requests, {len(diff)} differ, {len(answers) / wall:.1f} req/s", file=sys.stderr)
@@ -159,7 +171,7 @@ def report(result: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Equivalence: concurrent answers against alone-references", "",
              f"{result['clips']} clips, {result['probes']} probes (verify, guarded qa, chat), each sent alone first.", "",
-             "| concurrency | requests | answered (not 503) | differ from reference | req/s |", "| --- | --- | --- | --- | --- |"]
+             "| concurrency | requests | answered (not shed: 503 or unverified) | differ from reference | req/s |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {lv['concurrency']} | {lv['requests']} | {lv['answered']} | {lv['differ']} | {lv['req_per_s']:.1f} |" for lv in result["levels"]]
     repro = out / "equivalence-repro"
     for i, m in enumerate(result["mismatches"]):

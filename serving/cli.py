@@ -14,7 +14,10 @@ def _interrupt(signum, frame) -> None:
 def _serve(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C or SIGTERM (``docker stop``, systemd, ``kill``); either shuts Serve, then Ray, down.
 
-    The SIGTERM handler is set once Ray has started, whose own would print a stack trace and exit at once.
+    Both handlers are set once Ray has started: Ray's own SIGTERM handler would print a stack trace and exit
+    at once, and a shell starts a background job (``earwitness serve &`` in a script) with SIGINT ignored,
+    which Python would keep, so ``kill -INT`` would not stop it. Ray's actors run in process groups of their
+    own, so a Ctrl-C to the terminal's group reaches only this process: ``stop()`` ends them.
     """
     import signal
 
@@ -28,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"earwitness: and straight from the ingress replica on http://{settings.host}:{settings.direct_port}", file=sys.stderr)
     start_ray(settings)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         start(settings, blocking=True)
     except KeyboardInterrupt:

@@ -7,8 +7,6 @@ Nothing model-specific lives here.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import os
 import re
@@ -19,7 +17,6 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -28,17 +25,17 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from serving import audio as intake
+from serving import intake
 from serving.auth import ApiKeyMiddleware, keys_from_settings
 from serving.backends import AudioPrompt, Generation
 from serving.config import Settings
 from serving.errors import ApiError
-from serving.guard.endpoint import VERIFY_BODY
-from serving.guard.endpoint import verify as verify_audio
+from serving.verify_api import VERIFY_BODY
+from serving.verify_api import verify as verify_audio
 from serving.guard.policy import Outcome
 from serving.guard.runner import GuardRunner
 from serving.heap import freeze_startup_heap
-from serving.limits import BodyLimitMiddleware, check_text, json_object, too_large
+from serving.limits import BodyLimitMiddleware, check_text
 from serving.metrics import Metrics, mark_process_dead
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
@@ -56,15 +53,6 @@ READY_PROBE_S = 0.5
 # What a response's status is counted as when the client went away before one was sent (nginx's 499).
 CLIENT_CLOSED = 499
 
-def _describe(errors) -> str:
-    """Pydantic's errors as one line a client can act on ("max_tokens: Input should be ...")."""
-    parts = []
-    for err in errors:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {err.get('msg')}")
-    return "; ".join(parts)
-
-
 _QA_BODY = audio_body(
     {
         "question": {"type": "string"},
@@ -75,39 +63,6 @@ _QA_BODY = audio_body(
     ["question"],
     QARequest,
 )
-
-
-async def _read_qa(request: Request) -> tuple[bytes, QARequest]:
-    """Both request shapes, multipart and JSON, into audio bytes plus validated fields."""
-    content_type = request.headers.get("content-type", "").lower()
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "missing_audio", "the form needs a 'file' field holding the audio")
-        fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-        return await upload.read(), _validate({**fields, "audio": ""})
-    if content_type.startswith("application/json"):
-        parsed = _validate(await json_object(request))
-        return _b64(parsed.audio), parsed
-    raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file + question) or application/json (base64 audio)")
-
-
-def _validate(fields: dict) -> QARequest:
-    try:
-        return QARequest.model_validate(fields)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", _describe(exc.errors())) from exc
-
-
-def _b64(text: str) -> bytes:
-    if not text:
-        raise ApiError(422, "missing_audio", "the 'audio' field is empty")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "invalid_base64", f"'audio' is not valid base64: {exc}") from exc
-
 
 
 def _route_template(app: FastAPI, scope) -> str:
@@ -159,7 +114,7 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error_response(ApiError(422, "invalid_request", _describe(exc.errors())))
+    return _error_response(intake.invalid(exc.errors()))
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -244,15 +199,15 @@ class Service:
     def check_question(self, question: str) -> str:
         question = check_text(question, "question").strip()
         if not question:
-            raise ApiError(422, "empty_question", "'question' is empty")
+            raise ApiError(422, "empty_question", "'question' is empty", param="question")
         if len(question) > self.settings.max_question_chars:
-            raise ApiError(422, "question_too_long", f"'question' exceeds {self.settings.max_question_chars} characters")
+            raise ApiError(422, "question_too_long", f"'question' exceeds {self.settings.max_question_chars} characters", param="question")
         return question
 
     def check_max_tokens(self, requested: int | None) -> int:
         value = requested or self.settings.default_max_tokens
         if value > self.settings.max_tokens_limit:
-            raise ApiError(422, "max_tokens_too_large", f"'max_tokens' may be at most {self.settings.max_tokens_limit}")
+            raise ApiError(422, "max_tokens_too_large", f"'max_tokens' may be at most {self.settings.max_tokens_limit}", param="max_tokens")
         return value
 
     async def resolve_model(self, requested: str | None) -> tuple[str, dict]:
@@ -317,14 +272,11 @@ class Service:
 
     async def answer(self, request: Request) -> QAResponse:
         start = time.perf_counter()
-        data, fields = await _read_qa(request)
+        data, fields = await intake.read_audio_body(request, QARequest, "question")
         question = self.check_question(fields.question)
         max_tokens = self.check_max_tokens(fields.max_tokens)
         model_id, info = await self.resolve_model(fields.model)
-        if len(data) > self.settings.max_upload_bytes:
-            raise too_large(self.settings.max_upload_bytes)
-        limit_s = min(self.settings.max_audio_s, info["max_audio_s"])
-        clip = await intake.decode_async(data, info["sample_rate"], limit_s, fields.truncate)
+        clip = await intake.decode(data, self.settings, info["sample_rate"], info["max_audio_s"], fields.truncate)
         decoded = time.perf_counter()
         heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard), model_id)
         outcome = heard.outcome

@@ -21,8 +21,6 @@ model's original answer when the guard changed it, answer kind, audio facts and 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import time
 import urllib.request
@@ -33,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving import audio as intake
+from serving import intake
 from serving.errors import ApiError
 from serving.limits import json_object, too_large
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Timing
@@ -136,15 +134,6 @@ def parse_messages(messages: list[dict[str, Any]]) -> tuple[dict, str]:
     return audio_parts[0][1], question
 
 
-def _b64(data: Any, param: str) -> bytes:
-    if not isinstance(data, str) or not data:
-        raise ApiError(400, "missing_audio", "the audio data is empty", param=param)
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "invalid_base64", f"audio data is not valid base64: {exc}", param=param) from exc
-
-
 def _fetch(url: str, limit: int, timeout_s: float) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "earwitness"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - allowlisted by the caller
@@ -163,7 +152,7 @@ async def audio_bytes(part: dict, allowlist: list[str], limit: int, timeout_s: f
         fmt = str(body.get("format", "wav")).lower()
         if fmt not in AUDIO_FORMATS:
             raise ApiError(400, "unsupported_audio_format", f"input_audio.format must be one of {', '.join(AUDIO_FORMATS)}", param="input_audio.format")
-        return _b64(body.get("data"), "input_audio.data")
+        return intake.b64(body.get("data"), "input_audio.data", missing_status=400)
     spec = part.get("audio_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
@@ -172,7 +161,7 @@ async def audio_bytes(part: dict, allowlist: list[str], limit: int, timeout_s: f
         header, _, payload = url.partition(",")
         if ";base64" not in header:
             raise _invalid("a data: URL must be base64-encoded", "audio_url.url")
-        return _b64(payload, "audio_url.url")
+        return intake.b64(payload, "audio_url.url", missing_status=400)
     if not url.startswith(("http://", "https://")) or not any(url.startswith(prefix) for prefix in allowlist):
         raise ApiError(400, "audio_url_not_allowed", "remote audio URLs are not fetched here; send the audio as input_audio (base64)", param="audio_url.url")
     try:
@@ -193,9 +182,7 @@ async def chat_completion(service, request: Request):
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(x) for x in err.get("loc", ())) or None
-        raise ApiError(400, "invalid_request", f"{param}: {err.get('msg')}", param=param) from exc
+        raise intake.invalid(exc.errors()[:1], status=400) from exc
     if req.n != 1:
         raise _invalid("only n=1 is supported (decoding is greedy)", "n")
     part, question = parse_messages(req.messages)
@@ -210,10 +197,7 @@ async def chat_completion(service, request: Request):
     options = req.earwitness or EarwitnessOptions()
     model_id, info = await service.resolve_model(req.model)
     data = await audio_bytes(part, service.settings.audio_url_allowlist, service.settings.max_upload_bytes)
-    if len(data) > service.settings.max_upload_bytes:
-        raise too_large(service.settings.max_upload_bytes)
-    limit_s = min(service.settings.max_audio_s, info["max_audio_s"])
-    clip = await intake.decode_async(data, info["sample_rate"], limit_s, options.truncate)
+    clip = await intake.decode(data, service.settings, info["sample_rate"], info["max_audio_s"], options.truncate)
     decoded = time.perf_counter()
     heard = await service.hear(ENDPOINT, clip, question, max_tokens, service.guard.policy_for(options.guard), model_id)
     generation, outcome = heard.generation, heard.outcome

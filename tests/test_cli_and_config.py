@@ -92,11 +92,12 @@ def _processes_of_run(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group", "SIGINT to a background job"])
 def test_serve_stops_cleanly(tmp_path, how):
     """``earwitness serve`` under docker stop / systemd (SIGTERM to the process) and Ctrl-C in a terminal (SIGINT to
-    the whole foreground process group, Ray's processes included): after serving a request it shuts Serve and Ray
-    down and exits 0, with no stack trace from Ray's own signal handler and no process of that run left behind."""
+    the whole foreground process group, Ray's processes included), and ``kill -INT`` of a job a script started in
+    the background (which a shell starts with SIGINT ignored): after serving a request it shuts Serve and Ray down
+    and exits 0, with no stack trace from Ray's own signal handler and no process of that run left behind."""
     import signal
     import uuid
 
@@ -108,8 +109,9 @@ def test_serve_stops_cleanly(tmp_path, how):
     env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
            "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
     log = tmp_path / "serve.log"
+    background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how.endswith("background job") else None
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            cwd=ROOT, start_new_session=True)  # its own process group, as a shell job has
+                            cwd=ROOT, start_new_session=True, preexec_fn=background)  # its own process group, as a shell job has
     try:
         assert wait_ready(f"http://127.0.0.1:{port}", 240, poll_s=2) and proc.poll() is None, log.read_text()[-2000:]
         r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
@@ -118,8 +120,10 @@ def test_serve_stops_cleanly(tmp_path, how):
         assert len(_processes_of_run(marker)) > 3, "the run's Ray processes are found by their environment"
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
-        else:
+        elif how == "SIGINT to the group":
             os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 0, log.read_text()[-2000:]
     finally:
         if proc.poll() is None:
