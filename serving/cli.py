@@ -42,30 +42,58 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    """Answer in-process, no server: the same intake, backend and answer reading as the service."""
-    from serving import audio
-    from serving.answers import classify
-    from serving.backends import AudioPrompt
+    """Answer in-process, no server, as ``POST /v1/audio/qa`` would: the same checks and errors (printed as the
+    API's JSON body, exit 2), the same model, guard and response fields. The file and the question are checked
+    before the model loads."""
+    import asyncio
+
+    from serving import intake
     from serving.config import Settings
     from serving.errors import ApiError
-    from serving.model_server import make_backend
 
-    try:  # the file first: a missing one should not cost a model load
+    settings = Settings(**{k: v for k, v in {"model": args.model, "adapter": args.adapter}.items() if v is not None})
+    try:
         with open(args.file, "rb") as fh:
             data = fh.read()
     except OSError as err:
         print(f"earwitness ask: cannot read {args.file}: {err.strerror}", file=sys.stderr)
         return 2
-    settings = Settings(**{k: v for k, v in {"model": args.model, "adapter": args.adapter}.items() if v is not None})
-    backend, _ = make_backend(settings)
     try:
-        clip = audio.decode(data, backend.sample_rate, min(settings.max_audio_s, backend.max_audio_s), args.truncate)
+        question = intake.check_question(args.question, settings)
+        max_tokens = intake.check_max_tokens(args.max_tokens, settings)
+        policy = args.guard or settings.guard_policy
+        asyncio.run(intake.decode(data, settings, 16_000, truncate=args.truncate))  # a bad file fails before the model loads
+        body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate))
     except ApiError as err:
         print(json.dumps(err.body()).replace("truncate=true", "--truncate"), file=sys.stderr)
         return 2
-    generation = backend.generate([AudioPrompt(clip.samples, args.question, args.max_tokens)])[0]
-    print(json.dumps({"answer": generation.text, "answer_kind": classify(generation.text), "model": backend.model_name}))
+    print(json.dumps(body))
     return 0
+
+
+async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str, truncate: bool) -> dict:
+    """The QA endpoint's answer, computed by the service in this process (model and, when guarded, verifier)."""
+    from serving import intake
+    from serving.ingress import Service
+    from serving.model_client import InProcess, LocalModel
+    from serving.schemas import AudioInfo, GuardInfo
+
+    verifier = None
+    if policy != "off" and settings.verifier:
+        from serving.verifier_server import VerifierServer
+
+        verifier = InProcess(VerifierServer.func_or_class(settings.model_dump()))
+    model = LocalModel(settings, multiplexed=False)
+    try:
+        service = Service(model, settings, verifier)
+        model_id, info = await service.resolve_model(None)
+        clip = await intake.decode(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
+        outcome = (await service.hear("cli", clip, question, max_tokens, service.guard.policy_for(policy), model_id)).outcome
+    finally:
+        model.close()
+    return {"answer": outcome.answer, "answer_kind": outcome.kind, "original_answer": outcome.original_answer,
+            "guard": GuardInfo(**outcome.guard_dict()).model_dump(), "model": info["model"],
+            "audio": AudioInfo.from_clip(clip).model_dump()}
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -81,20 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the HTTP API with Ray Serve")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--direct-port", type=int, help="also serve straight from the ingress replica here (no proxy hop)")
     serve.add_argument("--model", help="registered name or checkpoint directory")
     serve.add_argument("--adapter", help="LoRA adapter directory")
     serve.set_defaults(func=_serve)
 
-    ask = sub.add_parser("ask", help="answer one question about one file, in-process")
-    ask.add_argument("file")
-    ask.add_argument("question")
-    ask.add_argument("--model")
-    ask.add_argument("--adapter")
-    ask.add_argument("--max-tokens", type=int, default=32)
-    ask.add_argument("--truncate", action="store_true")
+    ask = sub.add_parser("ask", help="answer one question about one file, in-process",
+                         description="Answer one question about one audio file in this process, as POST /v1/audio/qa would "
+                         "(same checks, model, guard and JSON fields); errors print the API's JSON error and exit 2.")
+    ask.add_argument("file", help="the audio file (WAV, FLAC, OGG/Vorbis or MP3)")
+    ask.add_argument("question", help='a question about it, e.g. "Is there a dog barking?"')
+    ask.add_argument("--model", help="registered model name or checkpoint directory (default: the served default)")
+    ask.add_argument("--adapter", help="LoRA adapter directory (default: the model's shipped adapter)")
+    ask.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default: the server's default_max_tokens)")
+    ask.add_argument("--guard", choices=["off", "annotate", "abstain", "correct"], default=None,
+                     help="absent-sound guard policy (default: the server's guard_policy)")
+    ask.add_argument("--truncate", action="store_true", help="cut audio longer than the limit instead of refusing it")
     ask.set_defaults(func=_ask)
 
     models = sub.add_parser("models", help="list registered models")

@@ -35,7 +35,7 @@ from serving.verify_api import verify as verify_audio
 from serving.guard.policy import Outcome
 from serving.guard.runner import GuardRunner
 from serving.heap import freeze_startup_heap
-from serving.limits import BodyLimitMiddleware, check_text
+from serving.limits import BodyLimitMiddleware
 from serving.metrics import Metrics, mark_process_dead
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
@@ -197,18 +197,10 @@ class Service:
         return self._model_info
 
     def check_question(self, question: str) -> str:
-        question = check_text(question, "question").strip()
-        if not question:
-            raise ApiError(422, "empty_question", "'question' is empty", param="question")
-        if len(question) > self.settings.max_question_chars:
-            raise ApiError(422, "question_too_long", f"'question' exceeds {self.settings.max_question_chars} characters", param="question")
-        return question
+        return intake.check_question(question, self.settings)
 
     def check_max_tokens(self, requested: int | None) -> int:
-        value = requested or self.settings.default_max_tokens
-        if value > self.settings.max_tokens_limit:
-            raise ApiError(422, "max_tokens_too_large", f"'max_tokens' may be at most {self.settings.max_tokens_limit}", param="max_tokens")
-        return value
+        return intake.check_max_tokens(requested, self.settings)
 
     async def resolve_model(self, requested: str | None) -> tuple[str, dict]:
         """The served model id a request's ``model`` names (base, default or adapter), and the model info.

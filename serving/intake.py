@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from serving import audio
 from serving.config import Settings
 from serving.errors import ApiError
-from serving.limits import json_object, too_large
+from serving.limits import check_text, json_object, too_large
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -92,3 +92,20 @@ async def decode(data: bytes, settings: Settings, sample_rate: int, max_audio_s:
         raise too_large(settings.max_upload_bytes)
     limit_s = settings.max_audio_s if max_audio_s is None else min(settings.max_audio_s, max_audio_s)
     return await audio.decode_async(data, sample_rate, limit_s, truncate)
+
+
+def check_question(question: str, settings: Settings) -> str:
+    """The question stripped; 422 when it is empty, too long or not text."""
+    question = check_text(question, "question").strip()
+    if not question:
+        raise ApiError(422, "empty_question", "'question' is empty", param="question")
+    if len(question) > settings.max_question_chars:
+        raise ApiError(422, "question_too_long", f"'question' exceeds {settings.max_question_chars} characters", param="question")
+    return question
+
+
+def check_max_tokens(requested: int | None, settings: Settings) -> int:
+    value = requested or settings.default_max_tokens
+    if value > settings.max_tokens_limit:
+        raise ApiError(422, "max_tokens_too_large", f"'max_tokens' may be at most {settings.max_tokens_limit}", param="max_tokens")
+    return value

@@ -47,9 +47,14 @@ class RemoteModel:
 
 
 class LocalModel:
-    """A model server in this replica's process, called as its handle would be."""
+    """A model server in this replica's process, called as its handle would be.
 
-    def __init__(self, settings: Settings):
+    ``multiplexed=False`` outside a Serve replica (``earwitness ask``), where Serve's multiplexing cannot run:
+    every request gets the served default (base, or the default adapter).
+    """
+
+    def __init__(self, settings: Settings, multiplexed: bool = True):
+        self.multiplexed = multiplexed
         from serving.model_server import ModelServer
 
         self.server = ModelServer.func_or_class(settings.model_dump())  # the deployment's class itself
@@ -70,7 +75,7 @@ class LocalModel:
             refused.set_exception(BackPressureError(num_queued_requests=self.max_queued, max_queued_requests=self.max_queued))
             return refused
         self.in_flight += 1
-        call = self.server.complete(prompt, model_id) if model_id else self.server.generate(prompt)
+        call = self.server.complete(prompt, model_id) if model_id and self.multiplexed else self.server.generate(prompt)
         task = asyncio.ensure_future(call)
         task.add_done_callback(self._done)
         return task

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -54,6 +55,49 @@ def test_ask_names_its_own_truncate_flag(tiny_checkpoint, tmp_path):
     error = json.loads(result.stderr.strip().splitlines()[-1])["error"]
     assert (result.returncode, error["code"]) == (2, "audio_too_long") and "--truncate" in error["message"] and "truncate=true" not in error["message"]
     assert "``" not in _cli("--help").stdout
+
+
+@pytest.mark.parametrize("question, code", [("", "empty_question"), ("   ", "empty_question"), ("x" * 5000, "question_too_long")])
+def test_ask_refuses_what_http_refuses_before_loading_a_model(tmp_path, question, code):
+    """The same error as the API's 422 (code and param), before any model loads (the model named does not exist)."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(encode(tone(1.0, 16_000, 1), 16_000, "wav"))
+    result = _cli("ask", str(clip), question, "--model", str(tmp_path / "no-such-model"))
+    error = json.loads(result.stderr.strip().splitlines()[-1])["error"]
+    assert (result.returncode, error["code"], error["param"]) == (2, code, "question"), result.stderr[-500:]
+
+
+def test_ask_refuses_a_text_file_before_loading_a_model(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not audio\n" * 20)
+    result = _cli("ask", str(text), "Is there a dog?", "--model", str(tmp_path / "no-such-model"))
+    assert result.returncode == 2 and json.loads(result.stderr.strip().splitlines()[-1])["error"]["code"] == "unsupported_audio_format"
+
+
+def test_ask_runs_the_guard_and_reports_the_audio_as_http_does(tiny_checkpoint, tmp_path):
+    from tests.guard_helpers import shipped_verifier
+
+    if shipped_verifier() is None:
+        pytest.skip("needs the shipped verifier")
+    quiet = tmp_path / "silence.wav"
+    quiet.write_bytes(encode(np.zeros(16_000, dtype=np.float32), 16_000, "wav"))
+    result = _cli("ask", str(quiet), "Is there a sound of a dog barking in the audio?", "--model", str(tiny_checkpoint),
+                  "--max-tokens", "4", "--guard", "annotate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    body = json.loads(result.stdout.strip().splitlines()[-1])
+    assert body["guard"]["policy"] == "annotate" and body["guard"]["verdict"] != "skipped"
+    assert body["audio"]["flags"] == ["digital_silence"] and body["audio"]["duration_s"] == 1.0
+    off = json.loads(_cli("ask", str(quiet), "Is there a dog?", "--model", str(tiny_checkpoint), "--max-tokens", "2", "--guard", "off").stdout.strip().splitlines()[-1])
+    assert off["guard"]["verdict"] == "skipped"
+
+
+def test_ask_help_describes_every_argument():
+    from serving.cli import build_parser
+
+    parser = build_parser()
+    ask = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "ask")[1]  # noqa: SLF001
+    undocumented = [a.dest for a in ask._actions if a.dest != "help" and not a.help]  # noqa: SLF001
+    assert not undocumented
 
 
 def test_models_lists_the_registry():

@@ -72,3 +72,35 @@ def test_readyz_answers_503_quickly_while_the_model_warms_up():
         assert time.monotonic() - start < 1.0, "under a probe's 1 s timeout"
         assert (r.status_code, r.json()["detail"]) == (503, "warming_up")
         assert client.get("/healthz").status_code == 200
+
+
+def test_field_errors_name_the_field_at_fault():
+    """Every 4xx about one field says which in ``param`` (the README's error shape), on every door."""
+    import base64
+
+    service = Service(BrokenModel(), Settings(_env_file=None, verifier=None, guard_policy="off", max_tokens_limit=64))
+    wav = encode(tone(1.0, 16_000, 1), 16_000, "wav")
+    audio = base64.b64encode(wav).decode()
+    cases = [
+        ("multipart", {"question": "   "}, "empty_question", "question"),
+        ("multipart", {"question": "Is there a dog?", "max_tokens": "999"}, "max_tokens_too_large", "max_tokens"),
+        ("multipart", {"question": "x" * 5000}, "question_too_long", "question"),
+        ("multipart", {}, "invalid_request", "question"),
+        ("multipart", {"question": "Is there a dog?", "max_tokens": "zero"}, "invalid_request", "max_tokens"),
+        ("json", {"audio": "", "question": "Is there a dog?"}, "missing_audio", "audio"),
+        ("json", {"audio": "!!!", "question": "Is there a dog?"}, "invalid_base64", "audio"),
+        ("json", {"audio": audio, "question": "Is there a dog?", "guard": "sometimes"}, "invalid_request", "guard"),
+    ]
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        for shape, fields, code, param in cases:
+            if shape == "multipart":
+                r = client.post("/v1/audio/qa", files={"file": ("a.wav", wav)}, data=fields)
+            else:
+                r = client.post("/v1/audio/qa", json=fields)
+            assert 400 <= r.status_code < 500, (fields, r.status_code, r.text)
+            error = r.json()["error"]
+            assert (error["code"], error["param"]) == (code, param), (fields, error)
+        r = client.post("/v1/audio/qa", data={"question": "Is there a dog?"}, files={"other": ("a.txt", b"x")})
+        assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("missing_audio", "file")
+        r = client.post("/v1/audio/verify", files={"file": ("a.wav", wav)}, data={"events": ""})
+        assert (r.status_code, r.json()["error"]["param"]) == (422, "events"), r.text

@@ -61,16 +61,9 @@ def app():
     from serving.model_client import InProcess, LocalModel
     from serving.verifier_server import VerifierServer
 
-    class DefaultModel(LocalModel):
-        """Outside a Serve replica, where Serve's multiplexing cannot run: every request gets the default model
-        (what the multiplexed loader resolves the default id to)."""
-
-        def complete(self, prompt, model_id):
-            return super().complete(prompt, None)
-
     settings = Settings(_env_file=None, topology="fused", model="earwitness-small", verifier=str(shipped_verifier()), model_cpus=1)
     try:
-        model, verifier = DefaultModel(settings), VerifierServer.func_or_class(settings.model_dump())
+        model, verifier = LocalModel(settings, multiplexed=False), VerifierServer.func_or_class(settings.model_dump())
     except WheelHashError:
         raise
     except WheelError as e:

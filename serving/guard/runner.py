@@ -93,7 +93,7 @@ class GuardRunner:
     def policy_for(self, requested: str | None) -> str:
         policy = (requested or self.settings.guard_policy).strip().lower()
         if policy not in POLICIES:
-            raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}")
+            raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}", param="guard")
         return policy
 
     def start(self, samples, question: str, policy: str, shared: bool = False) -> Pending:
