@@ -26,6 +26,9 @@ MIN_AUDIO_S = 0.5
 # Float formats may exceed full scale a little; a sample past this is no recording (3.4e38 overflows a
 # float32 mean and turns into NaN in the resampler), so it is refused as invalid_samples.
 MAX_ABS_SAMPLE = 1_000.0
+# A clip whose peak stays below -80 dBFS (about 3 LSB of 16-bit audio) holds no sound a claim could be about:
+# the guard judges every claimed sound absent there (``Clip.silent``).
+SILENCE_PEAK = 1e-4
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class Clip:
     @property
     def duration_s(self) -> float:
         return len(self.samples) / self.sample_rate
+
+    @property
+    def silent(self) -> bool:
+        """Digital silence, or a peak below :data:`SILENCE_PEAK`: evidence that no claimed sound is there."""
+        return "digital_silence" in self.flags or not len(self.samples) or float(np.max(np.abs(self.samples))) < SILENCE_PEAK
 
 
 def _audio_error(status: int, code: str, message: str) -> ApiError:

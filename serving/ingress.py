@@ -227,12 +227,12 @@ class Service:
         frozen encoder (``guard_share_encoder``) and the clip fills its window, the model returns the
         encoder's layers and the verifier scores them after the answer instead.
         """
-        shared = policy != "off" and await self.guard.shares_encoder(await self.model_info(), len(clip.samples))
+        shared = policy != "off" and not clip.silent and await self.guard.shares_encoder(await self.model_info(), len(clip.samples))
         start = time.perf_counter()
         contrast = policy != "off" and self.settings.guard_contrast
         prompt = AudioPrompt(clip.samples, question, max_tokens, contrast=contrast, tower_layers=shared)
         response = self.model.complete(prompt, model_id)
-        pending = self.guard.start(clip.samples, question, policy, shared)  # the verifier runs beside the model, or after it
+        pending = self.guard.start(clip.samples, question, policy, shared, clip.silent)  # the verifier runs beside the model, or after it
         try:
             generation = await self._await_model(response)
         except BaseException:

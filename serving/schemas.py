@@ -58,14 +58,15 @@ class GuardClaim(BaseModel):
                         "With present true: the sound is there, but the model guessed it rather than heard it")
     nearest: str | None = Field(None, description="the closest ontology class to the claim, close enough to match or not")
     similarity: float | None = Field(None, description="cosine similarity of the claim to `nearest` (1.0: one of its phrases)")
-    reason: Literal["outside_ontology"] | None = Field(
+    reason: Literal["outside_ontology", "digital_silence"] | None = Field(
         None, description="outside_ontology: the claim matched no class (similarity below the verifier's minimum), so it is never "
-                          "judged present or absent (present null, verdict at best uncertain) and no policy changes the answer for it")
+                          "judged present or absent (present null, verdict at best uncertain) and no policy changes the answer for it; "
+                          "digital_silence: the clip is silent (no sample above -80 dBFS), so the claimed sound is judged absent")
 
 
 class GuardInfo(BaseModel):
     policy: Literal["off", "annotate", "abstain", "correct"]
-    verdict: Literal["supported", "unsupported", "uncertain", "unverified", "skipped"] = Field(
+    verdict: Literal["supported", "unsupported", "uncertain", "no_claims", "unverified", "skipped"] = Field(
         ..., description="skipped: guard off, nothing checked; unverified: the verifier failed or timed out")
     contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats: one number for the whole answer")
     claims: list[GuardClaim] = Field(default_factory=list)

@@ -124,7 +124,7 @@ def test_policies():
         assert apply_policy(policy, "Yes", [_claim(None)], True).original_answer is None
         unverified = apply_policy(policy, "Yes", [_claim(None)], False)
         assert (unverified.verdict, unverified.answer) == ("unverified", "Yes")
-    assert verdict([], True) == "supported"
+    assert verdict([], True) == "no_claims"  # nothing claimed: nothing vouched for
     # a 'yes' that ignores the audio about a sound the verifier can't confirm: abstain withholds it, correct keeps it
     prior = _claim(None)
     prior.prior = True

@@ -30,7 +30,7 @@ def test_default_response_carries_a_guard(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["guard"]["policy"] == "annotate"
-    assert body["guard"]["verdict"] in ("supported", "unsupported", "uncertain", "unverified")
+    assert body["guard"]["verdict"] in ("supported", "unsupported", "uncertain", "no_claims", "unverified")
     assert body.get("original_answer") is None  # annotate never changes the answer
     assert body["timing"]["guard_ms"] is not None
 
@@ -187,6 +187,26 @@ def test_a_yes_about_a_sound_outside_the_ontology_stays_uncertain(yes_app):
             assert body["answer"] == "yes" and body.get("original_answer") is None, body
         else:  # abstain's own rule: unsure and a prior withholds the 'yes'; never a "No."
             assert body["answer"] == ("yes" if not claim["prior"] else "I can't confirm hearing a fax machine handshake."), body
+
+
+@pytest.mark.parametrize("samples", ["zeros", "noise under -80 dBFS"])
+def test_a_yes_about_silence_is_unsupported_under_every_judging_policy(yes_app, samples):
+    """Silence is evidence of absence: a 'yes, there is speech' about digital silence (or a clip whose peak is
+    below -80 dBFS) is unsupported whatever the policy, and ``correct`` says "No"."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    wave = np.zeros(16_000, np.float32) if samples == "zeros" else np.clip(2e-5 * rng.standard_normal(16_000), -9e-5, 9e-5).astype(np.float32)
+    wav = encode(wave, 16_000, "wav", "FLOAT")
+    for policy in ("annotate", "abstain", "correct"):
+        r = httpx.post(f"{yes_app}/v1/audio/qa", files={"file": ("quiet.wav", wav)},
+                       data={"question": "Is there a sound of speech in the audio?", "guard": policy}, timeout=60)
+        assert r.status_code == 200, r.text
+        guard = r.json()["guard"]
+        assert guard["verdict"] == "unsupported", (policy, guard)
+        assert [(c["present"], c["reason"]) for c in guard["claims"]] == [(False, "digital_silence")]
+        if policy == "correct":
+            assert r.json()["answer"] == "No." and r.json()["original_answer"].lower().startswith("yes")
 
 
 def test_verifier_down_answers_unverified(yes_app, server, clips):

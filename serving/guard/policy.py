@@ -16,9 +16,13 @@ judgement is never overridden by the contrast: the model's own likelihoods are t
 A claim that matched no ontology class (``reason`` ``outside_ontology``) is never judged either way: it
 stays uncertain, so it can make an answer neither supported nor unsupported, and ``correct`` leaves it.
 
-Verdict: ``unsupported`` if any claim is judged absent, ``supported`` if all are present (or
-nothing was claimed), ``uncertain`` otherwise, ``unverified`` when the checks could not run, ``skipped``
-when the policy is ``off`` (nothing was checked, and nothing failed).
+Verdict: ``unsupported`` if any claim is judged absent, ``supported`` if all are present, ``uncertain``
+otherwise, ``no_claims`` when the answer claims no sound (nothing to check, so nothing is vouched for),
+``unverified`` when the checks could not run, ``skipped`` when the policy is ``off`` (nothing was checked,
+and nothing failed).
+
+On a silent clip (digital silence, or a peak below -80 dBFS) every claimed sound is judged absent, with
+``reason`` ``digital_silence``, whatever the verifier would say: silence is evidence of absence.
 
 A claim can be ``present`` and ``prior`` at once: the sound is there (the verifier is confident), but the
 answer is as likely on silence, so the model guessed right rather than heard it.
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 from serving.answers import classify
 
 POLICIES = ("off", "annotate", "abstain", "correct")
-VERDICTS = ("supported", "unsupported", "uncertain", "unverified", "skipped")
+VERDICTS = ("supported", "unsupported", "uncertain", "no_claims", "unverified", "skipped")
 ABSTAIN = "I can't confirm hearing"
 
 
@@ -48,7 +52,7 @@ class ClaimCheck:
     prior: bool = False  # the answer does not depend on the audio (contrast at or below contrast_prior)
     nearest: str | None = None  # the closest ontology class, close enough or not
     similarity: float | None = None  # of the mention to ``nearest``
-    reason: str | None = None  # outside_ontology: matched no class, so never judged (see :func:`judge`)
+    reason: str | None = None  # outside_ontology: matched no class, so never judged (see :func:`judge`); digital_silence
 
     def to_dict(self) -> dict:
         return {
@@ -94,6 +98,8 @@ def is_prior(contrast: float | None, t: Thresholds) -> bool:
 def verdict(claims: list[ClaimCheck], verified: bool = True) -> str:
     if not verified:
         return "unverified"
+    if not claims:
+        return "no_claims"
     if any(c.present is False for c in claims):
         return "unsupported"
     if all(c.present is True for c in claims):
@@ -174,3 +180,10 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     if rest[-1] not in ".!?":
         rest += "."
     return Outcome(rest[0].upper() + rest[1:], answer, policy, v, claims)
+
+
+def silenced(claims: list[ClaimCheck]) -> list[ClaimCheck]:
+    """Every claim on a silent clip judged absent: there is no sound for it to be about."""
+    for c in claims:
+        c.present, c.reason = False, "digital_silence"
+    return claims

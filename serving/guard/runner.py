@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from serving.errors import ApiError
 from serving.guard.claims import extract_claims, presence_target
-from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge
+from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge, silenced
 
 log = logging.getLogger("earwitness.guard")
 
@@ -32,6 +32,7 @@ class Pending:
     started: float
     target: str | None
     samples: object | None = None  # the clip, while the verifier waits for the model's tower layers (shared encoder)
+    silent: bool = False  # the clip holds no sound (digital silence): every claim is judged absent without the verifier
 
 
 _UNKNOWN = object()
@@ -96,10 +97,11 @@ class GuardRunner:
             raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}", param="guard")
         return policy
 
-    def start(self, samples, question: str, policy: str, shared: bool = False) -> Pending:
-        """The verifier's call on the clip, beside the model's; ``shared``: none yet (``finish`` sends the model's layers)."""
-        if policy == "off" or self.verifier is None:
-            return Pending(None, time.perf_counter(), None)
+    def start(self, samples, question: str, policy: str, shared: bool = False, silent: bool = False) -> Pending:
+        """The verifier's call on the clip, beside the model's; ``shared``: none yet (``finish`` sends the model's layers);
+        ``silent``: none at all (silence is its own evidence)."""
+        if policy == "off" or self.verifier is None or silent:
+            return Pending(None, time.perf_counter(), None, silent=silent)
         target = presence_target(question)
         if shared:
             return Pending(None, time.perf_counter(), target, samples)
@@ -157,6 +159,8 @@ class GuardRunner:
             self.cancel(pending)
             return self._count(apply_policy(policy, answer, [], True))
         checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in claims]
+        if pending.silent:
+            return self._count(apply_policy(policy, answer, silenced(checks), True))
         if pending.samples is not None:
             self._send_shared(pending, generation)
         if pending.response is None:
