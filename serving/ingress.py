@@ -48,8 +48,9 @@ log = logging.getLogger("earwitness.http")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 500, 503, 504)}
-# How long /readyz waits for the model: under a probe's usual 1 s timeout.
-READY_PROBE_S = 0.5
+# How long /readyz waits for the model: the whole answer, 503 included, within the README's 0.5 s (under a
+# probe's usual 1 s timeout), with room for the request's own handling.
+READY_PROBE_S = 0.35
 # What a response's status is counted as when the client went away before one was sent (nginx's 499).
 CLIENT_CLOSED = 499
 
@@ -332,13 +333,37 @@ class Service:
         return None
 
 
+DOCS_ASSETS = "/docs-assets"
+
+
+def mount_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the ``swagger-ui-bundle`` package's files, so it renders on a machine without
+    internet (an air-gapped GPU box, a smart-speaker backend); under a route prefix too (Serve's ``root_path``)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API",
+                                   swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png")
+
+
 def create_app(service: Service) -> FastAPI:
     """The FastAPI app of one ingress replica, its routes closed over that replica's service."""
     app = FastAPI(
         title="Earwitness",
         version="0.1.0",
         description="Audio question answering whose answers only testify to what was actually heard.",
+        docs_url=None,  # served below from local files: FastAPI's default loads Swagger UI from a CDN
+        redoc_url=None,
     )
+    mount_docs(app)
     app.add_middleware(InternalErrorMiddleware, app=app, metrics=service.metrics)  # innermost: the others see its 500
     app.add_middleware(BodyLimitMiddleware, max_upload_bytes=service.settings.max_upload_bytes, body_timeout_s=service.settings.body_timeout_s)
     app.add_middleware(ApiKeyMiddleware, digests=keys_from_settings(service.settings))

@@ -67,10 +67,13 @@ class LoadingModel(BrokenModel):
 def test_readyz_answers_503_quickly_while_the_model_warms_up():
     service = Service(LoadingModel(), Settings(_env_file=None, verifier=None))
     with TestClient(create_app(service)) as client:
-        start = time.monotonic()
-        r = client.get("/readyz")
-        assert time.monotonic() - start < 1.0, "under a probe's 1 s timeout"
-        assert (r.status_code, r.json()["detail"]) == (503, "warming_up")
+        times = []
+        for _ in range(5):
+            start = time.monotonic()
+            r = client.get("/readyz")
+            times.append(time.monotonic() - start)
+            assert (r.status_code, r.json()["detail"]) == (503, "warming_up")
+        assert max(times) <= 0.5, f"the README promises a 503 within 0.5 s during warm-up: {times}"
         assert client.get("/healthz").status_code == 200
 
 
@@ -104,3 +107,23 @@ def test_field_errors_name_the_field_at_fault():
         assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("missing_audio", "file")
         r = client.post("/v1/audio/verify", files={"file": ("a.wav", wav)}, data={"events": ""})
         assert (r.status_code, r.json()["error"]["param"]) == (422, "events"), r.text
+
+
+def test_docs_render_without_internet():
+    """/docs references no other host: Swagger UI's script and stylesheet come from this app, under a route prefix too."""
+    import re
+
+    service = Service(BrokenModel(), Settings(_env_file=None, verifier=None))
+    app = create_app(service)
+    for root in ("", "/variant"):
+        with TestClient(app, root_path=root) as client:
+            page = client.get("/docs")
+            assert page.status_code == 200 and "swagger-ui" in page.text
+            urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+            assert urls and not [u for u in urls if "://" in u], urls  # nothing from a CDN
+            assets = [u for u in urls if "docs-assets" in u]
+            assert len(assets) >= 2 and all(u.startswith(f"{root}/docs-assets/") for u in assets), assets
+            for url in assets:
+                r = client.get(url)
+                assert r.status_code == 200 and len(r.content) > 500, url
+            assert client.get(f"{root}/openapi.json").json()["info"]["title"] == "Earwitness"
