@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from models.registry import ModelSpec
+
+# PEFT asks every model it wraps for transformers' deprecated ``is_gradient_checkpointing``; the FutureWarning is
+# about PEFT's code, not ours, and would print on every replica start and adapter load.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers.modeling_utils")
 
 
 def _model_class(family: str):

@@ -12,6 +12,8 @@ serves Qwen2-Audio (transformers, vLLM) loads it like any other.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -97,12 +99,26 @@ def build_from_parts(tower, lm, lm_tokenizer, spec: SmallSpec, seed: int = 0):
     config.earwitness_small_spec = asdict(spec)
     model = Qwen2AudioForConditionalGeneration(config)
     model.model.audio_tower.load_state_dict(tower.state_dict())
-    lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    with quiet_transformers():  # its note on initialising the new rows: the audio tokens' rows are trained ones, loaded after
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight  # SmolLM2 ties them
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return processor, model.float().eval()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own log at errors only inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def audio_token_ids(tokenizer) -> list[int]:

@@ -60,7 +60,9 @@ def start_ray(settings: Settings) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, logging_level=logging.WARNING)
         return
-    # A local cluster binds loopback, not the host's address; Ray's default token auth stays on.
+    # A local cluster binds loopback, not the host's address; Ray's default token auth stays on. Ray announces that
+    # default as a warning on every start; it is the setting we want, so its notice is kept to errors.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
