@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from serving.guard.policy import Thresholds
     from serving.guard.verifier import load_verifier
-    from train.verifier import ranking_bounds, roc_auc
+    from train.metrics import ranking_bounds, roc_auc
 
     verifier = load_verifier(args.verifier)
     cal = verifier.calibration

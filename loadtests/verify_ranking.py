@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not is_loopback(args.host):
         ap.error("loopback hosts only")
-    from train.verifier import roc_auc
+    from train.metrics import roc_auc
 
     rows = presence_rows(args.corpus, args.per_sampling, args.seed)
     phrases: dict[str, list[str]] = defaultdict(list)

@@ -46,7 +46,7 @@ def test_prior_correction_takes_out_as_much_prior_as_validation_says_helps():
     """Scores that are a class's prior plus signal want the prior out (β = 1); scores of pure signal want none."""
     import numpy as np
 
-    from train.verifier import choose_prior_correction, class_prior_logits, roc_auc
+    from train.metrics import choose_prior_correction, class_prior_logits, roc_auc
 
     rng = np.random.default_rng(0)
     labels = (rng.random((400, 5)) < np.array([0.05, 0.2, 0.4, 0.6, 0.9])).astype(np.float32)
@@ -65,7 +65,7 @@ def test_ranking_bounds_read_the_ceiling_and_the_floor_off_the_scores():
     """Separable scores reach accuracy 1 and pass no absent sound; scores that ignore presence reach 0.5 and pass them all."""
     import numpy as np
 
-    from train.verifier import ranking_bounds
+    from train.metrics import ranking_bounds
 
     y = np.array([1] * 40 + [0] * 60, bool)
     assert ranking_bounds(y, np.where(y, 0.9, 0.1)) == (1.0, 0.0)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START
 from train.data.conversations import prompt_ids
-from train.verifier import roc_auc
+from train.metrics import roc_auc
 
 AUDIO_SOURCES = ("oracle", "encoder")
 LAYOUTS = ("chat", "direct")

@@ -27,7 +27,7 @@ import torch
 
 from train.data.mixer import SCENE_S
 from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
-from train.verifier import choose_prior_correction, class_prior_logits, roc_auc
+from train.metrics import choose_prior_correction, class_prior_logits, roc_auc
 
 POOLINGS = ("meanmax", "attention", "frame")
 PROBE_POSITIONS = 125  # 80 ms: the strong labels' events are longer than that

@@ -122,7 +122,7 @@ def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind
     )
 
 
-def _evaluate(name: str, processor, model, corpus_dir: Path, plan, progress: bool) -> dict:
+def evaluate_stage(name: str, processor, model, corpus_dir: Path, plan, progress: bool) -> dict:
     from serving.backends.hf import TransformersBackend
     from train.evaluate import evaluate
 
@@ -164,19 +164,19 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     else:
         processor, base = train_base(corpus_dir, base_dir, config=_seeded(BASE, seed), progress=progress)
     lap("base")
-    results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
+    results["baseline (positive-only)"] = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
     lap("eval base")
     probed = probe(base_dir, corpus_dir)
     lap("probe")
     _, listened = train_listen(base_dir, corpus_dir, work_dir / "listen", config=_seeded(LISTEN, seed), progress=progress)
     lap("listen")
-    results["+ LISTEN"] = _evaluate("listen", processor, listened, corpus_dir, plan, progress)
+    results["+ LISTEN"] = evaluate_stage("listen", processor, listened, corpus_dir, plan, progress)
     lap("eval listen")
     adapter_dir = align_dpo(listened, processor, corpus_dir, work_dir / "dpo", seed=seed)
     lap("dpo")
     _, fresh = load(resolve(str(base_dir)), device="cpu")
     aligned = PeftModel.from_pretrained(fresh, str(adapter_dir)).eval()
-    results["+ DPO (shipped)"] = _evaluate("aligned", processor, aligned, corpus_dir, plan, progress)
+    results["+ DPO (shipped)"] = evaluate_stage("aligned", processor, aligned, corpus_dir, plan, progress)
     lap("eval dpo")
 
     (work_dir / "results.json").write_text(json.dumps({"results": results, "probe": probed, "timings_s": timings, "versions": versions(), "seed": seed}, indent=2))

@@ -134,7 +134,7 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
 
     from train.data.report import markdown, plot_stages
     from train.evaluate import EvalPlan
-    from train.recipe import Laps, _evaluate, align_dpo, versions
+    from train.recipe import Laps, evaluate_stage, align_dpo, versions
 
     plan = eval_plan or EvalPlan(presence_per_sampling=150, per_temporal_kind=60, captions=40, seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -154,12 +154,12 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
         else:  # a run stopped after its base: evaluate that base now; its time is what its stages logged
             timings["base"] = round(sum(_logged_seconds(base_dir)), 1)
             lap.restart()
-            results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
+            results["baseline (positive-only)"] = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
             lap("eval base")
     else:
         processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
         lap("base")
-        results["baseline (positive-only)"] = _evaluate("base", processor, base, corpus_dir, plan, progress)
+        results["baseline (positive-only)"] = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
         lap("eval base")
     trained_dir = base_dir
     if spec.trained_layers:  # the lookup, text before audio: the base's layers learn presence over written names
@@ -169,13 +169,13 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
         lap("lookup")
     listened = train_listen(copy.deepcopy(base), processor, corpus_dir, work_dir / "listen", spec, replace(LISTEN, seed=seed), progress)
     lap("listen")
-    results["+ LISTEN"] = _evaluate("listen", processor, listened, corpus_dir, plan, progress)
+    results["+ LISTEN"] = evaluate_stage("listen", processor, listened, corpus_dir, plan, progress)
     lap("eval listen")
     adapter_dir = align_dpo(listened, processor, corpus_dir, work_dir / "dpo", per_kind=dpo_pairs or DPO_PAIRS, seed=seed,
                             learning_rate=DPO_LEARNING_RATE)
     lap("dpo")
     aligned = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    results["+ DPO (shipped)"] = _evaluate("aligned", processor, aligned, corpus_dir, plan, progress)
+    results["+ DPO (shipped)"] = evaluate_stage("aligned", processor, aligned, corpus_dir, plan, progress)
     lap("eval dpo")
 
     (work_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "versions": versions(), "seed": seed,

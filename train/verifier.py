@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from serving.guard.scorer import AudioTextScorer, ScorerConfig, batch_waves
 from serving.guard.text import OntologyIndex, TextEncoder, ontology_phrases
 from train.data.qa import NEGATIVE_SAMPLINGS
+from train.metrics import choose_prior_correction, class_prior_logits, fit_platt, roc_auc
 
 FEATURE_TAG = "verifier-mel64-b4"
 ABSENT_PERCENTILE = 2.0
@@ -186,76 +187,6 @@ def _pair_scores(logits: np.ndarray, rows: dict[str, int], classes: list[str], p
     s = np.array([logits[rows[sid], ci[c]] for sid, c, _, _ in pairs], dtype=np.float64)
     y = np.array([p for _, _, p, _ in pairs])
     return s, y, [smp for *_, smp in pairs]
-
-
-def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """``p = sigmoid(a·s + b)`` by Newton-free gradient fitting on log-loss (1-d, a few hundred steps)."""
-    a = torch.tensor(1.0, requires_grad=True)
-    b = torch.tensor(0.0, requires_grad=True)
-    s, t = torch.tensor(scores, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
-    opt = torch.optim.LBFGS([a, b], lr=0.5, max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(a * s + b, t)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(a.detach()), float(b.detach())
-
-
-def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
-    y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=np.float64)
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def ranking_bounds(y: np.ndarray, s: np.ndarray, keep: float = 0.95) -> tuple[float, float]:
-    """What any threshold on these scores can reach, tuned on the very questions it is scored on.
-
-    ``(best balanced accuracy, share of absent sounds scored at or above the threshold that keeps
-    ``keep`` of the present ones)``: the ceiling on a presence answer read from the scores, and the
-    floor on `correct`'s false 'yes' when it may override at most ``1 - keep`` of true 'yes' answers.
-    """
-    y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=np.float64)
-    pos, neg = np.sort(s[y]), np.sort(s[~y])
-    cuts = np.unique(s)
-    tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / len(pos)  # present scored >= cut
-    tnr = np.searchsorted(neg, cuts, side="left") / len(neg)  # absent scored < cut
-    cut = pos[int(np.floor((1.0 - keep) * len(pos)))]
-    return float(np.max((tpr + tnr) / 2)), float(np.mean(neg >= cut))
-
-
-PRIOR_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def class_prior_logits(labels: np.ndarray) -> np.ndarray:
-    """Each class's log-odds of being present in a training clip (``labels`` ``[N, C]``, Laplace-smoothed)."""
-    prior = (labels.sum(0) + 1) / (len(labels) + 2)
-    return np.log(prior / (1 - prior))
-
-
-def choose_prior_correction(validation_auc, prior_logit: np.ndarray, betas: tuple[float, ...] = PRIOR_BETAS) -> float:
-    """How much of the training prior to take out of each class's score: the β whose offsets ``-β·prior``
-    give the best validation ROC-AUC (``validation_auc(offsets)``).
-
-    Presence questions ask about rare and frequent sounds alike, while a head trained on scenes learns
-    that frequent classes are usually there: left in, that prior ranks an absent popular sound above a
-    present rare one.
-    """
-    return max(betas, key=lambda beta: validation_auc(-beta * prior_logit))
 
 
 def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, lr: float = 1e-2, pos_weight: float = 4.0, seed: int = 0, init: Path | None = None, width: int = 128, threads: int | None = None,

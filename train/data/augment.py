@@ -46,7 +46,7 @@ import soundfile as sf
 import soxr
 from scipy import fft, signal
 
-from train.data.mixer import _loop
+from train.data.mixer import loop_to_length
 from train.data.sources import SAMPLE_RATE
 
 # soundfile (format, subtype) per codec name; which of them this libsndfile can write is probed.
@@ -165,7 +165,7 @@ def add_noise(x: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
 def bank_excerpt(noise: np.ndarray, n: int, offset: int) -> np.ndarray:
     """``n`` samples of a noise recording from ``offset``, looped with cross-fades if it is shorter."""
     noise = np.asarray(noise, np.float32)
-    return _loop(noise, n, offset % len(noise))
+    return loop_to_length(noise, n, offset % len(noise))
 
 
 def resample_roundtrip(x: np.ndarray, rate: int, sr: int = SAMPLE_RATE) -> np.ndarray:

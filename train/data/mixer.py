@@ -270,7 +270,7 @@ def _pink_noise(n: int, seed: int) -> np.ndarray:
     return (x / (np.sqrt(np.mean(x**2)) + 1e-12)).astype(np.float32)
 
 
-def _loop(x: np.ndarray, n: int, offset: int) -> np.ndarray:
+def loop_to_length(x: np.ndarray, n: int, offset: int) -> np.ndarray:
     """Loop ``x`` to ``n`` samples from ``offset`` with short cross-fades, so beds never drop out."""
     fade = min(int(0.05 * SAMPLE_RATE), len(x) // 4)
     if len(x) - offset >= n:
@@ -302,7 +302,7 @@ def _mix(scene: Scene, store: ClipStore, only: Sequence[int] | None, bed: bool) 
         mix += _pink_noise(n, scene.bed.noise_seed) * 10 ** (scene.bed.noise_db / 20)
         if scene.bed.source_id is not None:
             src = store.get(scene.bed.source_id)[scene.bed.source_start:scene.bed.source_end]
-            mix += _loop(src, n, scene.bed.loop_offset) * 10 ** (scene.bed.gain_db / 20)
+            mix += loop_to_length(src, n, scene.bed.loop_offset) * 10 ** (scene.bed.gain_db / 20)
     fade = int(FADE_S * SAMPLE_RATE)
     for i, e in enumerate(scene.events):
         if only is not None and i not in only:
