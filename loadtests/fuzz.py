@@ -469,7 +469,7 @@ def _send_raw(base: str, raw: bytes, timeout_s: float, start: float) -> Result:
                     break
     except socket.timeout:
         return Result(None, answer, {}, time.monotonic() - start, "hang")
-    except OSError as exc:
+    except OSError:
         if not answer:  # the server closed an unparseable connection without a word: refused, not hung
             return Result(0, b"", {}, time.monotonic() - start)
     head, _, body = answer.partition(b"\r\n\r\n")

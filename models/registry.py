@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EMBEDDED_DIR = Path(__file__).resolve().parent / "earwitness-tiny"  # the test-size model, trained from scratch
+TINY_DIR = Path(__file__).resolve().parent / "earwitness-tiny"  # the test-size model, trained from scratch
 SMALL_DIR = Path(__file__).resolve().parent / "earwitness-small"  # the embedded default: trained tensors over pretrained parts
 
 
@@ -41,9 +41,9 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name="earwitness-tiny",
             family="qwen2-audio",
-            source=str(EMBEDDED_DIR),
+            source=str(TINY_DIR),
             description="Test-size model: a 2.6 M-parameter Qwen2-Audio trained from scratch on the corpus (it does not hear; kept for fast tests).",
-            adapters={"default": str(EMBEDDED_DIR / "adapter")},
+            adapters={"default": str(TINY_DIR / "adapter")},
         ),
         ModelSpec(
             name="qwen2-audio-7b-instruct",

@@ -46,11 +46,6 @@ class SmallSpec:
     def trained_prefixes(self) -> tuple[str, ...]:
         return _TRAINED_PREFIXES + (_LM_PREFIXES if self.trained_layers else ())
 
-    @property
-    def audio_tokens(self) -> int:
-        """Audio tokens for a full window: Whisper's 50 positions a second, pooled by 2."""
-        return self.window_s * 25
-
 
 def is_assembled_checkpoint(path: str | Path) -> bool:
     """A directory holding trained tensors and the recipe of parts they complete."""

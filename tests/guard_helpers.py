@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 PREFERRED = ["Door", "Walk, footsteps", "Water", "Fire", "Typing", "Glass", "Dog", "Cat", "Bell", "Speech"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import EMBEDDED_DIR, REGISTRY
+from models.registry import TINY_DIR, REGISTRY
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "model.safetensors").exists(), reason="the embedded model is not built")
+pytestmark = pytest.mark.skipif(not (TINY_DIR / "model.safetensors").exists(), reason="the embedded model is not built")
 
 
 def _size_mb(path: Path) -> float:
@@ -19,21 +19,21 @@ def _size_mb(path: Path) -> float:
 
 def test_checkpoint_is_complete_and_small():
     for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "README.md"):
-        assert (EMBEDDED_DIR / name).exists(), name
-    adapter = EMBEDDED_DIR / "adapter"
+        assert (TINY_DIR / name).exists(), name
+    adapter = TINY_DIR / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 32
     assert "audio_tower" not in json.dumps(config["target_modules"])  # LoRA scoped to the language model
-    assert _size_mb(EMBEDDED_DIR) <= 50
+    assert _size_mb(TINY_DIR) <= 50
 
 
 def test_shipped_files_name_no_training_machine_paths():
     """The committed model must not point at the directory it was trained in on someone's machine."""
-    texts = {f: f.read_text() for f in EMBEDDED_DIR.parent.rglob("*") if f.suffix in (".json", ".md", ".jinja")}  # every committed model
+    texts = {f: f.read_text() for f in TINY_DIR.parent.rglob("*") if f.suffix in (".json", ".md", ".jinja")}  # every committed model
     assert texts
     for f, text in texts.items():
         assert not re.search(r"(?<![\w.])/(?:home|work|tmp|root|Users|mnt)/", text), f
-    adapter = json.loads((EMBEDDED_DIR / "adapter" / "adapter_config.json").read_text())
+    adapter = json.loads((TINY_DIR / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "earwitness-tiny"
 
 

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,7 +93,6 @@ def test_audio_contrast_matches_the_transformers_engine(artifacts, monkeypatch):
 def vllm_server(artifacts, request):
     """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env), in
     both topologies: the engine behind a handle, and in the ingress replica."""
-    import httpx
 
     from serving.config import Settings
     from serving.runtime import start, stop

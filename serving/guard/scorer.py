@@ -144,11 +144,6 @@ class AudioTextScorer(TextSpaceScoring, nn.Module):
             wave = F.pad(wave, (0, self.cfg.n_fft - wave.shape[1]))
         return self(self.features(wave), torch.from_numpy(np.asarray(texts, dtype=np.float32)))[0].numpy()
 
-    def valid_frames(self, n_samples: torch.Tensor, n_frames: int) -> torch.Tensor:
-        """Which blocks hold audio, for clips right-padded to a common length in a batch."""
-        blocks = (n_samples // self.cfg.hop + 1) // self.cfg.block
-        return torch.arange(n_frames, device=n_samples.device)[None, :] < blocks[:, None].clamp(min=1)
-
 
 def batch_waves(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad clips (at least one hop long) into ``[B, max_len]`` plus their true lengths."""

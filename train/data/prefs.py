@@ -14,7 +14,7 @@ split``; audio paths are relative to the corpus directory.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -210,7 +210,3 @@ def load_pairs(corpus_dir: str | Path, split: str, absolute_audio: bool = True):
 
     return ds.map(resolve)
 
-
-def pair_dict(p: Pair) -> dict:
-    """Plain dict of a pair (for JSON reports)."""
-    return asdict(p)
