@@ -384,14 +384,12 @@ def breakdown(model: str, args, clips: list[str], n: int) -> str:
 
     def samples(i: int, workload: str):
         clip = clips[i % len(clips)]
-        return intake.decode(base64.b64decode(fresh_clip(clip, next(_SENT)) if workload == "fresh" else clip), rate, 30).samples
+        return intake.decode(base64.b64decode(fresh_clip(clip, next(_SENT)) if workload == "fresh" else clip), rate, 30)
 
     async def one(clip, contrast: bool, policy: str) -> float:
         start = time.perf_counter()
-        prompt = AudioPrompt(clip, QUESTION, args.max_tokens, contrast=contrast)
-        response = local.complete(prompt, None)
-        pending = guard.start(prompt.samples, QUESTION, policy)
-        await guard.finish(pending, QUESTION, await response, policy)
+        prompt = AudioPrompt(clip.samples, QUESTION, args.max_tokens, contrast=contrast)
+        await guard.run(clip, QUESTION, policy, {"tower": None}, lambda _tower_layers: local.complete(prompt, None))
         return time.perf_counter() - start
 
     async def measure() -> dict[tuple[str, str], list[float]]:

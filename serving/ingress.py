@@ -12,7 +12,6 @@ import os
 import re
 import time
 import traceback
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,13 +26,12 @@ from starlette.routing import Match
 
 from serving import intake
 from serving.auth import ApiKeyMiddleware, keys_from_settings
-from serving.backends import AudioPrompt, Generation
+from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
 from serving.verify_api import VERIFY_BODY
 from serving.verify_api import verify as verify_audio
-from serving.guard.policy import Outcome
-from serving.guard.runner import GuardRunner
+from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import Metrics, mark_process_dead
@@ -169,16 +167,6 @@ class InternalErrorMiddleware:
             await JSONResponse({"error": {**error.body()["error"], "request_id": rid}}, status_code=500)(scope, receive, send)
 
 
-@dataclass(frozen=True)
-class Heard:
-    """One answered clip: the model's generation, the guard's outcome, and their stage times (seconds)."""
-
-    generation: Generation
-    outcome: Outcome
-    model_s: float
-    guard_s: float | None  # None when the guard is off
-
-
 class Service:
     """What one ingress replica knows: settings, its model (``serving.model_client``), its metrics."""
 
@@ -221,31 +209,18 @@ class Service:
         return model_id, info
 
     async def hear(self, endpoint: str, clip, question: str, max_tokens: int, policy: str, model_id: str) -> Heard:
-        """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed.
-
-        The model call leaves before the verifier's, so the longer request is never queued behind the
-        shorter one; the verifier's call is cancelled if the model's fails. When the two share their
-        frozen encoder (``guard_share_encoder``) and the clip fills its window, the model returns the
-        encoder's layers and the verifier scores them after the answer instead.
-        """
-        shared = policy != "off" and not clip.silent and await self.guard.shares_encoder(await self.model_info(), len(clip.samples))
-        start = time.perf_counter()
+        """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed."""
         contrast = policy != "off" and self.settings.guard_contrast
-        prompt = AudioPrompt(clip.samples, question, max_tokens, contrast=contrast, tower_layers=shared)
-        response = self.model.complete(prompt, model_id)
-        pending = self.guard.start(clip.samples, question, policy, shared, clip.silent)  # the verifier runs beside the model, or after it
-        try:
-            generation = await self._await_model(response)
-        except BaseException:
-            self.guard.cancel(pending)
-            raise
-        done = time.perf_counter()
-        outcome = await self.guard.finish(pending, question, generation, policy)
-        guard_s = time.perf_counter() - done if policy != "off" else None
-        self.metrics.latency.labels(endpoint, "model").observe(done - start)
-        if guard_s is not None:
-            self.metrics.latency.labels(endpoint, "guard").observe(guard_s)
-        return Heard(generation, outcome, done - start, guard_s)
+
+        def call_model(tower_layers: bool):
+            prompt = AudioPrompt(clip.samples, question, max_tokens, contrast=contrast, tower_layers=tower_layers)
+            return self._await_model(self.model.complete(prompt, model_id))  # sent now; awaited by the guard
+
+        heard = await self.guard.run(clip, question, policy, await self.model_info(), call_model)
+        self.metrics.latency.labels(endpoint, "model").observe(heard.model_s)
+        if heard.guard_s is not None:
+            self.metrics.latency.labels(endpoint, "guard").observe(heard.guard_s)
+        return heard
 
     async def _await_model(self, response):
         """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""

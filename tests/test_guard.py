@@ -250,13 +250,23 @@ def _guard(verifier_server, question: str, answer: str, contrast: float, policy:
     from serving.metrics import Metrics
 
     runner = GuardRunner(_Handle(verifier_server), Settings(), Metrics())
-    clip = (0.05 * np.random.default_rng(2).standard_normal(16_000)).astype(np.float32)
+    clip = _decoded((0.05 * np.random.default_rng(2).standard_normal(16_000)).astype(np.float32))
     generation = SimpleNamespace(text=answer, answer_logprob=-0.5, blank_logprob=-0.5 - contrast)
 
+    async def answered(_tower_layers):
+        return generation
+
     async def run():
-        return await runner.finish(runner.start(clip, question, policy), question, generation, policy)
+        return (await runner.run(clip, question, policy, {"tower": None}, answered)).outcome
 
     return asyncio.run(run())
+
+
+def _decoded(samples: np.ndarray):
+    """``samples`` as the intake's decoded clip (16 kHz, no flags)."""
+    from serving.audio import Clip
+
+    return Clip(samples, 16_000, "WAV", 16_000, 1)
 
 
 @pytest.mark.parametrize("forced,contrast", [(0.999, 5.0), (0.0, 0.0)])

@@ -300,11 +300,23 @@ INFO = {"tower": SIGNATURE, "max_audio_s": 10.0, "sample_rate": SR}
 def _guarded(runner, layers, n_samples: int = WINDOW, model_info: dict = INFO):
     generation = SimpleNamespace(text="yes", answer_logprob=-0.1, blank_logprob=-0.1, tower_layers=layers)
 
+    from serving.audio import Clip
+
+    asked: dict = {}
+
+    def call_model(tower_layers: bool):
+        asked["shared"] = tower_layers
+
+        async def answer():  # awaited once the verifier's call (if any) has left: what it was asked so far
+            asked["started"] = list(runner.verifier.instance.calls)
+            return generation
+
+        return answer()
+
     async def run():
-        shared = await runner.shares_encoder(model_info, n_samples)
-        pending = runner.start(np.zeros(n_samples, np.float32), QUESTION, "annotate", shared)
-        started = list(runner.verifier.instance.calls)
-        return shared, started, await runner.finish(pending, QUESTION, generation, "annotate")
+        clip = Clip(np.full(n_samples, 0.01, np.float32), SR, "WAV", SR, 1)
+        outcome = (await runner.run(clip, QUESTION, "annotate", model_info, call_model)).outcome
+        return asked["shared"], asked["started"], outcome
 
     return asyncio.run(run())
 

@@ -1,13 +1,14 @@
 """The ingress side of the guard: start the verifier beside the model, then judge the answer.
 
-``GuardRunner.start`` sends the clip (and a presence question's target) to the verifier
+One entry, :meth:`GuardRunner.run`: it calls the model (a callable the ingress gives it), runs the verifier
+beside it and judges the answer. Inside, ``_start`` sends the clip (and a presence question's target) to the verifier
 deployment as soon as the audio is decoded, so its forward pass overlaps generation. When the
 served model's audio tower is the verifier's own frozen encoder (``shares_encoder``: the same
 signature in both deployments' ``info()``) and the clip fills its window, the model returns that
 encoder's layers with its answer and the verifier scores those instead (``assess_layers``, sent by
-``finish``): one encoder pass per request, and none spent on an answer that claims nothing; a model
+``_finish``): one encoder pass per request, and none spent on an answer that claims nothing; a model
 that returns no layers gets the clip scored as before.
-``GuardRunner.finish`` extracts the answer's claims, matches free-form mentions to the ontology,
+``_finish`` extracts the answer's claims, matches free-form mentions to the ontology,
 combines the verifier's probability with the model's audio contrast and applies the policy.
 Any verifier failure or timeout yields verdict ``unverified`` (and a failure metric), never an error.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from serving.errors import ApiError
@@ -33,6 +35,16 @@ class Pending:
     target: str | None
     samples: object | None = None  # the clip, while the verifier waits for the model's tower layers (shared encoder)
     silent: bool = False  # the clip holds no sound (digital silence): every claim is judged absent without the verifier
+
+
+@dataclass(frozen=True)
+class Heard:
+    """One answered clip: the model's generation, the guard's outcome, and their stage times (seconds)."""
+
+    generation: object
+    outcome: Outcome
+    model_s: float
+    guard_s: float | None  # None when the guard is off
 
 
 _UNKNOWN = object()
@@ -69,7 +81,29 @@ class GuardRunner:
         self.verifier, self.settings, self.metrics = verifier, settings, metrics
         self._verifier_tower = _UNKNOWN  # its info()'s tower signature, asked once
 
-    async def shares_encoder(self, model_info: dict, n_samples: int) -> bool:
+    async def run(self, clip, question: str, policy: str, model_info: dict, call_model: Callable[[bool], Awaitable]) -> Heard:
+        """The model's answer to a decoded clip, judged under ``policy``.
+
+        ``call_model(tower_layers)`` sends the model its call when it is called (the awaitable it returns is the
+        answer), before the verifier's: the longer request is never queued behind the shorter one; the
+        verifier's call is cancelled if the model's fails. ``tower_layers``: the model should return its
+        encoder's layers, which the verifier then scores after the answer (a shared encoder on a full window).
+        A silent clip is judged without the verifier.
+        """
+        shared = policy != "off" and not clip.silent and await self._shares_encoder(model_info, len(clip.samples))
+        start = time.perf_counter()
+        answer = call_model(shared)
+        pending = self._start(clip.samples, question, policy, shared, clip.silent)
+        try:
+            generation = await answer
+        except BaseException:
+            self.cancel(pending)
+            raise
+        done = time.perf_counter()
+        outcome = await self._finish(pending, question, generation, policy)
+        return Heard(generation, outcome, done - start, time.perf_counter() - done if policy != "off" else None)
+
+    async def _shares_encoder(self, model_info: dict, n_samples: int) -> bool:
         """Whether the model should hand the verifier its tower's layers on this clip: both name the same
         frozen tower, and the clip fills the model's window (``max_audio_s``). A shorter clip keeps the overlapped
         clip path: the model's tower masks the padding the encoder alone attends to, so its layers are other numbers.
@@ -97,7 +131,7 @@ class GuardRunner:
             raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}", param="guard")
         return policy
 
-    def start(self, samples, question: str, policy: str, shared: bool = False, silent: bool = False) -> Pending:
+    def _start(self, samples, question: str, policy: str, shared: bool = False, silent: bool = False) -> Pending:
         """The verifier's call on the clip, beside the model's; ``shared``: none yet (``finish`` sends the model's layers);
         ``silent``: none at all (silence is its own evidence)."""
         if policy == "off" or self.verifier is None or silent:
@@ -138,17 +172,17 @@ class GuardRunner:
                 pass
             raise
 
-    async def finish(self, pending: Pending, question: str, generation, policy: str) -> Outcome:
+    async def _finish(self, pending: Pending, question: str, generation, policy: str) -> Outcome:
         """The outcome under ``policy``; whatever goes wrong in the guard, the answer goes out (unverified)."""
         try:
-            return await self._finish(pending, question, generation, policy)
+            return await self._judge(pending, question, generation, policy)
         except Exception:  # never a 500 because of the guard
             log.exception("guard failed; answering unverified")
             self.cancel(pending)
             self.metrics.verifier_failures.labels("error").inc()
             return self._count(apply_policy(policy, generation.text, [], False) if policy != "off" else apply_policy("off", generation.text, [], True))
 
-    async def _finish(self, pending: Pending, question: str, generation, policy: str) -> Outcome:
+    async def _judge(self, pending: Pending, question: str, generation, policy: str) -> Outcome:
         answer = generation.text
         if policy == "off":
             self.cancel(pending)
