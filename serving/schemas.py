@@ -54,6 +54,8 @@ class GuardClaim(BaseModel):
     verifier_score: float | None = Field(None, description="the verifier's calibrated probability that the sound is there")
     contrast: float | None = Field(None, description="the answer's audio contrast (guard.contrast), the same on each of its claims")
     present: bool | None = Field(None, description="judged present / absent; null: uncertain or unverified")
+    denied: bool = Field(False, description="the answer says this sound is absent (a 'No' to a presence question): checked as a "
+                                            "claim of absence, 'missed' when the verifier hears it")
     prior: bool = Field(False, description="the answer does not depend on the audio (as likely on blank audio): a prior, not a hearing. "
                         "With present true: the sound is there, but the model guessed it rather than heard it")
     nearest: str | None = Field(None, description="the closest ontology class to the claim, close enough to match or not")
@@ -66,8 +68,9 @@ class GuardClaim(BaseModel):
 
 class GuardInfo(BaseModel):
     policy: Literal["off", "annotate", "abstain", "correct"]
-    verdict: Literal["supported", "unsupported", "uncertain", "no_claims", "unverified", "skipped"] = Field(
-        ..., description="skipped: guard off, nothing checked; unverified: the verifier failed or timed out")
+    verdict: Literal["supported", "unsupported", "uncertain", "missed", "no_claims", "unverified", "skipped"] = Field(
+        ..., description="missed: the answer denies a sound the verifier hears; no_claims: nothing claimed, nothing checked; "
+                         "skipped: guard off, nothing checked; unverified: the verifier failed or timed out")
     contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats: one number for the whole answer")
     claims: list[GuardClaim] = Field(default_factory=list)
 

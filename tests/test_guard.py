@@ -287,6 +287,29 @@ def test_guard_keeps_a_claim_outside_the_ontology_uncertain(verifier_server, mon
             assert out.answer == "I can't confirm hearing a fax machine handshake." and out.kind == "other"
 
 
+@pytest.mark.parametrize("forced,verdict", [(0.999, "missed"), (0.0, "supported"), (None, None)])
+def test_a_no_to_a_presence_question_is_checked_as_a_claim_of_absence(verifier_server, monkeypatch, forced, verdict):
+    """'No' denies the asked-about sound: the verifier hearing it (its probability forced here, a verdict real audio
+    can't be made to give on demand) makes the answer ``missed``, which ``correct`` turns into "Yes."; the
+    verifier judging it absent supports the 'No'; in between it stays uncertain."""
+    real = verifier_server.verifier.class_probabilities
+    if forced is not None:
+        monkeypatch.setattr(verifier_server.verifier, "class_probabilities", lambda samples: {**real(samples), "Dog": forced})
+    question = "Is there a sound of a dog barking in the audio?"
+    for policy in ("annotate", "abstain", "correct"):
+        out = _guard(verifier_server, question, "No.", 0.0, policy)
+        (claim,) = out.claims
+        assert claim.denied and claim.event == "Dog" and claim.source == "question"
+        if forced is None:
+            assert out.verdict in ("supported", "uncertain", "missed")
+            continue
+        assert (out.verdict, claim.present) == (verdict, forced > 0.5), (policy, out)
+        if verdict == "missed" and policy == "correct":
+            assert (out.answer, out.original_answer, out.kind) == ("Yes.", "No.", "yes")
+        else:
+            assert (out.answer, out.original_answer) == ("No.", None)
+
+
 def _tiny_clap(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, ClapTextConfig

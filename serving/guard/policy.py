@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from serving.answers import classify
 
 POLICIES = ("off", "annotate", "abstain", "correct")
-VERDICTS = ("supported", "unsupported", "uncertain", "no_claims", "unverified", "skipped")
+VERDICTS = ("supported", "unsupported", "uncertain", "missed", "no_claims", "unverified", "skipped")
 ABSTAIN = "I can't confirm hearing"
 
 
@@ -53,6 +53,7 @@ class ClaimCheck:
     nearest: str | None = None  # the closest ontology class, close enough or not
     similarity: float | None = None  # of the mention to ``nearest``
     reason: str | None = None  # outside_ontology: matched no class, so never judged (see :func:`judge`); digital_silence
+    denied: bool = False  # a claim of absence: the answer said "no" to a presence question about this sound
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +66,7 @@ class ClaimCheck:
             "nearest": self.nearest,
             "similarity": None if self.similarity is None else round(self.similarity, 4),
             "reason": self.reason,
+            "denied": self.denied,
         }
 
 
@@ -96,13 +98,16 @@ def is_prior(contrast: float | None, t: Thresholds) -> bool:
 
 
 def verdict(claims: list[ClaimCheck], verified: bool = True) -> str:
+    """A claim of presence is borne out when judged present, a claim of absence (``denied``) when judged absent."""
     if not verified:
         return "unverified"
     if not claims:
         return "no_claims"
-    if any(c.present is False for c in claims):
+    if any(c.denied and c.present is True for c in claims):
+        return "missed"
+    if any(not c.denied and c.present is False for c in claims):
         return "unsupported"
-    if all(c.present is True for c in claims):
+    if all(c.present is (not c.denied) for c in claims):
         return "supported"
     return "uncertain"
 
@@ -157,15 +162,21 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     - ``abstain``: "I can't confirm hearing X." when a claim is judged absent, or is uncertain while
       the answer is a prior (neither the verifier nor the model's own hearing confirms it);
     - ``correct``: a presence 'yes' whose sound is judged absent becomes "No."; free-form mentions
-      judged absent are cut from the answer ("I can't confirm hearing X." if nothing is left).
-      Only a judgement of absence corrects: an uncertain claim is not evidence for "No".
+      judged absent are cut from the answer ("I can't confirm hearing X." if nothing is left); a presence
+      'no' whose sound is judged present (``missed``) becomes "Yes."
+      Only a confident judgement corrects: an uncertain claim is evidence for neither answer.
     ``unverified`` answers are never changed.
     """
     if policy == "off":
         return Outcome(answer, None, "off", "skipped", [])
     v = verdict(claims, verified)
-    absent = [c for c in claims if c.present is False]
-    unconfirmed = absent + [c for c in claims if c.present is None and c.prior]
+    if v == "missed" and policy == "correct":
+        return Outcome("Yes.", answer, policy, v, claims)
+    if v == "missed":
+        return Outcome(answer, None, policy, v, claims)
+    claims_present = [c for c in claims if not c.denied]
+    absent = [c for c in claims_present if c.present is False]
+    unconfirmed = absent + [c for c in claims_present if c.present is None and c.prior]
     if policy == "abstain" and verified and unconfirmed:
         return Outcome(f"{ABSTAIN} {_names(unconfirmed)}.", answer, policy, v, claims, abstained=True)
     if v != "unsupported" or policy in ("annotate", "abstain"):

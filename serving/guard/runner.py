@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from serving.answers import classify
 from serving.errors import ApiError
 from serving.guard.claims import extract_claims, presence_target
 from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge, silenced
@@ -134,9 +135,11 @@ class GuardRunner:
     def _start(self, samples, question: str, policy: str, shared: bool = False, silent: bool = False) -> Pending:
         """The verifier's call on the clip, beside the model's; ``shared``: none yet (``finish`` sends the model's layers);
         ``silent``: none at all (silence is its own evidence)."""
-        if policy == "off" or self.verifier is None or silent:
-            return Pending(None, time.perf_counter(), None, silent=silent)
+        if policy == "off" or self.verifier is None:
+            return Pending(None, time.perf_counter(), None)
         target = presence_target(question)
+        if silent:
+            return Pending(None, time.perf_counter(), target, silent=True)
         if shared:
             return Pending(None, time.perf_counter(), target, samples)
         return Pending(self._send("assess", samples, [target] if target else []), time.perf_counter(), target)
@@ -189,10 +192,12 @@ class GuardRunner:
             return apply_policy("off", answer, [], True)
         contrast = answer_contrast(generation)
         claims = extract_claims(question, answer)
-        if not claims:
+        checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in claims]
+        if not checks and pending.target and classify(answer) == "no":  # a 'No' to a presence question: a claim of absence
+            checks = [ClaimCheck(event=pending.target, text=pending.target, source="question", denied=True)]
+        if not checks:
             self.cancel(pending)
             return self._count(apply_policy(policy, answer, [], True))
-        checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in claims]
         if pending.silent:
             return self._count(apply_policy(policy, answer, silenced(checks), True))
         if pending.samples is not None:
