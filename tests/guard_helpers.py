@@ -92,13 +92,14 @@ def pick_clips(corpus: Path) -> dict:
     """A confidently present and a confidently absent scene for one class, judged by the shipped verifier."""
     from serving.guard.verifier import load_verifier
     from train.data.ontology import load_ontology
-    from train.verifier import load_timelines, scene_labels
+    from train.data.formats import read_timelines
+    from train.verifier import scene_labels
 
     verifier, onto = load_verifier(), load_ontology()
     cal = verifier.calibration
     scenes = []
     for split in ("train", "validation", "test"):
-        for sid, timeline in sorted(load_timelines(corpus, split).items()):
+        for sid, timeline in sorted(read_timelines(corpus, split).items()):
             path = corpus / "scenes" / split / f"{sid}.flac"
             scenes.append((sid, path, scene_labels(timeline), verifier.class_probabilities(sf.read(path, dtype="float32")[0])))
     present_classes = {c for _, _, labels, _ in scenes for c in labels}

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START
 from train.data.conversations import prompt_ids
 from train.metrics import roc_auc
+from train.data.formats import read_timelines
 
 AUDIO_SOURCES = ("oracle", "encoder")
 LAYOUTS = ("chat", "direct")
@@ -87,12 +88,11 @@ def pool_positions(hidden: torch.Tensor, active: torch.Tensor, positions: int | 
 
 def oracle_split(corpus_dir: Path, split: str, classes: list[str], positions: int, window_s: float) -> Split:
     """A split for oracle tokens only: the strong labels at ``positions`` steps, no audio tower run."""
-    import json
 
     from train.data.qa import read_qa_rows
     from train.encoder import frame_targets
 
-    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    timelines = read_timelines(corpus_dir, split)
     rows_of = {scene_id: i for i, scene_id in enumerate(timelines)}
     active = torch.from_numpy(frame_targets(timelines, rows_of, classes, positions, window_s))
     questions = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.scene_id in rows_of]

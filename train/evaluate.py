@@ -10,7 +10,6 @@ captions get the share of the events they mention that are not in the audio.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import defaultdict
@@ -25,6 +24,7 @@ from serving.answers import classify
 from serving.backends import AudioPrompt
 from train.data.ontology import Ontology
 from train.data.qa import NEGATIVE_SAMPLINGS, QARow, read_qa_rows
+from train.data.formats import read_timelines
 
 MAX_TOKENS = {"presence": 4, "order": 16, "count": 6, "duration": 8, "caption": 64}
 
@@ -199,7 +199,7 @@ def evaluate(backend, corpus_dir: str | Path, split: str = "test", plan: EvalPla
     corpus_dir = Path(corpus_dir)
     rows = sample_rows(read_qa_rows(corpus_dir, split), plan)
     answers = answer_rows(backend, rows, corpus_dir, progress=progress)
-    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    timelines = read_timelines(corpus_dir, split)
     ontology = load_ontology(corpus_dir / "ontology.json")
     return {
         "presence": presence_metrics(rows, answers),

@@ -28,6 +28,7 @@ import torch
 from train.data.mixer import SCENE_S
 from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 from train.metrics import choose_prior_correction, class_prior_logits, roc_auc
+from train.data.formats import read_timelines
 
 POOLINGS = ("meanmax", "attention", "frame")
 PROBE_POSITIONS = 125  # 80 ms: the strong labels' events are longer than that
@@ -82,7 +83,7 @@ def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], l
     from train.features import encoder_features, yamnet_features
 
     feats, targets, rows = [], [], {}
-    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    timelines = read_timelines(corpus_dir, split)
     if encoder == "yamnet":
         from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
 
@@ -392,7 +393,7 @@ def encoded_split(model_dir: str | Path, model, processor, corpus_dir: Path, spl
         size = TinySize(**model.config.earwitness_tiny_size)
         features, rows_of, _ = scene_features(corpus_dir, split, processor.feature_extractor, feature_tag(size), progress=False)
         hidden, window_s = encoder_outputs(model, features), float(size.chunk_s)
-    timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+    timelines = read_timelines(corpus_dir, split)
     return hidden, rows_of, torch.from_numpy(frame_targets(timelines, rows_of, classes, hidden.shape[1], window_s))
 
 

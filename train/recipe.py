@@ -17,6 +17,7 @@ from models.tiny import TinySize, build_untrained
 from train.features import feature_tag, scene_features
 from train.data.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
+from train.data.formats import read_timelines
 
 # Sized by measurement to fit the whole recipe in well under 90 minutes on 2 CPU cores.
 # The base keeps the stage-0 encoder frozen: joint training from a random language model wipes
@@ -65,7 +66,7 @@ def pretrain_audio_encoder(model, corpus_dir: Path, train: tuple, val: tuple, si
     positions = size.max_source_positions // 2
 
     def targets(split: str, data: tuple):
-        timelines = json.loads((corpus_dir / "scenes" / split / "timelines.json").read_text())
+        timelines = read_timelines(corpus_dir, split)
         return frame_targets(timelines, data[1], classes, positions, float(size.chunk_s))
 
     pretrain_encoder(model, train[0], targets("train", train), out_dir, val=(val[0], targets("validation", val)), seed=seed, progress=progress)

@@ -38,7 +38,9 @@ from torch.nn import functional as F
 
 from serving.guard.scorer import AudioTextScorer, ScorerConfig, batch_waves
 from serving.guard.text import OntologyIndex, TextEncoder, ontology_phrases
+from train.data.formats import read_timelines
 from train.data.qa import NEGATIVE_SAMPLINGS
+from train.encoder import frame_targets
 from train.metrics import choose_prior_correction, class_prior_logits, fit_platt, roc_auc
 
 FEATURE_TAG = "verifier-mel64-b4"
@@ -114,26 +116,6 @@ def lowpass_log_gains(cfg: ScorerConfig, cutoff_hz: float) -> torch.Tensor:
     return torch.from_numpy(np.log(np.maximum(kept, 1e-30)).astype(np.float32))
 
 
-def frame_targets(timelines: dict, rows: dict[str, int], ci: dict[str, int], n: int, frames: int, block_s: float) -> np.ndarray:
-    """``[N, C, frames]`` uint8: which classes sound in each block (events by onset/offset, the bed throughout)."""
-    out = np.zeros((n, len(ci), frames), dtype=np.uint8)
-    for sid, r in rows.items():
-        t = timelines[sid]
-        for e in t["events"]:
-            a = int(float(e["onset"]) / block_s)
-            b = max(a + 1, int(np.ceil(float(e["offset"]) / block_s)))
-            out[r, ci[e["label"]], a : min(b, frames)] = 1
-        bed = (t.get("background") or {}).get("label")
-        if bed:
-            out[r, ci[bed]] = 1
-    return out
-
-
-def load_timelines(corpus: Path, split: str) -> dict[str, dict]:
-    return json.loads((corpus / "scenes" / split / "timelines.json").read_text())
-
-
-@torch.inference_mode()
 def split_features(corpus: Path, split: str, scorer: AudioTextScorer, batch: int = 32, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
     """Block features of every scene of a split (float16, cached under ``features/``)."""
     base = corpus / "features" / FEATURE_TAG
@@ -212,7 +194,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
             print(f"warm start from {init}: new parameters {missing}", flush=True)
     feats = {s: split_features(corpus, s, scorer, progress=progress) for s in ("train", "validation", "test")}
     x_train, rows_train = feats["train"]
-    timelines = load_timelines(corpus, "train")
+    timelines = read_timelines(corpus, "train")
     ci = {c: i for i, c in enumerate(classes)}
     y_train = np.zeros((len(x_train), len(classes)), dtype=np.float32)
     for sid, r in rows_train.items():
@@ -226,7 +208,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
     ys = torch.from_numpy(y_train)
     frames_n = x_train.shape[-1]
     block_s = cfg.hop * cfg.block / cfg.sample_rate
-    ft = torch.from_numpy(frame_targets(timelines, rows_train, ci, len(x_train), frames_n, block_s))
+    ft = torch.from_numpy(frame_targets(timelines, rows_train, classes, frames_n, frames_n * block_s).transpose(0, 2, 1).astype(np.uint8))
     floor = float(xs.min())
 
     pos_weight = torch.full((len(classes),), float(pos_weight))

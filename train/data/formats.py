@@ -122,6 +122,11 @@ def read_audiotime_json(path: str | Path) -> dict[str, dict]:
     return data
 
 
+def read_timelines(corpus: str | Path, split: str) -> dict[str, dict]:
+    """A corpus split's timelines (``scenes/<split>/timelines.json``), validated."""
+    return read_audiotime_json(Path(corpus) / "scenes" / split / "timelines.json")
+
+
 def timeline_strong_labels(scene_id: str, timeline: Mapping, include_background: bool = True) -> list[StrongLabel]:
     """Strong labels of one timeline: each event, plus the background bed spanning the scene."""
     out = [StrongLabel(scene_id, float(e["onset"]), float(e["offset"]), e["label"]) for e in timeline["events"]]
