@@ -35,7 +35,7 @@ class Metrics:
         self.internal_errors = Counter(
             f"{PREFIX}_internal_errors", "Requests answered 500 internal_error (an unexpected exception: a bug), by endpoint.", ["endpoint"], registry=registry
         )
-        self.answers = Counter(f"{PREFIX}_answers", "Answers by kind: yes, no, other.", ["answer", "model"], registry=registry)
+        self.answers = Counter(f"{PREFIX}_answers", "Answers by kind: yes, no, other, unparsed (not the form the question asks for).", ["answer", "model"], registry=registry)
         self.audio_duration = Histogram(
             f"{PREFIX}_audio_duration_seconds", "Duration of accepted audio clips.", buckets=DURATION_BUCKETS, registry=registry
         )

@@ -78,7 +78,7 @@ class Usage(BaseModel):
 
 
 class EarwitnessResult(BaseModel):
-    answer_kind: Literal["yes", "no", "other"]
+    answer_kind: Literal["yes", "no", "other", "unparsed"]
     original_answer: str | None = None
     guard: GuardInfo | None = None
     audio: AudioInfo

@@ -79,7 +79,9 @@ class QAResponse(BaseModel):
     answer: str
     original_answer: str | None = Field(None, description="the model's own answer, when the guard changed it")
     guard: GuardInfo | None = None
-    answer_kind: Literal["yes", "no", "other"] = Field(..., description="the answer read as yes / no / other")
+    answer_kind: Literal["yes", "no", "other", "unparsed"] = Field(
+        ..., description="the answer read as yes / no / other; unparsed: not the form the question asks for (a yes or no to a "
+                         "presence question, a number to a count or duration, a sentence to an open question)")
     model: str
     audio: AudioInfo
     timing: Timing

@@ -79,6 +79,29 @@ def test_claims(question, answer, claims):
     assert [(c.text, c.source) for c in extract_claims(question, answer)] == claims
 
 
+@pytest.mark.parametrize("question", ["Is there a sound of speech in the audio?", "Is there speech?", "Are there birds singing?",
+                                      "Do you hear a dog?", "Did you hear rain?", "Can you hear someone talking?", "Is a piano audible?",
+                                      "A dog barking in this clip?", "Is a dog barking in the recording?"])
+def test_every_presence_phrasing_wants_a_yes_or_a_no(question):
+    from serving.guard.claims import answers_the_question
+
+    assert presence_target(question)
+    assert answers_the_question(question, "Yes.") and answers_the_question(question, "No, there is none.")
+    assert not answers_the_question(question, "1") and not answers_the_question(question, "a dog")
+
+
+def test_counts_durations_and_open_questions_want_their_own_form():
+    from serving.guard.claims import answers_the_question
+
+    assert answers_the_question("How many times does the dog bark?", "3") and not answers_the_question("How many times does the dog bark?", "Yes")
+    assert answers_the_question("How long does the rain last?", "About 4 seconds.") and not answers_the_question("How long does the rain last?", "No")
+    for open_question in ("What do you hear?", "Describe the audio.", "Which sounds are in this clip?"):
+        assert answers_the_question(open_question, "A dog barks while rain falls.")
+        assert not answers_the_question(open_question, "No") and not answers_the_question(open_question, "1")
+    assert presence_target("Is the dog barking before the door slams in the audio?") is None  # order, not presence
+    assert presence_target("What do you hear in this clip?") is None
+
+
 def test_presence_targets():
     assert presence_target("Is there a sound of horse sounds in the audio?") == "horse sounds"
     assert presence_target("Do you hear a baby crying?") == "a baby crying"

@@ -23,8 +23,12 @@ _PRESENCE = [
         r"^\s*(?:did|do|can|could)\s+you\s+(?:hear|detect|notice|make\s+out)\s+(?P<x>.+?)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*[?.]",
         r"^\s*(?:is|are)\s+(?P<x>.+?)\s+(?:audible|present|heard|there)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*\?",
         r"^\s*does\s+(?:the|this)\s+(?:audio|clip|recording)\s+(?:contain|include|have|feature)\s+(?:a\s+sound\s+of\s+|the\s+sound\s+of\s+)?(?P<x>.+?)\s*\?",
+        # "Is a dog barking in the recording?", "A dog barking in this clip?"
+        r"^(?!\s*(?:what|which|who|when|where|why|how|does|do|did|can|could|describe|count|list|name|tell)\b)"
+        r"\s*(?:(?:is|are)\s+)?(?P<x>.+?)\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track)\s*\?",
     )
 ]
+_ORDER = re.compile(r"\b(?:before|after|until|followed\s+by|at\s+the\s+same\s+time)\b", re.I)
 _TRAILER = re.compile(r"\s*(?:answer\s+with\s+yes\s+or\s+no|yes\s+or\s+no)\b.*$", re.I)
 
 _SPLIT = re.compile(r"\s*(?:[.;:!?]+\s+|[.;:!?]+$|,\s*|\s+(?:and|then|while|as|with|followed\s+by|before|after|plus|also|but)\s+)\s*", re.I)
@@ -62,6 +66,8 @@ def presence_target(question: str) -> str | None:
         if m:
             x = m.group("x").strip(" ,")
             x = re.sub(r"\s+(?:in|within)\s+(?:it|there)$", "", x, flags=re.I)
+            if _ORDER.search(x):  # "is the dog barking before the door slams": an order question, not a presence one
+                return None
             return x or None
     return None
 
@@ -110,3 +116,23 @@ def extract_claims(question: str, answer: str) -> list[Claim]:
             continue
         claims.append(mention)
     return claims
+
+
+_COUNT_Q = re.compile(r"^\s*how\s+many\b(?!\s+seconds)", re.I)
+_DURATION_Q = re.compile(r"\bhow\s+long\b|\bhow\s+many\s+seconds\b|\bfor\s+how\s+long\b|\bduration\b", re.I)
+_OPEN_Q = re.compile(r"^\s*(?:describe\b|caption\b|(?:what|which)\b.*\b(?:hear|heard|sounds?|audio|clip|recording|happening)\b)", re.I)
+_NUMBER = re.compile(r"\d|\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|once|twice|none)\b", re.I)
+_BARE = re.compile(r"^\W*(?:yes|no|\d+(?:\.\d+)?)\W*$", re.I)
+
+
+def answers_the_question(question: str, answer: str) -> bool:
+    """Whether the answer has the form the question asks for: a yes or a no to a presence question (any phrasing
+    :func:`presence_target` knows), a number to a count or a duration, more than a bare yes, no or number to an
+    open question. Anything else (a "1" to "Can you hear someone talking?") is reported as unparsed."""
+    if _DURATION_Q.search(question) or _COUNT_Q.search(question):
+        return bool(_NUMBER.search(answer))
+    if _OPEN_Q.search(question):
+        return not _BARE.match(answer) and bool(re.search(r"[A-Za-z]{3,}", answer))
+    if presence_target(question) is not None:
+        return classify(answer) in ("yes", "no")
+    return True

@@ -120,6 +120,7 @@ class Outcome:
     verdict: str
     claims: list[ClaimCheck] = field(default_factory=list)
     abstained: bool = False  # the answer is the guard's "I can't confirm hearing X.", not the model's
+    unparsed: bool = False  # the answer is not of the form the question asks for (``claims.answers_the_question``)
 
     @property
     def overridden(self) -> bool:
@@ -127,8 +128,10 @@ class Outcome:
 
     @property
     def kind(self) -> str:
-        """The answer read as yes / no / other; an abstention is neither a yes nor a no."""
-        return "other" if self.abstained else classify(self.answer)
+        """The answer read as yes / no / other, or unparsed; an abstention is neither a yes nor a no."""
+        if self.abstained:
+            return "other"
+        return "unparsed" if self.unparsed else classify(self.answer)
 
     def guard_dict(self) -> dict:
         contrasts = {c.contrast for c in self.claims if c.contrast is not None}

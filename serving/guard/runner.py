@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from serving.answers import classify
 from serving.errors import ApiError
-from serving.guard.claims import extract_claims, presence_target
+from serving.guard.claims import answers_the_question, extract_claims, presence_target
 from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge, silenced
 
 log = logging.getLogger("earwitness.guard")
@@ -102,6 +102,7 @@ class GuardRunner:
             raise
         done = time.perf_counter()
         outcome = await self._finish(pending, question, generation, policy)
+        outcome.unparsed = not answers_the_question(question, outcome.answer)
         return Heard(generation, outcome, done - start, time.perf_counter() - done if policy != "off" else None)
 
     async def _shares_encoder(self, model_info: dict, n_samples: int) -> bool:
