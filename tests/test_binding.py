@@ -9,6 +9,8 @@ import torch
 
 from train.binding import Learner, Split, checkpoint_lm, fit, oracle_tokens, pool_positions, run, sequence, table
 
+pytestmark = pytest.mark.slow  # a diagnostic that trains language models
+
 
 def test_oracle_tokens_are_the_mean_phrase_embedding_of_the_active_classes():
     embed = torch.arange(12, dtype=torch.float32).reshape(6, 2)

@@ -74,6 +74,7 @@ def test_ask_refuses_a_text_file_before_loading_a_model(tmp_path):
     assert result.returncode == 2 and json.loads(result.stderr.strip().splitlines()[-1])["error"]["code"] == "unsupported_audio_format"
 
 
+@pytest.mark.slow
 def test_ask_runs_the_guard_and_reports_the_audio_as_http_does(tiny_checkpoint, tmp_path):
     from tests.guard_helpers import shipped_verifier
 
@@ -136,6 +137,7 @@ def _processes_of_run(marker: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group", "SIGINT to a background job"])
 def test_serve_stops_cleanly(tmp_path, how):
     """``earwitness serve`` under docker stop / systemd (SIGTERM to the process) and Ctrl-C in a terminal (SIGINT to

@@ -40,6 +40,7 @@ def test_it_is_the_default_and_resolves_by_name_and_directory():
     assert resolve(str(SMALL_DIR)).source == str(SMALL_DIR.resolve())
 
 
+@pytest.mark.slow
 def test_answers_real_scenes_in_its_trained_forms_and_not_always_yes(corpus):
     """Presence questions get "Yes"/"No" and not always "Yes" (the from-scratch model's failure); counts
     get a number. How well it hears unseen recordings is the recipe's evaluation (its model card), not

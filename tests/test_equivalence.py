@@ -23,6 +23,8 @@ from loadtests import equivalence as eq
 from tests.guard_helpers import build_yes_checkpoint, shipped_verifier
 from tests.test_ops_variants import variant_app
 
+pytestmark = pytest.mark.slow  # two Serve deployments and hundreds of requests
+
 
 def _needs_verifier() -> str:
     if shipped_verifier() is None:

@@ -17,6 +17,8 @@ import pytest
 from tests.helpers import encode, tone
 from tests.test_ops_variants import variant_app, wait_ready
 
+pytestmark = pytest.mark.slow  # each fault gets its own Serve deployment
+
 CLIP = encode(tone(2.0, 16_000, 1), 16_000, "wav")
 QUESTION = "Is there a sound of a dog barking in the audio?"
 

@@ -15,10 +15,23 @@ import concurrent.futures as cf
 import json
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtests.fuzz import CLASSES, ENDPOINTS, KNOWN, SPECIAL_TOKENS, Case, known_references, problems, send, valid_clip
+from loadtests.fuzz import (
+    CLASSES,
+    ENDPOINTS,
+    KNOWN,
+    SPECIAL_TOKENS,
+    Case,
+    known_references,
+    problems,
+    send,
+    valid_clip,
+)
+
+pytestmark = pytest.mark.slow  # about a minute of hostile traffic
 
 TIMEOUT_S = 60.0
 BOUNDED = settings(max_examples=70, deadline=None, derandomize=True, database=None, print_blob=True,

@@ -141,6 +141,7 @@ def _clip_counts(base: str) -> tuple[float, float]:
     return tuple(_sample(text, f'earwitness_verifier_clips_total{{result="{r}"}}') for r in ("scored", "kept"))
 
 
+@pytest.mark.slow
 def test_policies_on_an_absent_sound(yes_app, clips):
     case = clips["absent"]
     question = QUESTION.format(x=case["phrase"])
@@ -162,6 +163,7 @@ def test_policies_on_an_absent_sound(yes_app, clips):
     assert scored <= 1 and kept >= 2 and scored + kept == 3  # one recording, judged three times: one audio pass at most
 
 
+@pytest.mark.slow
 def test_policies_keep_a_present_sound(yes_app, clips):
     case = clips["present"]
     question = QUESTION.format(x=case["phrase"])
@@ -172,6 +174,7 @@ def test_policies_keep_a_present_sound(yes_app, clips):
         assert claim["event"] == case["event"] and claim["present"] is not False
 
 
+@pytest.mark.slow
 def test_a_yes_about_a_sound_outside_the_ontology_stays_uncertain(yes_app):
     """A 'yes' to a sound no class stands for is neither confirmed nor denied: uncertain, and `correct` leaves it."""
     question = QUESTION.format(x="a fax machine handshake")
@@ -189,6 +192,7 @@ def test_a_yes_about_a_sound_outside_the_ontology_stays_uncertain(yes_app):
             assert body["answer"] == ("yes" if not claim["prior"] else "I can't confirm hearing a fax machine handshake."), body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("samples", ["zeros", "noise under -80 dBFS"])
 def test_a_yes_about_silence_is_unsupported_under_every_judging_policy(yes_app, samples):
     """Silence is evidence of absence: a 'yes, there is speech' about digital silence (or a clip whose peak is
@@ -209,6 +213,7 @@ def test_a_yes_about_silence_is_unsupported_under_every_judging_policy(yes_app, 
             assert r.json()["answer"] == "No." and r.json()["original_answer"].lower().startswith("yes")
 
 
+@pytest.mark.slow
 def test_verifier_down_answers_unverified(yes_app, server, clips):
     """Kill the verifier's replica: answers still come back 200, marked unverified, and the failure is counted."""
     import ray
@@ -227,6 +232,7 @@ def test_verifier_down_answers_unverified(yes_app, server, clips):
     assert "earwitness_verifier_failures_total" in metrics and 'verdict="unverified"' in metrics
 
 
+@pytest.mark.slow
 def test_a_verify_the_verifier_cannot_answer_in_time_is_503_with_retry_after(server, verifier_checkpoint):
     """A live verifier that can't keep up is overloaded, not a gateway failure: the client is told when to retry."""
     with variant_app(server, "verify-slow", verifier=str(verifier_checkpoint), verifier_timeout_s=0.001) as base:

@@ -96,6 +96,7 @@ def test_adapters_are_routed_and_reloaded(oai, adapted):
     assert len({answers[name][0], answers["a1"][0], answers["a2"][0]}) > 1  # adapters change the model
 
 
+@pytest.mark.slow
 def test_fused_topology_serves_the_same_adapters(oai, adapted, server, adapter_dirs):
     """The engine in the ingress replica (topology fused) answers every model id as the split app does."""
     _, name = adapted

@@ -153,6 +153,7 @@ def test_10s_window_is_the_sliced_position_table(tiny):
 # --------------------------------------------------------------------------- (b) SmolLM2 as Qwen2
 
 
+@pytest.mark.slow
 def test_smollm2_as_qwen2_matches_transformers_gguf_llama():
     from transformers import Qwen2ForCausalLM
 

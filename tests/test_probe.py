@@ -1,5 +1,7 @@
 """The encoder probe: a linear head fitted on the train split's audio tokens scores its questions."""
 
+import pytest
+
 from train.probe import SAMPLINGS, probe, table
 
 
@@ -14,6 +16,7 @@ def test_probe_separates_present_from_absent_on_what_it_was_fitted_on(tiny_check
     assert table(results).count("\n") == 3
 
 
+@pytest.mark.slow
 def test_frozen_whisper_probe_caches_features_and_holds_packages_out(corpus):
     """Whisper tiny.en's frozen features, cached per (encoder, window, view), fit every head; the
     leave-one-package-out head never trains on the held-out package's scenes."""

@@ -17,6 +17,8 @@ from serving.config import Settings
 from tests.guard_helpers import build_yes_checkpoint, pick_clips, shipped_verifier
 from tests.test_ops_variants import variant_app
 
+pytestmark = pytest.mark.slow  # its own Serve deployment
+
 QUESTION = "Is there a sound of {x} in the audio?"
 
 
