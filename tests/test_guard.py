@@ -256,6 +256,26 @@ class _Handle:
         return type("Method", (), {"remote": staticmethod(lambda *args: method(*args))})()
 
 
+def test_each_verdict_logs_its_clip_at_debug_level(verifier_checkpoint, caplog):
+    """An operator can see which audio a verdict came from: at DEBUG the verifier logs the SHA-256 prefix of the
+    samples it scored, and whether they came from its kept results."""
+    import hashlib
+    import logging
+
+    from serving.config import Settings
+    from serving.verifier_server import VerifierServer
+
+    server = VerifierServer.func_or_class(Settings(verifier=str(verifier_checkpoint), verifier_cache_size=4, verifier_log_level="DEBUG").model_dump())
+    clip = (0.1 * np.random.default_rng(5).standard_normal(16_000)).astype(np.float32)
+    prefix = hashlib.sha256(memoryview(clip)).digest()[:6].hex()
+    with caplog.at_level(logging.DEBUG, "earwitness.verifier"):
+        server._assess(clip, ["a dog barking"])
+        server._assess(clip, ["rain"])
+    lines = [r.getMessage() for r in caplog.records if prefix in r.getMessage()]
+    assert len(lines) == 2 and "scored" in lines[0] and "kept" in lines[1], lines
+    logging.getLogger("earwitness.verifier").setLevel(logging.INFO)
+
+
 @pytest.fixture(scope="module")
 def verifier_server(verifier_checkpoint):
     from serving.config import Settings
