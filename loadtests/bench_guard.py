@@ -52,6 +52,36 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+LENGTHS = (("background bed", None, None), ("events ≥ 2 s", 2.0, None), ("events of 0.5–2 s", 0.5, 2.0), ("events < 0.5 s", 0.0, 0.5))
+
+
+def event_length(timeline: dict, label: str) -> float | None:
+    """How long the asked-about sound lasts in the scene: its longest event, or None for the background bed."""
+    if (timeline.get("background") or {}).get("label") == label:
+        return None
+    spans = [float(e["offset"]) - float(e["onset"]) for e in timeline["events"] if e["label"] == label]
+    return max(spans) if spans else None
+
+
+def length_rows(corpus: Path, rows: list[dict], y: np.ndarray, s: np.ndarray) -> list[list]:
+    """ROC-AUC of each length bucket's present questions against all absent ones: where short events get lost."""
+    from train.data.formats import read_timelines
+    from train.metrics import roc_auc
+
+    timelines = read_timelines(corpus, "test")
+    lengths = [event_length(timelines[r["scene_id"]], r["label"]) if r["sampling"] == "positive" else None for r in rows]
+    out = []
+    for name, low, high in LENGTHS:
+        if low is None:
+            pos = np.array([bool(y_i) and length is None for y_i, length in zip(y, lengths)])
+        else:
+            pos = np.array([bool(y_i) and length is not None and low <= length < (high or np.inf) for y_i, length in zip(y, lengths)])
+        keep = pos | ~y
+        if pos.any():
+            out.append([name, int(pos.sum()), roc_auc(pos[keep], s[keep])])
+    return out
+
+
 def guard_outcomes(rows, answers, scores, contrasts, thresholds, policy: str = "correct"):
     """Per row: (model said yes, guarded answer says yes) under ``policy``, through the serving policy code."""
     from serving.answers import classify
@@ -135,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n*any threshold, tuned on these very questions: the ceiling of a presence answer read from these scores, "
           "and the floor of `correct`'s false 'yes' where it may override at most 5% of true 'yes' answers")
     print(f"\nthresholds: absent below {cal.absent_below:.4f}, present from {cal.present_above:.4f}")
+    print("\nBy the asked-about sound's length in the scene (its present questions against every absent one):\n")
+    print(table(["asked-about sound", "present", "ROC-AUC"], length_rows(args.corpus, rows, y, s)))
 
     always_yes = ["Yes"] * len(rows)
     outcomes = guard_outcomes(rows, always_yes, scores, [None] * len(rows), thresholds)
