@@ -1,10 +1,13 @@
 """Late fusion of two verifiers: the weight chosen on validation, measured on test (unseen recordings).
 
-    python -m loadtests.bench_fusion --corpus data/corpus --a earwitness-verifier --b models/earwitness-verifier-yamnet
+    python -m loadtests.bench_fusion --corpus data/corpus --a earwitness-verifier --b models/earwitness-verifier-yamnet \
+        [--out models/earwitness-verifier-fused]
 
 Each verifier's calibrated probability of the asked-about class, per presence question; fused as
 ``sigmoid(w·logit(p_a) + (1 − w)·logit(p_b))`` with ``w`` from a grid, chosen by validation ROC-AUC. Prints test
 ROC-AUC per negative sampling and per length of the asked-about sound, for each verifier alone and fused.
+``--out`` writes the fused verifier (``verifier.json`` naming its members, which must sit beside it): the fused logit
+Platt-calibrated and thresholded on validation as ``train.verifier`` does for one head.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--a", default="earwitness-verifier")
     ap.add_argument("--b", default="models/earwitness-verifier-yamnet")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="write the fused verifier here (beside both members)")
     args = ap.parse_args(argv)
     import torch
 
@@ -71,7 +75,38 @@ def main(argv: list[str] | None = None) -> int:
     val = [roc_auc(y["validation"], s) for s in (scores[args.a]["validation"], scores[args.b]["validation"], fused["validation"])]
     print(f"validation ROC-AUC: {val[0]:.4f} / {val[1]:.4f} / fused {val[2]:.4f}; test: {len(rows['test'])} presence questions\n")
     print(table(["test ROC-AUC", *cols], out))
+    if args.out is not None:
+        print(f"\n{save_fused(args.out, [args.a, args.b], [w, 1 - w], fused, y, out)}")
     return 0
+
+
+def member_dir(name: str) -> Path:
+    from serving.guard.verifier import EMBEDDED_VERIFIER_DIR
+
+    return EMBEDDED_VERIFIER_DIR if name in ("", "earwitness-verifier") else Path(name)
+
+
+def save_fused(out: Path, members: list[str], weights: list[float], fused: dict[str, np.ndarray], y: dict[str, np.ndarray],
+               table_rows: list[list]) -> Path:
+    """The fused verifier: Platt calibration and thresholds of the fused logit on validation, the test table."""
+    import json
+
+    from train.metrics import fit_platt
+    from train.verifier import ABSENT_PERCENTILE, PRESENT_PERCENTILE
+
+    a, b = fit_platt(fused["validation"], y["validation"].astype(np.float32))
+    p_val = 1 / (1 + np.exp(-(a * fused["validation"] + b)))
+    absent_below = float(np.percentile(p_val[y["validation"]], ABSENT_PERCENTILE))
+    present_above = float(max(absent_below, np.percentile(p_val[~y["validation"]], PRESENT_PERCENTILE)))
+    dirs = [member_dir(m).resolve() for m in members]
+    out.mkdir(parents=True, exist_ok=True)
+    if any(d.parent != out.resolve().parent for d in dirs):
+        raise ValueError(f"the members {dirs} must sit beside {out}")
+    doc = {"kind": "earwitness-fused", "members": [d.name for d in dirs], "weights": [round(float(w), 4) for w in weights],
+           "calibration": {"a": a, "b": b}, "thresholds": {"absent_below": absent_below, "present_above": present_above},
+           "test_roc_auc": {row[0]: round(float(row[-1]), 4) for row in table_rows}}
+    (out / "verifier.json").write_text(json.dumps(doc, indent=1))
+    return out / "verifier.json"
 
 
 if __name__ == "__main__":

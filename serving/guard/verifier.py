@@ -203,6 +203,40 @@ class ClapVerifier(Verifier):
         return np.asarray(texts, dtype=np.float32) @ emb  # cosine; the calibration carries CLAP's scale
 
 
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+class FusedVerifier(Verifier):
+    """Embedded verifiers heard together: their calibrated logits, weighted (weights chosen on validation), then
+    calibrated again. Each member hears the clip itself, so the fused verifier reads no served model's layers."""
+
+    def __init__(self, name: str, members: list[EmbeddedVerifier], weights: list[float], calibration: Calibration):
+        super().__init__(name=name, index=members[0].index, calibration=calibration, encoder=members[0].encoder)
+        self.members, self.weights = members, [float(w) for w in weights]
+
+    def fused(self, parts: list[np.ndarray]) -> np.ndarray:
+        """The members' probabilities (one array each) as one calibrated probability."""
+        return self.calibration.prob(sum(w * _logit(p) for w, p in zip(self.weights, parts)))
+
+    def class_probabilities(self, samples: np.ndarray) -> dict[str, float]:
+        parts = [np.array([m.class_probabilities(samples)[c] for c in self.index.classes]) for m in self.members]
+        return {c: float(v) for c, v in zip(self.index.classes, self.fused(parts))}
+
+    def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
+        return [float(v) for v in self.fused([np.array(m.free_text_probabilities(samples, texts)) for m in self.members])]
+
+
+def load_fused(path: Path, doc: dict) -> FusedVerifier:
+    """A fused verifier's ``verifier.json``: its members (directories beside it), weights, calibration, thresholds."""
+    members = [load_embedded(path.parent / m) for m in doc["members"]]
+    if any(m.index.classes != members[0].index.classes for m in members):
+        raise ValueError(f"{path}: the fused verifiers do not share one ontology")
+    cal = Calibration(**doc["calibration"], **doc["thresholds"])
+    return FusedVerifier(path.name, members, doc["weights"], cal)
+
+
 # ---- the embedded checkpoint on disk ---------------------------------------------------------------
 
 def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str, str]], phrase_emb: np.ndarray, card: dict) -> None:
@@ -370,7 +404,8 @@ def load_verifier(source: str | None = None, device: str = "cpu") -> Verifier:
         return load_embedded(EMBEDDED_VERIFIER_DIR)
     path = Path(source).expanduser()
     if path.is_dir() and (path / "verifier.json").exists():
-        return load_embedded(path)
+        doc = json.loads((path / "verifier.json").read_text())
+        return load_fused(path, doc) if doc.get("kind") == "earwitness-fused" else load_embedded(path)
     ontology = load_embedded(EMBEDDED_VERIFIER_DIR).index if (EMBEDDED_VERIFIER_DIR / "verifier.json").exists() else None
     if ontology is None:
         raise FileNotFoundError("a CLAP verifier needs the shipped ontology phrases in models/earwitness-verifier")
