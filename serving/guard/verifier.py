@@ -221,8 +221,9 @@ class FusedVerifier(Verifier):
         return self.calibration.prob(sum(w * _logit(p) for w, p in zip(self.weights, parts)))
 
     def class_probabilities(self, samples: np.ndarray) -> dict[str, float]:
-        parts = [np.array([m.class_probabilities(samples)[c] for c in self.index.classes]) for m in self.members]
-        return {c: float(v) for c, v in zip(self.index.classes, self.fused(parts))}
+        parts = [m.class_probabilities(samples) for m in self.members]  # one forward each
+        fused = self.fused([np.array([p[c] for c in self.index.classes]) for p in parts])
+        return {c: float(v) for c, v in zip(self.index.classes, fused)}
 
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.fused([np.array(m.free_text_probabilities(samples, texts)) for m in self.members])]
