@@ -134,6 +134,17 @@ def evaluate_stage(name: str, processor, model, corpus_dir: Path, plan, progress
     return result
 
 
+def ensure_corpus(corpus_dir: Path, seed: int = 0, progress: bool = True) -> bool:
+    """Build the corpus when it is missing, as ``--corpus`` promises (every package fetched with apt-get, then
+    mixed); True when it was built."""
+    if (corpus_dir / "report.json").exists():
+        return False
+    from train.data.build import build_corpus
+
+    build_corpus(corpus_dir, seed=seed, progress=progress)
+    return True
+
+
 def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, seed: int = 0, progress: bool = True, eval_plan=None, base_from: Path | None = None) -> dict:
     """Corpus to shipped adapter, with every stage's evaluation; returns the results by stage.
 
@@ -153,10 +164,7 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     timings = lap.timings
     results: dict[str, dict] = {}
 
-    if not (corpus_dir / "report.json").exists():
-        from train.data.build import build_corpus
-
-        build_corpus(corpus_dir, seed=seed, progress=progress)
+    if ensure_corpus(corpus_dir, seed, progress):
         lap("corpus")
     base_dir = work_dir / "base"
     if base_from is not None:

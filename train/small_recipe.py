@@ -134,13 +134,15 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
 
     from train.data.report import markdown, plot_stages
     from train.evaluate import EvalPlan
-    from train.recipe import Laps, evaluate_stage, align_dpo, versions
+    from train.recipe import Laps, align_dpo, ensure_corpus, evaluate_stage, versions
 
     plan = eval_plan or EvalPlan(presence_per_sampling=150, per_temporal_kind=60, captions=40, seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     lap = Laps()
     timings = lap.timings
     results: dict[str, dict] = {}
+    if ensure_corpus(corpus_dir, seed, progress):
+        lap("corpus")
 
     base_dir = work_dir / "base"
     if base_from is not None:
