@@ -261,6 +261,17 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
     return calibrate_and_ship(scorer, feats, corpus, classes, class_emb, y_train, phrases, phrase_emb, out, training)
 
 
+def calibrate(scores: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """``(a, b, absent_below, present_above)`` on validation: Platt scaling of the scores, then the thresholds
+    (absent below the :data:`ABSENT_PERCENTILE` of present questions' probabilities, present from the
+    :data:`PRESENT_PERCENTILE` of absent ones)."""
+    y = np.asarray(y).astype(bool)
+    a, b = fit_platt(scores, y.astype(np.float32))
+    p = 1 / (1 + np.exp(-(a * np.asarray(scores) + b)))
+    absent_below = float(np.percentile(p[y], ABSENT_PERCENTILE))
+    return a, b, absent_below, float(max(absent_below, np.percentile(p[~y], PRESENT_PERCENTILE)))
+
+
 def calibrate_and_ship(scorer, feats: dict, corpus: Path, classes: list[str], class_emb: torch.Tensor, y_train: np.ndarray,
                        phrases, phrase_emb: np.ndarray, out: Path, training: dict) -> dict:
     """Prior correction, Platt calibration and thresholds on validation; the measured table on test; the checkpoint in ``out``."""
@@ -271,10 +282,8 @@ def calibrate_and_ship(scorer, feats: dict, corpus: Path, classes: list[str], cl
     beta = choose_prior_correction(lambda offsets: roc_auc(*_pair_scores(val_logits + offsets, feats["validation"][1], classes, val_pairs)[1::-1]), prior_logit)
     offsets = -beta * prior_logit
     s_val, y_val, _ = _pair_scores(val_logits + offsets, feats["validation"][1], classes, val_pairs)
-    a, b = fit_platt(s_val, y_val)
+    a, b, absent_below, present_above = calibrate(s_val, y_val)
     p_val = 1 / (1 + np.exp(-(a * s_val + b)))
-    absent_below = float(np.percentile(p_val[y_val == 1], ABSENT_PERCENTILE))
-    present_above = float(max(absent_below, np.percentile(p_val[y_val == 0], PRESENT_PERCENTILE)))
 
     # measurement on test
     test_pairs = presence_pairs(corpus, "test")
