@@ -17,35 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-from loadtests.bench_guard import NEGATIVES, length_rows, table
+from loadtests.bench_guard import NEGATIVES, length_rows, presence_rows, table, verifier_scores
+from serving.guard.verifier import fuse_logits, load_verifier, logit
 from train.metrics import roc_auc
-
-
-def question_rows(corpus: Path, split: str) -> list[dict]:
-    import json
-
-    rows = [json.loads(line) for line in (corpus / "qa" / f"{split}.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "presence"]
-
-
-def probabilities(verifier_name: str, corpus: Path, rows: list[dict]) -> np.ndarray:
-    """The verifier's probability of each row's asked-about class (its phrase matched as served)."""
-    from serving.guard.verifier import load_verifier
-
-    verifier = load_verifier(verifier_name)
-    matched = {m.text: m.event for m in verifier.match(sorted({r["phrase"] for r in rows}))}
-    cache: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r["scene_id"] not in cache:
-            cache[r["scene_id"]] = verifier.class_probabilities(sf.read(corpus / r["audio"], dtype="float32")[0])
-    return np.array([cache[r["scene_id"]].get(matched.get(r["phrase"]) or r["label"], 0.0) for r in rows])
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,19 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    rows = {split: question_rows(args.corpus, split) for split in ("validation", "test")}
+    rows = {split: presence_rows(args.corpus, 0, 0, split) for split in ("validation", "test")}
     y = {split: np.array([r["sampling"] == "positive" for r in rs]) for split, rs in rows.items()}
-    scores = {name: {split: logit(probabilities(name, args.corpus, rows[split])) for split in rows} for name in (args.a, args.b)}
-    grid = np.linspace(0, 1, 11)
-    w = max(grid, key=lambda w: roc_auc(y["validation"], w * scores[args.a]["validation"] + (1 - w) * scores[args.b]["validation"]))
-    fused = {split: w * scores[args.a][split] + (1 - w) * scores[args.b][split] for split in rows}
+    verifiers = {name: load_verifier(name) for name in (args.a, args.b)}
+    probs = {name: {split: verifier_scores(v, args.corpus, rows[split])[0] for split in rows} for name, v in verifiers.items()}
+    scores = {name: {split: logit(p) for split, p in by_split.items()} for name, by_split in probs.items()}
+
+    def fused_on(split: str, w: float) -> np.ndarray:
+        return fuse_logits([w, 1 - w], [probs[args.a][split], probs[args.b][split]])
+
+    w = max(np.linspace(0, 1, 11), key=lambda w: roc_auc(y["validation"], fused_on("validation", w)))
+    fused = {split: fused_on(split, w) for split in rows}
     smp = np.array([r["sampling"] for r in rows["test"]])
     cols = {args.a: scores[args.a]["test"], args.b: scores[args.b]["test"], f"fused (w={w:.1f} on {args.a})": fused["test"]}
     out = []
     for kind, keep in [("all negatives", np.ones(len(smp), bool)), *[(k, (smp == "positive") | (smp == k)) for k in NEGATIVES]]:
         out.append([kind, *[roc_auc(y["test"][keep], s[keep]) for s in cols.values()]])
-    for i, (name, *_) in enumerate(length_rows(args.corpus, rows["test"], y["test"], cols[args.a])):
-        out.append([name, *[length_rows(args.corpus, rows["test"], y["test"], s)[i][2] for s in cols.values()]])
+    by_length = [length_rows(args.corpus, rows["test"], y["test"], s) for s in cols.values()]
+    for per_col in zip(*by_length):
+        out.append([per_col[0][0], *[row[2] for row in per_col]])
     val = [roc_auc(y["validation"], s) for s in (scores[args.a]["validation"], scores[args.b]["validation"], fused["validation"])]
     print(f"validation ROC-AUC: {val[0]:.4f} / {val[1]:.4f} / fused {val[2]:.4f}; test: {len(rows['test'])} presence questions\n")
     print(table(["test ROC-AUC", *cols], out))
@@ -91,13 +72,9 @@ def save_fused(out: Path, members: list[str], weights: list[float], fused: dict[
     """The fused verifier: Platt calibration and thresholds of the fused logit on validation, the test table."""
     import json
 
-    from train.metrics import fit_platt
-    from train.verifier import ABSENT_PERCENTILE, PRESENT_PERCENTILE
+    from train.verifier import calibrate
 
-    a, b = fit_platt(fused["validation"], y["validation"].astype(np.float32))
-    p_val = 1 / (1 + np.exp(-(a * fused["validation"] + b)))
-    absent_below = float(np.percentile(p_val[y["validation"]], ABSENT_PERCENTILE))
-    present_above = float(max(absent_below, np.percentile(p_val[~y["validation"]], PRESENT_PERCENTILE)))
+    a, b, absent_below, present_above = calibrate(fused["validation"], y["validation"])
     dirs = [member_dir(m).resolve() for m in members]
     out.mkdir(parents=True, exist_ok=True)
     if any(d.parent != out.resolve().parent for d in dirs):

@@ -32,8 +32,9 @@ import soundfile as sf
 from train.data.qa import NEGATIVE_SAMPLINGS as NEGATIVES
 
 
-def presence_rows(corpus: Path, per_sampling: int, seed: int) -> list[dict]:
-    rows = [json.loads(line) for line in (corpus / "qa" / "test.jsonl").read_text().splitlines()]
+def presence_rows(corpus: Path, per_sampling: int, seed: int, split: str = "test") -> list[dict]:
+    """A split's presence questions, positives first, then each negative sampling (``per_sampling`` each; 0: all)."""
+    rows = [json.loads(line) for line in (corpus / "qa" / f"{split}.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["kind"] == "presence"]
     by = defaultdict(list)
     for r in rows:
@@ -43,6 +44,17 @@ def presence_rows(corpus: Path, per_sampling: int, seed: int) -> list[dict]:
     for s in ("positive", *NEGATIVES):
         out += by[s] if per_sampling <= 0 else rng.sample(by[s], min(per_sampling, len(by[s])))
     return out
+
+
+def verifier_scores(verifier, corpus: Path, rows: list[dict]) -> tuple[np.ndarray, dict[str, str | None]]:
+    """The verifier's probability of each row's asked-about class (one audio pass per scene), and how it matched
+    each asked-about phrase: through the text matcher, as a served question's phrase would be."""
+    cache: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["scene_id"] not in cache:
+            cache[r["scene_id"]] = verifier.class_probabilities(sf.read(corpus / r["audio"], dtype="float32")[0])
+    matched = {m.text: m.event for m in verifier.match(sorted({r["phrase"] for r in rows}))}
+    return np.array([cache[r["scene_id"]].get(matched.get(r["phrase"]) or r["label"], 0.0) for r in rows]), matched
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -142,25 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     cal = verifier.calibration
     thresholds = Thresholds(cal.absent_below, cal.present_above)
     rows = presence_rows(args.corpus, args.per_sampling, args.seed)
-    cache: dict[str, dict[str, float]] = {}
     t0 = time.time()
-    for r in rows:
-        if r["scene_id"] not in cache:
-            samples, _ = sf.read(args.corpus / r["audio"], dtype="float32")
-            cache[r["scene_id"]] = verifier.class_probabilities(samples)
-    # the asked-about phrase goes through the text matcher like a served question's would
-    matched = {m.text: m.event for m in verifier.match(sorted({r["phrase"] for r in rows}))}
-    scores = [cache[r["scene_id"]].get(matched.get(r["phrase"]) or r["label"], 0.0) for r in rows]
+    s, matched = verifier_scores(verifier, args.corpus, rows)
     mismatched = sum(1 for r in rows if matched.get(r["phrase"]) != r["label"])
     y = np.array([r["sampling"] == "positive" for r in rows])
-    s = np.array(scores)
     smp = np.array([r["sampling"] for r in rows])
     auc_rows = []
     for k, keep in [("all negatives", np.ones(len(y), bool)), *[(k, (smp == "positive") | (smp == k)) for k in NEGATIVES]]:
         best, passed = ranking_bounds(y[keep], s[keep])
         auc_rows.append([k, int(y[keep].sum()), int((~y[keep]).sum()), roc_auc(y[keep], s[keep]), best, passed])
     print(f"\n## 1. Verifier alone ({verifier.name}), corpus test split: {len(rows)} presence questions, "
-          f"{len(cache)} scenes, {time.time() - t0:.0f} s; phrases matched to another class: {mismatched}\n")
+          f"{len({r['scene_id'] for r in rows})} scenes, {time.time() - t0:.0f} s; phrases matched to another class: {mismatched}\n")
     print(table(["negatives", "present", "absent", "ROC-AUC", "best balanced accuracy*", "absent passed at 95% present kept*"], auc_rows))
     print("\n*any threshold, tuned on these very questions: the ceiling of a presence answer read from these scores, "
           "and the floor of `correct`'s false 'yes' where it may override at most 5% of true 'yes' answers")
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["asked-about sound", "present", "ROC-AUC"], length_rows(args.corpus, rows, y, s)))
 
     always_yes = ["Yes"] * len(rows)
-    outcomes = guard_outcomes(rows, always_yes, scores, [None] * len(rows), thresholds)
+    outcomes = guard_outcomes(rows, always_yes, s, [None] * len(rows), thresholds)
     print("\n## 2. `correct` on a model that always says 'yes' (verifier only)\n")
     print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, outcomes)))
 

@@ -201,7 +201,7 @@ def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated():
     again; a spoken sentence is Speech, present."""
     from pathlib import Path
 
-    from serving.guard.verifier import FusedVerifier, _logit, load_verifier
+    from serving.guard.verifier import FusedVerifier, load_verifier, logit
 
     directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-fused"
     try:
@@ -212,7 +212,7 @@ def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated():
         pytest.skip(f"a pretrained wheel is unavailable: {e}")
     assert isinstance(verifier, FusedVerifier) and verifier.tower is None and len(verifier.members) == 2
     parts = [m.class_probabilities(speech)["Speech"] for m in verifier.members]
-    expected = verifier.calibration.prob(sum(w * _logit(p) for w, p in zip(verifier.weights, parts)))
+    expected = verifier.calibration.prob(sum(w * logit(p) for w, p in zip(verifier.weights, parts)))
     assert probs["Speech"] == pytest.approx(float(expected), abs=1e-9)
     (event,) = verifier.verify(speech, ["someone speaking"], probs)
     assert (event.event, event.present) == ("Speech", True)

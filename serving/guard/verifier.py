@@ -203,9 +203,14 @@ class ClapVerifier(Verifier):
         return np.asarray(texts, dtype=np.float32) @ emb  # cosine; the calibration carries CLAP's scale
 
 
-def _logit(p) -> np.ndarray:
+def logit(p) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
+
+
+def fuse_logits(weights: list[float], parts: list[np.ndarray]) -> np.ndarray:
+    """Verifiers' calibrated probabilities (one array each) as one score: their logits, weighted."""
+    return sum(w * logit(p) for w, p in zip(weights, parts))
 
 
 class FusedVerifier(Verifier):
@@ -218,7 +223,7 @@ class FusedVerifier(Verifier):
 
     def fused(self, parts: list[np.ndarray]) -> np.ndarray:
         """The members' probabilities (one array each) as one calibrated probability."""
-        return self.calibration.prob(sum(w * _logit(p) for w, p in zip(self.weights, parts)))
+        return self.calibration.prob(fuse_logits(self.weights, parts))
 
     def class_probabilities(self, samples: np.ndarray) -> dict[str, float]:
         parts = [m.class_probabilities(samples) for m in self.members]  # one forward each
