@@ -13,7 +13,6 @@ serves Qwen2-Audio (transformers, vLLM) loads it like any other.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 from dataclasses import asdict, dataclass

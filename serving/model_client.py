@@ -54,9 +54,9 @@ class LocalModel:
     """
 
     def __init__(self, settings: Settings, multiplexed: bool = True):
-        self.multiplexed = multiplexed
         from serving.model_server import ModelServer
 
+        self.multiplexed = multiplexed
         self.server = ModelServer.func_or_class(settings.model_dump())  # the deployment's class itself
         queued = settings.max_queued_requests
         self.max_queued = queued

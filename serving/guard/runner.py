@@ -91,10 +91,11 @@ class GuardRunner:
         encoder's layers, which the verifier then scores after the answer (a shared encoder on a full window).
         A silent clip is judged without the verifier.
         """
-        shared = policy != "off" and not clip.silent and await self._shares_encoder(model_info, len(clip.samples))
+        silent = clip.silent  # a pass over the samples: once
+        shared = policy != "off" and not silent and await self._shares_encoder(model_info, len(clip.samples))
         start = time.perf_counter()
         answer = call_model(shared)
-        pending = self._start(clip.samples, question, policy, shared, clip.silent)
+        pending = self._start(clip.samples, question, policy, shared, silent)
         try:
             generation = await answer
         except BaseException:
@@ -134,7 +135,7 @@ class GuardRunner:
         return policy
 
     def _start(self, samples, question: str, policy: str, shared: bool = False, silent: bool = False) -> Pending:
-        """The verifier's call on the clip, beside the model's; ``shared``: none yet (``finish`` sends the model's layers);
+        """The verifier's call on the clip, beside the model's; ``shared``: none yet (``_finish`` sends the model's layers);
         ``silent``: none at all (silence is its own evidence)."""
         if policy == "off" or self.verifier is None:
             return Pending(None, time.perf_counter(), None)
