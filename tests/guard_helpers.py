@@ -115,3 +115,13 @@ def pick_clips(corpus: Path) -> dict:
                 for kind, (p, sid, path, labels) in (("present", pos[-1]), ("absent", neg[0]))
             }
     raise AssertionError("the verifier finds no class confidently present in one scene and absent in another")
+
+
+def metric_total(text: str, prefix: str) -> float:
+    """The sum of every sample of a Prometheus exposition whose line starts with ``prefix`` (all label sets)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def verifier_clips(text: str) -> dict[str, float]:
+    """``earwitness_verifier_clips_total`` by result (scored, kept, shared) in an exposition."""
+    return {r: metric_total(text, f'earwitness_verifier_clips_total{{result="{r}"}}') for r in ("scored", "kept", "shared")}

@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from loadtests import equivalence as eq
-from tests.guard_helpers import build_yes_checkpoint, shipped_verifier
+from tests.guard_helpers import build_yes_checkpoint, metric_total, shipped_verifier, verifier_clips
 from tests.test_ops_variants import variant_app
 
 pytestmark = pytest.mark.slow  # two Serve deployments and hundreds of requests
@@ -86,9 +86,7 @@ def small_shared(server):
 
 
 def _clips_counted(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {r: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f'earwitness_verifier_clips_total{{result="{r}"}}'))
-            for r in ("scored", "kept", "shared")}
+    return verifier_clips(httpx.get(f"{base}/metrics", timeout=10).text)
 
 
 def test_shared_encoder_answers_equal_alone_answers(small_shared):
@@ -134,8 +132,7 @@ def test_kept_results_are_each_clips_own(server):
         return [e["probability"] for e in r.json()["events"]]
 
     def hits() -> float:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("earwitness_verifier_kept_hits_total"))
+        return metric_total(httpx.get(f"{url}/metrics", timeout=10).text, "earwitness_verifier_kept_hits_total")
 
     import concurrent.futures as cf
 

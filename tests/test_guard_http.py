@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.guard_helpers import OUTSIDE_ONTOLOGY, build_yes_checkpoint, pick_clips, shipped_verifier
+from tests.guard_helpers import OUTSIDE_ONTOLOGY, build_yes_checkpoint, pick_clips, shipped_verifier, verifier_clips
 from tests.helpers import encode, tone
 from tests.test_ops_variants import variant_app
 
@@ -91,10 +91,6 @@ def test_verify_names_the_nearest_class_of_phrases_outside_the_ontology(client):
     assert {"nearest", "similarity", "reason"} <= set(schema) and "outside_ontology" in schema["reason"]["description"]
 
 
-def _sample(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
 def test_guard_metrics_exposed(client):
     client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Is there a dog?"})
     text = client.get("/metrics").text
@@ -138,7 +134,8 @@ def _ask(base: str, path, question: str, policy: str | None) -> dict:
 
 def _clip_counts(base: str) -> tuple[float, float]:
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    return tuple(_sample(text, f'earwitness_verifier_clips_total{{result="{r}"}}') for r in ("scored", "kept"))
+    counts = verifier_clips(text)
+    return counts["scored"], counts["kept"]
 
 
 @pytest.mark.slow

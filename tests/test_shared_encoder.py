@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from models.registry import SMALL_DIR
-from tests.guard_helpers import shipped_verifier
+from tests.guard_helpers import shipped_verifier, verifier_clips
 from tests.helpers import encode
 
 SR = 16_000
@@ -97,9 +97,7 @@ def _ask(client, samples: np.ndarray, policy: str = "annotate") -> dict:
 
 
 def _clips_counted(client) -> dict[str, float]:
-    text = client.get("/metrics").text
-    return {r: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f'earwitness_verifier_clips_total{{result="{r}"}}'))
-            for r in ("scored", "kept", "shared")}
+    return verifier_clips(client.get("/metrics").text)
 
 
 def _wav_samples(samples: np.ndarray) -> np.ndarray:
