@@ -130,10 +130,13 @@ class VerifyRequest(BaseModel):
 
 class EventPresence(BaseModel):
     text: str
-    event: str | None = Field(None, description="the ontology class the phrase matched (null: none close enough, see reason)")
-    nearest: str | None = Field(None, description="the closest ontology class, close enough to match or not")
+    event: str | None = Field(None, description="the class the phrase matched, in `vocabulary` (null: none close enough, see reason)")
+    nearest: str | None = Field(None, description="the closest class, close enough to match or not")
     similarity: float = Field(..., description="cosine similarity of the phrase to `nearest` (1.0: one of its phrases); "
                               "below the verifier's minimum, `event` is null")
+    vocabulary: Literal["ontology", "audioset"] | None = Field(
+        None, description="ontology: one of the classes the verifier was trained on; audioset: outside them, but close to one of "
+                          "the AudioSet tagger's 521 classes, judged by the tagger's own output for it (verifiers on the tagger)")
     probability: float = Field(..., description="calibrated probability that the event is in the clip; for a phrase outside the "
                                "ontology, of its own text, reported as evidence only")
     present: bool | None = Field(None, description="judged present / absent with the verifier's thresholds; null: uncertain, "

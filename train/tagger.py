@@ -1,0 +1,267 @@
+"""Fine-tune the AudioSet tagger on the corpus: ``earwitness train verifier --audio yamnet --tune top|upper``.
+
+A head on frozen YAMNet stops where frozen features stop (test ROC-AUC 0.88). Fine-tuning moves the
+tagger itself towards the corpus's sounds, the way sound-event detection is trained:
+
+- **frame by frame:** every 0.96 s patch (every 0.48 s) is trained on the strong labels active in it, plus
+  the clip's pooled score, against the class phrases in the text space (the head of
+  :func:`train.verifier.fit_whisper_head`);
+- **learning without forgetting:** the tuned network's 521 AudioSet outputs are distilled towards the
+  frozen original's on the same patches, so it keeps the vocabulary a phrase outside the ontology lands on;
+- **a low learning rate for the tagger** (the head's is 20× higher), the early blocks frozen, and early
+  stopping on the validation split;
+- prior correction, calibration and thresholds as every head (:func:`train.verifier.calibrate_and_ship`).
+
+What is tuned: ``top`` (the last two blocks, from convolution 23: 2.1 M parameters) or ``upper`` (every block
+from convolution 13, the 6 × 4 × 512 maps on: 3.5 M). The frozen trunk before convolution 13 is computed once
+per scene (``trunk_features``, cached like every feature), so a step costs only the tuned part.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+TUNE_FROM = {"top": 23, "upper": 13}
+TRUNK_END = 13  # the cached trunk: YAMNet's convolutions 0-12, [512, 6, 4] per patch
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How the tagger is fine-tuned (the head's own settings are :func:`train.verifier.fit_whisper_head`'s)."""
+
+    tune: str = "top"  # top | upper: the convolutions from TUNE_FROM[tune] on, and the classifier
+    distill: float = 1.0  # weight of the distillation towards the frozen tagger's 521 outputs; 0: none
+    epochs: int = 6
+    batch: int = 32  # scenes per step (each 19 patches)
+    lr_head: float = 2e-3
+    lr_tagger: float = 1e-4
+    pos_weight: float = 4.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trunk_features(corpus_dir: Path, split: str, batch_size: int = 16, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+    """The frozen trunk's output for every patch of every scene of a split (``[N, P, 512, 6, 4]`` float16), cached."""
+    from models.pretrained.yamnet import LogMelPatches, load_yamnet
+    from train.features import feature_cache
+
+    path, index_path = feature_cache(Path(corpus_dir), split, f"yamnet-trunk{TRUNK_END}")
+    if path.exists() and index_path.exists():
+        return np.load(path, mmap_mode="r"), json.loads(index_path.read_text())["rows"]
+    files = sorted((Path(corpus_dir) / "scenes" / split).glob("*.flac"))
+    if not files:
+        raise FileNotFoundError(f"no scenes under {Path(corpus_dir) / 'scenes' / split}")
+    net, _ = load_yamnet()
+    patches = LogMelPatches()
+    out = None
+    with tqdm(total=len(files), desc=f"yamnet trunk {split}", disable=not progress, unit="scene") as bar, torch.inference_mode():
+        for start in range(0, len(files), batch_size):
+            clips = [sf.read(f, dtype="float32")[0] for f in files[start:start + batch_size]]
+            n = max(len(c) for c in clips)
+            p = patches(torch.from_numpy(np.stack([np.pad(c, (0, n - len(c))) for c in clips])))
+            x = net.run(p.flatten(0, 1), 0, TRUNK_END).unflatten(0, p.shape[:2]).numpy().astype(np.float16)
+            if out is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(len(files), *x.shape[1:]))
+            out[start:start + len(clips)] = x
+            bar.update(len(clips))
+    out.flush()
+    del out
+    path.with_suffix(".tmp.npy").replace(path)
+    rows = {f.stem: i for i, f in enumerate(files)}
+    index_path.write_text(json.dumps({"rows": rows, "trunk_end": TRUNK_END}))
+    return np.load(path, mmap_mode="r"), rows
+
+
+class TunedFeatures:
+    """Trunk rows → the tuned tagger's features (embedding ⊕ AudioSet logits per patch), as the served frontend computes them."""
+
+    def __init__(self, net, tagger, classes: list[str]):
+        self.net, self.tagger, self.net_classes = net, tagger, classes
+
+    def __call__(self, trunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, P, 512, 6, 4]`` → ``(features [B, P, 1545], logits [B, P, 521])``."""
+        b, p = trunk.shape[:2]
+        x = trunk.flatten(0, 1).float()
+        if self.tagger.start > TRUNK_END:
+            with torch.no_grad():
+                x = self.net.run(x, TRUNK_END, self.tagger.start)
+        emb, logits = self.tagger(x)
+        return torch.cat([emb, logits], -1).unflatten(0, (b, p)), logits.unflatten(0, (b, p))
+
+    @torch.inference_mode()
+    def all(self, trunk: np.ndarray, batch: int = 64) -> np.ndarray:
+        """Every row's features (float16), for calibration and measurement."""
+        self.tagger.eval()
+        return np.concatenate([self(torch.from_numpy(np.asarray(trunk[i:i + batch])))[0].numpy().astype(np.float16)
+                               for i in range(0, len(trunk), batch)])
+
+
+def fine_tune(train, teacher: np.ndarray, space, cfg: TuneConfig, keep: np.ndarray | None = None, validate=None,
+              progress: bool = True):
+    """Fine-tune a tagger and its head on ``train`` (a :class:`train.probe.ProbeData` whose features are trunk rows).
+
+    ``teacher``: the frozen tagger's AudioSet logits per patch (``[N, P, 521]``); ``validate(features)`` → a
+    validation ROC-AUC after every epoch, and the best epoch's weights are kept (early stopping).
+    Returns ``(scorer, features, history)``.
+    """
+    from models.pretrained.yamnet import YamNetTop, load_yamnet
+    from serving.guard.scorer import WhisperTextScorer, YamnetScorerConfig
+    from train.verifier import head_loss, standardise
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    rows = np.flatnonzero(keep) if keep is not None else np.arange(len(train.features))
+    net, classes = load_yamnet()
+    scorer = WhisperTextScorer(YamnetScorerConfig(tuned_from=TUNE_FROM[cfg.tune]))
+    features = TunedFeatures(net, scorer.tagger, classes)
+    sample = np.sort(rng.choice(rows, size=min(len(rows), 256), replace=False))
+    with torch.no_grad():
+        standardise(scorer, features(torch.from_numpy(np.asarray(train.features[sample])))[0].reshape(-1, scorer.cfg.features))
+    tagger_params = list(scorer.tagger.parameters())
+    ids = {id(p) for p in tagger_params}
+    head_params = [p for p in scorer.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": head_params, "lr": cfg.lr_head, "weight_decay": 1e-2},
+                             {"params": tagger_params, "lr": cfg.lr_tagger, "weight_decay": 1e-4}])
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.lr_head, cfg.lr_tagger], total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
+    weights = torch.full((len(space.classes),), float(cfg.pos_weight))
+    history, best, t0 = [], None, time.time()
+    for epoch in range(cfg.epochs):
+        scorer.train()
+        sums = {"loss": 0.0, "distill": 0.0}
+        bar = tqdm(np.array_split(rng.permutation(rows), steps_per_epoch), desc=f"tagger {cfg.tune} epoch {epoch + 1}", disable=not progress, unit="step")
+        for idx in bar:
+            idx = np.sort(idx)
+            feats, logits = features(torch.from_numpy(np.asarray(train.features[idx])))
+            yf = torch.from_numpy(train.targets[idx]).float().transpose(1, 2)  # [B, C, P]
+            loss = head_loss(scorer, feats, yf, space.draw(rng), weights)
+            distill = F.binary_cross_entropy_with_logits(logits, torch.sigmoid(torch.from_numpy(np.asarray(teacher[idx], dtype=np.float32))))
+            total = loss + cfg.distill * distill
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            sched.step()
+            step = {"loss": float(loss.detach()), "distill": float(distill.detach())}
+            sums = {k: sums[k] + step[k] for k in sums}
+            bar.set_postfix(loss=f"{step['loss']:.3f}", distill=f"{step['distill']:.4f}")
+        entry = {"epoch": epoch + 1, **{k: round(v / steps_per_epoch, 5) for k, v in sums.items()}, "elapsed_s": round(time.time() - t0, 1)}
+        if validate is not None:
+            entry["val_auc"] = validate(scorer.eval(), features)
+            if best is None or entry["val_auc"] > best[0]:
+                best = (entry["val_auc"], copy.deepcopy(scorer.state_dict()), epoch + 1)
+        history.append(entry)
+        if progress:
+            print(json.dumps(entry), flush=True)
+    if best is not None:
+        scorer.load_state_dict(best[1])
+        history.append({"best_epoch": best[2], "val_auc": best[0]})
+    return scorer.eval(), features, history
+
+
+def retained_audioset(features: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
+    """How much of the frozen tagger's AudioSet output the tuned one keeps, on patches it never trained on: the
+    share of patches whose teacher top class is in the student's top 5, and the mean absolute probability change."""
+    s = np.asarray(features[..., -521:], dtype=np.float32).reshape(-1, 521)
+    t = np.asarray(teacher, dtype=np.float32).reshape(-1, 521)
+    top5 = np.argsort(-s, axis=1)[:, :5]
+    hit = (top5 == t.argmax(1)[:, None]).any(1).mean()
+    change = torch.sigmoid(torch.from_numpy(s)) - torch.sigmoid(torch.from_numpy(t))
+    return {"teacher_top1_in_top5": round(float(hit), 4), "mean_abs_prob_change": round(float(change.abs().mean()), 5)}
+
+
+OPEN_MIN_SIMILARITY = 0.6  # a phrase this close to an AudioSet name (MiniLM cosine) is judged by that class's output
+
+
+def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_similarity: float = OPEN_MIN_SIMILARITY) -> tuple[dict, np.ndarray]:
+    """The AudioSet vocabulary's calibration, fitted where labels exist: each ontology class close enough to an
+    AudioSet name stands in for a phrase outside the ontology; its presence questions are scored by that name's
+    output (maximum over patches), Platt-scaled on validation and measured on test.
+
+    Returns the ``audioset`` section of ``verifier.json`` and the names' embeddings.
+    """
+    from serving.guard.text import TextEncoder, normalise_phrase
+    from train.metrics import fit_platt, roc_auc
+    from train.verifier import presence_pairs
+
+    emb = TextEncoder().encode([normalise_phrase(n) for n in names])
+    sims = space.class_emb.numpy() @ emb.T
+    mapped = {c: int(sims[i].argmax()) for i, c in enumerate(space.classes) if sims[i].max() >= min_similarity}
+
+    def scored(split: str) -> tuple[np.ndarray, np.ndarray]:
+        features, rows = feats[split]
+        logits = np.asarray(features[..., -len(names):], dtype=np.float32).max(1)  # [N, 521]
+        pairs = [(sid, c, y) for sid, c, y, _ in presence_pairs(corpus, split) if c in mapped]
+        return np.array([logits[rows[sid], mapped[c]] for sid, c, _ in pairs]), np.array([y for *_, y in pairs])
+
+    s_val, y_val = scored("validation")
+    a, b = fit_platt(s_val, y_val.astype(np.float32))
+    s_test, y_test = scored("test")
+    doc = {"min_similarity": min_similarity, "a": a, "b": b, "classes_mapped": len(mapped),
+           "mapping": {c: names[i] for c, i in mapped.items()},
+           "test_roc_auc": round(roc_auc(y_test, s_test), 4), "test_questions": int(len(y_test))}
+    return doc, emb
+
+
+def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int | None = None, lopo: bool = False,
+                         progress: bool = True) -> dict:
+    """Fine-tune on the train split, keep the best epoch on validation, calibrate, measure on test, ship to ``out``."""
+    from serving.guard.verifier import save_embedded
+    from train.probe import ProbeData, load_split
+    from train.verifier import TextSpace, split_auc, calibrate_and_ship
+
+    corpus, out = Path(corpus), Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    space = TextSpace.build(corpus)
+    data, teacher = {}, {}
+    for split in ("train", "validation", "test"):
+        frozen = load_split(corpus, split, "yamnet", space.classes, progress=progress)  # labels, packages, teacher logits
+        trunk, rows = trunk_features(corpus, split, progress=progress)
+        assert rows == frozen.rows, "the trunk cache and the feature cache list the scenes differently"
+        data[split] = ProbeData(trunk, frozen.targets, rows, frozen.packages, frozen.event_packages)
+        teacher[split] = frozen.features[..., -521:]
+
+    def validate(scorer, features) -> float:
+        return split_auc(scorer, (features.all(data["validation"].features), data["validation"].rows), corpus, "validation",
+                       space.classes, space.class_emb)
+
+    scorer, features, history = fine_tune(data["train"], teacher["train"], space, cfg, validate=validate, progress=progress)
+    feats = {split: (features.all(data[split].features), data[split].rows) for split in ("validation", "test")}
+    training = {"tune": cfg.to_dict(), "history": history, "train_scenes": len(data["train"].rows), "epochs_run": cfg.epochs,
+                "seconds": round(time.time() - t0, 1), "corpus": str(corpus)}
+    card = calibrate_and_ship(scorer, feats, corpus, space.classes, space.class_emb, data["train"].targets.max(1).astype(np.float32),
+                              space.phrases, space.phrase_emb, out, training)
+    card["metrics"]["audioset_retained"] = retained_audioset(feats["test"][0], teacher["test"])
+    card["audioset"], names_emb = fit_open_vocabulary(feats, corpus, space, features.net_classes)
+    frozen_doc, _ = fit_open_vocabulary({k: (np.asarray(teacher[k]), data[k].rows) for k in ("validation", "test")}, corpus, space,
+                                        features.net_classes)
+    card["audioset"]["frozen_test_roc_auc"] = frozen_doc["test_roc_auc"]  # the same path on the original tagger
+    if lopo:
+        from train.data.qa import read_qa_rows
+        from train.probe import held_out_packages, leave_one_package_out
+        from train.verifier import clip_logits
+
+        def fit(keep):
+            head, feats_of, _ = fine_tune(data["train"], teacher["train"], space, cfg, keep=keep, progress=False)
+            return lambda trunk: clip_logits(head, feats_of.all(trunk), space.class_emb)
+
+        qa = {split: read_qa_rows(corpus, split) for split in data}
+        card["lopo"] = leave_one_package_out(data, qa, space.classes, held_out_packages(corpus), fit, prior_beta=card["prior_correction"])
+        card["metrics"]["lopo_mean"] = round(float(np.nanmean([v["auc"] for v in card["lopo"].values()])), 4)
+    save_embedded(out, scorer, space.classes, space.phrases, space.phrase_emb, card, audioset=names_emb)
+    return card
