@@ -80,17 +80,17 @@ class VerifierServer:
     def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
         return self._result(samples, texts, *self.class_probabilities(samples))
 
-    async def assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str]) -> dict:
+    async def assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str], samples: np.ndarray | None = None) -> dict:
         """:meth:`assess` of a clip given as its encoder layers (``Generation.tower_layers`` of a model whose tower
         has this verifier's signature) and its length in samples: the head only, never kept (``shared``)."""
-        return await asyncio.to_thread(self._assess_layers, layers, n_samples, texts)
+        return await asyncio.to_thread(self._assess_layers, layers, n_samples, texts, samples)
 
-    def _assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str]) -> dict:
+    def _assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str], samples: np.ndarray | None = None) -> dict:
         from serving.guard.scorer import TowerLayers
 
         if self.verifier.tower is None:
             raise ValueError(f"verifier {self.verifier.name} reads no encoder's layers")
-        clip = TowerLayers(np.asarray(layers, dtype=np.float32), int(n_samples))
+        clip = TowerLayers(np.asarray(layers, dtype=np.float32), int(n_samples), samples)
         return {**self._result(clip, texts, self.verifier.class_probabilities(clip), False), "shared": True}
 
     def _result(self, clip, texts: list[str], probs: dict[str, float], kept: bool) -> dict:

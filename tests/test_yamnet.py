@@ -210,9 +210,36 @@ def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated():
         probs = verifier.class_probabilities(speech)
     except WheelError as e:
         pytest.skip(f"a pretrained wheel is unavailable: {e}")
-    assert isinstance(verifier, FusedVerifier) and verifier.tower is None and len(verifier.members) == 2
+    assert isinstance(verifier, FusedVerifier) and len(verifier.members) == 2
+    assert verifier.tower == verifier.members[0].tower is not None and verifier.members[1].tower is None  # Whisper's; YAMNet's none
+    assert verifier.info()["hears_clip"] is True  # by the layers of a served model's tower, plus the clip for the tagger
     parts = [m.class_probabilities(speech)["Speech"] for m in verifier.members]
     expected = verifier.calibration.prob(sum(w * logit(p) for w, p in zip(verifier.weights, parts)))
     assert probs["Speech"] == pytest.approx(float(expected), abs=1e-9)
     (event,) = verifier.verify(speech, ["someone speaking"], probs)
     assert (event.event, event.present) == ("Speech", True)
+
+
+def test_the_fused_verifier_reads_a_served_towers_layers_and_hears_the_clip_that_comes_with_them():
+    """The shared-encoder path: the Whisper member scores the layers a served model computed, the tagger the clip sent
+    with them; together equal to hearing the clip. Layers without the clip are refused, not guessed at."""
+    from pathlib import Path
+
+    from models.pretrained.whisper import encode_layers
+    from serving.guard.scorer import TowerLayers
+    from serving.guard.verifier import load_verifier
+
+    directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-fused"
+    try:
+        verifier = load_verifier(str(directory))
+        speech = _espeak("Hello, this is a short test of what the verifier hears.")
+        alone = verifier.class_probabilities(speech)
+    except WheelError as e:
+        pytest.skip(f"a pretrained wheel is unavailable: {e}")
+    frontend = verifier.members[0].scorer.frontend
+    feats = frontend.extractor([speech], sampling_rate=16_000, padding="max_length", return_tensors="pt")["input_features"]
+    layers = torch.stack(encode_layers(frontend.tower, feats))[:, 0].numpy()
+    given = verifier.class_probabilities(TowerLayers(layers, len(speech), speech))
+    assert max(abs(given[c] - alone[c]) for c in alone) < 1e-5
+    with pytest.raises(ValueError, match="hears the clip itself"):
+        verifier.class_probabilities(TowerLayers(layers, len(speech)))

@@ -81,6 +81,7 @@ class GuardRunner:
     def __init__(self, verifier, settings, metrics):
         self.verifier, self.settings, self.metrics = verifier, settings, metrics
         self._verifier_tower = _UNKNOWN  # its info()'s tower signature, asked once
+        self._verifier_hears_clip = False  # its info(): a call with the layers also carries the clip
 
     async def run(self, clip, question: str, policy: str, model_info: dict, call_model: Callable[[bool], Awaitable]) -> Heard:
         """The model's answer to a decoded clip, judged under ``policy``.
@@ -124,7 +125,7 @@ class GuardRunner:
             except Exception as exc:  # noqa: BLE001 - the clip path still works
                 log.warning("verifier info unavailable (%s): it encodes the clip itself", failure_reason(exc))
                 return False
-            self._verifier_tower = info.get("tower")
+            self._verifier_tower, self._verifier_hears_clip = info.get("tower"), bool(info.get("hears_clip"))
             log.info("encoder %s: model %s, verifier %s", "shared" if tower == self._verifier_tower else "not shared", tower, self._verifier_tower)
         return tower == self._verifier_tower
 
@@ -157,7 +158,8 @@ class GuardRunner:
         """The shared encoder's verifier call, now that the model answered: its layers, or the clip when it sent none."""
         layers, texts = getattr(generation, "tower_layers", None), [pending.target] if pending.target else []
         if layers is not None:
-            pending.response = self._send("assess_layers", layers, len(pending.samples), texts)
+            clip = pending.samples if self._verifier_hears_clip else None
+            pending.response = self._send("assess_layers", layers, len(pending.samples), texts, clip)
         else:
             pending.response = self._send("assess", pending.samples, texts)
         pending.started, pending.samples = time.perf_counter(), None

@@ -188,6 +188,7 @@ class TowerLayers:
 
     layers: np.ndarray
     n_samples: int
+    samples: np.ndarray | None = None  # the clip itself, for a verifier that also hears it (a fused verifier's tagger)
 
 
 def pool_positions(x: torch.Tensor, positions: int) -> torch.Tensor:
@@ -303,7 +304,11 @@ class YamnetFrontend:
         emb, logits = self.top(self.net.run(patches.flatten(0, 1), 0, self.top.start))
         return torch.cat([emb, logits], dim=-1).unflatten(0, (b, n))
 
-    def __call__(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, samples: np.ndarray | TowerLayers) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(samples, TowerLayers):  # no served model's tower is YAMNet: it hears the clip that came with them
+            if samples.samples is None:
+                raise ValueError("the AudioSet tagger hears the clip itself: send its samples with the encoder's layers")
+            samples = samples.samples
         wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
         feats = self.features(wave)
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool)

@@ -162,9 +162,14 @@ class Verifier:
         can score a clip from that encoder's layers (:class:`serving.guard.scorer.TowerLayers`) instead of its samples."""
         return None
 
+    @property
+    def hears_clip(self) -> bool:
+        """Whether a clip given as its :attr:`tower`'s layers must also carry its samples (a member hears it itself)."""
+        return False
+
     def info(self) -> dict:
         return {"verifier": self.name, "classes": len(self.index.classes), "absent_below": self.calibration.absent_below,
-                "present_above": self.calibration.present_above, "tower": self.tower}
+                "present_above": self.calibration.present_above, "tower": self.tower, "hears_clip": self.hears_clip}
 
 
 class EmbeddedVerifier(Verifier):
@@ -267,7 +272,16 @@ def fuse_logits(weights: list[float], parts: list[np.ndarray]) -> np.ndarray:
 
 class FusedVerifier(Verifier):
     """Embedded verifiers heard together: their calibrated logits, weighted (weights chosen on validation), then
-    calibrated again. Each member hears the clip itself, so the fused verifier reads no served model's layers."""
+    calibrated again. A member on a served model's frozen tower (the Whisper head) can read that model's layers; the
+    others (the AudioSet tagger) hear the clip, which comes with the layers (:class:`~serving.guard.scorer.TowerLayers`)."""
+
+    @property
+    def tower(self) -> str | None:
+        return next((m.tower for m in self.members if m.tower is not None), None)
+
+    @property
+    def hears_clip(self) -> bool:
+        return self.tower is not None and any(m.tower is None for m in self.members)
 
     def __init__(self, name: str, members: list[EmbeddedVerifier], weights: list[float], calibration: Calibration):
         super().__init__(name=name, index=members[0].index, calibration=calibration, encoder=members[0].encoder)
