@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from serving.guard.scorer import ScorerConfig
-from serving.guard.verifier import EMBEDDED_VERIFIER_DIR, model_card
+from models.verifier_card import model_card
+from serving.guard.verifier import EMBEDDED_VERIFIER_DIR
 from train.verifier import LOWPASS_HZ, lowpass_log_gains, recording_augment
 
 

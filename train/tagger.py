@@ -118,7 +118,7 @@ def fine_tune(train, teacher: np.ndarray, space, cfg: TuneConfig, keep: np.ndarr
     validation ROC-AUC after every epoch, and the best epoch's weights are kept (early stopping).
     Returns ``(scorer, features, history)``.
     """
-    from models.pretrained.yamnet import YamNetTop, load_yamnet
+    from models.pretrained.yamnet import load_yamnet
     from serving.guard.scorer import WhisperTextScorer, YamnetScorerConfig
     from train.verifier import head_loss, standardise
 
@@ -212,7 +212,7 @@ def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_
     s_test, y_test = scored("test")
     doc = {"min_similarity": min_similarity, "a": a, "b": b, "classes_mapped": len(mapped),
            "mapping": {c: names[i] for c, i in mapped.items()},
-           "test_roc_auc": round(roc_auc(y_test, s_test), 4), "test_questions": int(len(y_test))}
+           "test_roc_auc": round(roc_auc(y_test, s_test), 4), "test_questions": len(y_test)}
     return doc, emb
 
 
@@ -221,7 +221,7 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
     """Fine-tune on the train split, keep the best epoch on validation, calibrate, measure on test, ship to ``out``."""
     from serving.guard.verifier import save_embedded
     from train.probe import ProbeData, load_split
-    from train.verifier import TextSpace, split_auc, calibrate_and_ship
+    from train.verifier import TextSpace, calibrate_and_ship, split_auc
 
     corpus, out = Path(corpus), Path(out)
     if threads:

