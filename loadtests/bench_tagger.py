@@ -43,16 +43,22 @@ def train_sweep(corpus: Path, runs: Path, epochs: int, sweep=SWEEP) -> dict[str,
     return out
 
 
-def measure(corpus: Path, directories: dict[str, Path]) -> list[dict]:
-    """Every verifier on all of the test split's presence questions."""
+def measure(corpus: Path, directories: dict[str, Path], kept: Path) -> list[dict]:
+    """Every verifier on all of the test split's presence questions (kept in ``kept`` per verifier file, so a resumed
+    sweep scores only what is new)."""
     from serving.guard.verifier import load_verifier
     from train.metrics import roc_auc
 
     rows = presence_rows(corpus, 0, 0)
     y = np.array([r["sampling"] == "positive" for r in rows])
     smp = np.array([r["sampling"] for r in rows])
+    done = json.loads(kept.read_text()) if kept.exists() else {}
     out = []
     for name, directory in directories.items():
+        key = f"{Path(directory).resolve()}@{(Path(directory) / 'verifier.json').stat().st_mtime_ns}"
+        if key in done:
+            out.append({**done[key], "verifier": name})
+            continue
         t0 = time.time()
         verifier = load_verifier(str(directory))
         s, _ = verifier_scores(verifier, corpus, rows)
@@ -67,6 +73,9 @@ def measure(corpus: Path, directories: dict[str, Path]) -> list[dict]:
                     "best_epoch": next((h["best_epoch"] for h in tr.get("history", []) if "best_epoch" in h), None),
                     "train_s": tr.get("seconds"), "score_s": round(time.time() - t0, 1)})
         print(json.dumps(out[-1]), flush=True)
+        done[key] = out[-1]
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(done, indent=1))
     return out
 
 
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = train_sweep(args.corpus, args.runs, args.epochs, sweep)
     existing = {run_name(*s): args.runs / run_name(*s) for s in SWEEP if (args.runs / run_name(*s) / "verifier.json").exists()}
     directories = {**PEERS, **{f"tuned {k}": v for k, v in {**existing, **trained}.items()}}
-    results = measure(args.corpus, {k: Path(v) for k, v in directories.items()})
+    results = measure(args.corpus, {k: Path(v) for k, v in directories.items()}, args.runs / "measured.json")
     print(report(results, args.out, len(presence_rows(args.corpus, 0, 0))))
     return 0
 

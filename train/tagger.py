@@ -23,7 +23,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -216,9 +216,10 @@ def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_
     return doc, emb
 
 
-def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int | None = None, lopo: bool = False,
+def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int | None = None, lopo_epochs: int = 0,
                          progress: bool = True) -> dict:
-    """Fine-tune on the train split, keep the best epoch on validation, calibrate, measure on test, ship to ``out``."""
+    """Fine-tune on the train split, keep the best epoch on validation, calibrate, measure on test, ship to ``out``;
+    ``lopo_epochs`` > 0: also leave-one-package-out, one fine-tune of that many epochs per held-out package."""
     from serving.guard.verifier import save_embedded
     from train.probe import ProbeData, load_split
     from train.verifier import TextSpace, calibrate_and_ship, split_auc
@@ -251,17 +252,18 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
     frozen_doc, _ = fit_open_vocabulary({k: (np.asarray(teacher[k]), data[k].rows) for k in ("validation", "test")}, corpus, space,
                                         features.net_classes)
     card["audioset"]["frozen_test_roc_auc"] = frozen_doc["test_roc_auc"]  # the same path on the original tagger
-    if lopo:
+    if lopo_epochs:
         from train.data.qa import read_qa_rows
         from train.probe import held_out_packages, leave_one_package_out
         from train.verifier import clip_logits
 
         def fit(keep):
-            head, feats_of, _ = fine_tune(data["train"], teacher["train"], space, cfg, keep=keep, progress=False)
+            head, feats_of, _ = fine_tune(data["train"], teacher["train"], space, replace(cfg, epochs=lopo_epochs), keep=keep, progress=False)
             return lambda trunk: clip_logits(head, feats_of.all(trunk), space.class_emb)
 
         qa = {split: read_qa_rows(corpus, split) for split in data}
         card["lopo"] = leave_one_package_out(data, qa, space.classes, held_out_packages(corpus), fit, prior_beta=card["prior_correction"])
         card["metrics"]["lopo_mean"] = round(float(np.nanmean([v["auc"] for v in card["lopo"].values()])), 4)
+        card["training"]["lopo_epochs"] = lopo_epochs
     save_embedded(out, scorer, space.classes, space.phrases, space.phrase_emb, card, audioset=names_emb)
     return card

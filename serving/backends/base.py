@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -34,11 +33,31 @@ class Generation:
     tower_layers: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-class Backend(Protocol):
+class Backend:
+    """What every engine implements. The defaults are a synchronous engine's: the model server batches its
+    requests (:meth:`generate`), it has no frozen pretrained tower to share, and nothing to stop."""
+
     model_name: str
     sample_rate: int
     max_audio_s: float
+    processor: object  # the served processor: its tokenizer bounds questions before they join a batch
+    is_async: bool = False  # True: the engine batches itself; the server awaits :meth:`generate_async` per request
 
     def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
         """Greedy answers for a batch of prompts, in order."""
-        ...
+        raise NotImplementedError
+
+    async def generate_async(self, prompt: AudioPrompt, adapter=None) -> Generation:
+        """One greedy answer, batched by the engine with whatever else is in flight (``adapter``: the LoRA to apply)."""
+        raise NotImplementedError(f"{type(self).__name__} is synchronous: the model server batches its generate()")
+
+    def warm_up(self) -> None:
+        """One short generation, so the first request does not pay for lazy initialisation."""
+
+    def shared_tower(self, adapter_dirs) -> str | None:
+        """The frozen pretrained audio tower's signature when every adapter served leaves it as fetched (a verifier on
+        the same tower can read its layers); None: no such tower."""
+        return None
+
+    def shutdown(self) -> None:
+        """Stop what outlives the replica (vLLM's engine-core process)."""

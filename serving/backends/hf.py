@@ -12,7 +12,7 @@ import torch
 from models.loading import frozen_tower, load
 from models.pretrained.whisper import captured_layers
 from models.registry import ModelSpec
-from serving.backends.base import AudioPrompt, Generation
+from serving.backends.base import AudioPrompt, Backend, Generation
 
 
 def audio_tower(model):
@@ -39,7 +39,7 @@ def adapter_leaves_tower(adapter_dir: str, tower_names: list[str]) -> bool:
     return not (getattr(config, "target_modules", None) and any(check_target_module_exists(config, name) for name in tower_names))
 
 
-class TransformersBackend:
+class TransformersBackend(Backend):
     def __init__(self, name: str, processor, model, max_audio_s: float = 30.0, tower: str | None = None):
         self.model_name = name
         self.processor, self.model = processor, model

@@ -33,7 +33,7 @@ import numpy as np
 
 from models.registry import ModelSpec
 from serving.answers import classify
-from serving.backends.base import AudioPrompt, Generation
+from serving.backends.base import AudioPrompt, Backend, Generation
 
 log = logging.getLogger("earwitness.vllm")
 
@@ -136,7 +136,7 @@ class LoraRef:
         return LoRARequest(lora_name=self.name, lora_int_id=self.lora_id, lora_path=self.path)
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     is_async = True
 
     def __init__(self, name: str, engine, processor, max_audio_s: float, sample_rate: int, supports_lora: bool):
