@@ -2,7 +2,7 @@
 
     python -m loadtests.bench_tagger --corpus data/corpus --epochs 6 --out loadtests/results
 
-Trains each configuration (``earwitness train verifier --audio yamnet --tune ... --distill ...``) into
+Trains each configuration (``earwitness train verifier --audio yamnet --tune ... --distill ... [--steps]``) into
 ``runs/tagger/<name>`` unless it is already there (so the sweep resumes), then scores every one on the
 same test questions as ``bench_guard`` (all of them, through the served verifier's own audio path): ROC-AUC
 overall, adversarial, on events shorter than 0.5 s, plus what each kept of the 521 AudioSet outputs and
@@ -20,25 +20,25 @@ import numpy as np
 
 from loadtests.bench_guard import length_rows, presence_rows, table, verifier_scores
 
-SWEEP = (("top", 1.0), ("top", 0.0), ("upper", 1.0), ("upper", 0.0))
+SWEEP = (("top", 1.0, False), ("top", 0.0, False), ("upper", 1.0, False), ("upper", 0.0, False), ("top", 1.0, True))
 PEERS = {"frozen YAMNet + head": "models/earwitness-verifier-yamnet", "frozen Whisper tiny.en + head (shipped)": "models/earwitness-verifier"}
 
 
-def run_name(tune: str, distill: float) -> str:
-    return f"{tune}-distill{distill:g}"
+def run_name(tune: str, distill: float, steps: bool = False) -> str:
+    return f"{tune}-distill{distill:g}" + ("-steps" if steps else "")
 
 
 def train_sweep(corpus: Path, runs: Path, epochs: int, sweep=SWEEP) -> dict[str, Path]:
     from train.tagger import TuneConfig, train_tuned_verifier
 
     out = {}
-    for tune, distill in sweep:
-        name = run_name(tune, distill)
+    for tune, distill, steps in sweep:
+        name = run_name(tune, distill, steps)
         out[name] = runs / name
         if (out[name] / "verifier.json").exists():
             print(f"{name}: trained already ({out[name]})", flush=True)
             continue
-        card = train_tuned_verifier(corpus, out[name], TuneConfig(tune=tune, distill=distill, epochs=epochs))
+        card = train_tuned_verifier(corpus, out[name], TuneConfig(tune=tune, distill=distill, epochs=epochs, steps=steps))
         print(json.dumps({"run": name, **{k: v for k, v in card["metrics"].items() if "roc_auc" in k}}), flush=True)
     return out
 

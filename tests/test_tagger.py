@@ -29,9 +29,13 @@ def test_the_tuned_part_continues_the_frozen_trunk(yamnet, start):
     emb, logits = top(yamnet.run(x, 0, start))
     torch.testing.assert_close(logits, yamnet(x), rtol=0, atol=1e-5)
     assert emb.shape == (3, 1024) and len(top.convs) == 27 - start
+    steps, patch_logits = top.steps(yamnet.run(x, 0, start))  # the 0.32 s steps average to the patch's own
+    assert steps.shape == (3, 3, 1024)
+    torch.testing.assert_close(steps.mean(1), emb, rtol=0, atol=1e-5)
+    torch.testing.assert_close(patch_logits, logits, rtol=0, atol=1e-5)
 
 
-def _tiny_task(yamnet, scenes: int = 12, patches: int = 3, classes: int = 4):
+def _tiny_task(yamnet, scenes: int = 12, patches: int = 3, classes: int = 4, steps: bool = False):
     """Scenes of random log-mel patches whose class k is on where the patch is louder in band k: a task to learn."""
     from models.pretrained.yamnet import YamNetTop
     from train.probe import ProbeData
@@ -50,7 +54,10 @@ def _tiny_task(yamnet, scenes: int = 12, patches: int = 3, classes: int = 4):
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     space = TextSpace([f"c{k}" for k in range(classes)], [(f"c{k}", f"c{k}") for k in range(classes)], emb, torch.from_numpy(emb),
                       [np.array([k]) for k in range(classes)])
-    data = ProbeData(trunk, targets.reshape(scenes, patches, classes).astype(np.float32), {f"s{i}": i for i in range(scenes)},
+    targets = targets.reshape(scenes, patches, classes).astype(np.float32)
+    if steps:  # each patch's 3 steps share its label
+        targets = np.repeat(targets, 3, axis=1)
+    data = ProbeData(trunk, targets, {f"s{i}": i for i in range(scenes)},
                      [set() for _ in range(scenes)], [{} for _ in range(scenes)])
     return data, teacher, space
 
@@ -71,18 +78,21 @@ def test_distillation_keeps_the_audioset_outputs_that_plain_fine_tuning_moves(ya
     assert drift[20.0] < 0.5 * drift[0.0], drift
 
 
-def test_a_shipped_tuned_verifier_hears_through_its_own_tuned_layers(yamnet, tmp_path):
-    """Saved and loaded, a tuned head carries its tuned convolutions; the served front end runs them on a clip's patches."""
+@pytest.mark.parametrize("steps", [False, True])
+def test_a_shipped_tuned_verifier_hears_through_its_own_tuned_layers(yamnet, tmp_path, steps):
+    """Saved and loaded, a tuned head carries its tuned convolutions; the served front end runs them on a clip's patches
+    (per patch, or per 0.32 s step of each patch) as training did."""
     from models.pretrained.yamnet import LogMelPatches
     from serving.guard.verifier import load_verifier, save_embedded
     from train.tagger import TRUNK_END, TuneConfig, fine_tune
 
-    data, teacher, space = _tiny_task(yamnet)
-    scorer, features, _ = fine_tune(data, teacher, space, TuneConfig(tune="top", epochs=1, batch=4, lr_tagger=3e-3), progress=False)
+    data, teacher, space = _tiny_task(yamnet, steps=steps)
+    cfg = TuneConfig(tune="top", epochs=1, batch=4, lr_tagger=3e-3, steps=steps)
+    scorer, features, _ = fine_tune(data, teacher, space, cfg, progress=False)
     card = {"calibration": {"a": 1.0, "b": 0.0}, "thresholds": {"absent_below": 0.1, "present_above": 0.9}, "metrics": {}, "training": {}}
     save_embedded(tmp_path, scorer, space.classes, space.phrases, space.phrase_emb, card)
     loaded = load_verifier(str(tmp_path)).scorer
-    assert loaded.cfg.tuned_from == 23
+    assert loaded.cfg.tuned_from == 23 and loaded.cfg.steps is steps
     clip = (0.1 * np.random.default_rng(1).standard_normal(32_000)).astype(np.float32)
     with torch.no_grad():
         patches = LogMelPatches()(torch.from_numpy(clip)[None])

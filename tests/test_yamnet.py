@@ -157,6 +157,20 @@ def test_patch_targets_mark_the_patches_that_hold_an_event():
     assert t[:, 2].all() and not t[:3, 1].any() and t[12:17, 1].all()
 
 
+def test_step_targets_mark_the_032_s_steps_that_hold_an_event():
+    """The fine-tuned tagger's 0.32 s steps: a 0.2 s knock is on in the few steps that hold most of it, in the order of
+    the features (patch-major, then step)."""
+    from models.pretrained.yamnet import PATCH_HOP_S, STEP_S, STEPS
+    from train.encoder import window_targets
+
+    timelines = {"s": {"events": [{"label": "Knock", "onset": 1.0, "offset": 1.2}], "background": None}}
+    starts = (np.arange(19)[:, None] * PATCH_HOP_S + np.arange(STEPS)[None, :] * STEP_S).ravel()
+    t = window_targets(timelines, {"s": 0}, ["Knock"], starts, STEP_S)[0, :, 0]
+    overlap = np.minimum(starts + STEP_S, 1.2) - np.maximum(starts, 1.0)
+    assert (t == (overlap >= 0.1)).all() and 2 <= t.sum() <= 6
+    assert all(abs(s + STEP_S / 2 - 1.1) < STEP_S for s in starts[t.astype(bool)])  # each marked step is about the knock
+
+
 def test_a_yamnet_head_scores_each_threads_own_clip():
     """The verifier's YAMNet side holds no per-call state: clips scored from 4 threads at once get their own scores."""
     from concurrent.futures import ThreadPoolExecutor

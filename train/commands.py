@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--tune", choices=("frozen", "top", "upper"), default="frozen",
                      help="YAMNet: fine-tune the tagger's last two blocks (top) or every block from its 512-channel maps on (upper)")
     ver.add_argument("--distill", type=float, default=1.0, help="YAMNet, tuned: weight of keeping its 521 AudioSet outputs (0: none)")
+    ver.add_argument("--steps", action="store_true", help="YAMNet, tuned: frames of 0.32 s (each patch's time steps), not one per 0.96 s patch")
     ver.set_defaults(func=_verifier)
 
     pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
@@ -132,7 +133,7 @@ def _verifier(args) -> int:
 
         if args.audio != "yamnet":
             raise SystemExit("--tune fine-tunes the AudioSet tagger: use it with --audio yamnet")
-        cfg = TuneConfig(tune=args.tune, distill=args.distill, epochs=args.epochs, seed=args.seed, **({"lr_head": args.lr} if args.lr else {}))
+        cfg = TuneConfig(tune=args.tune, distill=args.distill, epochs=args.epochs, seed=args.seed, steps=args.steps, **({"lr_head": args.lr} if args.lr else {}))
         card = train_tuned_verifier(args.corpus, args.out, cfg, threads=args.threads, lopo_epochs=args.lopo_epochs)
     elif args.audio == "mel":
         card = train_verifier(args.corpus, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, budget_s=args.budget_s,

@@ -47,6 +47,7 @@ class TuneConfig:
     lr_head: float = 2e-3
     lr_tagger: float = 1e-4
     pos_weight: float = 4.0
+    steps: bool = False  # train and score per 0.32 s step of each patch (the last map's time steps), not per patch
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -86,21 +87,32 @@ def trunk_features(corpus_dir: Path, split: str, batch_size: int = 16, progress:
     return np.load(path, mmap_mode="r"), rows
 
 
+def step_targets(corpus: Path, split: str, rows: dict[str, int], classes: list[str], patches: int) -> np.ndarray:
+    """``[N, patches · 3, classes]``: the strong labels of every 0.32 s step of every patch, in the features' order."""
+    from models.pretrained.yamnet import PATCH_HOP_S, STEP_S, STEPS
+    from train.data.formats import read_timelines
+    from train.encoder import window_targets
+
+    starts = (np.arange(patches)[:, None] * PATCH_HOP_S + np.arange(STEPS)[None, :] * STEP_S).ravel()
+    return window_targets(read_timelines(corpus, split), rows, classes, starts, STEP_S)
+
+
 class TunedFeatures:
     """Trunk rows → the tuned tagger's features (embedding ⊕ AudioSet logits per patch), as the served frontend computes them."""
 
-    def __init__(self, net, tagger, classes: list[str]):
-        self.net, self.tagger, self.net_classes = net, tagger, classes
+    def __init__(self, net, tagger, classes: list[str], steps: bool = False):
+        self.net, self.tagger, self.net_classes, self.steps = net, tagger, classes, steps
 
     def __call__(self, trunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, P, 512, 6, 4]`` → ``(features [B, P, 1545], logits [B, P, 521])``."""
-        b, p = trunk.shape[:2]
+        """``[B, P, 512, 6, 4]`` → ``(features [B, frames, 1545], the patches' logits [B, P, 521])``, as the served
+        front end computes them (``serving.guard.scorer.tagger_features``)."""
+        from serving.guard.scorer import tagger_features
+
         x = trunk.flatten(0, 1).float()
         if self.tagger.start > TRUNK_END:
             with torch.no_grad():
                 x = self.net.run(x, TRUNK_END, self.tagger.start)
-        emb, logits = self.tagger(x)
-        return torch.cat([emb, logits], -1).unflatten(0, (b, p)), logits.unflatten(0, (b, p))
+        return tagger_features(self.tagger, x, trunk.shape[0], self.steps)
 
     @torch.inference_mode()
     def all(self, trunk: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -126,8 +138,8 @@ def fine_tune(train, teacher: np.ndarray, space, cfg: TuneConfig, keep: np.ndarr
     rng = np.random.default_rng(cfg.seed)
     rows = np.flatnonzero(keep) if keep is not None else np.arange(len(train.features))
     net, classes = load_yamnet()
-    scorer = WhisperTextScorer(YamnetScorerConfig(tuned_from=TUNE_FROM[cfg.tune]))
-    features = TunedFeatures(net, scorer.tagger, classes)
+    scorer = WhisperTextScorer(YamnetScorerConfig(tuned_from=TUNE_FROM[cfg.tune], steps=cfg.steps))
+    features = TunedFeatures(net, scorer.tagger, classes, cfg.steps)
     sample = np.sort(rng.choice(rows, size=min(len(rows), 256), replace=False))
     with torch.no_grad():
         standardise(scorer, features(torch.from_numpy(np.asarray(train.features[sample])))[0].reshape(-1, scorer.cfg.features))
@@ -234,7 +246,8 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
         frozen = load_split(corpus, split, "yamnet", space.classes, progress=progress)  # labels, packages, teacher logits
         trunk, rows = trunk_features(corpus, split, progress=progress)
         assert rows == frozen.rows, "the trunk cache and the feature cache list the scenes differently"
-        data[split] = ProbeData(trunk, frozen.targets, rows, frozen.packages, frozen.event_packages)
+        targets = step_targets(corpus, split, rows, space.classes, trunk.shape[1]) if cfg.steps else frozen.targets
+        data[split] = ProbeData(trunk, targets, rows, frozen.packages, frozen.event_packages)
         teacher[split] = frozen.features[..., -521:]
 
     def validate(scorer, features) -> float:

@@ -34,6 +34,8 @@ N_FFT, WIN, HOP = 512, 400, 160  # 25 ms window, 10 ms hop
 N_MELS, FMIN, FMAX = 64, 125.0, 7_500.0
 PATCH, PATCH_HOP = 96, 48  # frames: 0.96 s patches every 0.48 s
 PATCH_S, PATCH_HOP_S = PATCH * HOP / SAMPLE_RATE, PATCH_HOP * HOP / SAMPLE_RATE
+STEPS = 3  # time steps of the last map (the network's time stride is 32 frames)
+STEP_S = PATCH_S / STEPS
 WEIGHTS, LAYOUT = "yamnet.safetensors", "yamnet.json"
 
 
@@ -98,6 +100,13 @@ class YamNetTop(nn.Module):
         """``(embedding [N, 1024], AudioSet logits [N, 521])``."""
         emb = run_convs(self.convs, self.layout, x).mean(dim=(2, 3))
         return emb, self.classifier(emb)
+
+    def steps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings per time step [N, 3, 1024], the patch's AudioSet logits [N, 521])``: the last map averaged over
+        frequency only, so a 0.96 s patch keeps 3 steps of 0.32 s (:data:`STEP_S`); the patch's logits are YAMNet's
+        own (the classifier on the steps' mean)."""
+        steps = run_convs(self.convs, self.layout, x).mean(dim=3).transpose(1, 2)
+        return steps, self.classifier(steps.mean(1))
 
 
 class LogMelPatches(nn.Module):

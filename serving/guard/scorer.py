@@ -271,6 +271,7 @@ class YamnetScorerConfig:
     dim: int = TEXT_DIM
     kind: str = "yamnet"
     tuned_from: int | None = None  # None: YAMNet frozen; k: its convolutions from k on (and classifier) are fine-tuned, saved with the head
+    steps: bool = False  # frames of 0.32 s (each patch's 3 time steps: YamNetTop.steps), not one per 0.96 s patch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,6 +279,18 @@ class YamnetScorerConfig:
     @property
     def tower(self) -> None:
         return None  # no served model's tower is YAMNet: the verifier always hears the clip itself
+
+
+def tagger_features(top, x: torch.Tensor, batch: int, steps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tagger's upper part (``YamNetTop``) on its input for ``batch`` clips' patches → ``(features [B, frames, 1545],
+    the patches' AudioSet logits [B, P, 521])``: per patch, or (``steps``) per 0.32 s step of each patch, its
+    embedding ⊕ the classifier's logits on it."""
+    if steps:
+        emb, patch_logits = top.steps(x)  # [N, 3, 1024], [N, 521]
+        feats = torch.cat([emb, top.classifier(emb)], dim=-1).unflatten(0, (batch, -1))  # [B, P, 3, 1545]
+        return feats.flatten(1, 2), patch_logits.unflatten(0, (batch, -1))
+    emb, logits = top(x)
+    return torch.cat([emb, logits], dim=-1).unflatten(0, (batch, -1)), logits.unflatten(0, (batch, -1))
 
 
 class YamnetFrontend:
@@ -300,9 +313,7 @@ class YamnetFrontend:
     def features(self, waves: torch.Tensor) -> torch.Tensor:
         """``[B, samples]`` → ``[B, P, 1545]`` (float32)."""
         patches = self.patches(waves)  # [B, P, 1, 96, 64]
-        b, n = patches.shape[:2]
-        emb, logits = self.top(self.net.run(patches.flatten(0, 1), 0, self.top.start))
-        return torch.cat([emb, logits], dim=-1).unflatten(0, (b, n))
+        return tagger_features(self.top, self.net.run(patches.flatten(0, 1), 0, self.top.start), patches.shape[0], self.cfg.steps)[0]
 
     def __call__(self, samples: np.ndarray | TowerLayers) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(samples, TowerLayers):  # no served model's tower is YAMNet: it hears the clip that came with them
