@@ -97,20 +97,18 @@ def length_rows(corpus: Path, rows: list[dict], y: np.ndarray, s: np.ndarray) ->
 def guard_outcomes(rows, answers, scores, contrasts, thresholds, policy: str = "correct"):
     """Per row: (model said yes, guarded answer says yes) under ``policy``, through the serving policy code."""
     from serving.answers import classify
-    from serving.guard.claims import extract_claims
-    from serving.guard.policy import ClaimCheck, apply_policy, is_prior, judge
+    from serving.guard.claims import presence_target
+    from serving.guard.policy import apply_policy, is_prior, judge
+    from serving.guard.runner import claim_checks
 
     out = []
     for r, answer, score, contrast in zip(rows, answers, scores, contrasts):
-        claims = extract_claims(r["question"], answer)
-        checks = []
-        for c in claims:
-            if c.source != "question":
-                continue  # the benchmark is about the asked-about sound
-            check = ClaimCheck(event=r["label"], text=c.text, source=c.source, verifier_score=score, contrast=contrast)
-            check.present = judge(score, contrast, thresholds)
-            check.prior = is_prior(contrast, thresholds)
-            checks.append(check)
+        checks = [c for c in claim_checks(r["question"], answer, contrast, presence_target(r["question"]))
+                  if c.source == "question"]  # the benchmark is about the asked-about sound: a 'yes' to it, or a 'no' (denied)
+        for check in checks:
+            check.event, check.verifier_score = r["label"], score
+            check.present = judge(score, check.contrast, thresholds)
+            check.prior = is_prior(check.contrast, thresholds)
         outcome = apply_policy(policy, answer, checks, True)
         out.append((classify(answer) == "yes", classify(outcome.answer) == "yes"))
     return out
@@ -126,6 +124,12 @@ def rates(rows, outcomes) -> list[list]:
     pos = [i for i, r in enumerate(rows) if r["sampling"] == "positive" and outcomes[i][0]]
     overridden = np.mean([not outcomes[i][1] for i in pos]) if pos else float("nan")
     table_rows.append(["correct 'yes' changed", 0.0, float(overridden), ""])
+    missed = [i for i, r in enumerate(rows) if r["sampling"] == "positive" and not outcomes[i][0]]
+    if missed:  # a 'no' to a sound that is there: `missed` when the verifier hears it, and `correct` says yes
+        table_rows.append(["wrong 'no' (present sound denied)", 1.0, float(np.mean([not outcomes[i][1] for i in missed])), ""])
+    truth = np.array([r["sampling"] == "positive" for r in rows])
+    accuracy = [float(np.mean(np.array([o[k] for o in outcomes]) == truth)) for k in (0, 1)]
+    table_rows.append(["presence accuracy (balanced samplings)", *accuracy, accuracy[1] / accuracy[0] if accuracy[0] else float("nan")])
     return table_rows
 
 
@@ -175,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     always_yes = ["Yes"] * len(rows)
     outcomes = guard_outcomes(rows, always_yes, s, [None] * len(rows), thresholds)
     print("\n## 2. `correct` on a model that always says 'yes' (verifier only)\n")
+    print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, outcomes)))
+    outcomes = guard_outcomes(rows, ["No"] * len(rows), s, [None] * len(rows), thresholds)
+    print("\n`correct` on a model that always says 'no': each 'No' is checked as a claim of absence (`missed` when the "
+          "verifier hears the sound, rewritten to 'Yes.')\n")
     print(table(["rate", "unguarded", "guarded", "guarded / unguarded"], rates(rows, outcomes)))
 
     model = args.model

@@ -71,6 +71,15 @@ def answer_contrast(generation) -> float | None:
     return float(real) - float(blank)
 
 
+def claim_checks(question: str, answer: str, contrast: float | None, target: str | None) -> list[ClaimCheck]:
+    """What an answer claims, to be checked: each sound it says is there, or, for a 'No' to a presence question about
+    ``target``, that sound's absence (``denied``: ``missed`` when the verifier hears it)."""
+    checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in extract_claims(question, answer)]
+    if not checks and target and classify(answer) == "no":
+        checks = [ClaimCheck(event=target, text=target, source="question", denied=True)]
+    return checks
+
+
 def place(check: ClaimCheck, match: dict) -> None:
     """Where the verifier put a claim: its class (else the claim's own text), nearest class, similarity and reason."""
     check.event = match.get("event") or check.text
@@ -194,11 +203,7 @@ class GuardRunner:
         if policy == "off":
             self.cancel(pending)
             return apply_policy("off", answer, [], True)
-        contrast = answer_contrast(generation)
-        claims = extract_claims(question, answer)
-        checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in claims]
-        if not checks and pending.target and classify(answer) == "no":  # a 'No' to a presence question: a claim of absence
-            checks = [ClaimCheck(event=pending.target, text=pending.target, source="question", denied=True)]
+        checks = claim_checks(question, answer, answer_contrast(generation), pending.target)
         if not checks:
             self.cancel(pending)
             return self._count(apply_policy(policy, answer, [], True))
