@@ -12,20 +12,24 @@ from torch.nn import functional as F
 
 
 def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """``p = sigmoid(a·s + b)`` by Newton-free gradient fitting on log-loss (1-d, a few hundred steps)."""
+    """``p = sigmoid(a·s + b)`` by log-loss (L-BFGS with a line search), fitted on standardised scores so that scores
+    of any scale (raw AudioSet logits span tens of units) converge, then mapped back to ``s``."""
+    s = np.asarray(scores, dtype=np.float64)
+    mean, std = float(s.mean()), float(s.std()) or 1.0
     a = torch.tensor(1.0, requires_grad=True)
     b = torch.tensor(0.0, requires_grad=True)
-    s, t = torch.tensor(scores, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
-    opt = torch.optim.LBFGS([a, b], lr=0.5, max_iter=200)
+    z, t = torch.tensor((s - mean) / std, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(a * s + b, t)
+        loss = F.binary_cross_entropy_with_logits(a * z + b, t)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(a.detach()), float(b.detach())
+    a_z, b_z = float(a.detach()), float(b.detach())
+    return a_z / std, b_z - a_z * mean / std
 
 
 def roc_auc(y: np.ndarray, s: np.ndarray) -> float:

@@ -118,7 +118,7 @@ class TunedFeatures:
     def all(self, trunk: np.ndarray, batch: int = 64) -> np.ndarray:
         """Every row's features (float16), for calibration and measurement."""
         self.tagger.eval()
-        return np.concatenate([self(torch.from_numpy(np.asarray(trunk[i:i + batch])))[0].numpy().astype(np.float16)
+        return np.concatenate([self(torch.from_numpy(np.array(trunk[i:i + batch])))[0].numpy().astype(np.float16)
                                for i in range(0, len(trunk), batch)])
 
 
@@ -226,6 +226,32 @@ def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_
            "mapping": {c: names[i] for c, i in mapped.items()},
            "test_roc_auc": round(roc_auc(y_test, s_test), 4), "test_questions": len(y_test)}
     return doc, emb
+
+
+def refit_open_vocabulary(directory: Path, corpus: Path) -> dict:
+    """Fit a shipped tuned verifier's AudioSet vocabulary again (its ``audioset`` section and the names' embeddings)
+    from its own features of the validation and test scenes, without training anything."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from serving.guard.verifier import load_verifier
+    from train.verifier import TextSpace
+
+    directory = Path(directory)
+    scorer = load_verifier(str(directory)).scorer
+    features = TunedFeatures(scorer.frontend.net, scorer.tagger, scorer.frontend.classes, scorer.cfg.steps)
+    feats = {}
+    for split in ("validation", "test"):
+        trunk, rows = trunk_features(corpus, split)
+        feats[split] = (features.all(trunk), rows)
+    doc = json.loads((directory / "verifier.json").read_text())
+    audioset, names_emb = fit_open_vocabulary(feats, corpus, TextSpace.build(corpus), scorer.frontend.classes)
+    doc["audioset"] = {**audioset, **{k: v for k, v in doc.get("audioset", {}).items() if k == "frozen_test_roc_auc"}}
+    (directory / "verifier.json").write_text(json.dumps(doc, indent=1))
+    embeddings = load_file(str(directory / "phrases.safetensors"))
+    save_file({**embeddings, "audioset": torch.from_numpy(names_emb)}, str(directory / "phrases.safetensors"))
+    return doc["audioset"]
 
 
 def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int | None = None, lopo_epochs: int = 0,

@@ -75,6 +75,7 @@ class OpenVocabulary:
     min_similarity: float
     a: float
     b: float
+    margin: float = 0.15  # over a phrase's ontology class: the trained classes win unless an AudioSet name is clearly closer
 
     def nearest(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per phrase vector: the index of the closest AudioSet name, and its cosine similarity."""
@@ -121,7 +122,8 @@ class Verifier:
     def verify(self, samples: np.ndarray, texts: list[str], probs: dict[str, float] | None = None) -> list[EventScore]:
         """Per phrase: its ontology class (and nearest), presence probability and judgement.
 
-        A phrase that matches no class lands, with a verifier that has one, on the closest class of the tagger's
+        A phrase that matches no class (or one that an AudioSet name matches clearly better: "music", which the
+        ontology would call Singing) lands, with a verifier that has one, on the closest class of the tagger's
         AudioSet vocabulary (:class:`OpenVocabulary`), and is judged by that output. Otherwise it is scored as
         its own text (the scorer's text space is the encoder's) and that probability reported as evidence, but
         never judged: the scorer and its thresholds were fitted on the classes only, so it stays uncertain
@@ -129,9 +131,10 @@ class Verifier:
         """
         matches = self.match(texts)
         probs = probs if probs is not None else self.class_probabilities(samples)
-        unmatched = [i for i, m in enumerate(matches) if m.event is None]
-        opened = {unmatched[j]: v for j, v in self.open_vocabulary_scores(samples, [texts[i] for i in unmatched]).items()}
-        rest = [i for i in unmatched if i not in opened]
+        inexact = [i for i, m in enumerate(matches) if m.similarity < 1.0]  # a class's own phrase stays with its class
+        known = [matches[i].similarity if matches[i].event is not None else None for i in inexact]
+        opened = {inexact[j]: v for j, v in self.open_vocabulary_scores(samples, [texts[i] for i in inexact], known).items()}
+        rest = [i for i, m in enumerate(matches) if m.event is None and i not in opened]
         free = dict(zip(rest, self.free_text_probabilities(samples, [texts[i] for i in rest]))) if rest else {}
         t = self.calibration.thresholds()
         out = []
@@ -145,9 +148,10 @@ class Verifier:
                                   "ontology" if m.event is not None else None))
         return out
 
-    def open_vocabulary_scores(self, samples, texts: list[str]) -> dict[int, tuple[str, float, float]]:
-        """Phrases outside the ontology that land on an AudioSet class (a verifier with :class:`OpenVocabulary`):
-        their position → (class, similarity, calibrated probability). Others are not in the result."""
+    def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:
+        """Phrases that land on an AudioSet class (a verifier with :class:`OpenVocabulary`): their position →
+        (class, similarity, calibrated probability). ``known``: each phrase's similarity to its ontology class (None:
+        it matched none); the AudioSet class must beat it by :attr:`OpenVocabulary.margin`. Others are not in the result."""
         return {}
 
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
@@ -190,14 +194,14 @@ class EmbeddedVerifier(Verifier):
 
     open_vocabulary: OpenVocabulary | None = None
 
-    def open_vocabulary_scores(self, samples, texts: list[str]) -> dict[int, tuple[str, float, float]]:
+    def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:
         vocab = self.open_vocabulary
         if vocab is None or not texts:
             return {}
         from serving.guard.text import normalise_phrase
 
         idx, sims = vocab.nearest(self.encoder.encode([normalise_phrase(t) for t in texts]))
-        close = [j for j in range(len(texts)) if sims[j] >= vocab.min_similarity]
+        close = [j for j in range(len(texts)) if sims[j] >= vocab.min_similarity and (known[j] is None or sims[j] >= known[j] + vocab.margin)]
         if not close:
             return {}
         logits = self.scorer.audioset_logits(samples)
@@ -299,10 +303,10 @@ class FusedVerifier(Verifier):
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.fused([np.array(m.free_text_probabilities(samples, texts)) for m in self.members])]
 
-    def open_vocabulary_scores(self, samples, texts: list[str]) -> dict[int, tuple[str, float, float]]:
+    def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:
         """The member with an AudioSet vocabulary (the tagger) judges phrases outside the ontology alone."""
         member = next((m for m in self.members if m.open_vocabulary is not None), None)
-        return member.open_vocabulary_scores(samples, texts) if member is not None else {}
+        return member.open_vocabulary_scores(samples, texts, known) if member is not None else {}
 
 
 def load_fused(path: Path, doc: dict) -> FusedVerifier:
