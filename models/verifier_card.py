@@ -84,6 +84,21 @@ def _lopo_section(doc: dict) -> str:
             "| held-out package | ROC-AUC | questions | train rows |\n| --- | --- | --- | --- |\n" + rows)
 
 
+def _vocabulary_section(doc: dict) -> str:
+    """The AudioSet vocabulary: phrases outside the classes, judged by the tagger's own outputs."""
+    v = doc.get("audioset")
+    if not v:
+        return ""
+    frozen = f" (the frozen tagger's: {v['frozen_test_roc_auc']})" if v.get("frozen_test_roc_auc") is not None else ""
+    return (f"\n\n## AudioSet vocabulary\n\nA phrase that matches none of the classes (or that an AudioSet name matches clearly "
+            f"better) and lies within cosine {v['min_similarity']} of one of the tagger's 521 AudioSet names is judged by the "
+            f"tagger's own output for that name (its maximum over patches), Platt-calibrated on validation (a = {v['a']:.4f}, "
+            f"b = {v['b']:.4f}) and thresholded as the classes are. Calibrated where labels exist: the {v['classes_mapped']} "
+            "classes close to an AudioSet name stand in for unseen phrases; their presence questions scored by the name's output "
+            f"reach test ROC-AUC {v['test_roc_auc']}{frozen} on {v['test_questions']} questions, below the trained head: an "
+            "AudioSet judgement is evidence of lower weight. Refit with `earwitness train vocabulary --verifier <dir>`.")
+
+
 def model_card(doc: dict) -> str:
     m = doc.get("metrics", {})
     t = doc.get("thresholds", {})
@@ -120,7 +135,7 @@ The embedded absent-sound verifier of Earwitness: is the sound a phrase names in
 
 `test_roc_auc` is the ROC-AUC of the calibrated probability for present vs absent asked-about events;
 `test_absent_rate_<kind>` the share of absent events of that kind judged absent; `test_present_judged_absent`
-the share of present events judged absent.{_lopo_section(doc)}
+the share of present events judged absent.{_lopo_section(doc)}{_vocabulary_section(doc)}
 
 {verdict}
 
@@ -131,8 +146,8 @@ earwitness train verifier --corpus data/corpus {flags} --out models/earwitness-v
 python -m loadtests.bench_guard --corpus data/corpus      # the guard's tables (verifier alone, policies)
 ```
 {prov}
-Limits: a demonstration model for the corpus' {len(doc['classes'])} classes; a phrase that lands on no class is reported
-with its nearest class and judged uncertain, never present or absent. Production: a CLAP checkpoint (`EARWITNESS_VERIFIER=laion/clap-htsat-unfused`
+Limits: a demonstration model for the corpus' {len(doc['classes'])} classes; a phrase that lands on no class{' (nor on an AudioSet name)' if doc.get('audioset') else ''} is
+reported with its nearest class and judged uncertain, never present or absent. Production: a CLAP checkpoint (`EARWITNESS_VERIFIER=laion/clap-htsat-unfused`
 or a local directory; put an `earwitness-calibration.json` — `{{"a", "b", "absent_below", "present_above"}}` fitted on labelled
 audio — beside it, else an uncalibrated default is used).
 """

@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--steps", action="store_true", help="YAMNet, tuned: frames of 0.32 s (each patch's time steps), not one per 0.96 s patch")
     ver.set_defaults(func=_verifier)
 
+    voc = sub.add_parser("vocabulary", help="fit a verifier's AudioSet vocabulary (phrases outside its classes, judged by the tagger's "
+                                            "own outputs) on the corpus's validation split, and measure it on test")
+    voc.add_argument("--verifier", type=Path, required=True, help="a verifier directory on the AudioSet tagger (frozen or tuned)")
+    voc.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    voc.set_defaults(func=_vocabulary)
+
     pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
                                        "in recordings they never heard")
     pr.add_argument("--corpus", type=Path, action="append", help="corpus directory (repeat to compare corpora); default data/corpus")
@@ -143,6 +149,14 @@ def _verifier(args) -> int:
                                       epochs=args.epochs, lr=args.lr or 2e-3, seed=args.seed, threads=args.threads,
                                       lopo_epochs=args.lopo_epochs)
     print(json.dumps({"out": str(args.out), **card["metrics"], "thresholds": card["thresholds"]}, indent=1))
+    return 0
+
+
+def _vocabulary(args) -> int:
+    from train.tagger import refit_open_vocabulary
+
+    doc = refit_open_vocabulary(args.verifier, args.corpus)
+    print(json.dumps({k: v for k, v in doc.items() if k != "mapping"}, indent=1))
     return 0
 
 

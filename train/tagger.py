@@ -229,26 +229,33 @@ def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_
 
 
 def refit_open_vocabulary(directory: Path, corpus: Path) -> dict:
-    """Fit a shipped tuned verifier's AudioSet vocabulary again (its ``audioset`` section and the names' embeddings)
-    from its own features of the validation and test scenes, without training anything."""
+    """Fit a shipped verifier's AudioSet vocabulary (its ``audioset`` section and the names' embeddings) from its own
+    features of the validation and test scenes, without training anything: a tuned tagger's, or the frozen one's."""
     import json
 
     from safetensors.torch import load_file, save_file
 
+    from models.verifier_card import model_card
     from serving.guard.verifier import load_verifier
     from train.verifier import TextSpace
 
+    from train.features import yamnet_features
+
     directory = Path(directory)
     scorer = load_verifier(str(directory)).scorer
-    features = TunedFeatures(scorer.frontend.net, scorer.tagger, scorer.frontend.classes, scorer.cfg.steps)
     feats = {}
     for split in ("validation", "test"):
+        if getattr(scorer, "tagger", None) is None:  # the frozen tagger: its cached features are the served ones
+            feats[split] = yamnet_features(corpus, split)
+            continue
+        features = TunedFeatures(scorer.frontend.net, scorer.tagger, scorer.frontend.classes, scorer.cfg.steps)
         trunk, rows = trunk_features(corpus, split)
         feats[split] = (features.all(trunk), rows)
     doc = json.loads((directory / "verifier.json").read_text())
     audioset, names_emb = fit_open_vocabulary(feats, corpus, TextSpace.build(corpus), scorer.frontend.classes)
     doc["audioset"] = {**audioset, **{k: v for k, v in doc.get("audioset", {}).items() if k == "frozen_test_roc_auc"}}
     (directory / "verifier.json").write_text(json.dumps(doc, indent=1))
+    (directory / "README.md").write_text(model_card(doc))
     embeddings = load_file(str(directory / "phrases.safetensors"))
     save_file({**embeddings, "audioset": torch.from_numpy(names_emb)}, str(directory / "phrases.safetensors"))
     return doc["audioset"]
