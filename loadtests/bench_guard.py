@@ -221,7 +221,7 @@ def model_part(args, model: str, verifier, thresholds) -> None:
             answers.append(g.text)
             contrasts.append(None if g.answer_logprob is None else g.answer_logprob - g.blank_logprob)
             clip = clips[r["scene_id"]]
-            events = verifier.verify(clip if g.tower_layers is None else TowerLayers(g.tower_layers, len(clip)), [r["phrase"]])
+            events = verifier.verify(clip if g.tower_layers is None else TowerLayers(g.tower_layers, len(clip), clip), [r["phrase"]])
             scores.append(events[0].probability)
     print(f"\n## 3. `correct` on {spec.name} (+ its adapter): its answers, its audio contrast and the verifier "
           f"({len(rows)} questions, {time.time() - t0:.0f} s{'; the encoder shared' if share else ''})\n")

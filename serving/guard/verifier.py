@@ -369,11 +369,13 @@ def load_embedded(path: str | Path, encoder: TextEncoder | None = None) -> Embed
 
 
 def load_verifier(source: str | None = None, device: str = "cpu") -> Verifier:
-    """``earwitness-verifier`` (or None) → the shipped one; a directory with ``verifier.json`` → embedded;
-    a CLAP directory or hub id → :class:`ClapVerifier` matching against the shipped ontology phrases."""
+    """A shipped verifier's name (``earwitness-verifier``, the default for None; ``earwitness-verifier-fused``, …) or a
+    directory with ``verifier.json`` → embedded or fused; a CLAP directory or hub id → :class:`ClapVerifier` matching
+    against the shipped ontology phrases."""
     if source in (None, "", "earwitness-verifier"):
         return load_embedded(EMBEDDED_VERIFIER_DIR)
-    path = Path(source).expanduser()
+    shipped = EMBEDDED_VERIFIER_DIR.parent / str(source)
+    path = shipped if "/" not in str(source) and (shipped / "verifier.json").exists() else Path(source).expanduser()
     if path.is_dir() and (path / "verifier.json").exists():
         doc = json.loads((path / "verifier.json").read_text())
         return load_fused(path, doc) if doc.get("kind") == "earwitness-fused" else load_embedded(path)
