@@ -226,6 +226,40 @@ def test_a_guarded_request_runs_the_whisper_encoder_once(app):
     assert claim["verifier_score"] == pytest.approx(probs["Dog"], abs=5e-5)  # the response rounds to 4 places
 
 
+def test_the_fused_verifier_reads_the_models_layers_and_hears_the_clip_with_them(app):
+    """earwitness-verifier-fused on the shared path: its Whisper member scores the model's layers (no pass of its
+    own), its tagger the clip that comes with them; the claim's score is the fused verifier's on the clip itself."""
+    from fastapi.testclient import TestClient
+
+    from models.pretrained.wheels import WheelError
+    from serving.ingress import Service, create_app
+    from serving.model_client import InProcess
+    from serving.verifier_server import VerifierServer
+
+    _, service, model_server, _ = app
+    settings = service.settings.model_copy(update={"verifier": "earwitness-verifier-fused"})
+    try:
+        fused = VerifierServer.func_or_class(settings.model_dump())
+    except WheelError as e:
+        pytest.skip(f"pretrained wheels unavailable: {e}")
+    assert fused.info()["tower"] == SIGNATURE and fused.info()["hears_clip"] is True
+    whisper = fused.verifier.members[0].scorer.frontend.tower
+    calls = []
+    handle = whisper.register_forward_hook(lambda *_: calls.append(1))
+    clip = _clip(10.0, 9)
+    try:
+        with TestClient(create_app(Service(service.model, settings, InProcess(fused)))) as client:
+            before = _clips_counted(client)
+            body = _ask(client, clip)
+            assert _clips_counted(client)["shared"] == before["shared"] + 1
+    finally:
+        handle.remove()
+    assert calls == []  # the Whisper member read the model's layers
+    (claim,) = body["guard"]["claims"]
+    assert claim["event"] == "Dog"
+    assert claim["verifier_score"] == pytest.approx(fused.verifier.class_probabilities(_wav_samples(clip))["Dog"], abs=5e-5)
+
+
 def test_the_verifier_refuses_layers_that_are_not_one_window(app):
     server = app[3]
     with pytest.raises(ValueError, match="not one whisper-tiny.en window"):
