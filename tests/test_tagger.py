@@ -93,6 +93,10 @@ def test_a_shipped_tuned_verifier_hears_through_its_own_tuned_layers(yamnet, tmp
     save_embedded(tmp_path, scorer, space.classes, space.phrases, space.phrase_emb, card)
     loaded = load_verifier(str(tmp_path)).scorer
     assert loaded.cfg.tuned_from == 23 and loaded.cfg.steps is steps
+    from train.tagger import retained_audioset
+
+    kept = retained_audioset(features.all(data.features, logits=True), teacher)  # per patch, whatever the frames
+    assert 0.5 < kept["teacher_top1_in_top5"] <= 1.0 and 0 <= kept["mean_abs_prob_change"] < 0.2
     clip = (0.1 * np.random.default_rng(1).standard_normal(32_000)).astype(np.float32)
     with torch.no_grad():
         patches = LogMelPatches()(torch.from_numpy(clip)[None])

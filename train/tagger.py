@@ -115,10 +115,10 @@ class TunedFeatures:
         return tagger_features(self.tagger, x, trunk.shape[0], self.steps)
 
     @torch.inference_mode()
-    def all(self, trunk: np.ndarray, batch: int = 64) -> np.ndarray:
-        """Every row's features (float16), for calibration and measurement."""
+    def all(self, trunk: np.ndarray, batch: int = 64, logits: bool = False) -> np.ndarray:
+        """Every row's features (float16), for calibration and measurement; ``logits``: its patches' AudioSet logits."""
         self.tagger.eval()
-        return np.concatenate([self(torch.from_numpy(np.array(trunk[i:i + batch])))[0].numpy().astype(np.float16)
+        return np.concatenate([self(torch.from_numpy(np.array(trunk[i:i + batch])))[int(logits)].numpy().astype(np.float16)
                                for i in range(0, len(trunk), batch)])
 
 
@@ -184,10 +184,11 @@ def fine_tune(train, teacher: np.ndarray, space, cfg: TuneConfig, keep: np.ndarr
     return scorer.eval(), features, history
 
 
-def retained_audioset(features: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
-    """How much of the frozen tagger's AudioSet output the tuned one keeps, on patches it never trained on: the
-    share of patches whose teacher top class is in the student's top 5, and the mean absolute probability change."""
-    s = np.asarray(features[..., -521:], dtype=np.float32).reshape(-1, 521)
+def retained_audioset(logits: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
+    """How much of the frozen tagger's AudioSet output the tuned one keeps, on patches it never trained on (both
+    ``[N, P, 521]``): the share of patches whose teacher top class is in the student's top 5, and the mean absolute
+    probability change."""
+    s = np.asarray(logits, dtype=np.float32).reshape(-1, 521)
     t = np.asarray(teacher, dtype=np.float32).reshape(-1, 521)
     top5 = np.argsort(-s, axis=1)[:, :5]
     hit = (top5 == t.argmax(1)[:, None]).any(1).mean()
@@ -293,7 +294,7 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
                 "seconds": round(time.time() - t0, 1), "corpus": str(corpus)}
     card = calibrate_and_ship(scorer, feats, corpus, space.classes, space.class_emb, data["train"].targets.max(1).astype(np.float32),
                               space.phrases, space.phrase_emb, out, training)
-    card["metrics"]["audioset_retained"] = retained_audioset(feats["test"][0], teacher["test"])
+    card["metrics"]["audioset_retained"] = retained_audioset(features.all(data["test"].features, logits=True), teacher["test"])
     card["audioset"], names_emb = fit_open_vocabulary(feats, corpus, space, features.net_classes)
     frozen_doc, _ = fit_open_vocabulary({k: (np.asarray(teacher[k]), data[k].rows) for k in ("validation", "test")}, corpus, space,
                                         features.net_classes)
