@@ -84,7 +84,9 @@ class Settings(BaseSettings):
         "annotate", description="default policy; requests may override it with 'guard'"
     )
     verifier: str | None = Field(
-        "earwitness-verifier", description="shipped verifier name, a verifier directory, or a CLAP checkpoint (dir or hub id); None: no verifier"
+        "earwitness-verifier-fused", description="shipped verifier name (earwitness-verifier-fused: the Whisper head and the AudioSet "
+        "tagger's, fused; earwitness-verifier; earwitness-verifier-yamnet), a verifier directory, or a CLAP checkpoint (dir or hub id); "
+        "None: no verifier"
     )
     verifier_replicas: int = Field(1, ge=1)
     verifier_cpus: float = Field(1.0, ge=0)
