@@ -149,34 +149,45 @@ def yamnet_features(corpus_dir: str | Path, split: str, view: int = 0, batch_siz
                     augment_seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
     """Frozen YAMNet's embedding ⊕ AudioSet logits per patch for every scene of a split (``[N, P, 1545]`` float16),
     computed once and cached per view (augmented views as :func:`encoder_features`)."""
-    import torch
-
     from serving.guard.scorer import YamnetFrontend, YamnetScorerConfig
 
     corpus_dir = Path(corpus_dir)
     path, _, index_path = _encoder_files(corpus_dir, split, "yamnet", view)
+    return scene_cache(path, index_path, corpus_dir, split, lambda: YamnetFrontend(YamnetScorerConfig()).features, f"yamnet {split} v{view}",
+                       lambda k, f: _scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
+                       {"encoder": "yamnet", "view": view, "augment_seed": augment_seed})
+
+
+def scene_cache(path: Path, index_path: Path, corpus_dir: Path, split: str, make_compute, desc: str, clip_of=None, batch_size: int = 16,
+                progress: bool = True, meta: dict | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """A per-scene array of a split, computed once in batches and cached (``[N, ...]`` float16, written through a
+    temporary memmap so an interrupted run leaves no half file): ``make_compute()`` (called only when the cache is
+    missing) → ``compute(waves [B, samples])`` → ``[B, ...]``; ``clip_of(row, file)`` → the scene's samples (default:
+    the file as it is)."""
+    import torch
+
     if path.exists() and index_path.exists():
         return np.load(path, mmap_mode="r"), json.loads(index_path.read_text())["rows"]
-    files = sorted((corpus_dir / "scenes" / split).glob("*.flac"))
+    files = sorted((Path(corpus_dir) / "scenes" / split).glob("*.flac"))
     if not files:
-        raise FileNotFoundError(f"no scenes under {corpus_dir / 'scenes' / split}")
-    frontend = YamnetFrontend(YamnetScorerConfig())
+        raise FileNotFoundError(f"no scenes under {Path(corpus_dir) / 'scenes' / split}")
+    clip_of = clip_of or (lambda _, f: sf.read(f, dtype="float32")[0])
+    compute = make_compute()
     out = None
-    bar = tqdm(total=len(files), desc=f"yamnet {split} v{view}", disable=not progress, unit="scene")
-    for start in range(0, len(files), batch_size):
-        clips = [_scene_audio(f, 16_000, view, augment_seed, start + k) for k, f in enumerate(files[start:start + batch_size])]
-        n = max(len(c) for c in clips)
-        waves = torch.from_numpy(np.stack([np.pad(c, (0, n - len(c))) for c in clips]).astype(np.float32))
-        feats = frontend.features(waves).numpy().astype(np.float16)
-        if out is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(len(files), *feats.shape[1:]))
-        out[start:start + len(clips)] = feats
-        bar.update(len(clips))
-    bar.close()
+    with tqdm(total=len(files), desc=desc, disable=not progress, unit="scene") as bar, torch.inference_mode():
+        for start in range(0, len(files), batch_size):
+            clips = [clip_of(start + k, f) for k, f in enumerate(files[start:start + batch_size])]
+            n = max(len(c) for c in clips)
+            x = compute(torch.from_numpy(np.stack([np.pad(c, (0, n - len(c))) for c in clips]).astype(np.float32)))
+            x = x.numpy().astype(np.float16)
+            if out is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(len(files), *x.shape[1:]))
+            out[start:start + len(clips)] = x
+            bar.update(len(clips))
     out.flush()
     del out
     path.with_suffix(".tmp.npy").replace(path)
     rows = {f.stem: i for i, f in enumerate(files)}
-    index_path.write_text(json.dumps({"rows": rows, "encoder": "yamnet", "view": view, "augment_seed": augment_seed}))
+    index_path.write_text(json.dumps({"rows": rows, **(meta or {})}))
     return np.load(path, mmap_mode="r"), rows

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -57,34 +56,21 @@ class TuneConfig:
 def trunk_features(corpus_dir: Path, split: str, batch_size: int = 16, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
     """The frozen trunk's output for every patch of every scene of a split (``[N, P, 512, 6, 4]`` float16), cached."""
     from models.pretrained.yamnet import LogMelPatches, load_yamnet
-    from train.features import feature_cache
+    from train.features import feature_cache, scene_cache
 
     path, index_path = feature_cache(Path(corpus_dir), split, f"yamnet-trunk{TRUNK_END}")
-    if path.exists() and index_path.exists():
-        return np.load(path, mmap_mode="r"), json.loads(index_path.read_text())["rows"]
-    files = sorted((Path(corpus_dir) / "scenes" / split).glob("*.flac"))
-    if not files:
-        raise FileNotFoundError(f"no scenes under {Path(corpus_dir) / 'scenes' / split}")
-    net, _ = load_yamnet()
-    patches = LogMelPatches()
-    out = None
-    with tqdm(total=len(files), desc=f"yamnet trunk {split}", disable=not progress, unit="scene") as bar, torch.inference_mode():
-        for start in range(0, len(files), batch_size):
-            clips = [sf.read(f, dtype="float32")[0] for f in files[start:start + batch_size]]
-            n = max(len(c) for c in clips)
-            p = patches(torch.from_numpy(np.stack([np.pad(c, (0, n - len(c))) for c in clips])))
-            x = net.run(p.flatten(0, 1), 0, TRUNK_END).unflatten(0, p.shape[:2]).numpy().astype(np.float16)
-            if out is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(len(files), *x.shape[1:]))
-            out[start:start + len(clips)] = x
-            bar.update(len(clips))
-    out.flush()
-    del out
-    path.with_suffix(".tmp.npy").replace(path)
-    rows = {f.stem: i for i, f in enumerate(files)}
-    index_path.write_text(json.dumps({"rows": rows, "trunk_end": TRUNK_END}))
-    return np.load(path, mmap_mode="r"), rows
+
+    def make_trunk():
+        net, patches = load_yamnet()[0], LogMelPatches()
+
+        def trunk(waves: torch.Tensor) -> torch.Tensor:
+            p = patches(waves)
+            return net.run(p.flatten(0, 1), 0, TRUNK_END).unflatten(0, p.shape[:2])
+
+        return trunk
+
+    return scene_cache(path, index_path, Path(corpus_dir), split, make_trunk, f"yamnet trunk {split}", batch_size=batch_size,
+                       progress=progress, meta={"trunk_end": TRUNK_END})
 
 
 def step_targets(corpus: Path, split: str, rows: dict[str, int], classes: list[str], patches: int) -> np.ndarray:
@@ -238,9 +224,8 @@ def refit_open_vocabulary(directory: Path, corpus: Path) -> dict:
 
     from models.verifier_card import model_card
     from serving.guard.verifier import load_verifier
-    from train.verifier import TextSpace
-
     from train.features import yamnet_features
+    from train.verifier import TextSpace
 
     directory = Path(directory)
     scorer = load_verifier(str(directory)).scorer
