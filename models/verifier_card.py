@@ -89,14 +89,17 @@ def _vocabulary_section(doc: dict) -> str:
     v = doc.get("audioset")
     if not v:
         return ""
-    frozen = f" (the frozen tagger's: {v['frozen_test_roc_auc']})" if v.get("frozen_test_roc_auc") is not None else ""
-    return (f"\n\n## AudioSet vocabulary\n\nA phrase that matches none of the classes (or that an AudioSet name matches clearly "
+    text = (f"\n\n## AudioSet vocabulary\n\nA phrase that matches none of the classes (or that an AudioSet name matches clearly "
             f"better) and lies within cosine {v['min_similarity']} of one of the tagger's 521 AudioSet names is judged by the "
             f"tagger's own output for that name (its maximum over patches), Platt-calibrated on validation (a = {v['a']:.4f}, "
-            f"b = {v['b']:.4f}) and thresholded as the classes are. Calibrated where labels exist: the {v['classes_mapped']} "
-            "classes close to an AudioSet name stand in for unseen phrases; their presence questions scored by the name's output "
-            f"reach test ROC-AUC {v['test_roc_auc']}{frozen} on {v['test_questions']} questions, below the trained head: an "
-            "AudioSet judgement is evidence of lower weight. Refit with `earwitness train vocabulary --verifier <dir>`.")
+            f"b = {v['b']:.4f}) and thresholded as the classes are.")
+    if v.get("test_roc_auc") is not None:
+        frozen = f" (the frozen tagger's: {v['frozen_test_roc_auc']})" if v.get("frozen_test_roc_auc") is not None else ""
+        text += (f" Calibrated where labels exist: the {v.get('classes_mapped')} classes close to an AudioSet name stand in for "
+                 f"unseen phrases; their presence questions scored by the name's output reach test ROC-AUC {v['test_roc_auc']}"
+                 f"{frozen} on {v.get('test_questions')} questions, below the trained head: an AudioSet judgement is evidence "
+                 "of lower weight.")
+    return text + " Refit with `earwitness train vocabulary --verifier <dir>`."
 
 
 def model_card(doc: dict) -> str:
