@@ -113,14 +113,14 @@ def _plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("test", "all negatives"), ("adversarial", "adversarial"), ("short", "events < 0.5 s")]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(results)
     for i, r in enumerate(results):
         ax.bar(np.arange(len(keys)) + i * width, [r[k] for k, _ in keys], width, label=r["verifier"])
     ax.set_xticks(np.arange(len(keys)) + width * (len(results) - 1) / 2, [label for _, label in keys])
     ax.set_ylim(0.6, 1.0)
     ax.set_ylabel("ROC-AUC, corpus test split")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Verifier audio side: frozen vs fine-tuned tagger (± distillation)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
