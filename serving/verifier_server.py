@@ -80,6 +80,14 @@ class VerifierServer:
     def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
         return self._result(samples, texts, *self.class_probabilities(samples))
 
+    async def prepare(self, samples: np.ndarray) -> None:
+        """Hear the clip-only part of a verifier that also reads a tower's layers (``hears_clip``), beside generation;
+        :meth:`assess_layers` then finds it done."""
+        try:
+            await asyncio.to_thread(self.verifier.prepare, samples)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: assess_layers hears the clip itself if this failed
+            log.warning("prepare failed (%s): the clip is heard with its layers", type(exc).__name__)
+
     async def assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str], samples: np.ndarray | None = None) -> dict:
         """:meth:`assess` of a clip given as its encoder layers (``Generation.tower_layers`` of a model whose tower
         has this verifier's signature) and its length in samples: the head only, never kept (``shared``)."""

@@ -244,8 +244,9 @@ def test_the_fused_verifier_reads_the_models_layers_and_hears_the_clip_with_them
         pytest.skip(f"pretrained wheels unavailable: {e}")
     assert fused.info()["tower"] == SIGNATURE and fused.info()["hears_clip"] is True
     whisper = fused.verifier.members[0].scorer.frontend.tower
-    calls = []
-    handle = whisper.register_forward_hook(lambda *_: calls.append(1))
+    tagger = fused.verifier.members[1].scorer.frontend.top
+    calls, tagged = [], []
+    handles = [whisper.register_forward_hook(lambda *_: calls.append(1)), tagger.register_forward_hook(lambda *_: tagged.append(1))]
     clip = _clip(10.0, 9)
     try:
         with TestClient(create_app(Service(service.model, settings, InProcess(fused)))) as client:
@@ -253,8 +254,10 @@ def test_the_fused_verifier_reads_the_models_layers_and_hears_the_clip_with_them
             body = _ask(client, clip)
             assert _clips_counted(client)["shared"] == before["shared"] + 1
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     assert calls == []  # the Whisper member read the model's layers
+    assert len(tagged) == 1  # the tagger heard the clip once: prepared beside generation, then found by the layers' call
     (claim,) = body["guard"]["claims"]
     assert claim["event"] == "Dog"
     assert claim["verifier_score"] == pytest.approx(fused.verifier.class_probabilities(_wav_samples(clip))["Dog"], abs=5e-5)

@@ -257,3 +257,16 @@ def test_the_fused_verifier_reads_a_served_towers_layers_and_hears_the_clip_that
     assert max(abs(given[c] - alone[c]) for c in alone) < 1e-5
     with pytest.raises(ValueError, match="hears the clip itself"):
         verifier.class_probabilities(TowerLayers(layers, len(speech)))
+    # prepared beside generation: the call with the layers finds the tagger's part done, for this clip only
+    calls = []
+    handle = verifier.members[1].scorer.frontend.top.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        other = speech[::-1].copy()
+        verifier.prepare(other)
+        assert len(calls) == 1
+        verifier.class_probabilities(TowerLayers(layers, len(other), other))
+        assert len(calls) == 1  # found, not heard again
+        verifier.class_probabilities(TowerLayers(layers, len(other), other[:-1].copy()))
+        assert len(calls) == 2  # another clip is heard
+    finally:
+        handle.remove()

@@ -36,6 +36,7 @@ class Pending:
     target: str | None
     samples: object | None = None  # the clip, while the verifier waits for the model's tower layers (shared encoder)
     silent: bool = False  # the clip holds no sound (digital silence): every claim is judged absent without the verifier
+    prepared: object | None = None  # prepare() in flight: a fused verifier's clip-only members hearing the clip beside generation
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,9 @@ class GuardRunner:
         target = presence_target(question)
         if silent:
             return Pending(None, time.perf_counter(), target, silent=True)
-        if shared:
-            return Pending(None, time.perf_counter(), target, samples)
+        if shared:  # a verifier that also hears the clip itself (fused) starts on it now, beside generation
+            prepared = self._send("prepare", samples) if self._verifier_hears_clip else None
+            return Pending(None, time.perf_counter(), target, samples, prepared=prepared)
         return Pending(self._send("assess", samples, [target] if target else []), time.perf_counter(), target)
 
     def _send(self, method: str, *args):
@@ -167,8 +169,8 @@ class GuardRunner:
         """The shared encoder's verifier call, now that the model answered: its layers, or the clip when it sent none."""
         layers, texts = getattr(generation, "tower_layers", None), [pending.target] if pending.target else []
         if layers is not None:
-            clip = pending.samples if self._verifier_hears_clip else None
-            pending.response = self._send("assess_layers", layers, len(pending.samples), texts, clip)
+            clip = (pending.samples,) if self._verifier_hears_clip else ()  # the clip travels only to a verifier that hears it
+            pending.response = self._send("assess_layers", layers, len(pending.samples), texts, *clip)
         else:
             pending.response = self._send("assess", pending.samples, texts)
         pending.started, pending.samples = time.perf_counter(), None
@@ -254,12 +256,12 @@ class GuardRunner:
         return self._count(apply_policy(policy, answer, judged, True))
 
     def cancel(self, pending: Pending) -> None:
-        response = pending.response
-        if response is not None and not isinstance(response, BaseException):
-            try:
-                response.cancel()
-            except Exception:  # best-effort
-                pass
+        for response in (pending.response, pending.prepared):
+            if response is not None and not isinstance(response, BaseException):
+                try:
+                    response.cancel()
+                except Exception:  # best-effort
+                    pass
 
     def _count(self, outcome: Outcome) -> Outcome:
         self.metrics.guard_verdicts.labels(outcome.verdict).inc()

@@ -14,8 +14,11 @@ calibrated probability per class, and judge it with thresholds stored next to th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +26,9 @@ import numpy as np
 import torch
 
 from serving.guard.policy import Thresholds, judge
+from serving.guard.scorer import TowerLayers
 from serving.guard.text import Match, OntologyIndex, TextEncoder, shared_encoder
+from serving.lru import LruCache
 
 log = logging.getLogger("earwitness.verifier")
 
@@ -171,6 +176,10 @@ class Verifier:
         """Whether a clip given as its :attr:`tower`'s layers must also carry its samples (a member hears it itself)."""
         return False
 
+    def prepare(self, samples: np.ndarray) -> None:
+        """Hear what can be heard of a clip before its tower's layers exist (a fused verifier's clip-only members),
+        so that the call with the layers costs only the rest. Nothing to do for a single head."""
+
     def info(self) -> dict:
         return {"verifier": self.name, "classes": len(self.index.classes), "absent_below": self.calibration.absent_below,
                 "present_above": self.calibration.present_above, "tower": self.tower, "hears_clip": self.hears_clip}
@@ -290,13 +299,61 @@ class FusedVerifier(Verifier):
     def __init__(self, name: str, members: list[EmbeddedVerifier], weights: list[float], calibration: Calibration):
         super().__init__(name=name, index=members[0].index, calibration=calibration, encoder=members[0].encoder)
         self.members, self.weights = members, [float(w) for w in weights]
+        self.heard = LruCache(64)  # (clip length, SHA-256 of its samples, member) → that member's probabilities (prepare)
+        self._hearing: dict[tuple, Future] = {}  # the same, while prepare() computes them
+        self._lock = threading.Lock()
+
+    def prepare(self, samples: np.ndarray) -> None:
+        """The members that hear the clip itself hear it now, beside generation (the guard's shared path sends the
+        clip first, the model's layers after the answer); their probabilities wait, keyed by the clip's samples. A
+        call with the layers that comes while they are computed waits for them rather than hearing the clip twice."""
+        clip = np.ascontiguousarray(samples, dtype=np.float32)
+        for i, m in enumerate(self.members):
+            key = self._key(clip, i)
+            with self._lock:
+                if m.tower is not None or key in self._hearing or self.heard.get(key) is not None:
+                    continue
+                self._hearing[key] = pending = Future()
+            try:
+                probs = m.class_probabilities(clip)
+                self.heard.put(key, probs)
+                pending.set_result(probs)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    self._hearing.pop(key, None)
+
+    @staticmethod
+    def _key(clip: np.ndarray, member: int) -> tuple:
+        return clip.size, hashlib.sha256(memoryview(clip)).digest(), member
+
+    def _member_probabilities(self, i: int, samples) -> dict[str, float]:
+        """A member's probabilities: from what :meth:`prepare` heard of this very clip, else heard now."""
+        m = self.members[i]
+        clip = samples.samples if isinstance(samples, TowerLayers) else samples
+        if m.tower is None and clip is not None:
+            clip = np.ascontiguousarray(clip, dtype=np.float32)
+            key = self._key(clip, i)
+            with self._lock:
+                kept, pending = self.heard.get(key), self._hearing.get(key)
+            if kept is not None:
+                return kept
+            if pending is not None:
+                try:
+                    return pending.result()
+                except Exception:  # noqa: BLE001 - prepare failed: hear it here
+                    pass
+            return m.class_probabilities(clip)
+        return m.class_probabilities(samples)
 
     def fused(self, parts: list[np.ndarray]) -> np.ndarray:
         """The members' probabilities (one array each) as one calibrated probability."""
         return self.calibration.prob(fuse_logits(self.weights, parts))
 
     def class_probabilities(self, samples: np.ndarray) -> dict[str, float]:
-        parts = [m.class_probabilities(samples) for m in self.members]  # one forward each
+        parts = [self._member_probabilities(i, samples) for i in range(len(self.members))]  # one forward each, at most
         fused = self.fused([np.array([p[c] for c in self.index.classes]) for p in parts])
         return {c: float(v) for c, v in zip(self.index.classes, fused)}
 
