@@ -345,7 +345,9 @@ class FusedVerifier(Verifier):
                     return pending.result()
                 except Exception:  # noqa: BLE001 - prepare failed: hear it here
                     pass
-            return m.class_probabilities(clip)
+            probs = m.class_probabilities(clip)
+            self.heard.put(key, probs)  # a prepare() that starts late finds it
+            return probs
         return m.class_probabilities(samples)
 
     def fused(self, parts: list[np.ndarray]) -> np.ndarray:
