@@ -64,6 +64,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def judged(present: bool | None, reason: str | None = None) -> str:
+    """A verifier's judgement as a table shows it."""
+    return {True: "present", False: "absent"}.get(present, reason or "uncertain")
+
+
 LENGTHS = (("background bed", None, None), ("events ≥ 2 s", 2.0, None), ("events of 0.5–2 s", 0.5, 2.0), ("events < 0.5 s", 0.0, 0.5))
 
 

@@ -43,6 +43,24 @@ def synth(seconds: float, sample_rate: int, channels: int, kind: str, rng: np.ra
     return np.stack([wave] * channels, axis=1) if channels > 1 else wave
 
 
+def spoken(text: str, sample_rate: int = 16_000) -> np.ndarray | None:
+    """``text`` spoken by espeak-ng, mono float32 at ``sample_rate`` (None when espeak-ng is not installed): speech
+    anyone can make, for the scripts that check what the guard hears."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if shutil.which("espeak-ng") is None:
+        return None
+    from serving.audio import decode
+
+    with tempfile.TemporaryDirectory() as d:  # a file, not --stdout: a streamed WAV's header leaves its length open
+        wav = Path(d) / "spoken.wav"
+        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, timeout=60)
+        return decode(wav.read_bytes(), sample_rate).samples
+
+
 def encode(samples: np.ndarray, sample_rate: int, ext: str) -> bytes:
     fmt, subtype = FORMATS[ext]
     buf = io.BytesIO()

@@ -11,18 +11,15 @@ claims' judgements. Loopback hosts only.
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from loadtests.bench_guard import table
+from loadtests.bench_guard import judged, table
+from loadtests.clips import encode, spoken
 from loadtests.run import is_loopback
-from tests.helpers import encode
 
 SR = 16_000
 SENTENCE = "Hello, this is a short test of what the guard hears."
@@ -44,22 +41,11 @@ QUESTIONS = [
 VERIFY = [("speech", ["speech", "music", "a dial tone"]), ("tone", ["a dial tone", "speech"]), ("canary", ["a bird", "a trumpet"])]
 
 
-def espeak(text: str) -> np.ndarray | None:
-    if not shutil.which("espeak-ng"):
-        return None
-    from serving.audio import decode
-
-    with tempfile.TemporaryDirectory() as d:
-        wav = Path(d) / "s.wav"
-        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True)
-        return decode(wav.read_bytes(), SR).samples
-
-
 def clips(sounds: Path | None) -> dict[str, np.ndarray]:
     t = np.arange(3 * SR) / SR
     tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     out = {"tone": tone, "silence": np.zeros(2 * SR, np.float32)}
-    speech = espeak(SENTENCE)
+    speech = spoken(SENTENCE, SR)
     if speech is not None:
         out["speech"] = speech
         n = min(len(speech), len(tone))
@@ -77,8 +63,8 @@ def clips(sounds: Path | None) -> dict[str, np.ndarray]:
 def claims(guard: dict | None) -> str:
     if not guard:
         return "-"
-    parts = [f"{c['event']}{' (denied)' if c.get('denied') else ''}: {c.get('verifier_score')} → "
-             f"{ {True: 'present', False: 'absent', None: 'uncertain'}[c.get('present')]}" for c in guard.get("claims", [])]
+    parts = [f"{c['event']}{' (denied)' if c.get('denied') else ''}: {c.get('verifier_score')} → {judged(c.get('present'))}"
+             for c in guard.get("claims", [])]
     return "; ".join(parts) or "none"
 
 
@@ -108,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = client.post("/v1/audio/verify", files={"file": ("clip.wav", audio[clip])}, data={"events": phrases})
             for e in r.json().get("events", []):
-                verify_rows.append([clip, e["text"], e["event"], e.get("vocabulary") or "-", e["probability"],
-                                    {True: "present", False: "absent", None: "uncertain"}[e["present"]]])
+                verify_rows.append([clip, e["text"], e["event"], e.get("vocabulary") or "-", e["probability"], judged(e["present"])])
     print(table(["clip", "question", "guard", "answer", "kind", "verdict", "claims"], rows))
     print("\n`POST /v1/audio/verify`:\n")
     print(table(["clip", "phrase", "class", "vocabulary", "probability", "judged"], verify_rows))

@@ -11,15 +11,13 @@ probability, judgement.
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from loadtests.bench_guard import table
+from loadtests.bench_guard import judged, table
+from loadtests.clips import spoken
 
 PHRASES = ("a dial tone", "a phone's busy signal", "a chainsaw", "someone vacuuming the floor", "a motorbike revving",
            "music", "a man talking", "a dog barking", "quantum entanglement")
@@ -30,13 +28,9 @@ def clips(corpus: Path | None) -> dict[str, np.ndarray]:
     t = np.arange(2 * SR) / SR
     out = {"440 Hz tone, 2 s": (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
            "white noise, 2 s": (0.1 * np.random.default_rng(0).standard_normal(2 * SR)).astype(np.float32)}
-    if shutil.which("espeak-ng"):
-        from serving.audio import decode
-
-        with tempfile.TemporaryDirectory() as d:
-            wav = Path(d) / "s.wav"
-            subprocess.run(["espeak-ng", "-w", str(wav), "Hello, this is a short test of what the verifier hears."], check=True)
-            out["espeak-ng sentence"] = decode(wav.read_bytes(), SR).samples
+    speech = spoken("Hello, this is a short test of what the verifier hears.", SR)
+    if speech is not None:
+        out["espeak-ng sentence"] = speech
     if corpus is not None:
         import json
 
@@ -62,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{verifier.calibration.present_above:.3f}\n")
     for name, samples in clips(args.corpus).items():
         rows = [[e.text, e.event or f"(none; nearest {e.nearest})", e.vocabulary or "-", e.similarity, e.probability,
-                 {True: "present", False: "absent", None: "uncertain" if e.reason is None else e.reason}[e.present]]
+                 judged(e.present, e.reason)]
                 for e in verifier.verify(samples, list(PHRASES))]
         print(f"### {name}\n\n" + table(["phrase", "class", "vocabulary", "similarity", "probability", "judged"], rows) + "\n")
     return 0

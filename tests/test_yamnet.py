@@ -210,20 +210,28 @@ def test_the_committed_yamnet_verifier_hears_speech_in_speech():
     assert piano.event == "Piano" and piano.present is not True
 
 
-def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated():
-    """models/earwitness-verifier-fused: the Whisper and YAMNet heads' logits, weighted as validation chose, calibrated
-    again; a spoken sentence is Speech, present."""
+@pytest.fixture(scope="module")
+def fused_on_speech():
+    """``(models/earwitness-verifier-fused, a spoken sentence, its probabilities of every class)``."""
     from pathlib import Path
 
-    from serving.guard.verifier import FusedVerifier, load_verifier, logit
+    from serving.guard.verifier import load_verifier
 
     directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-fused"
     try:
         verifier = load_verifier(str(directory))
         speech = _espeak("Hello, this is a short test of what the verifier hears.")
-        probs = verifier.class_probabilities(speech)
+        return verifier, speech, verifier.class_probabilities(speech)
     except WheelError as e:
         pytest.skip(f"a pretrained wheel is unavailable: {e}")
+
+
+def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated(fused_on_speech):
+    """models/earwitness-verifier-fused: the Whisper and YAMNet heads' logits, weighted as validation chose, calibrated
+    again; a spoken sentence is Speech, present."""
+    from serving.guard.verifier import FusedVerifier, logit
+
+    verifier, speech, probs = fused_on_speech
     assert isinstance(verifier, FusedVerifier) and len(verifier.members) == 2
     assert verifier.tower == verifier.members[0].tower is not None and verifier.members[1].tower is None  # Whisper's; YAMNet's none
     assert verifier.info()["hears_clip"] is True  # by the layers of a served model's tower, plus the clip for the tagger
@@ -234,22 +242,13 @@ def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated():
     assert (event.event, event.present) == ("Speech", True)
 
 
-def test_the_fused_verifier_reads_a_served_towers_layers_and_hears_the_clip_that_comes_with_them():
+def test_the_fused_verifier_reads_a_served_towers_layers_and_hears_the_clip_that_comes_with_them(fused_on_speech):
     """The shared-encoder path: the Whisper member scores the layers a served model computed, the tagger the clip sent
     with them; together equal to hearing the clip. Layers without the clip are refused, not guessed at."""
-    from pathlib import Path
-
     from models.pretrained.whisper import encode_layers
     from serving.guard.scorer import TowerLayers
-    from serving.guard.verifier import load_verifier
 
-    directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-fused"
-    try:
-        verifier = load_verifier(str(directory))
-        speech = _espeak("Hello, this is a short test of what the verifier hears.")
-        alone = verifier.class_probabilities(speech)
-    except WheelError as e:
-        pytest.skip(f"a pretrained wheel is unavailable: {e}")
+    verifier, speech, alone = fused_on_speech
     frontend = verifier.members[0].scorer.frontend
     feats = frontend.extractor([speech], sampling_rate=16_000, padding="max_length", return_tensors="pt")["input_features"]
     layers = torch.stack(encode_layers(frontend.tower, feats))[:, 0].numpy()

@@ -185,18 +185,19 @@ def retained_audioset(logits: np.ndarray, teacher: np.ndarray) -> dict[str, floa
 OPEN_MIN_SIMILARITY = 0.6  # a phrase this close to an AudioSet name (MiniLM cosine) is judged by that class's output
 
 
-def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_similarity: float = OPEN_MIN_SIMILARITY) -> tuple[dict, np.ndarray]:
+def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_similarity: float = OPEN_MIN_SIMILARITY,
+                        emb: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """The AudioSet vocabulary's calibration, fitted where labels exist: each ontology class close enough to an
     AudioSet name stands in for a phrase outside the ontology; its presence questions are scored by that name's
     output (maximum over patches), Platt-scaled on validation and measured on test.
 
-    Returns the ``audioset`` section of ``verifier.json`` and the names' embeddings.
+    Returns the ``audioset`` section of ``verifier.json`` and the names' embeddings (``emb``: already made).
     """
     from serving.guard.text import TextEncoder, normalise_phrase
     from train.metrics import fit_platt, roc_auc
     from train.verifier import presence_pairs
 
-    emb = TextEncoder().encode([normalise_phrase(n) for n in names])
+    emb = TextEncoder().encode([normalise_phrase(n) for n in names]) if emb is None else emb
     sims = space.class_emb.numpy() @ emb.T
     mapped = {c: int(sims[i].argmax()) for i, c in enumerate(space.classes) if sims[i].max() >= min_similarity}
 
@@ -229,14 +230,14 @@ def refit_open_vocabulary(directory: Path, corpus: Path) -> dict:
 
     directory = Path(directory)
     scorer = load_verifier(str(directory)).scorer
-    feats = {}
-    for split in ("validation", "test"):
-        if getattr(scorer, "tagger", None) is None:  # the frozen tagger: its cached features are the served ones
-            feats[split] = yamnet_features(corpus, split)
-            continue
+    if getattr(scorer, "tagger", None) is None:  # the frozen tagger: its cached features are the served ones
+        feats = {split: yamnet_features(corpus, split) for split in ("validation", "test")}
+    else:
         features = TunedFeatures(scorer.frontend.net, scorer.tagger, scorer.frontend.classes, scorer.cfg.steps)
-        trunk, rows = trunk_features(corpus, split)
-        feats[split] = (features.all(trunk), rows)
+        feats = {}
+        for split in ("validation", "test"):
+            trunk, rows = trunk_features(corpus, split)
+            feats[split] = (features.all(trunk), rows)
     doc = json.loads((directory / "verifier.json").read_text())
     audioset, names_emb = fit_open_vocabulary(feats, corpus, TextSpace.build(corpus), scorer.frontend.classes)
     doc["audioset"] = {**audioset, **{k: v for k, v in doc.get("audioset", {}).items() if k == "frozen_test_roc_auc"}}
@@ -282,7 +283,7 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
     card["metrics"]["audioset_retained"] = retained_audioset(features.all(data["test"].features, logits=True), teacher["test"])
     card["audioset"], names_emb = fit_open_vocabulary(feats, corpus, space, features.net_classes)
     frozen_doc, _ = fit_open_vocabulary({k: (np.asarray(teacher[k]), data[k].rows) for k in ("validation", "test")}, corpus, space,
-                                        features.net_classes)
+                                        features.net_classes, emb=names_emb)
     card["audioset"]["frozen_test_roc_auc"] = frozen_doc["test_roc_auc"]  # the same path on the original tagger
     if lopo_epochs:
         from train.data.qa import read_qa_rows

@@ -78,8 +78,7 @@ class OpenVocabulary:
     names: list[str]
     embeddings: np.ndarray  # [521, 384], unit norm
     min_similarity: float
-    a: float
-    b: float
+    calibration: Calibration  # of the max-over-patches logit (its thresholds are unused: the verifier's own judge)
     margin: float = 0.15  # over a phrase's ontology class: the trained classes win unless an AudioSet name is clearly closer
 
     def nearest(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,9 +86,6 @@ class OpenVocabulary:
         sims = np.asarray(vectors, dtype=np.float32) @ self.embeddings.T
         idx = sims.argmax(1)
         return idx, sims[np.arange(len(idx)), idx]
-
-    def prob(self, logits: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(logits, dtype=np.float64) + self.b)))
 
 
 @dataclass
@@ -214,7 +210,7 @@ class EmbeddedVerifier(Verifier):
         if not close:
             return {}
         logits = self.scorer.audioset_logits(samples)
-        return {j: (vocab.names[idx[j]], round(float(sims[j]), 4), float(vocab.prob(logits[idx[j]]))) for j in close}
+        return {j: (vocab.names[idx[j]], round(float(sims[j]), 4), float(vocab.calibration.prob(logits[idx[j]]))) for j in close}
 
 
 class ClapVerifier(Verifier):
@@ -330,11 +326,11 @@ class FusedVerifier(Verifier):
         return clip.size, hashlib.sha256(memoryview(clip)).digest(), member
 
     def _member_probabilities(self, i: int, samples) -> dict[str, float]:
-        """A member's probabilities: from what :meth:`prepare` heard of this very clip, else heard now."""
+        """A member's probabilities. On the shared path (a tower's layers with the clip), a clip-only member's come
+        from what :meth:`prepare` heard of this very clip, else are heard now; a plain clip is just heard."""
         m = self.members[i]
-        clip = samples.samples if isinstance(samples, TowerLayers) else samples
-        if m.tower is None and clip is not None:
-            clip = np.ascontiguousarray(clip, dtype=np.float32)
+        if m.tower is None and isinstance(samples, TowerLayers) and samples.samples is not None:
+            clip = np.ascontiguousarray(samples.samples, dtype=np.float32)
             key = self._key(clip, i)
             with self._lock:
                 kept, pending = self.heard.get(key), self._hearing.get(key)
@@ -414,14 +410,15 @@ def load_embedded(path: str | Path, encoder: TextEncoder | None = None) -> Embed
     doc = json.loads((path / "verifier.json").read_text())
     scorer = scorer_from_config(doc["scorer"])
     scorer.load_state_dict(load_file(str(path / "scorer.safetensors")))
-    emb = load_file(str(path / "phrases.safetensors"))["embeddings"].numpy()
+    embeddings = load_file(str(path / "phrases.safetensors"))
+    emb = embeddings["embeddings"].numpy()
     index = OntologyIndex(doc["classes"], [tuple(p) for p in doc["phrases"]], emb, doc.get("min_similarity", 0.5))
     cal = Calibration(**doc.get("calibration", {}), **doc.get("thresholds", {}))
     verifier = EmbeddedVerifier(path.name, scorer, index, cal, encoder)
     if doc.get("audioset"):
         ov = doc["audioset"]
-        verifier.open_vocabulary = OpenVocabulary(scorer.frontend.classes, load_file(str(path / "phrases.safetensors"))["audioset"].numpy(),
-                                                  ov["min_similarity"], ov["a"], ov["b"])
+        verifier.open_vocabulary = OpenVocabulary(scorer.frontend.classes, embeddings["audioset"].numpy(), ov["min_similarity"],
+                                                  Calibration(ov["a"], ov["b"]))
     if doc.get("class_offsets"):
         verifier.class_offsets = np.asarray(doc["class_offsets"], dtype=np.float32)
     return verifier
