@@ -8,11 +8,16 @@ Each verifier's calibrated probability of the asked-about class, per presence qu
 ROC-AUC per negative sampling and per length of the asked-about sound, for each verifier alone and fused.
 ``--out`` writes the fused verifier (``verifier.json`` naming its members, which must sit beside it): the fused logit
 Platt-calibrated and thresholded on validation as ``train.verifier`` does for one head.
+
+``--lopo N`` measures the fusion on packages it never heard instead: each member's head is trained again without
+one package at a time (N epochs, as the member's own leave-one-package-out), and the two held-out scores are fused
+question by question, on the questions both members score (``--report`` writes the table).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -30,10 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b", default="models/earwitness-verifier-yamnet")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write the fused verifier here (beside both members)")
+    ap.add_argument("--lopo", type=int, default=0, metavar="EPOCHS", help="leave-one-package-out of the fusion (heads of EPOCHS)")
+    ap.add_argument("--weights", type=float, nargs=2, default=None, help="--lopo: the members' weights (default: the fused verifier's)")
+    ap.add_argument("--report", type=Path, default=None, help="--lopo: write the table here (markdown)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.lopo:
+        weights = args.weights or json.loads((member_dir("earwitness-verifier").parent / "earwitness-verifier-fused" / "verifier.json").read_text())["weights"]
+        rows = fused_lopo(args.corpus, [args.a, args.b], weights, args.lopo)
+        text = table(["held-out package", "questions", args.a, args.b, f"fused ({weights[0]:g} / {weights[1]:g})"], rows)
+        print(text)
+        if args.report is not None:
+            args.report.write_text(f"# Leave-one-package-out of the fused verifier\n\n`python -m loadtests.bench_fusion --lopo {args.lopo} "
+                                   f"--a {args.a} --b {args.b} --report {args.report}`\n\n{text}\n")
+        return 0
     rows = {split: presence_rows(args.corpus, 0, 0, split) for split in ("validation", "test")}
     y = {split: np.array([r["sampling"] == "positive" for r in rs]) for split, rs in rows.items()}
     verifiers = {name: load_verifier(name) for name in (args.a, args.b)}
@@ -59,6 +76,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         print(f"\n{save_fused(args.out, [args.a, args.b], [w, 1 - w], fused, y, out)}")
     return 0
+
+
+def held_out_logits(corpus: Path, directory: Path, space, epochs: int) -> dict[str, dict[tuple, tuple[bool, float]]]:
+    """A member's leave-one-package-out, per package: question key → (present?, calibrated logit), each package's head
+    trained as the member's own (its card's encoder, views, batch, lr, seed, prior correction and calibration)."""
+    from train.verifier import head_config, head_data, head_lopo
+
+    doc = json.loads((directory / "verifier.json").read_text())
+    sc, tr, cal = doc["scorer"], doc["training"], doc["calibration"]
+    encoder = "yamnet" if sc["kind"] == "yamnet" else sc["encoder"]
+    data = head_data(corpus, encoder, tr.get("views", 0), space.classes)
+    cfg = head_config(encoder, int(data["train"].features.shape[-1]), sc.get("width", 0))
+    lopo = head_lopo(corpus, data, space, cfg, epochs, doc["prior_correction"], keep_scores=True, batch=tr["batch"], lr=tr["lr"], seed=tr["seed"])
+    out = {}
+    for pkg, v in lopo.items():
+        if len(set(v["keys"])) != len(v["keys"]):
+            raise ValueError(f"{pkg}: a question key repeats; the fusion could not pair questions")
+        out[pkg] = {k: (bool(y), cal["a"] * float(s) + cal["b"]) for k, y, s in zip(v["keys"], v["y"], v["scores"])}
+        print(json.dumps({"member": directory.name, "package": pkg, "auc": round(v["auc"], 4), "questions": v["questions"]}), flush=True)
+    return out
+
+
+def fused_lopo(corpus: Path, members: list[str], weights: list[float], epochs: int) -> list[list]:
+    """Per held-out package: ROC-AUC of each member and of their fusion on the questions both score, then the mean."""
+    from train.verifier import TextSpace
+
+    space = TextSpace.build(corpus)
+    per_member = [held_out_logits(corpus, member_dir(m), space, epochs) for m in members]
+    rows = []
+    for pkg in per_member[0]:
+        common = sorted(set.intersection(*[set(m[pkg]) for m in per_member]))
+        y = np.array([per_member[0][pkg][k][0] for k in common])
+        logits = [np.array([m[pkg][k][1] for k in common]) for m in per_member]
+        rows.append([pkg, len(common), *[roc_auc(y, x) for x in logits], roc_auc(y, sum(w * x for w, x in zip(weights, logits)))])
+    rows.append(["mean", sum(r[1] for r in rows), *[float(np.mean([r[i] for r in rows])) for i in range(2, len(rows[0]))]])
+    return rows
 
 
 def member_dir(name: str) -> Path:

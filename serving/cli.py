@@ -21,12 +21,15 @@ def _serve(args: argparse.Namespace) -> int:
     """
     import signal
 
-    from serving.config import Settings
+    import torch
+
+    from serving.config import Settings, scaled_to_cores, usable_cores
     from serving.runtime import start, start_ray, stop
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = scaled_to_cores(Settings(**overrides), usable_cores(), gpu=torch.cuda.is_available())
     print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
+    print(f"earwitness: {settings.model_replicas} model replica(s) (EARWITNESS_MODEL_REPLICAS sets the count)", file=sys.stderr)
     if settings.direct_port is not None:
         print(f"earwitness: and straight from the ingress replica on http://{settings.host}:{settings.direct_port}", file=sys.stderr)
     start_ray(settings)

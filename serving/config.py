@@ -6,6 +6,7 @@ Values come from (highest first) explicit arguments (CLI flags, a Serve config's
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -124,3 +125,37 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+CPU_REPLICAS_CAP = 4  # one earwitness-small replica holds ~1 GiB; a big laptop need not fill its memory by default
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def scaled_to_cores(settings: Settings, cores: int, gpu: bool) -> Settings:
+    """``earwitness serve`` on a machine without a GPU: one model replica per core, when nothing chose the count.
+
+    On a CPU a replica computes one batch at a time and a batch costs what its requests cost one by one, so
+    concurrency pays only across replicas (README "Concurrency on a CPU": 1.80x requests/s at c=8 with two
+    replicas on two cores, 1.06x from batching in one). Left alone: a replica count or autoscaling bounds that
+    were set, a GPU, the vLLM engine, an existing cluster. A set ``num_cpus`` bounds the count (each replica
+    reserves ``model_cpus``, the verifier ``verifier_cpus``); otherwise Ray is given what the replicas reserve.
+    """
+    chosen = {"model_replicas", "model_min_replicas", "model_max_replicas"} & settings.model_fields_set
+    if chosen or gpu or settings.engine != "transformers" or settings.model_gpus > 0 or settings.ray_address:
+        return settings
+    per_replica = max(settings.model_cpus, 1.0)
+    verifier = settings.verifier_cpus if settings.verifier else 0.0
+    if settings.topology == "fused":  # each replica holds its own verifier
+        per_replica, verifier = per_replica + verifier, 0.0
+    replicas = min(cores, CPU_REPLICAS_CAP)
+    if settings.num_cpus is not None:
+        replicas = min(replicas, int((settings.num_cpus - verifier) // per_replica))
+    replicas = max(1, replicas)
+    update = {"model_replicas": replicas}
+    if settings.num_cpus is None and replicas > 1:
+        update["num_cpus"] = int(-(-(replicas * per_replica + verifier) // 1))
+    return settings.model_copy(update=update)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from serving.app import app_builder
-from serving.config import Settings
+from serving.config import Settings, scaled_to_cores
 from tests.helpers import encode, tone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,27 @@ def test_serve_config_args_are_settings():
     assert app["import_path"] == "serving.app:app_builder"
     Settings(**app["args"])  # extra="forbid": a misspelt key fails here, not at deploy time
     assert app_builder(app["args"]) is not None
+
+
+def test_serve_runs_one_model_replica_per_core_on_a_cpu(monkeypatch):
+    """Concurrency pays on a CPU only across replicas (README "Concurrency on a CPU"), so ``earwitness serve``
+    picks one per core when nothing chose the count, and gives Ray the CPUs they reserve."""
+    for name in ("EARWITNESS_MODEL_REPLICAS", "EARWITNESS_NUM_CPUS", "EARWITNESS_MODEL_MIN_REPLICAS", "EARWITNESS_TOPOLOGY"):
+        monkeypatch.delenv(name, raising=False)
+    two = scaled_to_cores(Settings(_env_file=None), cores=2, gpu=False)
+    assert (two.model_replicas, two.num_cpus) == (2, 3)  # two model replicas and the verifier
+    assert scaled_to_cores(Settings(_env_file=None), cores=64, gpu=False).model_replicas == 4  # capped
+    assert scaled_to_cores(Settings(_env_file=None, verifier=None), cores=1, gpu=False).num_cpus is None  # one: as before
+    fused = scaled_to_cores(Settings(_env_file=None, topology="fused"), cores=2, gpu=False)
+    assert (fused.model_replicas, fused.num_cpus) == (2, 4)  # each fused replica holds a verifier
+    # what was chosen stays chosen
+    assert scaled_to_cores(Settings(_env_file=None, num_cpus=2), cores=2, gpu=False).model_replicas == 1
+    assert scaled_to_cores(Settings(_env_file=None, model_replicas=3), cores=2, gpu=False).model_replicas == 3
+    assert scaled_to_cores(Settings(_env_file=None, model_min_replicas=1, model_max_replicas=2), cores=8, gpu=False).model_replicas == 1
+    assert scaled_to_cores(Settings(_env_file=None), cores=8, gpu=True).model_replicas == 1
+    assert scaled_to_cores(Settings(_env_file=None, engine="vllm"), cores=8, gpu=False).model_replicas == 1
+    monkeypatch.setenv("EARWITNESS_MODEL_REPLICAS", "1")
+    assert scaled_to_cores(Settings(_env_file=None), cores=8, gpu=False).model_replicas == 1
 
 
 def test_unknown_setting_is_refused():

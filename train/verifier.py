@@ -36,12 +36,13 @@ import soundfile as sf
 import torch
 from torch.nn import functional as F
 
-from serving.guard.scorer import AudioTextScorer, ScorerConfig, batch_waves
+from serving.guard.scorer import AudioTextScorer, ScorerConfig, WhisperScorerConfig, YamnetScorerConfig, batch_waves
 from serving.guard.text import OntologyIndex, TextEncoder, ontology_phrases
 from train.data.formats import read_timelines
-from train.data.qa import NEGATIVE_SAMPLINGS
+from train.data.qa import NEGATIVE_SAMPLINGS, read_qa_rows
 from train.encoder import frame_targets
 from train.metrics import choose_prior_correction, class_prior_logits, fit_platt, roc_auc
+from train.probe import PROBE_POSITIONS, held_out_packages, leave_one_package_out, load_split
 
 FEATURE_TAG = "verifier-mel64-b4"
 ABSENT_PERCENTILE = 2.0
@@ -406,21 +407,14 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
     augmentation is in the ``views`` augmented copies of each train scene. ``lopo_epochs`` > 0 also
     measures leave-one-package-out (the probe's packages, a head of that many epochs per package).
     """
-    from serving.guard.scorer import WhisperScorerConfig, YamnetScorerConfig
-    from train.probe import PROBE_POSITIONS, load_split
-
     corpus, out = Path(corpus), Path(out)
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
     space = TextSpace.build(corpus)
-    data = {"train": load_split(corpus, "train", encoder, space.classes, "both", tuple(range(views + 1)), progress=progress)}
-    for split in ("validation", "test"):
-        data[split] = load_split(corpus, split, encoder, space.classes, "both", (0,), progress=progress)
+    data = head_data(corpus, encoder, views, space.classes, progress)
     feats = {split: (d.features, d.rows) for split, d in data.items()}
-    features = int(data["train"].features.shape[-1])
-    cfg = (YamnetScorerConfig(features=features, width=width) if encoder == "yamnet"
-           else WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=features, width=width))
+    cfg = head_config(encoder, int(data["train"].features.shape[-1]), width)
     history = []
 
     def log(epoch, scorer, loss):
@@ -437,19 +431,37 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
                               space.phrases, space.phrase_emb, out, training)
     if lopo_epochs:
         from serving.guard.verifier import save_embedded
-        from train.data.qa import read_qa_rows
-        from train.probe import held_out_packages, leave_one_package_out
 
-        def fit(keep):
-            head = fit_whisper_head(data["train"], space, cfg, keep, epochs=lopo_epochs, batch=batch, lr=lr, pos_weight=pos_weight, seed=seed)
-            return lambda features: clip_logits(head, features, space.class_emb)
-
-        qa = {split: read_qa_rows(corpus, split) for split in data}
-        card["lopo"] = leave_one_package_out(data, qa, space.classes, held_out_packages(corpus), fit, prior_beta=card["prior_correction"])
+        card["lopo"] = head_lopo(corpus, data, space, cfg, lopo_epochs, card["prior_correction"], batch=batch, lr=lr, pos_weight=pos_weight, seed=seed)
         card["metrics"]["lopo_mean"] = round(float(np.nanmean([v["auc"] for v in card["lopo"].values()])), 4)
         card["training"]["lopo_epochs"] = lopo_epochs
         save_embedded(out, scorer, space.classes, space.phrases, space.phrase_emb, card)
     return card
+
+
+def head_data(corpus: Path, encoder: str, views: int, classes: list[str], progress: bool = True) -> dict:
+    """A head's features per split (``train.probe.ProbeData``): the train split with ``views`` augmented copies."""
+    data = {"train": load_split(corpus, "train", encoder, classes, "both", tuple(range(views + 1)), progress=progress)}
+    for split in ("validation", "test"):
+        data[split] = load_split(corpus, split, encoder, classes, "both", (0,), progress=progress)
+    return data
+
+
+def head_config(encoder: str, features: int, width: int = 0):
+    """The scorer configuration of a head on ``encoder``'s frozen features."""
+    return (YamnetScorerConfig(features=features, width=width) if encoder == "yamnet"
+            else WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=features, width=width))
+
+
+def head_lopo(corpus: Path, data: dict, space, cfg, epochs: int, prior_beta: float, keep_scores: bool = False, **fit) -> dict:
+    """Leave-one-package-out of a head on frozen features (``train.probe.leave_one_package_out``): one head of
+    ``epochs`` per held-out package, trained as the shipped head was (``fit``: batch, lr, pos_weight, seed)."""
+    def fit_without(keep):
+        head = fit_whisper_head(data["train"], space, cfg, keep, epochs=epochs, **fit)
+        return lambda features: clip_logits(head, features, space.class_emb)
+
+    qa = {split: read_qa_rows(corpus, split) for split in data}
+    return leave_one_package_out(data, qa, space.classes, held_out_packages(corpus), fit_without, prior_beta=prior_beta, keep_scores=keep_scores)
 
 
 def split_auc(scorer, feats, corpus, split, classes, class_emb) -> float:
