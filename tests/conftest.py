@@ -65,9 +65,10 @@ SEED = 7
 
 
 def fetchable() -> bool:
+    from models.cache import cache_dir
     from train.data import sources as S
 
-    cache = S.cache_dir()
+    cache = cache_dir()
     if all((cache / "unpacked" / p / ".complete").exists() for p in S.SMALL_PACKAGES):
         return True
     return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
@@ -76,10 +77,11 @@ def fetchable() -> bool:
 @pytest.fixture(scope="session")
 def small_roots():
     from train.data import sources as S
+    from train.data.fetching import fetch
 
     if not fetchable():
         pytest.skip("apt-get/dpkg-deb unavailable and no cached packages")
-    roots, failed = S.fetch(S.SMALL_PACKAGES)
+    roots, failed = fetch(S.SMALL_PACKAGES)
     assert not failed, f"could not fetch the test packages: {failed}"
     return roots
 

@@ -18,7 +18,9 @@ import soundfile as sf
 import soxr
 
 from train.data import archives as A
+from train.data import decoding as D
 from train.data import sources as S
+from train.data import splits as SP
 
 
 def _wav(seconds: float = 0.5, freq: float = 440.0) -> bytes:
@@ -89,7 +91,7 @@ def test_real_opensfx_package_unpacks_only_its_catalogue_and_decodes(small_roots
     assert [p.name for p in files] == ["opensfx.cat"]  # the selective unpack took the one file the rows need
     clips, _ = S.labelled_sources(["openttd-opensfx"])
     assert len(clips) >= 20 and len({c.group for c in clips}) == len(clips)  # every entry is its own recording
-    paths, skipped, durations = S.decode_sources(clips, small_roots, progress=False, workers=1)
+    paths, skipped, durations = D.decode_sources(clips, small_roots, progress=False, workers=1)
     assert len(paths) == len(clips), skipped
     helicopter = next(c for c in clips if c.path.endswith("!24"))
     assert helicopter.label == "Aircraft" and durations[helicopter.id] == pytest.approx(2.468, abs=0.01)
@@ -97,29 +99,29 @@ def test_real_opensfx_package_unpacks_only_its_catalogue_and_decodes(small_roots
 
 def test_cross_package_duplicate_found_through_crop_resampling_and_gain(small_roots):
     clips, _ = S.labelled_sources(S.SMALL_PACKAGES)
-    paths, _, durations = S.decode_sources(clips, small_roots, progress=False, workers=1)
+    paths, _, durations = D.decode_sources(clips, small_roots, progress=False, workers=1)
     long_ones = [c for c in clips if c.id in paths and durations[c.id] >= 4.0 and c.label != "Speech"]
     assert len(long_ones) >= 3
     original = long_ones[0]
     x = np.load(paths[original.id])
     copy = soxr.resample(soxr.resample(x[int(0.8 * 16000):], 16000, 8000), 8000, 16000) * 0.25
     twin = S.SourceClip("other.copy", original.label, original.kind, "another-game", "/copy.wav", "another-game::copy")
-    profiles = {c.id: S.frame_profile(np.load(paths[c.id])) for c in long_ones}
-    profiles[twin.id] = S.frame_profile(copy.astype(np.float32))
-    found = S.cross_package_duplicates([*long_ones, twin], profiles)
+    profiles = {c.id: SP.frame_profile(np.load(paths[c.id])) for c in long_ones}
+    profiles[twin.id] = SP.frame_profile(copy.astype(np.float32))
+    found = SP.cross_package_duplicates([*long_ones, twin], profiles)
     assert [(a, b) for a, b, _ in found if twin.id in (a, b)] == [(original.id, twin.id)]
     # recordings of other packages are not taken for copies, even relabelled as one class (within one
     # package, loops cut from one session may well be one recording: minetest's fire_large and fire_1)
     same_label = [S.SourceClip(c.id, "X", c.kind, c.package + str(i), c.path, c.group) for i, c in enumerate(long_ones)]
     package = {c.id: c.package for c in long_ones}
-    assert [(a, b) for a, b, _ in S.cross_package_duplicates(same_label, profiles) if package[a] != package[b]] == []
+    assert [(a, b) for a, b, _ in SP.cross_package_duplicates(same_label, profiles) if package[a] != package[b]] == []
 
 
 def test_recording_components_merge_duplicates_across_groups():
     a = S.SourceClip("a", "Dog", "real", "p1", "/a.wav", "p1::a")
     b = S.SourceClip("b", "Dog", "real", "p2", "/b.wav", "p2::b")
     c = S.SourceClip("c", "Dog", "real", "p2", "/c.wav", "p2::c")
-    comp = S.recording_components([a, b, c], [("p1::a", "p2::b")])
+    comp = SP.recording_components([a, b, c], [("p1::a", "p2::b")])
     assert comp["a"] == comp["b"] != comp["c"]
-    split = S.assign_splits([a, b, c], [("p1::a", "p2::b")])
+    split = SP.assign_splits([a, b, c], [("p1::a", "p2::b")])
     assert split["a"] == split["b"]

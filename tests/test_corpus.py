@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from models.cache import cache_dir
+from train.data import decoding as D
+from train.data import fetching as F
 from train.data import mixer as M
 from train.data import sources as S
+from train.data import splits as SP
 from train.data.build import build_corpus
 from train.data.formats import read_audiotime_json, read_strong_tsv
 from train.data.ontology import load_ontology
@@ -41,7 +45,7 @@ def store(corpus) -> M.ClipStore:
     paths = {}
     for line in (corpus / "sources.jsonl").read_text().splitlines():
         d = json.loads(line)
-        p = S.cache_dir() / "clips16k" / f"{d['id']}.npy"
+        p = cache_dir() / "clips16k" / f"{d['id']}.npy"
         if p.exists():
             paths[d["id"]] = p
     return M.ClipStore(paths, M.synthetic_beeps())
@@ -66,7 +70,7 @@ def test_fetch_unpacks_real_audio(small_roots):
 def test_layout_and_relative_paths(corpus):
     for rel in ("ontology.json", "sources.jsonl", "report.json", "report.md"):
         assert (corpus / rel).is_file(), rel
-    for split in S.SPLITS:
+    for split in SP.SPLITS:
         tl = _timelines(corpus, split)
         assert tl, f"no scenes in {split}"
         for sid, t in tl.items():
@@ -86,7 +90,7 @@ def test_events_sit_where_the_labels_say(corpus, store):
     """Re-render each event alone: all of its energy lies inside [onset, offset], and both edges are live."""
     frame = 160
     checked = 0
-    for split in S.SPLITS:
+    for split in SP.SPLITS:
         tl = _timelines(corpus, split)
         strong = read_strong_tsv(corpus / "scenes" / split / "strong.tsv")
         for sid, t in list(tl.items())[:12]:
@@ -97,7 +101,7 @@ def test_events_sit_where_the_labels_say(corpus, store):
                 for a, b in zip(mine, sorted((e.onset, e.offset, e.label) for e in scene.events)))
             full = M.render(scene, store)
             flac, sr = sf.read(corpus / t["audio"], dtype="float32")
-            assert sr == S.SAMPLE_RATE and len(flac) == len(full)
+            assert sr == D.SAMPLE_RATE and len(flac) == len(full)
             assert np.max(np.abs(flac - np.clip(full, -1, 1))) < 3 / 32768, "file differs from its timeline"
             for i, e in enumerate(scene.events):
                 alone = M.render(scene, store, only=[i]).astype(np.float64)
@@ -127,12 +131,12 @@ def test_splits_are_disjoint_by_recording(corpus, store):
     assert all(len(v) == 1 for v in groups.values()), "a recording group spans splits"
     # no audio near-duplicate crosses a split either
     ids = [s["id"] for s in src]
-    fps = np.stack([S.fingerprint(store.get(i)) for i in ids])
+    fps = np.stack([SP.fingerprint(store.get(i)) for i in ids])
     durs = np.array([s["duration"] for s in src])
-    for a, b in S.duplicate_pairs(fps, durs):
+    for a, b in SP.duplicate_pairs(fps, durs):
         assert split_of[ids[a]] == split_of[ids[b]], (ids[a], ids[b])
     # scenes only use their own split's sources
-    for split in S.SPLITS:
+    for split in SP.SPLITS:
         for t in _timelines(corpus, split).values():
             used = [e["source_id"] for e in t["events"]] + ([t["background"]["source_id"]] if t["background"]["source_id"] else [])
             assert all(split_of[u] == split for u in used)
@@ -210,7 +214,7 @@ def test_same_seed_same_corpus(corpus, corpus_again):
     for pattern in ("scenes/*/*.flac", "scenes/*/*.tsv", "scenes/*/*.json", "qa/*.jsonl", "sources.jsonl"):
         a, b = _digest(corpus, pattern), _digest(corpus_again, pattern)
         assert a and a == b, pattern
-    for split in S.SPLITS:
+    for split in SP.SPLITS:
         assert load_pairs(corpus, split, False).to_list() == load_pairs(corpus_again, split, False).to_list()
 
 
@@ -240,5 +244,5 @@ def test_cli_register_and_build(small_roots, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for apt-get update fallback")
 def test_fetch_refuses_unlisted_packages(tmp_path):
-    with pytest.raises(S.FetchError):
-        S.fetch_package("cowsay", tmp_path)
+    with pytest.raises(F.FetchError):
+        F.fetch_package("cowsay", tmp_path)

@@ -38,7 +38,7 @@ def _packages(names: list[str] | None) -> tuple[str, ...]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from train.data.sources import fetch
+    from train.data.fetching import fetch
 
     roots, failed = fetch(_packages(args.packages), args.cache, progress=True)
     for pkg, root in roots.items():

@@ -21,6 +21,9 @@ import soundfile as sf
 
 from train.data import mixer as M
 from train.data import sources as S
+from train.data import splits as SP
+from train.data.decoding import SAMPLE_RATE, decode_sources
+from train.data.fetching import fetch
 from train.data.formats import timeline_strong_labels, write_audiotime_json, write_strong_tsv
 from train.data.ontology import load_ontology
 from train.data.prefs import KINDS as PAIR_KINDS
@@ -28,7 +31,7 @@ from train.data.prefs import QuestionWriter, save_pairs, scene_pairs, template_w
 from train.data.qa import caption, popular_classes, scene_questions, write_qa_jsonl
 
 BED_MIN_S = 3.0
-SPLIT_INDEX = {s: i for i, s in enumerate(S.SPLITS)}
+SPLIT_INDEX = {s: i for i, s in enumerate(SP.SPLITS)}
 
 # worker state (one ClipStore per process)
 _STORE: M.ClipStore | None = None
@@ -52,7 +55,7 @@ def _make_scene(args: tuple[str, int, int, dict, dict, str]) -> dict:
     scene = M.plan_scene(sid, split, pool, beds, _STORE, rng)
     audio = np.clip(M.render(scene, _STORE), -1.0, 1.0)
     rel = f"scenes/{split}/{sid}.flac"
-    sf.write(Path(out) / rel, audio, S.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    sf.write(Path(out) / rel, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     t = M.scene_to_json(scene)
     t["audio"] = rel
     return t
@@ -92,35 +95,35 @@ def build_corpus(
              "test": n_test if n_test is not None else max(1, n_train // 6)}
 
     # sources
-    roots, fetch_failed = S.fetch(packages, cache, progress=progress)
+    roots, fetch_failed = fetch(packages, cache, progress=progress)
     clips, excluded = S.labelled_sources(packages)
-    paths, skipped, durations = S.decode_sources(clips, roots, cache, workers=workers, progress=progress)
+    paths, skipped, durations = decode_sources(clips, roots, cache, workers=workers, progress=progress)
     beeps = M.synthetic_beeps()
     beep_clips = [S.SourceClip(cid, "Beep, bleep", "synthetic", "synthetic", f"numpy:{cid.split('.', 1)[1]}", f"synthetic:{cid}")
                   for cid in sorted(beeps)]
     usable = [c for c in clips if c.id in paths] + beep_clips
     for c in beep_clips:
-        durations[c.id] = len(beeps[c.id]) / S.SAMPLE_RATE
+        durations[c.id] = len(beeps[c.id]) / SAMPLE_RATE
     store = M.ClipStore(paths, beeps)
     ids = [c.id for c in usable]
-    fps = np.stack([S.fingerprint(store.get(i)) for i in ids])
+    fps = np.stack([SP.fingerprint(store.get(i)) for i in ids])
     dur_arr = np.array([durations[i] for i in ids])
     by_id = {c.id: c for c in usable}
-    dups = [(by_id[ids[a]].group, by_id[ids[b]].group) for a, b in S.duplicate_pairs(fps, dur_arr)]
-    profiles = {i: S.frame_profile(store.get(i)) for i in ids if by_id[i].package != "synthetic"}
-    cross = S.cross_package_duplicates(usable, profiles)
+    dups = [(by_id[ids[a]].group, by_id[ids[b]].group) for a, b in SP.duplicate_pairs(fps, dur_arr)]
+    profiles = {i: SP.frame_profile(store.get(i)) for i in ids if by_id[i].package != "synthetic"}
+    cross = SP.cross_package_duplicates(usable, profiles)
     dups += [(by_id[a].group, by_id[b].group) for a, b, _ in cross]
-    split_of = S.assign_splits(usable, dups)
+    split_of = SP.assign_splits(usable, dups)
     with (out / "sources.jsonl").open("w", encoding="utf-8") as fh:
         for c in sorted(usable, key=lambda c: c.id):
-            fh.write(json.dumps(S.source_record(c, split_of[c.id], durations[c.id]), ensure_ascii=False) + "\n")
+            fh.write(json.dumps(SP.source_record(c, split_of[c.id], durations[c.id]), ensure_ascii=False) + "\n")
 
-    pools: dict[str, dict[str, list[str]]] = {s: defaultdict(list) for s in S.SPLITS}
+    pools: dict[str, dict[str, list[str]]] = {s: defaultdict(list) for s in SP.SPLITS}
     for c in sorted(usable, key=lambda c: c.id):
         pools[split_of[c.id]][c.label].append(c.id)
     bed_pools = {
         s: {k: [i for i in v if onto[k].bed and durations[i] >= BED_MIN_S] for k, v in pools[s].items()}
-        for s in S.SPLITS
+        for s in SP.SPLITS
     }
     bed_pools = {s: {k: v for k, v in b.items() if v} for s, b in bed_pools.items()}
     del store
@@ -132,7 +135,7 @@ def build_corpus(
     if pool_ctx is None:
         _init_worker(str_paths)
     try:
-        for split in S.SPLITS:
+        for split in SP.SPLITS:
             (out / "scenes" / split).mkdir(parents=True, exist_ok=True)
             if not pools[split]:
                 timelines[split] = {}
@@ -159,7 +162,7 @@ def build_corpus(
     pair_counts: dict[str, Counter] = {}
     examples: list[dict] = []
     (out / "qa").mkdir(exist_ok=True)
-    for split in S.SPLITS:
+    for split in SP.SPLITS:
         tl = timelines[split]
         others = [(sid, t["audio"], frozenset(e["label"] for e in t["events"]) | (
             frozenset([t["background"]["label"]]) if t["background"]["label"] else frozenset())) for sid, t in tl.items()]
@@ -180,7 +183,7 @@ def build_corpus(
         qa_counts[split] = Counter(f"{r.kind}/{r.sampling}" for r in all_rows)
         pair_counts[split] = Counter(p.kind for p in all_pairs)
 
-    recordings = recording_table(usable, S.recording_components(usable, dups), durations)
+    recordings = recording_table(usable, SP.recording_components(usable, dups), durations)
     report = _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair_counts, fetch_failed,
                      excluded, skipped, popular, examples, packages, seed, time.time() - t0, out)
     report["recordings"] = recordings
@@ -193,7 +196,7 @@ def build_corpus(
 
 def _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair_counts, fetch_failed, excluded,
             skipped, popular, examples, packages, seed, elapsed, out: Path) -> dict:
-    src_per = {s: Counter() for s in S.SPLITS}
+    src_per = {s: Counter() for s in SP.SPLITS}
     src_hours = Counter()
     for c in usable:
         src_per[split_of[c.id]][c.label] += 1
@@ -202,8 +205,8 @@ def _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair
     classes = []
     for c in onto:
         classes.append({"name": c.name, "mid": c.mid, "kind": c.kind, "group": c.group,
-                        "sources": {s: src_per[s][c.name] for s in S.SPLITS},
-                        "events": {s: ev_per[s][c.name] for s in S.SPLITS}})
+                        "sources": {s: src_per[s][c.name] for s in SP.SPLITS},
+                        "events": {s: ev_per[s][c.name] for s in SP.SPLITS}})
     report = {
         "seed": seed, "packages": list(packages), "build_seconds": round(elapsed, 1),
         "splits": {s: {"scenes": len(timelines[s]), "requested": sizes[s],
@@ -211,7 +214,7 @@ def _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair
                        "source_clips": sum(src_per[s].values()), "source_hours": round(src_hours[s], 3),
                        "classes_with_sources": sum(1 for v in src_per[s].values() if v),
                        "qa_rows": dict(sorted(qa_counts[s].items())), "pairs": dict(sorted(pair_counts[s].items()))}
-                   for s in S.SPLITS},
+                   for s in SP.SPLITS},
         "classes": classes,
         "classes_used": sum(1 for c in classes if any(c["sources"].values())),
         "popular_classes": popular,

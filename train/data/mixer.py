@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.data.sources import SAMPLE_RATE, active_region
+from train.data.decoding import SAMPLE_RATE, active_region
 
 SCENE_S = 10.0
 FADE_S = 0.005
