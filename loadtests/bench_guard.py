@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from serving.config import Settings
 from train.data.qa import NEGATIVE_SAMPLINGS as NEGATIVES
+
+SERVED_VERIFIER = Settings.model_fields["verifier"].default  # the verifier `earwitness serve` runs
 
 
 def presence_rows(corpus: Path, per_sampling: int, seed: int, split: str = "test") -> list[dict]:
@@ -141,7 +144,7 @@ def rates(rows, outcomes) -> list[list]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.bench_guard")
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
-    ap.add_argument("--verifier", default="earwitness-verifier")
+    ap.add_argument("--verifier", default=SERVED_VERIFIER, help="default: the served default")
     ap.add_argument("--model", default=None, help="served model for parts 3 and 4 (default: the embedded default when shipped; 'none' skips)")
     ap.add_argument("--per-sampling", type=int, default=0, help="questions per sampling for parts 1-2 (0: all)")
     ap.add_argument("--model-per-sampling", type=int, default=150, help="questions per sampling for part 3 (0 skips it)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests.bench_guard import judged, table
+from loadtests.bench_guard import SERVED_VERIFIER, judged, table
 from loadtests.clips import spoken
 
 PHRASES = ("a dial tone", "a phone's busy signal", "a chainsaw", "someone vacuuming the floor", "a motorbike revving",
@@ -46,7 +46,7 @@ def clips(corpus: Path | None) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--verifier", default="earwitness-verifier")
+    ap.add_argument("--verifier", default=SERVED_VERIFIER, help="default: the served default")
     ap.add_argument("--corpus", type=Path, default=None)
     args = ap.parse_args(argv)
     from serving.guard.verifier import load_verifier

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtests.bench_guard import presence_rows, table
+from loadtests.bench_guard import SERVED_VERIFIER, presence_rows, table
 from loadtests.run import is_loopback
 from train.data.qa import NEGATIVE_SAMPLINGS as NEGATIVES
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ap.add_argument("--host", default="http://127.0.0.1:8000")
-    ap.add_argument("--verifier", default="earwitness-verifier", help="the verifier the server runs")
+    ap.add_argument("--verifier", default=SERVED_VERIFIER, help="the verifier the server runs (default: the served default)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--per-sampling", type=int, default=0, help="questions per sampling (0: all)")
     ap.add_argument("--seed", type=int, default=0)

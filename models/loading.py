@@ -7,23 +7,12 @@ from pathlib import Path
 
 import torch
 
+from models.families import model_class
 from models.registry import ModelSpec
 
 # PEFT asks every model it wraps for transformers' deprecated ``is_gradient_checkpointing``; the FutureWarning is
 # about PEFT's code, not ours, and would print on every replica start and adapter load.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers.modeling_utils")
-
-
-def _model_class(family: str):
-    import transformers
-
-    classes = {
-        "qwen2-audio": "Qwen2AudioForConditionalGeneration",
-        "qwen2.5-omni-thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
-    }
-    if family not in classes:
-        raise ValueError(f"unsupported model family {family!r}; known: {', '.join(classes)}")
-    return getattr(transformers, classes[family])
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -73,7 +62,7 @@ def load(spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtyp
         raise FileNotFoundError(f"model directory {source} does not exist")
     device = pick_device(device)
     processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-    model = _model_class(spec.family).from_pretrained(source, local_files_only=local, dtype=pick_dtype(device, dtype))
+    model = model_class(spec.family).from_pretrained(source, local_files_only=local, dtype=pick_dtype(device, dtype))
     if adapter:
         from peft import PeftModel
 
