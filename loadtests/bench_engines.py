@@ -366,7 +366,7 @@ def breakdown(model: str, args, clips: list[str], n: int) -> str:
     """Where a guarded request's time goes, without HTTP: the fused replica's own code path in this process
     (``LocalModel`` on the vLLM engine, the verifier in process, the guard's judgement), ``n`` sequential
     requests per variant and workload, interleaved in two rounds; p50 and its ratio to the engine alone."""
-    from serving import audio as intake
+    from serving import intake
     from serving.backends import AudioPrompt
     from serving.config import Settings
     from serving.guard.runner import GuardRunner

@@ -104,8 +104,7 @@ def length_rows(corpus: Path, rows: list[dict], y: np.ndarray, s: np.ndarray) ->
 
 def guard_outcomes(rows, answers, scores, contrasts, thresholds, policy: str = "correct"):
     """Per row: (model said yes, guarded answer says yes) under ``policy``, through the serving policy code."""
-    from serving.answers import classify
-    from serving.guard.claims import presence_target
+    from serving.answers import classify, presence_target
     from serving.guard.policy import apply_policy, is_prior, judge
     from serving.guard.runner import claim_checks
 
@@ -310,7 +309,7 @@ def latency_part(args, model: str | None) -> None:
 def in_process_latency(model: str, corpus: Path, rows: list[dict]) -> list[float]:
     """The peer: decode the file and run the engine's own ``generate`` in this process, one request at a time."""
     from models.registry import resolve
-    from serving.audio import decode
+    from serving.intake import decode
     from serving.backends import AudioPrompt
     from serving.backends.hf import TransformersBackend
 

@@ -44,6 +44,13 @@ def model_class(name: str):
     return getattr(transformers, family(name).architecture)
 
 
+def model_class_of_type(model_type: str):
+    """The transformers class of a checkpoint's ``config.model_type``."""
+    if model_type not in _BY_MODEL_TYPE:
+        raise ValueError(f"unsupported model type {model_type!r}; known: {', '.join(_BY_MODEL_TYPE)}")
+    return model_class(_BY_MODEL_TYPE[model_type].name)
+
+
 def unwrap(model):
     """The model under a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)

@@ -1,8 +1,20 @@
-"""Reading a free-form answer as yes / no / other, the way the hallucination benchmarks do."""
+"""Reading a free-form answer: yes / no / other, the way the hallucination benchmarks do (:func:`classify`);
+whether it has the form its question asks for (:func:`answers_the_question`); and what it claims to hear, the
+sound events the guard checks against the audio (:func:`extract_claims`):
+
+- A presence question ("Is there (a sound of) X …", "Did you hear X …", "Can you hear X …")
+  answered 'yes' claims X. Answered 'no', it claims nothing (an absence is not a hearing).
+- Any other answer (a caption, "I hear a dog and rain") claims each sound it mentions: the
+  answer is cut into mention spans at clause and list boundaries, stripped of hearing verbs
+  ("I hear", "there is"), and negated spans ("no dog", "without rain") are dropped. Which of
+  those spans name a sound is decided later, by matching them to the ontology with the text
+  encoder; spans that match nothing are not claims.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _YES = {"yes", "yeah", "yep", "correct", "true", "indeed", "present", "affirmative"}
 _NO = {"no", "nope", "not", "false", "absent", "none", "never", "negative"}
@@ -28,3 +40,125 @@ def classify(answer: str) -> str:
         if word in {"no", "not"} or word.endswith("n't"):
             return "no"
     return "other"
+
+
+_PRESENCE = [
+    re.compile(p, re.I)
+    for p in (
+        r"^\s*(?:is|are)\s+there\s+(?:any\s+|a\s+|an\s+)?(?:sounds?\s+of\s+)?(?P<x>.+?)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*\?",
+        r"^\s*(?:did|do|can|could)\s+you\s+(?:hear|detect|notice|make\s+out)\s+(?P<x>.+?)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*[?.]",
+        r"^\s*(?:is|are)\s+(?P<x>.+?)\s+(?:audible|present|heard|there)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*\?",
+        r"^\s*does\s+(?:the|this)\s+(?:audio|clip|recording)\s+(?:contain|include|have|feature)\s+(?:a\s+sound\s+of\s+|the\s+sound\s+of\s+)?(?P<x>.+?)\s*\?",
+        # "Is a dog barking in the recording?", "A dog barking in this clip?"
+        r"^(?!\s*(?:what|which|who|when|where|why|how|does|do|did|can|could|describe|count|list|name|tell)\b)"
+        r"\s*(?:(?:is|are)\s+)?(?P<x>.+?)\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track)\s*\?",
+    )
+]
+_ORDER = re.compile(r"\b(?:before|after|until|followed\s+by|at\s+the\s+same\s+time)\b", re.I)
+_TRAILER = re.compile(r"\s*(?:answer\s+with\s+yes\s+or\s+no|yes\s+or\s+no)\b.*$", re.I)
+
+_SPLIT = re.compile(r"\s*(?:[.;:!?]+\s+|[.;:!?]+$|,\s*|\s+(?:and|then|while|as|with|followed\s+by|before|after|plus|also|but)\s+)\s*", re.I)
+_LEAD = re.compile(
+    r"^(?:yes|yeah|no)?[\s,]*(?:i\s+(?:can\s+)?(?:hear|heard|detect|notice)|(?:you\s+can\s+)?hear|there\s+(?:is|are|was|were)|"
+    r"it\s+(?:sounds|is)\s+like|this\s+is|the\s+(?:audio|clip|recording)\s+(?:has|contains|features|includes)|"
+    r"in\s+the\s+(?:background|foreground)|(?:in\s+)?the\s+background|someone\s+can\s+be\s+heard|can\s+be\s+heard)\b\s*",
+    re.I,
+)
+_CONNECT = re.compile(r"^(?:and|then|with|while|also|only|plus|but|as|or|just|maybe|perhaps|possibly)\b[\s,]*", re.I)
+_TAIL = re.compile(r"[\s,]+(?:in\s+the\s+(?:background|foreground|distance)|too|as\s+well|again|nearby|at\s+the\s+(?:start|end|beginning))$", re.I)
+_NEGATED = re.compile(r"^(?:no|not|never|without|nothing|none|neither|nor)\b|\b(?:no|not|n't|never|without)\s+\w+", re.I)
+_FILLER = re.compile(r"^(?:sound|sounds|noise|noises|audio|clip|it|this|that|here|there|something|yes|no|then|a|the)?$", re.I)
+
+
+_WORDY = re.compile(r"[A-Za-z]{3,}")
+MAX_MENTIONS = 8  # an answer's first mentions; bounds the guard's matching work per answer
+MAX_MENTION_WORDS = 10
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str  # the mention as written ("a puppy yapping")
+    source: str  # "question" (a presence question answered yes) or "answer" (a free-form mention)
+    span: tuple[int, int] | None = None  # where in the answer, for answer mentions
+
+
+def presence_target(question: str) -> str | None:
+    """The sound a presence question asks about, or None when it is not one."""
+    q = _TRAILER.sub("", question.strip()).strip()
+    if not q.endswith(("?", ".")):
+        q += "?"
+    for pattern in _PRESENCE:
+        m = pattern.match(q)
+        if m:
+            x = m.group("x").strip(" ,")
+            x = re.sub(r"\s+(?:in|within)\s+(?:it|there)$", "", x, flags=re.I)
+            if _ORDER.search(x):  # "is the dog barking before the door slams": an order question, not a presence one
+                return None
+            return x or None
+    return None
+
+
+def answer_mentions(answer: str) -> list[Claim]:
+    """Candidate sound mentions in a free-form answer, negated ones left out."""
+    out: list[Claim] = []
+    pos = 0
+    for piece in _SPLIT.split(answer):
+        if not piece:
+            continue
+        start = answer.find(piece, pos)
+        pos = start + len(piece) if start >= 0 else pos
+        text = piece.strip()
+        while True:
+            stripped = _TAIL.sub("", _CONNECT.sub("", _LEAD.sub("", text))).strip()
+            if stripped == text:
+                break
+            text = stripped
+        if _NEGATED.search(text) or _FILLER.fullmatch(text.strip(" .,")):
+            continue
+        if not _WORDY.search(text) or len(text.split()) > MAX_MENTION_WORDS:
+            continue  # not a phrase naming a sound (digits, symbols, a run-on sentence)
+        out.append(Claim(text.strip(" .,"), "answer", (start, start + len(piece)) if start >= 0 else None))
+        if len(out) >= MAX_MENTIONS:
+            break
+    return out
+
+
+def extract_claims(question: str, answer: str) -> list[Claim]:
+    """The sound events an answer claims to hear.
+
+    A presence question with a 'yes' claims its target; with a 'no' nothing. Anything else is
+    read as free text. A presence answer that goes on ("Yes, a dog barks and rain falls") also
+    claims the extra mentions.
+    """
+    target = presence_target(question)
+    kind = classify(answer)
+    if target is not None and kind == "no":
+        return []
+    claims: list[Claim] = []
+    if target is not None and kind == "yes":
+        claims.append(Claim(target, "question"))
+    for mention in answer_mentions(answer):
+        if target is not None and mention.text.lower() == target.lower():
+            continue
+        claims.append(mention)
+    return claims
+
+
+_COUNT_Q = re.compile(r"^\s*how\s+many\b(?!\s+seconds)", re.I)
+_DURATION_Q = re.compile(r"\bhow\s+long\b|\bhow\s+many\s+seconds\b|\bfor\s+how\s+long\b|\bduration\b", re.I)
+_OPEN_Q = re.compile(r"^\s*(?:describe\b|caption\b|(?:what|which)\b.*\b(?:hear|heard|sounds?|audio|clip|recording|happening)\b)", re.I)
+_NUMBER = re.compile(r"\d|\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|once|twice|none)\b", re.I)
+_BARE = re.compile(r"^\W*(?:yes|no|\d+(?:\.\d+)?)\W*$", re.I)
+
+
+def answers_the_question(question: str, answer: str) -> bool:
+    """Whether the answer has the form the question asks for: a yes or a no to a presence question (any phrasing
+    :func:`presence_target` knows), a number to a count or a duration, more than a bare yes, no or number to an
+    open question. Anything else (a "1" to "Can you hear someone talking?") is reported as unparsed."""
+    if _DURATION_Q.search(question) or _COUNT_Q.search(question):
+        return bool(_NUMBER.search(answer))
+    if _OPEN_Q.search(question):
+        return not _BARE.match(answer) and bool(re.search(r"[A-Za-z]{3,}", answer))
+    if presence_target(question) is not None:
+        return classify(answer) in ("yes", "no")
+    return True

@@ -65,7 +65,7 @@ def _ask(args: argparse.Namespace) -> int:
         question = intake.check_question(args.question, settings)
         max_tokens = intake.check_max_tokens(args.max_tokens, settings)
         policy = args.guard or settings.guard_policy
-        asyncio.run(intake.decode(data, settings, 16_000, truncate=args.truncate))  # a bad file fails before the model loads
+        asyncio.run(intake.decode_upload(data, settings, 16_000, truncate=args.truncate))  # a bad file fails before the model loads
         body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate))
     except ApiError as err:
         print(json.dumps(err.body()).replace("truncate=true", "--truncate"), file=sys.stderr)
@@ -90,7 +90,7 @@ async def _answer(settings, data: bytes, question: str, max_tokens: int, policy:
     try:
         service = Service(model, settings, verifier)
         model_id, info = await service.resolve_model(None)
-        clip = await intake.decode(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
+        clip = await intake.decode_upload(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
         outcome = (await service.hear("cli", clip, question, max_tokens, service.guard.policy_for(policy), model_id)).outcome
     finally:
         model.close()

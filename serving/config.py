@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     guard_contrast_prior: float = Field(0.05, description="nats; at or below, an answer the verifier is unsure of is a prior")
     guard_contrast_heard: float = Field(1.0, description="nats; at or above, an answer the verifier is unsure of was heard")
 
-    # access: optional bearer-token auth (serving/auth.py); /healthz, /readyz and /metrics stay open
+    # access: optional bearer-token auth (serving/middleware.py); /healthz, /readyz and /metrics stay open
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys; when any is set, requests need one")
     api_keys_file: str | None = Field(None, description="file holding API keys, one per line ('#' comments)")
 

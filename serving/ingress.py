@@ -25,7 +25,6 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from serving import intake
-from serving.auth import ApiKeyMiddleware, keys_from_settings
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
@@ -33,8 +32,8 @@ from serving.verify_api import VERIFY_BODY
 from serving.verify_api import verify as verify_audio
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
-from serving.limits import BodyLimitMiddleware
 from serving.metrics import Metrics, mark_process_dead
+from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, keys_from_settings
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
@@ -244,7 +243,7 @@ class Service:
         question = self.check_question(fields.question)
         max_tokens = self.check_max_tokens(fields.max_tokens)
         model_id, info = await self.resolve_model(fields.model)
-        clip = await intake.decode(data, self.settings, info["sample_rate"], info["max_audio_s"], fields.truncate)
+        clip = await intake.decode_upload(data, self.settings, info["sample_rate"], info["max_audio_s"], fields.truncate)
         decoded = time.perf_counter()
         heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard), model_id)
         outcome = heard.outcome

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving import intake
 from serving.errors import ApiError
-from serving.limits import json_object, too_large
+from serving.middleware import too_large
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Timing
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
@@ -176,7 +176,7 @@ async def chat_completion(service, request: Request):
     """Answer one OpenAI chat completion through the service's model, guard and metrics."""
     start = time.perf_counter()
     try:
-        body = await json_object(request)
+        body = await intake.json_object(request)
     except ApiError as exc:  # OpenAI's clients expect every malformed body as a 400
         raise ApiError(400, exc.code, exc.message) from exc
     try:
@@ -197,7 +197,7 @@ async def chat_completion(service, request: Request):
     options = req.earwitness or EarwitnessOptions()
     model_id, info = await service.resolve_model(req.model)
     data = await audio_bytes(part, service.settings.audio_url_allowlist, service.settings.max_upload_bytes)
-    clip = await intake.decode(data, service.settings, info["sample_rate"], info["max_audio_s"], options.truncate)
+    clip = await intake.decode_upload(data, service.settings, info["sample_rate"], info["max_audio_s"], options.truncate)
     decoded = time.perf_counter()
     heard = await service.hear(ENDPOINT, clip, question, max_tokens, service.guard.policy_for(options.guard), model_id)
     generation, outcome = heard.generation, heard.outcome

@@ -14,7 +14,6 @@ from serving import intake
 from serving.errors import ApiError
 from serving.guard.runner import failure_reason
 from serving.guard.verifier import SAMPLE_RATE
-from serving.limits import check_text
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, VerifyRequest, VerifyResponse, audio_body
 
@@ -28,7 +27,7 @@ VERIFY_BODY = audio_body(
 
 
 def check_events(events: list[str]) -> list[str]:
-    events = [check_text(e, "events").strip() for e in events]
+    events = [intake.check_text(e, "events").strip() for e in events]
     if any(not e or len(e) > MAX_EVENT_CHARS for e in events):
         raise ApiError(422, "invalid_request", f"events: each must be 1-{MAX_EVENT_CHARS} characters", param="events")
     return events
@@ -40,7 +39,7 @@ async def verify(service, request: Request) -> VerifyResponse:
     events = check_events(fields.events)
     if service.guard.verifier is None:
         raise ApiError(503, "verifier_unavailable", "no verifier is deployed here", {"Retry-After": "30"})
-    clip = await intake.decode(data, service.settings, SAMPLE_RATE, truncate=fields.truncate)
+    clip = await intake.decode_upload(data, service.settings, SAMPLE_RATE, truncate=fields.truncate)
     response = service.guard.verifier.verify.remote(clip.samples, events)
     try:
         result = await asyncio.wait_for(response, service.settings.verifier_timeout_s)

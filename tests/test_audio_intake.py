@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.audio import decode
+from serving.intake import decode
 from serving.errors import ApiError
 from tests.helpers import FORMATS, encode, tone
 
@@ -82,7 +82,7 @@ def test_digital_silence_is_accepted_but_flagged():
 
 @pytest.mark.parametrize("frames", [1, 100, 3_840])
 def test_very_short_clips_are_padded_to_the_minimum_and_flagged(frames):
-    from serving.audio import MIN_AUDIO_S
+    from serving.intake import MIN_AUDIO_S
 
     clip = decode(encode(tone(1.0, 16_000, 1)[:frames], 16_000, "wav"), 16_000)
     assert clip.duration_s == MIN_AUDIO_S and "padded" in clip.flags
@@ -90,7 +90,7 @@ def test_very_short_clips_are_padded_to_the_minimum_and_flagged(frames):
 
 
 def test_more_channels_than_surround_are_refused():
-    from serving.audio import MAX_CHANNELS
+    from serving.intake import MAX_CHANNELS
 
     ok = decode(encode(np.full((16_000, MAX_CHANNELS), 0.1, np.float32), 16_000, "flac"), 16_000)
     assert ok.source_channels == MAX_CHANNELS

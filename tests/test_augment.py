@@ -10,6 +10,7 @@ import pytest
 from scipy import signal
 
 from train.data import augment as A
+from train.data import transforms as T
 
 SR = 16_000
 # every transform on, so a few seeds exercise the whole chain
@@ -69,7 +70,7 @@ def test_same_seed_same_output_and_seeds_differ(fn):
 
 def test_scene_chain_is_finite_bounded_same_length_and_leaves_input_alone():
     loud = np.clip(white(10 * SR, level=0.7), -1, 1)  # peaks at 1: every boost must be caught
-    bank = [white(SR // 2, seed=9), A.coloured_noise(12 * SR, 2.0, 3) * 0.05]
+    bank = [white(SR // 2, seed=9), T.coloured_noise(12 * SR, 2.0, 3) * 0.05]
     before = loud.copy()
     for s in range(12):
         for cfg in (ALL, A.AugmentConfig()):
@@ -137,37 +138,37 @@ def test_config_rejects_bad_values_and_describe_follows_it():
 def test_band_limit_removes_energy_beyond_the_cutoffs():
     x = white(4 * SR)
     ref = band_db(x, 100, 7900)
-    lp = A.band_limit(x, None, 3000.0)
+    lp = T.band_limit(x, None, 3000.0)
     assert band_db(lp, 6000, 8000) < ref - 30
     assert abs(band_db(lp, 100, 2400) - band_db(x, 100, 2400)) < 1.0
-    hp = A.band_limit(x, 400.0, None)
+    hp = T.band_limit(x, 400.0, None)
     assert band_db(hp, 20, 200) < ref - 30
     assert abs(band_db(hp, 600, 7000) - band_db(x, 600, 7000)) < 1.0
-    tel = A.band_limit(x, 300.0, 3400.0)
+    tel = T.band_limit(x, 300.0, 3400.0)
     assert band_db(tel, 7000, 8000) < ref - 40 and band_db(tel, 20, 120) < ref - 40
 
 
 def test_resample_to_8k_and_back_removes_energy_above_4k():
     x = white(4 * SR)
-    y = A.resample_roundtrip(x, 8000)
+    y = T.resample_roundtrip(x, 8000)
     assert len(y) == len(x)
     assert band_db(y, 4100, 8000) < band_db(x, 4100, 8000) - 50
     assert abs(band_db(y, 100, 3000) - band_db(x, 100, 3000)) < 1.0
-    assert abs(onset(A.resample_roundtrip(burst_scene(1.0, 2.0), 11025)) - 1.0) <= 0.002
+    assert abs(onset(T.resample_roundtrip(burst_scene(1.0, 2.0), 11025)) - 1.0) <= 0.002
 
 
 @pytest.mark.parametrize("bits", [8, 10, 12])
 def test_bit_depth_snr_follows_6db_per_bit(bits):
     x = tone(440.3, 1.0, amp=0.5)  # -6 dB re full scale: SNR = 6.02 b + 1.76 - 6.02
-    assert abs(snr_db(x, A.quantize(x, bits)) - (6.02 * bits - 4.26)) < 1.5
+    assert abs(snr_db(x, T.quantize(x, bits)) - (6.02 * bits - 4.26)) < 1.5
 
 
 def test_mu_law_snr_is_about_38db_at_any_level_unlike_linear_8_bit():
     for amp in (0.5, 0.05, 0.01):
         x = tone(440.3, 1.0, amp=amp)
-        assert 33.0 < snr_db(x, A.mu_law(x, 8)) < 41.0
+        assert 33.0 < snr_db(x, T.mu_law(x, 8)) < 41.0
     quiet = tone(440.3, 1.0, amp=0.01)
-    assert snr_db(quiet, A.quantize(quiet, 8)) < 15.0
+    assert snr_db(quiet, T.quantize(quiet, 8)) < 15.0
 
 
 def test_reverb_adds_a_decaying_tail_with_the_drawn_rt60():
@@ -175,7 +176,7 @@ def test_reverb_adds_a_decaying_tail_with_the_drawn_rt60():
     x[SR // 2: SR // 2 + 800] = white(800, level=0.3)  # 50 ms burst ending at 0.55 s
     end = SR // 2 + 800
     burst = np.mean(x[SR // 2:end].astype(float) ** 2)
-    y = A.reverb(x, rt60=0.5, wet=0.3, seed=1)
+    y = T.reverb(x, rt60=0.5, wet=0.3, seed=1)
     assert len(y) == len(x) and onset(y) == onset(x)
 
     def after(a, b):
@@ -186,7 +187,7 @@ def test_reverb_adds_a_decaying_tail_with_the_drawn_rt60():
     assert after(0.25, 0.35) < after(0.02, 0.1) - 10  # … and decays (≈ 60 dB per 0.5 s)
     impulse = np.zeros(2 * SR, np.float32)
     impulse[0] = 1.0
-    h = A.reverb(impulse, rt60=0.5, wet=1.0, seed=2).astype(float)
+    h = T.reverb(impulse, rt60=0.5, wet=1.0, seed=2).astype(float)
     edc = 10 * np.log10(np.cumsum((h**2)[::-1])[::-1] / np.sum(h**2))  # Schroeder decay curve
     rt60 = (np.argmax(edc < -35) - np.argmax(edc < -5)) / SR * 2  # T30 extrapolated to 60 dB
     assert abs(rt60 - 0.5) < 0.05
@@ -196,7 +197,7 @@ def test_reverb_adds_a_decaying_tail_with_the_drawn_rt60():
 @pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0])
 def test_coloured_noise_lands_at_the_requested_snr(snr, exponent):
     x = tone(700.0, 2.0, amp=0.1)
-    y = A.add_noise(x, A.coloured_noise(len(x), exponent, seed=4), snr)
+    y = T.add_noise(x, T.coloured_noise(len(x), exponent, seed=4), snr)
     assert abs(snr_db(x, y) - snr) < 1.0
 
 
@@ -211,7 +212,7 @@ def test_noise_bank_recording_lands_at_the_drawn_snr():
 
 @pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0])
 def test_coloured_noise_has_the_requested_spectral_slope(exponent):
-    n = A.coloured_noise(8 * SR, exponent, seed=1)
+    n = T.coloured_noise(8 * SR, exponent, seed=1)
     f, p = signal.welch(n.astype(np.float64), SR, nperseg=4096)
     keep = (f > 50) & (f < 6000)
     slope = np.polyfit(np.log10(f[keep]), np.log10(p[keep]), 1)[0]
@@ -221,7 +222,7 @@ def test_coloured_noise_has_the_requested_spectral_slope(exponent):
 
 def test_eq_biquads_reach_their_gains():
     def response_db(kind, freq, g, q, at):
-        _, h = signal.sosfreqz(A.biquad(kind, freq, g, q), worN=np.asarray(at, float), fs=SR)
+        _, h = signal.sosfreqz(T.biquad(kind, freq, g, q), worN=np.asarray(at, float), fs=SR)
         return 20 * np.log10(np.abs(h))
 
     pk = response_db("peaking", 1000.0, 6.0, 1.0, [1000.0, 50.0, 7500.0])
@@ -231,32 +232,32 @@ def test_eq_biquads_reach_their_gains():
     hi = response_db("high_shelf", 3000.0, 4.0, 0.707, [7999.0, 50.0])
     assert abs(hi[0] - 4.0) < 0.2 and abs(hi[1]) < 0.1
     with pytest.raises(ValueError):
-        A.biquad("notch", 1000.0, 0.0, 1.0)
+        T.biquad("notch", 1000.0, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("semitones", [3.0, -2.0])
 def test_pitch_shift_moves_a_sine_by_the_ratio_and_keeps_length(semitones):
     x = tone(440.0, 1.0)
-    y = A.pitch_shift(x, semitones)
+    y = T.pitch_shift(x, semitones)
     assert len(y) == len(x)
     assert abs(peak_hz(y) / (440.0 * 2 ** (semitones / 12)) - 1) < 0.003
-    assert abs(onset(A.pitch_shift(burst_scene(1.0, 2.0), semitones)) - 1.0) < 0.02  # tempo kept, not tape speed
+    assert abs(onset(T.pitch_shift(burst_scene(1.0, 2.0), semitones)) - 1.0) < 0.02  # tempo kept, not tape speed
 
 
 @pytest.mark.parametrize("factor", [0.85, 1.15])
 def test_time_stretch_changes_length_and_timing_by_the_factor_not_pitch(factor):
     x = tone(440.0, 1.0)
-    y = A.time_stretch(x, factor)
+    y = T.time_stretch(x, factor)
     assert len(y) == round(len(x) * factor)
     assert abs(peak_hz(y) / 440.0 - 1) < 0.003
-    z = A.time_stretch(burst_scene(1.0, 2.0), factor)
+    z = T.time_stretch(burst_scene(1.0, 2.0), factor)
     assert abs(onset(z) - factor * 1.0) < 0.02
 
 
-@pytest.mark.parametrize("codec", A.available_codecs())
+@pytest.mark.parametrize("codec", T.available_codecs())
 def test_lossy_codec_degrades_but_keeps_length_and_alignment(codec):
     x = burst_scene(1.0, 2.0) + white(2 * SR, level=0.01)
-    y = A.lossy_codec(x, codec, 0.8)
+    y = T.lossy_codec(x, codec, 0.8)
     assert len(y) == len(x) and np.all(np.isfinite(y))
     assert abs(onset(y) - 1.0) <= 0.002
     assert 3.0 < snr_db(x, y) < 60.0  # lossy, but still the same signal
@@ -264,4 +265,4 @@ def test_lossy_codec_degrades_but_keeps_length_and_alignment(codec):
 
 def test_the_default_codecs_are_writable_here():
     # libsndfile ≥ 1.1 writes Vorbis and MP3; if this fails the default chain silently loses its codec step
-    assert set(A.AugmentConfig().codecs) <= set(A.available_codecs())
+    assert set(A.AugmentConfig().codecs) <= set(T.available_codecs())

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serving.batching import Batcher
+from serving.model_server import Batcher
 
 
 class Model:

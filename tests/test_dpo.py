@@ -19,16 +19,10 @@ import soundfile as sf
 import torch
 
 from models.tiny import CHAT_TEMPLATE, TinySize, build_untrained, train_tokenizer
-from train.dpo import (
-    AudioPreferenceCollator,
-    completion_logps,
-    language_model_lora_pattern,
-    lora_config,
-    load_audio_file,
-    make_trainer,
-    model_family,
-    train_dpo,
-)
+from train.dpo import completion_logps, make_trainer, train_dpo
+from train.dpo_collator import AudioPreferenceCollator, load_audio_file
+from models.families import family_of, language_model_lora_pattern, model_class_of_type
+from train.lora import lora_config
 
 SR = 16_000
 QUESTION = "Is there a dog barking in the audio?"
@@ -165,7 +159,7 @@ def trained(request, tmp_path_factory):
 def test_family_and_lora_scope_before_training():
     for family, build in BUILDERS.items():
         _, model = build()
-        assert model_family(model) == family
+        assert family_of(model).name == family
         pattern = language_model_lora_pattern(model)
         config = lora_config(model, r=2, alpha=4, dropout=0.0, modules_to_save=None)
         assert config.target_modules == pattern
@@ -308,7 +302,7 @@ def test_reference_is_the_adapter_disabled_policy(tmp_path):
 def test_export_merged_matches_adapter(trained, tmp_path):
     from transformers import AutoProcessor
 
-    from train.dpo import _model_class_for, export_merged
+    from train.lora import export_merged
 
     omni = trained["family"] == "qwen2.5-omni-thinker"
     if omni:
@@ -320,7 +314,7 @@ def test_export_merged_matches_adapter(trained, tmp_path):
         # A base checkpoint directory without a processor: the one train_dpo saved with the adapter is used.
         trained["base"].save_pretrained(tmp_path / "base")
         out = export_merged(tmp_path / "base", trained["adapter_dir"], tmp_path / "merged")
-    merged = _model_class_for(trained["model"].config.model_type).from_pretrained(out).eval()
+    merged = model_class_of_type(trained["model"].config.model_type).from_pretrained(out).eval()
     if not omni:
         assert AutoProcessor.from_pretrained(out).tokenizer.get_vocab() == trained["processor"].tokenizer.get_vocab()
     assert not any("lora" in n for n, _ in merged.named_parameters())

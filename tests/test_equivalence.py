@@ -106,7 +106,7 @@ def test_shared_encoder_answers_equal_alone_answers(small_shared):
 
 def _samples(wav: bytes) -> np.ndarray:
     """What the server decodes from the WAV: 16-bit samples as float32 at 16 kHz."""
-    from serving.audio import decode
+    from serving.intake import decode
 
     return decode(wav, 16_000).samples
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.guard.claims import extract_claims, presence_target
+from serving.answers import extract_claims, presence_target
 from serving.guard.policy import ClaimCheck, Thresholds, apply_policy, is_prior, judge, verdict
 from tests.guard_helpers import OUTSIDE_ONTOLOGY
 from train.data.ontology import load_ontology
@@ -83,7 +83,7 @@ def test_claims(question, answer, claims):
                                       "Do you hear a dog?", "Did you hear rain?", "Can you hear someone talking?", "Is a piano audible?",
                                       "A dog barking in this clip?", "Is a dog barking in the recording?"])
 def test_every_presence_phrasing_wants_a_yes_or_a_no(question):
-    from serving.guard.claims import answers_the_question
+    from serving.answers import answers_the_question
 
     assert presence_target(question)
     assert answers_the_question(question, "Yes.") and answers_the_question(question, "No, there is none.")
@@ -91,7 +91,7 @@ def test_every_presence_phrasing_wants_a_yes_or_a_no(question):
 
 
 def test_counts_durations_and_open_questions_want_their_own_form():
-    from serving.guard.claims import answers_the_question
+    from serving.answers import answers_the_question
 
     assert answers_the_question("How many times does the dog bark?", "3") and not answers_the_question("How many times does the dog bark?", "Yes")
     assert answers_the_question("How long does the rain last?", "About 4 seconds.") and not answers_the_question("How long does the rain last?", "No")
@@ -307,7 +307,7 @@ def _guard(verifier_server, question: str, answer: str, contrast: float, policy:
 
 def _decoded(samples: np.ndarray):
     """``samples`` as the intake's decoded clip (16 kHz, no flags)."""
-    from serving.audio import Clip
+    from serving.intake import Clip
 
     return Clip(samples, 16_000, "WAV", 16_000, 1)
 

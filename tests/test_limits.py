@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.errors import ApiError
-from serving.limits import MAX_JSON_DEPTH, check_json, check_text
+from serving.intake import MAX_JSON_DEPTH, check_json, check_text
 
 
 def _nested(depth: int) -> object:

@@ -21,7 +21,7 @@ def _random_adapter(base, out, seed: int):
     from peft import get_peft_model
     from transformers import Qwen2AudioForConditionalGeneration
 
-    from train.dpo import lora_config
+    from train.lora import lora_config
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(base)
     peft_model = get_peft_model(model, lora_config(model, r=4))

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import auth
+from serving import middleware as auth
 from serving.config import Settings
-from serving.limits import BodyLimitMiddleware
+from serving.middleware import BodyLimitMiddleware
 from tests.helpers import encode, tone
 from tests.test_ops_variants import variant_app
 

@@ -77,7 +77,7 @@ def app():
 @contextmanager
 def encoder_passes(model_server, verifier_server):
     """Forward passes of the model's audio tower and of the verifier's own encoder inside the block."""
-    from serving.backends.hf import audio_tower
+    from models.families import audio_tower
 
     counts = {"model": 0, "verifier": 0}
     towers = {"model": audio_tower(model_server.backend.model), "verifier": verifier_server.verifier.scorer.frontend.tower}
@@ -102,7 +102,7 @@ def _clips_counted(client) -> dict[str, float]:
 
 def _wav_samples(samples: np.ndarray) -> np.ndarray:
     """The samples the server decodes from ``_ask``'s 16-bit WAV."""
-    from serving.audio import decode
+    from serving.intake import decode
 
     return decode(encode(samples, SR, "wav"), SR).samples
 
@@ -168,7 +168,8 @@ def test_a_clip_shorter_than_the_window_is_not_shared(app):
     classes was 0.05 at 9.9 s, 0.08 at 9 s, 0.16 at 7 s, 0.30 at 5 s, 0.37 at 1 s, changing on average 1 (9.9 s)
     to 4 (1 s) of a clip's 73 judgements. So a short clip gets no layers and keeps the verifier's own, overlapped pass."""
     from serving.backends import AudioPrompt
-    from serving.backends.hf import audio_tower, captured_layers
+    from models.families import audio_tower
+    from serving.backends.hf import captured_layers
     from serving.guard.scorer import TowerLayers
 
     client, _, model_server, verifier_server = app
@@ -335,7 +336,7 @@ INFO = {"tower": SIGNATURE, "max_audio_s": 10.0, "sample_rate": SR}
 def _guarded(runner, layers, n_samples: int = WINDOW, model_info: dict = INFO):
     generation = SimpleNamespace(text="yes", answer_logprob=-0.1, blank_logprob=-0.1, tower_layers=layers)
 
-    from serving.audio import Clip
+    from serving.intake import Clip
 
     asked: dict = {}
 

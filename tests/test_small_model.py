@@ -71,7 +71,7 @@ def test_training_on_cached_tower_outputs_is_the_served_forward(small):
 def test_the_committed_tensors_rebuild_the_trained_model(small, tmp_path):
     from peft import get_peft_model
 
-    from train.dpo import lora_config
+    from train.lora import lora_config
 
     _, trained = build_from_parts(*_parts(), SPEC)
     processor = small[0]
@@ -107,7 +107,7 @@ def test_trained_layers_are_committed_and_rebuilt_only_when_the_spec_says_so(tmp
 
     from peft import get_peft_model
 
-    from train.dpo import lora_config
+    from train.lora import lora_config
 
     spec = replace(SPEC, trained_layers=True)
     processor, model = build_from_parts(*_parts(), spec)

@@ -41,7 +41,7 @@ def prepare(out: Path) -> Path:
     from serving.backends import AudioPrompt
     from serving.backends.hf import TransformersBackend
     from tests.helpers import TINY_TEXTS
-    from train.dpo import lora_config
+    from train.lora import lora_config
 
     out = Path(out)
     if (out / "expected.json").exists():

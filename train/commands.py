@@ -8,6 +8,10 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train`` (recipe, base, verifier, vocabulary, probe, binding), ``eval`` and ``export`` to an argparse CLI.
+
+    Long because it is one flat sequence of argparse declarations, one block per command, read as the CLI's reference.
+    """
     train = subparsers.add_parser("train", help="train and align the embedded model")
     sub = train.add_subparsers(dest="train_command", required=True)
     recipe = sub.add_parser("recipe", help="base → LISTEN → DPO → evaluation → shipped model, in one go")
@@ -232,7 +236,7 @@ def _eval(args) -> int:
 
 def _export(args) -> int:
     from models.loading import load
-    from train.dpo import export_merged
+    from train.lora import export_merged
 
     spec, adapter = _resolve_adapter(args.model, args.adapter)
     if not adapter:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from models.families import unwrap
 from train.data.conversations import IGNORE, Turn, encode_chat
 from train.sft import pad_chats
 
@@ -25,11 +26,6 @@ def collate_encoded(tokenizer, features: np.ndarray, rows_of: dict[str, int], fr
     return {**text, "audio_features": torch.from_numpy(np.asarray(features[idx], dtype=np.float32))}
 
 
-def _qwen2_audio(model):
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
-
-
 class EncodedForward(torch.nn.Module):
     """``Qwen2AudioForConditionalGeneration`` (or its PEFT wrapper) fed tower outputs instead of mels."""
 
@@ -38,7 +34,7 @@ class EncodedForward(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels, audio_features):
-        qa = _qwen2_audio(self.model)
+        qa = unwrap(self.model)
         lm = qa.model.language_model
         embeds = lm.embed_tokens(input_ids)
         audio = qa.model.multi_modal_projector(audio_features).to(embeds.dtype)

@@ -11,6 +11,10 @@ REPRODUCE = "earwitness train recipe --corpus data/corpus --work runs/recipe --s
 
 
 def write_model_card(ship_dir: Path, record: dict) -> Path:
+    """The card of earwitness-tiny (``README.md`` of ``ship_dir``): architecture, recipe, evaluation, data, how to rebuild.
+
+    Long because it is one Markdown template, kept whole so that it reads as the card it writes.
+    """
     config = json.loads((ship_dir / "config.json").read_text())
     size = config.get("earwitness_tiny_size", {})
     adapter = json.loads((ship_dir / "adapter" / "adapter_config.json").read_text())
@@ -117,7 +121,10 @@ def _lookup_history(ship_dir: Path) -> list[dict]:
 
 
 def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> Path:
-    """The card of earwitness-small: parts and their provenance, what was trained, the stages measured."""
+    """The card of earwitness-small: parts and their provenance, what was trained, the stages measured.
+
+    Long because it is one Markdown template, kept whole so that it reads as the card it writes.
+    """
     from models.pretrained import provenance_markdown
     from models.small import read_spec
 

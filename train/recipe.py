@@ -104,23 +104,12 @@ def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int], seed: in
 def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int | dict[str, int] = 220, seed: int = 0,
               learning_rate: float = 5e-4) -> Path:
     """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along."""
-    from train.dpo import train_dpo
+    from train.dpo import AudioDPOConfig, train_dpo
 
     dataset = preference_subset(corpus_dir, per_kind, seed)
-    return train_dpo(
-        listen_model,
-        processor,
-        dataset,
-        out_dir,
-        lora_r=16,
-        lora_alpha=32,
-        beta=0.1,
-        learning_rate=learning_rate,
-        epochs=1.0,
-        batch_size=8,
-        modules_to_save=["multi_modal_projector"],
-        seed=seed,
-    )
+    config = AudioDPOConfig(lora_r=16, lora_alpha=32, beta=0.1, learning_rate=learning_rate, epochs=1.0, batch_size=8,
+                            modules_to_save=["multi_modal_projector"], seed=seed)
+    return train_dpo(listen_model, processor, dataset, out_dir, config)
 
 
 def evaluate_stage(name: str, processor, model, corpus_dir: Path, plan, progress: bool) -> dict:

@@ -104,7 +104,7 @@ def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), c
     """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form."""
     from peft import get_peft_model
 
-    from train.dpo import lora_config
+    from train.lora import lora_config
 
     processor, model = build_untrained(replace(spec, trained_layers=False), seed=config.seed)
     peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
@@ -145,24 +145,8 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
         lap("corpus")
 
     base_dir = work_dir / "base"
-    if base_from is not None:
-        processor, base = reuse_base(Path(base_from), base_dir)
-        done = Path(base_from) / "results.json"
-        if done.exists():
-            earlier = json.loads(done.read_text())
-            results["baseline (positive-only)"] = earlier["results"]["baseline (positive-only)"]
-            timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
-            lap.restart()
-        else:  # a run stopped after its base: evaluate that base now; its time is what its stages logged
-            timings["base"] = round(sum(_logged_seconds(base_dir)), 1)
-            lap.restart()
-            results["baseline (positive-only)"] = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
-            lap("eval base")
-    else:
-        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
-        lap("base")
-        results["baseline (positive-only)"] = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
-        lap("eval base")
+    processor, base, baseline = base_stage(corpus_dir, base_dir, spec, seed, plan, lap, progress, base_from)
+    results["baseline (positive-only)"] = baseline
     trained_dir = base_dir
     if spec.trained_layers:  # the lookup, text before audio: the base's layers learn presence over written names
         trained_dir = work_dir / "lookup"
@@ -187,6 +171,35 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
     if ship_dir is not None:
         ship(trained_dir, adapter_dir, work_dir, ship_dir)
     return {"results": results, "timings_s": timings}
+
+
+def base_stage(corpus_dir: Path, base_dir: Path, spec: SmallSpec, seed: int, plan, lap, progress: bool = True,
+               base_from: Path | None = None):
+    """Stage 1 and its evaluation, or a finished run's (``base_from``): ``(processor, base, baseline results)``.
+
+    The stages' wall times go to ``lap`` (a ``train.recipe.Laps``); a reused base brings its own.
+    """
+    from train.recipe import evaluate_stage
+
+    if base_from is None:
+        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
+        lap("base")
+        baseline = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
+        lap("eval base")
+        return processor, base, baseline
+    processor, base = reuse_base(Path(base_from), base_dir)
+    done = Path(base_from) / "results.json"
+    if done.exists():
+        earlier = json.loads(done.read_text())
+        lap.timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
+        lap.restart()
+        return processor, base, earlier["results"]["baseline (positive-only)"]
+    # a run stopped after its base: evaluate that base now; its time is what its stages logged
+    lap.timings["base"] = round(sum(_logged_seconds(base_dir)), 1)
+    lap.restart()
+    baseline = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
+    lap("eval base")
+    return processor, base, baseline
 
 
 def _logged_seconds(base_dir: Path) -> list[float]:

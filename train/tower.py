@@ -32,7 +32,6 @@ from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
 from train.encoder import patch_targets
 from train.features import scene_cache
-from train.metrics import roc_auc
 
 AUDIOSET_CLASSES = 521
 

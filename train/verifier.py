@@ -183,43 +183,28 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
     rng = np.random.default_rng(seed)
     t0 = time.time()
     space = TextSpace.build(corpus)
-    classes, phrases, phrase_emb, class_emb = space.classes, space.phrases, space.phrase_emb, space.class_emb
-
+    classes = space.classes
     cfg = ScorerConfig(width=width)
-    scorer = AudioTextScorer(cfg)
-    if init is not None:  # warm start (training in several short runs, each its own one-cycle schedule)
-        from safetensors.torch import load_file
-
-        missing, _ = scorer.load_state_dict(load_file(str(Path(init) / "scorer.safetensors")), strict=False)
-        if missing:
-            print(f"warm start from {init}: new parameters {missing}", flush=True)
+    scorer = mel_scorer(cfg, init)
     feats = {s: split_features(corpus, s, scorer, progress=progress) for s in ("train", "validation", "test")}
     x_train, rows_train = feats["train"]
     timelines = read_timelines(corpus, "train")
-    ci = {c: i for i, c in enumerate(classes)}
-    y_train = np.zeros((len(x_train), len(classes)), dtype=np.float32)
-    for sid, r in rows_train.items():
-        for label in scene_labels(timelines[sid]):
-            y_train[r, ci[label]] = 1.0
+    y_train = clip_targets(timelines, rows_train, classes, len(x_train))
     xs = torch.from_numpy(x_train.astype(np.float32))
     if init is None:
         with torch.no_grad():
             scorer.feat_mean.copy_(xs.mean(dim=(0, 2))[:, None])
             scorer.feat_std.copy_(xs.std(dim=(0, 2))[:, None] + 1e-3)
-    ys = torch.from_numpy(y_train)
     frames_n = x_train.shape[-1]
     block_s = cfg.hop * cfg.block / cfg.sample_rate
     ft = torch.from_numpy(frame_targets(timelines, rows_train, classes, frames_n, frames_n * block_s).transpose(0, 2, 1).astype(np.uint8))
     floor = float(xs.min())
 
-    pos_weight = torch.full((len(classes),), float(pos_weight))
+    weights = torch.full((len(classes),), float(pos_weight))
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(xs) / batch)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
-    n_mels = cfg.n_mels
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
     lowpass = [lowpass_log_gains(cfg, hz) for hz in LOWPASS_HZ] if lowpass_aug else None
-    step = 0
     history = []
     for epoch in range(epochs):
         scorer.train()
@@ -227,30 +212,17 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
         running = 0.0
         for i in range(0, len(xs), batch):
             idx = order[i : i + batch]
-            x, y, yf = xs[idx].clone(), ys[idx].clone(), ft[idx].float()
-            # mix in a second scene for half the batch: log-add-exp of mean and max features is a mix's upper bound
-            half = len(idx) // 2
-            other = torch.from_numpy(rng.integers(0, len(xs), half))
-            gain = torch.from_numpy(rng.uniform(-12, 3, (half, 1, 1)).astype(np.float32)) * math.log(10) / 10
-            x[:half] = torch.logaddexp(x[:half], xs[other] + gain)
-            y[:half] = torch.maximum(y[:half], ys[other])
-            yf[:half] = torch.maximum(yf[:half], ft[other].float())
-            shift = int(rng.integers(0, x.shape[-1]))
-            x, yf = torch.roll(x, shift, dims=-1), torch.roll(yf, shift, dims=-1)
-            x, yf = recording_augment(x, yf, rng, n_mels, floor, lowpass)
-            y = yf.amax(-1)  # what is still in the (stretched, cropped) clip
-            frame_logits = scorer.frame_logits(scorer.frames(x), space.draw(rng))
-            logits = scorer.pool(frame_logits)
-            # strong labels: every 80 ms block knows what sounds in it; plus the clip-level (pooled) loss the guard reads
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight) + F.binary_cross_entropy_with_logits(
-                frame_logits, yf, pos_weight=pos_weight[:, None])
+            x, yf = mix_scenes(xs[idx].clone(), ft[idx].float(), xs, ft, rng)
+            x, yf = recording_augment(x, yf, rng, cfg.n_mels, floor, lowpass)
+            # strong labels: every 80 ms block knows what sounds in it; plus the clip-level (pooled) loss the guard reads,
+            # against what is still in the (stretched, cropped) clip
+            loss = head_loss(scorer, x, yf, space.draw(rng), weights)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
             running += float(loss.detach())
-        val_auc = split_auc(scorer, feats["validation"], corpus, "validation", classes, class_emb)
+        val_auc = split_auc(scorer, feats["validation"], corpus, "validation", classes, space.class_emb)
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_auc": val_auc, "elapsed_s": round(time.time() - t0, 1)})
         if progress:
             print(json.dumps(history[-1]), flush=True)
@@ -259,7 +231,45 @@ def train_verifier(corpus: Path, out: Path, epochs: int = 12, batch: int = 32, l
 
     training = {"epochs_run": len(history), "batch": batch, "lr": lr, "seed": seed, "init": str(init) if init else None, "lowpass": lowpass_aug,
                 "history": history, "train_scenes": int(len(xs)), "seconds": round(time.time() - t0, 1), "corpus": str(corpus)}
-    return calibrate_and_ship(scorer, feats, corpus, classes, class_emb, y_train, phrases, phrase_emb, out, training)
+    return calibrate_and_ship(scorer, feats, corpus, classes, space.class_emb, y_train, space.phrases, space.phrase_emb, out, training)
+
+
+def mel_scorer(cfg: ScorerConfig, init: Path | None = None) -> AudioTextScorer:
+    """A new log-mel scorer, or (``init``: a verifier directory) one warm-started from it: training in several short
+    runs, each its own one-cycle schedule."""
+    scorer = AudioTextScorer(cfg)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        missing, _ = scorer.load_state_dict(load_file(str(Path(init) / "scorer.safetensors")), strict=False)
+        if missing:
+            print(f"warm start from {init}: new parameters {missing}", flush=True)
+    return scorer
+
+
+def clip_targets(timelines: dict, rows: dict[str, int], classes: list[str], n: int) -> np.ndarray:
+    """``[n, classes]``: 1 where a scene (its row in ``rows``) holds the class, as an event or as its bed."""
+    ci = {c: i for i, c in enumerate(classes)}
+    y = np.zeros((n, len(classes)), dtype=np.float32)
+    for sid, r in rows.items():
+        for label in scene_labels(timelines[sid]):
+            y[r, ci[label]] = 1.0
+    return y
+
+
+def mix_scenes(x: torch.Tensor, yf: torch.Tensor, xs: torch.Tensor, ft: torch.Tensor, rng: np.random.Generator):
+    """A training batch's scene mixing, in place on ``x`` (block features) and ``yf`` (their frame targets).
+
+    Half the batch gets a second scene of ``xs`` mixed in at −12…+3 dB (log-add-exp of mean and max features is a
+    mix's upper bound; its frame targets ``ft`` joined in), then the whole batch a random circular time shift.
+    """
+    half = len(x) // 2
+    other = torch.from_numpy(rng.integers(0, len(xs), half))
+    gain = torch.from_numpy(rng.uniform(-12, 3, (half, 1, 1)).astype(np.float32)) * math.log(10) / 10
+    x[:half] = torch.logaddexp(x[:half], xs[other] + gain)
+    yf[:half] = torch.maximum(yf[:half], ft[other].float())
+    shift = int(rng.integers(0, x.shape[-1]))
+    return torch.roll(x, shift, dims=-1), torch.roll(yf, shift, dims=-1)
 
 
 def calibrate(scores: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:

@@ -12,19 +12,8 @@ import torch
 from models.loading import frozen_tower, load
 from models.pretrained.whisper import captured_layers
 from models.registry import ModelSpec
+from models.families import audio_tower, tower_modules
 from serving.backends.base import AudioPrompt, Backend, Generation
-
-
-def audio_tower(model):
-    """The audio encoder of a Qwen2-Audio-class model (PEFT-wrapped or not), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "model", None), "audio_tower", None)
-
-
-def tower_modules(model) -> list[str]:
-    """The audio tower's module names as an adapter's ``target_modules`` name them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [name for name, _ in base.named_modules() if "audio_tower" in name.split(".")]
 
 
 def adapter_leaves_tower(adapter_dir: str, tower_names: list[str]) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.families import FAMILIES
 from models.registry import ModelSpec
 from serving.answers import classify
 from serving.backends.base import AudioPrompt, Backend, Generation
@@ -38,7 +39,7 @@ from serving.backends.base import AudioPrompt, Backend, Generation
 log = logging.getLogger("earwitness.vllm")
 
 VLLM_WINDOW_FRAMES = 3000  # vLLM's Qwen2AudioFeatureInputs: TensorShape("na", "nmb", 3000)
-ARCHITECTURES = {"qwen2-audio": "Qwen2AudioForConditionalGeneration", "qwen2.5-omni-thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
+ARCHITECTURES = {f.name: f.architecture for f in FAMILIES.values()}  # vLLM names them as transformers does
 # Where the question goes when the prompt is rendered around it (no tokenizer has this as a token).
 _QUESTION_SLOT = "\x00earwitness-question\x00"
 

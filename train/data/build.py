@@ -14,6 +14,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,21 @@ def _disk_usage(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+@dataclass
+class SourceSet:
+    """The source clips a build uses, their splits, and what was left out on the way (for the report)."""
+
+    usable: list[S.SourceClip]
+    paths: dict[str, Path]
+    durations: dict[str, float]
+    split_of: dict[str, str]
+    dups: list[tuple[str, str]]  # group pairs that are one recording
+    cross: list[tuple[str, str, float]]  # clip pairs of different packages that are one recording
+    fetch_failed: dict[str, str]
+    excluded: Counter
+    skipped: Counter
+
+
 def build_corpus(
     out: str | Path,
     n_train: int = 6000,
@@ -81,8 +97,6 @@ def build_corpus(
 
     Validation and test default to 10 % and 1/6 of the training scenes (600 / 1,000 for 6,000).
     """
-    from tqdm import tqdm
-
     t0 = time.time()
     workers = max(1, min(workers, 2))
     out = Path(out)
@@ -94,7 +108,26 @@ def build_corpus(
     sizes = {"train": n_train, "validation": n_validation if n_validation is not None else max(1, n_train // 10),
              "test": n_test if n_test is not None else max(1, n_train // 6)}
 
-    # sources
+    src = prepare_sources(out, packages, cache, workers, progress)
+    pools, bed_pools = split_pools(onto, src)
+    timelines = render_scenes(out, onto, pools, bed_pools, sizes, seed, src.paths, workers, progress)
+    popular, qa_counts, pair_counts, examples = write_questions_and_pairs(out, onto, timelines, seed, writer, progress)
+
+    by_id = {c.id: c for c in src.usable}
+    recordings = recording_table(src.usable, SP.recording_components(src.usable, src.dups), src.durations)
+    report = _report(onto, src.usable, src.split_of, src.durations, timelines, sizes, qa_counts, pair_counts, src.fetch_failed,
+                     src.excluded, src.skipped, popular, examples, packages, seed, time.time() - t0, out)
+    report["recordings"] = recordings
+    report["cross_package_duplicates"] = [
+        {"a": f"{by_id[a].package}:{by_id[a].path}", "b": f"{by_id[b].package}:{by_id[b].path}", "similarity": sim}
+        for a, b, sim in src.cross]
+    _write_report(report, out)
+    return report
+
+
+def prepare_sources(out: Path, packages: Sequence[str], cache: Path | None, workers: int, progress: bool) -> SourceSet:
+    """Fetch, label and decode the sources, add the synthetic beeps, find duplicate recordings and split by
+    recording; writes ``sources.jsonl``."""
     roots, fetch_failed = fetch(packages, cache, progress=progress)
     clips, excluded = S.labelled_sources(packages)
     paths, skipped, durations = decode_sources(clips, roots, cache, workers=workers, progress=progress)
@@ -117,18 +150,28 @@ def build_corpus(
     with (out / "sources.jsonl").open("w", encoding="utf-8") as fh:
         for c in sorted(usable, key=lambda c: c.id):
             fh.write(json.dumps(SP.source_record(c, split_of[c.id], durations[c.id]), ensure_ascii=False) + "\n")
+    return SourceSet(usable, paths, durations, split_of, dups, cross, fetch_failed, excluded, skipped)
 
+
+def split_pools(onto, src: SourceSet) -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, list[str]]]]:
+    """Per split, class → source ids for events, and the same for background beds (ambience at least
+    :data:`BED_MIN_S` long)."""
     pools: dict[str, dict[str, list[str]]] = {s: defaultdict(list) for s in SP.SPLITS}
-    for c in sorted(usable, key=lambda c: c.id):
-        pools[split_of[c.id]][c.label].append(c.id)
+    for c in sorted(src.usable, key=lambda c: c.id):
+        pools[src.split_of[c.id]][c.label].append(c.id)
     bed_pools = {
-        s: {k: [i for i in v if onto[k].bed and durations[i] >= BED_MIN_S] for k, v in pools[s].items()}
+        s: {k: [i for i in v if onto[k].bed and src.durations[i] >= BED_MIN_S] for k, v in pools[s].items()}
         for s in SP.SPLITS
     }
-    bed_pools = {s: {k: v for k, v in b.items() if v} for s, b in bed_pools.items()}
-    del store
+    return pools, {s: {k: v for k, v in b.items() if v} for s, b in bed_pools.items()}
 
-    # scenes
+
+def render_scenes(out: Path, onto, pools, bed_pools, sizes: dict[str, int], seed: int, paths: dict[str, Path], workers: int,
+                  progress: bool) -> dict[str, dict[str, dict]]:
+    """Plan, render and write every split's scenes (``scenes/<split>/``: audio, strong labels, timelines);
+    returns split → scene id → timeline (with its caption)."""
+    from tqdm import tqdm
+
     timelines: dict[str, dict[str, dict]] = {}
     str_paths = {k: str(v) for k, v in paths.items()}
     pool_ctx = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(str_paths,)) if workers > 1 else None
@@ -153,8 +196,15 @@ def build_corpus(
     finally:
         if pool_ctx:
             pool_ctx.shutdown()
+    return timelines
 
-    # questions + pairs
+
+def write_questions_and_pairs(out: Path, onto, timelines: dict[str, dict[str, dict]], seed: int, writer: QuestionWriter,
+                              progress: bool) -> tuple[list[str], dict[str, Counter], dict[str, Counter], list[dict]]:
+    """Every scene's questions (``qa/<split>.jsonl``) and preference pairs (``prefs/<split>/``); returns the popular
+    classes, the counts of both per split, and a few test scenes as examples for the report."""
+    from tqdm import tqdm
+
     popular = popular_classes(timelines["train"].values()) or popular_classes(
         t for tl in timelines.values() for t in tl.values())
     available = onto.names
@@ -182,16 +232,7 @@ def build_corpus(
         save_pairs(all_pairs, out / "prefs" / split)
         qa_counts[split] = Counter(f"{r.kind}/{r.sampling}" for r in all_rows)
         pair_counts[split] = Counter(p.kind for p in all_pairs)
-
-    recordings = recording_table(usable, SP.recording_components(usable, dups), durations)
-    report = _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair_counts, fetch_failed,
-                     excluded, skipped, popular, examples, packages, seed, time.time() - t0, out)
-    report["recordings"] = recordings
-    report["cross_package_duplicates"] = [
-        {"a": f"{by_id[a].package}:{by_id[a].path}", "b": f"{by_id[b].package}:{by_id[b].path}", "similarity": sim}
-        for a, b, sim in cross]
-    _write_report(report, out)
-    return report
+    return popular, qa_counts, pair_counts, examples
 
 
 def _report(onto, usable, split_of, durations, timelines, sizes, qa_counts, pair_counts, fetch_failed, excluded,

@@ -1,6 +1,6 @@
 """Read every source file (plain, inside an rcc bundle or a game archive) and decode it once to 16 kHz.
 
-Decoding goes through the serving decoder (``serving.audio.decode``) only, so the corpus hears what the
+Decoding goes through the serving decoder (``serving.intake.decode``) only, so the corpus hears what the
 server would; files it rejects are skipped and counted by error code.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from models.cache import cache_dir
-from serving.audio import decode
+from serving.intake import decode
 from serving.errors import ApiError
 from train.data.archives import ArchiveError, is_archived, read_member
 from train.data.rcc import RccBundle, RccError
@@ -115,7 +115,7 @@ def _decode_one(args: tuple[SourceClip, str, str]) -> tuple[str, str | None, flo
 
 def decode_sources(clips: Sequence[SourceClip], roots: dict[str, Path], cache: Path | None = None,
                    workers: int = 2, progress: bool = True) -> tuple[dict[str, Path], Counter, dict[str, float]]:
-    """Decode every clip once (via ``serving.audio.decode``) into ``cache/clips16k/<id>.npy``.
+    """Decode every clip once (via ``serving.intake.decode``) into ``cache/clips16k/<id>.npy``.
 
     Bad or unsupported files are skipped and counted by error code; the build goes on.
     """

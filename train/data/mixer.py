@@ -172,6 +172,32 @@ def plan_scene(
     classes long enough to loop. Same-class occurrences never overlap (so counts are
     countable); different classes overlap in about a third of scenes.
     """
+    bed_label, labels = _choose_labels(pool, beds, rng)
+    allow_overlap = rng.random() < 0.33
+    level_db = float(rng.uniform(-30.0, -16.0))
+    events: list[Event] = []
+    for label in labels:
+        ev = _place_event(label, pool[label], len(labels), events, allow_overlap, level_db, store, rng)
+        if ev is not None:
+            events.append(ev)
+    if not events:  # pathological pool; keep the scene valid with the first usable source
+        raise RuntimeError(f"could not place any event in {scene_id}")
+    bed, floor_db = _plan_bed(bed_label, beds, level_db, store, rng)
+    events = [
+        Event(e.label, e.source_id, e.source_start, e.length, e.onset_sample, e.gain_db,
+              round(e.gain_db + _rms_db(store.get(e.source_id)[e.source_start:e.source_start + e.length]) - floor_db, 2))
+        for e in sorted(events, key=lambda e: (e.onset_sample, e.label))
+    ]
+    scene = Scene(scene_id, split, events, bed)
+    peak = float(np.max(np.abs(_mix(scene, store, None, True))))
+    scene.scale = round(min(1.0, 0.9 / peak), 6) if peak > 0 else 1.0
+    return scene
+
+
+def _choose_labels(pool: Mapping[str, Sequence[str]], beds: Mapping[str, Sequence[str]],
+                   rng: np.random.Generator) -> tuple[str | None, list[str]]:
+    """The bed's class (or None) and the foreground events' classes: 1–4 events, never the bed's class, and
+    in about a third of scenes one class repeated ("a dog barks three times")."""
     classes = sorted(pool)
     n_total = int(rng.choice(list(EVENT_COUNT_WEIGHTS), p=list(EVENT_COUNT_WEIGHTS.values())))
     # decide the bed first so foreground never repeats the bed's class
@@ -189,35 +215,37 @@ def plan_scene(
     labels = list(chosen)
     while len(labels) < n_total:
         labels.append(chosen[0])  # repeats go to one class: "a dog barks three times"
-    allow_overlap = rng.random() < 0.33
-    level_db = float(rng.uniform(-30.0, -16.0))
-    events: list[Event] = []
-    for label in labels:
-        srcs = pool[label]
-        ev = None
-        for _ in range(6):
-            cid = srcs[int(rng.integers(len(srcs)))]
-            exc = _pick_excerpt(store, cid, rng)
-            if exc is None:
-                continue
-            start, length = exc
-            length = min(length, int(SCENE_S * SAMPLE_RATE) // max(2, n_total))  # leave room for the others
-            # a cut length may end inside a pause: re-trim so the offset stays tight
-            sub = active_region(store.get(cid)[start:start + length])
-            if sub is None or sub[1] - sub[0] < SAMPLE_RATE // 20:
-                continue
-            start, length = start + sub[0], sub[1] - sub[0]
-            onset = _place(length, label, events, allow_overlap, rng)
-            if onset is None:
-                continue
-            src_db = _rms_db(store.get(cid)[start:start + length])
-            ev_level = level_db + float(rng.uniform(-4.0, 4.0))
-            ev = Event(label, cid, start, length, onset, round(ev_level - src_db, 3), 0.0)
-            break
-        if ev is not None:
-            events.append(ev)
-    if not events:  # pathological pool; keep the scene valid with the first usable source
-        raise RuntimeError(f"could not place any event in {scene_id}")
+    return bed_label, labels
+
+
+def _place_event(label: str, srcs: Sequence[str], n_total: int, events: Sequence[Event], allow_overlap: bool, level_db: float,
+                 store: ClipStore, rng: np.random.Generator) -> Event | None:
+    """One event of ``label``: an excerpt of one of its sources, placed among ``events`` (up to six tries, else None)."""
+    for _ in range(6):
+        cid = srcs[int(rng.integers(len(srcs)))]
+        exc = _pick_excerpt(store, cid, rng)
+        if exc is None:
+            continue
+        start, length = exc
+        length = min(length, int(SCENE_S * SAMPLE_RATE) // max(2, n_total))  # leave room for the others
+        # a cut length may end inside a pause: re-trim so the offset stays tight
+        sub = active_region(store.get(cid)[start:start + length])
+        if sub is None or sub[1] - sub[0] < SAMPLE_RATE // 20:
+            continue
+        start, length = start + sub[0], sub[1] - sub[0]
+        onset = _place(length, label, events, allow_overlap, rng)
+        if onset is None:
+            continue
+        src_db = _rms_db(store.get(cid)[start:start + length])
+        ev_level = level_db + float(rng.uniform(-4.0, 4.0))
+        return Event(label, cid, start, length, onset, round(ev_level - src_db, 3), 0.0)
+    return None
+
+
+def _plan_bed(bed_label: str | None, beds: Mapping[str, Sequence[str]], level_db: float, store: ClipStore,
+              rng: np.random.Generator) -> tuple[Bed, float]:
+    """The background bed (``bed_label``'s, looped, 6–24 dB under the events) or only the noise floor, and the
+    level in dB the events' SNRs are measured against."""
     snr = float(rng.uniform(6.0, 24.0))
     bed_db = level_db - snr
     noise_db = float(rng.uniform(-62.0, -50.0))
@@ -227,19 +255,8 @@ def plan_scene(
         src_db = _rms_db(store.get(bid)[a:b])
         bed = Bed(bed_label, bid, a, b, int(rng.integers(0, b - a)), round(bed_db - src_db, 3), round(noise_db, 2),
                   int(rng.integers(2**31)))
-        floor_db = bed_db
-    else:
-        bed = Bed(None, None, 0, 0, 0, 0.0, round(noise_db, 2), int(rng.integers(2**31)))
-        floor_db = noise_db
-    events = [
-        Event(e.label, e.source_id, e.source_start, e.length, e.onset_sample, e.gain_db,
-              round(e.gain_db + _rms_db(store.get(e.source_id)[e.source_start:e.source_start + e.length]) - floor_db, 2))
-        for e in sorted(events, key=lambda e: (e.onset_sample, e.label))
-    ]
-    scene = Scene(scene_id, split, events, bed)
-    peak = float(np.max(np.abs(_mix(scene, store, None, True))))
-    scene.scale = round(min(1.0, 0.9 / peak), 6) if peak > 0 else 1.0
-    return scene
+        return bed, bed_db
+    return Bed(None, None, 0, 0, 0, 0.0, round(noise_db, 2), int(rng.integers(2**31))), noise_db
 
 
 def _place(length: int, label: str, events: Sequence[Event], allow_overlap: bool, rng: np.random.Generator) -> int | None:

@@ -83,6 +83,10 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
+# (prompt, chosen, rejected, kind, rejected_audio): a pair before it is given its scene's audio, id and split
+Draft = tuple[str, str, str, str, "str | None"]
+
+
 def scene_pairs(
     onto: Ontology,
     timeline: Mapping,
@@ -93,50 +97,67 @@ def scene_pairs(
     rng: np.random.Generator,
     writer: QuestionWriter | Callable[[str, str, np.random.Generator], str] = template_writer,
 ) -> list[Pair]:
-    """All pairs one scene yields. ``others``: (scene_id, audio, labels present) of same-split scenes."""
+    """All pairs one scene yields. ``others``: (scene_id, audio, labels present) of same-split scenes.
+
+    The kinds are drawn in a fixed order (LISTEN, ACPO, AHA) from the one ``rng``, so a build is reproducible.
+    """
     sid = timeline["scene_id"]
-    pairs: list[Pair] = []
-
-    def add(prompt: str, chosen: str, rejected: str, kind: str, rejected_audio: str | None = None) -> None:
-        pairs.append(Pair(prompt, chosen, rejected, audio, rejected_audio, kind, sid, split))
-
     gs = groups(timeline)
     bg = (timeline.get("background") or {}).get("label")
-    present = {g.label for g in gs} | ({bg} if bg else set())
+    drafts = [*_listen_drafts(qa_rows, rng, writer), *_acpo_drafts(onto, sid, qa_rows, gs, others, rng),
+              *_aha_drafts(onto, gs, bg, rng)]
+    return [Pair(prompt, chosen, rejected, audio, rejected_audio, kind, sid, split)
+            for prompt, chosen, rejected, kind, rejected_audio in drafts]
 
-    # LISTEN: every absent-sound question of the scene becomes a "no" pair
-    for r in qa_rows:
-        if r.kind == "presence" and r.sampling != "positive":
-            add(writer(r.label, r.phrase, rng), _no(r.phrase), _yes(r.phrase), "listen_absent")
 
-    # ACPO output-contrastive: present sounds must not be denied; order must not be flipped
+def _listen_drafts(qa_rows: Sequence[QARow], rng: np.random.Generator, writer) -> list[Draft]:
+    """LISTEN: every absent-sound question of the scene becomes a "no" pair."""
+    return [(writer(r.label, r.phrase, rng), _no(r.phrase), _yes(r.phrase), "listen_absent", None)
+            for r in qa_rows if r.kind == "presence" and r.sampling != "positive"]
+
+
+def _acpo_drafts(onto: Ontology, sid: str, qa_rows: Sequence[QARow], gs: Sequence,
+                 others: Sequence[tuple[str, str, frozenset[str]]], rng: np.random.Generator) -> list[Draft]:
+    """ACPO: output-contrastive (present sounds must not be denied, order must not be flipped) and one
+    input-contrastive pair (same prompt and answer; the rejected audio is another scene that lacks the event)."""
+    drafts: list[Draft] = []
     for r in qa_rows:
         if r.kind == "presence" and r.sampling == "positive":
-            add(r.question, _yes(r.phrase), _no(r.phrase), "acpo_output_contrastive")
+            drafts.append((r.question, _yes(r.phrase), _no(r.phrase), "acpo_output_contrastive", None))
         elif r.kind == "order" and r.question.startswith("Does"):
-            add(r.question, r.answer, "No" if r.answer == "Yes" else "Yes", "acpo_output_contrastive")
-
-    # ACPO input-contrastive: same prompt + answer, rejected audio lacks the event
-    fg_labels = [g.label for g in gs]
-    label = _pick(rng, fg_labels)
+            drafts.append((r.question, r.answer, "No" if r.answer == "Yes" else "Yes", "acpo_output_contrastive", None))
+    label = _pick(rng, [g.label for g in gs])
     lacking = [o for o in others if o[0] != sid and label not in o[2]]
     if lacking:
         other = _pick(rng, lacking)
         phrase = _pick(rng, onto[label].phrases[:GENERIC_PHRASES])
         q = PRESENCE_TEMPLATES[int(rng.integers(len(PRESENCE_TEMPLATES)))].format(x=phrase)
-        add(q, _yes(phrase), _yes(phrase), "acpo_input_contrastive", rejected_audio=other[1])
+        drafts.append((q, _yes(phrase), _yes(phrase), "acpo_input_contrastive", other[1]))
+    return drafts
 
-    # AHA counterfactuals, built from the strong timeline
+
+def _aha_drafts(onto: Ontology, gs: Sequence, bg: str | None, rng: np.random.Generator) -> list[Draft]:
+    """AHA counterfactuals of the strong timeline's caption: an event left out, an event misnamed, then
+    :func:`_aha_temporal_drafts`."""
+    drafts: list[Draft] = []
+    present = {g.label for g in gs} | ({bg} if bg else set())
     truth = caption_from_groups(onto, gs, bg)
     if len(gs) >= 2:
         drop = int(rng.integers(len(gs)))
         kept = [g for i, g in enumerate(gs) if i != drop]
-        add(ORDERED_CAPTION_PROMPT, truth, caption_from_groups(onto, kept, bg), "aha_event_omission")
+        drafts.append((ORDERED_CAPTION_PROMPT, truth, caption_from_groups(onto, kept, bg), "aha_event_omission", None))
     swap = int(rng.integers(len(gs)))
     decoys = [s for s in onto[gs[swap].label].siblings if s not in present] or sorted(set(onto.names) - present)
     labels = [g.label for g in gs]
     labels[swap] = _pick(rng, decoys)
-    add(ORDERED_CAPTION_PROMPT, truth, caption_from_groups(onto, gs, bg, labels=labels), "aha_false_event_identity")
+    drafts.append((ORDERED_CAPTION_PROMPT, truth, caption_from_groups(onto, gs, bg, labels=labels), "aha_false_event_identity", None))
+    return drafts + _aha_temporal_drafts(onto, gs, bg, truth, rng)
+
+
+def _aha_temporal_drafts(onto: Ontology, gs: Sequence, bg: str | None, truth: str, rng: np.random.Generator) -> list[Draft]:
+    """AHA's temporal counterfactuals: two sequential events told in swapped order, and a wrong count (of a
+    repeated sound) or a wrong duration (of a single one)."""
+    drafts: list[Draft] = []
     sequential = [i for i in range(len(gs) - 1) if gs[i].last_offset <= gs[i + 1].first_onset]
     if sequential:
         i = _pick(rng, sequential)
@@ -145,28 +166,27 @@ def scene_pairs(
             swapped = list(gs)
             swapped[i], swapped[i + 1] = b, a
             # the counterfactual narrates b before a (joined with "then", no overlap claimed)
-            rejected = _narrate_in_order(onto, swapped, bg)
-            add(ORDERED_CAPTION_PROMPT, truth, rejected, "aha_temporal_relation_error")
+            drafts.append((ORDERED_CAPTION_PROMPT, truth, _narrate_in_order(onto, swapped, bg), "aha_temporal_relation_error", None))
         else:
             pa, pb = onto[a.label].phrases[0], onto[b.label].phrases[0]
-            add(ORDER_TEMPLATES[0].format(x=pb, y=pa), f"{pa[0].upper() + pa[1:]} comes first, then {pb}.",
-                f"{pb[0].upper() + pb[1:]} comes first, then {pa}.", "aha_temporal_relation_error")
+            drafts.append((ORDER_TEMPLATES[0].format(x=pb, y=pa), f"{pa[0].upper() + pa[1:]} comes first, then {pb}.",
+                           f"{pb[0].upper() + pb[1:]} comes first, then {pa}.", "aha_temporal_relation_error", None))
     multi = [g for g in gs if len(g.spans) >= 2]
     if multi:
         g = _pick(rng, multi)
         n = len(g.spans)
         wrong = n + 1 if n == 2 or rng.random() < 0.5 else n - 1
         phrase = onto[g.label].phrases[0]
-        add(COUNT_TEMPLATE.format(x=phrase), f"I hear {phrase} {_times(n)}.", f"I hear {phrase} {_times(wrong)}.",
-            "aha_quantitative_temporal_error")
+        drafts.append((COUNT_TEMPLATE.format(x=phrase), f"I hear {phrase} {_times(n)}.", f"I hear {phrase} {_times(wrong)}.",
+                       "aha_quantitative_temporal_error", None))
     else:
         g = _pick(rng, gs)
         dur = g.spans[0][1] - g.spans[0][0]
         wrong = dur * float(rng.uniform(2.2, 3.5)) if dur < 2.5 or rng.random() < 0.5 else dur / float(rng.uniform(2.2, 3.5))
         phrase = onto[g.label].phrases[0]
-        add(DURATION_TEMPLATE.format(x=phrase), f"About {dur:.1f} seconds.", f"About {wrong:.1f} seconds.",
-            "aha_quantitative_temporal_error")
-    return pairs
+        drafts.append((DURATION_TEMPLATE.format(x=phrase), f"About {dur:.1f} seconds.", f"About {wrong:.1f} seconds.",
+                       "aha_quantitative_temporal_error", None))
+    return drafts
 
 
 def _narrate_in_order(onto: Ontology, gs: Sequence, background: str | None) -> str:

@@ -1,14 +1,19 @@
-"""Optional API-key auth: ``Authorization: Bearer <key>`` on everything but health and metrics.
+"""The ingress's two ASGI middlewares, both of which answer before the app reads a body.
 
-Keys come from ``EARWITNESS_API_KEYS`` (comma-separated) and/or the file ``EARWITNESS_API_KEYS_FILE``
+:class:`ApiKeyMiddleware` — optional API-key auth: ``Authorization: Bearer <key>`` on everything but health and
+metrics. Keys come from ``EARWITNESS_API_KEYS`` (comma-separated) and/or the file ``EARWITNESS_API_KEYS_FILE``
 (one key a line, ``#`` comments). With no key configured, auth is off. Keys are compared in constant
 time (:func:`hmac.compare_digest` over SHA-256 digests, so neither a key's content nor its length
 leaks through timing), every configured key is checked on every request, and no key or presented
 token is ever logged.
+
+:class:`BodyLimitMiddleware` — request bodies: oversized ones refused before they are buffered (by
+Content-Length, else while streaming), slow ones cut off (``body_timeout_s`` between two reads).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -18,6 +23,7 @@ from serving.errors import ApiError
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _CHALLENGE = 'Bearer realm="earwitness"'
+_JSON_OVERHEAD = 64 * 1024
 
 
 def load_keys(api_keys: str | None, api_keys_file: str | None) -> list[bytes]:
@@ -90,16 +96,61 @@ class ApiKeyMiddleware:
         else:
             error = ApiError(401, "unauthorized", "the API key is not valid")
             challenge = f'{_CHALLENGE}, error="invalid_token"'
-        body = json.dumps(error.body()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", challenge.encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, error, (b"www-authenticate", challenge.encode()))
+
+
+def body_limit(content_type: str, max_upload_bytes: int) -> int:
+    """Bytes a body may hold: the audio limit, plus base64 growth for JSON and room for form fields."""
+    if content_type.startswith("application/json"):
+        return (max_upload_bytes * 4) // 3 + _JSON_OVERHEAD
+    return max_upload_bytes + _JSON_OVERHEAD
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: a 413 as soon as a declared or streamed body passes the limit."""
+
+    def __init__(self, app, max_upload_bytes: int, body_timeout_s: float = 30.0):
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        limit = body_limit(headers.get(b"content-type", b"").decode("latin-1").lower(), self.max_upload_bytes)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, too_large(limit), (b"connection", b"close"))
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s", {"Connection": "close"}) from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise too_large(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_error(send, error: ApiError, header: tuple[bytes, bytes]) -> None:
+    """``error`` as a JSON response, sent before the app runs; ``header`` follows the content headers."""
+    body = json.dumps(error.body()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), header],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
