@@ -62,6 +62,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     voc.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     voc.set_defaults(func=_vocabulary)
 
+    tw = sub.add_parser("tower", help="stage 0: distil the AudioSet tagger's sound events into the Whisper tower (its top "
+                                      "layers and a read-out; --tune-layers 0 trains the read-out alone, the peer)")
+    tw.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    tw.add_argument("--out", type=Path, required=True, help="writes tower.safetensors and distill.json here")
+    tw.add_argument("--tune-layers", type=int, default=2, help="top layers of the tower that train (0: none)")
+    tw.add_argument("--cached-layers", type=int, default=2, help="bottom layers whose output is cached once per scene")
+    tw.add_argument("--epochs", type=int, default=2)
+    tw.add_argument("--batch-size", type=int, default=16)
+    tw.add_argument("--lr-tower", type=float, default=1e-4)
+    tw.add_argument("--teacher-weight", type=float, default=1.0, help="the AudioSet soft targets' weight against the strong labels'")
+    tw.add_argument("--threads", type=int, default=None)
+    tw.set_defaults(func=_tower)
+
     pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
                                        "in recordings they never heard")
     pr.add_argument("--corpus", type=Path, action="append", help="corpus directory (repeat to compare corpora); default data/corpus")
@@ -161,6 +174,22 @@ def _vocabulary(args) -> int:
 
     doc = refit_open_vocabulary(args.verifier, args.corpus)
     print(json.dumps({k: v for k, v in doc.items() if k != "mapping"}, indent=1))
+    return 0
+
+
+def _tower(args) -> int:
+    import torch
+
+    from train.data.ontology import load_ontology
+    from train.tower import TowerDistillConfig, distil
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TowerDistillConfig(tune_layers=args.tune_layers, cached_layers=args.cached_layers, epochs=args.epochs,
+                             batch_size=args.batch_size, lr_tower=args.lr_tower, teacher_weight=args.teacher_weight)
+    onto = args.corpus / "ontology.json"
+    card = distil(args.corpus, args.out, cfg, load_ontology(onto).names if onto.exists() else load_ontology().names)
+    print(json.dumps(card["metrics"], indent=1))
     return 0
 
 
