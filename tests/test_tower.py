@@ -3,6 +3,7 @@ read-out averages exactly the frames inside each YAMNet patch."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,3 +48,29 @@ def test_a_config_trains_only_above_its_cache():
     with pytest.raises(ValueError, match="tune_layers"):
         TowerDistillConfig(cached_layers=2, tune_layers=3)
     assert TowerDistillConfig(cached_layers=2, tune_layers=0).cut == 2
+
+
+def test_distillation_trains_only_the_top_layers_and_measures_on_test(corpus, tmp_path):
+    """A real run on the test corpus: the stage writes the tuned layers and the read-out only, the layers below
+    stay as fetched, and the card carries validation and test ROC-AUC and how much of AudioSet it kept."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from models.pretrained import POSITIONS_PER_SECOND, whisper_encoder
+    from train.data.ontology import load_ontology
+    from train.tower import TowerDistillConfig, distil, make_student
+
+    cfg = TowerDistillConfig(cached_layers=2, tune_layers=1, epochs=2, batch_size=8, lr_tower=1e-3)
+    classes = load_ontology(corpus / "ontology.json").names
+    card = distil(corpus, tmp_path / "tower", cfg, classes, progress=False)
+    assert all(np.isfinite(h["loss"]) for h in card["history"]) and len(card["history"]) == 2
+    assert 0.0 <= card["metrics"]["test_roc_auc"]["all"] <= 1.0 and 0.0 <= card["metrics"]["audioset_teacher_top1_in_top5"] <= 1.0
+    saved = load_file(str(tmp_path / "tower" / "tower.safetensors"))
+    assert {k.split(".")[2] for k in saved if k.startswith("tower.layers.")} == {"3"}  # the top layer only
+    assert any(k.startswith("readout.") for k in saved)
+    original = whisper_encoder(cfg.encoder, max_source_positions=cfg.window_s * POSITIONS_PER_SECOND).state_dict()
+    assert any(not torch.equal(v, original[k.removeprefix("tower.")]) for k, v in saved.items() if k.startswith("tower.layers.3."))
+    student = make_student(cfg, len(classes), 20)
+    assert [p.requires_grad for p in student.tower.layers[2].parameters()] and not any(p.requires_grad for p in student.tower.layers[2].parameters())
+    assert json.loads((tmp_path / "tower" / "distill.json").read_text())["config"]["tune_layers"] == 1

@@ -138,7 +138,7 @@ def split_targets(corpus: Path, split: str, rows: dict[str, int], classes: list[
 
     feats, yrows = yamnet_features(corpus, split)
     order = np.array([yrows[s] for s in sorted(rows, key=rows.get)])
-    teacher = 1.0 / (1.0 + np.exp(-np.asarray(feats[order, :, -AUDIOSET_CLASSES:], dtype=np.float32)))
+    teacher = torch.sigmoid(torch.from_numpy(np.asarray(feats[order, :, -AUDIOSET_CLASSES:], dtype=np.float32))).numpy()
     labels = patch_targets(read_timelines(corpus, split), rows, classes, teacher.shape[1], PATCH_S, PATCH_HOP_S)
     return labels, teacher
 
