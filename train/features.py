@@ -75,7 +75,11 @@ class EncodedSplit:
 
 
 def encoder_tag(encoder: str, window_s: int) -> str:
-    return f"{encoder}-{window_s}s"
+    """The feature cache's name for an encoder: a pinned part or hub id as it is; a directory (a distilled tower,
+    ``train.tower.export_whisper``) by its parent's name and its own."""
+    path = Path(encoder)
+    name = f"{path.parent.name}-{path.name}" if path.is_dir() else encoder.replace("/", "--")
+    return f"{name}-{window_s}s"
 
 
 def _encoder_files(corpus_dir: Path, split: str, tag: str, view: int) -> tuple[Path, Path, Path]:

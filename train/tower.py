@@ -251,6 +251,27 @@ def distil(corpus: Path, out: Path, cfg: TowerDistillConfig, classes: list[str],
     return card
 
 
+def export_whisper(run: Path, encoder: str = "whisper-tiny.en") -> Path:
+    """The distilled tower as a whole Whisper checkpoint, ``run/<encoder>-distilled``: the fetched Whisper with the
+    run's trained layers in its encoder. Any ``encoder`` argument takes it (the feature cache, the probe, the
+    verifier's head), so a head on the distilled tower is trained and measured exactly as one on the original."""
+    from safetensors.torch import load_file
+    from transformers import WhisperProcessor
+
+    from models.pretrained.whisper import load_whisper, whisper_checkpoint
+
+    out = Path(run) / f"{Path(encoder).name}-distilled"
+    whisper = load_whisper(encoder)
+    trained = {f"model.encoder.{k.removeprefix('tower.')}": v for k, v in load_file(str(Path(run) / "tower.safetensors")).items()
+               if k.startswith("tower.")}
+    missing, _ = whisper.load_state_dict(trained, strict=False)
+    if any(k in missing for k in trained):
+        raise ValueError(f"{run}: tensors that are not Whisper's encoder")
+    whisper.save_pretrained(out)
+    WhisperProcessor.from_pretrained(whisper_checkpoint(encoder)).save_pretrained(out)
+    return out
+
+
 def audioset_kept(student_logits: np.ndarray, teacher_probs: np.ndarray) -> float:
     """The share of test patches whose teacher top AudioSet class is in the student's top 5."""
     s = student_logits.reshape(-1, AUDIOSET_CLASSES)
