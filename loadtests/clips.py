@@ -61,10 +61,11 @@ def spoken(text: str, sample_rate: int = 16_000) -> np.ndarray | None:
         return decode(wav.read_bytes(), sample_rate).samples
 
 
-def encode(samples: np.ndarray, sample_rate: int, ext: str) -> bytes:
-    fmt, subtype = FORMATS[ext]
+def encode(samples: np.ndarray, sample_rate: int, ext: str = "wav", subtype: str | None = None) -> bytes:
+    """``samples`` as an audio file's bytes (``ext``'s format, its usual subtype unless one is given)."""
+    fmt, default_subtype = FORMATS[ext]
     buf = io.BytesIO()
-    sf.write(buf, samples, sample_rate, format=fmt, subtype=subtype)
+    sf.write(buf, samples, sample_rate, format=fmt, subtype=subtype or default_subtype)
     return buf.getvalue()
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import socket
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"), "mp3": ("MP3", "MPEG_LAYER_III")}
+from loadtests.clips import FORMATS, encode  # noqa: F401 - the tests' audio files are the load tests' own
 
 
 def free_port() -> int:
@@ -23,13 +21,6 @@ def tone(seconds: float = 2.0, sample_rate: int = 44_100, channels: int = 2, fre
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
     return np.stack([wave] * channels, axis=1) if channels > 1 else wave
-
-
-def encode(samples: np.ndarray, sample_rate: int, ext: str = "wav", subtype: str | None = None) -> bytes:
-    fmt, default_subtype = FORMATS[ext]
-    buf = io.BytesIO()
-    sf.write(buf, samples, sample_rate, format=fmt, subtype=subtype or default_subtype)
-    return buf.getvalue()
 
 
 TINY_TEXTS = [
