@@ -43,12 +43,14 @@ def tower_signature(encoder: str, window_s: int) -> str:
 
 def frozen_tower(spec: ModelSpec) -> str | None:
     """The signature of ``spec``'s audio tower when it is a pretrained part as fetched (a model committed as
-    trained tensors over pretrained parts, ``models.small``: training never touches the tower), else None."""
+    trained tensors over pretrained parts, ``models.small``, whose tower was not distilled), else None."""
     from models.small import is_assembled_checkpoint, read_spec
 
     if not is_assembled_checkpoint(spec.source):
         return None
     parts = read_spec(spec.source)
+    if parts.tower_layers:  # distilled: not the part as fetched
+        return None
     return tower_signature(parts.encoder, parts.window_s)
 
 

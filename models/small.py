@@ -40,10 +40,20 @@ class SmallSpec:
     lm_layers: int = 4
     window_s: int = 10
     trained_layers: bool = False  # the language model's layers were trained too (the lookup stage), so they are committed
+    tower_layers: tuple[int, ...] = ()  # the audio tower's layers distilled from the AudioSet tagger (train/tower.py), committed
+
+    def __post_init__(self):
+        object.__setattr__(self, "tower_layers", tuple(self.tower_layers))  # a list from JSON
+
+    @property
+    def tower_prefixes(self) -> tuple[str, ...]:
+        """The tower's trained layers and, with them, its final norm."""
+        layers = tuple(f"model.audio_tower.layers.{i}." for i in self.tower_layers)
+        return layers + ("model.audio_tower.layer_norm.",) if layers else ()
 
     @property
     def trained_prefixes(self) -> tuple[str, ...]:
-        return _TRAINED_PREFIXES + (_LM_PREFIXES if self.trained_layers else ())
+        return _TRAINED_PREFIXES + (_LM_PREFIXES if self.trained_layers else ()) + self.tower_prefixes
 
 
 def is_assembled_checkpoint(path: str | Path) -> bool:
@@ -62,11 +72,13 @@ def build_tokenizer(lm_tokenizer):
     return chatml_tokenizer(backend)
 
 
-def build_untrained(spec: SmallSpec = SmallSpec(), seed: int = 0):
-    """``(processor, Qwen2AudioForConditionalGeneration)`` from the pinned pretrained parts; projector random."""
+def build_untrained(spec: SmallSpec = SmallSpec(), seed: int = 0, tower: str | None = None):
+    """``(processor, Qwen2AudioForConditionalGeneration)`` from the pinned pretrained parts; projector random.
+    ``tower``: a Whisper directory to take the audio tower from instead (a distilled tower, ``train.tower``), whose
+    ``spec.tower_layers`` are then the trained ones that get committed."""
     from models.pretrained import POSITIONS_PER_SECOND, smollm2_qwen2, whisper_encoder
 
-    tower = whisper_encoder(spec.encoder, max_source_positions=spec.window_s * POSITIONS_PER_SECOND)
+    tower = whisper_encoder(tower or spec.encoder, max_source_positions=spec.window_s * POSITIONS_PER_SECOND)
     lm, lm_tokenizer = smollm2_qwen2(num_layers=spec.lm_layers, source=spec.language_model)
     return build_from_parts(tower, lm, lm_tokenizer, spec, seed)
 
@@ -120,10 +132,11 @@ def audio_token_ids(tokenizer) -> list[int]:
 
 
 def trained_tensors(model, tokenizer, spec: SmallSpec) -> dict[str, torch.Tensor]:
-    """What training adds to the parts: the projector, the audio tokens' embedding rows and (``trained_layers``)
-    the language model's layers, those in float16 (half the bytes committed; their values sit well inside its range)."""
+    """What training adds to the parts: the projector, the audio tokens' embedding rows and (``trained_layers``,
+    ``tower_layers``) the language model's and the tower's layers, those in float16 (half the bytes committed; their
+    values sit well inside its range)."""
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.startswith(spec.trained_prefixes)}
-    sd = {k: v.half() if k.startswith(_LM_PREFIXES) else v for k, v in sd.items()}
+    sd = {k: v.half() if k.startswith(_LM_PREFIXES + spec.tower_prefixes) else v for k, v in sd.items()}
     embed = model.model.language_model.embed_tokens.weight
     sd["audio_token_embeddings"] = embed[audio_token_ids(tokenizer)].detach().clone()
     return sd

@@ -153,3 +153,37 @@ def test_the_lookup_stage_trains_the_language_model_layers_and_nothing_else(corp
     assert changed and all(k.startswith("model.language_model.layers.") or k.startswith("model.language_model.norm.") for k in changed)
     assert [h["step"] for h in history] == [2, 4] and all(0.0 <= h["validation_auc"] <= 1.0 for h in history)
     assert (tmp_path / "lookup.json").exists()
+
+
+def test_a_distilled_tower_is_committed_in_float16_and_rebuilt(tmp_path):
+    """With ``tower_layers`` the tower's trained layers (and its final norm) are committed and put back on rebuild;
+    without, the tower stays the part's. A distilled tower is no longer the frozen part, so it shares no layers."""
+    from safetensors.torch import load_file
+
+    spec = replace(SPEC, tower_layers=(0,))
+    processor, model = build_from_parts(*_parts(), spec)
+    with torch.no_grad():
+        model.model.audio_tower.layers[0].fc1.weight.add_(0.05)
+        model.model.audio_tower.layer_norm.weight.add_(0.1)
+    save_trained(model, processor, tmp_path / "distilled", spec)
+    sd = load_file(str(tmp_path / "distilled" / "trained.safetensors"))
+    tower_keys = [k for k in sd if k.startswith("model.audio_tower.")]
+    assert tower_keys and all(sd[k].dtype == torch.float16 for k in tower_keys)
+    assert not any(k.startswith(("model.audio_tower.conv", "model.audio_tower.embed_positions")) for k in sd)  # the part's own
+
+    from models.small import read_spec
+
+    assert read_spec(tmp_path / "distilled").tower_layers == (0,)
+    _, rebuilt = build_from_parts(*_parts(), spec)
+    load_trained(rebuilt, processor.tokenizer, tmp_path / "distilled")
+    for name in ("layers.0.fc1.weight", "layer_norm.weight"):
+        want = model.model.audio_tower.state_dict()[name]
+        assert torch.allclose(rebuilt.model.audio_tower.state_dict()[name], want, atol=1e-3)
+        assert not torch.allclose(build_from_parts(*_parts(), SPEC)[1].model.audio_tower.state_dict()[name], want, atol=1e-3)
+
+    from models.loading import frozen_tower
+    from models.registry import ModelSpec
+
+    assert frozen_tower(ModelSpec(name="d", family="qwen2-audio", source=str(tmp_path / "distilled"), description="")) is None
+    save_trained(model, processor, tmp_path / "plain", SPEC)
+    assert frozen_tower(ModelSpec(name="p", family="qwen2-audio", source=str(tmp_path / "plain"), description="")) == "test-tower@10s"
