@@ -59,7 +59,7 @@ def test_distillation_trains_only_the_top_layers_and_measures_on_test(corpus, tm
 
     from models.pretrained import POSITIONS_PER_SECOND, whisper_encoder
     from train.data.ontology import load_ontology
-    from train.tower import TowerDistillConfig, distil, export_whisper, make_student
+    from train.tower import TowerDistillConfig, distil, distilled_layers, export_whisper, make_student
 
     cfg = TowerDistillConfig(cached_layers=2, tune_layers=1, epochs=2, batch_size=8, lr_tower=1e-3)
     classes = load_ontology(corpus / "ontology.json").names
@@ -74,6 +74,7 @@ def test_distillation_trains_only_the_top_layers_and_measures_on_test(corpus, tm
     student = make_student(cfg, len(classes), 20)
     assert [p.requires_grad for p in student.tower.layers[2].parameters()] and not any(p.requires_grad for p in student.tower.layers[2].parameters())
     assert json.loads((tmp_path / "tower" / "distill.json").read_text())["config"]["tune_layers"] == 1
+    assert distilled_layers(tmp_path / "tower") == (3,)  # what earwitness-small commits when built on it
     # exported as a Whisper checkpoint, which every encoder argument takes
     exported = export_whisper(tmp_path / "tower", cfg.encoder)
     tower = whisper_encoder(str(exported), max_source_positions=cfg.window_s * POSITIONS_PER_SECOND)

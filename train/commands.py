@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="small: the embedded default on pretrained Whisper + SmolLM2 parts; tiny: the from-scratch test-size model")
     recipe.add_argument("--lookup-steps", type=int, default=0,
                         help="small: steps of the lookup stage (the language model's layers learn presence over written names); 0 skips it")
+    recipe.add_argument("--tower", type=Path, default=None,
+                        help="small: a distillation run (`earwitness train tower --out DIR`): build on its tower and commit its trained layers")
     recipe.set_defaults(func=_recipe)
     base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")
     base.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -140,7 +142,7 @@ def _recipe(args) -> int:
         from train.small_recipe import LOOKUP, run_small_recipe
 
         out = run_small_recipe(args.corpus, args.work, args.ship, SmallSpec(trained_layers=args.lookup_steps > 0), seed=args.seed,
-                               base_from=args.base_from, lookup=replace(LOOKUP, steps=args.lookup_steps))
+                               base_from=args.base_from, lookup=replace(LOOKUP, steps=args.lookup_steps), tower=args.tower)
     else:
         from train.recipe import run_recipe
 

@@ -83,50 +83,56 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
     return history
 
 
-def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallSpec, progress: bool = True) -> tuple:
-    """``(tower outputs, scene → row, frames, rows by scene)`` for a stage, from the feature cache."""
+def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallSpec, progress: bool = True, tower: Path | None = None) -> tuple:
+    """``(tower outputs, scene → row, frames, rows by scene)`` for a stage, from the feature cache (of ``tower``, a
+    distilled tower's Whisper directory, when the model is built on one)."""
     from train.features import encoder_features
 
-    enc = encoder_features(corpus_dir, split, spec.encoder, spec.window_s, progress=progress)
+    enc = encoder_features(corpus_dir, split, str(tower or spec.encoder), spec.window_s, progress=progress)
     frames = np.full(len(enc.rows), spec.window_s * 100, dtype=np.int32)
     return enc.last, enc.rows, frames, select_rows(read_qa_rows(corpus_dir, split), config)
 
 
-def _supervised(model, processor, corpus_dir: Path, config: StageConfig, spec: SmallSpec, out_dir: Path, progress: bool) -> None:
+def _supervised(model, processor, corpus_dir: Path, config: StageConfig, spec: SmallSpec, out_dir: Path, progress: bool,
+                tower: Path | None = None) -> None:
     from train.encoded import EncodedForward, collate_encoded
 
-    train = encoded_data(corpus_dir, "train", config, spec, progress)
-    val = encoded_data(corpus_dir, "validation", config, spec, progress)
+    train = encoded_data(corpus_dir, "train", config, spec, progress, tower)
+    val = encoded_data(corpus_dir, "validation", config, spec, progress, tower)
     train_stage(EncodedForward(model), processor.tokenizer, train, val, config, out_dir, progress=progress, collate_fn=collate_encoded)
 
 
-def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True):
-    """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form."""
+def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True,
+               tower: Path | None = None):
+    """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form (with the
+    distilled tower's ``spec.tower_layers`` when built on ``tower``)."""
     from peft import get_peft_model
 
     from train.lora import lora_config
 
-    processor, model = build_untrained(replace(spec, trained_layers=False), seed=config.seed)
+    processor, model = build_untrained(replace(spec, trained_layers=False), seed=config.seed, tower=str(tower) if tower else None)
     peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
-    _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress)
+    _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress, tower)
     peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
     model = peft_model.merge_and_unload().eval()
     save_trained(model, processor, out_dir, replace(spec, trained_layers=False))
     return processor, model
 
 
-def train_listen(base, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: StageConfig = LISTEN, progress: bool = True):
+def train_listen(base, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: StageConfig = LISTEN, progress: bool = True,
+                 tower: Path | None = None):
     """Stage 2 (LISTEN) in place: absent-sound questions answered "No" join; only the projector learns."""
-    _supervised(base, processor, corpus_dir, config, spec, out_dir, progress)
+    _supervised(base, processor, corpus_dir, config, spec, out_dir, progress, tower)
     return base.eval()
 
 
 def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, spec: SmallSpec = SmallSpec(), seed: int = 0,
                      progress: bool = True, eval_plan=None, dpo_pairs: int | dict[str, int] | None = None,
-                     base_from: Path | None = None, lookup: LookupConfig = LOOKUP) -> dict:
+                     base_from: Path | None = None, lookup: LookupConfig = LOOKUP, tower: Path | None = None) -> dict:
     """Parts to shipped tensors, with every stage evaluated on the test split; returns results and timings.
 
-    ``base_from`` reuses a finished run's directory for stage 1 (its ``base/`` and its base evaluation).
+    ``base_from`` reuses a finished run's directory for stage 1 (its ``base/`` and its base evaluation). ``tower``: a
+    distillation run (``earwitness train tower``): the model is built on its tower, whose trained layers are committed.
     """
     import copy
 
@@ -144,8 +150,13 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
     if ensure_corpus(corpus_dir, seed, progress):
         lap("corpus")
 
+    whisper = None
+    if tower is not None:
+        from train.tower import distilled_layers, export_whisper
+
+        spec, whisper = replace(spec, tower_layers=distilled_layers(tower)), export_whisper(tower, spec.encoder)
     base_dir = work_dir / "base"
-    processor, base, baseline = base_stage(corpus_dir, base_dir, spec, seed, plan, lap, progress, base_from)
+    processor, base, baseline = base_stage(corpus_dir, base_dir, spec, seed, plan, lap, progress, base_from, whisper)
     results["baseline (positive-only)"] = baseline
     trained_dir = base_dir
     if spec.trained_layers:  # the lookup, text before audio: the base's layers learn presence over written names
@@ -153,7 +164,7 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
         train_lookup(base, processor, corpus_dir, trained_dir, spec, replace(lookup, seed=seed), progress)
         save_trained(base, processor, trained_dir, spec)  # the layers now hold the base LoRA, merged, and the lookup
         lap("lookup")
-    listened = train_listen(copy.deepcopy(base), processor, corpus_dir, work_dir / "listen", spec, replace(LISTEN, seed=seed), progress)
+    listened = train_listen(copy.deepcopy(base), processor, corpus_dir, work_dir / "listen", spec, replace(LISTEN, seed=seed), progress, whisper)
     lap("listen")
     results["+ LISTEN"] = evaluate_stage("listen", processor, listened, corpus_dir, plan, progress)
     lap("eval listen")
@@ -174,7 +185,7 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
 
 
 def base_stage(corpus_dir: Path, base_dir: Path, spec: SmallSpec, seed: int, plan, lap, progress: bool = True,
-               base_from: Path | None = None):
+               base_from: Path | None = None, tower: Path | None = None):
     """Stage 1 and its evaluation, or a finished run's (``base_from``): ``(processor, base, baseline results)``.
 
     The stages' wall times go to ``lap`` (a ``train.recipe.Laps``); a reused base brings its own.
@@ -182,7 +193,7 @@ def base_stage(corpus_dir: Path, base_dir: Path, spec: SmallSpec, seed: int, pla
     from train.recipe import evaluate_stage
 
     if base_from is None:
-        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress)
+        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress, tower)
         lap("base")
         baseline = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
         lap("eval base")

@@ -251,6 +251,12 @@ def distil(corpus: Path, out: Path, cfg: TowerDistillConfig, classes: list[str],
     return card
 
 
+def distilled_layers(run: Path) -> tuple[int, ...]:
+    """The tower layers a distillation run trained (what ``models.small.SmallSpec.tower_layers`` commits)."""
+    cfg = json.loads((Path(run) / "distill.json").read_text())["config"]
+    return tuple(range(cfg["layers"] - cfg["tune_layers"], cfg["layers"]))
+
+
 def export_whisper(run: Path, encoder: str = "whisper-tiny.en") -> Path:
     """The distilled tower as a whole Whisper checkpoint, ``run/<encoder>-distilled``: the fetched Whisper with the
     run's trained layers in its encoder. Any ``encoder`` argument takes it (the feature cache, the probe, the
@@ -261,6 +267,8 @@ def export_whisper(run: Path, encoder: str = "whisper-tiny.en") -> Path:
     from models.pretrained.whisper import load_whisper, whisper_checkpoint
 
     out = Path(run) / f"{Path(encoder).name}-distilled"
+    if (out / "config.json").exists():
+        return out
     whisper = load_whisper(encoder)
     trained = {f"model.encoder.{k.removeprefix('tower.')}": v for k, v in load_file(str(Path(run) / "tower.safetensors")).items()
                if k.startswith("tower.")}
