@@ -50,6 +50,7 @@ def test_a_config_trains_only_above_its_cache():
     assert TowerDistillConfig(cached_layers=2, tune_layers=0).cut == 2
 
 
+@pytest.mark.slow
 def test_distillation_trains_only_the_top_layers_and_measures_on_test(corpus, tmp_path):
     """A real run on the test corpus: the stage writes the tuned layers and the read-out only, the layers below
     stay as fetched, and the card carries validation and test ROC-AUC and how much of AudioSet it kept."""
