@@ -76,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tw.add_argument("--lr-tower", type=float, default=1e-4)
     tw.add_argument("--teacher-weight", type=float, default=1.0, help="the AudioSet soft targets' weight against the strong labels'")
     tw.add_argument("--threads", type=int, default=None)
+    tw.add_argument("--measure-only", action="store_true", help="measure the run already in --out again (its saved tensors)")
     tw.set_defaults(func=_tower)
 
     pr = sub.add_parser("probe", help="sound-event probes on frozen audio encoders: how well they tell present from absent "
@@ -190,10 +191,13 @@ def _tower(args) -> int:
     import torch
 
     from train.data.ontology import load_ontology
-    from train.tower import TowerDistillConfig, distil, export_whisper
+    from train.tower import TowerDistillConfig, distil, export_whisper, measure_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.measure_only:
+        print(json.dumps(measure_run(args.corpus, args.out), indent=1))
+        return 0
     cfg = TowerDistillConfig(tune_layers=args.tune_layers, cached_layers=args.cached_layers, epochs=args.epochs,
                              batch_size=args.batch_size, lr_tower=args.lr_tower, teacher_weight=args.teacher_weight)
     onto = args.corpus / "ontology.json"

@@ -32,6 +32,7 @@ from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
 from train.encoder import patch_targets
 from train.features import scene_cache
+from train.metrics import choose_prior_correction, class_prior_logits
 
 AUDIOSET_CLASSES = 521
 
@@ -235,20 +236,51 @@ def distil(corpus: Path, out: Path, cfg: TowerDistillConfig, classes: list[str],
         if val > best:
             best, best_state = val, {k: v.detach().clone() for k, v in student.state_dict().items()}
     student.load_state_dict(best_state)
-    t_trunk, t_rows, _, t_teacher = splits["test"]
-    test_logits = student.all(t_trunk)
-    kept = audioset_kept(test_logits[..., len(classes):], t_teacher)
-    card = {"config": cfg.to_dict(), "history": history, "seconds": round(time.time() - t0, 1),
-            "metrics": {"validation_roc_auc": round(best, 4),
-                        "test_roc_auc": {k: round(v, 4) for k, v in presence_auc(corpus, "test", t_rows, classes, test_logits).items()},
-                        "audioset_teacher_top1_in_top5": kept}, "classes": classes}
     out.mkdir(parents=True, exist_ok=True)
     trained = {k: v.contiguous() for k, v in student.state_dict().items()
                if k.startswith("readout.linear") or any(k.startswith(f"tower.layers.{i}.") for i in range(cfg.layers - cfg.tune_layers, cfg.layers))
                or (cfg.tune_layers and k.startswith("tower.layer_norm"))}
     save_file(trained, str(out / "tower.safetensors"))
+    card = {"config": cfg.to_dict(), "history": history, "seconds": round(time.time() - t0, 1), "classes": classes,
+            "metrics": measured(corpus, student, splits, classes)}
     (out / "distill.json").write_text(json.dumps(card, indent=1))
     return card
+
+
+def measured(corpus: Path, student: Student, splits: dict, classes: list[str]) -> dict:
+    """Presence ROC-AUC on validation and test (the asked-about class's maximum patch logit), with the share of the
+    train scenes' class prior taken out that validation chooses (``train.metrics.choose_prior_correction``: a
+    read-out learns that frequent sounds are usually there), and how much of AudioSet the read-out kept."""
+    logits = {split: student.all(splits[split][0]) for split in ("validation", "test")}
+    prior = class_prior_logits(splits["train"][2].max(1))
+
+    def auc(split: str, offsets: np.ndarray) -> dict[str, float]:
+        shifted = logits[split].copy()
+        shifted[..., : len(classes)] += offsets
+        return presence_auc(corpus, split, splits[split][1], classes, shifted)
+
+    beta = choose_prior_correction(lambda offsets: auc("validation", offsets)["all"], prior)
+    return {"validation_roc_auc": round(auc("validation", -beta * prior)["all"], 4), "prior_correction": beta,
+            "test_roc_auc": {k: round(v, 4) for k, v in auc("test", -beta * prior).items()},
+            "test_roc_auc_uncorrected": {k: round(v, 4) for k, v in auc("test", 0.0 * prior).items()},
+            "audioset_teacher_top1_in_top5": audioset_kept(logits["test"][..., len(classes):], splits["test"][3])}
+
+
+def measure_run(corpus: Path, run: Path) -> dict:
+    """A finished run's metrics again (``measured``) from its saved tensors, written back into ``distill.json``."""
+    from safetensors.torch import load_file
+
+    card = json.loads((Path(run) / "distill.json").read_text())
+    cfg, classes = TowerDistillConfig(**card["config"]), card["classes"]
+    splits = {}
+    for split in ("train", "validation", "test"):
+        trunk, rows = trunk_cache(Path(corpus), split, cfg, progress=False)
+        splits[split] = (trunk, rows, *split_targets(Path(corpus), split, rows, classes))
+    student = make_student(cfg, len(classes), splits["test"][3].shape[1])
+    student.load_state_dict(load_file(str(Path(run) / "tower.safetensors")), strict=False)
+    card["metrics"] = measured(Path(corpus), student, splits, classes)
+    (Path(run) / "distill.json").write_text(json.dumps(card, indent=1))
+    return card["metrics"]
 
 
 def distilled_layers(run: Path) -> tuple[int, ...]:
