@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
+@pytest.mark.slow  # it starts vLLM in its own environment: about 2 min
 def test_vllm_engine_suite(tmp_path):
     if not VLLM_PYTHON.exists():
         if os.environ.get("CI"):
