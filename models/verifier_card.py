@@ -4,6 +4,10 @@ every pretrained part it reads."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from models.pretrained.parts import PARTS
+
 
 def _head_flags(audio: str, sc: dict, tr: dict) -> str:
     """The ``earwitness train verifier`` flags that reproduce a head on a frozen encoder."""
@@ -58,7 +62,10 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                     f"{tr.get('epochs_run')} epochs, {tr.get('seconds')} s on this CPU (feature cache not counted).")
         flags = _head_flags(sc["encoder"], sc, tr)
         prov = ("\n## Pretrained part\n\nThe encoder is fetched from its pinned wheel, checked and converted on first use "
-                "(`models.pretrained`); only the head is stored here.\n\n" + provenance_markdown([sc["encoder"]]) + "\n")
+                "(`models.pretrained`); only the head is stored here.\n\n" + provenance_markdown([sc["encoder"]]) + "\n"
+                if sc["encoder"] in PARTS else
+                f"\n## Encoder\n\n`{Path(sc['encoder']).name}`: a checkpoint directory (a distilled tower, `earwitness train tower`), "
+                "not a pinned part; only the head is stored here.\n")
         return audio, training, flags, prov
     lowpass = ", and a low-pass at the bandwidth of the corpus' 8 and 11 kHz sources" if tr.get("lowpass", True) else ""
     audio = (f"log-mel (64 bins, 20 ms hops) → mean and max over 80 ms blocks → 3 dilated 1-D conv blocks ({sc['width']} channels) "
