@@ -6,6 +6,7 @@ Values come from (highest first) explicit arguments (CLI flags, a Serve config's
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -157,5 +158,5 @@ def scaled_to_cores(settings: Settings, cores: int, gpu: bool) -> Settings:
     replicas = max(1, replicas)
     update = {"model_replicas": replicas}
     if settings.num_cpus is None and replicas > 1:
-        update["num_cpus"] = int(-(-(replicas * per_replica + verifier) // 1))
+        update["num_cpus"] = math.ceil(replicas * per_replica + verifier)
     return settings.model_copy(update=update)

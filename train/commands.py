@@ -153,9 +153,11 @@ def _recipe(args) -> int:
 
 
 def _audio_side(value: str) -> str:
-    if value in ("mel", "whisper-tiny.en", "whisper-base", "yamnet") or (Path(value) / "config.json").exists():
+    from train.features import PRETRAINED_ENCODERS
+
+    if value in ("mel", "yamnet", *PRETRAINED_ENCODERS) or (Path(value) / "config.json").exists():
         return value
-    raise argparse.ArgumentTypeError(f"{value!r}: mel, whisper-tiny.en, whisper-base, yamnet or a Whisper checkpoint directory")
+    raise argparse.ArgumentTypeError(f"{value!r}: mel, yamnet, {', '.join(PRETRAINED_ENCODERS)} or a Whisper checkpoint directory")
 
 
 def _verifier(args) -> int:
@@ -200,8 +202,7 @@ def _tower(args) -> int:
         return 0
     cfg = TowerDistillConfig(tune_layers=args.tune_layers, cached_layers=args.cached_layers, epochs=args.epochs,
                              batch_size=args.batch_size, lr_tower=args.lr_tower, teacher_weight=args.teacher_weight)
-    onto = args.corpus / "ontology.json"
-    card = distil(args.corpus, args.out, cfg, load_ontology(onto).names if onto.exists() else load_ontology().names)
+    card = distil(args.corpus, args.out, cfg, load_ontology(args.corpus / "ontology.json").names)
     print(json.dumps(card["metrics"], indent=1))
     print(f"the distilled tower as a Whisper checkpoint: {export_whisper(args.out, cfg.encoder)}")
     return 0

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
 from train.encoder import patch_targets
-from train.features import scene_cache
+from train.features import encoder_tag, scene_cache
 from train.metrics import choose_prior_correction, class_prior_logits
 
 AUDIOSET_CLASSES = 521
@@ -61,6 +61,11 @@ class TowerDistillConfig:
     def cut(self) -> int:
         """The first layer above the cached trunk."""
         return self.cached_layers
+
+    @property
+    def tuned_layers(self) -> tuple[int, ...]:
+        """The indices of the layers that train (what ``models.small.SmallSpec.tower_layers`` commits)."""
+        return tuple(range(self.layers - self.tune_layers, self.layers))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +118,7 @@ def trunk_cache(corpus: Path, split: str, cfg: TowerDistillConfig, progress: boo
     """The original tower's frames below ``cfg.cut`` for every scene of a split (``[N, frames, d_model]`` float16), once."""
     from models.pretrained import POSITIONS_PER_SECOND, whisper_encoder, whisper_feature_extractor
 
-    tag = f"{Path(cfg.encoder).name}-{cfg.window_s}s-trunk{cfg.cut}"
-    base = Path(corpus) / "features" / tag
+    base = Path(corpus) / "features" / f"{encoder_tag(cfg.encoder, cfg.window_s)}-trunk{cfg.cut}"
 
     def make():
         tower = whisper_encoder(cfg.encoder, max_source_positions=cfg.window_s * POSITIONS_PER_SECOND)
@@ -178,7 +182,7 @@ def make_student(cfg: TowerDistillConfig, classes: int, patches: int) -> Student
     torch.manual_seed(cfg.seed)
     readout = ReadOut(tower.config.d_model, classes, patch_pooling(frames, cfg.window_s / frames, patches))
     for i, layer in enumerate(tower.layers):
-        layer.requires_grad_(i >= cfg.layers - cfg.tune_layers)
+        layer.requires_grad_(i in cfg.tuned_layers)
     for part in (tower.conv1, tower.conv2, tower.embed_positions):
         part.requires_grad_(False)
     tower.layer_norm.requires_grad_(cfg.tune_layers > 0)
@@ -199,10 +203,7 @@ def distil(corpus: Path, out: Path, cfg: TowerDistillConfig, classes: list[str],
 
     corpus, out = Path(corpus), Path(out)
     t0 = time.time()
-    splits = {}
-    for split in ("train", "validation", "test"):
-        trunk, rows = trunk_cache(corpus, split, cfg, progress)
-        splits[split] = (trunk, rows, *split_targets(corpus, split, rows, classes))
+    splits = load_splits(corpus, cfg, classes, progress)
     student = make_student(cfg, len(classes), splits["train"][3].shape[1])
     tower_params = [p for p in student.tower.parameters() if p.requires_grad]
     groups = [{"params": list(student.readout.parameters()), "lr": cfg.lr_head}]
@@ -238,13 +239,22 @@ def distil(corpus: Path, out: Path, cfg: TowerDistillConfig, classes: list[str],
     student.load_state_dict(best_state)
     out.mkdir(parents=True, exist_ok=True)
     trained = {k: v.contiguous() for k, v in student.state_dict().items()
-               if k.startswith("readout.linear") or any(k.startswith(f"tower.layers.{i}.") for i in range(cfg.layers - cfg.tune_layers, cfg.layers))
+               if k.startswith("readout.linear") or k.startswith(tuple(f"tower.layers.{i}." for i in cfg.tuned_layers))
                or (cfg.tune_layers and k.startswith("tower.layer_norm"))}
     save_file(trained, str(out / "tower.safetensors"))
     card = {"config": cfg.to_dict(), "history": history, "seconds": round(time.time() - t0, 1), "classes": classes,
             "metrics": measured(corpus, student, splits, classes)}
     (out / "distill.json").write_text(json.dumps(card, indent=1))
     return card
+
+
+def load_splits(corpus: Path, cfg: TowerDistillConfig, classes: list[str], progress: bool = True) -> dict[str, tuple]:
+    """Per split: ``(trunk frames, scene → row, strong labels, teacher probabilities)``, from the caches."""
+    splits = {}
+    for split in ("train", "validation", "test"):
+        trunk, rows = trunk_cache(corpus, split, cfg, progress)
+        splits[split] = (trunk, rows, *split_targets(corpus, split, rows, classes))
+    return splits
 
 
 def measured(corpus: Path, student: Student, splits: dict, classes: list[str]) -> dict:
@@ -272,10 +282,7 @@ def measure_run(corpus: Path, run: Path) -> dict:
 
     card = json.loads((Path(run) / "distill.json").read_text())
     cfg, classes = TowerDistillConfig(**card["config"]), card["classes"]
-    splits = {}
-    for split in ("train", "validation", "test"):
-        trunk, rows = trunk_cache(Path(corpus), split, cfg, progress=False)
-        splits[split] = (trunk, rows, *split_targets(Path(corpus), split, rows, classes))
+    splits = load_splits(Path(corpus), cfg, classes, progress=False)
     student = make_student(cfg, len(classes), splits["test"][3].shape[1])
     student.load_state_dict(load_file(str(Path(run) / "tower.safetensors")), strict=False)
     card["metrics"] = measured(Path(corpus), student, splits, classes)
@@ -285,8 +292,7 @@ def measure_run(corpus: Path, run: Path) -> dict:
 
 def distilled_layers(run: Path) -> tuple[int, ...]:
     """The tower layers a distillation run trained (what ``models.small.SmallSpec.tower_layers`` commits)."""
-    cfg = json.loads((Path(run) / "distill.json").read_text())["config"]
-    return tuple(range(cfg["layers"] - cfg["tune_layers"], cfg["layers"]))
+    return TowerDistillConfig(**json.loads((Path(run) / "distill.json").read_text())["config"]).tuned_layers
 
 
 def export_whisper(run: Path, encoder: str = "whisper-tiny.en") -> Path:
@@ -304,9 +310,9 @@ def export_whisper(run: Path, encoder: str = "whisper-tiny.en") -> Path:
     whisper = load_whisper(encoder)
     trained = {f"model.encoder.{k.removeprefix('tower.')}": v for k, v in load_file(str(Path(run) / "tower.safetensors")).items()
                if k.startswith("tower.")}
-    missing, _ = whisper.load_state_dict(trained, strict=False)
-    if any(k in missing for k in trained):
-        raise ValueError(f"{run}: tensors that are not Whisper's encoder")
+    unexpected = whisper.load_state_dict(trained, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{run}: tensors that are not Whisper's encoder: {unexpected[:3]}")
     whisper.save_pretrained(out)
     WhisperProcessor.from_pretrained(whisper_checkpoint(encoder)).save_pretrained(out)
     return out
