@@ -187,3 +187,26 @@ def test_a_distilled_tower_is_committed_in_float16_and_rebuilt(tmp_path):
     assert frozen_tower(ModelSpec(name="d", family="qwen2-audio", source=str(tmp_path / "distilled"), description="")) is None
     save_trained(model, processor, tmp_path / "plain", SPEC)
     assert frozen_tower(ModelSpec(name="p", family="qwen2-audio", source=str(tmp_path / "plain"), description="")) == "test-tower@10s"
+
+
+def test_the_listen_projector_is_the_least_squares_map_onto_the_names():
+    """The closed-form LISTEN projector: chunked accumulation gives the exact least squares fit and its R²."""
+    from train.binding import oracle_tokens
+    from train.small_recipe import ridge_to_names
+
+    rng = np.random.default_rng(0)
+    embed, words = torch.randn(12, 8), [[0, 1], [2], [3, 4], [5], [6, 7]]
+    active = (rng.random((30, 10, 5)) < 0.3).astype(np.float32)
+    hidden = (active @ rng.standard_normal((5, 6)) + 0.1 * rng.standard_normal((30, 10, 6))).astype(np.float32)
+    weight, r2 = ridge_to_names(hidden, active, embed, words, ridge=0.0, positions=None, chunk=7)
+    x = np.concatenate([hidden.reshape(-1, 6), np.ones((300, 1), np.float32)], 1).astype(np.float64)
+    y = oracle_tokens(embed, words, torch.from_numpy(active)).reshape(-1, 8).double().numpy()
+    exact = np.linalg.lstsq(x, y, rcond=None)[0]
+    np.testing.assert_allclose(weight.numpy(), exact, atol=1e-4)
+    assert r2 == pytest.approx(1 - ((x @ exact - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum(), abs=1e-6)
+    assert 0.3 < r2 < 1.0  # names of overlapping sounds are averaged: linear features explain much, not all
+
+    mixed = torch.randn(8, 8)  # features that are an invertible mix of the name tokens are read back exactly
+    tokens = oracle_tokens(embed, words, torch.from_numpy(active)).numpy()
+    _, r2 = ridge_to_names((tokens @ mixed.numpy()).astype(np.float32), active, embed, words, ridge=0.0, positions=None)
+    assert r2 > 0.999

@@ -125,6 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ev.add_argument("--split", default="test")
     ev.add_argument("--out", type=Path, default=None, help="write results.json and report.md here")
+    ev.add_argument("--phrasing", type=int, default=0, metavar="N",
+                    help="instead: presence accuracy per phrasing family (N present + N absent sounds, each asked in every template)")
     ev.set_defaults(func=_eval)
 
     export = subparsers.add_parser("export", help="export a model (e.g. merge its LoRA adapter into the weights)")
@@ -269,6 +271,16 @@ def _eval(args) -> int:
 
     spec, adapter = _resolve_adapter(args.model, args.adapter)
     backend = TransformersBackend.load(spec, adapter=adapter)
+    if args.phrasing:
+        from train.evaluate import phrasing_metrics, phrasing_table
+
+        metrics = phrasing_metrics(backend, args.corpus, args.split, per_answer=args.phrasing)
+        print(phrasing_table(metrics))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "phrasing.json").write_text(json.dumps(metrics, indent=2))
+            (args.out / "phrasing.md").write_text(phrasing_table(metrics) + "\n")
+        return 0
     results = {f"{spec.name}{' + adapter' if adapter else ''}": evaluate(backend, args.corpus, args.split)}
     print(markdown(results))
     if args.out:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from serving.answers import classify
 from serving.backends import AudioPrompt
 from train.data.ontology import Ontology
-from train.data.qa import NEGATIVE_SAMPLINGS, QARow, read_qa_rows
+from train.data.qa import NEGATIVE_SAMPLINGS, PRESENCE_FAMILIES, QARow, presence_question, read_qa_rows
 from train.data.formats import read_timelines
 
 MAX_TOKENS = {"presence": 4, "order": 16, "count": 6, "duration": 8, "caption": 64}
@@ -191,6 +191,42 @@ def caption_metrics(rows: list[QARow], answers: list[str], ontology: Ontology, t
         "hallucinated_share": absent / mentioned if mentioned else 0.0,
         "missed_share": missed / present_total if present_total else 0.0,
     }
+
+
+def phrasing_metrics(backend, corpus_dir: str | Path, split: str = "test", per_answer: int = 40, seed: int = 0,
+                     progress: bool = True) -> dict[str, dict[str, dict]]:
+    """Presence accuracy per phrasing family, on its training templates and on its held-out paraphrases.
+
+    The same balanced questions (``per_answer`` present and ``per_answer`` absent sounds, the absent ones drawn
+    across the three negative samplings) are asked in every template, so families differ by wording alone.
+    Returns ``{family: {"train" | "held_out": {n, accuracy, yes_rate, unparseable_rate}}}``.
+    """
+    corpus_dir = Path(corpus_dir)
+    rng = random.Random(seed)
+    presence = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.phrase]
+    base = rng.sample([r for r in presence if r.answer == "Yes"], per_answer) + rng.sample([r for r in presence if r.answer == "No"], per_answer)
+    asked = [(family, part, QARow(**{**r.__dict__, "question": presence_question(t, r.phrase)}))
+             for family, parts in PRESENCE_FAMILIES.items() for part, templates in parts.items() for t in templates for r in base]
+    answers = answer_rows(backend, [row for _, _, row in asked], corpus_dir, progress=progress)
+    out: dict[str, dict[str, dict]] = defaultdict(dict)
+    for family, part in dict.fromkeys((f, p) for f, p, _ in asked):
+        kinds = [(row.answer == "Yes", classify(a)) for (f, p, row), a in zip(asked, answers) if (f, p) == (family, part)]
+        out[family][part] = {"n": len(kinds), "accuracy": float(np.mean([(k == "yes") == t and k != "other" for t, k in kinds])),
+                             "yes_rate": float(np.mean([k == "yes" for _, k in kinds])),
+                             "unparseable_rate": float(np.mean([k == "other" for _, k in kinds]))}
+    return dict(out)
+
+
+def phrasing_table(metrics: dict[str, dict[str, dict]]) -> str:
+    """Markdown: one row per family, training templates beside held-out paraphrases."""
+    lines = ["| phrasing family | accuracy, trained templates | accuracy, held-out paraphrases | yes-rate (held out) | unparsed (held out) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for family, parts in metrics.items():
+        t, h = parts["train"], parts["held_out"]
+        lines.append(f"| {family} | {100 * t['accuracy']:.1f} | {100 * h['accuracy']:.1f} | {100 * h['yes_rate']:.1f} | {100 * h['unparseable_rate']:.1f} |")
+    every = [p["accuracy"] for parts in metrics.values() for p in parts.values()]
+    lines.append(f"\nSpread across families and templates: {100 * (max(every) - min(every)):.1f} points.")
+    return "\n".join(lines)
 
 
 def evaluate(backend, corpus_dir: str | Path, split: str = "test", plan: EvalPlan = EvalPlan(), progress: bool = True) -> dict:

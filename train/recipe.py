@@ -102,13 +102,14 @@ def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int], seed: in
 
 
 def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int | dict[str, int] = 220, seed: int = 0,
-              learning_rate: float = 5e-4) -> Path:
-    """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along."""
+              learning_rate: float = 5e-4, projector: bool = True) -> Path:
+    """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along (``projector``) or stays
+    as LISTEN left it."""
     from train.dpo import AudioDPOConfig, train_dpo
 
     dataset = preference_subset(corpus_dir, per_kind, seed)
     config = AudioDPOConfig(lora_r=16, lora_alpha=32, beta=0.1, learning_rate=learning_rate, epochs=1.0, batch_size=8,
-                            modules_to_save=["multi_modal_projector"], seed=seed)
+                            modules_to_save=["multi_modal_projector"] if projector else None, seed=seed)
     return train_dpo(listen_model, processor, dataset, out_dir, config)
 
 

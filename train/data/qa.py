@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,35 @@ PRESENCE_TEMPLATES = (
     "Is there a sound of {x} in the audio?",
     "Did you hear {x} in the audio? Answer with yes or no.",
 )
+# Presence phrasings by family, for the phrasing a person uses (the served guard reads every one of them, see
+# ``serving.answers.presence_target``): the stages learn the ``train`` templates, the ``held_out`` ones are only
+# asked in evaluation, so a model that learnt a template and not the question shows it there.
+PRESENCE_FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "is there": {"train": ("Is there a sound of {x} in the audio?", "Is there {x} in this recording?"),
+                 "held_out": ("Is there {x} somewhere in this clip?",)},
+    "are there": {"train": ("Are there any sounds of {x}?",), "held_out": ("Are there sounds of {x} in the recording?",)},
+    "do you hear": {"train": ("Do you hear {x}?",), "held_out": ("Do you hear {x} in the clip?",)},
+    "did you hear": {"train": ("Did you hear {x} in the audio? Answer with yes or no.",), "held_out": ("Did you hear {x}?",)},
+    "can you hear": {"train": ("Can you hear {x}?",), "held_out": ("Can you hear {x} in this audio?",)},
+    "is X audible": {"train": ("Is {x} audible?",), "held_out": ("Is {x} audible in the recording?",)},
+    "X in this clip": {"train": ("{x} in this clip?",), "held_out": ("{x} in the recording?",)},
+}
+
+
+def presence_question(template: str, phrase: str) -> str:
+    """A presence template filled in, its first letter a capital ("A dog barking in this clip?")."""
+    text = template.format(x=phrase)
+    return text[0].upper() + text[1:]
+
+
+def paraphrased(rows: Sequence["QARow"], seed: int = 0) -> list["QARow"]:
+    """Each presence row asked in one of the families' training phrasings (seeded): the phrasing is taught, not one template."""
+    rng = np.random.default_rng(seed)
+    templates = [t for family in PRESENCE_FAMILIES.values() for t in family["train"]]
+    return [replace(r, question=presence_question(_pick(rng, templates), r.phrase)) if r.kind == "presence" and r.phrase else r
+            for r in rows]
+
+
 ORDER_TEMPLATES = ("Which comes first, {x} or {y}?", "Does {x} happen before {y}?")
 COUNT_TEMPLATE = "How many times do you hear {x}?"
 DURATION_TEMPLATE = "How long does the sound of {x} last, in seconds?"
