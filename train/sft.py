@@ -25,7 +25,7 @@ from train.data.qa import QARow
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    trainable: str = "all"  # "all" | "all_but_audio_encoder" | "audio_adapter" | "projector_and_lora"
+    trainable: str = "all"  # "all" | "all_but_audio_encoder" | "audio_adapter" | "projector_and_lora" | "language_model_layers"
     epochs: float = 2.0
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -91,6 +91,7 @@ def set_trainable(model, trainable: str) -> int:
             or (trainable == "all_but_audio_encoder" and "audio_tower" not in name)
             or (trainable == "audio_adapter" and "multi_modal_projector" in name)
             or (trainable == "projector_and_lora" and ("multi_modal_projector" in name or "lora_" in name))
+            or (trainable == "language_model_layers" and "language_model." in name and (".layers." in name or name.endswith("norm.weight")))
         )
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -1,6 +1,6 @@
 """The recipe of earwitness-small: pretrained parts → base → LISTEN → DPO → evaluation → shipped tensors.
 
-The audio tower (Whisper, frozen) and the language model (SmolLM2 cut to ``lm_layers``) come from
+The audio tower (Whisper, frozen, or its distilled form: ``tower``) and the language model (SmolLM2 cut to ``lm_layers``) come from
 ``models.small``; the supervised stages read the tower's cached outputs (``train.encoded``), so the
 tower runs once per scene for the whole recipe.
 
@@ -8,16 +8,18 @@ tower runs once per scene for the whole recipe.
    captions and presence / order / count / duration questions with the absent-sound questions left
    out. The LoRA is then merged: it is part of the base, not an adapter.
 1½. **lookup** (``SmallSpec.trained_layers``) — text before audio: the base's language-model layers
-   (all of their weights; the word embeddings stay frozen) learn presence questions, present and
-   absent, over the sounds' written names laid where the audio tokens go (``train.binding``'s oracle
-   tokens, pooled), in the served chat layout. The binding diagnostic measured that these layers
-   learn this match in a few hundred steps where a LoRA barely moves. The layers are committed,
-   holding the base LoRA merged; the baseline is evaluated before this stage, so it stays the
-   positive-only one.
-2. **LISTEN** — the base plus synthesized absent-sound questions answered "No"; only the projector
-   learns, the language model is frozen.
-3. **DPO** — TRL with audio on both sides (``train.dpo``), LoRA r=16, α=32 on the language model, the
-   LISTEN projector riding along; LISTEN + AHA ×4 + ACPO pairs.
+   (all of their weights; the word embeddings stay frozen) learn every question kind, absent sounds
+   included and presence asked in every trained phrasing, over the sounds' written names laid where the
+   audio tokens go (``NameTokens``, 25 positions), in the served chat layout. The binding diagnostic
+   measured that these layers learn this match in a few hundred steps where a LoRA barely moves. The
+   layers are committed, holding the base LoRA merged; the baseline is evaluated before this stage, so
+   it stays the positive-only one.
+2. **LISTEN** — only the projector changes, the language model frozen. After a lookup it is fitted in
+   closed form onto the names the lookup reads (``fit_projector_to_names``); without one, it learns on the
+   base's questions plus synthesized absent-sound questions answered "No".
+3. **DPO** — TRL with audio on both sides (``train.dpo``), LoRA r=16, α=32 on the language model (the
+   LISTEN projector riding along unless a lookup ran: then it is committed as fitted); LISTEN + AHA ×4 +
+   ACPO pairs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from models.families import unwrap
 from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, SmallSpec, build_untrained, save_trained
+from train.binding import mix_names, name_embeddings, oracle_tokens, phrase_word_ids, pool_positions
 from train.data.qa import paraphrased, read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
@@ -43,44 +46,70 @@ LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.4, batch
 # both sides): 40 pairs of each of the 7 kinds fit the budget. Weighting the pairs towards absent
 # sounds (120 LISTEN, 60 + 60 ACPO, 20 per AHA kind) at lr 1e-3 collapsed to "No" to everything.
 DPO_PAIRS = 40
+BASELINE_FILE = "baseline.json"  # the base's evaluation, beside it: a later run reusing the base reuses it too
 DPO_LEARNING_RATE = 5e-4
+
+
+LOOKUP_STAGE = StageConfig(name="lookup", trainable="language_model_layers", epochs=0.4, batch_size=8, learning_rate=2e-4,
+                           warmup_steps=20, turns_per_chat=6, caption_share=0.2)
 
 
 @dataclass(frozen=True)
 class LookupConfig:
-    """The lookup stage: oracle (written-name) tokens pooled to ``positions``, served chat layout."""
+    """The lookup stage: the sounds' written names at ``positions`` steps of the window, the served chat layout."""
 
-    steps: int = 300
-    positions: int = 25
-    batch_size: int = 32
-    learning_rate: float = 2e-4
-    eval_every: int = 100
-    seed: int = 0
+    stage: StageConfig = LOOKUP_STAGE
+    positions: int | None = None  # None: as many as the served audio tokens (250 for 10 s), the layout the model answers in
 
 
 LOOKUP = LookupConfig()
 
 
+class NameTokens(torch.nn.Module):
+    """Stands in for the projector during the lookup: class activity ``[B, P, C]`` → the mean input embedding of the
+    active classes' written names at each position (zero where nothing sounds), ``train.binding``'s oracle tokens."""
+
+    def __init__(self, embed: torch.Tensor, word_ids: list[list[int]]):
+        super().__init__()
+        self.register_buffer("names", name_embeddings(embed, word_ids).detach())
+
+    def forward(self, active: torch.Tensor) -> torch.Tensor:
+        return mix_names(active, self.names)
+
+
 def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: LookupConfig = LOOKUP,
                  progress: bool = True) -> list[dict]:
-    """The lookup stage, in place on the base: its language-model layers learn presence questions over written names.
+    """The lookup stage, in place on the base: its language-model layers learn every question kind, absent sounds
+    included and presence asked in every trained phrasing, over the sounds' written names laid where the audio tokens go.
 
-    Returns the validation history (ROC-AUC of logit(Yes) − logit(No)); ``out_dir/lookup.json`` keeps it.
+    The same supervised answers as the other stages (cross-entropy on the whole answer), so the model keeps
+    answering in form; a margin on Yes/No alone left its layers answering "........". Returns the stage's history.
     """
-    from train.binding import Learner, checkpoint_lm, fit, oracle_split, phrase_word_ids
+    from train.data.formats import read_timelines
     from train.data.ontology import load_ontology
+    from train.encoded import EncodedForward, collate_encoded
+    from train.encoder import frame_targets
 
     ontology = load_ontology(corpus_dir / "ontology.json")
-    data = {split: oracle_split(corpus_dir, split, ontology.names, config.positions, float(spec.window_s)) for split in ("train", "validation")}
-    data = {split: replace(d, questions=paraphrased(d.questions, config.seed)) for split, d in data.items()}  # every family's phrasing
-    none = torch.zeros(1)
-    learner = Learner(model.config.text_config, processor.tokenizer, "oracle", "chat", phrase_word_ids(ontology, processor.tokenizer),
-                      none, none, config.seed, lm=checkpoint_lm(model))
-    history = fit(learner, data, config.steps, config.batch_size, config.learning_rate, config.eval_every, seed=config.seed, progress=progress)
+    qa = unwrap(model).model
+    projector, qa.multi_modal_projector = qa.multi_modal_projector, NameTokens(
+        model.get_input_embeddings().weight.float(), phrase_word_ids(ontology, processor.tokenizer))
+    data = []
+    for split in ("train", "validation"):
+        timelines = read_timelines(corpus_dir, split)
+        rows_of = {scene_id: i for i, scene_id in enumerate(timelines)}
+        active = frame_targets(timelines, rows_of, ontology.names, config.positions or spec.audio_tokens, float(spec.window_s))
+        by_scene = select_rows(paraphrased(read_qa_rows(corpus_dir, split), config.stage.seed), config.stage)
+        data.append((active, rows_of, np.zeros(len(rows_of), dtype=np.int32), by_scene))
+    try:
+        history = train_stage(EncodedForward(model), processor.tokenizer, data[0], data[1], config.stage, out_dir,
+                              progress=progress, collate_fn=collate_encoded)
+    finally:
+        qa.multi_modal_projector = projector
     with torch.no_grad():  # in the precision they are committed in (float16), so what is evaluated is what ships
-        trained = {k: v.half().float() for k, v in learner.lm.model.state_dict().items() if k.startswith(LM_TRAINED_PARTS)}
-        model.model.language_model.load_state_dict(trained, strict=False)  # the word embeddings stay the part's, exactly
-    out_dir.mkdir(parents=True, exist_ok=True)
+        for name, param in qa.language_model.named_parameters():
+            if name.startswith(LM_TRAINED_PARTS):
+                param.copy_(param.half().float())
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
     return history
 
@@ -96,7 +125,6 @@ def fit_projector_to_names(model, processor, corpus_dir: Path, spec: SmallSpec, 
     and gradient steps from the fit move it back down (0.64 after 150 steps at lr 1e-4). Only the projector
     changes: the language model stays frozen, as LISTEN wants. Returns the fit's R² on the training split.
     """
-    from train.binding import phrase_word_ids
     from train.data.formats import read_timelines
     from train.data.ontology import load_ontology
     from train.encoder import frame_targets
@@ -118,8 +146,6 @@ def ridge_to_names(hidden: np.ndarray, active: np.ndarray, embed: torch.Tensor, 
     """Least squares (ridge ``ridge``) from audio features ``[N, P, d]`` to the name tokens of ``active`` ``[N, P, C]``,
     both pooled to ``positions``: ``(weight [d + 1, D] with the bias as its last row, R²)``. Accumulated in chunks,
     so the 6,000-scene split never sits in memory in float64."""
-    from train.binding import oracle_tokens, pool_positions
-
     d, width = hidden.shape[-1] + 1, embed.shape[1]
     xtx, xty = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, width, dtype=torch.float64)
     y_sum, yy, n = torch.zeros(width, dtype=torch.float64), 0.0, 0
@@ -211,9 +237,9 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
     processor, base, baseline = base_stage(corpus_dir, base_dir, spec, seed, plan, lap, progress, base_from, whisper)
     results["baseline (positive-only)"] = baseline
     trained_dir = base_dir
-    if spec.trained_layers:  # the lookup, text before audio: the base's layers learn presence over written names
+    if spec.trained_layers:  # the lookup, text before audio: the base's layers learn to answer over written names
         trained_dir = work_dir / "lookup"
-        train_lookup(base, processor, corpus_dir, trained_dir, spec, replace(lookup, seed=seed), progress)
+        train_lookup(base, processor, corpus_dir, trained_dir, spec, replace(lookup, stage=replace(lookup.stage, seed=seed)), progress)
         save_trained(base, processor, trained_dir, spec)  # the layers now hold the base LoRA, merged, and the lookup
         lap("lookup")
     if spec.trained_layers:  # LISTEN after a lookup: the projector fitted to the lookup's names, the language model frozen
@@ -257,14 +283,15 @@ def base_stage(corpus_dir: Path, base_dir: Path, spec: SmallSpec, seed: int, pla
         lap("base")
         baseline = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
         lap("eval base")
+        (base_dir / BASELINE_FILE).write_text(json.dumps({"results": baseline, "timings_s": lap.timings}))
         return processor, base, baseline
     processor, base = reuse_base(Path(base_from), base_dir)
-    done = Path(base_from) / "results.json"
-    if done.exists():
+    done = Path(base_from) / "base" / BASELINE_FILE
+    if done.exists():  # the base was evaluated: its results and times come with it
         earlier = json.loads(done.read_text())
         lap.timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
         lap.restart()
-        return processor, base, earlier["results"]["baseline (positive-only)"]
+        return processor, base, earlier["results"]
     # a run stopped after its base: evaluate that base now; its time is what its stages logged
     lap.timings["base"] = round(sum(_logged_seconds(base_dir)), 1)
     lap.restart()
