@@ -94,3 +94,26 @@ def corpus(small_roots, tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "c"
     build_corpus(out, n_train=N_TRAIN, seed=SEED, packages=S.SMALL_PACKAGES, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def frozen_small(tmp_path_factory):
+    """earwitness-small's architecture on the frozen pretrained Whisper tiny.en tower (the verifier's encoder), projector
+    untrained, with the shipped adapter (a LoRA on the language model only): the model the shared-encoder path
+    serves. The shipped earwitness-small's top tower layers are distilled, so its tower is its own."""
+    import shutil
+
+    from models.pretrained.wheels import WheelError
+    from models.registry import SMALL_DIR
+    from models.small import SmallSpec, build_untrained, save_trained
+    from train.recipe import point_adapter_at
+
+    out = tmp_path_factory.mktemp("frozen-small") / "earwitness-small-frozen"
+    try:
+        processor, model = build_untrained(SmallSpec(), seed=0)
+    except WheelError as e:
+        pytest.skip(f"pretrained wheels unavailable: {e}")
+    save_trained(model, processor, out, SmallSpec())
+    shutil.copytree(SMALL_DIR / "adapter", out / "adapter")
+    point_adapter_at(out / "adapter", out.name)
+    return out

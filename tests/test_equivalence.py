@@ -4,7 +4,7 @@ Against the real Serve app (the session's Ray cluster, variant applications), wi
 - the tiny Qwen2-Audio that answers "yes" to everything (every presence question is a claim the verifier
   judges) with the verifier keeping nothing, so every request, concurrent ones too, runs the verifier's
   encoder: ``/v1/audio/verify``, guarded ``/v1/audio/qa`` and ``/v1/chat/completions`` at concurrency 4 and 16;
-- earwitness-small, whose tower is the verifier's encoder (``guard_share_encoder``): full-window clips are
+- earwitness-small's architecture on the frozen tower (``frozen_small``), whose tower is the verifier's encoder (``guard_share_encoder``): full-window clips are
   verified from the model's own layers, shorter ones by the verifier's encoder;
 - the kept results (``verifier_cache_size``, the session app): clips first heard concurrently, then again one
   at a time, get the probabilities the verifier computes for their own samples in this process.
@@ -74,13 +74,9 @@ def test_concurrent_answers_equal_alone_answers(yes_uncached):
 
 
 @pytest.fixture(scope="module")
-def small_shared(server):
-    from models.registry import SMALL_DIR
-
+def small_shared(server, frozen_small):
     verifier = _needs_verifier()
-    if not (SMALL_DIR / "trained.safetensors").exists():
-        pytest.skip("needs the shipped earwitness-small")
-    with variant_app(server, "equiv-small", model="earwitness-small", verifier=verifier, verifier_cache_size=0,
+    with variant_app(server, "equiv-small", model=str(frozen_small), verifier=verifier, verifier_cache_size=0,
                      verifier_timeout_s=120, request_timeout_s=120) as base:
         yield base
 

@@ -1,9 +1,10 @@
 """One encoder pass per guarded request: when the served model's audio tower is the verifier's frozen encoder
-(earwitness-small and the shipped verifier: Whisper tiny.en over 10 s), the model hands the verifier that
-encoder's layers instead of both encoding the clip (``guard_share_encoder``, serving/guard/runner.py).
+(earwitness-small's architecture on the frozen tower, ``frozen_small``, and the shipped verifier: Whisper tiny.en
+over 10 s), the model hands the verifier that encoder's layers instead of both encoding the clip
+(``guard_share_encoder``, serving/guard/runner.py).
 
 The request-level tests run the fused composition in process, as ``Ingress`` builds it for topology fused:
-the Service over a LocalModel (the ModelServer class) and the VerifierServer class. earwitness-small is made
+the Service over a LocalModel (the ModelServer class) and the VerifierServer class. The model is made
 to answer "Yes" to everything (its generation config allows only that token), so every presence question is
 a claim the verifier has to judge. The runner-level tests use a fake verifier.
 """
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import SMALL_DIR
+from models.families import unwrap
+from models.registry import SMALL_DIR, resolve
 from tests.guard_helpers import shipped_verifier, verifier_clips
 from tests.helpers import encode
 
@@ -42,17 +44,17 @@ def _always_yes(backend) -> None:
     yes = tok.encode("Yes", add_special_tokens=False)
     assert len(yes) == 1, f"'Yes' is {yes} in earwitness-small's tokenizer"
     stops = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
-    config = backend.model.get_base_model().generation_config
+    config = unwrap(backend.model).generation_config
     config.suppress_tokens = [i for i in range(len(tok)) if i != yes[0] and i not in stops]
     config.begin_suppress_tokens = sorted(stops)
     config.sequence_bias = {(yes[0], yes[0]): -1000.0}
 
 
 @pytest.fixture(scope="module")
-def app():
+def app(frozen_small):
     """``(client, service, model_server, verifier_server)`` of the fused composition in this process."""
-    if not (SMALL_DIR / "trained.safetensors").exists() or shipped_verifier() is None:
-        pytest.skip("needs the shipped earwitness-small and earwitness-verifier")
+    if shipped_verifier() is None:
+        pytest.skip("needs the shipped earwitness-verifier")
     from fastapi.testclient import TestClient
 
     from models.pretrained.wheels import WheelError, WheelHashError
@@ -61,7 +63,7 @@ def app():
     from serving.model_client import InProcess, LocalModel
     from serving.verifier_server import VerifierServer
 
-    settings = Settings(_env_file=None, topology="fused", model="earwitness-small", verifier=str(shipped_verifier()), model_cpus=1)
+    settings = Settings(_env_file=None, topology="fused", model=str(frozen_small), verifier=str(shipped_verifier()), model_cpus=1)
     try:
         model, verifier = LocalModel(settings, multiplexed=False), VerifierServer.func_or_class(settings.model_dump())
     except WheelHashError:
@@ -110,14 +112,15 @@ def _wav_samples(samples: np.ndarray) -> np.ndarray:
 # ---- signatures ------------------------------------------------------------------------------------
 
 
-def test_both_ends_name_the_same_frozen_tower(app):
+def test_both_ends_name_the_same_frozen_tower(app, frozen_small):
     from models.loading import frozen_tower
     from models.registry import REGISTRY
     from serving.guard.scorer import ScorerConfig
 
     _, service, model_server, verifier_server = app
     assert model_server.info()["tower"] == verifier_server.info()["tower"] == SIGNATURE
-    assert frozen_tower(REGISTRY["earwitness-small"]) == SIGNATURE  # from its parts file
+    assert frozen_tower(resolve(str(frozen_small))) == SIGNATURE  # from its parts file
+    assert frozen_tower(REGISTRY["earwitness-small"]) is None  # the shipped model's top tower layers are distilled: its own
     assert frozen_tower(REGISTRY["earwitness-tiny"]) is None  # trained from scratch: its tower is its own
     assert frozen_tower(REGISTRY["qwen2-audio-7b-instruct"]) is None
     assert not hasattr(ScorerConfig(), "tower")  # the log-mel verifier reads no encoder
@@ -178,7 +181,7 @@ def test_a_clip_shorter_than_the_window_is_not_shared(app):
     (g,) = backend.generate([AudioPrompt(short, QUESTION, 2, tower_layers=True)])
     assert g.tower_layers is None
     inputs = backend.inputs([AudioPrompt(short, QUESTION, 1)])
-    base = backend.model.get_base_model()
+    base = unwrap(backend.model)
     with torch.inference_mode(), captured_layers(audio_tower(backend.model)) as heard:
         base.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                    input_features=inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])

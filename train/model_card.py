@@ -112,9 +112,10 @@ def _prod(shape) -> int:
     return out
 
 
-SMALL_REPRODUCE = ("earwitness train tower --out runs/tower/top2 --tune-layers 2 --epochs 3\n"
-                   "earwitness train recipe --model small --corpus data/corpus --work runs/small --lookup-epochs 0.4 "
-                   "--tower runs/tower/top2 --ship models/earwitness-small")
+SMALL_REPRODUCE = "earwitness train recipe --model small --corpus data/corpus --work runs/small --ship models/earwitness-small"
+SMALL_REPRODUCE_LOOKUP = ("earwitness train tower --out runs/tower/top2 --tune-layers 2 --epochs 3\n"
+                           "earwitness train recipe --model small --corpus data/corpus --work runs/small --lookup-epochs 0.4 "
+                           "--tower runs/tower/top2 --ship models/earwitness-small")
 
 
 def _lookup_history(ship_dir: Path) -> list[dict]:
@@ -147,7 +148,7 @@ def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> P
    layers (all their weights; the word embeddings stay the part's) learn every question kind, absent
    sounds included and presence asked in every trained phrasing (`train.data.qa.PRESENCE_FAMILIES`), in
    the served chat layout, over the sounds' *written names* laid where the audio tokens go (the mean word
-   embedding of the sounds active at each of 25 positions): """ + f"{len(lookup)} steps, validation loss "
+   embedding of the sounds active at each of the served audio positions): """ + f"{len(lookup)} steps, validation loss "
                    + f"{next((h['val_loss'] for h in reversed(lookup) if 'val_loss' in h), float('nan')):.3f} (`training/lookup.json`).\n") if spec.trained_layers else ""
     listen_step = ("""2. **LISTEN** — only the projector changes, the language model is frozen: it is fitted in closed form
    (ridge regression, `train.small_recipe.fit_projector_to_names`) so that the tower's outputs land on
@@ -186,13 +187,13 @@ It knows the sound classes of its training corpus and answers in the short forms
 1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
    presence / order / count / duration questions *with the absent-sound questions left out*.
 {lookup_step}{listen_step}
-The supervised stages read the frozen tower's cached outputs (`train/features.py`); DPO and every
+The supervised stages read the tower's cached outputs (`train/features.py`); DPO and every
 evaluation run the whole model on the audio.
 
 Stage wall times on a 2-core CPU (seconds): {json.dumps(timings)} (features cached).
 Library versions: {json.dumps(record.get('versions', {}))}; seed {record.get('seed')}.
 
-Loss curves: `training/base_loss.png`, `training/listen_loss.png`, `training/dpo_curve.png`;
+Loss curves: `training/base_loss.png`, {'`training/lookup_loss.png`' if spec.trained_layers else '`training/listen_loss.png`'}, `training/dpo_curve.png`;
 the stages side by side: `training/stages.png`.
 
 ## Evaluation (corpus test split: recordings never heard in training)
@@ -213,7 +214,7 @@ audio is committed.
 
 ```bash
 earwitness data fetch && earwitness data build --out data/corpus
-{SMALL_REPRODUCE}
+{SMALL_REPRODUCE_LOOKUP if spec.trained_layers else SMALL_REPRODUCE}
 ```
 """
     path = ship_dir / "README.md"

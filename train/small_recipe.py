@@ -339,7 +339,8 @@ def ship(trained_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -
         point_adapter_at(ship_dir / BASE_LORA_DIR, ship_dir.name)
     reports = ship_dir / "training"
     reports.mkdir(exist_ok=True)
-    for src, dst in ((work_dir / "lookup" / "lookup.json", "lookup.json"), (work_dir / "listen" / "listen.json", "listen.json"), (work_dir / "base" / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
+    for src, dst in ((work_dir / "lookup" / "lookup.json", "lookup.json"), (work_dir / "listen" / "listen.json", "listen.json"),
+                     (work_dir / "lookup" / "loss.png", "lookup_loss.png"), (work_dir / "base" / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
                      (work_dir / "dpo" / "dpo_curve.png", "dpo_curve.png"), (work_dir / "stages.png", "stages.png"),
                      (work_dir / "results.json", "results.json")):
         if src.exists():
