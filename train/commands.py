@@ -276,19 +276,16 @@ def _eval(args) -> int:
     if args.phrasing:
         from train.evaluate import phrasing_metrics, phrasing_table
 
-        metrics = phrasing_metrics(backend, args.corpus, args.split, per_answer=args.phrasing)
-        print(phrasing_table(metrics))
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "phrasing.json").write_text(json.dumps(metrics, indent=2))
-            (args.out / "phrasing.md").write_text(phrasing_table(metrics) + "\n")
-        return 0
-    results = {f"{spec.name}{' + adapter' if adapter else ''}": evaluate(backend, args.corpus, args.split)}
-    print(markdown(results))
+        doc = phrasing_metrics(backend, args.corpus, args.split, per_answer=args.phrasing)
+        text, files = phrasing_table(doc), ("phrasing.json", "phrasing.md")
+    else:
+        doc = {f"{spec.name}{' + adapter' if adapter else ''}": evaluate(backend, args.corpus, args.split)}
+        text, files = markdown(doc), ("results.json", "report.md")
+    print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-        (args.out / "report.md").write_text(markdown(results) + "\n")
+        (args.out / files[0]).write_text(json.dumps(doc, indent=2))
+        (args.out / files[1]).write_text(text + "\n")
     return 0
 
 

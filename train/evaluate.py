@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +205,7 @@ def phrasing_metrics(backend, corpus_dir: str | Path, split: str = "test", per_a
     rng = random.Random(seed)
     presence = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.phrase]
     base = rng.sample([r for r in presence if r.answer == "Yes"], per_answer) + rng.sample([r for r in presence if r.answer == "No"], per_answer)
-    asked = [(family, part, QARow(**{**r.__dict__, "question": presence_question(t, r.phrase)}))
+    asked = [(family, part, replace(r, question=presence_question(t, r.phrase)))
              for family, parts in PRESENCE_FAMILIES.items() for part, templates in parts.items() for t in templates for r in base]
     answers = answer_rows(backend, [row for _, _, row in asked], corpus_dir, progress=progress)
     out: dict[str, dict[str, dict]] = defaultdict(dict)

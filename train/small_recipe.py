@@ -10,7 +10,7 @@ tower runs once per scene for the whole recipe.
 1½. **lookup** (``SmallSpec.trained_layers``) — text before audio: the base's language-model layers
    (all of their weights; the word embeddings stay frozen) learn every question kind, absent sounds
    included and presence asked in every trained phrasing, over the sounds' written names laid where the
-   audio tokens go (``NameTokens``, 25 positions), in the served chat layout. The binding diagnostic
+   audio tokens go (``NameTokens``, at the served audio positions), in the served chat layout. The binding diagnostic
    measured that these layers learn this match in a few hundred steps where a LoRA barely moves. The
    layers are committed, holding the base LoRA merged; the baseline is evaluated before this stage, so
    it stays the positive-only one.
@@ -34,7 +34,7 @@ import torch
 
 from models.families import unwrap
 from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, SmallSpec, build_untrained, save_trained
-from train.binding import mix_names, name_embeddings, oracle_tokens, phrase_word_ids, pool_positions
+from train.binding import mix_names, name_embeddings, oracle_split, phrase_word_ids, pool_positions
 from train.data.qa import paraphrased, read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 
@@ -85,10 +85,8 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
     The same supervised answers as the other stages (cross-entropy on the whole answer), so the model keeps
     answering in form; a margin on Yes/No alone left its layers answering "........". Returns the stage's history.
     """
-    from train.data.formats import read_timelines
     from train.data.ontology import load_ontology
     from train.encoded import EncodedForward, collate_encoded
-    from train.encoder import frame_targets
 
     ontology = load_ontology(corpus_dir / "ontology.json")
     qa = unwrap(model).model
@@ -96,11 +94,9 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
         model.get_input_embeddings().weight.float(), phrase_word_ids(ontology, processor.tokenizer))
     data = []
     for split in ("train", "validation"):
-        timelines = read_timelines(corpus_dir, split)
-        rows_of = {scene_id: i for i, scene_id in enumerate(timelines)}
-        active = frame_targets(timelines, rows_of, ontology.names, config.positions or spec.audio_tokens, float(spec.window_s))
+        names = oracle_split(corpus_dir, split, ontology.names, config.positions or spec.audio_tokens, float(spec.window_s))
         by_scene = select_rows(paraphrased(read_qa_rows(corpus_dir, split), config.stage.seed), config.stage)
-        data.append((active, rows_of, np.zeros(len(rows_of), dtype=np.int32), by_scene))
+        data.append((names.active.numpy(), names.rows_of, np.zeros(len(names.rows_of), dtype=np.int32), by_scene))
     try:
         history = train_stage(EncodedForward(model), processor.tokenizer, data[0], data[1], config.stage, out_dir,
                               progress=progress, collate_fn=collate_encoded)
@@ -115,7 +111,7 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
 
 
 def fit_projector_to_names(model, processor, corpus_dir: Path, spec: SmallSpec, tower: Path | None = None, ridge: float = 100.0,
-                           positions: int = LOOKUP.positions) -> float:
+                           positions: int | None = LOOKUP.positions) -> float:
     """LISTEN's step after a lookup: the projector, in closed form, so the tower speaks the lookup's language.
 
     The lookup taught the language model presence over the sounds' written names (the mean word embedding of
@@ -146,13 +142,13 @@ def ridge_to_names(hidden: np.ndarray, active: np.ndarray, embed: torch.Tensor, 
     """Least squares (ridge ``ridge``) from audio features ``[N, P, d]`` to the name tokens of ``active`` ``[N, P, C]``,
     both pooled to ``positions``: ``(weight [d + 1, D] with the bias as its last row, R²)``. Accumulated in chunks,
     so the 6,000-scene split never sits in memory in float64."""
-    d, width = hidden.shape[-1] + 1, embed.shape[1]
+    d, width, names = hidden.shape[-1] + 1, embed.shape[1], name_embeddings(embed, word_ids)  # once, not per chunk
     xtx, xty = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, width, dtype=torch.float64)
     y_sum, yy, n = torch.zeros(width, dtype=torch.float64), 0.0, 0
     for start in range(0, len(hidden), chunk):
         x, a = pool_positions(torch.from_numpy(np.asarray(hidden[start:start + chunk], dtype=np.float32)),
                               torch.from_numpy(np.asarray(active[start:start + chunk], dtype=np.float32)), positions)
-        y = oracle_tokens(embed, word_ids, a).reshape(-1, width).double()
+        y = mix_names(a, names).reshape(-1, width).double()
         x = torch.cat([x.reshape(-1, d - 1).double(), torch.ones(len(y), 1, dtype=torch.float64)], 1)
         xtx, xty = xtx + x.T @ x, xty + x.T @ y
         y_sum, yy, n = y_sum + y.sum(0), yy + y.square().sum().item(), n + len(y)
