@@ -33,7 +33,7 @@ import numpy as np
 
 from models.families import FAMILIES
 from models.registry import ModelSpec
-from serving.answers import classify
+from models.answers import classify
 from serving.backends.base import AudioPrompt, Backend, Generation
 
 log = logging.getLogger("earwitness.vllm")
