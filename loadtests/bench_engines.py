@@ -389,7 +389,7 @@ def breakdown(model: str, args, clips: list[str], n: int) -> str:
     async def one(clip, contrast: bool, policy: str) -> float:
         start = time.perf_counter()
         prompt = AudioPrompt(clip.samples, QUESTION, args.max_tokens, contrast=contrast)
-        await guard.run(clip, QUESTION, policy, {"tower": None}, lambda _tower_layers: local.complete(prompt, None))
+        await guard.run(clip, QUESTION, policy, local.complete(prompt, None))
         return time.perf_counter() - start
 
     async def measure() -> dict[tuple[str, str], list[float]]:

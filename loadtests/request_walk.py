@@ -4,8 +4,11 @@
 
 The request runs in this process through the fused composition (the ingress's Service over the model server
 and the verifier, as ``topology: fused`` builds them; ``split`` adds the two Serve hops and nothing else), and
-every Python call is traced. Printed: the walk (each file once, in the order it is first entered), the number of
-files, and the re-entries (a file left and entered again later, at the request's top level of calls).
+every Python call is traced. The traced request's clip is fresh (the warm-up request's differs in every sample), so
+the verifier hears it rather than answering from its kept results. Printed: the walk (each file once, in the order it
+is first entered), the number of files, the re-entries (a file left and entered again later, at the request's top
+level of calls), and the calls the request made of the model and verifier deployments, in order: in ``split`` each is
+one process hop, and a verifier call after "(the answer)" is a serial one.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = ("serving", "models", "train")
+ROOMS = ("earwitness", "serving", "models", "train")
 
 
 def _ours(filename: str) -> str | None:
@@ -60,6 +63,24 @@ def walk(app, wav: bytes, question: str) -> list[str]:
     return seen
 
 
+class Recorded:
+    """A deployment's in-process stand-in (``serving.model_client.InProcess``'s shape) that records the calls made of it."""
+
+    def __init__(self, name: str, inner, log: list[str]):
+        self.name, self.inner, self.log = name, inner, log
+
+    def __getattr__(self, method: str):
+        target = getattr(self.inner, method)
+
+        class Method:
+            @staticmethod
+            def remote(*args, **kwargs):
+                self.log.append(f"{self.name}.{method}")
+                return target.remote(*args, **kwargs)
+
+        return Method()
+
+
 def summary(seen: list[str]) -> tuple[list[str], list[str]]:
     """``(files in order of first entry, files entered again after another file)``."""
     first = list(dict.fromkeys(seen))
@@ -82,15 +103,34 @@ def main(argv: list[str] | None = None) -> int:
     from serving.verifier_server import VerifierServer
 
     settings = Settings(_env_file=None, topology="fused", model=args.model, model_cpus=1)
-    service = Service(LocalModel(settings, multiplexed=False), settings, InProcess(VerifierServer.func_or_class(settings.model_dump())))
-    buf = io.BytesIO()
-    t = np.arange(16_000 * 3) / 16_000
-    sf.write(buf, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16_000, format="WAV", subtype="PCM_16")
+    calls: list[str] = []
+    verifier = Recorded("verifier", InProcess(VerifierServer.func_or_class(settings.model_dump())), calls)
+    model = LocalModel(settings, multiplexed=False)
+    complete = model.complete
+
+    def recorded_complete(prompt, model_id):
+        calls.append("model.complete")
+        answer = complete(prompt, model_id)
+        answer.add_done_callback(lambda _: calls.append("(the answer)"))  # a verifier call after this one is serial
+        return answer
+
+    model.complete = recorded_complete
+    service = Service(model, settings, verifier)
+
+    def clip(hz: float) -> bytes:
+        buf = io.BytesIO()
+        t = np.arange(16_000 * 3) / 16_000
+        sf.write(buf, (0.2 * np.sin(2 * np.pi * hz * t)).astype(np.float32), 16_000, format="WAV", subtype="PCM_16")
+        return buf.getvalue()
+
     app = create_app(service)
-    walk(app, buf.getvalue(), "Is there a sound of a dog barking in the audio?")  # warm: first calls load lazily
-    seen = walk(app, buf.getvalue(), "Is there a sound of a dog barking in the audio?")
+    question = "Is there a sound of a dog barking in the audio?"
+    walk(app, clip(440.0), question)  # warm: first calls load lazily
+    calls.clear()
+    seen = walk(app, clip(523.25), question)  # a clip the verifier has not heard
     first, again = summary(seen)
     print(f"{len(first)} files, {len(seen)} entries, re-entered: {len(again)}")
+    print("deployment calls, in order: " + ", ".join(calls))
     for i, f in enumerate(first, 1):
         print(f"{i:2}. {f}")
     if again:

@@ -287,9 +287,7 @@ class PeftAdapters:
         """
         if self.merged == name:
             return
-        from serving.backends.contrast import clear_blank_caches
-
-        clear_blank_caches(self.backend)
+        self.backend.contrast.clear()
         if self.merged is not None:
             model.unmerge_adapter()
             self.merged = None

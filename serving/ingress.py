@@ -208,14 +208,15 @@ class Service:
         return model_id, info
 
     async def hear(self, endpoint: str, clip, question: str, max_tokens: int, policy: str, model_id: str) -> Heard:
-        """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed."""
+        """The model's answer to a decoded clip, judged by the guard under ``policy``; model and guard stages timed.
+
+        The guard's plan first (does the model hand back its tower's layers?), then the model's call is sent, and the
+        guard is given its answer to come: the guard calls the verifier, never back into this edge."""
         contrast = policy != "off" and self.settings.guard_contrast
-
-        def call_model(tower_layers: bool):
-            prompt = AudioPrompt(clip.samples, question, max_tokens, contrast=contrast, tower_layers=tower_layers)
-            return self._await_model(self.model.complete(prompt, model_id))  # sent now; awaited by the guard
-
-        heard = await self.guard.run(clip, question, policy, await self.model_info(), call_model)
+        plan = await self.guard.plan(clip, policy, await self.model_info())
+        prompt = AudioPrompt(clip.samples, question, max_tokens, contrast=contrast, tower_layers=plan.shared)
+        answer = self._await_model(self.model.complete(prompt, model_id))  # sent now; awaited by the guard
+        heard = await self.guard.run(clip, question, policy, answer, plan)
         self.metrics.latency.labels(endpoint, "model").observe(heard.model_s)
         if heard.guard_s is not None:
             self.metrics.latency.labels(endpoint, "guard").observe(heard.guard_s)

@@ -13,6 +13,10 @@ When the served model's audio tower is this verifier's frozen encoder (the same 
 ``info()``: ``guard_share_encoder``), the ingress sends the layers the model computed instead of the
 clip (:meth:`VerifierServer.assess_layers`): no encoder pass here at all, and nothing to keep, since
 scoring given layers costs only the head.
+
+The guard's calls answer typed values (:class:`models.verifier.assessment.Assessment`), never judged here: the guard
+judges once (``serving.guard.policy.judge``). ``verify`` (``POST /v1/audio/verify``) reads each phrase against the
+verifier's own thresholds.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import torch
 from ray import serve
 
 from models.lru import LruCache
+from models.verifier.assessment import Assessment
 from models.verifier.checkpoint import load_verifier
 from models.verifier.scorer import TowerLayers
+from models.verifier.text import Match
 from serving.config import Settings
 from serving.heap import freeze_startup_heap
 
@@ -53,9 +59,9 @@ class VerifierServer:
     def info(self) -> dict:
         return self.verifier.info()
 
-    async def assess(self, samples: np.ndarray, texts: list[str]) -> dict:
-        """Every class's probability for the clip (``kept``: without a forward), plus ``texts`` matched to classes (one call)."""
-        return await asyncio.to_thread(self._assess, samples, texts)
+    async def assess(self, samples: np.ndarray, targets: list[str]) -> Assessment:
+        """Every class's probability for the clip (``kept``: without a forward), plus ``targets`` scored (one call)."""
+        return await asyncio.to_thread(self._assess, samples, targets)
 
     def class_probabilities(self, samples: np.ndarray) -> tuple[dict[str, float], bool]:
         """Every class's calibrated probability for the clip, and whether it was kept from the last time
@@ -77,8 +83,9 @@ class VerifierServer:
             log.debug("verifier: clip %s (%d samples) %s", key[1][:6].hex(), clip.size, "kept" if kept else "scored")
         return dict(probs), kept  # a copy: the kept one stays as computed, whatever a caller does with it
 
-    def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
-        return self._result(samples, texts, *self.class_probabilities(samples))
+    def _assess(self, samples: np.ndarray, targets: list[str]) -> Assessment:
+        probs, kept = self.class_probabilities(samples)
+        return self._assessment(samples, targets, [], probs, kept=kept)
 
     async def prepare(self, samples: np.ndarray) -> None:
         """Hear the clip-only part of a verifier that also reads a tower's layers (``hears_clip``), beside generation;
@@ -88,27 +95,32 @@ class VerifierServer:
         except Exception as exc:  # noqa: BLE001 - an optimisation: assess_layers hears the clip itself if this failed
             log.warning("prepare failed (%s): the clip is heard with its layers", type(exc).__name__)
 
-    async def assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str], samples: np.ndarray | None = None) -> dict:
+    async def assess_layers(self, layers: np.ndarray, n_samples: int, targets: list[str], mentions: list[str],
+                            samples: np.ndarray | None = None) -> Assessment:
         """:meth:`assess` of a clip given as its encoder layers (``Generation.tower_layers`` of a model whose tower
-        has this verifier's signature) and its length in samples: the head only, never kept (``shared``)."""
-        return await asyncio.to_thread(self._assess_layers, layers, n_samples, texts, samples)
+        has this verifier's signature) and its length in samples: the head only, never kept (``shared``). Sent after
+        the answer, so the answer's ``mentions`` are placed in the same call."""
+        return await asyncio.to_thread(self._assess_layers, layers, n_samples, targets, mentions, samples)
 
-    def _assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str], samples: np.ndarray | None = None) -> dict:
+    def _assess_layers(self, layers: np.ndarray, n_samples: int, targets: list[str], mentions: list[str],
+                       samples: np.ndarray | None = None) -> Assessment:
         if self.verifier.tower is None:
             raise ValueError(f"verifier {self.verifier.name} reads no encoder's layers")
         clip = TowerLayers(np.asarray(layers, dtype=np.float32), int(n_samples), samples)
-        return {**self._result(clip, texts, self.verifier.class_probabilities(clip), False), "shared": True}
+        return self._assessment(clip, targets, mentions, self.verifier.class_probabilities(clip), shared=True)
 
-    def _result(self, clip, texts: list[str], probs: dict[str, float], kept: bool) -> dict:
-        events = [e.to_dict() for e in self.verifier.verify(clip, texts, probs)] if texts else []
-        return {"probabilities": probs, "kept": kept, "events": events, **self._thresholds()}
+    def _assessment(self, clip, targets: list[str], mentions: list[str], probs: dict[str, float], kept: bool = False,
+                    shared: bool = False) -> Assessment:
+        c = self.verifier.calibration
+        return Assessment(probs, self.verifier.score(clip, targets, probs) if targets else [], c.absent_below, c.present_above,
+                          self._place(mentions), kept, shared)
 
-    async def match(self, texts: list[str]) -> list[dict]:
-        return await asyncio.to_thread(self._match, texts)
+    async def place(self, mentions: list[str]) -> list[Match]:
+        """An answer's mentions placed on the ontology (each is then judged by its class's probability)."""
+        return await asyncio.to_thread(self._place, mentions)
 
-    def _match(self, texts: list[str]) -> list[dict]:
-        return [{"text": m.text, "event": m.event, "nearest": m.nearest, "similarity": m.similarity, "reason": m.reason}
-                for m in self.verifier.match(texts)] if texts else []
+    def _place(self, mentions: list[str]) -> list[Match]:
+        return self.verifier.match(mentions) if mentions else []
 
     async def verify(self, samples: np.ndarray, texts: list[str]) -> dict:
         """``POST /v1/audio/verify``: per phrase, class, calibrated probability, present."""
@@ -122,3 +134,4 @@ class VerifierServer:
     def _thresholds(self) -> dict:
         c = self.verifier.calibration
         return {"absent_below": c.absent_below, "present_above": c.present_above}
+

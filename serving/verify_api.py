@@ -40,7 +40,7 @@ async def verify(service, request: Request) -> VerifyResponse:
     if service.guard.verifier is None:
         raise ApiError(503, "verifier_unavailable", "no verifier is deployed here", {"Retry-After": "30"})
     clip = await intake.decode_upload(data, service.settings, SAMPLE_RATE, truncate=fields.truncate)
-    response = service.guard.verifier.verify.remote(clip.samples, events)
+    response = service.guard.verifier.verify(clip.samples, events)
     try:
         result = await asyncio.wait_for(response, service.settings.verifier_timeout_s)
     except Exception as exc:

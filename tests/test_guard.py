@@ -228,11 +228,11 @@ def test_verifier_replica_keeps_a_clips_probabilities(verifier_checkpoint):
     clip = (0.1 * rng.standard_normal(16_000)).astype(np.float32)
     first = server._assess(clip, ["a dog barking"])
     again = server._assess(clip.copy(), ["someone knocking"])  # the same samples in another buffer
-    assert forwards == [16_000] and again["probabilities"] == first["probabilities"]
-    assert (first["kept"], again["kept"]) == (False, True)
-    assert again["events"][0]["event"] == "Knock"  # the question's own target is still matched
-    again["probabilities"]["Dog"] = -1.0  # a caller's copy: the kept result is untouched
-    assert server._assess(clip, [])["probabilities"]["Dog"] == first["probabilities"]["Dog"]
+    assert forwards == [16_000] and again.probabilities == first.probabilities
+    assert (first.kept, again.kept) == (False, True)
+    assert again.targets[0].event == "Knock"  # the question's own target is still matched
+    again.probabilities["Dog"] = -1.0  # a caller's copy: the kept result is untouched
+    assert server._assess(clip, []).probabilities["Dog"] == first.probabilities["Dog"]
     nudged = clip.copy()
     nudged[100] += 1e-3
     server._assess(nudged, [])
@@ -296,11 +296,11 @@ def _guard(verifier_server, question: str, answer: str, contrast: float, policy:
     clip = _decoded((0.05 * np.random.default_rng(2).standard_normal(16_000)).astype(np.float32))
     generation = SimpleNamespace(text=answer, answer_logprob=-0.5, blank_logprob=-0.5 - contrast)
 
-    async def answered(_tower_layers):
+    async def answered():
         return generation
 
     async def run():
-        return (await runner.run(clip, question, policy, {"tower": None}, answered)).outcome
+        return (await runner.run(clip, question, policy, answered())).outcome
 
     return asyncio.run(run())
 
@@ -398,18 +398,16 @@ def test_audio_contrast_from_the_model(tiny_checkpoint):
     assert out[1].answer_logprob == pytest.approx(out[1].blank_logprob, abs=1e-4)
     assert out[2].answer_logprob is None and out[2].blank_logprob is None
     assert out[0].text == out[2].text  # asking for the contrast does not change the answer
-    from serving.backends.contrast import blank_prefixes, blank_scores
-
-    assert blank_scores(backend).hits == 0
-    blank_scores(backend).clear()  # the pass again, from the blank prompt's kept prefix
+    assert backend.contrast.scores.hits == 0
+    backend.contrast.scores.clear()  # the pass again, from the blank prompt's kept prefix
     again = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])
     assert again[0].blank_logprob == pytest.approx(out[0].blank_logprob, abs=1e-4)
-    assert blank_prefixes(backend).hits >= 1  # the blank prompt up to the question was computed once, then reused
+    assert backend.contrast.prefixes.hits >= 1  # the blank prompt up to the question was computed once, then reused
     [kept] = backend.generate([AudioPrompt(real, "Is there a dog?", 4, True)])  # the same answer to the same question
-    assert blank_scores(backend).hits == 1 and kept.blank_logprob == again[0].blank_logprob  # its blank side kept, no pass
-    hits = blank_scores(backend).hits
+    assert backend.contrast.scores.hits == 1 and kept.blank_logprob == again[0].blank_logprob  # its blank side kept, no pass
+    hits = backend.contrast.scores.hits
     backend.generate([AudioPrompt(real[: 16_000 * 2], "Is there a dog?", 4, True)])
-    assert blank_scores(backend).hits == hits  # another length: computed anew
+    assert backend.contrast.scores.hits == hits  # another length: computed anew
 
 
 def test_contrast_matches_full_teacher_forced_passes(tiny_checkpoint):

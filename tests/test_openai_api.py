@@ -194,12 +194,10 @@ def test_the_adapter_in_use_is_merged_and_switching_restores_the_base(tiny_check
     assert (merged - base).abs().max() > 1e-3  # the adapter does change the model
 
     from serving.backends import AudioPrompt
-    from serving.backends.contrast import blank_prefixes
-
     prompt = AudioPrompt(tone(1.0, 16_000, 1), "Is there a dog?", 3, contrast=True)
     peft.generate([prompt], "a1")  # leaves a1's blank prefix cached
     [after_switch] = peft.generate([prompt], None)  # must not reuse it: other weights
-    blank_prefixes(backend).clear()
+    backend.contrast.prefixes.clear()
     [fresh] = peft.generate([prompt], None)
     if fresh.blank_logprob is None:
         pytest.skip("the random base answered 'no': nothing to contrast")

@@ -270,9 +270,9 @@ def test_the_fused_verifier_reads_the_models_layers_and_hears_the_clip_with_them
 def test_the_verifier_refuses_layers_that_are_not_one_window(app):
     server = app[3]
     with pytest.raises(ValueError, match="not one whisper-tiny.en window"):
-        server._assess_layers(np.zeros((2, 125, 384), np.float32), WINDOW, [])
+        server._assess_layers(np.zeros((2, 125, 384), np.float32), WINDOW, [], [])
     with pytest.raises(ValueError, match="not one whisper-tiny.en window"):
-        server._assess_layers(np.zeros((2, 250, 384), np.float32), WINDOW + 1, [])
+        server._assess_layers(np.zeros((2, 250, 384), np.float32), WINDOW + 1, [], [])
 
 
 
@@ -285,9 +285,9 @@ def test_the_verifier_scores_read_only_layers_as_a_ray_handle_delivers_them(app)
     layers.setflags(write=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = server._assess_layers(layers, WINDOW, [])
-    probs = result["probabilities"].values()
-    assert result["shared"] and len(probs) > 0 and all(0.0 <= p <= 1.0 for p in probs)
+        result = server._assess_layers(layers, WINDOW, [], [])
+    probs = result.probabilities.values()
+    assert result.shared and len(probs) > 0 and all(0.0 <= p <= 1.0 for p in probs)
 
 # ---- the runner, on a fake verifier --------------------------------------------------------------------
 
@@ -307,20 +307,22 @@ class FakeVerifier:
         self._maybe_fail("info")
         return {"verifier": "fake", "tower": self.tower}
 
-    def _result(self, texts, **extra) -> dict:
-        events = [{"text": t, "event": "Dog", "nearest": "Dog", "similarity": 1.0, "probability": 0.01, "present": False, "reason": None} for t in texts]
-        return {"probabilities": {"Dog": 0.01}, "kept": False, "events": events, "absent_below": 0.1, "present_above": 0.5, **extra}
+    def _result(self, texts, **extra):
+        from models.verifier.assessment import Assessment, EventScore
 
-    def assess(self, samples, texts) -> dict:
+        events = [EventScore(t, "Dog", 1.0, 0.01, None, "Dog") for t in texts]
+        return Assessment({"Dog": 0.01}, events, 0.1, 0.5, **extra)
+
+    def assess(self, samples, texts):
         self._maybe_fail("assess")
         return self._result(texts)
 
-    def assess_layers(self, layers, n_samples, texts) -> dict:
+    def assess_layers(self, layers, n_samples, texts, mentions):
         self._maybe_fail("assess_layers")
         assert n_samples == WINDOW
         return self._result(texts, shared=True)
 
-    def match(self, texts) -> list:
+    def place(self, texts) -> list:
         return []
 
 
@@ -336,6 +338,11 @@ def _runner(fake: FakeVerifier, **settings):
 INFO = {"tower": SIGNATURE, "max_audio_s": 10.0, "sample_rate": SR}
 
 
+def fake_calls(runner) -> list[str]:
+    """The calls the runner's verifier (a :class:`FakeVerifier` in process) has had."""
+    return runner.verifier.handle.instance.calls
+
+
 def _guarded(runner, layers, n_samples: int = WINDOW, model_info: dict = INFO):
     generation = SimpleNamespace(text="yes", answer_logprob=-0.1, blank_logprob=-0.1, tower_layers=layers)
 
@@ -343,18 +350,15 @@ def _guarded(runner, layers, n_samples: int = WINDOW, model_info: dict = INFO):
 
     asked: dict = {}
 
-    def call_model(tower_layers: bool):
-        asked["shared"] = tower_layers
-
-        async def answer():  # awaited once the verifier's call (if any) has left: what it was asked so far
-            asked["started"] = list(runner.verifier.instance.calls)
-            return generation
-
-        return answer()
+    async def answer():  # awaited once the verifier's call (if any) has left: what it was asked so far
+        asked["started"] = list(fake_calls(runner))
+        return generation
 
     async def run():
         clip = Clip(np.full(n_samples, 0.01, np.float32), SR, "WAV", SR, 1)
-        outcome = (await runner.run(clip, QUESTION, "annotate", model_info, call_model)).outcome
+        plan = await runner.plan(clip, "annotate", model_info)
+        asked["shared"] = plan.shared
+        outcome = (await runner.run(clip, QUESTION, "annotate", answer(), plan)).outcome
         return asked["shared"], asked["started"], outcome
 
     return asyncio.run(run())

@@ -66,16 +66,14 @@ def test_audio_contrast_matches_the_transformers_engine(artifacts, monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "2"  # the engine processes got 1 (tests/test_engines_config.py)
     long = AudioPrompt(np.tile(clip(), 4), QUESTION, MAX_TOKENS, contrast=True)  # 8 s: its prompt spans cache blocks
 
-    from serving.backends.contrast import blank_scores
-
     async def run():
         out = await backend.generate_async(AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True))
         first = await backend.generate_async(long)
-        blank_scores(backend).clear()  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
+        backend.contrast.scores.clear()  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
         again = await backend.generate_async(long)
-        hits = blank_scores(backend).hits
+        hits = backend.contrast.scores.hits
         kept = await backend.generate_async(long)  # the third: the blank score kept, no pass
-        return out, first, again, kept, blank_scores(backend).hits - hits
+        return out, first, again, kept, backend.contrast.scores.hits - hits
 
     try:
         out, first, again, kept, hits = asyncio.run(run())

@@ -14,6 +14,7 @@ calibrated probability per class, and judge it with thresholds stored next to th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from models.lru import LruCache
+from models.verifier.assessment import EventScore
 from models.verifier.calibration import Calibration, fuse_logits
 from models.verifier.scorer import TowerLayers
 from models.verifier.text import Match, OntologyIndex, TextEncoder, normalise_phrase, shared_encoder
@@ -33,23 +35,6 @@ from models.verifier.text import Match, OntologyIndex, TextEncoder, normalise_ph
 log = logging.getLogger("earwitness.verifier")
 
 SAMPLE_RATE = 16_000
-
-
-@dataclass
-class EventScore:
-    text: str
-    event: str | None  # matched ontology class
-    similarity: float  # text ↔ nearest class
-    probability: float  # calibrated presence probability (of the free text when no class matched)
-    present: bool | None  # None: between the thresholds, or not judged (``reason``)
-    nearest: str | None = None  # the closest class, close enough or not
-    reason: str | None = None  # outside_ontology: no class matched, so not judged
-    vocabulary: str | None = None  # where ``event`` comes from: "ontology" (the trained classes) or "audioset" (the tagger's own)
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "event": self.event, "nearest": self.nearest, "similarity": round(self.similarity, 4),
-                "probability": round(self.probability, 4), "present": self.present, "reason": self.reason,
-                "vocabulary": self.vocabulary}
 
 
 @dataclass(frozen=True)
@@ -104,7 +89,13 @@ class Verifier:
         return {c: float(v) for c, v in zip(self.index.classes, p)}
 
     def verify(self, samples: np.ndarray, texts: list[str], probs: dict[str, float] | None = None) -> list[EventScore]:
-        """Per phrase: its ontology class (and nearest), presence probability and judgement.
+        """:meth:`score` with each phrase read against the verifier's own thresholds (:meth:`Calibration.reading`):
+        ``POST /v1/audio/verify``'s answer. The guard judges :meth:`score`'s probabilities itself, once."""
+        cal = self.calibration
+        return [dataclasses.replace(s, present=cal.reading(s.probability, s.reason)) for s in self.score(samples, texts, probs)]
+
+    def score(self, samples: np.ndarray, texts: list[str], probs: dict[str, float] | None = None) -> list[EventScore]:
+        """Per phrase: its ontology class (and nearest) and presence probability, not judged (``present`` None).
 
         A phrase that matches no class (or one that an AudioSet name matches clearly better: "music", which the
         ontology would call Singing) lands, with a verifier that has one, on the closest class of the tagger's
@@ -120,16 +111,14 @@ class Verifier:
         opened = {inexact[j]: v for j, v in self.open_vocabulary_scores(samples, [texts[i] for i in inexact], known).items()}
         rest = [i for i, m in enumerate(matches) if m.event is None and i not in opened]
         free = dict(zip(rest, self.free_text_probabilities(samples, [texts[i] for i in rest]))) if rest else {}
-        cal = self.calibration
         out = []
         for i, m in enumerate(matches):
             if i in opened:
                 name, sim, p = opened[i]
-                out.append(EventScore(m.text, name, sim, p, cal.reading(p), name, None, "audioset"))
+                out.append(EventScore(m.text, name, sim, p, None, name, None, "audioset"))
                 continue
             p = probs[m.event] if m.event is not None else free[i]
-            out.append(EventScore(m.text, m.event, m.similarity, p, cal.reading(p, m.reason), m.nearest, m.reason,
-                                  "ontology" if m.event is not None else None))
+            out.append(EventScore(m.text, m.event, m.similarity, p, None, m.nearest, m.reason, "ontology" if m.event is not None else None))
         return out
 
     def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:

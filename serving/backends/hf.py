@@ -14,6 +14,7 @@ from models.pretrained.whisper import captured_layers
 from models.registry import ModelSpec
 from models.families import audio_tower, tower_modules
 from serving.backends.base import AudioPrompt, Backend, Generation
+from serving.backends.contrast import Contrast
 
 
 def adapter_leaves_tower(adapter_dir: str, tower_names: list[str]) -> bool:
@@ -38,6 +39,7 @@ class TransformersBackend(Backend):
         self.max_audio_s = float(min(max_audio_s, extractor.chunk_length))
         self.device = next(model.parameters()).device
         self.tower = self._signature(tower)
+        self.contrast = Contrast(processor, self.sample_rate)  # the blank side of contrasts, and its caches
 
     def _signature(self, tower: str | None) -> str | None:
         """The frozen tower's signature (``models.loading.frozen_tower``), its dtype appended when the tower does not
@@ -107,9 +109,7 @@ class TransformersBackend(Backend):
             generations = [dataclasses.replace(g, tower_layers=torch.stack([last[i], middle[i]]).float().cpu().numpy()) if p.tower_layers and full[i] else g
                            for i, (g, p) in enumerate(zip(generations, prompts))]
         if contrast:
-            from serving.backends.contrast import with_contrast
-
-            generations = with_contrast(self, inputs, prompts, generations, new_tokens, out.logits)
+            generations = self.contrast.with_contrast(self.model, inputs, prompts, generations, new_tokens, out.logits)
         return generations
 
     def _finish(self, row: torch.Tensor, limit: int) -> Generation:

@@ -36,6 +36,7 @@ from models.registry import ModelSpec
 from models.answers import classify
 from models.store import local_copy
 from serving.backends.base import AudioPrompt, Backend, Generation
+from serving.backends.contrast import Contrast
 
 log = logging.getLogger("earwitness.vllm")
 
@@ -150,6 +151,7 @@ class VLLMBackend(Backend):
         # the chat template rendered once per distinct question (assistants hear the same few often)
         self._prompt = functools.lru_cache(maxsize=4096)(self._render_prompt)
         self._prompt_ids = functools.lru_cache(maxsize=4096)(self._tokenize_prompt)
+        self.contrast = Contrast(sample_rate=sample_rate)  # its kept blank-side scores (keyed by adapter: never stale)
 
     @classmethod
     def load(
@@ -247,7 +249,7 @@ class VLLMBackend(Backend):
 
     async def _blank_logprob(self, prompt: AudioPrompt, answer: list[int], adapter: LoraRef | None) -> float:
         """log P(answer | the same prompt on silence of the clip's length): the answer scored as prompt tokens,
-        or the score kept from the last time (:func:`serving.backends.contrast.blank_scores`).
+        or the score kept from the last time (``self.contrast.scores``).
 
         vLLM skips its prefix cache for prompt log-probs by default; this pass reads it, because the blank
         prompt (silence of a given length, then the question) repeats across requests and only the answer's
@@ -256,10 +258,8 @@ class VLLMBackend(Backend):
         """
         from vllm import SamplingParams
 
-        from serving.backends.contrast import blank_scores
-
         key = (adapter.name if adapter else None, len(prompt.samples), prompt.question, tuple(answer))
-        score = blank_scores(self).get(key)
+        score = self.contrast.scores.get(key)
         if score is not None:  # this question got this answer on a clip of this length before
             return score
         blank = np.zeros(len(prompt.samples), dtype=np.float32)
@@ -272,7 +272,7 @@ class VLLMBackend(Backend):
                 break
         scored = out.prompt_logprobs[first:]
         score = float(sum(step[token].logprob for step, token in zip(scored, answer)))
-        blank_scores(self).put(key, score)
+        self.contrast.scores.put(key, score)
         return score
 
     async def _run(self, inputs: dict, params, adapter: LoraRef | None):

@@ -1,15 +1,16 @@
-"""The ingress side of the guard: start the verifier beside the model, then judge the answer.
+"""The ingress side of the guard: the verifier's call beside the model's, then the judgement, made once here.
 
-One entry, :meth:`GuardRunner.run`: it calls the model (a callable the ingress gives it), runs the verifier
-beside it and judges the answer. Inside, ``_start`` sends the clip (and a presence question's target) to the verifier
-deployment as soon as the audio is decoded, so its forward pass overlaps generation. When the
-served model's audio tower is the verifier's own frozen encoder (``shares_encoder``: the same
-signature in both deployments' ``info()``) and the clip fills its window, the model returns that
-encoder's layers with its answer and the verifier scores those instead (``assess_layers``, sent by
-``_finish``): one encoder pass per request, and none spent on an answer that claims nothing; a model
-that returns no layers gets the clip scored as before.
-``_finish`` extracts the answer's claims, matches free-form mentions to the ontology,
-combines the verifier's probability with the model's audio contrast and applies the policy.
+:meth:`GuardRunner.plan` says, before the model is called, whether the clip is silent (judged without the verifier)
+and whether the model should hand back its tower's layers (``shared``: the served model's audio tower is the
+verifier's own frozen encoder, the same signature in both deployments' ``info()``, and the clip fills its window).
+The ingress then sends the model its call and gives :meth:`GuardRunner.run` the answer to come; ``run`` sends the
+verifier its call at once, beside generation (``assess``: the clip heard, a presence question's target scored), and
+awaits both. On the shared path the verifier's call goes after the answer with the model's layers
+(``assess_layers``: one encoder pass per request, the answer's mentions placed in the same call). A free-form
+answer's mentions on the clip path are placed on the ontology after the answer (``place``: text only).
+
+The verifier answers typed values (:class:`models.verifier.assessment.Assessment`), never a judgement: each claim is
+judged once, by :func:`judged`, from the verifier's probability and the model's audio contrast, and the policy applied.
 Any verifier failure or timeout yields verdict ``unverified`` (and a failure metric), never an error.
 """
 
@@ -18,14 +19,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+
 from models.answers import answers_the_question, classify, extract_claims, presence_target
+from models.verifier.assessment import Assessment, EventScore
+from models.verifier.text import Match
 from serving.errors import ApiError
+from serving.guard.client import VerifierClient
 from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge, silenced
 
 log = logging.getLogger("earwitness.guard")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the guard needs of a clip before the model is called."""
+
+    silent: bool  # the clip holds no sound: every claim is judged absent without the verifier
+    shared: bool  # the model hands back its tower's layers, which the verifier scores after the answer
 
 
 @dataclass
@@ -52,9 +67,6 @@ _UNKNOWN = object()
 
 
 def failure_reason(exc: BaseException) -> str:
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError
-
     if isinstance(exc, asyncio.TimeoutError):
         return "timeout"
     if isinstance(exc, BackPressureError):
@@ -80,32 +92,62 @@ def claim_checks(question: str, answer: str, contrast: float | None, target: str
     return checks
 
 
-def place(check: ClaimCheck, match: dict) -> None:
+def place(check: ClaimCheck, where: EventScore | Match | None) -> None:
     """Where the verifier put a claim: its class (else the claim's own text), nearest class, similarity and reason."""
-    check.event = match.get("event") or check.text
-    check.nearest, check.similarity, check.reason = match.get("nearest"), match.get("similarity"), match.get("reason")
+    check.event = (where.event if where else None) or check.text
+    check.nearest, check.reason = (where.nearest, where.reason) if where else (None, None)
+    check.similarity = where.similarity if where else None
+
+
+def judged(checks: list[ClaimCheck], assessment: Assessment, placed: list[Match], t: Thresholds) -> list[ClaimCheck]:
+    """Each claim placed and judged, once: a presence question's target by its scored event, an answer's mention by
+    its class's probability (a mention that names no known sound is not a sound claim); one claim per class."""
+    targets = {e.text: e for e in assessment.targets}
+    matches = {m.text: m for m in placed}
+    out: list[ClaimCheck] = []
+    seen: set[str] = set()
+    for c in checks:
+        if c.source == "question":
+            ev = targets.get(c.text)
+            place(c, ev)
+            if ev is not None:  # 4 decimals, as the API reports the verifier's numbers
+                c.verifier_score, c.similarity = round(ev.probability, 4), round(ev.similarity, 4)
+        else:
+            m = matches.get(c.text)
+            if m is None or m.event is None:
+                continue
+            place(c, m)
+            c.verifier_score = assessment.probabilities.get(c.event)
+        if c.event in seen:
+            continue
+        seen.add(c.event)
+        c.present = judge(c.verifier_score, c.contrast, t, c.reason)
+        c.prior = is_prior(c.contrast, t)
+        out.append(c)
+    return out
 
 
 class GuardRunner:
     def __init__(self, verifier, settings, metrics):
-        self.verifier, self.settings, self.metrics = verifier, settings, metrics
+        self.verifier = None if verifier is None else VerifierClient(verifier)  # a handle (or InProcess) → typed calls
+        self.settings, self.metrics = settings, metrics
         self._verifier_tower = _UNKNOWN  # its info()'s tower signature, asked once
         self._verifier_hears_clip = False  # its info(): a call with the layers also carries the clip
 
-    async def run(self, clip, question: str, policy: str, model_info: dict, call_model: Callable[[bool], Awaitable]) -> Heard:
-        """The model's answer to a decoded clip, judged under ``policy``.
-
-        ``call_model(tower_layers)`` sends the model its call when it is called (the awaitable it returns is the
-        answer), before the verifier's: the longer request is never queued behind the shorter one; the
-        verifier's call is cancelled if the model's fails. ``tower_layers``: the model should return its
-        encoder's layers, which the verifier then scores after the answer (a shared encoder on a full window).
-        A silent clip is judged without the verifier.
-        """
-        silent = clip.silent  # a pass over the samples: once
+    async def plan(self, clip, policy: str, model_info: dict) -> Plan:
+        """Asked before the model's call: silence (a pass over the samples: once), and whether the model should return
+        its tower's layers for the verifier (a shared encoder on a full window)."""
+        silent = clip.silent
         shared = policy != "off" and not silent and await self._shares_encoder(model_info, len(clip.samples))
+        return Plan(silent, shared)
+
+    async def run(self, clip, question: str, policy: str, answer: Awaitable, plan: Plan | None = None) -> Heard:
+        """The model's ``answer`` to a decoded clip (already sent: the longer call is never queued behind the
+        verifier's), judged under ``policy``. The verifier's call leaves now, beside generation, and is cancelled if
+        the model's fails. ``plan``: :meth:`plan`'s, when the model was asked for its layers."""
+        plan = plan or Plan(clip.silent, False)
         start = time.perf_counter()
-        answer = call_model(shared)
-        pending = self._start(clip.samples, question, policy, shared, silent)
+        pending = self._start(clip.samples, question, policy, plan.shared, plan.silent)
         try:
             generation = await answer
         except BaseException:
@@ -130,7 +172,7 @@ class GuardRunner:
             return False
         if self._verifier_tower is _UNKNOWN:
             try:
-                info = await asyncio.wait_for(self.verifier.info.remote(), self.settings.verifier_timeout_s)
+                info = await asyncio.wait_for(self.verifier.info(), self.settings.verifier_timeout_s)
             except Exception as exc:  # noqa: BLE001 - the clip path still works
                 log.warning("verifier info unavailable (%s): it encodes the clip itself", failure_reason(exc))
                 return False
@@ -153,25 +195,27 @@ class GuardRunner:
         if silent:
             return Pending(None, time.perf_counter(), target, silent=True)
         if shared:  # a verifier that also hears the clip itself (fused) starts on it now, beside generation
-            prepared = self._send("prepare", samples) if self._verifier_hears_clip else None
+            prepared = self._send(self.verifier.prepare, samples) if self._verifier_hears_clip else None
             return Pending(None, time.perf_counter(), target, samples, prepared=prepared)
-        return Pending(self._send("assess", samples, [target] if target else []), time.perf_counter(), target)
+        return Pending(self._send(self.verifier.assess, samples, [target] if target else []), time.perf_counter(), target)
 
-    def _send(self, method: str, *args):
+    @staticmethod
+    def _send(call, *args):
         try:
-            return getattr(self.verifier, method).remote(*args)
+            return call(*args)
         except Exception as exc:  # a handle that cannot even send: judged at finish
             log.warning("verifier call failed to start: %s", type(exc).__name__)
             return exc
 
-    def _send_shared(self, pending: Pending, generation) -> None:
-        """The shared encoder's verifier call, now that the model answered: its layers, or the clip when it sent none."""
+    def _send_shared(self, pending: Pending, generation, mentions: list[str]) -> None:
+        """The shared encoder's verifier call, now that the model answered: its layers (the answer's mentions placed in
+        the same call), or the clip when it sent none."""
         layers, texts = getattr(generation, "tower_layers", None), [pending.target] if pending.target else []
         if layers is not None:
-            clip = (pending.samples,) if self._verifier_hears_clip else ()  # the clip travels only to a verifier that hears it
-            pending.response = self._send("assess_layers", layers, len(pending.samples), texts, *clip)
+            clip = pending.samples if self._verifier_hears_clip else None
+            pending.response = self._send(self.verifier.assess_layers, layers, len(pending.samples), texts, mentions, clip)
         else:
-            pending.response = self._send("assess", pending.samples, texts)
+            pending.response = self._send(self.verifier.assess, pending.samples, texts)
         pending.started, pending.samples = time.perf_counter(), None
 
     def _remaining(self, pending: Pending) -> float:
@@ -210,49 +254,27 @@ class GuardRunner:
             return self._count(apply_policy(policy, answer, [], True))
         if pending.silent:
             return self._count(apply_policy(policy, answer, silenced(checks), True))
+        mentions = [c.text for c in checks if c.source == "answer"]
         if pending.samples is not None:
-            self._send_shared(pending, generation)
+            self._send_shared(pending, generation, mentions)
         if pending.response is None:
             self.metrics.verifier_failures.labels("disabled").inc()
             return self._count(apply_policy(policy, answer, checks, False))
         try:
-            result = await self._await(pending, pending.response)
-            self.metrics.verifier_clips.labels("kept" if result.get("kept") else "shared" if result.get("shared") else "scored").inc()
-            if result.get("kept"):
+            assessment: Assessment = await self._await(pending, pending.response)
+            self.metrics.verifier_clips.labels("kept" if assessment.kept else "shared" if assessment.shared else "scored").inc()
+            if assessment.kept:
                 self.metrics.verifier_kept_hits.inc()
-            mentions = [c for c in checks if c.source == "answer"]
-            matches = {}
-            if mentions:
-                matches = {m["text"]: m for m in await self._await(pending, self.verifier.match.remote([c.text for c in mentions]))}
+            placed = assessment.mentions
+            if mentions and not assessment.shared:  # the clip path heard the clip before the answer existed
+                placed = await self._await(pending, self.verifier.place(mentions))
         except Exception as exc:  # whatever went wrong, the answer still goes out, marked unverified
             reason = failure_reason(exc)
             self.metrics.verifier_failures.labels(reason).inc()
             log.warning("verifier %s: answering unverified", reason)
             return self._count(apply_policy(policy, answer, checks, False))
-
-        t = Thresholds(result["absent_below"], result["present_above"], self.settings.guard_contrast_prior, self.settings.guard_contrast_heard)
-        probs = result["probabilities"]
-        target_events = {e["text"]: e for e in result.get("events", [])}
-        judged: list[ClaimCheck] = []
-        seen: set[str] = set()
-        for c in checks:
-            if c.source == "question":
-                ev = target_events.get(c.text) or {}
-                place(c, ev)
-                c.verifier_score = ev.get("probability")
-            else:
-                m = matches.get(c.text)
-                if not m or m["event"] is None:
-                    continue  # a span that names no known sound is not a sound claim
-                place(c, m)
-                c.verifier_score = probs.get(c.event)
-            if c.event in seen:
-                continue
-            seen.add(c.event)
-            c.present = judge(c.verifier_score, c.contrast, t, c.reason)
-            c.prior = is_prior(c.contrast, t)
-            judged.append(c)
-        return self._count(apply_policy(policy, answer, judged, True))
+        t = Thresholds(assessment.absent_below, assessment.present_above, self.settings.guard_contrast_prior, self.settings.guard_contrast_heard)
+        return self._count(apply_policy(policy, answer, judged(checks, assessment, placed, t), True))
 
     def cancel(self, pending: Pending) -> None:
         for response in (pending.response, pending.prepared):
