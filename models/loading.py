@@ -9,6 +9,7 @@ import torch
 
 from models.families import model_class
 from models.registry import ModelSpec
+from models.small import assemble, is_assembled_checkpoint, read_spec
 
 # PEFT asks every model it wraps for transformers' deprecated ``is_gradient_checkpointing``; the FutureWarning is
 # about PEFT's code, not ours, and would print on every replica start and adapter load.
@@ -30,7 +31,6 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
 def checkpoint_source(spec: ModelSpec) -> str:
     """What ``from_pretrained`` reads for ``spec``: its source, or, for a model committed as trained
     tensors over pretrained parts (``models.small``), the full checkpoint assembled once in the cache."""
-    from models.small import assemble, is_assembled_checkpoint
 
     return str(assemble(spec.source)) if is_assembled_checkpoint(spec.source) else spec.source
 
@@ -44,7 +44,6 @@ def tower_signature(encoder: str, window_s: int) -> str:
 def frozen_tower(spec: ModelSpec) -> str | None:
     """The signature of ``spec``'s audio tower when it is a pretrained part as fetched (a model committed as
     trained tensors over pretrained parts, ``models.small``, whose tower was not distilled), else None."""
-    from models.small import is_assembled_checkpoint, read_spec
 
     if not is_assembled_checkpoint(spec.source):
         return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from models.families import FAMILIES
+from models.store import is_uri, local_copy
 
 TINY_DIR = Path(__file__).resolve().parent / "earwitness-tiny"  # the test-size model, trained from scratch
 SMALL_DIR = Path(__file__).resolve().parent / "earwitness-small"  # the embedded default: trained tensors over pretrained parts
@@ -81,7 +83,6 @@ def resolve(name_or_path: str, store_options: dict | None = None) -> ModelSpec:
     ``config.json`` (``model_type``); Qwen2-Audio when it names none."""
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path]
-    from models.store import is_uri, local_copy
 
     path = local_copy(name_or_path, store_options) if is_uri(name_or_path) else Path(name_or_path).expanduser()
     if path.is_dir() and ((path / "config.json").exists() or (path / "earwitness_parts.json").exists()):
@@ -91,8 +92,6 @@ def resolve(name_or_path: str, store_options: dict | None = None) -> ModelSpec:
 
 
 def _family_of_checkpoint(path: Path) -> str:
-    from models.families import FAMILIES
-
     config = path / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
     return next((f.name for f in FAMILIES.values() if f.model_type == model_type), "qwen2-audio")

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from models.pretrained import POSITIONS_PER_SECOND, provenance, smollm2_qwen2, whisper_encoder, whisper_feature_extractor
+from models.pretrained.parts import PARTS
+from models.pretrained.store import build_once
 from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, CHAT_TEMPLATE, chatml_tokenizer
 
 PARTS_FILE = "earwitness_parts.json"
@@ -48,7 +51,6 @@ class SmallSpec:
     @property
     def audio_tokens(self) -> int:
         """Audio tokens a full window gives the language model (the tower's positions, pooled by two)."""
-        from models.pretrained import POSITIONS_PER_SECOND
 
         return self.window_s * POSITIONS_PER_SECOND // 2
 
@@ -83,7 +85,6 @@ def build_untrained(spec: SmallSpec = SmallSpec(), seed: int = 0, tower: str | N
     """``(processor, Qwen2AudioForConditionalGeneration)`` from the pinned pretrained parts; projector random.
     ``tower``: a Whisper directory to take the audio tower from instead (a distilled tower, ``train.tower``), whose
     ``spec.tower_layers`` are then the trained ones that get committed."""
-    from models.pretrained import POSITIONS_PER_SECOND, smollm2_qwen2, whisper_encoder
 
     tower = whisper_encoder(tower or spec.encoder, max_source_positions=spec.window_s * POSITIONS_PER_SECOND)
     lm, lm_tokenizer = smollm2_qwen2(num_layers=spec.lm_layers, source=spec.language_model)
@@ -93,8 +94,6 @@ def build_untrained(spec: SmallSpec = SmallSpec(), seed: int = 0, tower: str | N
 def build_from_parts(tower, lm, lm_tokenizer, spec: SmallSpec, seed: int = 0):
     """Join a ``Qwen2AudioEncoder`` and a ``Qwen2ForCausalLM`` (tied embeddings) into one Qwen2-Audio."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
-
-    from models.pretrained import whisper_feature_extractor
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(lm_tokenizer)
@@ -155,9 +154,6 @@ def save_trained(model, processor, out_dir: Path, spec: SmallSpec, base_lora: Pa
 
     from safetensors.torch import save_file
 
-    from models.pretrained import provenance
-    from models.pretrained.parts import PARTS
-
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(trained_tensors(model, processor.tokenizer, spec), str(out_dir / TRAINED_FILE))
     processor.save_pretrained(out_dir)
@@ -217,7 +213,6 @@ def fingerprint(ckpt: Path) -> str:
 
 def assemble(ckpt: str | Path, progress: bool = True) -> Path:
     """The full Qwen2-Audio checkpoint for ``ckpt``, built once in the cache from parts + trained tensors."""
-    from models.pretrained.store import build_once
 
     ckpt = Path(ckpt).resolve()
     spec = read_spec(ckpt)

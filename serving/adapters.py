@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.families import unwrap
 from models.store import NotInStore, StoreError, is_uri, join, local_copy
 from serving.errors import ApiError
 
@@ -175,7 +176,6 @@ def lora_problem(path: Path, model=None) -> str | None:
 
 def _base_shapes(model) -> dict[str, tuple[int, ...]]:
     """The base weights' shapes by the names PEFT saves them under (PEFT's own wrappers and LoRA tensors left out)."""
-    from models.families import unwrap
 
     out = {}
     for name, param in unwrap(model).named_parameters():

@@ -15,6 +15,7 @@ from ray.serve import Application
 from serving.config import Settings
 from serving.ingress import Ingress
 from serving.model_server import ModelServer
+from serving.placement import model_actor_options
 from serving.verifier_server import VerifierServer
 
 
@@ -22,7 +23,6 @@ def build(settings: Settings) -> Application:
     # One fresh metrics directory per application, so restarts don't resurrect old counts.
     metrics_dir = str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
     metrics_env = {"runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}}
-    from serving.placement import model_actor_options
 
     verifier = None
     if settings.verifier and settings.topology == "split":

@@ -9,6 +9,11 @@ import argparse
 import json
 import sys
 
+from serving import intake
+from serving.config import Settings, scaled_to_cores, usable_cores
+from serving.errors import ApiError
+from serving.schemas import AudioInfo, GuardInfo
+
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
@@ -26,8 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from serving.config import Settings, scaled_to_cores, usable_cores
-    from serving.runtime import start, start_ray, stop
+    from serving.runtime import start, start_ray, stop  # function-level: Ray loads only for the command that serves
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
     settings = scaled_to_cores(Settings(**overrides), usable_cores(), gpu=torch.cuda.is_available())
@@ -53,10 +57,6 @@ def _ask(args: argparse.Namespace) -> int:
     before the model loads."""
     import asyncio
 
-    from serving import intake
-    from serving.config import Settings
-    from serving.errors import ApiError
-
     settings = Settings(**{k: v for k, v in {"model": args.model, "adapter": args.adapter}.items() if v is not None})
     try:
         with open(args.file, "rb") as fh:
@@ -79,14 +79,13 @@ def _ask(args: argparse.Namespace) -> int:
 
 async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str, truncate: bool) -> dict:
     """The QA endpoint's answer, computed by the service in this process (model and, when guarded, verifier)."""
-    from serving import intake
+    # function-level: the model, the verifier and Ray load only for the command that answers
     from serving.ingress import Service
     from serving.model_client import InProcess, LocalModel
-    from serving.schemas import AudioInfo, GuardInfo
 
     verifier = None
     if policy != "off" and settings.verifier:
-        from serving.verifier_server import VerifierServer
+        from serving.verifier_server import VerifierServer  # function-level: the verifier's networks load only when guarded
 
         verifier = InProcess(VerifierServer.func_or_class(settings.model_dump()))
     model = LocalModel(settings, multiplexed=False)
@@ -103,7 +102,7 @@ async def _answer(settings, data: bytes, question: str, max_tokens: int, policy:
 
 
 def _models(_: argparse.Namespace) -> int:
-    from models.registry import REGISTRY
+    from models.registry import REGISTRY  # function-level: the registry's families load torch, which --help need not
 
     for spec in REGISTRY.values():
         print(f"{spec.name:28} {spec.family:22} {spec.source}")

@@ -24,12 +24,11 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from serving import intake
+from serving import intake, openai_api
+from serving.adapters import Catalog, UnknownModel
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
-from serving.verify_api import VERIFY_BODY
-from serving.verify_api import verify as verify_audio
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
 from serving.metrics import Metrics, mark_process_dead
@@ -37,6 +36,7 @@ from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, keys_from_
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
+from serving.verify_api import VERIFY_BODY, verify as verify_audio
 
 log = logging.getLogger("earwitness.http")
 
@@ -195,7 +195,6 @@ class Service:
 
         Unknown or malformed names are 404 ``model_not_found``; a name never reaches the file system.
         """
-        from serving.adapters import Catalog, UnknownModel
 
         if requested and not MODEL_NAME.fullmatch(requested):
             raise ApiError(404, "model_not_found", "'model' is not a valid model name; see GET /v1/models", param="model")
@@ -277,7 +276,6 @@ class Service:
 
     async def models(self) -> ModelList:
         """Every servable id: the model (with its default adapter), ``:base``, and each named adapter."""
-        from serving.adapters import Catalog
 
         info = await self.model_info()
         catalog = Catalog.from_dict(info["catalog"]) if "catalog" in info else Catalog(info["model"])
@@ -346,7 +344,6 @@ def create_app(service: Service) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    from serving import openai_api
 
     openai_api.register(app, service)  # POST /v1/chat/completions (OpenAI-compatible, input_audio parts)
 
@@ -391,7 +388,7 @@ class Ingress:
         if model is not None:
             self.service = Service(RemoteModel(model), config, verifier)
         else:
-            from serving.verifier_server import VerifierServer
+            from serving.verifier_server import VerifierServer  # function-level: only a fused replica loads the verifier's networks
 
             local_verifier = InProcess(VerifierServer.func_or_class(settings)) if config.verifier else None
             self.service = Service(LocalModel(config), config, local_verifier)

@@ -54,7 +54,7 @@ class LocalModel:
     """
 
     def __init__(self, settings: Settings, multiplexed: bool = True):
-        from serving.model_server import ModelServer
+        from serving.model_server import ModelServer  # function-level: a split ingress never loads a model server
 
         self.multiplexed = multiplexed
         self.server = ModelServer.func_or_class(settings.model_dump())  # the deployment's class itself

@@ -124,9 +124,11 @@ def make_backend(settings: Settings, spec: ModelSpec | None = None):
     adapter = settings.adapter or spec.adapters.get("default")
     local_adapter = str(local_copy(adapter, settings.store_options)) if adapter else None
     if settings.engine == "vllm":
+        # function-level: only the configured engine loads (vLLM lives in its own environment)
         from serving.backends.vllm import load_for_settings
 
         return load_for_settings(spec, settings, local_adapter), adapter
+    # function-level: only the configured engine loads (vLLM lives in its own environment)
     from serving.backends.hf import TransformersBackend
 
     return TransformersBackend.load(spec, adapter=local_adapter, device=settings.device, dtype=settings.dtype), adapter
@@ -256,6 +258,7 @@ class ModelServer:
 
     async def _lora_ref(self, name: str):
         """vLLM's handle on adapter ``name``: its local copy, checked, with an id per copy."""
+        # function-level: only the configured engine loads (vLLM lives in its own environment)
         from serving.backends.vllm import LoraRef, adapter_problem
 
         path = str(await asyncio.to_thread(fetch_adapter, name, self.catalog.location(name), self.settings.store_options))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+import weakref
 from collections.abc import Mapping
 
 # What a request id may look like to be echoed: a token, bounded, nothing a log or a header can be hurt by.
@@ -75,15 +76,25 @@ def proxy_env(header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> dict[str, s
     return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK, HEADER_TIMEOUT_ENV: f"{header_timeout_s:g}"}
 
 
+# What the patch keeps, here rather than on uvicorn's objects: each patched protocol class's header timeout, and each
+# connection's armed deadline (weakly: a closed connection's entry goes with it).
+_HEADER_TIMEOUTS: dict[type, float] = {}
+_DEADLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def install_header_timeout(timeout_s: float) -> None:
     """Give uvicorn's HTTP protocols (httptools and h11) a deadline for each request's headers, in this process."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     for cls in (HttpToolsProtocol, H11Protocol):
-        if getattr(cls, "_earwitness_header_timeout", None) is None:
+        if cls not in _HEADER_TIMEOUTS:
             _patch(cls)
-        cls._earwitness_header_timeout = timeout_s
+        _HEADER_TIMEOUTS[cls] = timeout_s
+
+
+def _header_timeout(protocol) -> float:
+    return next(_HEADER_TIMEOUTS[c] for c in type(protocol).__mro__ if c in _HEADER_TIMEOUTS)
 
 
 def _waiting_for_headers(protocol) -> bool:
@@ -92,19 +103,18 @@ def _waiting_for_headers(protocol) -> bool:
 
 
 def _arm(protocol) -> None:
-    if getattr(protocol, "_earwitness_deadline", None) is None:
-        protocol._earwitness_deadline = protocol.loop.call_later(protocol._earwitness_header_timeout, _expire, protocol)
+    if _DEADLINES.get(protocol) is None:
+        _DEADLINES[protocol] = protocol.loop.call_later(_header_timeout(protocol), _expire, protocol)
 
 
 def _disarm(protocol) -> None:
-    deadline = getattr(protocol, "_earwitness_deadline", None)
+    deadline = _DEADLINES.pop(protocol, None)
     if deadline is not None:
         deadline.cancel()
-        protocol._earwitness_deadline = None
 
 
 def _expire(protocol) -> None:
-    protocol._earwitness_deadline = None
+    _DEADLINES.pop(protocol, None)
     if _waiting_for_headers(protocol) and not protocol.transport.is_closing():
         protocol.transport.close()
 

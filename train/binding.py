@@ -34,10 +34,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.loading import load
+from models.registry import resolve
 from models.tiny import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_START
 from train.data.conversations import prompt_ids
-from train.metrics import roc_auc
 from train.data.formats import read_timelines
+from train.data.ontology import load_ontology
+from train.data.qa import read_qa_rows
+from train.encoder import frame_targets
+from train.metrics import roc_auc
+from train.probe import encoded_split
 
 AUDIO_SOURCES = ("oracle", "encoder")
 LAYOUTS = ("chat", "direct")
@@ -98,9 +104,6 @@ def pool_positions(hidden: torch.Tensor, active: torch.Tensor, positions: int | 
 def oracle_split(corpus_dir: Path, split: str, classes: list[str], positions: int, window_s: float) -> Split:
     """A split for oracle tokens only: the strong labels at ``positions`` steps, no audio tower run."""
 
-    from train.data.qa import read_qa_rows
-    from train.encoder import frame_targets
-
     timelines = read_timelines(corpus_dir, split)
     rows_of = {scene_id: i for i, scene_id in enumerate(timelines)}
     active = torch.from_numpy(frame_targets(timelines, rows_of, classes, positions, window_s))
@@ -109,9 +112,6 @@ def oracle_split(corpus_dir: Path, split: str, classes: list[str], positions: in
 
 
 def load_split(model_dir, model, processor, corpus_dir: Path, split: str, classes: list[str], positions: int | None = None) -> Split:
-    from train.data.qa import read_qa_rows
-    from train.probe import encoded_split
-
     hidden, rows_of, active = encoded_split(model_dir, model, processor, corpus_dir, split, classes)
     hidden, active = pool_positions(hidden, active, positions)
     questions = [r for r in read_qa_rows(corpus_dir, split) if r.kind == "presence" and r.scene_id in rows_of]
@@ -200,9 +200,6 @@ def run(model_dir: str | Path, corpus_dir: str | Path, audio: str = "oracle", la
     ``audio_learning_rate``: the audio steps' own rate after an oracle phase (a fresh projector alone learns
     at a higher one than pretrained layers).
     """
-    from models.loading import load
-    from models.registry import resolve
-    from train.data.ontology import load_ontology
 
     if audio not in AUDIO_SOURCES or layout not in LAYOUTS or lm_init not in LM_INITS or audio_trains not in AUDIO_TRAINS:
         raise ValueError(f"audio must be one of {AUDIO_SOURCES}, layout one of {LAYOUTS}, lm_init one of {LM_INITS}, "

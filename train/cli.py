@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _packages(names: list[str] | None) -> tuple[str, ...]:
+    # function-level: the data commands load their builders only when they run
     from train.data.sources import CORE_PACKAGES, EXTRA_PACKAGES, PACKAGES
 
     groups = {"core": CORE_PACKAGES, "extra": EXTRA_PACKAGES, "all": PACKAGES}
@@ -38,6 +39,7 @@ def _packages(names: list[str] | None) -> tuple[str, ...]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    # function-level: the data commands load their builders only when they run
     from train.data.fetching import fetch
 
     roots, failed = fetch(_packages(args.packages), args.cache, progress=True)
@@ -49,6 +51,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    # function-level: the data commands load their builders only when they run
     from train.data.build import build_corpus
 
     report = build_corpus(args.out, n_train=args.scenes, seed=args.seed, packages=_packages(args.packages),

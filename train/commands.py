@@ -140,6 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _recipe(args) -> int:
     if args.model == "small":
+        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
         from dataclasses import replace
 
         from models.small import SmallSpec
@@ -149,6 +150,7 @@ def _recipe(args) -> int:
         out = run_small_recipe(args.corpus, args.work, args.ship, SmallSpec(trained_layers=args.lookup_epochs > 0), seed=args.seed,
                                base_from=args.base_from, lookup=lookup, tower=args.tower)
     else:
+        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
         from train.recipe import run_recipe
 
         out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed, base_from=args.base_from)
@@ -157,6 +159,7 @@ def _recipe(args) -> int:
 
 
 def _audio_side(value: str) -> str:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from train.features import PRETRAINED_ENCODERS
 
     if value in ("mel", "yamnet", *PRETRAINED_ENCODERS) or (Path(value) / "config.json").exists():
@@ -165,9 +168,11 @@ def _audio_side(value: str) -> str:
 
 
 def _verifier(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from train.verifier import train_verifier, train_whisper_verifier
 
     if args.tune != "frozen":
+        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
         from train.tagger import TuneConfig, train_tuned_verifier
 
         if args.audio != "yamnet":
@@ -186,6 +191,7 @@ def _verifier(args) -> int:
 
 
 def _vocabulary(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from train.tagger import refit_open_vocabulary
 
     doc = refit_open_vocabulary(args.verifier, args.corpus)
@@ -194,6 +200,7 @@ def _vocabulary(args) -> int:
 
 
 def _tower(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     import torch
 
     from train.data.ontology import load_ontology
@@ -213,6 +220,7 @@ def _tower(args) -> int:
 
 
 def _base(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from dataclasses import replace
 
     from train.recipe import BASE, train_base
@@ -225,6 +233,7 @@ def _base(args) -> int:
 
 
 def _probe(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from train.data.sources import CORE_PACKAGES
     from train.probe import probe, probe_report, run_probe, table
 
@@ -243,6 +252,7 @@ def _probe(args) -> int:
 
 
 def _binding(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     import torch
 
     from train.binding import run, table
@@ -258,6 +268,7 @@ def _binding(args) -> int:
 
 
 def _resolve_adapter(model: str, adapter: str | None) -> tuple:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from models.registry import resolve
 
     spec = resolve(model)
@@ -267,6 +278,7 @@ def _resolve_adapter(model: str, adapter: str | None) -> tuple:
 
 
 def _eval(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from serving.backends.hf import TransformersBackend
     from train.evaluate import evaluate
     from train.data.report import markdown
@@ -274,6 +286,7 @@ def _eval(args) -> int:
     spec, adapter = _resolve_adapter(args.model, args.adapter)
     backend = TransformersBackend.load(spec, adapter=adapter)
     if args.phrasing:
+        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
         from train.evaluate import phrasing_metrics, phrasing_table
 
         doc = phrasing_metrics(backend, args.corpus, args.split, per_answer=args.phrasing)
@@ -290,6 +303,7 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from models.loading import load
     from train.lora import export_merged
 

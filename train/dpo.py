@@ -291,7 +291,7 @@ def export_adapter(trainer, adapter_dir: str | Path, extra: Mapping[str, Any] | 
     base = model.get_base_model()
     note = {
         "family": family_of(base).name,
-        "base_model": getattr(base.config, "_name_or_path", "") or None,
+        "base_model": base.config.name_or_path or None,
         "target_modules": model.peft_config["default"].target_modules,
         **(extra or {}),
     }

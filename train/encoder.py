@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from train.sft import plot_losses
 
 
 def frame_targets(timelines: dict, rows_of: dict[str, int], classes: list[str], positions: int, clip_s: float) -> np.ndarray:
@@ -82,7 +83,6 @@ def pretrain_encoder(
     progress: bool = True,
 ) -> list[dict]:
     """Train ``model.audio_tower`` in place on frame-level detection; logs and plots the loss."""
-    from train.sft import plot_losses
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

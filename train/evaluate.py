@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from models.answers import classify
 from serving.backends import AudioPrompt
-from train.data.ontology import Ontology
-from train.data.qa import NEGATIVE_SAMPLINGS, PRESENCE_FAMILIES, QARow, presence_question, read_qa_rows
 from train.data.formats import read_timelines
+from train.data.ontology import Ontology, load_ontology
+from train.data.qa import NEGATIVE_SAMPLINGS, PRESENCE_FAMILIES, QARow, presence_question, read_qa_rows
 
 MAX_TOKENS = {"presence": 4, "order": 16, "count": 6, "duration": 8, "caption": 64}
 
@@ -230,8 +230,6 @@ def phrasing_table(metrics: dict[str, dict[str, dict]]) -> str:
 
 
 def evaluate(backend, corpus_dir: str | Path, split: str = "test", plan: EvalPlan = EvalPlan(), progress: bool = True) -> dict:
-    from train.data.ontology import load_ontology
-
     corpus_dir = Path(corpus_dir)
     rows = sample_rows(read_qa_rows(corpus_dir, split), plan)
     answers = answer_rows(backend, rows, corpus_dir, progress=progress)

@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
+from models.pretrained import whisper_encoder, whisper_feature_extractor
+from models.pretrained.whisper import POSITIONS_PER_SECOND, encode_layers
+from models.verifier.scorer import YamnetFrontend, YamnetScorerConfig
+from train.data.augment import AugmentConfig, augment_scene
 
 
 def feature_tag(size) -> str:
@@ -97,8 +101,6 @@ def encoder_features(corpus_dir: str | Path, split: str, encoder: str, window_s:
     labels heard through other microphones, rooms and codecs. Every later stage reads these arrays,
     never the audio.
     """
-    from models.pretrained import whisper_encoder, whisper_feature_extractor
-    from models.pretrained.whisper import POSITIONS_PER_SECOND, encode_layers
 
     corpus_dir = Path(corpus_dir)
     last_path, middle_path, index_path = _encoder_files(corpus_dir, split, encoder_tag(encoder, window_s), view)
@@ -143,8 +145,6 @@ def _scene_audio(path: Path, sampling_rate: int, view: int, seed: int, row: int)
         return samples
     from dataclasses import replace
 
-    from train.data.augment import AugmentConfig, augment_scene
-
     # every scene of an augmented view is augmented: a clean one would repeat view 0
     return augment_scene(samples, np.random.default_rng([seed, view, row]), replace(AugmentConfig(), p_scene=1.0))
 
@@ -153,7 +153,6 @@ def yamnet_features(corpus_dir: str | Path, split: str, view: int = 0, batch_siz
                     augment_seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
     """Frozen YAMNet's embedding ⊕ AudioSet logits per patch for every scene of a split (``[N, P, 1545]`` float16),
     computed once and cached per view (augmented views as :func:`encoder_features`)."""
-    from models.verifier.scorer import YamnetFrontend, YamnetScorerConfig
 
     corpus_dir = Path(corpus_dir)
     path, _, index_path = _encoder_files(corpus_dir, split, "yamnet", view)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models.pretrained import provenance_markdown
+from models.small import read_spec
 from train.data.report import markdown
+from train.probe import table
 
 REPRODUCE = "earwitness train recipe --corpus data/corpus --work runs/recipe --ship models/earwitness-tiny"
 
@@ -83,7 +86,6 @@ def _probe_section(results: dict | None) -> str:
     """What the audio tokens know, against what the answers show (``earwitness train probe``)."""
     if not results:
         return ""
-    from train.probe import table
 
     return f"""
 ### What the audio tokens know (linear probe on the frozen encoder)
@@ -128,8 +130,6 @@ def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> P
 
     Long because it is one Markdown template, kept whole so that it reads as the card it writes.
     """
-    from models.pretrained import provenance_markdown
-    from models.small import read_spec
 
     spec = read_spec(ship_dir)
     adapter = json.loads((ship_dir / "adapter" / "adapter_config.json").read_text())

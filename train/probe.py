@@ -25,10 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data.mixer import SCENE_S
-from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
-from train.metrics import choose_prior_correction, class_prior_logits, roc_auc
+from models.loading import load
+from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
+from models.registry import resolve
+from models.small import is_assembled_checkpoint, read_spec
+from models.tiny import TinySize
+from models.verifier.scorer import pool_positions
 from train.data.formats import read_timelines
+from train.data.mixer import SCENE_S
+from train.data.ontology import load_ontology
+from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS, read_qa_rows
+from train.encoder import frame_targets, patch_targets
+from train.features import encoder_features, feature_tag, scene_features, yamnet_features
+from train.metrics import choose_prior_correction, class_prior_logits, roc_auc
 
 POOLINGS = ("meanmax", "attention", "frame")
 PROBE_POSITIONS = 125  # 80 ms: the strong labels' events are longer than that
@@ -47,7 +56,6 @@ class ProbeData:
 
 def pool_time(x: np.ndarray, positions: int) -> np.ndarray:
     """Average ``[N, P, D]`` down to ``positions`` steps (P a multiple of it), as the served verifier does."""
-    from models.verifier.scorer import pool_positions
 
     return pool_positions(torch.from_numpy(np.asarray(x, dtype=np.float32)), positions).numpy().astype(np.float16)
 
@@ -79,13 +87,10 @@ def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], l
                views: tuple[int, ...] = (0,), window_s: int = 10, progress: bool = True) -> ProbeData:
     """One split's frozen features (views stacked), pooled to :data:`PROBE_POSITIONS`, with their labels; for
     ``encoder="yamnet"``, YAMNet's patches (0.96 s every 0.48 s) with patch-aligned labels."""
-    from train.encoder import frame_targets, patch_targets
-    from train.features import encoder_features, yamnet_features
 
     feats, targets, rows = [], [], {}
     timelines = read_timelines(corpus_dir, split)
     if encoder == "yamnet":
-        from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
 
         for view in views:
             x, view_rows = yamnet_features(corpus_dir, split, view=view, progress=progress)
@@ -251,8 +256,6 @@ def run_probe(corpus_dir: str | Path, encoders: tuple[str, ...] = ("whisper-tiny
     takes the share of each class's training prior that validation says helps out of its scores
     (``train.verifier.choose_prior_correction``), as the verifier does.
     """
-    from train.data.ontology import load_ontology
-    from train.data.qa import read_qa_rows
 
     corpus_dir = Path(corpus_dir)
     classes = load_ontology(corpus_dir / "ontology.json").names
@@ -380,20 +383,14 @@ def encoded_split(model_dir: str | Path, model, processor, corpus_dir: Path, spl
     """``(audio tokens [N, P, dim], scene_id → row, strong-label activity [N, P, classes])`` of one split, from
     the checkpoint's own audio tower: a tiny model's runs on its cached mels; earwitness-small's is a frozen
     pretrained encoder, whose outputs the feature cache already holds (``train.features.encoder_features``)."""
-    from models.registry import resolve
-    from models.small import is_assembled_checkpoint, read_spec
-    from train.encoder import frame_targets
 
     source = resolve(str(model_dir)).source
     if is_assembled_checkpoint(source):
-        from train.features import encoder_features
 
         spec = read_spec(source)
         enc = encoder_features(corpus_dir, split, spec.encoder, spec.window_s, progress=False)
         hidden, rows_of, window_s = torch.from_numpy(np.asarray(enc.last, dtype=np.float32)), enc.rows, float(spec.window_s)
     else:
-        from models.tiny import TinySize
-        from train.features import feature_tag, scene_features
 
         size = TinySize(**model.config.earwitness_tiny_size)
         features, rows_of, _ = scene_features(corpus_dir, split, processor.feature_extractor, feature_tag(size), progress=False)
@@ -404,10 +401,6 @@ def encoded_split(model_dir: str | Path, model, processor, corpus_dir: Path, spl
 
 def probe(model_dir: str | Path, corpus_dir: str | Path, splits: tuple[str, ...] = ("train", "test"), epochs: int = 12) -> dict[str, dict[str, float]]:
     """Presence ROC-AUC per split and negative sampling of a checkpoint's own audio tower (``frame`` head)."""
-    from models.loading import load
-    from models.registry import resolve
-    from train.data.ontology import load_ontology
-    from train.data.qa import read_qa_rows
 
     corpus_dir = Path(corpus_dir)
     processor, model = load(resolve(str(model_dir)), device="cpu")

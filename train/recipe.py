@@ -13,11 +13,23 @@ from pathlib import Path
 
 import torch
 
+from models.loading import load
+from models.registry import resolve
 from models.tiny import TinySize, build_untrained
-from train.features import feature_tag, scene_features
-from train.data.qa import read_qa_rows
-from train.sft import StageConfig, select_rows, train_stage
+from serving.backends.hf import TransformersBackend
+from train.data.build import build_corpus
 from train.data.formats import read_timelines
+from train.data.ontology import load_ontology
+from train.data.prefs import load_pairs
+from train.data.qa import read_qa_rows
+from train.data.report import headline, markdown, plot_stages
+from train.dpo import AudioDPOConfig, train_dpo
+from train.encoder import frame_targets, pretrain_encoder
+from train.evaluate import EvalPlan, evaluate
+from train.features import feature_tag, scene_features
+from train.model_card import write_model_card
+from train.probe import probe
+from train.sft import StageConfig, select_rows, train_stage
 
 # Sized by measurement to fit the whole recipe in well under 90 minutes on 2 CPU cores.
 # The base keeps the stage-0 encoder frozen: joint training from a random language model wipes
@@ -59,8 +71,6 @@ def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), con
 
 def pretrain_audio_encoder(model, corpus_dir: Path, train: tuple, val: tuple, size: TinySize, out_dir: Path, seed: int, progress: bool) -> None:
     """Stage 0: frame-level sound-event detection on the strong labels (see train.encoder)."""
-    from train.encoder import frame_targets, pretrain_encoder
-    from train.data.ontology import load_ontology
 
     classes = load_ontology(corpus_dir / "ontology.json").names
     positions = size.max_source_positions // 2
@@ -74,8 +84,6 @@ def pretrain_audio_encoder(model, corpus_dir: Path, train: tuple, val: tuple, si
 
 def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageConfig = LISTEN, progress: bool = True):
     """Stage 2 (LISTEN): the base plus absent-sound questions answered 'no'; only the audio adapter learns."""
-    from models.loading import load
-    from models.registry import resolve
 
     processor, model = load(resolve(str(base_dir)), device="cpu")
     size = TinySize(**model.config.earwitness_tiny_size)
@@ -88,7 +96,6 @@ def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageC
 
 def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int], seed: int = 0):
     """A stratified sample of the training pairs: ``per_kind`` of every LISTEN / AHA / ACPO kind (or a count per kind)."""
-    from train.data.prefs import load_pairs
 
     pairs = load_pairs(corpus_dir, "train").shuffle(seed=seed)
     kinds = pairs["kind"]
@@ -105,7 +112,6 @@ def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind
               learning_rate: float = 5e-4, projector: bool = True) -> Path:
     """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along (``projector``) or stays
     as LISTEN left it."""
-    from train.dpo import AudioDPOConfig, train_dpo
 
     dataset = preference_subset(corpus_dir, per_kind, seed)
     config = AudioDPOConfig(lora_r=16, lora_alpha=32, beta=0.1, learning_rate=learning_rate, epochs=1.0, batch_size=8,
@@ -114,11 +120,6 @@ def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind
 
 
 def evaluate_stage(name: str, processor, model, corpus_dir: Path, plan, progress: bool) -> dict:
-    from serving.backends.hf import TransformersBackend
-    from train.evaluate import evaluate
-
-    from train.data.report import headline
-
     result = evaluate(TransformersBackend(name, processor, model), corpus_dir, "test", plan, progress=progress)
     print(f"[recipe] {name}: {json.dumps({k: round(v, 3) for k, v in headline({name: result})[name].items()})}", flush=True)
     return result
@@ -129,7 +130,6 @@ def ensure_corpus(corpus_dir: Path, seed: int = 0, progress: bool = True) -> boo
     mixed); True when it was built."""
     if (corpus_dir / "report.json").exists():
         return False
-    from train.data.build import build_corpus
 
     build_corpus(corpus_dir, seed=seed, progress=progress)
     return True
@@ -141,12 +141,6 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     ``base_from`` reuses a trained base (stages 0–1) and runs only the alignment.
     """
     from peft import PeftModel
-
-    from models.loading import load
-    from models.registry import resolve
-    from train.evaluate import EvalPlan
-    from train.probe import probe
-    from train.data.report import markdown, plot_stages
 
     plan = eval_plan or EvalPlan(seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +207,6 @@ SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "
 
 def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
     """Copy base weights, processor, adapter, curves and evaluation into the committed model directory."""
-    from train.model_card import write_model_card
 
     ship_dir.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED_FILES:

@@ -33,10 +33,21 @@ import numpy as np
 import torch
 
 from models.families import unwrap
-from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, SmallSpec, build_untrained, save_trained
+from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE, SmallSpec, build_untrained, load_trained, read_spec, save_trained
 from train.binding import mix_names, name_embeddings, oracle_split, phrase_word_ids, pool_positions
+from train.data.formats import read_timelines
+from train.data.ontology import load_ontology
 from train.data.qa import paraphrased, read_qa_rows
+from train.data.report import markdown, plot_stages
+from train.encoded import EncodedForward, collate_encoded
+from train.encoder import frame_targets
+from train.evaluate import EvalPlan
+from train.features import encoder_features
+from train.lora import lora_config
+from train.model_card import write_small_model_card
+from train.recipe import Laps, align_dpo, ensure_corpus, evaluate_stage, point_adapter_at, versions
 from train.sft import StageConfig, select_rows, train_stage
+from train.tower import distilled_layers, export_whisper
 
 BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("positive",), epochs=0.6, batch_size=8,
                    learning_rate=1e-3, warmup_steps=20, turns_per_chat=6, caption_share=0.2)
@@ -85,8 +96,6 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
     The same supervised answers as the other stages (cross-entropy on the whole answer), so the model keeps
     answering in form; a margin on Yes/No alone left its layers answering "........". Returns the stage's history.
     """
-    from train.data.ontology import load_ontology
-    from train.encoded import EncodedForward, collate_encoded
 
     ontology = load_ontology(corpus_dir / "ontology.json")
     qa = unwrap(model).model
@@ -121,9 +130,6 @@ def fit_projector_to_names(model, processor, corpus_dir: Path, spec: SmallSpec, 
     and gradient steps from the fit move it back down (0.64 after 150 steps at lr 1e-4). Only the projector
     changes: the language model stays frozen, as LISTEN wants. Returns the fit's R² on the training split.
     """
-    from train.data.formats import read_timelines
-    from train.data.ontology import load_ontology
-    from train.encoder import frame_targets
 
     ontology = load_ontology(corpus_dir / "ontology.json")
     hidden, rows, _, _ = encoded_data(corpus_dir, "train", LISTEN, spec, progress=False, tower=tower)
@@ -160,7 +166,6 @@ def ridge_to_names(hidden: np.ndarray, active: np.ndarray, embed: torch.Tensor, 
 def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallSpec, progress: bool = True, tower: Path | None = None) -> tuple:
     """``(tower outputs, scene → row, frames, rows by scene)`` for a stage, from the feature cache (of ``tower``, a
     distilled tower's Whisper directory, when the model is built on one)."""
-    from train.features import encoder_features
 
     enc = encoder_features(corpus_dir, split, str(tower or spec.encoder), spec.window_s, progress=progress)
     frames = np.full(len(enc.rows), spec.window_s * 100, dtype=np.int32)
@@ -169,7 +174,6 @@ def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallS
 
 def _supervised(model, processor, corpus_dir: Path, config: StageConfig, spec: SmallSpec, out_dir: Path, progress: bool,
                 tower: Path | None = None) -> None:
-    from train.encoded import EncodedForward, collate_encoded
 
     train = encoded_data(corpus_dir, "train", config, spec, progress, tower)
     val = encoded_data(corpus_dir, "validation", config, spec, progress, tower)
@@ -181,8 +185,6 @@ def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), c
     """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form (with the
     distilled tower's ``spec.tower_layers`` when built on ``tower``)."""
     from peft import get_peft_model
-
-    from train.lora import lora_config
 
     processor, model = build_untrained(replace(spec, trained_layers=False), seed=config.seed, tower=str(tower) if tower else None)
     peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
@@ -212,10 +214,6 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
 
     from peft import PeftModel
 
-    from train.data.report import markdown, plot_stages
-    from train.evaluate import EvalPlan
-    from train.recipe import Laps, align_dpo, ensure_corpus, evaluate_stage, versions
-
     plan = eval_plan or EvalPlan(presence_per_sampling=150, per_temporal_kind=60, captions=40, seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     lap = Laps()
@@ -226,7 +224,6 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
 
     whisper = None
     if tower is not None:
-        from train.tower import distilled_layers, export_whisper
 
         spec, whisper = replace(spec, tower_layers=distilled_layers(tower)), export_whisper(tower, spec.encoder)
     base_dir = work_dir / "base"
@@ -272,7 +269,6 @@ def base_stage(corpus_dir: Path, base_dir: Path, spec: SmallSpec, seed: int, pla
 
     The stages' wall times go to ``lap`` (a ``train.recipe.Laps``); a reused base brings its own.
     """
-    from train.recipe import evaluate_stage
 
     if base_from is None:
         processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress, tower)
@@ -304,7 +300,6 @@ def _logged_seconds(base_dir: Path) -> list[float]:
 
 def reuse_base(earlier: Path, base_dir: Path):
     """An earlier run's base, rebuilt from its committed form (parts + trained tensors + base LoRA)."""
-    from models.small import build_untrained, load_trained, read_spec
 
     if earlier / "base" != base_dir:
         shutil.copytree(earlier / "base", base_dir, dirs_exist_ok=True)
@@ -316,9 +311,6 @@ def reuse_base(earlier: Path, base_dir: Path):
 def ship(trained_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
     """Only what training made: trained tensors (the base's, or the lookup's with its layers), base LoRA (when
     the layers are not committed), aligned adapter, processor, curves, card."""
-    from models.small import PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE
-    from train.model_card import write_small_model_card
-    from train.recipe import point_adapter_at
 
     ship_dir.mkdir(parents=True, exist_ok=True)
     for name in (PARTS_FILE, TRAINED_FILE, *PROCESSOR_FILES):

@@ -30,6 +30,18 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
+from models.pretrained.yamnet import PATCH_HOP_S, STEP_S, STEPS, LogMelPatches, load_yamnet
+from models.verifier.card import model_card
+from models.verifier.checkpoint import load_verifier, save_embedded
+from models.verifier.scorer import WhisperTextScorer, YamnetScorerConfig, tagger_features
+from models.verifier.text import TextEncoder, normalise_phrase
+from train.data.formats import read_timelines
+from train.data.qa import read_qa_rows
+from train.encoder import window_targets
+from train.features import feature_cache, scene_cache, yamnet_features
+from train.metrics import fit_platt, roc_auc
+from train.probe import ProbeData, held_out_packages, leave_one_package_out, load_split
+from train.verifier import TextSpace, calibrate_and_ship, clip_logits, head_loss, presence_pairs, split_auc, standardise
 
 TUNE_FROM = {"top": 23, "upper": 13}
 TRUNK_END = 13  # the cached trunk: YAMNet's convolutions 0-12, [512, 6, 4] per patch
@@ -55,8 +67,6 @@ class TuneConfig:
 
 def trunk_features(corpus_dir: Path, split: str, batch_size: int = 16, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
     """The frozen trunk's output for every patch of every scene of a split (``[N, P, 512, 6, 4]`` float16), cached."""
-    from models.pretrained.yamnet import LogMelPatches, load_yamnet
-    from train.features import feature_cache, scene_cache
 
     path, index_path = feature_cache(Path(corpus_dir), split, f"yamnet-trunk{TRUNK_END}")
 
@@ -75,9 +85,6 @@ def trunk_features(corpus_dir: Path, split: str, batch_size: int = 16, progress:
 
 def step_targets(corpus: Path, split: str, rows: dict[str, int], classes: list[str], patches: int) -> np.ndarray:
     """``[N, patches · 3, classes]``: the strong labels of every 0.32 s step of every patch, in the features' order."""
-    from models.pretrained.yamnet import PATCH_HOP_S, STEP_S, STEPS
-    from train.data.formats import read_timelines
-    from train.encoder import window_targets
 
     starts = (np.arange(patches)[:, None] * PATCH_HOP_S + np.arange(STEPS)[None, :] * STEP_S).ravel()
     return window_targets(read_timelines(corpus, split), rows, classes, starts, STEP_S)
@@ -92,7 +99,6 @@ class TunedFeatures:
     def __call__(self, trunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, P, 512, 6, 4]`` → ``(features [B, frames, 1545], the patches' logits [B, P, 521])``, as the served
         front end computes them (``models.verifier.scorer.tagger_features``)."""
-        from models.verifier.scorer import tagger_features
 
         x = trunk.flatten(0, 1).float()
         if self.tagger.start > TRUNK_END:
@@ -116,9 +122,6 @@ def fine_tune(train, teacher: np.ndarray, space, cfg: TuneConfig, keep: np.ndarr
     validation ROC-AUC after every epoch, and the best epoch's weights are kept (early stopping).
     Returns ``(scorer, features, history)``.
     """
-    from models.pretrained.yamnet import load_yamnet
-    from models.verifier.scorer import WhisperTextScorer, YamnetScorerConfig
-    from train.verifier import head_loss, standardise
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -193,9 +196,6 @@ def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_
 
     Returns the ``audioset`` section of ``verifier.json`` and the names' embeddings (``emb``: already made).
     """
-    from models.verifier.text import TextEncoder, normalise_phrase
-    from train.metrics import fit_platt, roc_auc
-    from train.verifier import presence_pairs
 
     emb = TextEncoder().encode([normalise_phrase(n) for n in names]) if emb is None else emb
     sims = space.class_emb.numpy() @ emb.T
@@ -223,11 +223,6 @@ def refit_open_vocabulary(directory: Path, corpus: Path) -> dict:
 
     from safetensors.torch import load_file, save_file
 
-    from models.verifier.card import model_card
-    from models.verifier.checkpoint import load_verifier
-    from train.features import yamnet_features
-    from train.verifier import TextSpace
-
     directory = Path(directory)
     scorer = load_verifier(str(directory)).scorer
     if getattr(scorer, "tagger", None) is None:  # the frozen tagger: its cached features are the served ones
@@ -252,9 +247,6 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
                          progress: bool = True) -> dict:
     """Fine-tune on the train split, keep the best epoch on validation, calibrate, measure on test, ship to ``out``;
     ``lopo_epochs`` > 0: also leave-one-package-out, one fine-tune of that many epochs per held-out package."""
-    from models.verifier.checkpoint import save_embedded
-    from train.probe import ProbeData, load_split
-    from train.verifier import TextSpace, calibrate_and_ship, split_auc
 
     corpus, out = Path(corpus), Path(out)
     if threads:
@@ -286,9 +278,6 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
                                         features.net_classes, emb=names_emb)
     card["audioset"]["frozen_test_roc_auc"] = frozen_doc["test_roc_auc"]  # the same path on the original tagger
     if lopo_epochs:
-        from train.data.qa import read_qa_rows
-        from train.probe import held_out_packages, leave_one_package_out
-        from train.verifier import clip_logits
 
         def fit(keep):
             head, feats_of, _ = fine_tune(data["train"], teacher["train"], space, replace(cfg, epochs=lopo_epochs), keep=keep, progress=False)

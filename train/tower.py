@@ -28,11 +28,15 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from models.pretrained import POSITIONS_PER_SECOND, whisper_encoder, whisper_feature_extractor
+from models.pretrained.whisper import load_whisper, whisper_checkpoint
+from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
 from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
 from train.encoder import patch_targets
-from train.features import encoder_tag, scene_cache
+from train.features import encoder_tag, scene_cache, yamnet_features
 from train.metrics import choose_prior_correction, class_prior_logits
+from train.probe import presence_auc as by_sampling
 
 AUDIOSET_CLASSES = 521
 
@@ -94,7 +98,6 @@ def run_top(tower, hidden: torch.Tensor, cut: int) -> torch.Tensor:
 
 def patch_pooling(frames: int, frame_s: float, patches: int) -> torch.Tensor:
     """``[patches, frames]``: each YAMNet patch's mean over the tower frames inside it."""
-    from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
 
     centre = (np.arange(frames) + 0.5) * frame_s
     start = np.arange(patches)[:, None] * PATCH_HOP_S
@@ -116,7 +119,6 @@ class ReadOut(torch.nn.Module):
 
 def trunk_cache(corpus: Path, split: str, cfg: TowerDistillConfig, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
     """The original tower's frames below ``cfg.cut`` for every scene of a split (``[N, frames, d_model]`` float16), once."""
-    from models.pretrained import POSITIONS_PER_SECOND, whisper_encoder, whisper_feature_extractor
 
     base = Path(corpus) / "features" / f"{encoder_tag(cfg.encoder, cfg.window_s)}-trunk{cfg.cut}"
 
@@ -138,8 +140,6 @@ def trunk_cache(corpus: Path, split: str, cfg: TowerDistillConfig, progress: boo
 def split_targets(corpus: Path, split: str, rows: dict[str, int], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(labels [N, P, C], teacher [N, P, 521])``: the strong labels per YAMNet patch and the frozen YAMNet's
     AudioSet probabilities on the same scenes (``train.features.yamnet_features``, cached)."""
-    from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
-    from train.features import yamnet_features
 
     feats, yrows = yamnet_features(corpus, split)
     order = np.array([yrows[s] for s in sorted(rows, key=rows.get)])
@@ -150,7 +150,6 @@ def split_targets(corpus: Path, split: str, rows: dict[str, int], classes: list[
 
 def presence_auc(corpus: Path, split: str, rows: dict[str, int], classes: list[str], patch_logits: np.ndarray) -> dict[str, float]:
     """ROC-AUC of the asked-about class's score (its patch logit's maximum) on a split's presence questions."""
-    from train.probe import presence_auc as by_sampling
 
     return by_sampling(patch_logits[:, :, : len(classes)].max(1), rows, classes, read_qa_rows(corpus, split))
 
@@ -173,8 +172,6 @@ class Student(torch.nn.Module):
 
 
 def make_student(cfg: TowerDistillConfig, classes: int, patches: int) -> Student:
-    from models.pretrained import POSITIONS_PER_SECOND, whisper_encoder
-
     tower = whisper_encoder(cfg.encoder, max_source_positions=cfg.window_s * POSITIONS_PER_SECOND)
     if len(tower.layers) != cfg.layers:
         raise ValueError(f"{cfg.encoder} has {len(tower.layers)} encoder layers, the config says {cfg.layers}")
@@ -301,8 +298,6 @@ def export_whisper(run: Path, encoder: str = "whisper-tiny.en") -> Path:
     verifier's head), so a head on the distilled tower is trained and measured exactly as one on the original."""
     from safetensors.torch import load_file
     from transformers import WhisperProcessor
-
-    from models.pretrained.whisper import load_whisper, whisper_checkpoint
 
     out = Path(run) / f"{Path(encoder).name}-distilled"
     if (out / "config.json").exists():

@@ -36,9 +36,11 @@ import soundfile as sf
 import torch
 from torch.nn import functional as F
 
-from models.verifier.scorer import AudioTextScorer, ScorerConfig, WhisperScorerConfig, YamnetScorerConfig, batch_waves
+from models.verifier.checkpoint import save_embedded
+from models.verifier.scorer import AudioTextScorer, ScorerConfig, WhisperScorerConfig, WhisperTextScorer, YamnetScorerConfig, batch_waves
 from models.verifier.text import OntologyIndex, TextEncoder, ontology_phrases
 from train.data.formats import read_timelines
+from train.data.ontology import load_ontology
 from train.data.qa import NEGATIVE_SAMPLINGS, read_qa_rows
 from train.encoder import frame_targets
 from train.metrics import choose_prior_correction, class_prior_logits, fit_platt, roc_auc
@@ -310,8 +312,6 @@ def calibrate_and_ship(scorer, feats: dict, corpus: Path, classes: list[str], cl
     metrics["test_pairs"] = int(len(y_test))
     metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
-    from models.verifier.checkpoint import save_embedded
-
     card = {
         "calibration": {"a": a, "b": b},
         "class_offsets": [float(o) for o in offsets],
@@ -339,8 +339,6 @@ class TextSpace:
 
     @classmethod
     def build(cls, corpus: Path) -> "TextSpace":
-        from train.data.ontology import load_ontology
-
         onto = load_ontology(corpus / "ontology.json") if (corpus / "ontology.json").exists() else load_ontology()
         phrases = ontology_phrases(onto)
         phrase_emb = TextEncoder().encode([p for _, p in phrases])
@@ -376,7 +374,6 @@ def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = Non
 
     Targets are the strong labels: every 80 ms frame's activity, plus the clip's (pooled, multiple-instance) label.
     """
-    from models.verifier.scorer import WhisperTextScorer
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -440,7 +437,6 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
     card = calibrate_and_ship(scorer, feats, corpus, space.classes, space.class_emb, data["train"].targets.max(1).astype(np.float32),
                               space.phrases, space.phrase_emb, out, training)
     if lopo_epochs:
-        from models.verifier.checkpoint import save_embedded
 
         card["lopo"] = head_lopo(corpus, data, space, cfg, lopo_epochs, card["prior_correction"], batch=batch, lr=lr, pos_weight=pos_weight, seed=seed)
         card["metrics"]["lopo_mean"] = round(float(np.nanmean([v["auc"] for v in card["lopo"].values()])), 4)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from models.verifier.text import Match
 
+SAMPLE_RATE = 16_000  # every verifier hears clips at this rate: its callers decode to it
+
 
 @dataclass
 class EventScore:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.pretrained.parts import PARTS
+from models.pretrained.provenance import provenance_markdown
 
 
 def _head_flags(audio: str, sc: dict, tr: dict) -> str:
@@ -19,7 +20,6 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
     """(audio description, training description, reproducing flags, provenance section) for the card."""
     sc, tr = doc["scorer"], doc.get("training", {})
     if sc.get("kind") == "yamnet":
-        from models.pretrained.provenance import provenance_markdown
 
         head = f"a {sc['width']}-wide hidden layer" if sc.get("width") else "one linear map"
         audio = ("frozen YAMNet (Google's AudioSet tagger, MobileNetV1, 521 classes): per 0.96 s log-mel patch every 0.48 s, its "
@@ -49,7 +49,6 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                 "\n\n" + provenance_markdown(["yamnet"]) + "\n")
         return audio, training, flags, prov
     if sc.get("kind") == "whisper":
-        from models.pretrained.provenance import provenance_markdown
 
         head = f"a {sc['width']}-wide hidden layer" if sc.get("width") else "one linear map"
         audio = (f"the frozen Whisper encoder `{sc['encoder']}` over {sc['window_s']} s windows (its 30 s position table sliced), "

@@ -20,6 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.loading import tower_signature
+from models.pretrained import whisper_encoder, whisper_feature_extractor
+from models.pretrained.whisper import POSITIONS_PER_SECOND, encode_layers
+from models.pretrained.yamnet import LogMelPatches, YamNetTop, load_yamnet
 from models.verifier.text import TEXT_DIM
 
 
@@ -176,7 +180,6 @@ class WhisperScorerConfig:
     def tower(self) -> str:
         """The frozen encoder's signature (``models.loading.tower_signature``): a served model whose tower has the
         same one computes this head's input itself, and can hand it over (:class:`TowerLayers`)."""
-        from models.loading import tower_signature
 
         return tower_signature(self.encoder, self.window_s)
 
@@ -205,9 +208,6 @@ class WhisperFrontend:
     """
 
     def __init__(self, cfg: WhisperScorerConfig):
-        from models.pretrained import whisper_encoder, whisper_feature_extractor
-        from models.pretrained.whisper import POSITIONS_PER_SECOND
-
         self.cfg = cfg
         self.tower = whisper_encoder(cfg.encoder, max_source_positions=cfg.window_s * POSITIONS_PER_SECOND).eval()
         self.extractor = whisper_feature_extractor(chunk_length=cfg.window_s, num_mel_bins=self.tower.config.num_mel_bins)
@@ -234,8 +234,6 @@ class WhisperFrontend:
 
     @torch.inference_mode()
     def _encode(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        from models.pretrained.whisper import encode_layers
-
         windows = [samples[i : i + self.window] for i in range(0, max(len(samples), 1), self.window)]
         feats = self.extractor(windows, sampling_rate=self.extractor.sampling_rate, padding="max_length", return_tensors="pt")
         last, middle = encode_layers(self.tower, feats["input_features"])
@@ -302,8 +300,6 @@ class YamnetFrontend:
     """
 
     def __init__(self, cfg: YamnetScorerConfig, top: nn.Module | None = None):
-        from models.pretrained.yamnet import LogMelPatches, YamNetTop, load_yamnet
-
         self.cfg = cfg
         self.net, self.classes = load_yamnet()
         self.top = top if top is not None else YamNetTop.from_net(self.net, len(self.net.convs)).eval()
@@ -340,7 +336,6 @@ class WhisperTextScorer(TextSpaceScoring, nn.Module):
         self._init_text_space(cfg.dim)
         self._frontend: WhisperFrontend | YamnetFrontend | None = None
         if getattr(cfg, "tuned_from", None) is not None:  # a fine-tuned tagger: its trained layers are the head's too
-            from models.pretrained.yamnet import YamNetTop, load_yamnet
 
             self.tagger = YamNetTop.from_net(load_yamnet()[0], cfg.tuned_from)
 

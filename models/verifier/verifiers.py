@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 from models.lru import LruCache
-from models.verifier.assessment import EventScore
+from models.verifier.assessment import SAMPLE_RATE, EventScore
 from models.verifier.calibration import Calibration, fuse_logits
 from models.verifier.scorer import TowerLayers
 from models.verifier.text import Match, OntologyIndex, TextEncoder, normalise_phrase, shared_encoder
 
 log = logging.getLogger("earwitness.verifier")
 
-SAMPLE_RATE = 16_000
 
 
 @dataclass(frozen=True)
