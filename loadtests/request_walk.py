@@ -1,6 +1,6 @@
 """Which of Earwitness' files a guarded ``POST /v1/audio/qa`` passes through, in order.
 
-    python -m loadtests.request_walk [--model earwitness-tiny-or-dir]
+    python -m loadtests.request_walk [--model earwitness-tiny-or-dir] [--question "Describe what you hear."]
 
 The request runs in this process through the fused composition (the ingress's Service over the model server
 and the verifier, as ``topology: fused`` builds them; ``split`` adds the two Serve hops and nothing else), and
@@ -91,6 +91,7 @@ def summary(seen: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="earwitness-small")
+    ap.add_argument("--question", default="Is there a sound of a dog barking in the audio?")
     args = ap.parse_args(argv)
     import io
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return buf.getvalue()
 
     app = create_app(service)
-    question = "Is there a sound of a dog barking in the audio?"
+    question = args.question
     walk(app, clip(440.0), question)  # warm: first calls load lazily
     calls.clear()
     seen = walk(app, clip(523.25), question)  # a clip the verifier has not heard

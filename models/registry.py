@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from models.families import FAMILIES
 from models.store import is_uri, local_copy
 

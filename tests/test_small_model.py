@@ -16,7 +16,7 @@ import torch
 from models.small import SmallSpec, build_from_parts, load_trained, save_trained
 from models.tiny import train_tokenizer
 from train.data.conversations import Turn, encode_chat
-from train.encoded import EncodedForward, collate_encoded
+from train.cached_tower import EncodedForward, collate_encoded
 
 SPEC = SmallSpec(encoder="test-tower", language_model="test-lm", lm_layers=2, window_s=10)
 TEXTS = ["Is there a sound of a dog barking in the audio?", "Yes", "No", "A dog barks, then rain falls."] * 20

@@ -146,7 +146,7 @@ def test_the_front_end_cuts_patches_where_yamnet_does():
 
 def test_patch_targets_mark_the_patches_that_hold_an_event():
     from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
-    from train.encoder import patch_targets
+    from train.data.targets import patch_targets
 
     timelines = {"s": {"events": [{"label": "Knock", "onset": 1.0, "offset": 1.2}, {"label": "Dog", "onset": 5.0, "offset": 9.0}],
                        "background": {"label": "Rain"}}}
@@ -161,7 +161,7 @@ def test_step_targets_mark_the_032_s_steps_that_hold_an_event():
     """The fine-tuned tagger's 0.32 s steps: a 0.2 s knock is on in the few steps that hold most of it, in the order of
     the features (patch-major, then step)."""
     from models.pretrained.yamnet import PATCH_HOP_S, STEP_S, STEPS
-    from train.encoder import window_targets
+    from train.data.targets import window_targets
 
     timelines = {"s": {"events": [{"label": "Knock", "onset": 1.0, "offset": 1.2}], "background": None}}
     starts = (np.arange(19)[:, None] * PATCH_HOP_S + np.arange(STEPS)[None, :] * STEP_S).ravel()

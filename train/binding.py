@@ -41,7 +41,7 @@ from train.data.conversations import prompt_ids
 from train.data.formats import read_timelines
 from train.data.ontology import load_ontology
 from train.data.qa import read_qa_rows
-from train.encoder import frame_targets
+from train.data.targets import frame_targets
 from train.metrics import roc_auc
 from train.probe import encoded_split
 

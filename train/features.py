@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
+
 from models.pretrained import whisper_encoder, whisper_feature_extractor
 from models.pretrained.whisper import POSITIONS_PER_SECOND, encode_layers
 from models.verifier.scorer import YamnetFrontend, YamnetScorerConfig

@@ -35,7 +35,7 @@ from train.data.formats import read_timelines
 from train.data.mixer import SCENE_S
 from train.data.ontology import load_ontology
 from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS, read_qa_rows
-from train.encoder import frame_targets, patch_targets
+from train.data.targets import frame_targets, patch_targets
 from train.features import encoder_features, feature_tag, scene_features, yamnet_features
 from train.metrics import choose_prior_correction, class_prior_logits, roc_auc
 

@@ -23,8 +23,9 @@ from train.data.ontology import load_ontology
 from train.data.prefs import load_pairs
 from train.data.qa import read_qa_rows
 from train.data.report import headline, markdown, plot_stages
+from train.data.targets import frame_targets
+from train.detection_pretrain import pretrain_encoder
 from train.dpo import AudioDPOConfig, train_dpo
-from train.encoder import frame_targets, pretrain_encoder
 from train.evaluate import EvalPlan, evaluate
 from train.features import feature_tag, scene_features
 from train.model_card import write_model_card
@@ -70,7 +71,7 @@ def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), con
 
 
 def pretrain_audio_encoder(model, corpus_dir: Path, train: tuple, val: tuple, size: TinySize, out_dir: Path, seed: int, progress: bool) -> None:
-    """Stage 0: frame-level sound-event detection on the strong labels (see train.encoder)."""
+    """Stage 0: frame-level sound-event detection on the strong labels (see train.detection_pretrain)."""
 
     classes = load_ontology(corpus_dir / "ontology.json").names
     positions = size.max_source_positions // 2

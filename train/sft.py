@@ -120,7 +120,7 @@ def train_stage(model, tokenizer, train_data: tuple, val_data: tuple, config: St
     """Train ``model`` in place; ``*_data`` are ``(features, rows_of, frames, by_scene)``.
 
     ``collate_fn`` turns chats into the model's inputs: log-mels by default, cached tower outputs
-    with ``train.encoded.collate_encoded`` (then ``model`` is a ``train.encoded.EncodedForward``).
+    with ``train.cached_tower.collate_encoded`` (then ``model`` is a ``train.cached_tower.EncodedForward``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

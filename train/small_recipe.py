@@ -1,7 +1,7 @@
 """The recipe of earwitness-small: pretrained parts → base → LISTEN → DPO → evaluation → shipped tensors.
 
 The audio tower (Whisper, frozen, or its distilled form: ``tower``) and the language model (SmolLM2 cut to ``lm_layers``) come from
-``models.small``; the supervised stages read the tower's cached outputs (``train.encoded``), so the
+``models.small``; the supervised stages read the tower's cached outputs (``train.cached_tower``), so the
 tower runs once per scene for the whole recipe.
 
 1. **base** — the hallucinating baseline: projector + a LoRA on the cut language model learn
@@ -35,12 +35,12 @@ import torch
 from models.families import unwrap
 from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE, SmallSpec, build_untrained, load_trained, read_spec, save_trained
 from train.binding import mix_names, name_embeddings, oracle_split, phrase_word_ids, pool_positions
+from train.cached_tower import EncodedForward, collate_encoded
 from train.data.formats import read_timelines
 from train.data.ontology import load_ontology
 from train.data.qa import paraphrased, read_qa_rows
 from train.data.report import markdown, plot_stages
-from train.encoded import EncodedForward, collate_encoded
-from train.encoder import frame_targets
+from train.data.targets import frame_targets
 from train.evaluate import EvalPlan
 from train.features import encoder_features
 from train.lora import lora_config

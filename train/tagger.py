@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
+
 from models.pretrained.yamnet import PATCH_HOP_S, STEP_S, STEPS, LogMelPatches, load_yamnet
 from models.verifier.card import model_card
 from models.verifier.checkpoint import load_verifier, save_embedded
@@ -37,7 +38,7 @@ from models.verifier.scorer import WhisperTextScorer, YamnetScorerConfig, tagger
 from models.verifier.text import TextEncoder, normalise_phrase
 from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
-from train.encoder import window_targets
+from train.data.targets import window_targets
 from train.features import feature_cache, scene_cache, yamnet_features
 from train.metrics import fit_platt, roc_auc
 from train.probe import ProbeData, held_out_packages, leave_one_package_out, load_split

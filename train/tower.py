@@ -33,7 +33,7 @@ from models.pretrained.whisper import load_whisper, whisper_checkpoint
 from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
 from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
-from train.encoder import patch_targets
+from train.data.targets import patch_targets
 from train.features import encoder_tag, scene_cache, yamnet_features
 from train.metrics import choose_prior_correction, class_prior_logits
 from train.probe import presence_auc as by_sampling

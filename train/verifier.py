@@ -42,7 +42,7 @@ from models.verifier.text import OntologyIndex, TextEncoder, ontology_phrases
 from train.data.formats import read_timelines
 from train.data.ontology import load_ontology
 from train.data.qa import NEGATIVE_SAMPLINGS, read_qa_rows
-from train.encoder import frame_targets
+from train.data.targets import frame_targets
 from train.metrics import choose_prior_correction, class_prior_logits, fit_platt, roc_auc
 from train.probe import PROBE_POSITIONS, held_out_packages, leave_one_package_out, load_split
 
