@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,11 +76,32 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-def resolve(name_or_path: str) -> ModelSpec:
-    """A registered name, or an existing checkpoint directory served as a Qwen2-Audio model."""
+def resolve(name_or_path: str, family: str | None = None) -> ModelSpec:
+    """A registered name, an existing checkpoint directory, or a hub repository id (``owner/name``).
+
+    A directory's family is its ``config.json``'s ``model_type`` (Qwen2-Audio unless it says Omni); a hub id's is the
+    registered model's with that source, else ``family``, else read from the name (``…Omni…``: the Omni thinker).
+    """
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path]
     path = Path(name_or_path).expanduser()
     if path.is_dir() and ((path / "config.json").exists() or (path / "earwitness_parts.json").exists()):
-        return ModelSpec(name=path.name, family="qwen2-audio", source=str(path.resolve()), description=f"checkpoint at {path.name}")
-    raise KeyError(f"unknown model {name_or_path!r}: not a registered name ({', '.join(REGISTRY)}) nor a checkpoint directory")
+        return ModelSpec(name=path.name, family=family or _family_on_disk(path), source=str(path.resolve()), description=f"checkpoint at {path.name}")
+    if _HUB_ID.fullmatch(name_or_path) and not path.exists():
+        known = next((spec for spec in REGISTRY.values() if spec.source == name_or_path), None)
+        if known is not None:
+            return known
+        guessed = "qwen2.5-omni-thinker" if "omni" in name_or_path.lower() else "qwen2-audio"
+        return ModelSpec(name=name_or_path.split("/")[-1].lower(), family=family or guessed, source=name_or_path,
+                         description=f"hub model {name_or_path}", gpus=1.0)
+    raise KeyError(f"unknown model {name_or_path!r}: not a registered name ({', '.join(REGISTRY)}), a checkpoint directory "
+                   "nor a hub id (owner/name)")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _family_on_disk(path: Path) -> str:
+    config = path / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
+    return "qwen2.5-omni-thinker" if model_type.startswith("qwen2_5_omni") else "qwen2-audio"
