@@ -28,6 +28,7 @@ DASHBOARD = K8S / "base" / "monitoring" / "earwitness-dashboard.json"
 K8S_VERSION = "1.37.0"
 CRDS = {  # (apiVersion, kind) -> vendored schema
     ("ray.io/v1", "RayService"): "rayservice-ray-v1.json",
+    ("ray.io/v1", "RayJob"): "rayjob-ray-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
@@ -57,7 +58,8 @@ def render(overlay: str) -> tuple[dict, ...]:
     if command is None:
         # kubectl (with kustomize 5) is part of this machine image; no registry here ships kustomize >= 4
         pytest.skip("needs kustomize >= 4, standalone or built into kubectl >= 1.21; neither is installed")
-    out = subprocess.run([*command, str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120)
+    path = K8S / "overlays" / overlay if (K8S / "overlays" / overlay).is_dir() else K8S / overlay  # an overlay, or k8s/training
+    out = subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -267,3 +269,46 @@ def test_every_ray_container_sets_what_a_local_run_sets(overlay):
             assert {k: env.get(k) for k in MALLOC_ENV} == MALLOC_ENV, (name, container["name"])
             callback = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
             assert env.get(callback) == proxy_env()[callback], (name, container["name"])
+
+
+def test_training_rayjob_runs_the_stage_commands_and_lands_the_served_adapter():
+    """k8s/training: a RayJob (KubeRay's v1.7.0 schema) whose entrypoint is the stage commands as the CLI parses them,
+    on Ray 2.60 with GPU workers, writing the adapter to the PVC path the GPU overlay serves from."""
+    import shlex
+
+    import ray
+
+    from serving.cli import build_parser
+
+    docs = render("training")
+    assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim", "RayJob"]
+    for doc in docs:
+        assert _errors(doc) == [], doc["kind"]
+    job = _one(docs, "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    templates = {"head": cluster["headGroupSpec"]["template"], **{g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]}}
+    for group, template in templates.items():
+        assert _errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}) == [], group
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    steps = [s.strip() for s in job["spec"]["entrypoint"].split(";") if s.strip()]
+    scale = shlex.split(next(s for s in steps if s.startswith("SCALE=")).split("=", 1)[1])[0]
+    stages = [shlex.split(s.replace("$SCALE", scale)) for s in steps if s.startswith("earwitness ")]
+    parsed = [build_parser().parse_args(argv[1:]) for argv in stages]
+    assert [a.stage for a in parsed] == ["listen", "dpo"] and parsed[1].source == parsed[0].out.as_posix()
+    assert all(a.workers == workers["replicas"] and a.gpus_per_worker == 1 and a.resume and a.address == "auto" for a in parsed)
+    copy_to = shlex.split(steps[-1])[-1].rstrip("/")
+    assert shlex.split(steps[-1])[-2].startswith(parsed[1].out.as_posix())
+
+    data = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in workers["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert set(data.values()) == {pvc["metadata"]["name"]}
+    serving = _one(render("gpu-production"), "RayService")
+    (gpu,) = serving["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    mount = next(m for m in gpu["template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == "adapters")
+    claim = next(v for v in gpu["template"]["spec"]["volumes"] if v["name"] == "adapters")["persistentVolumeClaim"]["claimName"]
+    served = _serve_config(serving)["applications"][0]["args"]["adapter"]
+    assert claim == pvc["metadata"]["name"]
+    assert served == mount["mountPath"] + copy_to.removeprefix("/data/" + mount["subPath"])

@@ -129,6 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ev.add_argument("--split", default="test")
     ev.add_argument("--out", type=Path, default=None, help="write results.json and report.md here")
+    ev.add_argument("--presence-per-sampling", type=int, default=None, metavar="N",
+                    help="presence questions per sampling (default 300); order, count and duration get 2/3 of it, captions 1/2")
     ev.add_argument("--phrasing", type=int, default=0, metavar="N",
                     help="instead: presence accuracy per phrasing family (N present + N absent sounds, each asked in every template)")
     ev.set_defaults(func=_eval)
@@ -157,7 +159,6 @@ def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker holds (0: CPU, gloo)")
     parser.add_argument("--address", default=None, help="a Ray cluster to run on (ray://host:10001 or auto); default: a local Ray")
     parser.add_argument("--max-failures", type=int, default=0, help="Ray Train restarts a run whose worker died this often, from its checkpoint")
-    parser.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the workers (FSDP)")
     if stage == "dpo":
         parser.add_argument("--pairs-per-kind", type=int, default=None, help="a stratified sample of the pairs (default: all)")
     config = ListenConfig if stage == "listen" else AudioDPOConfig
@@ -172,7 +173,7 @@ def _stage(args) -> int:
     job = StageJob(stage=args.stage, source=args.source, corpus=str(args.corpus), out=str(args.out), config=chosen(args, args.config_class),
                    per_kind=getattr(args, "pairs_per_kind", None), family=args.family, resume=args.resume)
     metrics = run_stage(job, workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
-                        max_failures=args.max_failures, fsdp=args.fsdp)
+                        max_failures=args.max_failures)
     print(json.dumps(metrics, indent=1))
     return 0
 
@@ -311,7 +312,7 @@ def _eval(args) -> int:
 
     from serving.backends.hf import TransformersBackend
     from train.data.report import headline, markdown
-    from train.evaluate import evaluate
+    from train.evaluate import EvalPlan, evaluate
     from train.stages import resolve_input, write_stage
 
     started = time.time()
@@ -326,7 +327,9 @@ def _eval(args) -> int:
         text, files, metrics = phrasing_table(doc), ("phrasing.json", "phrasing.md"), {}
     else:
         name = f"{spec.name}{' + adapter' if adapter else ''}"
-        doc = {name: evaluate(backend, args.corpus, args.split)}
+        n = args.presence_per_sampling
+        plan = EvalPlan(presence_per_sampling=n, per_temporal_kind=max(1, 2 * n // 3), captions=max(1, n // 2)) if n else None
+        doc = {name: evaluate(backend, args.corpus, args.split, plan or EvalPlan())}
         text, files, metrics = markdown(doc), ("results.json", "report.md"), headline(doc)[name]
     print(text)
     if out:

@@ -37,6 +37,8 @@ class TrainOptions:
     tensorboard: bool = field(default=True, metadata={"help": "Write TensorBoard event files under <out>/runs/."})
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "Processes that decode and featurise audio for the batches; 0: the training process itself."})
+    fsdp: str = field(default="", metadata={
+        "help": "FSDP over the data-parallel workers (e.g. 'full_shard auto_wrap'), for trainable state that one GPU cannot hold; '': DDP."})
 
 
 def add_arguments(parser, config_class, skip: tuple[str, ...] = ()) -> None:
@@ -81,8 +83,8 @@ def trainer_arguments(options: TrainOptions, out_dir: Path) -> dict:
         max_steps=options.max_steps,
         per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
-        gradient_checkpointing=cuda if options.gradient_checkpointing is None else options.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant form loses gradients of a frozen base's inputs
+        activation_checkpointing=cuda if options.gradient_checkpointing is None else options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant form loses gradients of a frozen base's inputs
         seed=options.seed,
         data_seed=options.seed,
         logging_steps=options.logging_steps,
@@ -97,6 +99,7 @@ def trainer_arguments(options: TrainOptions, out_dir: Path) -> dict:
         fp16=False,
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
+        **({"fsdp": options.fsdp, "fsdp_config": {"use_orig_params": True}} if options.fsdp else {}),  # PEFT: frozen and trained in one unit
     )
 
 

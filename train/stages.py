@@ -57,7 +57,8 @@ def fingerprint(paths: list[Path]) -> str:
 
 def corpus_fingerprint(corpus_dir: Path) -> str:
     """The corpus's build report, questions and preference pairs (what a stage reads of it)."""
-    return fingerprint([corpus_dir / "report.json", *corpus_dir.glob("qa/*.jsonl"), *corpus_dir.glob("prefs/**/*")])
+    pairs = [p for p in corpus_dir.glob("prefs/**/*") if not p.name.startswith("cache-")]  # datasets' index caches come and go
+    return fingerprint([corpus_dir / "report.json", *corpus_dir.glob("qa/*.jsonl"), *pairs])
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class StageJob:
     config: dict = field(default_factory=dict)  # ListenConfig / AudioDPOConfig fields
     per_kind: int | None = None  # DPO: pairs of each kind (None: all)
     family: str | None = None  # a hub id's family when its name does not say
-    resume: bool = False
+    resume: bool | str = False  # True: the newest checkpoint in out; or a checkpoint directory
 
     def stage_config(self):
         from train.dpo import AudioDPOConfig
@@ -263,16 +264,16 @@ def run_job(job: StageJob, prepare=None) -> dict:
 
 
 def run_stage(job: StageJob, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
-              max_failures: int = 0, fsdp: bool = False) -> dict:
+              max_failures: int = 0) -> dict:
     """A training stage in this process (``workers == 1`` and no ``address``) or on Ray Train; writes ``stage.json``."""
     started = time.time()
     if workers > 1 or address or gpus_per_worker or max_failures:
         from train.distributed import run_on_ray
 
-        metrics = run_on_ray(job, workers=workers, gpus_per_worker=gpus_per_worker, address=address, max_failures=max_failures, fsdp=fsdp)
+        metrics = run_on_ray(job, workers=workers, gpus_per_worker=gpus_per_worker, address=address, max_failures=max_failures)
     else:
         metrics = run_job(job)
-    scale = {"workers": workers, "gpus_per_worker": gpus_per_worker, "address": address, "fsdp": fsdp}
+    scale = {"workers": workers, "gpus_per_worker": gpus_per_worker, "address": address}
     write_stage(Path(job.out), job.stage, job.stage_config(), resolve_input(job.source, job.family), Path(job.corpus), metrics,
                 time.time() - started, extra={"scale": scale, "per_kind": job.per_kind, "resumed": job.resume})
     return metrics
