@@ -159,6 +159,8 @@ def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker holds (0: CPU, gloo)")
     parser.add_argument("--address", default=None, help="a Ray cluster to run on (ray://host:10001 or auto); default: a local Ray")
     parser.add_argument("--max-failures", type=int, default=0, help="Ray Train restarts a run whose worker died this often, from its checkpoint")
+    parser.add_argument("--publish", default=None, metavar="URI",
+                        help="also copy the adapter here: an adapter store (s3://bucket/<model>/<name>, gs://, a directory) that serving reads")
     if stage == "dpo":
         parser.add_argument("--pairs-per-kind", type=int, default=None, help="a stratified sample of the pairs (default: all)")
     config = ListenConfig if stage == "listen" else AudioDPOConfig
@@ -173,7 +175,7 @@ def _stage(args) -> int:
     job = StageJob(stage=args.stage, source=args.source, corpus=str(args.corpus), out=str(args.out), config=chosen(args, args.config_class),
                    per_kind=getattr(args, "pairs_per_kind", None), family=args.family, resume=args.resume)
     metrics = run_stage(job, workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
-                        max_failures=args.max_failures)
+                        max_failures=args.max_failures, publish=args.publish)
     print(json.dumps(metrics, indent=1))
     return 0
 

@@ -264,8 +264,9 @@ def run_job(job: StageJob, prepare=None) -> dict:
 
 
 def run_stage(job: StageJob, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
-              max_failures: int = 0) -> dict:
-    """A training stage in this process (``workers == 1`` and no ``address``) or on Ray Train; writes ``stage.json``."""
+              max_failures: int = 0, publish: str | None = None) -> dict:
+    """A training stage in this process (``workers == 1`` and no ``address``) or on Ray Train; writes ``stage.json``;
+    ``publish``: copy the adapter there too (an adapter store URI, ``s3://…/<name>``, or a directory)."""
     started = time.time()
     if workers > 1 or address or gpus_per_worker or max_failures:
         from train.distributed import run_on_ray
@@ -273,6 +274,10 @@ def run_stage(job: StageJob, workers: int = 1, gpus_per_worker: float = 0.0, add
         metrics = run_on_ray(job, workers=workers, gpus_per_worker=gpus_per_worker, address=address, max_failures=max_failures)
     else:
         metrics = run_job(job)
+    if publish:
+        from models.store import publish as copy_out
+
+        metrics["published"] = copy_out(Path(job.out) / "adapter", publish)
     scale = {"workers": workers, "gpus_per_worker": gpus_per_worker, "address": address}
     write_stage(Path(job.out), job.stage, job.stage_config(), resolve_input(job.source, job.family), Path(job.corpus), metrics,
                 time.time() - started, extra={"scale": scale, "per_kind": job.per_kind, "resumed": job.resume})
