@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 WORKERS_FILE = "workers.json"  # rank -> pid of the current attempt's workers, for whoever has to find one
@@ -37,8 +37,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
              num_cpus=num_cpus, logging_level=logging.WARNING)
 
 
-def run_on_ray(job, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None, max_failures: int = 0) -> dict:
-    """Run ``job`` (a :class:`train.stages.StageJob`) on ``workers`` Ray Train workers; returns rank 0's metrics."""
+def run_on_ray(job, run, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None, max_failures: int = 0) -> dict:
+    """Run ``job`` (a :class:`train.stages.StageJob`) with ``run(job, prepare=…)`` (``train.stages.run_job``) on
+    ``workers`` Ray Train workers; returns rank 0's metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -46,7 +47,7 @@ def run_on_ray(job, workers: int = 1, gpus_per_worker: float = 0.0, address: str
     out.mkdir(parents=True, exist_ok=True)
     init_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))
     gpu = gpus_per_worker > 0
-    config = {"job": {**asdict(job), "out": str(out), "corpus": str(Path(job.corpus).resolve())}}
+    config = {"job": replace(job, out=str(out), corpus=str(Path(job.corpus).resolve())), "run": run}
     trainer = TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config=config,
@@ -67,9 +68,7 @@ def worker_loop(config: dict) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from train.stages import StageJob, run_job
-
-    job = StageJob(**config["job"])
+    job, run_job = config["job"], config["run"]
     context = ray.train.get_context()
     out = Path(job.out)
     _record_worker(out / WORKERS_FILE, context.get_world_rank())
@@ -83,8 +82,7 @@ def worker_loop(config: dict) -> None:
         metrics = run_job(job, prepare=prepare)
     else:
         with checkpoint.as_directory() as directory:
-            job.resume = str(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME)
-            metrics = run_job(job, prepare=prepare)
+            metrics = run_job(replace(job, resume=str(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME)), prepare=prepare)
     if context.get_world_rank() == 0:
         (out / "metrics.json").write_text(json.dumps(metrics))
 

@@ -271,7 +271,7 @@ def run_stage(job: StageJob, workers: int = 1, gpus_per_worker: float = 0.0, add
     if workers > 1 or address or gpus_per_worker or max_failures:
         from train.distributed import run_on_ray
 
-        metrics = run_on_ray(job, workers=workers, gpus_per_worker=gpus_per_worker, address=address, max_failures=max_failures)
+        metrics = run_on_ray(job, run_job, workers=workers, gpus_per_worker=gpus_per_worker, address=address, max_failures=max_failures)
     else:
         metrics = run_job(job)
     if publish:
