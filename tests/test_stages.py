@@ -49,7 +49,8 @@ def test_listen_trains_the_audio_adapter_then_dpo_the_language_model(family, tmp
     untouched, modules = copy.deepcopy(model), audio_adapter_modules(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    listen_dir = train_listen(model, processor, rows, tmp_path / "listen", ListenConfig(max_steps=2, batch_size=3, learning_rate=5e-2, **QUIET))
+    listen_config = ListenConfig(max_steps=2, batch_size=3, learning_rate=5e-2, dataloader_num_workers=2, **QUIET)  # decoded in workers
+    listen_dir = train_listen(model, processor, rows, tmp_path / "listen", listen_config)
     listened = apply_audio_adapter(copy.deepcopy(untouched), listen_dir)
     changed = {k for k, v in listened.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(_in_adapter(k, modules) for k in changed), sorted(changed)[:5]
