@@ -317,7 +317,7 @@ def test_training_rayjob_runs_the_stage_commands_and_publishes_where_serving_rea
     import ray
 
     from models.store import join
-    from serving.cli import build_parser
+    from earwitness.cli import build_parser
 
     docs = render("training")
     assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim", "RayJob"]

@@ -79,7 +79,7 @@ def test_listen_trains_the_audio_adapter_then_dpo_the_language_model(family, tmp
 
 
 def _cli(*argv: str) -> None:
-    from serving.cli import main
+    from earwitness.cli import main
 
     assert main(list(argv)) == 0
 
@@ -152,7 +152,7 @@ def _dpo_argv(source: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_resume_after_sigint_reaches_the_uninterrupted_adapter(tiny_checkpoint, corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", *_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut")], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "earwitness", *_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").exists():

@@ -36,7 +36,7 @@ def _argv(source: Path, corpus: Path, out: Path, batch: int, *extra: str) -> lis
 
 def _spawn(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.Popen([sys.executable, "-m", "serving.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "earwitness", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -60,7 +60,7 @@ def _losses(out: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_checkpoint, corpus, tmp_path_factory):
-    from serving.cli import main
+    from earwitness.cli import main
 
     root = tmp_path_factory.mktemp("ray-train")
     two = _spawn(_argv(tiny_checkpoint, corpus, root / "two", 2, "--workers", "2"))

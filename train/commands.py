@@ -358,7 +358,7 @@ def _export(args) -> int:
     import time
 
     from models.loading import load
-    from train.lora import export_merged
+    from models.loading import export_merged
     from train.stages import resolve_input, write_stage
 
     started = time.time()
