@@ -19,9 +19,7 @@ from serving.verifier_server import VerifierServer
 
 
 def build(settings: Settings) -> Application:
-    # One fresh metrics directory per application, so restarts don't resurrect old counts.
-    metrics_dir = str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
-    metrics_env = {"runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}}
+    metrics_env = {"runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir(settings)}}}
     from serving.placement import model_actor_options
 
     verifier = None
@@ -59,6 +57,12 @@ def build(settings: Settings) -> Application:
         max_ongoing_requests=ingress_ongoing,
         ray_actor_options={"num_cpus": 0, **metrics_env},
     ).bind(model, settings.model_dump(), verifier)
+
+
+def metrics_dir(settings: Settings) -> str:
+    """The replicas' multiprocess metrics directory: ``settings.metrics_dir`` (a node's, read by its exporter), or one
+    fresh directory per application, so a local restart doesn't resurrect old counts."""
+    return settings.metrics_dir or str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
 
 
 def _model_scale(settings: Settings) -> dict:

@@ -32,7 +32,7 @@ from serving.verify_api import VERIFY_BODY
 from serving.verify_api import verify as verify_audio
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
-from serving.metrics import Metrics, mark_process_dead
+from serving.metrics import Metrics, mark_process_dead, prepare_metrics_dir
 from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, keys_from_settings
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
@@ -172,8 +172,7 @@ class Service:
     def __init__(self, model: RemoteModel | LocalModel, settings: Settings, verifier=None):
         self.settings = settings
         self.model = model
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        prepare_metrics_dir()
         self.metrics = Metrics()
         self.guard = GuardRunner(verifier, settings, self.metrics)  # the absent-sound guard (serving/guard/)
         self._model_info: dict | None = None
