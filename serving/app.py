@@ -52,9 +52,11 @@ def build(settings: Settings) -> Application:
         health_check_period_s=settings.health_check_period_s,
         **model_actor_options(settings),  # CPUs/GPUs, or a placement group for vLLM tensor parallelism
     ).bind(settings.model_dump())
+    spread = {"max_replicas_per_node": settings.ingress_max_per_node} if settings.ingress_max_per_node else {}
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=ingress_ongoing,
+        **spread,
         ray_actor_options={"num_cpus": 0, **metrics_env},
     ).bind(model, settings.model_dump(), verifier)
 

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     )
     model_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_max_per_node: int | None = Field(
+        None, ge=1, description="most ingress replicas on one Ray node (Serve's max_replicas_per_node); 1 spreads them over "
+        "nodes, so a node's loss takes one of them (a cluster needs as many nodes as ingress_replicas); None: Serve places them",
+    )
     model_cpus: float = Field(1.0, ge=0)
     model_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1)

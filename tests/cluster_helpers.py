@@ -124,11 +124,11 @@ PLACEMENT = """
 from ray.serve.context import _get_global_client
 details = _get_global_client().get_serve_details()["applications"]["earwitness"]["deployments"]
 names = {n["NodeID"]: next((k.removeprefix("node_") for k in n["Resources"] if k.startswith("node_")), "?") for n in ray.nodes() if n["Alive"]}
-result = {name: sorted((names.get(r["node_id"], "gone"), r["state"], r["pid"]) for r in d["replicas"]) for name, d in details.items()}
+result = {name: sorted((names.get(r.get("node_id"), "none"), r["state"], r.get("pid") or 0) for r in d["replicas"]) for name, d in details.items()}
 """
 
 
 def placement(cluster: Cluster) -> dict[str, list[tuple[str, str, int]]]:
-    """Serve's status: per deployment, its replicas as (node name, state, pid)."""
+    """Serve's status: per deployment, its replicas as (node name, state, pid); "none" for a replica on no live node."""
     return {k: [tuple(r) for r in v] for k, v in cluster.run_driver(PLACEMENT).items()}
 

@@ -40,6 +40,7 @@ QUESTION = "Is there a sound of a dog barking in the audio?"
 REQUEST_TIMEOUT_S = 10.0
 CLIENT_TIMEOUT_S = 30.0  # past the service's own timeout: a hang shows as a client timeout, never as a stuck test
 RECOVERY_S = 30.0
+CLIENTS = 4  # concurrent clients during the node crash
 
 
 def _clip_samples(i: int) -> np.ndarray:
@@ -98,7 +99,7 @@ def deployed(tmp_path_factory):
         cluster.start_node("head", "127.0.0.2", 1, base, head=True, **spread)
         cluster.start_node("second", "127.0.0.3", 1, base, **spread)
         port = free_port()
-        settings = dict(INGRESS_REPLICAS="2", MODEL_REPLICAS="2", MODEL_CPUS="1", VERIFIER="", GUARD_POLICY="off",
+        settings = dict(INGRESS_REPLICAS="2", INGRESS_MAX_PER_NODE="1", MODEL_REPLICAS="2", MODEL_CPUS="1", VERIFIER="", GUARD_POLICY="off",
                         PROXY_LOCATION="HeadOnly", METRICS_DIR="${%s}" % NODE_METRICS_VAR, REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S))
         log = open(base / "serve.log", "w")
         serve = subprocess.Popen(
@@ -119,7 +120,7 @@ def deployed(tmp_path_factory):
         if serve is not None:
             serve.terminate()  # the command's own shutdown: Serve off the cluster
             try:
-                serve.wait(60)
+                serve.wait(15)
             except subprocess.TimeoutExpired:
                 serve.kill()
         cluster.stop()
@@ -254,8 +255,8 @@ def test_second_node_killed_under_load(deployed):
                 return
             outcomes.append(_ask_once(deployed.url, clip, f"mn-{k}-{i}"))
 
-    with cf.ThreadPoolExecutor(4) as pool:
-        clients = [pool.submit(client, k) for k in range(4)]
+    with cf.ThreadPoolExecutor(CLIENTS) as pool:
+        clients = [pool.submit(client, k) for k in range(CLIENTS)]
         time.sleep(6.0)  # the cluster whole, under load
         killed_at = time.monotonic()
         killed = second.kill()
@@ -291,6 +292,8 @@ def test_second_node_killed_under_load(deployed):
     for o in failures:
         assert isinstance(o.status, int) and 500 <= o.status < 600 and not o.code.startswith("not JSON"), o
         assert o.request_id.startswith("mn-"), o
-    assert len(failures) <= len(phases["during (kill to recovery)"]), failures
+    # bounded: at most a few per client (its request in flight at the kill, and any routed to the dead node's
+    # replicas before Serve's routers learnt of their death)
+    assert len(failures) <= 3 * CLIENTS, failures
     assert all(node != "second" for replicas in after.values() for node, state, _ in replicas if state == "RUNNING")
     assert wait_ready(deployed.url, 10) < 10
