@@ -13,14 +13,16 @@ serves HTTP before its server starts, also gives uvicorn's protocols one (:func:
 its next request, until that request's headers are complete; past it an idle connection is closed. A
 request whose headers arrived is never cut by it (a slow body gets the app's 408 ``body_timeout``).
 
-Serve's proxy answers some failures itself, in plain text: a request whose ingress replica died under it (its
-node lost) is a bare ``500 Internal Server Error``. :class:`ProxyErrorsAsJson` gives those the API's JSON error,
-with the request's id, so a client can tell it apart, retry it and quote it (tests/test_multinode.py).
+Serve's proxy lets some failures end a request without the API's answer: when a request's ingress replica dies
+under it (its node lost), the proxy raises and uvicorn sends a bare text ``500 Internal Server Error``; a few
+refusals of its own are plain text too. :class:`ProxyErrorsAsJson` sends the API's JSON error instead, with the
+request's id, so a client can tell it apart, retry it and quote it (tests/test_multinode.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -30,6 +32,7 @@ from collections.abc import Mapping
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _REQUEST_ID_BYTES = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 CALLBACK = "serving.proxy:middlewares"
+log = logging.getLogger("earwitness.proxy")
 HEADER_TIMEOUT_ENV = "EARWITNESS_HEADER_TIMEOUT_S"
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 
@@ -81,9 +84,11 @@ class ProxyErrorsAsJson:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held: dict | None = None
+        started = False
 
         async def converting_send(message):
-            nonlocal held
+            nonlocal held, started
+            started = started or message["type"] == "http.response.start"
             if message["type"] == "http.response.start" and message["status"] >= 500 and not _is_json(message.get("headers", [])):
                 held = message  # wait for the end of its plain-text body, then send ours
                 return
@@ -93,7 +98,14 @@ class ProxyErrorsAsJson:
                 return
             await _send_json_error(send, held, _request_id_of(scope, held))
 
-        await self.app(scope, receive, converting_send)
+        try:
+            await self.app(scope, receive, converting_send)
+        except Exception as exc:  # noqa: BLE001 - uvicorn would answer it in plain text
+            if started:
+                raise  # too late for a status: the connection ends with the partial response
+            rid = _request_id_of(scope, {})
+            log.error("request %s failed in Serve's proxy: %s", rid, type(exc).__name__)
+            await _send_json_error(send, {"type": "http.response.start", "status": 500, "headers": []}, rid)
 
 
 def _is_json(headers) -> bool:

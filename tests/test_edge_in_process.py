@@ -151,6 +151,7 @@ def test_the_proxys_plain_text_5xx_becomes_the_apis_json_error():
         Route("/busy", lambda _: PlainTextResponse("Service Unavailable", 503)),
         Route("/api", lambda _: JSONResponse({"error": {"code": "model_unavailable"}}, 503)),
         Route("/text", lambda _: PlainTextResponse("fine")),
+        Route("/raises", _replica_died),
     ]
     with TestClient(Starlette(routes=routes, middleware=[Middleware(ProxyErrorsAsJson)])) as client:
         died = client.get("/died")
@@ -162,3 +163,11 @@ def test_the_proxys_plain_text_5xx_becomes_the_apis_json_error():
         assert int(busy.headers["content-length"]) == len(busy.content)
         assert client.get("/api").json() == {"error": {"code": "model_unavailable"}}  # the API's own errors pass unchanged
         assert client.get("/text").text == "fine"
+        raised = client.get("/raises", headers={"X-Request-Id": "client-10"})  # uvicorn would send text
+        assert (raised.status_code, raised.json()["error"]["code"], raised.json()["error"]["request_id"]) == (500, "replica_failed", "client-10")
+
+
+async def _replica_died(_):
+    from ray.exceptions import ActorDiedError
+
+    raise ActorDiedError()
