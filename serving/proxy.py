@@ -14,8 +14,8 @@ its next request, until that request's headers are complete; past it an idle con
 request whose headers arrived is never cut by it (a slow body gets the app's 408 ``body_timeout``).
 
 Serve's proxy lets some failures end a request without the API's answer: when a request's ingress replica dies
-under it (its node lost), the proxy raises and uvicorn sends a bare text ``500 Internal Server Error``; a few
-refusals of its own are plain text too. :class:`ProxyErrorsAsJson` sends the API's JSON error instead, with the
+under it (its node lost), the proxy returns without a response and uvicorn sends a bare text ``500 Internal
+Server Error``; a few refusals of its own are plain text too. :class:`ProxyErrorsAsJson` sends the API's JSON error instead, with the
 request's id, so a client can tell it apart, retry it and quote it (tests/test_multinode.py).
 """
 
@@ -103,9 +103,14 @@ class ProxyErrorsAsJson:
         except Exception as exc:  # noqa: BLE001 - uvicorn would answer it in plain text
             if started:
                 raise  # too late for a status: the connection ends with the partial response
-            rid = _request_id_of(scope, {})
-            log.error("request %s failed in Serve's proxy: %s", rid, type(exc).__name__)
-            await _send_json_error(send, {"type": "http.response.start", "status": 500, "headers": []}, rid)
+            failure = type(exc).__name__
+        else:
+            if started:
+                return
+            failure = "no response"  # Serve's proxy ends a request whose replica died (a 500 for it) without one
+        rid = _request_id_of(scope, {})
+        log.warning("request %s failed in Serve's proxy: %s", rid, failure)
+        await _send_json_error(send, {"type": "http.response.start", "status": 500, "headers": []}, rid)
 
 
 def _is_json(headers) -> bool:

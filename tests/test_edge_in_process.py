@@ -142,7 +142,7 @@ def test_the_proxys_plain_text_5xx_becomes_the_apis_json_error():
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, PlainTextResponse
-    from starlette.routing import Route
+    from starlette.routing import Mount, Route
 
     from serving.proxy import ProxyErrorsAsJson
 
@@ -152,6 +152,7 @@ def test_the_proxys_plain_text_5xx_becomes_the_apis_json_error():
         Route("/api", lambda _: JSONResponse({"error": {"code": "model_unavailable"}}, 503)),
         Route("/text", lambda _: PlainTextResponse("fine")),
         Route("/raises", _replica_died),
+        Mount("/silent", app=_no_response),
     ]
     with TestClient(Starlette(routes=routes, middleware=[Middleware(ProxyErrorsAsJson)])) as client:
         died = client.get("/died")
@@ -165,6 +166,12 @@ def test_the_proxys_plain_text_5xx_becomes_the_apis_json_error():
         assert client.get("/text").text == "fine"
         raised = client.get("/raises", headers={"X-Request-Id": "client-10"})  # uvicorn would send text
         assert (raised.status_code, raised.json()["error"]["code"], raised.json()["error"]["request_id"]) == (500, "replica_failed", "client-10")
+        silent = client.get("/silent", headers={"X-Request-Id": "client-11"})  # Serve's proxy when the replica died
+        assert (silent.status_code, silent.json()["error"]["code"], silent.json()["error"]["request_id"]) == (500, "replica_failed", "client-11")
+
+
+async def _no_response(scope, receive, send):
+    """An ASGI app that returns without a response, as Serve's proxy does for a request whose replica died."""
 
 
 async def _replica_died(_):
