@@ -37,9 +37,9 @@ class Node:
     log: Path
     process: subprocess.Popen
 
-    def kill(self) -> list[int]:
-        """SIGKILL every process of this node (raylet, agents, workers), as a crash of its machine would; their pids."""
-        pids = [pid for pid in _pids_under(self.temp_dir) if pid != os.getpid()]
+    def kill(self, workers: list[int] = ()) -> list[int]:
+        """SIGKILL every process of this node (raylet, agents, and ``workers``), as a crash of its machine would; their pids."""
+        pids = sorted({*workers, *(pid for pid in _pids_under(self.temp_dir) if pid != os.getpid())})
         try:
             os.killpg(self.process.pid, signal.SIGKILL)  # `ray start --block`, the raylet and the agents
         except ProcessLookupError:
