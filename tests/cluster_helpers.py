@@ -37,6 +37,12 @@ class Node:
     log: Path
     process: subprocess.Popen
 
+    def wait_started(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "Ray runtime started" not in self.log.read_text():
+            assert self.process.poll() is None and time.monotonic() < deadline, f"ray start {self.name} failed:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.3)
+
     def kill(self, workers: list[int] = ()) -> list[int]:
         """SIGKILL every process of this node (raylet, agents, and ``workers``), as a crash of its machine would; their pids."""
         pids = sorted({*workers, *(pid for pid in _pids_under(self.temp_dir) if pid != os.getpid())})
@@ -64,7 +70,8 @@ class Cluster:
         return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                 "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
-    def start_node(self, name: str, ip: str, cpus: int, base: Path, head: bool = False, **node_env: str) -> Node:
+    def start_node(self, name: str, ip: str, cpus: int, base: Path, head: bool = False, wait: bool = True, **node_env: str) -> Node:
+        """``ray start`` one node; with ``wait`` False it returns at once (``node.wait_started()`` later)."""
         temp_dir, metrics_dir = base / name, base / f"{name}-metrics"
         metrics_dir.mkdir(parents=True)
         args = [*RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}", "--num-gpus=0",
@@ -81,10 +88,8 @@ class Cluster:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
         node = Node(name, ip, temp_dir, metrics_dir, log, process)
         self.nodes.append(node)
-        deadline = time.monotonic() + 90
-        while "Ray runtime started" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, f"ray start {name} failed:\n{log.read_text()[-3000:]}"
-            time.sleep(0.3)
+        if wait:
+            node.wait_started()
         return node
 
     def run_driver(self, code: str, timeout: float = 90) -> dict:

@@ -92,12 +92,13 @@ def _all_running(where: dict) -> bool:
 def deployed(tmp_path_factory):
     """Head + second node (1 CPU each, so one model replica lands on each), then ``earwitness serve --address``."""
     base = Path(tempfile.mkdtemp(prefix="ewmn-", dir="/tmp"))  # short: Ray puts unix sockets under it
-    checkpoint = yes_no_checkpoint(tmp_path_factory.mktemp("yes-no-tiny"))
     cluster = new_cluster()
     spread = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
     serve = None
     try:
-        cluster.start_node("head", "127.0.0.2", 1, base, head=True, **spread)
+        head = cluster.start_node("head", "127.0.0.2", 1, base, head=True, wait=False, **spread)
+        checkpoint = yes_no_checkpoint(tmp_path_factory.mktemp("yes-no-tiny"))  # while the head starts
+        head.wait_started()
         cluster.start_node("second", "127.0.0.3", 1, base, **spread)
         port = free_port()
         settings = dict(INGRESS_REPLICAS="2", INGRESS_MAX_PER_NODE="1", MODEL_REPLICAS="2", MODEL_CPUS="1", VERIFIER="", GUARD_POLICY="off",
@@ -119,9 +120,9 @@ def deployed(tmp_path_factory):
         yield Deployed(url, cluster, where)
     finally:
         if serve is not None:
-            serve.terminate()  # the command's own shutdown: Serve off the cluster
+            serve.terminate()  # the command's own shutdown: Serve off the cluster (the nodes go next anyway)
             try:
-                serve.wait(15)
+                serve.wait(5)
             except subprocess.TimeoutExpired:
                 serve.kill()
         cluster.stop()
@@ -251,6 +252,10 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
+def _on_node(where: dict, name: str) -> bool:
+    return any(node == name for replicas in where.values() for node, _, _ in replicas)
+
+
 def _ask_quietly(url: str, clip: bytes, n: int, prefix: str) -> list[Outcome]:
     return [_ask_once(url, clip, f"{prefix}-{i}") for i in range(n)]
 
@@ -287,7 +292,7 @@ def test_second_node_killed_under_load(deployed):
 
     # then until Ray declares the node dead and Serve moves its replicas off it (its health checks: seconds)
     deadline = time.monotonic() + 90
-    while any(node == "second" for replicas in (after := placement(deployed.cluster)).values() for node, _, _ in replicas):
+    while _on_node(after := placement(deployed.cluster), "second"):
         assert time.monotonic() < deadline, after
         time.sleep(1)
     gone_at = time.monotonic()
