@@ -291,7 +291,7 @@ def _eval(args) -> int:
 
 def _export(args) -> int:
     from models.loading import load
-    from train.lora import export_merged
+    from models.loading import export_merged
 
     spec, adapter = _resolve_adapter(args.model, args.adapter)
     if not adapter:

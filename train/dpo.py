@@ -240,7 +240,7 @@ def train_dpo(
     * ``adapter/`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (``PeftModel.from_pretrained``;
       plain LoRA on the decoder's linears, the form vLLM's LoRA loader takes — ``modules_to_save`` is a
       PEFT-only extra that vLLM ignores), ``earwitness_dpo.json`` (the settings, the whole config under
-      ``dpo_config``) and a copy of the processor, so :func:`~train.lora.export_merged` can ship a complete
+      ``dpo_config``) and a copy of the processor, so :func:`~models.loading.export_merged` can ship a complete
       checkpoint.
     * ``dpo_log.jsonl`` — one line per logged step: step, loss, rewards/chosen, rewards/rejected,
       rewards/accuracies, rewards/margins (plus logps, grad_norm, learning_rate). The last step is always logged.
