@@ -57,15 +57,8 @@ def frozen_tower(spec: ModelSpec) -> str | None:
 
 def load(spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
     """Return ``(processor, model)`` in eval mode; a local directory never touches the network."""
-    from transformers import AutoProcessor
-
-    source = checkpoint_source(spec)
-    local = Path(source).is_dir()
-    if not local and source.startswith(("/", ".")):
-        raise FileNotFoundError(f"model directory {source} does not exist")
     device = pick_device(device)
-    processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-    model = model_class(spec.family).from_pretrained(source, local_files_only=local, dtype=pick_dtype(device, dtype))
+    processor, model = _from_pretrained(spec, dtype=pick_dtype(device, dtype))
     if adapter:
         from peft import PeftModel
 
@@ -73,6 +66,47 @@ def load(spec: ModelSpec, adapter: str | None = None, device: str = "auto", dtyp
     model.to(device).eval()
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # batched generation appends after the prompt
+    return processor, model
+
+
+def load_for_training(spec: ModelSpec, bf16: bool = False, load_in_4bit: bool = False):
+    """``(processor, model)`` to train on: in bfloat16 or float32, or with the language model in 4-bit NF4 (QLoRA,
+    bitsandbytes on a CUDA device; the audio tower, the audio adapter, Omni's vision tower and the LM head stay in
+    bfloat16, since LISTEN trains the adapter and the tower's convolutions have no 4-bit kernels)."""
+    quantization = None
+    if load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401  (optional: only QLoRA needs it)
+        except ImportError as e:
+            raise SystemExit("--load-in-4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes (a CUDA GPU runs it)") from e
+        if not torch.cuda.is_available():
+            raise SystemExit("--load-in-4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit training kernels run there")
+        from transformers import BitsAndBytesConfig
+
+        from models.families import family
+
+        keep = ["audio_tower", "visual", "lm_head", *family(spec.family).audio_adapter]
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=keep)
+    dtype = torch.bfloat16 if bf16 or load_in_4bit else torch.float32
+    processor, model = _from_pretrained(spec, dtype, quantization)
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # the trainer switches it on
+    return processor, model  # the trainer places it (each data-parallel worker on its own device)
+
+
+def _from_pretrained(spec: ModelSpec, dtype: torch.dtype, quantization=None):
+    from transformers import AutoProcessor
+
+    source = checkpoint_source(spec)
+    local = Path(source).is_dir()
+    if not local and source.startswith(("/", ".")):
+        raise FileNotFoundError(f"model directory {source} does not exist")
+    processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+    extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization is not None else {}
+    model = model_class(spec.family).from_pretrained(source, local_files_only=local, dtype=dtype, **extra)
     return processor, model
 
 

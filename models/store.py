@@ -154,6 +154,19 @@ def local_copy(location: str | os.PathLike, options: dict | None = None, cache: 
     return target
 
 
+def publish(directory: str | os.PathLike, uri: str, options: dict | None = None) -> str:
+    """Copy a local directory (a trained adapter) to ``uri``, where an ``adapter_store`` or ``model_source`` reads it;
+    a local ``uri`` is a plain directory copy."""
+    directory = Path(directory)
+    if not is_uri(uri):
+        shutil.copytree(directory, uri, dirs_exist_ok=True)
+        return str(uri)
+    fs, root = _filesystem(uri, options)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(directory).as_posix()}")
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m models.store URI [--options JSON]``: copy URI into the store cache and print where (the cache
     Job of k8s/ runs this once, so that replicas find the copy); options default to ``$EARWITNESS_STORE_OPTIONS``,

@@ -30,6 +30,7 @@ K8S_VERSION = "1.37.0"
 METRICS_DIR = "/var/run/earwitness/metrics"  # each pod's replicas' metrics (Settings.metrics_dir), read by its sidecar
 CRDS = {  # (apiVersion, kind) -> vendored schema
     ("ray.io/v1", "RayService"): "rayservice-ray-v1.json",
+    ("ray.io/v1", "RayJob"): "rayjob-ray-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
@@ -58,7 +59,8 @@ def render(overlay: str) -> tuple[dict, ...]:
     if command is None:
         # kubectl (with kustomize 5) is part of this machine image; no registry here ships kustomize >= 4
         pytest.skip("needs kustomize >= 4, standalone or built into kubectl >= 1.21; neither is installed")
-    out = subprocess.run([*command, str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120)
+    path = K8S / "overlays" / overlay if (K8S / "overlays" / overlay).is_dir() else K8S / overlay  # an overlay, or k8s/training
+    out = subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -334,3 +336,38 @@ def test_every_ray_container_sets_what_a_local_run_sets(overlay):
             assert {k: env.get(k) for k in MALLOC_ENV} == MALLOC_ENV, (name, container["name"])
             callback = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
             assert env.get(callback) == proxy_env()[callback], (name, container["name"])
+
+
+def test_training_rayjob_runs_the_stage_commands_and_publishes_where_serving_reads():
+    """k8s/training: a RayJob (KubeRay's v1.7.0 schema) whose entrypoint is the stage commands as the CLI parses them,
+    on Ray 2.60 with GPU workers, publishing the adapter into the gpu-omni overlay's adapter store."""
+    import shlex
+
+    import ray
+
+    from models.store import join
+    from earwitness.cli import build_parser
+
+    docs = render("training")
+    assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim", "RayJob"]
+    for doc in docs:
+        assert _errors(doc) == [], doc["kind"]
+    job = _one(docs, "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    templates = {"head": cluster["headGroupSpec"]["template"], **{g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]}}
+    for group, template in templates.items():
+        assert _errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}) == [], group
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        assert claims == {_one(docs, "PersistentVolumeClaim")["metadata"]["name"]}, group
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    steps = [s.strip() for s in job["spec"]["entrypoint"].split(";") if s.strip()]
+    scale = shlex.split(next(s for s in steps if s.startswith("SCALE=")).split("=", 1)[1])[0]
+    parsed = [build_parser().parse_args(shlex.split(s.replace("$SCALE", scale))[1:]) for s in steps if s.startswith("earwitness ")]
+    assert [a.stage for a in parsed] == ["listen", "dpo"] and parsed[1].source == parsed[0].out.as_posix()
+    assert all(a.workers == workers["replicas"] and a.gpus_per_worker == 1 and a.resume and a.address == "auto" for a in parsed)
+    serving = _serve_config(_one(render("gpu-omni"), "RayService"))["applications"][0]["args"]
+    assert parsed[0].source == serving["model"]
+    assert parsed[1].publish == join(serving["adapter_store"], parsed[1].publish.rsplit("/", 1)[1])
