@@ -28,7 +28,8 @@ from serving import intake
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
-from serving.verify_api import VERIFY_BODY
+from serving.verify_api import EVENTS_BODY, VERIFY_BODY
+from serving.verify_api import events as audio_events
 from serving.verify_api import verify as verify_audio
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
@@ -37,6 +38,7 @@ from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, keys_from_
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
+from serving.schemas import EventsResponse
 
 log = logging.getLogger("earwitness.http")
 
@@ -356,6 +358,10 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/audio/verify", response_model=VerifyResponse, responses=_ERRORS, openapi_extra=VERIFY_BODY, summary="Presence scores of sound events in a clip (verifier only)")
     async def verify(request: Request) -> VerifyResponse:
         return await verify_audio(service, request)
+
+    @app.post("/v1/audio/events", response_model=EventsResponse, responses=_ERRORS, openapi_extra=EVENTS_BODY, summary="The sound events heard in a clip, with their times (verifier only)")
+    async def events(request: Request) -> EventsResponse:
+        return await audio_events(service, request)
 
     @app.get("/v1/models", response_model=ModelList, summary="Models served here")
     async def models() -> ModelList:

@@ -154,6 +154,39 @@ class VerifyResponse(BaseModel):
     request_id: str
 
 
+class EventsRequest(BaseModel):
+    """JSON form of ``POST /v1/audio/events``; the multipart form takes ``file`` (and ``truncate``)."""
+
+    audio: str = Field(..., description="the clip's bytes, base64-encoded")
+    truncate: bool = Field(False, description="cut audio longer than the limit instead of refusing it")
+
+
+class EventSpan(BaseModel):
+    onset_s: float = Field(..., description="seconds from the clip's start")
+    offset_s: float
+
+
+class DetectedEvent(BaseModel):
+    event: str = Field(..., description="the class, in `vocabulary`")
+    vocabulary: Literal["ontology", "audioset"] = Field(
+        ..., description="ontology: one of the classes the verifier was trained on; audioset: one of the AudioSet tagger's own classes "
+                         "that the ontology does not cover (verifiers on the tagger)")
+    phrase: str = Field(..., description="the words a description uses for it")
+    probability: float = Field(..., description="the clip's calibrated probability of the class (what /v1/audio/verify reports for it)")
+    peak: float = Field(..., description="its highest probability in one frame")
+    spans: list[EventSpan] = Field(..., description="where it was heard: runs of frames at or above the threshold, short gaps filled")
+
+
+class EventsResponse(BaseModel):
+    verifier: str
+    events: list[DetectedEvent] = Field(..., description="every class at or above its vocabulary's threshold, most probable first")
+    description: str = Field(..., description="the events in one sentence, as the guard answers an open question with them")
+    thresholds: dict[str, float] = Field(..., description="per vocabulary: the calibrated probability a class needs, over the clip "
+                                                         "and per frame of its spans")
+    audio: AudioInfo
+    request_id: str
+
+
 def audio_body(fields: dict[str, dict], required: list[str], json_model: type[BaseModel]) -> dict:
     """OpenAPI request body of an audio endpoint: a multipart upload (``file`` + ``fields``) or JSON."""
     properties = {
