@@ -29,8 +29,10 @@ from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
 from serving.verify_api import EVENTS_BODY, VERIFY_BODY
+from serving.verify_api import ask_verifier
 from serving.verify_api import events as audio_events
 from serving.verify_api import verify as verify_audio
+from serving.guard.events import EventReport
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
 from serving.metrics import Metrics, mark_process_dead
@@ -222,6 +224,18 @@ class Service:
         if heard.guard_s is not None:
             self.metrics.latency.labels(endpoint, "guard").observe(heard.guard_s)
         return heard
+
+    async def events(self, clip) -> EventReport:
+        """The verifier's detections over a decoded clip (``/v1/audio/events``, and listed on request by the chat
+        route and ``earwitness ask --events``); 503 when no verifier is deployed or it cannot answer."""
+        if self.guard.verifier is None:
+            raise ApiError(503, "verifier_unavailable", "no verifier is deployed here", {"Retry-After": "30"})
+        report = await ask_verifier(self, self.guard.verifier.events.remote(clip.samples))
+        if report.kept:
+            self.metrics.verifier_kept_hits.inc()
+        for d in report.detections:
+            self.metrics.events_detected.labels(d.vocabulary).inc()
+        return report
 
     async def _await_model(self, response):
         """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""

@@ -83,11 +83,7 @@ async def events(service, request: Request) -> EventsResponse:
     :class:`serving.guard.events.EventReport`)."""
     data, fields = await intake.read_audio_body(request, EventsRequest, "optional truncate")
     clip = await _decode(service, data, fields.truncate)
-    report = await ask_verifier(service, service.guard.verifier.events.remote(clip.samples))
-    if report.kept:
-        service.metrics.verifier_kept_hits.inc()
-    for d in report.detections:
-        service.metrics.events_detected.labels(d.vocabulary).inc()
+    report = await service.events(clip)
     return EventsResponse(
         verifier=report.verifier,
         events=[DetectedEvent(**d.to_dict()) for d in report.detections],
