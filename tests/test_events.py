@@ -209,14 +209,20 @@ def test_events_are_counted_and_documented(client):
 
 
 @pytest.fixture(scope="module")
-def yes_service(service, tmp_path_factory):
-    """The events' verifier under a real model that answers "yes" to everything (the tiny random Qwen2-Audio made to):
-    a bare "yes" to an open question is unparsed."""
-    from serving.ingress import Service
-    from serving.model_client import LocalModel
+def yes_checkpoint(tmp_path_factory):
+    """The tiny random Qwen2-Audio made to answer "yes" to everything: a bare "yes" to an open question is unparsed."""
     from tests.guard_helpers import build_yes_checkpoint
 
-    settings = service.settings.model_copy(update={"model": str(build_yes_checkpoint(tmp_path_factory.mktemp("yes"))), "adapter": None})
+    return build_yes_checkpoint(tmp_path_factory.mktemp("yes"))
+
+
+@pytest.fixture(scope="module")
+def yes_service(service, yes_checkpoint):
+    """The events' verifier under the yes-model."""
+    from serving.ingress import Service
+    from serving.model_client import LocalModel
+
+    settings = service.settings.model_copy(update={"model": str(yes_checkpoint), "adapter": None})
     model = LocalModel(settings, multiplexed=False)
     yield Service(model, settings, service.guard.verifier)
     model.close()
@@ -261,3 +267,22 @@ def test_the_chat_completion_lists_the_events_on_request(yes_service):
         assert ask({})["events"] is None
         assert listed == c.post("/v1/audio/events", files={"file": ("b.wav", wav)}).json()["events"]
         assert any(e["event"] == "Beep, bleep" for e in listed)
+
+
+@pytest.mark.slow  # a second process loads the model and the verifier
+def test_ask_lists_the_events_on_request(yes_checkpoint, client, tmp_path):
+    """``earwitness ask --events``: the same list as the endpoint, beside the answer, in this process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    clip = tmp_path / "beep.wav"
+    clip.write_bytes(encode(_beep(), SR, "wav"))
+    done = subprocess.run([sys.executable, "-m", "serving.cli", "ask", str(clip), "Is there a beep?", "--model", str(yes_checkpoint),
+                           "--guard", "off", "--events", "--max-tokens", "4"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout.strip().splitlines()[-1])
+    assert body["events"] == client.post("/v1/audio/events", files={"file": ("beep.wav", clip.read_bytes())}).json()["events"]
+    assert body["guard"]["verdict"] == "skipped" and body["answer"].strip(" .").lower() == "yes"
