@@ -73,9 +73,10 @@ class GuardInfo(BaseModel):
                          "skipped: guard off, nothing checked; unverified: the verifier failed or timed out")
     contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats: one number for the whole answer")
     claims: list[GuardClaim] = Field(default_factory=list)
-    described: bool = Field(False, description="the answer is the verifier's description of the sounds it hears, with their times "
-                                               "(/v1/audio/events), not the model's: under correct, an open question whose answer was "
-                                               "unparsed or cut; the model's answer is in original_answer")
+    described: list[str] = Field(default_factory=list, description="not empty: the answer is the verifier's description of the "
+                                 "sounds it hears, with their times (/v1/audio/events), not the model's, and these are the classes it "
+                                 "names; under correct, an open question whose answer was unparsed or cut. The model's answer is in "
+                                 "original_answer")
 
 
 class QAResponse(BaseModel):

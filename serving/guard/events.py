@@ -57,6 +57,10 @@ class EventReport:
     def describe(self) -> str:
         return describe(self.detections, self.duration_s)
 
+    def named(self) -> tuple[str, ...]:
+        """The classes :meth:`describe` names."""
+        return tuple(d.event for d in named_detections(self.detections))
+
 
 def active_spans(starts: np.ndarray, ends: np.ndarray, active: np.ndarray, min_gap_s: float, duration_s: float) -> list[tuple[float, float]]:
     """Runs of active frames as ``(onset, offset)`` seconds: overlapping or touching frames join, and so do runs
@@ -98,13 +102,19 @@ def _when(d: Detection, duration_s: float, whole: float = 0.9) -> str:
     return " (" + ", ".join(f"{a:.1f}–{b:.1f} s" for a, b in d.spans[:3]) + (", …" if len(d.spans) > 3 else "") + ")"
 
 
+def named_detections(detections: list[Detection], most: int = 5) -> list[Detection]:
+    """The detections a description names: one per phrase (an AudioSet class can say what an ontology class said),
+    the ``most`` most probable."""
+    seen: dict[str, Detection] = {}
+    for d in detections:
+        seen.setdefault(d.phrase.lower(), d)
+    return list(seen.values())[:most]
+
+
 def describe(detections: list[Detection], duration_s: float, most: int = 5) -> str:
     """The detections in one sentence, saying where it came from: "I hear birdsong (0.2–2.1 s) and crickets (from the
     sound-event verifier)." At most ``most`` sounds, the most probable; a sound heard throughout gets no times."""
-    named: dict[str, str] = {}
-    for d in detections:  # one mention per phrase: an AudioSet class can say what an ontology class said
-        named.setdefault(d.phrase.lower(), d.phrase + _when(d, duration_s))
-    parts = list(named.values())[:most]
+    parts = [d.phrase + _when(d, duration_s) for d in named_detections(detections, most)]
     if not parts:
         return f"I hear no sound I can name ({SOURCE})."
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

@@ -121,7 +121,7 @@ class Outcome:
     claims: list[ClaimCheck] = field(default_factory=list)
     abstained: bool = False  # the answer is the guard's "I can't confirm hearing X.", not the model's
     unparsed: bool = False  # the answer is not of the form the question asks for (``claims.answers_the_question``)
-    described: bool = False  # the answer is the verifier's description of the clip (:func:`described`), not the model's
+    described: tuple[str, ...] = ()  # the answer is the verifier's description of the clip (the classes it names), not the model's
 
     @property
     def overridden(self) -> bool:
@@ -137,7 +137,7 @@ class Outcome:
     def guard_dict(self) -> dict:
         contrasts = {c.contrast for c in self.claims if c.contrast is not None}
         return {"policy": self.policy, "verdict": self.verdict, "contrast": contrasts.pop() if len(contrasts) == 1 else None,
-                "claims": [c.to_dict() for c in self.claims], "described": self.described}
+                "claims": [c.to_dict() for c in self.claims], "described": list(self.described)}
 
 
 def _names(claims: list[ClaimCheck]) -> str:
@@ -204,9 +204,9 @@ def silenced(claims: list[ClaimCheck]) -> list[ClaimCheck]:
     return claims
 
 
-def described(outcome: Outcome, description: str) -> Outcome:
+def answered_from_verifier(outcome: Outcome, description: str, named: tuple[str, ...]) -> Outcome:
     """``correct`` on an open question whose answer was unparsed or cut: the verifier's description of what it hears
-    (:func:`serving.guard.events.describe`, which says where it came from) in place of the answer; the model's own
-    answer stays in ``original_answer``, the claims and verdict as judged."""
+    (:func:`serving.guard.events.describe`, which says where it came from; ``named``: the classes it names) in place of
+    the answer; the model's own answer stays in ``original_answer``, the claims and verdict as judged."""
     original = outcome.original_answer if outcome.original_answer is not None else outcome.answer
-    return Outcome(description, original, outcome.policy, outcome.verdict, outcome.claims, described=True)
+    return Outcome(description, original, outcome.policy, outcome.verdict, outcome.claims, described=named)

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from serving.answers import answers_the_question, classify, extract_claims, is_open_question, presence_target
 from serving.errors import ApiError
-from serving.guard.events import describe
-from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, described, is_prior, judge, silenced
+from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, answered_from_verifier, apply_policy, is_prior, judge, silenced
 
 log = logging.getLogger("earwitness.guard")
 
@@ -115,8 +114,8 @@ class GuardRunner:
         done = time.perf_counter()
         outcome = await self._finish(pending, question, generation, policy)
         outcome.unparsed = not answers_the_question(question, outcome.answer)
-        if policy == "correct" and is_open_question(question) and (outcome.unparsed or outcome.overridden):
-            outcome = await self._describe(clip, silent, outcome)
+        if policy == "correct" and not silent and is_open_question(question) and (outcome.unparsed or outcome.overridden):
+            outcome = await self._describe(clip, outcome)
         return Heard(generation, outcome, done - start, time.perf_counter() - done if policy != "off" else None)
 
     async def _shares_encoder(self, model_info: dict, n_samples: int) -> bool:
@@ -141,11 +140,9 @@ class GuardRunner:
             log.info("encoder %s: model %s, verifier %s", "shared" if tower == self._verifier_tower else "not shared", tower, self._verifier_tower)
         return tower == self._verifier_tower
 
-    async def _describe(self, clip, silent: bool, outcome: Outcome) -> Outcome:
-        """An open question's unparsed or cut answer, replaced by the verifier's description of the clip (its events);
-        a silent clip is described without it. Should the verifier fail, the outcome stays as it was."""
-        if silent:
-            return described(outcome, describe([], clip.duration_s))
+    async def _describe(self, clip, outcome: Outcome) -> Outcome:
+        """An open question's unparsed or cut answer, replaced by the verifier's description of the clip (its events).
+        Should the verifier fail, or be missing, the outcome stays as it was."""
         if self.verifier is None:
             return outcome
         try:
@@ -156,7 +153,7 @@ class GuardRunner:
             return outcome
         for d in report.detections:
             self.metrics.events_detected.labels(d.vocabulary).inc()
-        return described(outcome, report.describe())
+        return answered_from_verifier(outcome, report.describe(), report.named())
 
     def policy_for(self, requested: str | None) -> str:
         policy = (requested or self.settings.guard_policy).strip().lower()
