@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(clips)} clips x {args.rounds} rounds, {'server ' + args.host if args.host else 'in process'}, one request at a time\n")
     print("| request | n | p50 ms | p90 ms | p50 / events p50 |\n| --- | --- | --- | --- | --- |")
     for k, phrases in REQUESTS.items():
-        name = "/v1/audio/events" if phrases is None else f"/v1/audio/{k} ({len(phrases)} phrases: {', '.join(phrases)})"
+        name = "/v1/audio/events" if phrases is None else f"/v1/audio/verify ({len(phrases)} phrases: {', '.join(phrases)})"
         print(f"| {name} | {len(times[k])} | {p50[k] * 1000:.0f} | {p90[k] * 1000:.0f} | {p50[k] / p50['events']:.2f} |")
     for k in ("verify", "verify (ontology phrases)"):
         print(f"\nevents / {k} p50: {p50['events'] / p50[k]:.2f}x (target <= 1.2x)")
