@@ -3,7 +3,7 @@
     python -m loadtests.event_f1 --corpus data/corpus --split test [--tune-on validation] [--check-with PYTHON]
 
 The verifier's timelines (``Verifier.timelines``: the same code the endpoint runs) are computed once per scene and
-kept under ``runs/event_f1/`` (rerunning reuses them); detections are :func:`serving.guard.events.detect` with the
+kept under ``runs/event_f1/`` (rerunning reuses them); detections are :func:`models.verifier.events.detect` with the
 served settings. Matching is the DCASE event-based convention: an estimated event matches a reference event of the
 same class when the onsets are within ``--collar`` (0.5 s) and the offsets within max(collar, 0.2 · the reference's
 length); one-to-one, the largest matching (as ``sed_eval``'s optimal matching). F1 per class, micro over a group's
@@ -74,8 +74,8 @@ def read_reference(path: Path, scenes: set[str] | None = None) -> dict[str, dict
 def timelines(corpus: Path, split: str, verifier_name: str | None, out: Path, limit: int | None = None) -> dict[str, dict]:
     """Scene → its ontology timeline (probs, starts, ends, clip probs, duration), computed once and kept in ``out``;
     ``limit``: the split's first scenes only (sorted by id; a scene's mix is random, so they are a random sample)."""
-    from serving.guard.verifier import load_verifier
-    from serving.intake import decode
+    from models.verifier.checkpoint import load_verifier
+    from models.audio import decode
 
     out.mkdir(parents=True, exist_ok=True)
     verifier, kept = None, {}
@@ -96,7 +96,7 @@ def timelines(corpus: Path, split: str, verifier_name: str | None, out: Path, li
 
 
 def estimate(tls: dict[str, dict], threshold: float | None, min_gap_s: float) -> dict[str, dict[str, list[Event]]]:
-    from serving.guard.events import Timeline, detect
+    from models.verifier.events import Timeline, detect
 
     est = {}
     for scene, z in tls.items():

@@ -32,7 +32,7 @@ from serving.verify_api import EVENTS_BODY, VERIFY_BODY
 from serving.verify_api import ask_verifier
 from serving.verify_api import events as audio_events
 from serving.verify_api import verify as verify_audio
-from serving.guard.events import EventReport
+from models.verifier.events import EventReport
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
 from serving.metrics import Metrics, mark_process_dead

@@ -4,7 +4,7 @@ verify: multipart ``file`` plus ``events`` (repeated fields, or one comma-separa
 ``truncate``; JSON: :class:`serving.schemas.VerifyRequest` with base64 ``audio``. Per phrase, its presence.
 
 events: multipart ``file`` (optional ``truncate``) or JSON :class:`serving.schemas.EventsRequest`. Every class the
-verifier hears, with its spans (:mod:`serving.guard.events`).
+verifier hears, with its spans (:mod:`models.verifier.events`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi import Request
 from serving import intake
 from serving.errors import ApiError
 from serving.guard.runner import failure_reason
-from serving.guard.verifier import SAMPLE_RATE
+from models.verifier.verifiers import SAMPLE_RATE
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, DetectedEvent, EventsRequest, EventsResponse, VerifyRequest, VerifyResponse, audio_body
 
@@ -80,7 +80,7 @@ async def ask_verifier(service, response):
 
 async def events(service, request: Request) -> EventsResponse:
     """Decode the clip like the QA path does, then ask the verifier deployment for its detections (a typed
-    :class:`serving.guard.events.EventReport`)."""
+    :class:`models.verifier.events.EventReport`)."""
     data, fields = await intake.read_audio_body(request, EventsRequest, "optional truncate")
     clip = await _decode(service, data, fields.truncate)
     report = await service.events(clip)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from loadtests.clips import spoken
 from loadtests.event_f1 import counts, f1, matches
-from serving.guard.events import Detection, Timeline, active_spans, describe, detect
+from models.verifier.events import Detection, Timeline, active_spans, describe, detect
 from tests.helpers import encode
 
 SR = 16_000
@@ -280,7 +280,7 @@ def test_ask_lists_the_events_on_request(yes_checkpoint, client, tmp_path):
 
     clip = tmp_path / "beep.wav"
     clip.write_bytes(encode(_beep(), SR, "wav"))
-    done = subprocess.run([sys.executable, "-m", "serving.cli", "ask", str(clip), "Is there a beep?", "--model", str(yes_checkpoint),
+    done = subprocess.run([sys.executable, "-m", "earwitness", "ask", str(clip), "Is there a beep?", "--model", str(yes_checkpoint),
                            "--guard", "off", "--events", "--max-tokens", "4"],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert done.returncode == 0, done.stderr
