@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| threshold ({args.tune_on}, {len(tls)} scenes) | " + " | ".join(f"min gap {g:g} s" for g in GAPS) + " |")
         print("| --- " * (len(GAPS) + 1) + "|")
         for th in (0.56, 0.7, 0.8, 0.85, 0.9):
-            row = [f1(*np.sum(list(counts(ref, estimate(tls, th, gap), args.collar).values()), axis=0)) for gap in GAPS]
-            print(f"| {th:.2f} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+            row = [np.sum(list(counts(ref, estimate(tls, th, gap), args.collar).values()), axis=0) for gap in GAPS]
+            print(f"| {th:.2f} | " + " | ".join(f"{f1(*c):.3f} ({c[1]} false)" for c in row) + " |")
 
     tls = timelines(args.corpus, args.split, name, args.cache / Path(name).name / args.split, args.limit)
     ref = read_reference(args.corpus / "scenes" / args.split / "strong.tsv", set(tls))

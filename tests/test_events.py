@@ -65,6 +65,9 @@ def test_the_description_lists_the_sounds_with_their_times_and_says_where_it_cam
     insects = Detection("Insect", "ontology", "crickets", 0.8, 0.9, [(0.0, 2.5)])
     assert describe([bird, insects], 2.5) == "I hear birdsong (0.2–2.1 s) and crickets (from the sound-event verifier)."
     assert describe([], 3.0) == "I hear no sound I can name (from the sound-event verifier)."
+    tone = Detection("Dial tone", "audioset", "dial tone", 0.9, 0.9, [(0.0, 3.0)])
+    assert describe([tone, insects], 2.5) == "I hear crickets (from the sound-event verifier)."  # the trained classes first
+    assert describe([tone], 3.0) == "I hear dial tone (from the sound-event verifier)."  # the tagger's, when they hear nothing
 
 
 # ---- event-based F1 against a hand-computed case -----------------------------------------------------------------------

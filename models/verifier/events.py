@@ -103,17 +103,19 @@ def _when(d: Detection, duration_s: float, whole: float = 0.9) -> str:
 
 
 def named_detections(detections: list[Detection], most: int = 5) -> list[Detection]:
-    """The detections a description names: one per phrase (an AudioSet class can say what an ontology class said),
-    the ``most`` most probable."""
+    """The detections a description names: the trained classes' (the ontology's, whose threshold was chosen for
+    event-level F1), or, when none is heard, the AudioSet vocabulary's (judged by the tagger alone, weaker evidence);
+    one per phrase, the ``most`` most probable."""
+    trained = [d for d in detections if d.vocabulary == "ontology"]
     seen: dict[str, Detection] = {}
-    for d in detections:
+    for d in trained or detections:
         seen.setdefault(d.phrase.lower(), d)
     return list(seen.values())[:most]
 
 
 def describe(detections: list[Detection], duration_s: float, most: int = 5) -> str:
     """The detections in one sentence, saying where it came from: "I hear birdsong (0.2–2.1 s) and crickets (from the
-    sound-event verifier)." At most ``most`` sounds, the most probable; a sound heard throughout gets no times."""
+    sound-event verifier)." At most ``most`` sounds (:func:`named_detections`); a sound heard throughout gets no times."""
     parts = [d.phrase + _when(d, duration_s) for d in named_detections(detections, most)]
     if not parts:
         return f"I hear no sound I can name ({SOURCE})."
