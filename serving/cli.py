@@ -29,7 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.config import Settings, scaled_to_cores, usable_cores
     from serving.runtime import start, start_ray, stop
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
+    given = {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter, "ray_address": args.address}
+    overrides = {k: v for k, v in given.items() if v is not None}
     settings = scaled_to_cores(Settings(**overrides), usable_cores(), gpu=torch.cuda.is_available())
     print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     print(f"earwitness: {settings.model_replicas} model replica(s) (EARWITNESS_MODEL_REPLICAS sets the count)", file=sys.stderr)
@@ -121,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--direct-port", type=int, help="also serve straight from the ingress replica here (no proxy hop)")
     serve.add_argument("--model", help="registered name or checkpoint directory")
     serve.add_argument("--adapter", help="LoRA adapter directory")
+    serve.add_argument("--address", help="deploy onto this running Ray cluster (`ray start --head` prints it) instead of starting one")
     serve.set_defaults(func=_serve)
 
     ask = sub.add_parser("ask", help="answer one question about one file, in-process",

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     )
     model_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_max_per_node: int | None = Field(
+        None, ge=1, description="most ingress replicas on one Ray node (Serve's max_replicas_per_node); 1 spreads them over "
+        "nodes, so a node's loss takes one of them (a cluster needs as many nodes as ingress_replicas); None: Serve places them",
+    )
     model_cpus: float = Field(1.0, ge=0)
     model_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1)
@@ -143,6 +147,16 @@ class Settings(BaseSettings):
 
     # Ray
     ray_address: str | None = Field(None, description="join an existing cluster instead of starting one")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Serve runs its HTTP proxies on `port`: every node with a replica (a load balancer in "
+        "front), or the head only (several Ray nodes on one host, whose proxies would all want the same port)",
+    )
+    metrics_dir: str | None = Field(
+        None, description="where the replicas of a node keep their metrics (prometheus_client multiprocess files), read by "
+        "that node's exporter (`python -m serving.metrics`; the pods' metrics sidecar) so Prometheus sums the nodes; "
+        "`${VAR}` is expanded on each node from its Ray processes' environment. None: a fresh directory per application "
+        "under ray_temp_dir, summed by the ingress' /metrics (one node)",
+    )
     ray_temp_dir: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "earwitness-ray"))
     num_cpus: int | None = Field(None, description="CPUs a locally started Ray may use")
 

@@ -35,7 +35,7 @@ from serving.verify_api import verify as verify_audio
 from models.verifier.events import EventReport
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
-from serving.metrics import Metrics, mark_process_dead
+from serving.metrics import Metrics, mark_process_dead, prepare_metrics_dir
 from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, keys_from_settings
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
@@ -107,21 +107,23 @@ class RequestMetricsMiddleware:
                 self.metrics.latency.labels(endpoint, "total").observe(time.perf_counter() - start)
 
 
-def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def _error_response(request: Request, error: ApiError) -> JSONResponse:
+    """The error as JSON, with the request's id: a client quotes it, and a retry of a 5xx can be told apart."""
+    body = {"error": {**error.body()["error"], "request_id": request_id(request.headers)}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return _error_response(exc)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(request, exc)
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error_response(intake.invalid(exc.errors()))
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(request, intake.invalid(exc.errors()))
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}  # 400: a body the form parser cannot read
-    return _error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
+    return _error_response(request, ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
 
 
 def _stack(exc: BaseException) -> str:
@@ -176,8 +178,7 @@ class Service:
     def __init__(self, model: RemoteModel | LocalModel, settings: Settings, verifier=None):
         self.settings = settings
         self.model = model
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        prepare_metrics_dir()
         self.metrics = Metrics()
         self.guard = GuardRunner(verifier, settings, self.metrics)  # the absent-sound guard (serving/guard/)
         self._model_info: dict | None = None

@@ -126,7 +126,8 @@ def make_backend(settings: Settings, spec: ModelSpec | None = None):
     if settings.engine == "vllm":
         from serving.backends.vllm import load_for_settings
 
-        return load_for_settings(spec, settings, local_adapter), adapter
+        backend = load_for_settings(spec, settings, local_adapter)
+        return backend, (None if backend.merged_adapter else adapter)  # merged at load: the weights are base + adapter
     from serving.backends.hf import TransformersBackend
 
     return TransformersBackend.load(spec, adapter=local_adapter, device=settings.device, dtype=settings.dtype), adapter

@@ -97,7 +97,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str = Field("invalid_request_error", description="OpenAI's error type (invalid_request_error, server_error, ...)")
     param: str | None = Field(None, description="the request field at fault, when there is one")
-    request_id: str | None = Field(None, description="on a 500 internal_error: the id to quote when reporting it")
+    request_id: str | None = Field(None, description="the request's id (X-Request-Id), to quote when reporting an error")
 
 
 class ErrorResponse(BaseModel):

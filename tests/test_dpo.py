@@ -302,7 +302,7 @@ def test_reference_is_the_adapter_disabled_policy(tmp_path):
 def test_export_merged_matches_adapter(trained, tmp_path):
     from transformers import AutoProcessor
 
-    from train.lora import export_merged
+    from models.loading import export_merged
 
     omni = trained["family"] == "qwen2.5-omni-thinker"
     if omni:
