@@ -56,27 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    from tests.helpers import free_port
+    from tests.helpers import local_s3
     from tests.test_store import BUCKET
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x").create_bucket(Bucket=BUCKET)
-        options = {"s3": {"endpoint_url": endpoint, "key": "x", "secret": "x", "client_kwargs": {"region_name": "us-east-1"}}}
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options["s3"])
+    with local_s3(BUCKET) as (fs, options):
         rows = []
         for name in args.models.split(","):
             runs = [measure(name, fs, options) for _ in range(args.repeats)]
             rows.append({k: (statistics.median(r[k] for r in runs) if k != "model" else name) for k in runs[0]})
-    finally:
-        server.stop()
     print("| model | weights MB | download once s | later replicas (cache hit) s | load s | warm-up s | cold start, first / later s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

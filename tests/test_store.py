@@ -17,7 +17,7 @@ import pytest
 
 from models.store import COMPLETE, NotInStore, StoreError, local_copy, store_cache
 from serving.adapters import ADAPTER_NAME, Catalog, UnknownModel, lora_problem
-from tests.helpers import encode, free_port, tone
+from tests.helpers import encode, free_port, local_s3, tone
 
 TINY_ADAPTER = Path(__file__).resolve().parents[1] / "models" / "earwitness-tiny" / "adapter"
 BUCKET = "earwitness"
@@ -27,20 +27,9 @@ BUCKET = "earwitness"
 def s3():
     """A real S3 server (moto) and an s3fs client on it; yields ``(fs, store_options)``."""
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
-                      "client_kwargs": {"region_name": "us-east-1"}}}
-    import boto3
-    import s3fs
-
-    boto3.client("s3", endpoint_url=options["s3"]["endpoint_url"], region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options["s3"])
-    yield fs, options
-    server.stop()
+    pytest.importorskip("moto.server")
+    with local_s3(BUCKET) as (fs, options):
+        yield fs, options
 
 
 def upload(fs, local: Path, key: str) -> str:
