@@ -44,11 +44,11 @@ class Node:
             time.sleep(0.3)
 
     def kill(self, workers: list[int] = ()) -> list[int]:
-        """SIGKILL every process of this node (raylet, agents, and ``workers``), as a crash of its machine would; their pids."""
-        pids = sorted({*workers, *(pid for pid in _pids_under(self.temp_dir) if pid != os.getpid())})
+        """SIGKILL every process of this node (raylet, agents, workers), as a crash of its machine would; their pids."""
+        pids = sorted({*workers, *(pid for pid in _pids_of(self.metrics_dir) if pid != os.getpid())})
         try:
             os.killpg(self.process.pid, signal.SIGKILL)  # `ray start --block`, the raylet and the agents
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
         for pid in pids:  # workers run in process groups of their own
             try:
@@ -101,26 +101,29 @@ class Cluster:
         return json.loads(lines[-1].removeprefix("RESULT"))
 
     def stop(self) -> None:
+        """Kill every node, and wait until none of their processes is left."""
         for node in reversed(self.nodes):
-            if node.process.poll() is None:
-                node.kill()
+            node.kill()
+        deadline = time.monotonic() + 20
+        while any(_pids_of(node.metrics_dir) for node in self.nodes) and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 def new_cluster() -> Cluster:
     return Cluster(address=f"127.0.0.2:{free_port()}", token=secrets.token_hex(16))
 
 
-def _pids_under(temp_dir: Path) -> list[int]:
-    """Processes whose command line names this node's temp dir: its raylet, agents and workers."""
-    marker = str(temp_dir)
+def _pids_of(metrics_dir: Path) -> list[int]:
+    """This node's processes (`ray start`, raylet, agents, workers): all inherit its ``NODE_METRICS_DIR``."""
+    marker = f"{NODE_METRICS_VAR}={metrics_dir}".encode() + b"\0"
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (entry / "environ").read_bytes() + b"\0"
             except OSError:
                 continue
-            if marker in cmdline:
+            if marker in environ:
                 pids.append(int(entry.name))
     return pids
 

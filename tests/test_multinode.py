@@ -252,8 +252,9 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-def _on_node(where: dict, name: str) -> bool:
-    return any(node == name for replicas in where.values() for node, _, _ in replicas)
+def _moved_off(where: dict, name: str) -> bool:
+    """Whether Serve's status has no replica on node ``name`` and none running on a node that is gone."""
+    return not any(node == name or (node == "none" and state == "RUNNING") for replicas in where.values() for node, state, _ in replicas)
 
 
 def _ask_quietly(url: str, clip: bytes, n: int, prefix: str) -> list[Outcome]:
@@ -292,7 +293,7 @@ def test_second_node_killed_under_load(deployed):
 
     # then until Ray declares the node dead and Serve moves its replicas off it (its health checks: seconds)
     deadline = time.monotonic() + 90
-    while _on_node(after := placement(deployed.cluster), "second"):
+    while not _moved_off(after := placement(deployed.cluster), "second"):
         assert time.monotonic() < deadline, after
         time.sleep(1)
     gone_at = time.monotonic()

@@ -170,3 +170,25 @@ def test_resume_after_sigint_reaches_the_uninterrupted_adapter(tiny_checkpoint, 
     assert worst < 1e-5, f"resumed adapter differs by {worst:.2e}"
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "dpo_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def test_streamed_rows_are_the_rows_in_memory(corpus):
+    """``--streaming`` reads the same LISTEN rows and DPO pairs as the in-memory path, lazily (IterableDataset)."""
+    from collections import Counter
+
+    from datasets import IterableDataset
+
+    from train.listen import listen_rows
+    from train.stages import preference_subset
+
+    def rows(data) -> Counter:
+        return Counter(tuple(str(r.get(k)) for k in ("prompt", "chosen", "rejected", "audio", "rejected_audio")) for r in data)
+
+    streamed = listen_rows(corpus, "train", ListenConfig(streaming=True)), preference_subset(corpus, None, 0, streaming=True)
+    memory = listen_rows(corpus, "train", ListenConfig()), preference_subset(corpus, None, 0)
+    assert all(isinstance(d, IterableDataset) for d in streamed) and not any(isinstance(d, IterableDataset) for d in memory)
+    for lazy, held in zip(streamed, memory):
+        assert rows(lazy) == rows(held) and len(held) > 0

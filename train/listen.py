@@ -37,13 +37,24 @@ class ListenConfig(TrainOptions):
 
 
 def listen_rows(corpus_dir: Path, split: str, config: ListenConfig):
-    """The split's questions of ``config.kinds`` as a ``datasets.Dataset`` (prompt, chosen = the answer, audio path)."""
-    from datasets import Dataset
+    """The split's questions of ``config.kinds`` as a ``datasets.Dataset`` (prompt, chosen = the answer, audio path), or
+    with ``config.streaming`` an ``IterableDataset`` read from ``qa/<split>.jsonl`` as training goes."""
+    from datasets import Dataset, load_dataset
 
+    base = Path(corpus_dir).resolve()
+
+    def row(r: dict) -> dict:
+        return {"prompt": r["question"], "chosen": r["answer"], "audio": str(base / r["audio"]), "kind": r["kind"]}
+
+    if config.streaming:
+        stream = load_dataset("json", data_files=str(base / "qa" / f"{split}.jsonl"), split="train", streaming=True)
+        stream = stream.filter(lambda r: r["kind"] in config.kinds).map(row, remove_columns=list(stream.features or []) or None)
+        stream = stream.shuffle(seed=config.seed, buffer_size=1000)
+        return stream.take(config.max_rows) if config.max_rows else stream
     from train.data.qa import read_qa_rows
 
-    rows = [{"prompt": r.question, "chosen": r.answer, "audio": r.audio, "kind": r.kind}
-            for r in read_qa_rows(corpus_dir, split, absolute_audio=True) if r.kind in config.kinds]
+    rows = [row({"question": r.question, "answer": r.answer, "audio": r.audio, "kind": r.kind})
+            for r in read_qa_rows(base, split) if r.kind in config.kinds]
     data = Dataset.from_list(rows).shuffle(seed=config.seed)
     return data.select(range(min(config.max_rows, len(data)))) if config.max_rows else data
 

@@ -37,6 +37,9 @@ class TrainOptions:
     tensorboard: bool = field(default=True, metadata={"help": "Write TensorBoard event files under <out>/runs/."})
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "Processes that decode and featurise audio for the batches; 0: the training process itself."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read the corpus's rows as a stream (datasets' IterableDataset, shuffled in a buffer): a corpus larger than memory; "
+                "set max_steps."})
     fsdp: str = field(default="", metadata={
         "help": "FSDP over the data-parallel workers (e.g. 'full_shard auto_wrap'), for trainable state that one GPU cannot hold; '': DDP."})
 

@@ -163,8 +163,13 @@ def evaluate_stage(name: str, processor, model, corpus_dir: Path, plan, progress
 # --------------------------------------------------------------------------------------------- data
 
 
-def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int] | None, seed: int = 0):
-    """The training pairs, or a stratified sample: ``per_kind`` of every LISTEN / AHA / ACPO kind (or a count per kind)."""
+def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int] | None, seed: int = 0, streaming: bool = False):
+    """The training pairs, or a stratified sample: ``per_kind`` of every LISTEN / AHA / ACPO kind (or a count per kind);
+    ``streaming``: all of them as an ``IterableDataset`` read from the arrow shards as training goes."""
+    if streaming:
+        if per_kind is not None:
+            raise SystemExit("--streaming reads every pair: leave out --pairs-per-kind")
+        return stream_pairs(Path(corpus_dir), "train", seed)
     from train.data.prefs import load_pairs
 
     pairs = load_pairs(corpus_dir, "train").shuffle(seed=seed)
@@ -178,6 +183,19 @@ def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int] | None, s
             keep.append(i)
             seen[kind] = seen.get(kind, 0) + 1
     return pairs.select(keep).shuffle(seed=seed)
+
+
+def stream_pairs(corpus_dir: Path, split: str, seed: int = 0, buffer_size: int = 1000):
+    """``prefs/<split>``'s arrow shards as a stream, audio paths made absolute, shuffled in a buffer."""
+    from datasets import load_dataset
+
+    base = corpus_dir.resolve()
+    shards = sorted(str(p) for p in (base / "prefs" / split).glob("data-*.arrow"))
+
+    def absolute(row: dict) -> dict:
+        return {"audio": str(base / row["audio"]), "rejected_audio": str(base / row["rejected_audio"]) if row["rejected_audio"] else None}
+
+    return load_dataset("arrow", data_files=shards, split="train", streaming=True).map(absolute).shuffle(seed=seed, buffer_size=buffer_size)
 
 
 # --------------------------------------------------------------------------------------------- training stages
@@ -254,7 +272,7 @@ def run_job(job: StageJob, prepare=None) -> dict:
         if stage_input.adapter is not None and not config.modules_to_save:  # the adapter carries the audio adapter it was trained over
             config.modules_to_save = audio_adapter_modules(model)
             config.train_saved_modules = False
-        adapter = train_dpo(model, processor, preference_subset(corpus, job.per_kind, config.seed), out, config,
+        adapter = train_dpo(model, processor, preference_subset(corpus, job.per_kind, config.seed, config.streaming), out, config,
                             resume=job.resume, prepare=prepare)
         log = out / "dpo_log.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
