@@ -104,10 +104,26 @@ def _from_pretrained(spec: ModelSpec, dtype: torch.dtype, quantization=None):
     local = Path(source).is_dir()
     if not local and source.startswith(("/", ".")):
         raise FileNotFoundError(f"model directory {source} does not exist")
-    processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+    processor = _processor(spec, source, local)
     extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization is not None else {}
     model = model_class(spec.family).from_pretrained(source, local_files_only=local, dtype=dtype, **extra)
     return processor, model
+
+
+def _processor(spec: ModelSpec, source: str, local: bool):
+    """The checkpoint's processor; for the Omni thinker, an audio-only one where the stock one needs torchvision (or the
+    checkpoint saved none)."""
+    from transformers import AutoProcessor
+
+    if spec.family != "qwen2.5-omni-thinker":
+        return AutoProcessor.from_pretrained(source, local_files_only=local)
+    from models.omni import load_audio_omni_processor
+
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+    except ImportError:  # the video processor's torchvision
+        processor = None
+    return processor if hasattr(processor, "feature_extractor") else load_audio_omni_processor(source, local)
 
 
 def export_merged(base_model, adapter_dir: str | Path, out_dir: str | Path, processor=None) -> Path:

@@ -141,6 +141,23 @@ def test_served_stage_adapter_answers_as_in_process(chain, server):
     assert reply.json()["answer"] == local.generate([AudioPrompt(clip, QUESTION, 8)])[0].text
 
 
+@pytest.mark.slow
+def test_stage_commands_on_a_local_omni_checkpoint(corpus, tmp_path):
+    """``--from DIR`` of a saved Omni thinker: read with its audio-only processor (no torchvision), LISTEN trains its
+    ``audio_tower.proj``, and DPO over it carries that."""
+    processor, model = BUILDERS["qwen2.5-omni-thinker"]()
+    processor.save_pretrained(tmp_path / "omni")
+    model.save_pretrained(tmp_path / "omni")
+    one = ("--max-steps", "1", "--batch-size", "2", "--no-tensorboard")
+    _cli("train", "listen", "--from", str(tmp_path / "omni"), "--corpus", str(corpus), "--out", str(tmp_path / "listen"), "--max-rows", "4", *one)
+    _cli("train", "dpo", "--from", str(tmp_path / "listen"), "--corpus", str(corpus), "--out", str(tmp_path / "dpo"), "--pairs-per-kind", "1", *one)
+    record = json.loads((tmp_path / "dpo" / STAGE_FILE).read_text())
+    assert record["input"]["base"]["family"] == "qwen2.5-omni-thinker"
+    listened, aligned = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("listen", "dpo"))
+    carried = [k for k in aligned if "audio_tower.proj" in k]
+    assert carried and all(torch.equal(aligned[k], listened[k]) for k in carried)
+
+
 # ------------------------------------------------------------------------------------------ --resume after SIGINT
 
 
