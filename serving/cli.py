@@ -70,7 +70,7 @@ def _ask(args: argparse.Namespace) -> int:
         max_tokens = intake.check_max_tokens(args.max_tokens, settings)
         policy = args.guard or settings.guard_policy
         asyncio.run(intake.decode_upload(data, settings, 16_000, truncate=args.truncate))  # a bad file fails before the model loads
-        body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate))
+        body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate, args.events))
     except ApiError as err:
         print(json.dumps(err.body()).replace("truncate=true", "--truncate"), file=sys.stderr)
         return 2
@@ -78,15 +78,16 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str, truncate: bool) -> dict:
-    """The QA endpoint's answer, computed by the service in this process (model and, when guarded, verifier)."""
+async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str, truncate: bool, events: bool = False) -> dict:
+    """The QA endpoint's answer, computed by the service in this process (model and, when guarded or ``events`` are
+    asked for, verifier); ``events``: with the verifier's detections, as ``POST /v1/audio/events`` lists them."""
     from serving import intake
     from serving.ingress import Service
     from serving.model_client import InProcess, LocalModel
-    from serving.schemas import AudioInfo, GuardInfo
+    from serving.schemas import AudioInfo, DetectedEvent, GuardInfo
 
     verifier = None
-    if policy != "off" and settings.verifier:
+    if (policy != "off" or events) and settings.verifier:
         from serving.verifier_server import VerifierServer
 
         verifier = InProcess(VerifierServer.func_or_class(settings.model_dump()))
@@ -96,11 +97,13 @@ async def _answer(settings, data: bytes, question: str, max_tokens: int, policy:
         model_id, info = await service.resolve_model(None)
         clip = await intake.decode_upload(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
         outcome = (await service.hear("cli", clip, question, max_tokens, service.guard.policy_for(policy), model_id)).outcome
+        report = await service.events(clip) if events else None
     finally:
         model.close()
     return {"answer": outcome.answer, "answer_kind": outcome.kind, "original_answer": outcome.original_answer,
             "guard": GuardInfo(**outcome.guard_dict()).model_dump(), "model": info["model"],
-            "audio": AudioInfo.from_clip(clip).model_dump()}
+            "audio": AudioInfo.from_clip(clip).model_dump()} | (
+            {"events": [DetectedEvent(**d.to_dict()).model_dump() for d in report.detections]} if report is not None else {})
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -133,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--guard", choices=["off", "annotate", "abstain", "correct"], default=None,
                      help="absent-sound guard policy (default: the server's guard_policy)")
     ask.add_argument("--truncate", action="store_true", help="cut audio longer than the limit instead of refusing it")
+    ask.add_argument("--events", action="store_true", help="also list the sounds the verifier hears, with their times (as POST /v1/audio/events)")
     ask.set_defaults(func=_ask)
 
     models = sub.add_parser("models", help="list registered models")

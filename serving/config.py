@@ -126,6 +126,17 @@ class Settings(BaseSettings):
         "returns the encoder's layers and the verifier scores them after the answer, instead of encoding the clip beside it; "
         "false: the verifier always encodes the clip itself",
     )
+    events_threshold: float | None = Field(
+        0.8, ge=0, le=1, description="/v1/audio/events: an ontology class is detected at this calibrated probability (clip and "
+        "frames); chosen on the corpus validation split for event-level F1 (python -m loadtests.event_f1 --tune-on validation): "
+        "the verifier's own present_above (0.56, None here) reports too many sounds as events; None: present_above"
+    )
+    events_audioset_threshold: float | None = Field(
+        None, ge=0, le=1, description="/v1/audio/events: the same for the tagger's AudioSet classes outside the ontology; None: where "
+        "the tagger's own score is 0.5 (its own decision point, under the open vocabulary's calibration)"
+    )
+    events_min_gap_s: float = Field(1.0, ge=0, description="/v1/audio/events: a pause up to this long inside a sound's span is filled "
+                                    "(chosen with events_threshold)")
     guard_contrast: bool = Field(True, description="also score the answer on blank audio (the model's audio contrast)")
     guard_contrast_prior: float = Field(0.05, description="nats; at or below, an answer the verifier is unsure of is a prior")
     guard_contrast_heard: float = Field(1.0, description="nats; at or above, an answer the verifier is unsure of was heard")

@@ -28,8 +28,11 @@ from serving import intake
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
-from serving.verify_api import VERIFY_BODY
+from serving.verify_api import EVENTS_BODY, VERIFY_BODY
+from serving.verify_api import ask_verifier
+from serving.verify_api import events as audio_events
 from serving.verify_api import verify as verify_audio
+from models.verifier.events import EventReport
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
 from serving.metrics import Metrics, mark_process_dead, prepare_metrics_dir
@@ -37,6 +40,7 @@ from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, keys_from_
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
+from serving.schemas import EventsResponse
 
 log = logging.getLogger("earwitness.http")
 
@@ -222,6 +226,18 @@ class Service:
             self.metrics.latency.labels(endpoint, "guard").observe(heard.guard_s)
         return heard
 
+    async def events(self, clip) -> EventReport:
+        """The verifier's detections over a decoded clip (``/v1/audio/events``, and listed on request by the chat
+        route and ``earwitness ask --events``); 503 when no verifier is deployed or it cannot answer."""
+        if self.guard.verifier is None:
+            raise ApiError(503, "verifier_unavailable", "no verifier is deployed here", {"Retry-After": "30"})
+        report = await ask_verifier(self, self.guard.verifier.events.remote(clip.samples))
+        if report.kept:
+            self.metrics.verifier_kept_hits.inc()
+        for d in report.detections:
+            self.metrics.events_detected.labels(d.vocabulary).inc()
+        return report
+
     async def _await_model(self, response):
         """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""
         try:
@@ -357,6 +373,10 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/audio/verify", response_model=VerifyResponse, responses=_ERRORS, openapi_extra=VERIFY_BODY, summary="Presence scores of sound events in a clip (verifier only)")
     async def verify(request: Request) -> VerifyResponse:
         return await verify_audio(service, request)
+
+    @app.post("/v1/audio/events", response_model=EventsResponse, responses=_ERRORS, openapi_extra=EVENTS_BODY, summary="The sound events heard in a clip, with their times (verifier only)")
+    async def events(request: Request) -> EventsResponse:
+        return await audio_events(service, request)
 
     @app.get("/v1/models", response_model=ModelList, summary="Models served here")
     async def models() -> ModelList:

@@ -62,6 +62,10 @@ class Metrics:
             f"{PREFIX}_verifier_kept_hits", "Verifier results served from a replica's kept results (the same clip's samples, "
             "byte for byte, heard before): guarded answers and /v1/audio/verify alike.", registry=registry,
         )
+        self.events_detected = Counter(
+            f"{PREFIX}_events_detected", "Sound events /v1/audio/events reported (and events listed on request), by vocabulary "
+            "(ontology, audioset).", ["vocabulary"], registry=registry,
+        )
         self.verifier_failures = Counter(
             f"{PREFIX}_verifier_failures", "Verifier calls that failed: timeout, unavailable, overloaded, error, disabled.", ["reason"], registry=registry
         )
