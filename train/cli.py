@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from train.data.sources import CORE_PACKAGES, EXTRA_PACKAGES, PACKAGES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command (with ``fetch`` and ``build``) to an existing argparse CLI."""
@@ -31,9 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _packages(names: list[str] | None) -> tuple[str, ...]:
-    # function-level: the data commands load their builders only when they run
-    from train.data.sources import CORE_PACKAGES, EXTRA_PACKAGES, PACKAGES
-
     groups = {"core": CORE_PACKAGES, "extra": EXTRA_PACKAGES, "all": PACKAGES}
     return tuple(p for name in (names or ["all"]) for p in groups.get(name, (name,)))
 

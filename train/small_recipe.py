@@ -45,8 +45,8 @@ from train.evaluate import EvalPlan
 from train.features import encoder_features
 from train.lora import lora_config
 from train.model_card import write_small_model_card
-from train.recipe import Laps, align_dpo, ensure_corpus, evaluate_stage, point_adapter_at, versions
 from train.sft import StageConfig, select_rows, train_stage
+from train.stages import Laps, align_dpo, ensure_corpus, evaluate_stage, point_adapter_at, versions
 from train.tower import distilled_layers, export_whisper
 
 BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("positive",), epochs=0.6, batch_size=8,

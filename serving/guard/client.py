@@ -9,6 +9,7 @@ from typing import Awaitable
 import numpy as np
 
 from models.verifier.assessment import Assessment
+from models.verifier.events import EventReport
 from models.verifier.text import Match
 
 
@@ -37,6 +38,11 @@ class VerifierClient:
     def place(self, mentions: list[str]) -> Awaitable[list[Match]]:
         """An answer's mentions placed on the ontology."""
         return self.handle.place.remote(mentions)
+
+    def events(self, samples: np.ndarray) -> Awaitable[EventReport]:
+        """Every class the verifier detects over the clip, with its spans (``POST /v1/audio/events``, the guard's
+        description of an open question's clip under ``correct``)."""
+        return self.handle.events.remote(samples)
 
     def verify(self, samples: np.ndarray, texts: list[str]) -> Awaitable[dict]:
         """``POST /v1/audio/verify``'s answer: per phrase, class, probability and the verifier's own reading."""

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from models.answers import answers_the_question, classify, extract_claims, presence_target
+from models.answers import answers_the_question, classify, extract_claims, is_open_question, presence_target
 from models.verifier.assessment import Assessment, EventScore
 from models.verifier.text import Match
 from serving.errors import ApiError
 from serving.guard.client import VerifierClient
-from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge, silenced
+from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, answered_from_verifier, apply_policy, is_prior, judge, silenced
 
 log = logging.getLogger("earwitness.guard")
 
@@ -129,7 +129,8 @@ def judged(checks: list[ClaimCheck], assessment: Assessment, placed: list[Match]
 
 class GuardRunner:
     def __init__(self, verifier, settings, metrics):
-        self.verifier = None if verifier is None else VerifierClient(verifier)  # a handle (or InProcess) → typed calls
+        # a handle (or InProcess) → typed calls; a client already typed (another service's) as it is
+        self.verifier = verifier if verifier is None or isinstance(verifier, VerifierClient) else VerifierClient(verifier)
         self.settings, self.metrics = settings, metrics
         self._verifier_tower = _UNKNOWN  # its info()'s tower signature, asked once
         self._verifier_hears_clip = False  # its info(): a call with the layers also carries the clip
@@ -156,7 +157,24 @@ class GuardRunner:
         done = time.perf_counter()
         outcome = await self._finish(pending, question, generation, policy)
         outcome.unparsed = not answers_the_question(question, outcome.answer)
+        if policy == "correct" and not plan.silent and is_open_question(question) and (outcome.unparsed or outcome.overridden):
+            outcome = await self._describe(clip, outcome)
         return Heard(generation, outcome, done - start, time.perf_counter() - done if policy != "off" else None)
+
+    async def _describe(self, clip, outcome: Outcome) -> Outcome:
+        """An open question's unparsed or cut answer, replaced by the verifier's description of the clip (its events).
+        Should the verifier fail, or be missing, the outcome stays as it was."""
+        if self.verifier is None:
+            return outcome
+        try:
+            report = await asyncio.wait_for(self.verifier.events(clip.samples), self.settings.verifier_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the answer still goes out, undescribed
+            self.metrics.verifier_failures.labels(failure_reason(exc)).inc()
+            log.warning("verifier events %s: the answer is not described", failure_reason(exc))
+            return outcome
+        for d in report.detections:
+            self.metrics.events_detected.labels(d.vocabulary).inc()
+        return answered_from_verifier(outcome, report.describe(), report.named())
 
     async def _shares_encoder(self, model_info: dict, n_samples: int) -> bool:
         """Whether the model should hand the verifier its tower's layers on this clip: both name the same
