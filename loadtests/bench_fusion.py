@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lopo", type=int, default=0, metavar="EPOCHS", help="also leave-one-package-out (heads of EPOCHS)")
     ap.add_argument("--report", type=Path, default=None, help="write the table here (markdown)")
     ap.add_argument("--out", type=Path, default=None, help="write the subset best on validation as a fused verifier here")
+    ap.add_argument("--shipped", type=Path, default=Path("models/earwitness-verifier-fused"),
+                    help="a fused verifier measured with its own weights too (the default it would replace)")
     args = ap.parse_args(argv)
     import torch
 
@@ -53,13 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     held_out = lopo_logits(args.corpus, args.members, args.lopo) if args.lopo else None
     results = [measure(subset, logits, y, rows["test"], args.corpus, held_out)
                for k in range(1, len(names) + 1) for subset in itertools.combinations(names, k)]
+    shipped = json.loads((args.shipped / "verifier.json").read_text()) if (args.shipped / "verifier.json").exists() else None
+    if shipped is not None and set(shipped["members"]) <= set(names):
+        results.append({**measure(tuple(shipped["members"]), logits, y, rows["test"], args.corpus, held_out, shipped["weights"]),
+                        "label": f"{args.shipped.name} as shipped"})
     text = subsets_table(results, len(rows["test"]))
     print(text)
     if args.report is not None:
         command = " ".join(["python -m loadtests.bench_fusion", *(argv if argv is not None else sys.argv[1:])])
         args.report.write_text(f"# Fusion of the verifier's members: every subset\n\n`{command}`\n\n{text}\n")
     if args.out is not None:
-        best = max(results, key=lambda r: r["validation"])
+        best = max((r for r in results if "label" not in r), key=lambda r: r["validation"])
         fused = {split: fused_logit(best["members"], best["weights"], logits, split) for split in rows}
         print(f"\n{save_fused(args.out, [member_dir(m) for m, n in zip(args.members, names) if n in best['members']], best['weights'], fused, y, best)}")
     return 0
@@ -109,9 +115,11 @@ def best_weights(parts: list[np.ndarray], y: np.ndarray, step: float = 0.1) -> l
     return max(grid, key=lambda w: roc_auc(y, sum(wi * p for wi, p in zip(w, parts))))
 
 
-def measure(subset: tuple[str, ...], logits: dict, y: dict, test_rows: list[dict], corpus: Path, held_out: dict | None) -> dict:
-    """One subset: weights on validation, then its test ROC-AUC per negative sampling and length, and held-out packages."""
-    weights = best_weights([logits[n]["validation"] for n in subset], y["validation"])
+def measure(subset: tuple[str, ...], logits: dict, y: dict, test_rows: list[dict], corpus: Path, held_out: dict | None,
+            weights: list[float] | None = None) -> dict:
+    """One subset: weights on validation (unless given), then its test ROC-AUC per negative sampling and length, and
+    held-out packages."""
+    weights = weights or best_weights([logits[n]["validation"] for n in subset], y["validation"])
     fused = {split: fused_logit(subset, weights, logits, split) for split in y}
     smp = np.array([r["sampling"] for r in test_rows])
     out = {"members": list(subset), "weights": [round(w, 4) for w in weights], "validation": roc_auc(y["validation"], fused["validation"]),
@@ -123,22 +131,32 @@ def measure(subset: tuple[str, ...], logits: dict, y: dict, test_rows: list[dict
         out[name] = auc
     # `correct` on a model that always says 'yes': a 'yes' is overridden below the served absent threshold (the
     # ABSENT_PERCENTILE of validation's present questions), which the calibration keeps in the same place
-    below = np.percentile(fused["validation"][y["validation"]], ABSENT_PERCENTILE)
-    out["overridden"] = float((fused["test"][y["test"]] < below).mean())
-    out["adversarial false yes"] = float((fused["test"][smp == "adversarial"] >= below).mean())
+    for pct, tag in ((ABSENT_PERCENTILE, ""), (5.0, " at 5%")):
+        below = np.percentile(fused["validation"][y["validation"]], pct)
+        out["overridden" + tag] = float((fused["test"][y["test"]] < below).mean())
+        out["adversarial false yes" + tag] = float((fused["test"][smp == "adversarial"] >= below).mean())
     if held_out is not None:
         out["lopo"] = fused_lopo([held_out[n] for n in subset], weights)
     return out
 
 
 def subsets_table(results: list[dict], questions: int) -> str:
-    cols = ["validation", "test", *NEGATIVES, SHORT] + (["lopo"] if "lopo" in results[0] else []) + ["adversarial false yes", "overridden"]
+    cols = ["validation", "test", *NEGATIVES, SHORT] + (["lopo"] if "lopo" in results[0] else []) + \
+        ["adversarial false yes", "overridden", "adversarial false yes at 5%", "overridden at 5%"]
     heads = ["members (weights chosen on validation)", "validation", "test (all negatives)", *NEGATIVES, SHORT] + \
-            (["leave-one-package-out"] if "lopo" in results[0] else []) + ["`correct`, always 'yes': adversarial false 'yes'", "true 'yes' overridden"]
-    body = [[" + ".join(f"{n.removeprefix('earwitness-verifier-') or n} {w:g}" for n, w in zip(r["members"], r["weights"])),
+            (["leave-one-package-out"] if "lopo" in results[0] else []) + \
+            ["`correct`: adversarial false 'yes'", "true 'yes' overridden", "… threshold at validation's 5%: false 'yes'", "overridden"]
+    body = [[" + ".join(f"{short(n)} {w:g}" for n, w in zip(r["members"], r["weights"]))
+             + (f" ({r['label']})" if "label" in r else ""),
              *[r.get(c, float("nan")) for c in cols]] for r in results]
     return (f"{questions} test presence questions; ROC-AUC, then `correct` on a model that always says 'yes' at the "
-            f"served absent threshold (the {ABSENT_PERCENTILE:g}th percentile of validation's present questions).\n\n" + table(heads, body))
+            f"served absent threshold (the {ABSENT_PERCENTILE:g}nd percentile of validation's present questions' fused scores), "
+            "and at the 5th percentile (the most a target allows to override).\n\n" + table(heads, body))
+
+
+def short(name: str) -> str:
+    """A member's name in the table: the shipped Whisper head is earwitness-verifier, the others say what they hear."""
+    return "whisper" if name == "earwitness-verifier" else name.removeprefix("earwitness-verifier-")
 
 
 def lopo_logits(corpus: Path, members: list[str], epochs: int) -> dict[str, dict[str, dict[tuple, tuple[bool, float]]]]:
