@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.bench_guard import NEGATIVES, length_rows, presence_rows, table
-from serving.guard.verifier import fuse_logits
+from models.verifier.calibration import fuse_logits
 from train.metrics import roc_auc
 from train.verifier import ABSENT_PERCENTILE
 
@@ -81,7 +81,7 @@ def member_logits(directory: Path, corpus: Path, rows: list[dict]) -> np.ndarray
     rows' split: the head, its class offsets (prior correction) and its Platt calibration, as it serves."""
     import torch
 
-    from serving.guard.verifier import load_embedded
+    from models.verifier.checkpoint import load_embedded
     from train.probe import load_split
     from train.verifier import clip_logits
 
@@ -198,7 +198,7 @@ def fused_lopo(per_member: list[dict[str, dict[tuple, tuple[bool, float]]]], wei
 
 
 def member_dir(name: str) -> Path:
-    from serving.guard.verifier import EMBEDDED_VERIFIER_DIR
+    from models.verifier.checkpoint import EMBEDDED_VERIFIER_DIR
 
     return EMBEDDED_VERIFIER_DIR if name in ("", "earwitness-verifier") else Path(name)
 

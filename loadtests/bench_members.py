@@ -37,7 +37,7 @@ def member_cost(verifier, clips: list[np.ndarray], repeats: int) -> dict[str, fl
     """``{"clip": ms per clip hearing the clips}`` (+ ``"layers"`` for a head that can read a served model's layers)."""
     import torch
 
-    from serving.guard.scorer import TowerLayers
+    from models.verifier.scorer import TowerLayers
 
     scorer, texts = verifier.scorer, torch.from_numpy(verifier.class_texts())
     frontend = scorer.frontend
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -51,7 +51,7 @@ def clips(sounds: Path | None) -> dict[str, np.ndarray]:
         n = min(len(speech), len(tone))
         out["speech + tone"] = (speech[:n] + 0.3 * tone[:n]).astype(np.float32)
     if sounds is not None:
-        from serving.intake import decode
+        from models.audio import decode
 
         for name, pattern in (("canary", "canary*.wav"), ("trumpet", "trumpet*.wav")):
             found = sorted(sounds.rglob(pattern))

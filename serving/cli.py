@@ -1,4 +1,7 @@
-"""The ``earwitness`` command: serve, ask, models (and the data/train/eval commands from train/)."""
+"""Serving's commands of ``earwitness`` (:mod:`earwitness.cli` joins them with train's): serve, ask, models.
+
+``python -m serving.cli`` runs these three alone (an image without train/ still serves); the training commands
+(data, train, eval, export) are ``earwitness`` / ``python -m earwitness``."""
 
 from __future__ import annotations
 
@@ -107,10 +110,8 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="earwitness", description=__doc__.replace("``", ""))
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``ask`` and ``models`` to an argparse CLI."""
     serve = sub.add_parser("serve", help="serve the HTTP API with Ray Serve")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
@@ -135,18 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list registered models")
     models.set_defaults(func=_models)
 
-    try:  # the training commands need the `train` extra
-        from train.cli import register as register_data
-        from train.commands import register as register_training
-    except ImportError:
-        return parser
-    register_data(sub)
-    register_training(sub)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m serving.cli", description=__doc__.replace("``", ""))
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

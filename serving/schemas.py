@@ -30,7 +30,7 @@ class AudioInfo(BaseModel):
 
     @classmethod
     def from_clip(cls, clip) -> "AudioInfo":
-        """What intake made of the upload (a :class:`serving.intake.Clip`), as the API reports it."""
+        """What intake made of the upload (a :class:`models.audio.Clip`), as the API reports it."""
         return cls(
             duration_s=round(clip.duration_s, 3),
             sample_rate=clip.sample_rate,

@@ -1,6 +1,6 @@
 """The verifier deployment: the absent-sound verifier and its text encoder, scaled apart from the model.
 
-It owns the verifier (embedded or CLAP, :func:`serving.guard.verifier.load_verifier`) and the
+It owns the verifier (embedded or CLAP, :func:`models.verifier.checkpoint.load_verifier`) and the
 text encoder that matches mentions to ontology classes. The ingress calls it concurrently with
 the model, so on a guarded request its audio forward overlaps generation.
 
@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from ray import serve
 
+from models.lru import LruCache
+from models.verifier.checkpoint import load_verifier
+from models.verifier.scorer import TowerLayers
 from serving.config import Settings
 from serving.heap import freeze_startup_heap
-from serving.lru import LruCache
 
 log = logging.getLogger("earwitness.verifier")
 
@@ -35,8 +37,6 @@ log = logging.getLogger("earwitness.verifier")
 @serve.deployment(name="VerifierServer")
 class VerifierServer:
     def __init__(self, settings: dict):
-        from serving.guard.verifier import load_verifier
-
         self.settings = Settings(**settings)
         log.setLevel(self.settings.verifier_log_level)
         if self.settings.verifier_log_level == "DEBUG" and not log.handlers:  # the replica's log file gets them
@@ -94,8 +94,6 @@ class VerifierServer:
         return await asyncio.to_thread(self._assess_layers, layers, n_samples, texts, samples)
 
     def _assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str], samples: np.ndarray | None = None) -> dict:
-        from serving.guard.scorer import TowerLayers
-
         if self.verifier.tower is None:
             raise ValueError(f"verifier {self.verifier.name} reads no encoder's layers")
         clip = TowerLayers(np.asarray(layers, dtype=np.float32), int(n_samples), samples)

@@ -13,7 +13,7 @@ from fastapi import Request
 from serving import intake
 from serving.errors import ApiError
 from serving.guard.runner import failure_reason
-from serving.guard.verifier import SAMPLE_RATE
+from models.verifier.verifiers import SAMPLE_RATE
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, VerifyRequest, VerifyResponse, audio_body
 

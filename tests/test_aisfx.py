@@ -101,7 +101,7 @@ def test_the_provenance_names_both_licences_and_the_paper():
 def test_bfloat16_channels_last_steps_stay_with_float32(net):
     """The served member runs the convolutions in bfloat16 (channels-last): its steps stay within cosine 0.999 of float32's."""
     from models.pretrained.aisfx import LogMel
-    from serving.guard.scorer import AisfxFrontend
+    from models.verifier.scorer import AisfxFrontend
 
     frontend = AisfxFrontend()
     wave = torch.from_numpy(synthetic_clip())[None]
@@ -117,7 +117,7 @@ def test_the_member_hears_each_threads_own_clip_and_any_length():
     """No per-call state: clips scored from 4 threads at once get their own scores; a clip shorter than one step is padded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.guard.scorer import scorer_from_config
+    from models.verifier.scorer import scorer_from_config
 
     scorer = scorer_from_config({"kind": "aisfx"}).eval()
     try:
@@ -142,7 +142,7 @@ def test_a_head_on_it_ships_only_itself_with_attribution_and_serves_the_scores_i
     import soundfile as sf
     from safetensors.torch import load_file
 
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
     from train.features import aisfx_features
     from train.verifier import train_whisper_verifier
 

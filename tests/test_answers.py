@@ -1,6 +1,6 @@
 import pytest
 
-from serving.answers import classify, presence_target
+from models.answers import classify, presence_target
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,8 @@ import numpy as np
 
 from models.families import FAMILIES
 from models.registry import ModelSpec
+from models.answers import classify
 from models.store import local_copy
-from serving.answers import classify
 from serving.backends.base import AudioPrompt, Backend, Generation
 
 log = logging.getLogger("earwitness.vllm")

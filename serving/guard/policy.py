@@ -33,7 +33,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from serving.answers import classify
+from models.answers import classify
+from models.verifier.calibration import reading
 
 POLICIES = ("off", "annotate", "abstain", "correct")
 VERDICTS = ("supported", "unsupported", "uncertain", "missed", "no_claims", "unverified", "skipped")
@@ -79,17 +80,13 @@ class Thresholds:
 
 
 def judge(score: float | None, contrast: float | None, t: Thresholds, reason: str | None = None) -> bool | None:
-    """Present / absent / None (uncertain). A claim with a ``reason`` (outside the ontology) is never judged:
-    its score is its free text through a space trained only on the classes, and no match is no evidence of absence."""
-    if score is None or reason is not None:
-        return None
-    if score < t.absent_below:
-        return False
-    if score >= t.present_above:
+    """Present / absent / None (uncertain): the verifier's own reading of its probability
+    (:func:`models.verifier.calibration.reading`; a claim with a ``reason``, outside the ontology, is never judged),
+    and, where that is unsure, present when the answer clearly depends on the audio."""
+    heard = reading(score, t.absent_below, t.present_above, reason)
+    if heard is None and score is not None and reason is None and contrast is not None and contrast >= t.contrast_heard:
         return True
-    if contrast is not None and contrast >= t.contrast_heard:
-        return True
-    return None
+    return heard
 
 
 def is_prior(contrast: float | None, t: Thresholds) -> bool:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from serving.answers import answers_the_question, classify, extract_claims, presence_target
+from models.answers import answers_the_question, classify, extract_claims, presence_target
 from serving.errors import ApiError
 from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge, silenced
 

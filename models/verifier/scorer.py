@@ -5,7 +5,7 @@ at a frame is ``scale · cos(frame, text) + bias``, and its clip score is a soft
 frames (log-mean-exp), so a 0.3 s camera click in a 10 s scene is not averaged away. Because the
 text side is the real text encoder, any phrase can be scored, not just the training classes.
 
-Used by training (``train/verifier.py``) and serving (:mod:`serving.guard.verifier`) alike, so
+Used by training (``train/verifier.py``) and serving (:mod:`models.verifier.verifiers`, run by the verifier deployment) alike, so
 the features the model was trained on are the features it is served with.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from serving.guard.text import TEXT_DIM
+from models.verifier.text import TEXT_DIM
 
 
 @dataclass(frozen=True)
