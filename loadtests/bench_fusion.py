@@ -212,10 +212,13 @@ def save_fused(out: Path, dirs: list[Path], weights: list[float], fused: dict[st
     out.mkdir(parents=True, exist_ok=True)
     if any(d.parent != out.resolve().parent for d in dirs):
         raise ValueError(f"the members {dirs} must sit beside {out}")
-    measured = {k: round(float(v), 4) for k, v in result.items() if k not in ("members", "weights")}
+    verdicts = ("overridden", "adversarial false yes", "overridden at 5%", "adversarial false yes at 5%")
+    aucs = {("all negatives" if k == "test" else k): round(float(v), 4) for k, v in result.items()
+            if k not in ("members", "weights", "validation", "label", *verdicts)}
     doc = {"kind": "earwitness-fused", "members": [d.name for d in dirs], "weights": [round(float(w), 4) for w in weights],
            "calibration": {"a": a, "b": b}, "thresholds": {"absent_below": absent_below, "present_above": present_above},
-           "test_roc_auc": measured}
+           "validation_roc_auc": round(float(result["validation"]), 4), "test_roc_auc": aucs,
+           "correct_on_always_yes": {k: round(float(result[k]), 4) for k in verdicts}}
     (out / "verifier.json").write_text(json.dumps(doc, indent=1))
     return out / "verifier.json"
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    verifiers = {load_verifier(m).name: load_verifier(m) for m in args.members}
+    verifiers = {v.name: v for v in map(load_verifier, args.members)}
     rows = []
     for batch in args.batch:
         clips = [(0.1 * rng.standard_normal(160_000)).astype(np.float32) for _ in range(batch)]

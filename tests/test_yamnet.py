@@ -229,14 +229,15 @@ def fused_on_speech():
 
 
 def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated(fused_on_speech):
-    """models/earwitness-verifier-fused: the Whisper and YAMNet heads' logits, weighted as validation chose, calibrated
-    again; a spoken sentence is Speech, present."""
+    """models/earwitness-verifier-fused: the Whisper, YAMNet and aiSFX heads' logits, weighted as validation chose,
+    calibrated again; a spoken sentence is Speech, present."""
     from models.verifier.calibration import logit
     from models.verifier.verifiers import FusedVerifier
 
     verifier, speech, probs = fused_on_speech
-    assert isinstance(verifier, FusedVerifier) and len(verifier.members) == 2
-    assert verifier.tower == verifier.members[0].tower is not None and verifier.members[1].tower is None  # Whisper's; YAMNet's none
+    assert isinstance(verifier, FusedVerifier) and [m.scorer.cfg.kind for m in verifier.members] == ["whisper", "yamnet", "aisfx"]
+    assert verifier.tower == verifier.members[0].tower is not None  # Whisper's; the tagger and the sound-effects CNN hear the clip
+    assert verifier.members[1].tower is None and verifier.members[2].tower is None
     assert verifier.info()["hears_clip"] is True  # by the layers of a served model's tower, plus the clip for the tagger
     parts = [m.class_probabilities(speech)["Speech"] for m in verifier.members]
     expected = verifier.calibration.prob(sum(w * logit(p) for w, p in zip(verifier.weights, parts)))
