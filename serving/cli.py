@@ -29,7 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.config import Settings, scaled_to_cores, usable_cores
     from serving.runtime import start, start_ray, stop
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
+    given = {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter, "ray_address": args.address}
+    overrides = {k: v for k, v in given.items() if v is not None}
     settings = scaled_to_cores(Settings(**overrides), usable_cores(), gpu=torch.cuda.is_available())
     print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     print(f"earwitness: {settings.model_replicas} model replica(s) (EARWITNESS_MODEL_REPLICAS sets the count)", file=sys.stderr)
@@ -69,7 +70,7 @@ def _ask(args: argparse.Namespace) -> int:
         max_tokens = intake.check_max_tokens(args.max_tokens, settings)
         policy = args.guard or settings.guard_policy
         asyncio.run(intake.decode_upload(data, settings, 16_000, truncate=args.truncate))  # a bad file fails before the model loads
-        body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate))
+        body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate, args.events))
     except ApiError as err:
         print(json.dumps(err.body()).replace("truncate=true", "--truncate"), file=sys.stderr)
         return 2
@@ -77,15 +78,16 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str, truncate: bool) -> dict:
-    """The QA endpoint's answer, computed by the service in this process (model and, when guarded, verifier)."""
+async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str, truncate: bool, events: bool = False) -> dict:
+    """The QA endpoint's answer, computed by the service in this process (model and, when guarded or ``events`` are
+    asked for, verifier); ``events``: with the verifier's detections, as ``POST /v1/audio/events`` lists them."""
     from serving import intake
     from serving.ingress import Service
     from serving.model_client import InProcess, LocalModel
-    from serving.schemas import AudioInfo, GuardInfo
+    from serving.schemas import AudioInfo, DetectedEvent, GuardInfo
 
     verifier = None
-    if policy != "off" and settings.verifier:
+    if (policy != "off" or events) and settings.verifier:
         from serving.verifier_server import VerifierServer
 
         verifier = InProcess(VerifierServer.func_or_class(settings.model_dump()))
@@ -95,11 +97,13 @@ async def _answer(settings, data: bytes, question: str, max_tokens: int, policy:
         model_id, info = await service.resolve_model(None)
         clip = await intake.decode_upload(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
         outcome = (await service.hear("cli", clip, question, max_tokens, service.guard.policy_for(policy), model_id)).outcome
+        report = await service.events(clip) if events else None
     finally:
         model.close()
     return {"answer": outcome.answer, "answer_kind": outcome.kind, "original_answer": outcome.original_answer,
             "guard": GuardInfo(**outcome.guard_dict()).model_dump(), "model": info["model"],
-            "audio": AudioInfo.from_clip(clip).model_dump()}
+            "audio": AudioInfo.from_clip(clip).model_dump()} | (
+            {"events": [DetectedEvent(**d.to_dict()).model_dump() for d in report.detections]} if report is not None else {})
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -118,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--direct-port", type=int, help="also serve straight from the ingress replica here (no proxy hop)")
     serve.add_argument("--model", help="registered name or checkpoint directory")
     serve.add_argument("--adapter", help="LoRA adapter directory")
+    serve.add_argument("--address", help="deploy onto this running Ray cluster (`ray start --head` prints it) instead of starting one")
     serve.set_defaults(func=_serve)
 
     ask = sub.add_parser("ask", help="answer one question about one file, in-process",
@@ -131,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--guard", choices=["off", "annotate", "abstain", "correct"], default=None,
                      help="absent-sound guard policy (default: the server's guard_policy)")
     ask.add_argument("--truncate", action="store_true", help="cut audio longer than the limit instead of refusing it")
+    ask.add_argument("--events", action="store_true", help="also list the sounds the verifier hears, with their times (as POST /v1/audio/events)")
     ask.set_defaults(func=_ask)
 
     models = sub.add_parser("models", help="list registered models")

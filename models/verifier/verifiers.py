@@ -27,6 +27,7 @@ import torch
 
 from models.lru import LruCache
 from models.verifier.calibration import Calibration, fuse_logits
+from models.verifier.events import Timeline
 from models.verifier.scorer import TowerLayers
 from models.verifier.text import Match, OntologyIndex, TextEncoder, normalise_phrase, shared_encoder
 
@@ -141,6 +142,21 @@ class Verifier:
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.calibration.prob(self.raw_scores(samples, self.encode_texts(texts)))]
 
+    def timelines(self, samples: np.ndarray) -> list[Timeline]:
+        """Every class's calibrated probability over the clip's time (:mod:`models.verifier.events`), ontology first, then
+        the tagger's AudioSet vocabulary where the verifier has one. Here, for a verifier without frames (CLAP): one
+        frame, the whole clip."""
+        p = np.array(list(self.class_probabilities(samples).values()))
+        return [Timeline("ontology", self.index.classes, np.zeros(1), np.array([len(samples) / self.sample_rate]), p[:, None], p,
+                         self.calibration.present_above, self.class_phrases())]
+
+    def class_phrases(self) -> list[str]:
+        """Each class's first phrase (its plainest words: "bird", "crickets chirping"), for sentences about it."""
+        first: dict[str, str] = {}
+        for cls, phrase in self.index.phrases:
+            first.setdefault(cls, phrase)
+        return [first.get(c, c) for c in self.index.classes]
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode(texts)
 
@@ -181,6 +197,32 @@ class EmbeddedVerifier(Verifier):
         return self.scorer.score_clip(samples, texts)
 
     open_vocabulary: OpenVocabulary | None = None
+
+    def timelines(self, samples: np.ndarray) -> list[Timeline]:
+        """The scorer's frame logits calibrated as its clip logits are (offsets included): one forward for both."""
+        fs = self.scorer.score_frames(samples, self._class_texts)
+        offsets = np.zeros(len(self.index.classes)) if self.class_offsets is None else self.class_offsets
+        out = [Timeline("ontology", self.index.classes, fs.starts, fs.ends, self.calibration.prob(fs.logits + offsets[:, None]),
+                        self.calibration.prob(fs.clip + offsets), self.calibration.present_above, self.class_phrases())]
+        if self.open_vocabulary is not None and fs.audioset is not None:
+            own = self.audioset_own()
+            probs = self.open_vocabulary.calibration.prob(fs.audioset[own])
+            names = [self.open_vocabulary.names[i] for i in own]
+            out.append(Timeline("audioset", names, fs.starts, fs.ends, probs, probs.max(1) if probs.size else np.zeros(len(own)),
+                                float(self.open_vocabulary.calibration.prob(0.0)), [n.split(",")[0].strip().lower() for n in names]))
+        return out
+
+    def audioset_own(self) -> list[int]:
+        """The AudioSet classes outside the ontology: those :meth:`verify` would judge by the tagger's output rather than
+        an ontology class (the same margin), less "Silence", which is no sound. Matched once, then kept."""
+        if self._audioset_own is None:
+            vocab = self.open_vocabulary
+            matches = self.match(vocab.names)
+            self._audioset_own = [i for i, m in enumerate(matches)
+                                  if vocab.names[i] != "Silence" and (m.event is None or (m.similarity < 1.0 and m.similarity + vocab.margin <= 1.0))]
+        return self._audioset_own
+
+    _audioset_own: list[int] | None = None
 
     def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:
         vocab = self.open_vocabulary
@@ -328,6 +370,18 @@ class FusedVerifier(Verifier):
 
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.fused([np.array(m.free_text_probabilities(samples, texts)) for m in self.members])]
+
+    def timelines(self, samples: np.ndarray) -> list[Timeline]:
+        """The members' ontology timelines on the finest member's frames (each class's probability interpolated at
+        those frames' centres), fused per frame as per clip; then the tagger's AudioSet timeline as it is."""
+        parts = [m.timelines(samples) for m in self.members]
+        onto = [p[0] for p in parts]
+        grid = max(onto, key=lambda t: len(t.starts))
+        centres = (grid.starts + grid.ends) / 2
+        resampled = [np.stack([np.interp(centres, (t.starts + t.ends) / 2, row) for row in t.probs]) for t in onto]
+        fused = Timeline("ontology", self.index.classes, grid.starts, grid.ends, self.fused(resampled), self.fused([t.clip for t in onto]),
+                         self.calibration.present_above, grid.phrases)
+        return [fused, *(t for p in parts for t in p[1:])]
 
     def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:
         """The member with an AudioSet vocabulary (the tagger) judges phrases outside the ontology alone."""

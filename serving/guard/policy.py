@@ -118,6 +118,7 @@ class Outcome:
     claims: list[ClaimCheck] = field(default_factory=list)
     abstained: bool = False  # the answer is the guard's "I can't confirm hearing X.", not the model's
     unparsed: bool = False  # the answer is not of the form the question asks for (``claims.answers_the_question``)
+    described: tuple[str, ...] = ()  # the answer is the verifier's description of the clip (the classes it names), not the model's
 
     @property
     def overridden(self) -> bool:
@@ -133,7 +134,7 @@ class Outcome:
     def guard_dict(self) -> dict:
         contrasts = {c.contrast for c in self.claims if c.contrast is not None}
         return {"policy": self.policy, "verdict": self.verdict, "contrast": contrasts.pop() if len(contrasts) == 1 else None,
-                "claims": [c.to_dict() for c in self.claims]}
+                "claims": [c.to_dict() for c in self.claims], "described": list(self.described)}
 
 
 def _names(claims: list[ClaimCheck]) -> str:
@@ -198,3 +199,11 @@ def silenced(claims: list[ClaimCheck]) -> list[ClaimCheck]:
     for c in claims:
         c.present, c.reason = False, "digital_silence"
     return claims
+
+
+def answered_from_verifier(outcome: Outcome, description: str, named: tuple[str, ...]) -> Outcome:
+    """``correct`` on an open question whose answer was unparsed or cut: the verifier's description of what it hears
+    (:func:`models.verifier.events.describe`, which says where it came from; ``named``: the classes it names) in place of
+    the answer; the model's own answer stays in ``original_answer``, the claims and verdict as judged."""
+    original = outcome.original_answer if outcome.original_answer is not None else outcome.answer
+    return Outcome(description, original, outcome.policy, outcome.verdict, outcome.claims, described=named)
