@@ -472,9 +472,11 @@ class WhisperTextScorer(TextSpaceScoring, nn.Module):
 
     def frame_times(self, frames: int) -> tuple[np.ndarray, np.ndarray]:
         """Start and end (seconds) of each of a clip's ``frames``: Whisper's 80 ms steps; the tagger's 0.96 s patches every
-        0.48 s, or (``steps``) each patch's three 0.32 s steps."""
+        0.48 s, or (``steps``) each patch's three 0.32 s steps; aiSFX's 0.186 s steps."""
         if self.cfg.kind != "yamnet":
-            step = self.cfg.window_s / self.cfg.positions
+            from models.pretrained.aisfx import STEP_S
+
+            step = STEP_S if self.cfg.kind == "aisfx" else self.cfg.window_s / self.cfg.positions
             starts = np.arange(frames) * step
             return starts, starts + step
         from models.pretrained.yamnet import PATCH_HOP_S as hop
