@@ -199,7 +199,7 @@ async def chat_completion(service, request: Request):
     data = await audio_bytes(part, service.settings.audio_url_allowlist, service.settings.max_upload_bytes)
     clip = await intake.decode_upload(data, service.settings, info["sample_rate"], info["max_audio_s"], options.truncate)
     decoded = time.perf_counter()
-    heard = await service.hear(ENDPOINT, clip, question, max_tokens, service.guard.policy_for(options.guard), model_id)
+    heard = await service.hear(ENDPOINT, clip, question, max_tokens, service.guard.policy_for(options.guard, info), model_id)
     generation, outcome = heard.generation, heard.outcome
     answer = outcome.answer
     kind = outcome.kind

@@ -1,6 +1,7 @@
 import pytest
 
-from serving.answers import classify, presence_target
+from models.questions import presence_target
+from serving.answers import classify
 
 
 @pytest.mark.parametrize(

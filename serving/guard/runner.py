@@ -21,9 +21,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from serving.answers import answers_the_question, classify, extract_claims, presence_target
+from models.questions import Asked, read_presence
+from serving.answers import answers_the_question, classify, extract_claims
 from serving.errors import ApiError
-from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, is_prior, judge, silenced
+from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, heard_description, is_prior, judge, silenced
 
 log = logging.getLogger("earwitness.guard")
 
@@ -32,7 +33,7 @@ log = logging.getLogger("earwitness.guard")
 class Pending:
     response: object | None  # the verifier's call in flight: assess(), or assess_layers() once the model has answered
     started: float
-    target: str | None
+    asked: Asked | None  # the sounds a presence question asks about
     samples: object | None = None  # the clip, while the verifier waits for the model's tower layers (shared encoder)
     silent: bool = False  # the clip holds no sound (digital silence): every claim is judged absent without the verifier
     prepared: object | None = None  # prepare() in flight: a fused verifier's clip-only members hearing the clip beside generation
@@ -71,12 +72,13 @@ def answer_contrast(generation) -> float | None:
     return float(real) - float(blank)
 
 
-def claim_checks(question: str, answer: str, contrast: float | None, target: str | None) -> list[ClaimCheck]:
-    """What an answer claims, to be checked: each sound it says is there, or, for a 'No' to a presence question about
-    ``target``, that sound's absence (``denied``: ``missed`` when the verifier hears it)."""
-    checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in extract_claims(question, answer)]
-    if not checks and target and classify(answer) == "no":
-        checks = [ClaimCheck(event=target, text=target, source="question", denied=True)]
+def claim_checks(question: str, answer: str, contrast: float | None, asked: Asked | None) -> list[ClaimCheck]:
+    """What an answer claims, to be checked: each sound it says is there, or, for a 'No' to a presence question
+    (``asked``), the absence of the sounds it asks about (``denied``: ``missed`` when the verifier hears one)."""
+    checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span, either=c.either)
+              for c in extract_claims(question, answer)]
+    if not checks and asked and classify(answer) == "no":
+        checks = [ClaimCheck(event=t, text=t, source="question", denied=True, either=asked.any_of) for t in asked.targets]
     return checks
 
 
@@ -138,8 +140,10 @@ class GuardRunner:
             log.info("encoder %s: model %s, verifier %s", "shared" if tower == self._verifier_tower else "not shared", tower, self._verifier_tower)
         return tower == self._verifier_tower
 
-    def policy_for(self, requested: str | None) -> str:
-        policy = (requested or self.settings.guard_policy).strip().lower()
+    def policy_for(self, requested: str | None, model_info: dict) -> str:
+        """The policy a request runs under: its own ``guard``, else the server's ``guard_policy`` when one is set,
+        else the served model's default (its registry entry's ``guard_policy``, in ``model_info``)."""
+        policy = (requested or self.settings.guard_policy or model_info.get("guard_policy") or "annotate").strip().lower()
         if policy not in POLICIES:
             raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}", param="guard")
         return policy
@@ -149,13 +153,13 @@ class GuardRunner:
         ``silent``: none at all (silence is its own evidence)."""
         if policy == "off" or self.verifier is None:
             return Pending(None, time.perf_counter(), None)
-        target = presence_target(question)
+        asked = read_presence(question)
         if silent:
-            return Pending(None, time.perf_counter(), target, silent=True)
+            return Pending(None, time.perf_counter(), asked, silent=True)
         if shared:  # a verifier that also hears the clip itself (fused) starts on it now, beside generation
             prepared = self._send("prepare", samples) if self._verifier_hears_clip else None
-            return Pending(None, time.perf_counter(), target, samples, prepared=prepared)
-        return Pending(self._send("assess", samples, [target] if target else []), time.perf_counter(), target)
+            return Pending(None, time.perf_counter(), asked, samples, prepared=prepared)
+        return Pending(self._send("assess", samples, list(asked.targets) if asked else []), time.perf_counter(), asked)
 
     def _send(self, method: str, *args):
         try:
@@ -166,7 +170,7 @@ class GuardRunner:
 
     def _send_shared(self, pending: Pending, generation) -> None:
         """The shared encoder's verifier call, now that the model answered: its layers, or the clip when it sent none."""
-        layers, texts = getattr(generation, "tower_layers", None), [pending.target] if pending.target else []
+        layers, texts = getattr(generation, "tower_layers", None), list(pending.asked.targets) if pending.asked else []
         if layers is not None:
             clip = (pending.samples,) if self._verifier_hears_clip else ()  # the clip travels only to a verifier that hears it
             pending.response = self._send("assess_layers", layers, len(pending.samples), texts, *clip)
@@ -204,7 +208,7 @@ class GuardRunner:
         if policy == "off":
             self.cancel(pending)
             return apply_policy("off", answer, [], True)
-        checks = claim_checks(question, answer, answer_contrast(generation), pending.target)
+        checks = claim_checks(question, answer, answer_contrast(generation), pending.asked)
         if not checks:
             self.cancel(pending)
             return self._count(apply_policy(policy, answer, [], True))
@@ -252,7 +256,8 @@ class GuardRunner:
             c.present = judge(c.verifier_score, c.contrast, t, c.reason)
             c.prior = is_prior(c.contrast, t)
             judged.append(c)
-        return self._count(apply_policy(policy, answer, judged, True))
+        description = heard_description(probs, t.present_above) if policy == "correct" else None
+        return self._count(apply_policy(policy, answer, judged, True, description))
 
     def cancel(self, pending: Pending) -> None:
         for response in (pending.response, pending.prepared):

@@ -1,0 +1,101 @@
+"""Which policy a request runs under, and what `correct` does with free text and with alternatives (no models)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from models.questions import read_presence
+from serving.answers import extract_claims
+from serving.guard.policy import POLICIES, ClaimCheck, apply_policy, heard_description, verdict
+from serving.guard.runner import GuardRunner, claim_checks
+
+
+def _runner(server_policy: str | None) -> GuardRunner:
+    return GuardRunner(None, SimpleNamespace(guard_policy=server_policy), None)
+
+
+def test_a_requests_guard_then_the_servers_then_the_models_default():
+    small, production = {"guard_policy": "correct"}, {"guard_policy": "annotate"}
+    assert _runner(None).policy_for(None, small) == "correct"
+    assert _runner(None).policy_for(None, production) == "annotate"
+    assert _runner(None).policy_for(None, {}) == "annotate"  # a model that names none
+    assert _runner("abstain").policy_for(None, small) == "abstain"  # EARWITNESS_GUARD_POLICY over the model's
+    assert _runner("abstain").policy_for("off", small) == "off"  # the request over both
+    assert _runner(None).policy_for("Annotate", small) == "annotate"
+
+
+def test_the_embedded_default_answers_with_its_verifier_and_production_models_annotate():
+    from models.registry import REGISTRY
+
+    assert REGISTRY["earwitness-small"].guard_policy == "correct"
+    assert REGISTRY["qwen2-audio-7b-instruct"].guard_policy == REGISTRY["qwen2.5-omni-7b"].guard_policy == "annotate"
+    assert all(spec.guard_policy in POLICIES and spec.guard_policy != "off" for spec in REGISTRY.values())
+
+
+CAPTION = "Someone snores twice, while someone sneezes."
+
+
+def _caption_checks(scores: dict[str, tuple[bool | None, float]]) -> list[ClaimCheck]:
+    out = []
+    for c in extract_claims("Describe the audio.", CAPTION):
+        present, score = scores[c.text]
+        out.append(ClaimCheck(c.text, c.text, c.source, score, present=present, span=c.span))
+    return out
+
+
+def test_correct_keeps_only_mentions_judged_present():
+    checks = _caption_checks({"Someone snores twice": (True, 0.9), "someone sneezes": (None, 0.3)})
+    out = apply_policy("correct", CAPTION, checks, True)
+    assert out.answer == "Someone snores twice." and out.original_answer == CAPTION
+    assert [c.unconfirmed for c in checks] == [False, True]
+
+
+def test_a_caption_with_nothing_confirmed_becomes_the_verifiers_description():
+    checks = _caption_checks({"Someone snores twice": (None, 0.28), "someone sneezes": (None, 0.09)})
+    described = heard_description({"Insect": 0.91, "Bird": 0.7, "Speech": 0.2, "Wind": 0.65, "Rain": 0.61}, 0.56)
+    assert described.text == "The verifier hears insect, bird and wind." and described.events == ("Insect", "Bird", "Wind")
+    out = apply_policy("correct", CAPTION, checks, True, described)
+    assert (out.answer, out.original_answer, out.described, out.abstained) == (described.text, CAPTION, described.events, False)
+    assert verdict(checks) == "uncertain"
+    bare = apply_policy("correct", CAPTION, _caption_checks({"Someone snores twice": (False, 0.01), "someone sneezes": (None, 0.1)}), True)
+    assert bare.answer == "I can't confirm hearing Someone snores twice or someone sneezes." and bare.abstained
+    assert heard_description({"Speech": 0.3}, 0.56) is None
+
+
+def test_annotate_marks_unconfirmed_mentions_and_changes_nothing():
+    checks = _caption_checks({"Someone snores twice": (True, 0.9), "someone sneezes": (None, 0.3)})
+    out = apply_policy("annotate", CAPTION, checks, True)
+    assert out.answer == CAPTION and out.original_answer is None
+    assert [c.to_dict()["unconfirmed"] for c in out.claims] == [False, True]
+    unverified = _caption_checks({"Someone snores twice": (None, 0.9), "someone sneezes": (None, 0.3)})
+    assert apply_policy("correct", CAPTION, unverified, False).answer == CAPTION  # never changed unverified
+
+
+def _asked_checks(question: str, answer: str, present: dict[str, bool | None]) -> list[ClaimCheck]:
+    checks = claim_checks(question, answer, None, read_presence(question))
+    for c in checks:
+        c.present = present[c.text]
+    return checks
+
+
+@pytest.mark.parametrize("present,yes_verdict,yes_answer,no_verdict", [
+    ({"cats": True, "dogs": False}, "supported", "Yes", "missed"),
+    ({"cats": False, "dogs": False}, "unsupported", "No.", "supported"),
+    ({"cats": None, "dogs": False}, "uncertain", "Yes", "uncertain"),
+])
+def test_alternatives_are_judged_as_one(present, yes_verdict, yes_answer, no_verdict):
+    question = "Are there cats or dogs?"
+    yes = apply_policy("correct", "Yes", _asked_checks(question, "Yes", present), True)
+    assert (yes.verdict, yes.answer) == (yes_verdict, yes_answer)
+    no = _asked_checks(question, "No", present)
+    assert all(c.denied and c.either for c in no) and verdict(no) == no_verdict
+
+
+def test_a_no_to_sounds_asked_together_is_missed_only_when_all_are_there():
+    question = "Is there a dog and a cat?"
+    assert verdict(_asked_checks(question, "No", {"a dog": True, "a cat": False})) == "supported"
+    assert verdict(_asked_checks(question, "No", {"a dog": True, "a cat": True})) == "missed"
+    both = apply_policy("correct", "Yes", _asked_checks(question, "Yes", {"a dog": True, "a cat": False}), True)
+    assert (both.verdict, both.answer) == ("unsupported", "No.")
