@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,11 +82,24 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-def resolve(name_or_path: str) -> ModelSpec:
-    """A registered name, or an existing checkpoint directory served as a Qwen2-Audio model."""
+def resolve(name_or_path: str, store_options: dict | None = None) -> ModelSpec:
+    """A registered name, a checkpoint directory, or a store URI (``s3://``, ``gs://``, ``hf://``…) whose checkpoint
+    is copied once into the local store cache (``models/store.py``). A checkpoint's family is read from its
+    ``config.json`` (``model_type``); Qwen2-Audio when it names none."""
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path]
-    path = Path(name_or_path).expanduser()
+    from models.store import is_uri, local_copy
+
+    path = local_copy(name_or_path, store_options) if is_uri(name_or_path) else Path(name_or_path).expanduser()
     if path.is_dir() and ((path / "config.json").exists() or (path / "earwitness_parts.json").exists()):
-        return ModelSpec(name=path.name, family="qwen2-audio", source=str(path.resolve()), description=f"checkpoint at {path.name}")
+        name = name_or_path.rstrip("/").rsplit("/", 1)[-1] if is_uri(name_or_path) else path.name
+        return ModelSpec(name=name, family=_family_of_checkpoint(path), source=str(path.resolve()), description=f"checkpoint at {name}")
     raise KeyError(f"unknown model {name_or_path!r}: not a registered name ({', '.join(REGISTRY)}) nor a checkpoint directory")
+
+
+def _family_of_checkpoint(path: Path) -> str:
+    from models.families import FAMILIES
+
+    config = path / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return next((f.name for f in FAMILIES.values() if f.model_type == model_type), "qwen2-audio")

@@ -29,12 +29,20 @@ class Settings(BaseSettings):
     )
 
     # what to serve
-    model: str = Field("earwitness-small", description="registered model name or checkpoint directory")
-    adapter: str | None = Field(None, description="LoRA adapter directory; None uses the model's shipped adapter")
+    model: str = Field("earwitness-small", description="registered model name, checkpoint directory, or store URI (s3://, gs://, hf://…: copied once into the store cache)")
+    adapter: str | None = Field(None, description="LoRA adapter directory or store URI; None uses the model's shipped adapter")
     device: str = "auto"
     dtype: str = "auto"
     # more LoRA adapters, served as "<model>:<name>" (README "Models and adapters"); the model's shipped ones come too
-    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> LoRA directory")
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> LoRA directory or store URI")
+    adapter_store: str | None = Field(
+        None, description="directory or store URI holding adapters as <name>/: '<model>:<name>' loads <adapter_store>/<name> "
+        "on first request (rolling one out = writing it there); None: only the adapters named above",
+    )
+    store_options: dict[str, dict] = Field(
+        default_factory=dict, description="fsspec storage options per protocol for store URIs, e.g. {\"s3\": {\"endpoint_url\": …}}; "
+        "credentials come from the environment (AWS_*, the pod's service account), not from here",
+    )
     max_loaded_adapters: int = Field(4, ge=1, description="adapters a model replica keeps loaded (Serve multiplexing, LRU)")
 
     # engine (serving/backends/): transformers runs anywhere; vllm needs the .venv-vllm environment (or CUDA vLLM)

