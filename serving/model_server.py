@@ -178,7 +178,7 @@ class ModelServer:
             "engine": self.settings.engine,
             "catalog": self.catalog.to_dict(),
             "tower": self.tower,
-            "guard_policy": resolve(self.settings.model).guard_policy,
+            "guard_policy": self.spec.guard_policy,
         }
 
     def admit(self, prompt: AudioPrompt) -> None:
