@@ -99,3 +99,35 @@ def test_a_no_to_sounds_asked_together_is_missed_only_when_all_are_there():
     assert verdict(_asked_checks(question, "No", {"a dog": True, "a cat": True})) == "missed"
     both = apply_policy("correct", "Yes", _asked_checks(question, "Yes", {"a dog": True, "a cat": False}), True)
     assert (both.verdict, both.answer) == ("unsupported", "No.")
+
+
+def test_the_served_path_reads_alternatives_and_takes_the_models_default_unless_the_server_names_one(tmp_path, verifier_checkpoint):
+    """In process, as `earwitness ask` and the ingress answer: a model that says yes to everything, asked "cats or
+    dogs?" about silence (every claimed sound judged absent without the verifier)."""
+    import asyncio
+
+    import numpy as np
+
+    from serving import intake
+    from serving.cli import in_process_service
+    from serving.config import Settings
+    from tests.guard_helpers import build_yes_checkpoint
+    from tests.helpers import encode
+
+    ckpt = build_yes_checkpoint(tmp_path / "yes")
+    data = encode(np.zeros(16_000, np.float32), 16_000, "wav")
+
+    async def ask(service):
+        model_id, info = await service.resolve_model(None)
+        clip = await intake.decode_upload(data, service.settings, info["sample_rate"], info["max_audio_s"])
+        policy = service.guard.policy_for(None, info)
+        return info, (await service.hear("test", clip, "Are there cats or dogs?", 4, policy, model_id)).outcome
+
+    for server_policy, expected in ((None, "annotate"), ("correct", "correct")):
+        settings = Settings(_env_file=None, model=str(ckpt), verifier=str(verifier_checkpoint), guard_policy=server_policy)
+        with in_process_service(settings) as service:
+            info, outcome = asyncio.run(ask(service))
+        assert info["guard_policy"] == "annotate"  # a checkpoint directory's default
+        assert outcome.policy == expected and outcome.verdict == "unsupported"
+        assert [(c.text, c.either, c.present) for c in outcome.claims] == [("cats", True, False), ("dogs", True, False)]
+        assert (outcome.answer, outcome.original_answer) == (("yes", None) if expected == "annotate" else ("No.", "yes"))
