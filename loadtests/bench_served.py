@@ -26,11 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from loadtests.bench_guard import presence_rows, table
+from loadtests.bench_guard import presence_rows, rates, table
 from serving.answers import classify
-from train.data.qa import NEGATIVE_SAMPLINGS
 
 
 async def _heard(service, rows: list[dict], corpus: Path, max_tokens: int, guard: str | None, concurrency: int) -> list:
@@ -51,17 +48,8 @@ async def _heard(service, rows: list[dict], corpus: Path, max_tokens: int, guard
 
 
 def presence_table(rows: list[dict], outcomes: list) -> list[list]:
-    truth = np.array([r["sampling"] == "positive" for r in rows])
-    model_yes = np.array([classify(o.original_answer or o.answer) == "yes" for o in outcomes])
-    served_yes = np.array([o.kind == "yes" for o in outcomes])
-    out = []
-    for s in NEGATIVE_SAMPLINGS:
-        keep = np.array([r["sampling"] == s for r in rows])
-        out.append([f"false 'yes' ({s})", float(model_yes[keep].mean()), float(served_yes[keep].mean())])
-    said_yes = truth & model_yes
-    out.append(["true 'yes' overridden", 0.0, float((~served_yes[said_yes]).mean()) if said_yes.any() else float("nan")])
-    out.append(["presence accuracy (balanced samplings)", float((model_yes == truth).mean()), float((served_yes == truth).mean())])
-    return out
+    """``bench_guard.rates`` of the model's own answers (``original_answer`` when the guard changed it) and the served ones."""
+    return rates(rows, [(classify(o.original_answer or o.answer) == "yes", o.kind == "yes") for o in outcomes])
 
 
 def caption_counts(rows: list[dict], outcomes: list, timelines: dict) -> dict[str, float]:
@@ -121,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             outcomes = asyncio.run(_heard(service, rows, args.corpus, MAX_TOKENS["presence"], None, args.concurrency))
             result = presence_table(rows, outcomes)
-            numbers["presence"] = {name: {"model": a, "served": b} for name, a, b in result}
+            numbers["presence"] = {name: {"model": a, "served": b} for name, a, b, _ in result}
             print(f"## 1. Presence: {len(rows)} balanced questions ({time.time() - t0:.0f} s)\n")
-            print(table(["rate", "model's answer", "served answer"], result))
+            print(table(["rate", "model's answer", "served answer", "served / model"], result))
         if args.captions > 0:
             rows = [json.loads(line) for line in (args.corpus / "qa" / "test.jsonl").read_text().splitlines()]
             rows = [r for r in rows if r["kind"] == "caption"]
