@@ -16,8 +16,10 @@ credentials come from the environment as each library reads them (AWS_*, a pod's
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,8 +28,10 @@ from pathlib import Path
 
 from models.cache import cache_dir
 
+log = logging.getLogger("earwitness.store")
 URI = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 COMPLETE = ".earwitness-store.json"  # written last inside a copy: what it was copied from
+VERSION_KEYS = ("ETag", "etag", "blob_id", "md5Hash", "mtime", "LastModified", "updated")  # S3, HF, GCS, local: a file's version
 
 
 class StoreError(RuntimeError):
@@ -78,10 +82,22 @@ def _listing(fs, root: str) -> dict[str, dict]:
 
 def _fingerprint(uri: str, listing: dict[str, dict]) -> str:
     entries = sorted(
-        (rel, int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""))
+        (rel, int(info.get("size") or 0), str(next((info[k] for k in VERSION_KEYS if info.get(k)), "")))
         for rel, info in listing.items()
     )
     return hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:16]
+
+
+def _kept_copy(cache: Path, name: str, location: str) -> Path | None:
+    """The newest complete copy of ``location`` in ``cache``, or None."""
+    copies = []
+    for marker in cache.glob(f"{glob.escape(name)}-*/{COMPLETE}"):
+        try:
+            if json.loads(marker.read_text()).get("uri") == location:
+                copies.append(marker.parent)
+        except (OSError, ValueError):
+            continue
+    return max(copies, key=lambda p: (p / COMPLETE).stat().st_mtime, default=None)
 
 
 def local_copy(location: str | os.PathLike, options: dict | None = None, cache: Path | None = None) -> Path:
@@ -95,11 +111,19 @@ def local_copy(location: str | os.PathLike, options: dict | None = None, cache: 
     if location.lower().startswith("file://"):
         return Path(location[len("file://") :])
     fs, root = _filesystem(location, options)
-    listing = _listing(fs, root)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", root.rstrip("/").rsplit("/", 1)[-1])[:48] or "root"
+    cache = cache or store_cache()
+    try:
+        listing = _listing(fs, root)
+    except Exception as exc:  # noqa: BLE001 - the store unreachable (each library its own errors): a kept copy serves
+        kept = _kept_copy(cache, name, location)
+        if kept is None:
+            raise StoreError(f"{location}: {exc}") from exc
+        log.warning("%s unreachable (%s); serving the copy kept at %s", location, exc, kept)
+        return kept
     if not listing:
         raise NotInStore(f"{location}: nothing there")
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", root.rstrip("/").rsplit("/", 1)[-1])[:48] or "root"
-    target = (cache or store_cache()) / f"{name}-{_fingerprint(location, listing)}"
+    target = cache / f"{name}-{_fingerprint(location, listing)}"
     if (target / COMPLETE).is_file() or (target.is_file()):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,3 +152,21 @@ def local_copy(location: str | os.PathLike, options: dict | None = None, cache: 
         elif staging.exists():
             staging.unlink()
     return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.store URI [--options JSON]``: copy URI into the store cache and print where (the cache
+    Job of k8s/ runs this once, so that replicas find the copy); options default to ``$EARWITNESS_STORE_OPTIONS``,
+    which the served settings read too."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("uri")
+    parser.add_argument("--options", default=os.environ.get("EARWITNESS_STORE_OPTIONS") or "{}", help='fsspec storage options per protocol, JSON: {"s3": {"endpoint_url": "..."}}')
+    args = parser.parse_args(argv)
+    print(local_copy(args.uri, json.loads(args.options)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

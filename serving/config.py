@@ -30,6 +30,10 @@ class Settings(BaseSettings):
 
     # what to serve
     model: str = Field("earwitness-small", description="registered model name, checkpoint directory, or store URI (s3://, gs://, hf://…: copied once into the store cache)")
+    model_source: str | None = Field(
+        None, description="where a registered model's weights are read from instead of its spec's source: a directory or store "
+        "URI (e.g. s3://models/qwen2-audio-7b-instruct, hf://Qwen/Qwen2-Audio-7B-Instruct), copied once into the store cache",
+    )
     adapter: str | None = Field(None, description="LoRA adapter directory or store URI; None uses the model's shipped adapter")
     device: str = "auto"
     dtype: str = "auto"

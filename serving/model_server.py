@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ import torch
 from ray import serve
 
 from models.registry import ModelSpec, resolve
-from models.store import local_copy
+from models.store import is_uri, local_copy
 from serving.adapters import BadAdapter, Catalog, LoadedAdapter, PeftAdapters, UnknownModel, fetch_adapter, lora_problem, unavailable
 from serving.backends import AudioPrompt, Generation
 from serving.config import Settings
@@ -106,10 +107,20 @@ def _settle(future: asyncio.Future, result=None, exception: BaseException | None
         future.set_result(result)
 
 
+def served_spec(settings: Settings) -> ModelSpec:
+    """The model spec ``settings`` serve, its weights in a local directory: a store URI (``model`` itself, or
+    ``model_source`` for a registered name) is copied once into the store cache (models/store.py)."""
+    spec = resolve(settings.model, settings.store_options)
+    source = settings.model_source or spec.source
+    if is_uri(source):
+        source = str(local_copy(source, settings.store_options))
+    return dataclasses.replace(spec, source=source)
+
+
 def make_backend(settings: Settings, spec: ModelSpec | None = None):
     """The engine named by ``settings.engine`` (transformers | vllm) and the default adapter's location; the base
     weights and the default adapter are read from the local cache of their store URIs (models/store.py)."""
-    spec = spec or resolve(settings.model, settings.store_options)
+    spec = spec or served_spec(settings)
     adapter = settings.adapter or spec.adapters.get("default")
     local_adapter = str(local_copy(adapter, settings.store_options)) if adapter else None
     if settings.engine == "vllm":
@@ -132,7 +143,7 @@ class ModelServer:
         self.settings = Settings(**settings)
         if self.settings.model_cpus >= 1:
             torch.set_num_threads(int(self.settings.model_cpus))
-        self.spec = resolve(self.settings.model, self.settings.store_options)  # a store URI is copied here, once per node (models/store.py)
+        self.spec = served_spec(self.settings)  # a store URI is copied here, once per cache (models/store.py)
         self.backend, self.adapter = make_backend(self.settings, self.spec)
         self.backend.warm_up()
         self._batcher = Batcher(self._run_batch, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)

@@ -21,7 +21,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ["cpu-demo", "gpu-production"]
+OVERLAYS = ["cpu-demo", "gpu-production", "gpu-omni"]
+GPU_OVERLAYS = {"gpu-production": "qwen2-audio-7b-instruct", "gpu-omni": "qwen2.5-omni-7b"}  # vLLM, weights from the model cache
 RULES = K8S / "base" / "monitoring" / "earwitness-rules.yaml"
 RULE_TESTS = K8S / "base" / "monitoring" / "earwitness-rules.test.yaml"
 DASHBOARD = K8S / "base" / "monitoring" / "earwitness-dashboard.json"
@@ -117,7 +118,8 @@ def _serve_config(rayservice: dict) -> dict:
 def test_every_manifest_validates_against_its_schema(overlay):
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "Namespace", "PodMonitor", "PrometheusRule", "RayService", "ServiceMonitor"]
+    cache = ["Job", "PersistentVolumeClaim"] if overlay in GPU_OVERLAYS else []  # the model cache and the Job filling it
+    assert kinds == sorted(["ConfigMap", "Namespace", "PodMonitor", "PrometheusRule", "RayService", "ServiceMonitor", *cache])
     for doc in docs:
         assert _errors(doc) == [], f"{doc['kind']}/{doc['metadata']['name']}"
     # the pod templates inside the RayService, also against Kubernetes' own PodTemplateSpec (resource quantities, probes...)
@@ -137,7 +139,7 @@ def test_the_validation_does_catch_mistakes():
     assert _errors(configmap)
 
 
-@pytest.mark.parametrize("overlay, model", [("cpu-demo", "earwitness-tiny"), ("gpu-production", "qwen2-audio-7b-instruct")])
+@pytest.mark.parametrize("overlay, model", [("cpu-demo", "earwitness-tiny"), *GPU_OVERLAYS.items()])
 def test_serve_config_is_a_valid_serve_config_of_settings(overlay, model):
     from ray.serve.schema import ServeDeploySchema
 
@@ -150,6 +152,7 @@ def test_serve_config_is_a_valid_serve_config_of_settings(overlay, model):
     assert app["import_path"] == "serving.app:app_builder" and app["route_prefix"] == "/"
     settings = Settings(**app["args"])  # extra="forbid": a misspelt field fails here
     assert settings.model == model
+    assert settings.engine == ("vllm" if overlay in GPU_OVERLAYS else "transformers")
     assert settings.ingress_replicas == 1  # /metrics through the serve service: one ingress (see servicemonitor)
     model_server = build(settings)._bound_deployment.init_args[0]._bound_deployment  # Ingress(ModelServer, ...)
     autoscaling = model_server._deployment_config.autoscaling_config
@@ -159,13 +162,14 @@ def test_serve_config_is_a_valid_serve_config_of_settings(overlay, model):
     assert model_server._deployment_config.max_queued_requests == settings.max_queued_requests
 
 
-def test_gpu_production_shape():
-    docs = render("gpu-production")
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_overlay_shape(overlay):
+    docs = render(overlay)
     rayservice = _one(docs, "RayService")
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     args = _serve_config(rayservice)["applications"][0]["args"]
-    assert args["adapter"] and args["model_gpus"] == 1 and args["device"] == "cuda"
+    assert args["engine"] == "vllm" and args["model_gpus"] == 1 and args["model_source"].startswith("hf://")
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     head_container = head["template"]["spec"]["containers"][0]
@@ -175,9 +179,43 @@ def test_gpu_production_shape():
     assert gpu["maxReplicas"] >= args["model_max_replicas"]  # one GPU pod per model replica at the top
     container = gpu["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["image"].endswith("-cuda")  # the image's vLLM variant (k8s/image/Dockerfile VARIANT=gpu)
     env = {e["name"]: e for e in container["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "earwitness-hub-token", "key": "HF_TOKEN"}
-    assert all(d["metadata"].get("namespace") == "earwitness" for d in docs if d["kind"] != "Namespace")
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "earwitness-hub-token"
+    # the weights: the model cache volume (ReadWriteMany, outlives pods), filled once by the Job with the URI the
+    # Serve config reads, at the same cache path the replicas read
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = _one(docs, "Job")["spec"]["template"]["spec"]
+    assert job["containers"][0]["args"] == [args["model_source"]] and job["containers"][0]["command"][-1] == "models.store"
+    for spec, c in ((gpu["template"]["spec"], container), (job, job["containers"][0])):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        cache = {e["name"]: e.get("value") for e in c["env"]}["EARWITNESS_STORE_CACHE"]
+        mount = next(path for path in mounts if cache.startswith(path + "/"))
+        assert volumes[mounts[mount]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert all(d["metadata"].get("namespace") == _one(docs, "Namespace")["metadata"]["name"] for d in docs if d["kind"] != "Namespace")
+
+
+def test_gpu_overlays_are_generated_from_the_serving_configs():
+    """One place for the settings: each GPU overlay's Serve config is its serving/configs file plus the cluster's
+    own settings (k8s/sync_overlays.py), so `serve run` on a GPU node and the RayService serve the same model alike."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_overlays", K8S / "sync_overlays.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    assert set(sync.OVERLAYS) == set(GPU_OVERLAYS)
+    for overlay, (source, own) in sync.OVERLAYS.items():
+        for name, text in sync.render(overlay).items():
+            assert (K8S / "overlays" / overlay / name).read_text() == text, "run: python k8s/sync_overlays.py"
+        served = _serve_config(_one(render(overlay), "RayService"))
+        local = yaml.safe_load((ROOT / "serving" / "configs" / source).read_text())
+        args, local_args = served["applications"][0]["args"], local["applications"][0]["args"]
+        cluster = {**sync.CLUSTER_ARGS, **own}  # what only a cluster sets; everything else is the serving config's
+        assert {k: v for k, v in args.items() if k not in cluster} == {k: v for k, v in local_args.items() if k not in cluster}
+        assert {k: args[k] for k in cluster} == cluster
+        assert {k: v for k, v in served.items() if k != "applications"} == {k: v for k, v in local.items() if k != "applications"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -67,6 +67,12 @@ def test_a_uri_is_copied_once_and_a_new_version_is_a_new_copy(s3, tmp_path):
     second = local_copy(uri, options, cache=tmp_path)
     assert second != first and (second / "README.md").read_bytes() == b"version 2"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".partial")] == []  # no half copy left behind
+    # the store unreachable: the newest complete copy of that URI serves (a pod restarting during an outage)
+    down = {"s3": {**options["s3"], "endpoint_url": f"http://127.0.0.1:{free_port()}", "retries": 1,
+                   "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}}
+    assert local_copy(uri, down, cache=tmp_path) == second
+    with pytest.raises(StoreError):
+        local_copy(f"s3://{BUCKET}/copies/never-copied", down, cache=tmp_path)
 
 
 def test_nothing_there_and_unknown_protocols_are_clear_errors(s3, tmp_path):

