@@ -131,3 +131,12 @@ def test_the_served_path_reads_alternatives_and_takes_the_models_default_unless_
         assert outcome.policy == expected and outcome.verdict == "unsupported"
         assert [(c.text, c.either, c.present) for c in outcome.claims] == [("cats", True, False), ("dogs", True, False)]
         assert (outcome.answer, outcome.original_answer) == (("yes", None) if expected == "annotate" else ("No.", "yes"))
+
+
+def test_what_is_left_of_a_cut_caption_reads_as_a_sentence():
+    answer = "Someone snores twice, while a violin plays, then a"
+    checks = []
+    for c in extract_claims("Describe the audio.", answer):
+        present = c.text != "Someone snores twice"
+        checks.append(ClaimCheck(c.text, c.text, c.source, 0.9 if present else 0.2, present=present or None, span=c.span))
+    assert apply_policy("correct", answer, checks, True).answer == "A violin plays."

@@ -192,6 +192,8 @@ def _drop_spans(answer: str, spans: list[tuple[int, int]]) -> str:
     text = re.sub(r"\s*,\s*(,\s*)+", ", ", text)
     text = re.sub(r"(?:^|\s)(?:and|then|while|with|as)\s*(?=[.,;]|$)", "", text)
     text = re.sub(r"^[\s,;.]+|[\s,;]+(?=[.!?]?$)", "", text).strip()
+    text = re.sub(r"^(?:and|then|while|with|as|but|also|plus)\b[\s,]*", "", text, flags=re.I)  # a clause that followed a cut one
+    text = re.sub(r"(?:[\s,]+(?:and|then|while|with|as|plus))?[\s,]+(?:a|an|the|some)(?=[.!?]?$)", "", text, flags=re.I)  # a cut-off mention
     text = re.sub(r"\s{2,}", " ", text)
     return text
 
