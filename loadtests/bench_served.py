@@ -42,9 +42,17 @@ async def _heard(service, rows: list[dict], corpus: Path, max_tokens: int, guard
         async with gate:
             clip = await intake.decode_upload((corpus / r["audio"]).read_bytes(), service.settings, info["sample_rate"],
                                               info["max_audio_s"], truncate=True)
-            return (await service.hear("bench", clip, r["question"], max_tokens, policy, model_id)).outcome
+            outcome = (await service.hear("bench", clip, r["question"], max_tokens, policy, model_id)).outcome
+            done.append(outcome.verdict)
+            if len(done) % 50 == 0:
+                print(f"  {len(done)}/{len(rows)}", file=sys.stderr, flush=True)
+            return outcome
 
-    return await asyncio.gather(*(one(r) for r in rows))
+    done: list[str] = []
+    outcomes = await asyncio.gather(*(one(r) for r in rows))
+    if "unverified" in done:
+        raise RuntimeError(f"{done.count('unverified')} answers went out unverified: the verifier failed or timed out")
+    return outcomes
 
 
 def presence_table(rows: list[dict], outcomes: list) -> list[list]:
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guard", default=None, help="a policy for every request (default: none named, as a user's request)")
     ap.add_argument("--per-sampling", type=int, default=150, help="presence questions per sampling (0 skips part 1)")
     ap.add_argument("--captions", type=int, default=150, help="caption prompts (0 skips part 2)")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=900.0, help="request and verifier timeouts, s (the served defaults are 60 and 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
@@ -96,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     from train.data.formats import read_timelines
     from train.evaluate import MAX_TOKENS
 
-    settings = Settings(**({"model": args.model} if args.model else {}), **({"guard_policy": args.guard} if args.guard else {}))
+    # the defaults but for patience: a CPU shared with other work must not turn a slow answer into a 504 or an 'unverified'
+    settings = Settings(**({"model": args.model} if args.model else {}), **({"guard_policy": args.guard} if args.guard else {}),
+                        request_timeout_s=args.timeout, verifier_timeout_s=args.timeout)
     numbers: dict = {"model": settings.model, "verifier": settings.verifier}
     with in_process_service(settings) as service:
         info = asyncio.run(service.model_info())
