@@ -42,7 +42,9 @@ async def _heard(service, rows: list[dict], corpus: Path, max_tokens: int, guard
         async with gate:
             clip = await intake.decode_upload((corpus / r["audio"]).read_bytes(), service.settings, info["sample_rate"],
                                               info["max_audio_s"], truncate=True)
-            outcome = (await service.hear("bench", clip, r["question"], max_tokens, policy, model_id)).outcome
+            heard = await service.hear("bench", clip, r["question"], max_tokens, policy, model_id)
+            outcome = heard.outcome
+            outcome.num_tokens = heard.generation.num_tokens  # kept for the per-claim dump
             done.append(outcome.verdict)
             if len(done) % 50 == 0:
                 print(f"  {len(done)}/{len(rows)}", file=sys.stderr, flush=True)
@@ -87,6 +89,19 @@ def caption_counts(rows: list[dict], outcomes: list, timelines: dict) -> dict[st
             "present_mentions": present_before, "present_lost": present_lost / present_before if present_before else 0.0, **ended}
 
 
+def claim_dump(rows: list[dict], outcomes: list, timelines: dict) -> list[dict]:
+    """Each caption's free-text claims with their evidence and the truth, to weigh other keeping rules offline."""
+    out = []
+    for r, o in zip(rows, outcomes):
+        t = timelines[r["scene_id"]]
+        there = {e["label"] for e in t["events"]} | ({(t.get("background") or {}).get("label")} - {None})
+        for c in o.claims:
+            if c.source == "answer":
+                out.append({"scene": r["scene_id"], "event": c.event, "score": c.verifier_score, "contrast": c.contrast,
+                            "tokens": getattr(o, "num_tokens", None), "present": c.present, "there": c.event in there})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.bench_served")
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -129,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = random.Random(args.seed).sample(rows, min(args.captions, len(rows)))
             t0 = time.time()
             outcomes = asyncio.run(_heard(service, rows, args.corpus, MAX_TOKENS["caption"], None, args.concurrency))
-            counts = caption_counts(rows, outcomes, read_timelines(args.corpus, "test"))
+            timelines = read_timelines(args.corpus, "test")
+            counts = caption_counts(rows, outcomes, timelines)
             numbers["captions"] = counts
+            numbers["caption_claims"] = claim_dump(rows, outcomes, timelines)
             print(f"\n## 2. Captions: {len(rows)} caption prompts ({time.time() - t0:.0f} s)\n")
             print(table(["", "model's caption", "served caption"], [
                 ["sounds mentioned", counts["mentioned"], counts["mentioned_after"]],

@@ -72,6 +72,15 @@ def answer_contrast(generation) -> float | None:
     return float(real) - float(blank)
 
 
+def mention_contrast(generation) -> float | None:
+    """The contrast a free-text mention is judged with: the answer's, per token. Summed over a caption's tokens the
+    contrast grows with its length (a caption is far likelier with any audio than on silence), so it would vouch for
+    every sound the caption names; per token it stands for an answer that depends on the audio throughout, and for a
+    one-word 'yes' it is the whole contrast."""
+    contrast = answer_contrast(generation)
+    return None if contrast is None else contrast / max(1, int(getattr(generation, "num_tokens", 1) or 1))
+
+
 def claim_checks(question: str, answer: str, contrast: float | None, asked: Asked | None) -> list[ClaimCheck]:
     """What an answer claims, to be checked: each sound it says is there, or, for a 'No' to a presence question
     (``asked``), the absence of the sounds it asks about (``denied``: ``missed`` when the verifier hears one)."""
@@ -239,6 +248,7 @@ class GuardRunner:
         target_events = {e["text"]: e for e in result.get("events", [])}
         judged: list[ClaimCheck] = []
         seen: set[str] = set()
+        per_token = mention_contrast(generation)
         for c in checks:
             if c.source == "question":
                 ev = target_events.get(c.text) or {}
@@ -253,7 +263,7 @@ class GuardRunner:
             if c.event in seen:
                 continue
             seen.add(c.event)
-            c.present = judge(c.verifier_score, c.contrast, t, c.reason)
+            c.present = judge(c.verifier_score, per_token if c.source == "answer" else c.contrast, t, c.reason)
             c.prior = is_prior(c.contrast, t)
             judged.append(c)
         description = heard_description(probs, t.present_above) if policy == "correct" else None
