@@ -366,7 +366,7 @@ def breakdown(model: str, args, clips: list[str], n: int) -> str:
     """Where a guarded request's time goes, without HTTP: the fused replica's own code path in this process
     (``LocalModel`` on the vLLM engine, the verifier in process, the guard's judgement), ``n`` sequential
     requests per variant and workload, interleaved in two rounds; p50 and its ratio to the engine alone."""
-    from serving import intake
+    from models.audio import decode
     from serving.backends import AudioPrompt
     from serving.config import Settings
     from serving.guard.runner import GuardRunner
@@ -384,7 +384,7 @@ def breakdown(model: str, args, clips: list[str], n: int) -> str:
 
     def samples(i: int, workload: str):
         clip = clips[i % len(clips)]
-        return intake.decode(base64.b64decode(fresh_clip(clip, next(_SENT)) if workload == "fresh" else clip), rate, 30)
+        return decode(base64.b64decode(fresh_clip(clip, next(_SENT)) if workload == "fresh" else clip), rate, 30)
 
     async def one(clip, contrast: bool, policy: str) -> float:
         start = time.perf_counter()

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.bench_guard import NEGATIVES, length_rows, presence_rows, table, verifier_scores
-from serving.guard.verifier import fuse_logits, load_verifier, logit
+from models.verifier.calibration import fuse_logits, logit
+from models.verifier.checkpoint import load_verifier
 from train.metrics import roc_auc
 
 
@@ -115,7 +116,7 @@ def fused_lopo(corpus: Path, members: list[str], weights: list[float], epochs: i
 
 
 def member_dir(name: str) -> Path:
-    from serving.guard.verifier import EMBEDDED_VERIFIER_DIR
+    from models.verifier.checkpoint import EMBEDDED_VERIFIER_DIR
 
     return EMBEDDED_VERIFIER_DIR if name in ("", "earwitness-verifier") else Path(name)
 

@@ -104,8 +104,8 @@ def length_rows(corpus: Path, rows: list[dict], y: np.ndarray, s: np.ndarray) ->
 
 def guard_outcomes(rows, answers, scores, contrasts, thresholds, policy: str = "correct"):
     """Per row: (model said yes, guarded answer says yes) under ``policy``, through the serving policy code."""
+    from models.answers import classify
     from models.questions import read_presence
-    from serving.answers import classify
     from serving.guard.policy import apply_policy, is_prior, judge
     from serving.guard.runner import claim_checks
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from serving.guard.policy import Thresholds
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
     from train.metrics import ranking_bounds, roc_auc
 
     verifier = load_verifier(args.verifier)
@@ -209,7 +209,7 @@ def model_part(args, model: str, verifier, thresholds) -> None:
     from models.registry import resolve
     from serving.backends import AudioPrompt
     from serving.backends.hf import TransformersBackend
-    from serving.guard.scorer import TowerLayers
+    from models.verifier.scorer import TowerLayers
 
     spec = resolve(model)
     backend = TransformersBackend.load(spec, adapter=spec.adapters.get("default"))
@@ -251,7 +251,7 @@ def independence(rows, answers, scores, threshold: float = 0.5) -> str:
     A second opinion helps only where it errs apart from the first: with a shared audio encoder the
     two could fail on the same clips. The verifier's verdict is its probability against ``threshold``.
     """
-    from serving.answers import classify
+    from models.answers import classify
 
     truth = np.array([r["sampling"] == "positive" for r in rows])
     model_wrong = np.array([(classify(a) == "yes") != t for a, t in zip(answers, truth)])
@@ -310,7 +310,7 @@ def latency_part(args, model: str | None) -> None:
 def in_process_latency(model: str, corpus: Path, rows: list[dict]) -> list[float]:
     """The peer: decode the file and run the engine's own ``generate`` in this process, one request at a time."""
     from models.registry import resolve
-    from serving.intake import decode
+    from models.audio import decode
     from serving.backends import AudioPrompt
     from serving.backends.hf import TransformersBackend
 

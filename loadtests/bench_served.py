@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from loadtests.bench_guard import presence_rows, rates, table
-from serving.answers import classify
+from models.answers import classify
 
 
 async def _heard(service, rows: list[dict], corpus: Path, max_tokens: int, guard: str | None, concurrency: int) -> list:

@@ -47,7 +47,7 @@ def train_sweep(corpus: Path, runs: Path, epochs: int, sweep=SWEEP) -> dict[str,
 def measure(corpus: Path, directories: dict[str, Path], kept: Path) -> list[dict]:
     """Every verifier on all of the test split's presence questions (kept in ``kept`` per verifier file, so a resumed
     sweep scores only what is new)."""
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
     from train.metrics import roc_auc
 
     rows = presence_rows(corpus, 0, 0)

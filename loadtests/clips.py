@@ -53,7 +53,7 @@ def spoken(text: str, sample_rate: int = 16_000) -> np.ndarray | None:
 
     if shutil.which("espeak-ng") is None:
         return None
-    from serving.intake import decode
+    from models.audio import decode
 
     with tempfile.TemporaryDirectory() as d:  # a file, not --stdout: a streamed WAV's header leaves its length open
         wav = Path(d) / "spoken.wav"

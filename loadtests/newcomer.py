@@ -71,7 +71,7 @@ def clips(sounds: list[Path]) -> dict[str, np.ndarray]:
         out["speech"] = speech
         n = min(len(speech), len(tone))
         out["speech + tone"] = (speech[:n] + 0.3 * tone[:n]).astype(np.float32)
-    from serving.intake import decode
+    from models.audio import decode
 
     for root in sounds:
         for name, (pattern, seconds) in RECORDINGS.items():

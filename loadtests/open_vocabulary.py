@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verifier", default=SERVED_VERIFIER, help="default: the served default")
     ap.add_argument("--corpus", type=Path, default=None)
     args = ap.parse_args(argv)
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     verifier = load_verifier(args.verifier)
     print(f"verifier {verifier.name}: absent below {verifier.calibration.absent_below:.3f}, present from "

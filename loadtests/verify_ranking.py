@@ -43,8 +43,8 @@ def api_scores(host: str, corpus: Path, phrases_by_audio: dict[str, list[str]], 
 
 
 def local_scores(verifier_name: str, corpus: Path, phrases_by_audio: dict[str, list[str]]) -> dict[tuple[str, str], float]:
-    from serving.intake import decode
-    from serving.guard.verifier import load_verifier
+    from models.audio import decode
+    from models.verifier.checkpoint import load_verifier
 
     verifier = load_verifier(verifier_name)
     out = {}

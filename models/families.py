@@ -22,11 +22,13 @@ class Family:
     name: str  # as ``models.registry`` and the configs name it
     model_type: str  # transformers' ``config.model_type``
     architecture: str  # the class name in transformers and in vLLM's registry
+    audio_adapter: tuple[str, ...]  # the modules between the audio tower and the language model (what LISTEN trains)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("qwen2-audio", "qwen2_audio", "Qwen2AudioForConditionalGeneration"),
-    Family("qwen2.5-omni-thinker", "qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration"),
+    Family("qwen2-audio", "qwen2_audio", "Qwen2AudioForConditionalGeneration", ("multi_modal_projector",)),
+    # Omni has no separate projector: the audio encoder's last norm and linear map into the language model's width
+    Family("qwen2.5-omni-thinker", "qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", ("audio_tower.ln_post", "audio_tower.proj")),
 )}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 
@@ -103,3 +105,12 @@ def language_model_lora_pattern(model) -> str:
     if not names:
         raise ValueError(f"LoRA pattern {pattern!r} matches no linear layer of {type(unwrap(model)).__name__}")
     return pattern
+
+
+def audio_adapter_modules(model) -> list[str]:
+    """The audio adapter's module names as PEFT's ``modules_to_save`` takes them (suffixes of module paths)."""
+    names = [n for n, _ in unwrap(model).named_modules()]
+    found = [suffix for suffix in family_of(model).audio_adapter if any(n == suffix or n.endswith("." + suffix) for n in names)]
+    if not found:
+        raise ValueError(f"no audio adapter ({family_of(model).audio_adapter}) in {type(unwrap(model)).__name__}")
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,10 +83,12 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-def resolve(name_or_path: str, store_options: dict | None = None) -> ModelSpec:
-    """A registered name, a checkpoint directory, or a store URI (``s3://``, ``gs://``, ``hf://``…) whose checkpoint
-    is copied once into the local store cache (``models/store.py``). A checkpoint's family is read from its
-    ``config.json`` (``model_type``); Qwen2-Audio when it names none."""
+def resolve(name_or_path: str, store_options: dict | None = None, family: str | None = None) -> ModelSpec:
+    """A registered name, a checkpoint directory, a store URI (``s3://``, ``gs://``, ``hf://``…) whose checkpoint
+    is copied once into the local store cache (``models/store.py``), or a hub repository id (``owner/name``, read by
+    transformers itself). A checkpoint's family is read from its ``config.json`` (``model_type``; Qwen2-Audio when it
+    names none); a hub id's is the registered model's with that source, else ``family``, else its name's (``…Omni…``:
+    the Omni thinker)."""
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path]
     from models.store import is_uri, local_copy
@@ -93,13 +96,26 @@ def resolve(name_or_path: str, store_options: dict | None = None) -> ModelSpec:
     path = local_copy(name_or_path, store_options) if is_uri(name_or_path) else Path(name_or_path).expanduser()
     if path.is_dir() and ((path / "config.json").exists() or (path / "earwitness_parts.json").exists()):
         name = name_or_path.rstrip("/").rsplit("/", 1)[-1] if is_uri(name_or_path) else path.name
-        return ModelSpec(name=name, family=_family_of_checkpoint(path), source=str(path.resolve()), description=f"checkpoint at {name}")
-    raise KeyError(f"unknown model {name_or_path!r}: not a registered name ({', '.join(REGISTRY)}) nor a checkpoint directory")
+        return ModelSpec(name=name, family=family or _family_of_checkpoint(path), source=str(path.resolve()), description=f"checkpoint at {name}")
+    if _HUB_ID.fullmatch(name_or_path) and not path.exists():
+        known = next((spec for spec in REGISTRY.values() if spec.source == name_or_path), None)
+        if known is not None:
+            return known
+        guessed = "qwen2.5-omni-thinker" if "omni" in name_or_path.lower() else "qwen2-audio"
+        return ModelSpec(name=name_or_path.split("/")[-1].lower(), family=family or guessed, source=name_or_path,
+                         description=f"hub model {name_or_path}", gpus=1.0)
+    raise KeyError(f"unknown model {name_or_path!r}: not a registered name ({', '.join(REGISTRY)}), a checkpoint directory, "
+                   "a store URI nor a hub id (owner/name)")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _family_of_checkpoint(path: Path) -> str:
+    """A full Qwen2.5-Omni checkpoint (``qwen2_5_omni``) is trained and served as its thinker."""
     from models.families import FAMILIES
 
     config = path / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    model_type = "qwen2_5_omni_thinker" if model_type == "qwen2_5_omni" else model_type
     return next((f.name for f in FAMILIES.values() if f.model_type == model_type), "qwen2-audio")

@@ -133,9 +133,9 @@ def local_copy(location: str | os.PathLike, options: dict | None = None, cache: 
             fs.get_file(root, str(staging))
         else:
             for rel in listing:
-                dest = staging / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{root.rstrip('/')}/{rel}", str(dest))
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            # one call for all files: the async stores (s3fs, gcsfs, hf) fetch them concurrently
+            fs.get([f"{root.rstrip('/')}/{rel}" for rel in listing], [str(staging / rel) for rel in listing])
             (staging / COMPLETE).write_text(json.dumps({"uri": location, "files": len(listing)}))
         try:
             os.rename(staging, target)
@@ -152,6 +152,19 @@ def local_copy(location: str | os.PathLike, options: dict | None = None, cache: 
         elif staging.exists():
             staging.unlink()
     return target
+
+
+def publish(directory: str | os.PathLike, uri: str, options: dict | None = None) -> str:
+    """Copy a local directory (a trained adapter) to ``uri``, where an ``adapter_store`` or ``model_source`` reads it;
+    a local ``uri`` is a plain directory copy."""
+    directory = Path(directory)
+    if not is_uri(uri):
+        shutil.copytree(directory, uri, dirs_exist_ok=True)
+        return str(uri)
+    fs, root = _filesystem(uri, options)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(directory).as_posix()}")
+    return uri
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,7 @@ from serving.verifier_server import VerifierServer
 
 
 def build(settings: Settings) -> Application:
-    # One fresh metrics directory per application, so restarts don't resurrect old counts.
-    metrics_dir = str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
-    metrics_env = {"runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}}
+    metrics_env = {"runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir(settings)}}}
     from serving.placement import model_actor_options
 
     verifier = None
@@ -54,11 +52,19 @@ def build(settings: Settings) -> Application:
         health_check_period_s=settings.health_check_period_s,
         **model_actor_options(settings),  # CPUs/GPUs, or a placement group for vLLM tensor parallelism
     ).bind(settings.model_dump())
+    spread = {"max_replicas_per_node": settings.ingress_max_per_node} if settings.ingress_max_per_node else {}
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=ingress_ongoing,
+        **spread,
         ray_actor_options={"num_cpus": 0, **metrics_env},
     ).bind(model, settings.model_dump(), verifier)
+
+
+def metrics_dir(settings: Settings) -> str:
+    """The replicas' multiprocess metrics directory: ``settings.metrics_dir`` (a node's, read by its exporter), or one
+    fresh directory per application, so a local restart doesn't resurrect old counts."""
+    return settings.metrics_dir or str(Path(settings.ray_temp_dir) / "metrics" / uuid.uuid4().hex[:12])
 
 
 def _model_scale(settings: Settings) -> dict:

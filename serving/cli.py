@@ -1,4 +1,7 @@
-"""The ``earwitness`` command: serve, ask, models (and the data/train/eval commands from train/)."""
+"""Serving's commands of ``earwitness`` (:mod:`earwitness.cli` joins them with train's): serve, ask, models.
+
+``python -m serving.cli`` runs these three alone (an image without train/ still serves); the training commands
+(data, train, eval, export) are ``earwitness`` / ``python -m earwitness``."""
 
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.config import Settings, scaled_to_cores, usable_cores
     from serving.runtime import start, start_ray, stop
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter}.items() if v is not None}
+    given = {"host": args.host, "port": args.port, "direct_port": args.direct_port, "model": args.model, "adapter": args.adapter, "ray_address": args.address}
+    overrides = {k: v for k, v in given.items() if v is not None}
     settings = scaled_to_cores(Settings(**overrides), usable_cores(), gpu=torch.cuda.is_available())
     print(f"earwitness: serving {settings.model} on http://{settings.host}:{settings.port} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     print(f"earwitness: {settings.model_replicas} model replica(s) (EARWITNESS_MODEL_REPLICAS sets the count)", file=sys.stderr)
@@ -67,7 +71,7 @@ def _ask(args: argparse.Namespace) -> int:
         max_tokens = intake.check_max_tokens(args.max_tokens, settings)
         policy = args.guard or settings.guard_policy  # None: the model's own default, known once it is loaded
         asyncio.run(intake.decode_upload(data, settings, 16_000, truncate=args.truncate))  # a bad file fails before the model loads
-        body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate))
+        body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate, args.events))
     except ApiError as err:
         print(json.dumps(err.body()).replace("truncate=true", "--truncate"), file=sys.stderr)
         return 2
@@ -94,19 +98,22 @@ def in_process_service(settings, guarded: bool = True):
         model.close()
 
 
-async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str | None, truncate: bool) -> dict:
-    """The QA endpoint's answer, computed by the service in this process (model and, unless the policy is 'off', verifier;
-    ``policy`` None: the model's own default, never 'off')."""
+async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str | None, truncate: bool, events: bool = False) -> dict:
+    """The QA endpoint's answer, computed by the service in this process (model and, unless the policy is 'off' and no
+    ``events`` are asked for, verifier; ``policy`` None: the model's own default, never 'off'); ``events``: with the
+    verifier's detections, as ``POST /v1/audio/events`` lists them."""
     from serving import intake
-    from serving.schemas import AudioInfo, GuardInfo
+    from serving.schemas import AudioInfo, DetectedEvent, GuardInfo
 
-    with in_process_service(settings, guarded=policy != "off") as service:
+    with in_process_service(settings, guarded=policy != "off" or events) as service:
         model_id, info = await service.resolve_model(None)
         clip = await intake.decode_upload(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
         outcome = (await service.hear("cli", clip, question, max_tokens, service.guard.policy_for(policy, info), model_id)).outcome
+        report = await service.events(clip) if events else None
     return {"answer": outcome.answer, "answer_kind": outcome.kind, "original_answer": outcome.original_answer,
             "guard": GuardInfo(**outcome.guard_dict()).model_dump(), "model": info["model"],
-            "audio": AudioInfo.from_clip(clip).model_dump()}
+            "audio": AudioInfo.from_clip(clip).model_dump()} | (
+            {"events": [DetectedEvent(**d.to_dict()).model_dump() for d in report.detections]} if report is not None else {})
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -117,16 +124,15 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="earwitness", description=__doc__.replace("``", ""))
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``ask`` and ``models`` to an argparse CLI."""
     serve = sub.add_parser("serve", help="serve the HTTP API with Ray Serve")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--direct-port", type=int, help="also serve straight from the ingress replica here (no proxy hop)")
     serve.add_argument("--model", help="registered name or checkpoint directory")
     serve.add_argument("--adapter", help="LoRA adapter directory")
+    serve.add_argument("--address", help="deploy onto this running Ray cluster (`ray start --head` prints it) instead of starting one")
     serve.set_defaults(func=_serve)
 
     ask = sub.add_parser("ask", help="answer one question about one file, in-process",
@@ -140,23 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--guard", choices=["off", "annotate", "abstain", "correct"], default=None,
                      help="absent-sound guard policy (default: EARWITNESS_GUARD_POLICY, else the model's own default)")
     ask.add_argument("--truncate", action="store_true", help="cut audio longer than the limit instead of refusing it")
+    ask.add_argument("--events", action="store_true", help="also list the sounds the verifier hears, with their times (as POST /v1/audio/events)")
     ask.set_defaults(func=_ask)
 
     models = sub.add_parser("models", help="list registered models")
     models.set_defaults(func=_models)
 
-    try:  # the training commands need the `train` extra
-        from train.cli import register as register_data
-        from train.commands import register as register_training
-    except ImportError:
-        return parser
-    register_data(sub)
-    register_training(sub)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m serving.cli", description=__doc__.replace("``", ""))
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     )
     model_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_max_per_node: int | None = Field(
+        None, ge=1, description="most ingress replicas on one Ray node (Serve's max_replicas_per_node); 1 spreads them over "
+        "nodes, so a node's loss takes one of them (a cluster needs as many nodes as ingress_replicas); None: Serve places them",
+    )
     model_cpus: float = Field(1.0, ge=0)
     model_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1)
@@ -123,6 +127,17 @@ class Settings(BaseSettings):
         "returns the encoder's layers and the verifier scores them after the answer, instead of encoding the clip beside it; "
         "false: the verifier always encodes the clip itself",
     )
+    events_threshold: float | None = Field(
+        0.8, ge=0, le=1, description="/v1/audio/events: an ontology class is detected at this calibrated probability (clip and "
+        "frames); chosen on the corpus validation split for event-level F1 (python -m loadtests.event_f1 --tune-on validation): "
+        "the verifier's own present_above (0.56, None here) reports too many sounds as events; None: present_above"
+    )
+    events_audioset_threshold: float | None = Field(
+        None, ge=0, le=1, description="/v1/audio/events: the same for the tagger's AudioSet classes outside the ontology; None: where "
+        "the tagger's own score is 0.5 (its own decision point, under the open vocabulary's calibration)"
+    )
+    events_min_gap_s: float = Field(1.0, ge=0, description="/v1/audio/events: a pause up to this long inside a sound's span is filled "
+                                    "(chosen with events_threshold)")
     guard_contrast: bool = Field(True, description="also score the answer on blank audio (the model's audio contrast)")
     guard_contrast_prior: float = Field(0.05, description="nats; at or below, an answer the verifier is unsure of is a prior")
     guard_contrast_heard: float = Field(1.0, description="nats; at or above, an answer the verifier is unsure of was heard")
@@ -133,6 +148,16 @@ class Settings(BaseSettings):
 
     # Ray
     ray_address: str | None = Field(None, description="join an existing cluster instead of starting one")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Serve runs its HTTP proxies on `port`: every node with a replica (a load balancer in "
+        "front), or the head only (several Ray nodes on one host, whose proxies would all want the same port)",
+    )
+    metrics_dir: str | None = Field(
+        None, description="where the replicas of a node keep their metrics (prometheus_client multiprocess files), read by "
+        "that node's exporter (`python -m serving.metrics`; the pods' metrics sidecar) so Prometheus sums the nodes; "
+        "`${VAR}` is expanded on each node from its Ray processes' environment. None: a fresh directory per application "
+        "under ray_temp_dir, summed by the ingress' /metrics (one node)",
+    )
     ray_temp_dir: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "earwitness-ray"))
     num_cpus: int | None = Field(None, description="CPUs a locally started Ray may use")
 

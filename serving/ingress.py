@@ -28,15 +28,19 @@ from serving import intake
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
-from serving.verify_api import VERIFY_BODY
+from serving.verify_api import EVENTS_BODY, VERIFY_BODY
+from serving.verify_api import ask_verifier
+from serving.verify_api import events as audio_events
 from serving.verify_api import verify as verify_audio
+from models.verifier.events import EventReport
 from serving.guard.runner import GuardRunner, Heard
 from serving.heap import freeze_startup_heap
-from serving.metrics import Metrics, mark_process_dead
+from serving.metrics import Metrics, mark_process_dead, prepare_metrics_dir
 from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, keys_from_settings
 from serving.model_client import InProcess, LocalModel, RemoteModel
 from serving.proxy import request_id
 from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Health, ModelCard, ModelList, QARequest, QAResponse, Timing, VerifyResponse, audio_body
+from serving.schemas import EventsResponse
 
 log = logging.getLogger("earwitness.http")
 
@@ -103,21 +107,23 @@ class RequestMetricsMiddleware:
                 self.metrics.latency.labels(endpoint, "total").observe(time.perf_counter() - start)
 
 
-def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def _error_response(request: Request, error: ApiError) -> JSONResponse:
+    """The error as JSON, with the request's id: a client quotes it, and a retry of a 5xx can be told apart."""
+    body = {"error": {**error.body()["error"], "request_id": request_id(request.headers)}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return _error_response(exc)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(request, exc)
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error_response(intake.invalid(exc.errors()))
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(request, intake.invalid(exc.errors()))
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}  # 400: a body the form parser cannot read
-    return _error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
+    return _error_response(request, ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
 
 
 def _stack(exc: BaseException) -> str:
@@ -172,8 +178,7 @@ class Service:
     def __init__(self, model: RemoteModel | LocalModel, settings: Settings, verifier=None):
         self.settings = settings
         self.model = model
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        prepare_metrics_dir()
         self.metrics = Metrics()
         self.guard = GuardRunner(verifier, settings, self.metrics)  # the absent-sound guard (serving/guard/)
         self._model_info: dict | None = None
@@ -220,6 +225,18 @@ class Service:
         if heard.guard_s is not None:
             self.metrics.latency.labels(endpoint, "guard").observe(heard.guard_s)
         return heard
+
+    async def events(self, clip) -> EventReport:
+        """The verifier's detections over a decoded clip (``/v1/audio/events``, and listed on request by the chat
+        route and ``earwitness ask --events``); 503 when no verifier is deployed or it cannot answer."""
+        if self.guard.verifier is None:
+            raise ApiError(503, "verifier_unavailable", "no verifier is deployed here", {"Retry-After": "30"})
+        report = await ask_verifier(self, self.guard.verifier.events.remote(clip.samples))
+        if report.kept:
+            self.metrics.verifier_kept_hits.inc()
+        for d in report.detections:
+            self.metrics.events_detected.labels(d.vocabulary).inc()
+        return report
 
     async def _await_model(self, response):
         """A model call's result; its timeout, full queue or dead replica as the API's 504 / 503."""
@@ -356,6 +373,10 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/audio/verify", response_model=VerifyResponse, responses=_ERRORS, openapi_extra=VERIFY_BODY, summary="Presence scores of sound events in a clip (verifier only)")
     async def verify(request: Request) -> VerifyResponse:
         return await verify_audio(service, request)
+
+    @app.post("/v1/audio/events", response_model=EventsResponse, responses=_ERRORS, openapi_extra=EVENTS_BODY, summary="The sound events heard in a clip, with their times (verifier only)")
+    async def events(request: Request) -> EventsResponse:
+        return await audio_events(service, request)
 
     @app.get("/v1/models", response_model=ModelList, summary="Models served here")
     async def models() -> ModelList:

@@ -1,15 +1,21 @@
-"""Prometheus metrics, created inside each Serve replica and aggregated across replicas of a node.
+"""Prometheus metrics, created inside each Serve replica and summed over the replicas of a node.
 
-Replicas are separate processes; prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``,
-set in the replicas' runtime environment) lets whichever ingress replica answers ``/metrics``
-report the sum over all of them, so the 'no'-answer rate is right however far the service scales.
+Replicas are separate processes; prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set in
+the replicas' runtime environment: ``serving.app.metrics_dir``) keeps each process' values in files of one
+directory per node. On one node the ingress' ``/metrics`` reports their sum. On several nodes a request to
+``/metrics`` reaches some ingress replica on some node, so each node runs this module as its exporter
+(``python -m serving.metrics --dir D --port P``; the pods' metrics sidecar in k8s/), Prometheus scrapes every
+node's exporter, and the recording rules sum over them: the totals stay the service's however many ingress
+replicas run, wherever they run.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client import multiprocess
 
 PREFIX = "earwitness"
@@ -56,15 +62,17 @@ class Metrics:
             f"{PREFIX}_verifier_kept_hits", "Verifier results served from a replica's kept results (the same clip's samples, "
             "byte for byte, heard before): guarded answers and /v1/audio/verify alike.", registry=registry,
         )
+        self.events_detected = Counter(
+            f"{PREFIX}_events_detected", "Sound events /v1/audio/events reported (and events listed on request), by vocabulary "
+            "(ontology, audioset).", ["vocabulary"], registry=registry,
+        )
         self.verifier_failures = Counter(
             f"{PREFIX}_verifier_failures", "Verifier calls that failed: timeout, unavailable, overloaded, error, disabled.", ["reason"], registry=registry
         )
 
     def exposition(self) -> bytes:
         if self.multiprocess:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
+            return generate_latest(node_registry(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
         return generate_latest(self._registry)
 
 
@@ -72,3 +80,37 @@ def mark_process_dead() -> None:
     """Drop a stopped replica's live gauges (its counters keep counting in the totals)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(os.getpid())
+
+
+def prepare_metrics_dir() -> None:
+    """Create this process' multiprocess directory; refuse one that expanded to nothing (an unset ``${VAR}``)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if not path:
+        raise ValueError("metrics_dir is empty on this node: a ${VAR} it names is not set in the Ray node's environment")
+    os.makedirs(path, exist_ok=True)
+
+
+def node_registry(path: str) -> CollectorRegistry:
+    """A registry that reads the node's metrics files at every scrape (their sum over the node's replicas)."""
+    os.makedirs(path, exist_ok=True)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return registry
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The node's exporter: serve the sum of its replicas' metrics over HTTP until killed."""
+    parser = argparse.ArgumentParser(prog="python -m serving.metrics", description=main.__doc__)
+    parser.add_argument("--dir", required=True, help="the node's metrics_dir")
+    parser.add_argument("--port", type=int, default=9464)
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (a pod's: every interface)")
+    args = parser.parse_args(argv)
+    start_http_server(args.port, addr=args.host, registry=node_registry(args.dir))
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -126,7 +126,8 @@ def make_backend(settings: Settings, spec: ModelSpec | None = None):
     if settings.engine == "vllm":
         from serving.backends.vllm import load_for_settings
 
-        return load_for_settings(spec, settings, local_adapter), adapter
+        backend = load_for_settings(spec, settings, local_adapter)
+        return backend, (None if backend.merged_adapter else adapter)  # merged at load: the weights are base + adapter
     from serving.backends.hf import TransformersBackend
 
     return TransformersBackend.load(spec, adapter=local_adapter, device=settings.device, dtype=settings.dtype), adapter
@@ -152,8 +153,11 @@ class ModelServer:
         self._question_tokenizer = copy.deepcopy(self.backend.processor.tokenizer)
         self.catalog = make_catalog(self.settings, self.backend.model_name, self.adapter, self.spec)
         self._lora_ids: dict[str, int] = {}  # vLLM's adapter ids, one per local copy (a new version is a new id)
+        self._default_ref = None  # vLLM: the default adapter's LoraRef
         # the frozen pretrained audio tower's signature, when every adapter served leaves it as fetched (guard_share_encoder)
-        self.tower = self.backend.shared_tower([str(local_copy(p, self.settings.store_options)) for p in self.catalog.paths.values()]) if not self.catalog.store else None
+        # (not with adapters from a store: which modules they adapt is known only once one is fetched)
+        configured = list(self.catalog.paths.values())
+        self.tower = None if self.catalog.store or any(map(is_uri, configured)) else self.backend.shared_tower(configured)
         self.is_async = self.backend.is_async
         # PEFT named the adapter loaded with the model "default"; the catalog may know it by another name
         self._peft = None if self.is_async else PeftAdapters(self.backend)
@@ -204,7 +208,9 @@ class ModelServer:
         """One answer from the default model (base, or the default adapter)."""
         self.admit(prompt)
         if self.is_async:  # the engine batches; the default adapter (if any) applies
-            ref = await self._lora_ref(self.catalog.default) if self.catalog.default else None
+            if self._default_ref is None and self.catalog.default:  # fetched and checked once, not per request
+                self._default_ref = await self._lora_ref(self.catalog.default)
+            ref = self._default_ref
             return await self.backend.generate_async(prompt, ref)
         return await self._batcher.submit((prompt, "default" if self.adapter else None))
 

@@ -11,7 +11,8 @@ A request is a chat: the user's message holds one audio part and text parts (the
 * ``model``: any id from ``GET /v1/models`` (base, default adapter, named adapters);
 * ``max_tokens`` / ``max_completion_tokens``; decoding is greedy (``temperature``/``top_p`` are accepted
   and ignored, ``n`` must be 1); ``stream: true`` answers as server-sent events (one content chunk);
-* extension ``earwitness``: ``{"guard": "off"|"annotate"|"abstain"|"correct", "truncate": bool}``.
+* extension ``earwitness``: ``{"guard": "off"|"annotate"|"abstain"|"correct", "truncate": bool, "events": bool}``;
+  ``events``: also list the sounds the verifier hears, with their times (as ``POST /v1/audio/events``).
 
 The response is a ``chat.completion`` plus an ``earwitness`` object: the guard's verdict and claims, the
 model's original answer when the guard changed it, answer kind, audio facts and timing. Errors are
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serving import intake
 from serving.errors import ApiError
 from serving.middleware import too_large
-from serving.schemas import AudioInfo, ErrorResponse, GuardInfo, Timing
+from serving.schemas import AudioInfo, DetectedEvent, ErrorResponse, GuardInfo, Timing
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 ENDPOINT = "/v1/chat/completions"
@@ -44,6 +45,7 @@ class EarwitnessOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     guard: Literal["off", "annotate", "abstain", "correct"] | None = None
     truncate: bool = False
+    events: bool = Field(False, description="also list the sounds the verifier hears, with their times (POST /v1/audio/events)")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -83,6 +85,7 @@ class EarwitnessResult(BaseModel):
     guard: GuardInfo | None = None
     audio: AudioInfo
     timing: Timing
+    events: list[DetectedEvent] | None = Field(None, description="on request (earwitness.events): the verifier's detections")
 
 
 class ChatCompletion(BaseModel):
@@ -199,7 +202,15 @@ async def chat_completion(service, request: Request):
     data = await audio_bytes(part, service.settings.audio_url_allowlist, service.settings.max_upload_bytes)
     clip = await intake.decode_upload(data, service.settings, info["sample_rate"], info["max_audio_s"], options.truncate)
     decoded = time.perf_counter()
-    heard = await service.hear(ENDPOINT, clip, question, max_tokens, service.guard.policy_for(options.guard, info), model_id)
+    policy = service.guard.policy_for(options.guard, info)
+    events = asyncio.ensure_future(service.events(clip)) if options.events else None  # beside the model's answer
+    try:
+        heard = await service.hear(ENDPOINT, clip, question, max_tokens, policy, model_id)
+        report = await events if events is not None else None
+    except BaseException:
+        if events is not None:
+            events.cancel()
+        raise
     generation, outcome = heard.generation, heard.outcome
     answer = outcome.answer
     kind = outcome.kind
@@ -223,6 +234,7 @@ async def chat_completion(service, request: Request):
                 total_ms=round((time.perf_counter() - start) * 1000, 2),
                 guard_ms=round(heard.guard_s * 1000, 2) if heard.guard_s is not None else None,
             ),
+            events=[DetectedEvent(**d.to_dict()) for d in report.detections] if report is not None else None,
         ),
     )
     if req.stream:

@@ -12,10 +12,17 @@ serves HTTP before its server starts, also gives uvicorn's protocols one (:func:
 ``header_timeout_s`` (``EARWITNESS_HEADER_TIMEOUT_S``) from a connection's start, or from the first byte of
 its next request, until that request's headers are complete; past it an idle connection is closed. A
 request whose headers arrived is never cut by it (a slow body gets the app's 408 ``body_timeout``).
+
+Serve's proxy lets some failures end a request without the API's answer: when a request's ingress replica dies
+under it (its node lost), the proxy returns without a response and uvicorn sends a bare text ``500 Internal
+Server Error``; a few refusals of its own are plain text too. :class:`ProxyErrorsAsJson` sends the API's JSON error instead, with the
+request's id, so a client can tell it apart, retry it and quote it (tests/test_multinode.py).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import uuid
@@ -25,6 +32,7 @@ from collections.abc import Mapping
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _REQUEST_ID_BYTES = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 CALLBACK = "serving.proxy:middlewares"
+log = logging.getLogger("earwitness.proxy")
 HEADER_TIMEOUT_ENV = "EARWITNESS_HEADER_TIMEOUT_S"
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 
@@ -62,12 +70,79 @@ class HeaderHygieneMiddleware:
         await self.app(scope, receive, send)
 
 
+#: the API's code for a 5xx that Serve's proxy sent without a body of the API's own
+PROXY_ERROR_CODES = {500: "replica_failed", 502: "replica_failed", 503: "unavailable", 504: "timeout"}
+
+
+class ProxyErrorsAsJson:
+    """Pure ASGI: a 5xx whose body is not JSON (Serve's proxy's own) is sent as the API's JSON error instead."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict | None = None
+        started = False
+
+        async def converting_send(message):
+            nonlocal held, started
+            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start" and message["status"] >= 500 and not _is_json(message.get("headers", [])):
+                held = message  # wait for the end of its plain-text body, then send ours
+                return
+            if held is None or message["type"] != "http.response.body":
+                return await send(message)
+            if message.get("more_body"):
+                return
+            await _send_json_error(send, held, _request_id_of(scope, held))
+
+        try:
+            await self.app(scope, receive, converting_send)
+        except Exception as exc:  # noqa: BLE001 - uvicorn would answer it in plain text
+            if started:
+                raise  # too late for a status: the connection ends with the partial response
+            failure = type(exc).__name__
+        else:
+            if started:
+                return
+            failure = "no response"  # Serve's proxy ends a request whose replica died (a 500 for it) without one
+        rid = _request_id_of(scope, {})
+        log.warning("request %s failed in Serve's proxy: %s", rid, failure)
+        await _send_json_error(send, {"type": "http.response.start", "status": 500, "headers": []}, rid)
+
+
+def _is_json(headers) -> bool:
+    return any(k.lower() == b"content-type" and b"json" in v.lower() for k, v in headers)
+
+
+def _request_id_of(scope, start: dict) -> str:
+    """The id Serve gave the request (its response header), else the client's token (which Serve takes as its id)."""
+    for key, value in start.get("headers", []):
+        if key.lower() == b"x-request-id":
+            return value.decode("latin-1")
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+    return request_id(headers)
+
+
+async def _send_json_error(send, start: dict, rid: str) -> None:
+    status = start["status"]
+    code = PROXY_ERROR_CODES.get(status, "proxy_error")
+    message = "the request failed before it was answered (its replica was lost); retry it, quoting the request id if it persists"
+    body = json.dumps({"error": {"code": code, "message": message, "type": "server_error", "param": None, "request_id": rid}}).encode()
+    kept = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+    headers = kept + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({**start, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def middlewares() -> list:
     """Serve's HTTP proxy callback: the middlewares it wraps its ASGI app in (and uvicorn's header timeout)."""
     from starlette.middleware import Middleware
 
     install_header_timeout(float(os.environ.get(HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT_S)))
-    return [Middleware(HeaderHygieneMiddleware)]
+    return [Middleware(ProxyErrorsAsJson), Middleware(HeaderHygieneMiddleware)]
 
 
 def proxy_env(header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> dict[str, str]:

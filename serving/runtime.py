@@ -75,7 +75,7 @@ def start_ray(settings: Settings) -> None:
 def start(settings: Settings, blocking: bool = False) -> None:
     """Serve the application on ``settings.host:settings.port``; returns once it is ready."""
     start_ray(settings)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(proxy_location=settings.proxy_location, http_options={"host": settings.host, "port": settings.port})
     serve.run(build(settings), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 

@@ -30,7 +30,7 @@ class AudioInfo(BaseModel):
 
     @classmethod
     def from_clip(cls, clip) -> "AudioInfo":
-        """What intake made of the upload (a :class:`serving.intake.Clip`), as the API reports it."""
+        """What intake made of the upload (a :class:`models.audio.Clip`), as the API reports it."""
         return cls(
             duration_s=round(clip.duration_s, 3),
             sample_rate=clip.sample_rate,
@@ -76,6 +76,10 @@ class GuardInfo(BaseModel):
                          "skipped: guard off, nothing checked; unverified: the verifier failed or timed out")
     contrast: float | None = Field(None, description="log P(answer | audio) - log P(answer | blank audio), nats: one number for the whole answer")
     claims: list[GuardClaim] = Field(default_factory=list)
+    described: list[str] = Field(default_factory=list, description="not empty: the answer is the verifier's description of the "
+                                 "sounds it hears, with their times (/v1/audio/events), not the model's, and these are the classes it "
+                                 "names; under correct, an open question whose answer was unparsed or cut. The model's answer is in "
+                                 "original_answer")
 
 
 class QAResponse(BaseModel):
@@ -96,7 +100,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str = Field("invalid_request_error", description="OpenAI's error type (invalid_request_error, server_error, ...)")
     param: str | None = Field(None, description="the request field at fault, when there is one")
-    request_id: str | None = Field(None, description="on a 500 internal_error: the id to quote when reporting it")
+    request_id: str | None = Field(None, description="the request's id (X-Request-Id), to quote when reporting an error")
 
 
 class ErrorResponse(BaseModel):
@@ -153,6 +157,39 @@ class VerifyResponse(BaseModel):
     events: list[EventPresence]
     absent_below: float
     present_above: float
+    audio: AudioInfo
+    request_id: str
+
+
+class EventsRequest(BaseModel):
+    """JSON form of ``POST /v1/audio/events``; the multipart form takes ``file`` (and ``truncate``)."""
+
+    audio: str = Field(..., description="the clip's bytes, base64-encoded")
+    truncate: bool = Field(False, description="cut audio longer than the limit instead of refusing it")
+
+
+class EventSpan(BaseModel):
+    onset_s: float = Field(..., description="seconds from the clip's start")
+    offset_s: float
+
+
+class DetectedEvent(BaseModel):
+    event: str = Field(..., description="the class, in `vocabulary`")
+    vocabulary: Literal["ontology", "audioset"] = Field(
+        ..., description="ontology: one of the classes the verifier was trained on; audioset: one of the AudioSet tagger's own classes "
+                         "that the ontology does not cover (verifiers on the tagger)")
+    phrase: str = Field(..., description="the words a description uses for it")
+    probability: float = Field(..., description="the clip's calibrated probability of the class (what /v1/audio/verify reports for it)")
+    peak: float = Field(..., description="its highest probability in one frame")
+    spans: list[EventSpan] = Field(..., description="where it was heard: runs of frames at or above the threshold, short gaps filled")
+
+
+class EventsResponse(BaseModel):
+    verifier: str
+    events: list[DetectedEvent] = Field(..., description="every class at or above its vocabulary's threshold, most probable first")
+    description: str = Field(..., description="the events in one sentence, as the guard answers an open question with them")
+    thresholds: dict[str, float] = Field(..., description="per vocabulary: the calibrated probability a class needs, over the clip "
+                                                         "and per frame of its spans")
     audio: AudioInfo
     request_id: str
 

@@ -1,6 +1,6 @@
 """The verifier deployment: the absent-sound verifier and its text encoder, scaled apart from the model.
 
-It owns the verifier (embedded or CLAP, :func:`serving.guard.verifier.load_verifier`) and the
+It owns the verifier (embedded or CLAP, :func:`models.verifier.checkpoint.load_verifier`) and the
 text encoder that matches mentions to ontology classes. The ingress calls it concurrently with
 the model, so on a guarded request its audio forward overlaps generation.
 
@@ -21,13 +21,18 @@ import asyncio
 import hashlib
 import logging
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from ray import serve
 
+from models.lru import LruCache
+from models.verifier.checkpoint import load_verifier
+from models.verifier.events import EventReport, detect
+from models.verifier.scorer import TowerLayers
 from serving.config import Settings
 from serving.heap import freeze_startup_heap
-from serving.lru import LruCache
 
 log = logging.getLogger("earwitness.verifier")
 
@@ -35,8 +40,6 @@ log = logging.getLogger("earwitness.verifier")
 @serve.deployment(name="VerifierServer")
 class VerifierServer:
     def __init__(self, settings: dict):
-        from serving.guard.verifier import load_verifier
-
         self.settings = Settings(**settings)
         log.setLevel(self.settings.verifier_log_level)
         if self.settings.verifier_log_level == "DEBUG" and not log.handlers:  # the replica's log file gets them
@@ -47,6 +50,7 @@ class VerifierServer:
         self.kept = LruCache(self.settings.verifier_cache_size)
         # warm up: the audio path and the text encoder
         self.verifier.verify(np.zeros(self.verifier.sample_rate, dtype=np.float32), ["a dog barking"])
+        self.verifier.timelines(np.zeros(self.verifier.sample_rate, dtype=np.float32))  # and the events' (AudioSet names matched once)
         freeze_startup_heap()
         log.info("verifier %s ready", self.verifier.name)
 
@@ -77,6 +81,29 @@ class VerifierServer:
             log.debug("verifier: clip %s (%d samples) %s", key[1][:6].hex(), clip.size, "kept" if kept else "scored")
         return dict(probs), kept  # a copy: the kept one stays as computed, whatever a caller does with it
 
+    async def events(self, samples: np.ndarray) -> EventReport:
+        """``POST /v1/audio/events``: every class detected over the clip, with its spans (:mod:`models.verifier.events`)."""
+        return await asyncio.to_thread(self._events, samples)
+
+    def _events(self, samples: np.ndarray) -> EventReport:
+        """One forward gives the timelines and the clip's class probabilities, so both are kept: a question about the
+        clip after its events (or the events again) costs no audio pass."""
+        clip = np.ascontiguousarray(samples, dtype=np.float32)
+        key = (clip.size, hashlib.sha256(memoryview(clip)).digest()) if self.kept.size > 0 else None
+        report = self.kept.get((*key, "events")) if key is not None else None
+        if report is not None:
+            return replace(report, kept=True)
+        s, duration = self.settings, clip.size / self.verifier.sample_rate
+        timelines = self.verifier.timelines(clip)
+        chosen = {"ontology": s.events_threshold, "audioset": s.events_audioset_threshold}
+        thresholds = {t.vocabulary: t.threshold if chosen.get(t.vocabulary) is None else chosen[t.vocabulary] for t in timelines}
+        found = [d for t in timelines for d in detect(t, s.events_min_gap_s, duration, thresholds[t.vocabulary])]
+        report = EventReport(self.verifier.name, sorted(found, key=lambda d: -d.probability), thresholds, duration)
+        if key is not None:
+            self.kept.put((*key, "events"), report)
+            self.kept.put(key, dict(zip(timelines[0].names, timelines[0].clip.tolist())))
+        return report
+
     def _assess(self, samples: np.ndarray, texts: list[str]) -> dict:
         return self._result(samples, texts, *self.class_probabilities(samples))
 
@@ -94,8 +121,6 @@ class VerifierServer:
         return await asyncio.to_thread(self._assess_layers, layers, n_samples, texts, samples)
 
     def _assess_layers(self, layers: np.ndarray, n_samples: int, texts: list[str], samples: np.ndarray | None = None) -> dict:
-        from serving.guard.scorer import TowerLayers
-
         if self.verifier.tower is None:
             raise ValueError(f"verifier {self.verifier.name} reads no encoder's layers")
         clip = TowerLayers(np.asarray(layers, dtype=np.float32), int(n_samples), samples)

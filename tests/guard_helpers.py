@@ -37,7 +37,7 @@ OUTSIDE_ONTOLOGY = [
 
 
 def shipped_verifier() -> Path | None:
-    from serving.guard.verifier import EMBEDDED_VERIFIER_DIR
+    from models.verifier.checkpoint import EMBEDDED_VERIFIER_DIR
 
     return EMBEDDED_VERIFIER_DIR if (EMBEDDED_VERIFIER_DIR / "verifier.json").exists() else None
 
@@ -46,9 +46,9 @@ def build_tiny_verifier(directory: Path) -> Path:
     """An untrained embedded verifier with the real text encoder and ontology phrases (serving needs only the format)."""
     import torch
 
-    from serving.guard.scorer import AudioTextScorer, ScorerConfig
-    from serving.guard.text import ontology_phrases, shared_encoder
-    from serving.guard.verifier import save_embedded
+    from models.verifier.scorer import AudioTextScorer, ScorerConfig
+    from models.verifier.text import ontology_phrases, shared_encoder
+    from models.verifier.checkpoint import save_embedded
     from train.data.ontology import load_ontology
 
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def build_yes_checkpoint(directory: Path) -> Path:
 
 def pick_clips(corpus: Path) -> dict:
     """A confidently present and a confidently absent scene for one class, judged by the shipped verifier."""
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
     from train.data.ontology import load_ontology
     from train.data.formats import read_timelines
     from train.verifier import scene_labels

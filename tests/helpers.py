@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,24 @@ def wait_ready(url: str, timeout_s: float, poll_s: float = 0.5) -> bool:
             pass
         time.sleep(poll_s)
     return False
+
+
+@contextmanager
+def local_s3(bucket: str):
+    """A real S3 server (moto's REST endpoint on a loopback port) holding ``bucket``; yields ``(s3fs filesystem,
+    store_options)``, the options a replica's settings would carry for an S3-compatible endpoint."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
+                          "client_kwargs": {"region_name": "us-east-1"}}}
+        boto3.client("s3", endpoint_url=options["s3"]["endpoint_url"], region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+        yield s3fs.S3FileSystem(skip_instance_cache=True, **options["s3"]), options
+    finally:
+        server.stop()

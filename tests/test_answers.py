@@ -1,7 +1,7 @@
 import pytest
 
+from models.answers import classify
 from models.questions import presence_target
-from serving.answers import classify
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.intake import decode
-from serving.errors import ApiError
+from models.audio import AudioError, decode
 from tests.helpers import FORMATS, encode, tone
 
 
@@ -30,7 +29,7 @@ def test_downmix_averages_channels():
 
 
 def _code(data: bytes, **kw) -> tuple[int, str]:
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(AudioError) as err:
         decode(data, 16_000, **kw)
     return err.value.status, err.value.code
 
@@ -82,7 +81,7 @@ def test_digital_silence_is_accepted_but_flagged():
 
 @pytest.mark.parametrize("frames", [1, 100, 3_840])
 def test_very_short_clips_are_padded_to_the_minimum_and_flagged(frames):
-    from serving.intake import MIN_AUDIO_S
+    from models.audio import MIN_AUDIO_S
 
     clip = decode(encode(tone(1.0, 16_000, 1)[:frames], 16_000, "wav"), 16_000)
     assert clip.duration_s == MIN_AUDIO_S and "padded" in clip.flags
@@ -90,7 +89,7 @@ def test_very_short_clips_are_padded_to_the_minimum_and_flagged(frames):
 
 
 def test_more_channels_than_surround_are_refused():
-    from serving.intake import MAX_CHANNELS
+    from models.audio import MAX_CHANNELS
 
     ok = decode(encode(np.full((16_000, MAX_CHANNELS), 0.1, np.float32), 16_000, "flac"), 16_000)
     assert ok.source_channels == MAX_CHANNELS
@@ -114,5 +113,5 @@ def test_damaged_headers_are_a_4xx_whatever_the_decoder_raises():
             flipped[pos] ^= 1 << int(rng.integers(0, 8))
             try:
                 decode(bytes(flipped), 16_000, max_duration_s=30)
-            except ApiError as exc:
+            except AudioError as exc:
                 assert 400 <= exc.status < 500

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "earwitness", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def test_ask_answers_in_process(tiny_checkpoint, tmp_path):
@@ -93,7 +93,7 @@ def test_ask_runs_the_guard_and_reports_the_audio_as_http_does(tiny_checkpoint, 
 
 
 def test_ask_help_describes_every_argument():
-    from serving.cli import build_parser
+    from earwitness.cli import build_parser
 
     parser = build_parser()
     ask = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "ask")[1]  # noqa: SLF001
@@ -177,7 +177,7 @@ def test_serve_stops_cleanly(tmp_path, how):
            "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
     log = tmp_path / "serve.log"
     background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how.endswith("background job") else None
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-m", "earwitness", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             cwd=ROOT, start_new_session=True, preexec_fn=background)  # its own process group, as a shell job has
     try:
         assert wait_ready(f"http://127.0.0.1:{port}", 240, poll_s=2) and proc.poll() is None, log.read_text()[-2000:]

@@ -2,8 +2,8 @@
 
 Everything is local: tokenizers are trained here, audio files are written here. The Omni processor is the
 real ``Qwen2_5OmniProcessor`` with a Whisper feature extractor, but without a video processor: transformers'
-video processors need torchvision, which this project does not install, so a subclass skips the class
-check for that one (unused) slot.
+video processors need torchvision, which this project does not install (``models.omni.AudioOmniProcessor``
+leaves that one, unused, slot empty).
 """
 
 from __future__ import annotations
@@ -42,24 +42,14 @@ def build_qwen2_audio():
 
 def build_omni_thinker():
     """A random Qwen2.5-Omni thinker (audio + vision + text towers) and its processor, from local parts."""
+    from models.omni import AudioOmniProcessor
     from transformers import (
         PreTrainedTokenizerFast,
-        Qwen2_5OmniProcessor,
         Qwen2_5OmniThinkerConfig,
         Qwen2_5OmniThinkerForConditionalGeneration,
         Qwen2VLImageProcessorPil,
         WhisperFeatureExtractor,
     )
-
-    class OfflineOmniProcessor(Qwen2_5OmniProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None  # torchvision-only class; audio prompts never touch it
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-        def save_pretrained(self, save_directory, **kwargs):  # the stock one saves every slot, None included
-            self.tokenizer.save_pretrained(save_directory)
-            self.feature_extractor.save_pretrained(save_directory)
 
     torch.manual_seed(0)
     backend = train_tokenizer(TEXTS, 300).backend_tokenizer
@@ -76,7 +66,7 @@ def build_omni_thinker():
         },
     )
     extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=SR, hop_length=320, chunk_length=2, n_fft=640)
-    processor = OfflineOmniProcessor(
+    processor = AudioOmniProcessor(
         image_processor=Qwen2VLImageProcessorPil(), video_processor=None, feature_extractor=extractor,
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
     )
@@ -302,7 +292,7 @@ def test_reference_is_the_adapter_disabled_policy(tmp_path):
 def test_export_merged_matches_adapter(trained, tmp_path):
     from transformers import AutoProcessor
 
-    from train.lora import export_merged
+    from models.loading import export_merged
 
     omni = trained["family"] == "qwen2.5-omni-thinker"
     if omni:

@@ -127,3 +127,54 @@ def test_docs_render_without_internet():
                 r = client.get(url)
                 assert r.status_code == 200 and len(r.content) > 500, url
             assert client.get(f"{root}/openapi.json").json()["info"]["title"] == "Earwitness"
+
+
+def test_every_error_body_carries_the_request_id():
+    service = Service(BrokenModel(), Settings(_env_file=None, verifier=None, guard_policy="off"))
+    with TestClient(create_app(service)) as client:
+        r = client.post("/v1/audio/qa", files={"file": ("a.wav", b"")}, data={"question": "Is it raining?"}, headers={"X-Request-Id": "req-7"})
+    assert r.status_code == 400 and r.json()["error"]["request_id"] == "req-7"
+
+
+def test_the_proxys_plain_text_5xx_becomes_the_apis_json_error():
+    """Serve's proxy answers a request whose ingress replica died under it with a bare text 500 (a node crash,
+    tests/test_multinode.py); its callback middleware sends the API's JSON error with the request's id instead."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from serving.proxy import ProxyErrorsAsJson
+
+    routes = [
+        Route("/died", lambda _: PlainTextResponse("Internal Server Error", 500, headers={"x-request-id": "serve-id-1"})),
+        Route("/busy", lambda _: PlainTextResponse("Service Unavailable", 503)),
+        Route("/api", lambda _: JSONResponse({"error": {"code": "model_unavailable"}}, 503)),
+        Route("/text", lambda _: PlainTextResponse("fine")),
+        Route("/raises", _replica_died),
+        Mount("/silent", app=_no_response),
+    ]
+    with TestClient(Starlette(routes=routes, middleware=[Middleware(ProxyErrorsAsJson)])) as client:
+        died = client.get("/died")
+        assert died.status_code == 500 and died.headers["x-request-id"] == "serve-id-1"
+        assert died.json()["error"] | {"message": ""} == {"code": "replica_failed", "message": "", "type": "server_error", "param": None,
+                                                            "request_id": "serve-id-1"}
+        busy = client.get("/busy", headers={"X-Request-Id": "client-9"})
+        assert (busy.status_code, busy.json()["error"]["code"], busy.json()["error"]["request_id"]) == (503, "unavailable", "client-9")
+        assert int(busy.headers["content-length"]) == len(busy.content)
+        assert client.get("/api").json() == {"error": {"code": "model_unavailable"}}  # the API's own errors pass unchanged
+        assert client.get("/text").text == "fine"
+        raised = client.get("/raises", headers={"X-Request-Id": "client-10"})  # uvicorn would send text
+        assert (raised.status_code, raised.json()["error"]["code"], raised.json()["error"]["request_id"]) == (500, "replica_failed", "client-10")
+        silent = client.get("/silent", headers={"X-Request-Id": "client-11"})  # Serve's proxy when the replica died
+        assert (silent.status_code, silent.json()["error"]["code"], silent.json()["error"]["request_id"]) == (500, "replica_failed", "client-11")
+
+
+async def _no_response(scope, receive, send):
+    """An ASGI app that returns without a response, as Serve's proxy does for a request whose replica died."""
+
+
+async def _replica_died(_):
+    from ray.exceptions import ActorDiedError
+
+    raise ActorDiedError()

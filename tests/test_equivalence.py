@@ -102,7 +102,7 @@ def test_shared_encoder_answers_equal_alone_answers(small_shared):
 
 def _samples(wav: bytes) -> np.ndarray:
     """What the server decodes from the WAV: 16-bit samples as float32 at 16 kHz."""
-    from serving.intake import decode
+    from models.audio import decode
 
     return decode(wav, 16_000).samples
 
@@ -110,7 +110,7 @@ def _samples(wav: bytes) -> np.ndarray:
 def test_kept_results_are_each_clips_own(server):
     """Clips heard first four at once, then one at a time from the kept results: every probability is the one
     the verifier computes for that clip alone (in this process, to the 4th decimal), and kept hits are counted."""
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     url, settings = server
     verifier_dir = _needs_verifier()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serving.intake import decode
+from models.audio import decode
 from train.data.formats import (
     StrongLabel, read_audiocaps_csv, read_audiotime_json, read_clotho_csv, read_strong_tsv,
     timeline_strong_labels, write_audiocaps_csv, write_audiotime_json, write_clotho_csv, write_strong_tsv,

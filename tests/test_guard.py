@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.answers import extract_claims
 from models.questions import presence_target
-from serving.answers import extract_claims
 from serving.guard.policy import ClaimCheck, Thresholds, apply_policy, is_prior, judge, verdict
 from tests.guard_helpers import OUTSIDE_ONTOLOGY
 from train.data.ontology import load_ontology
@@ -41,13 +41,13 @@ PARAPHRASES = [
 
 @pytest.fixture(scope="module")
 def verifier(verifier_checkpoint):
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     return load_verifier(str(verifier_checkpoint))
 
 
 def test_text_encoder_is_real_minilm():
-    from serving.guard.text import shared_encoder
+    from models.verifier.text import shared_encoder
 
     enc = shared_encoder()
     v = enc.encode(["a dog barking", "a puppy yapping", "a helicopter flying over"])
@@ -84,7 +84,7 @@ def test_claims(question, answer, claims):
                                       "Do you hear a dog?", "Did you hear rain?", "Can you hear someone talking?", "Is a piano audible?",
                                       "A dog barking in this clip?", "Is a dog barking in the recording?"])
 def test_every_presence_phrasing_wants_a_yes_or_a_no(question):
-    from serving.answers import answers_the_question
+    from models.answers import answers_the_question
 
     assert presence_target(question)
     assert answers_the_question(question, "Yes.") and answers_the_question(question, "No, there is none.")
@@ -92,7 +92,7 @@ def test_every_presence_phrasing_wants_a_yes_or_a_no(question):
 
 
 def test_counts_durations_and_open_questions_want_their_own_form():
-    from serving.answers import answers_the_question
+    from models.answers import answers_the_question
 
     assert answers_the_question("How many times does the dog bark?", "3") and not answers_the_question("How many times does the dog bark?", "Yes")
     assert answers_the_question("How long does the rain last?", "About 4 seconds.") and not answers_the_question("How long does the rain last?", "No")
@@ -212,7 +212,7 @@ def test_a_forced_free_text_probability_does_not_judge_an_unmatched_phrase(verif
     monkeypatch.setattr(verifier, "free_text_probabilities", lambda samples, texts: [forced] * len(texts))
     fax, dog = verifier.verify(noise, ["a fax machine handshake", "a puppy yapping"], probs)
     assert fax.probability == forced and fax.present is None and fax.reason == "outside_ontology"
-    assert dog.reason is None and dog.present == judge(dog.probability, None, verifier.calibration.thresholds())  # a class: judged
+    assert dog.reason is None and dog.present == judge(dog.probability, None, Thresholds(verifier.calibration.absent_below, verifier.calibration.present_above))  # a class: judged
 
 
 def test_verifier_replica_keeps_a_clips_probabilities(verifier_checkpoint):
@@ -308,7 +308,7 @@ def _guard(verifier_server, question: str, answer: str, contrast: float, policy:
 
 def _decoded(samples: np.ndarray):
     """``samples`` as the intake's decoded clip (16 kHz, no flags)."""
-    from serving.intake import Clip
+    from models.audio import Clip
 
     return Clip(samples, 16_000, "WAV", 16_000, 1)
 
@@ -358,7 +358,7 @@ def _tiny_clap(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, ClapTextConfig
 
-    from serving.guard.text import minilm_path
+    from models.verifier.text import minilm_path
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -372,7 +372,7 @@ def _tiny_clap(directory: Path) -> Path:
 
 
 def test_clap_verifier_behind_the_same_interface(tmp_path, verifier):
-    from serving.guard.verifier import ClapVerifier, Verifier
+    from models.verifier.verifiers import ClapVerifier, Verifier
 
     clap = ClapVerifier.load(str(_tiny_clap(tmp_path / "clap")), verifier.index)
     assert isinstance(clap, Verifier)

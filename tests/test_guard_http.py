@@ -38,7 +38,7 @@ def test_default_response_carries_a_guard(client):
 def test_guard_off_per_request(client):
     r = client.post("/v1/audio/qa", files={"file": ("a.wav", _wav())}, data={"question": "Did you hear rain?", "guard": "off"})
     assert r.status_code == 200, r.text
-    assert r.json()["guard"] == {"policy": "off", "verdict": "skipped", "contrast": None, "claims": []}
+    assert r.json()["guard"] == {"policy": "off", "verdict": "skipped", "contrast": None, "claims": [], "described": []}
     assert r.json()["timing"]["guard_ms"] is None
 
 

@@ -103,7 +103,7 @@ NOT_PRESENCE = [
 def served_verifier():
     """The verifier `earwitness serve` runs by default (ontology and AudioSet vocabularies), as the guard matches targets."""
     from serving.config import Settings
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     return load_verifier(Settings.model_fields["verifier"].default)
 

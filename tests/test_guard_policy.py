@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from models.questions import read_presence
-from serving.answers import extract_claims
+from models.answers import extract_claims
 from serving.guard.policy import POLICIES, ClaimCheck, apply_policy, heard_description, verdict
 from serving.guard.runner import GuardRunner, claim_checks
 

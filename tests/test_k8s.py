@@ -1,7 +1,7 @@
 """k8s/: every kustomize-rendered manifest against the Kubernetes and CRD schemas, the Serve config inside
 the RayService against Serve's schema and serving.config.Settings, the rules with promtool, the dashboard.
 
-Schemas: core kinds with `kubernetes-validate` (strict); RayService / PodMonitor / ServiceMonitor /
+Schemas: core kinds with `kubernetes-validate` (strict); RayService / PodMonitor /
 PrometheusRule with the CRDs' openAPIV3Schema vendored in k8s/schemas (sources in its README), validated
 by `openapi-schema-validator` with unknown fields refused, as the API server's strict field validation does.
 """
@@ -27,10 +27,11 @@ RULES = K8S / "base" / "monitoring" / "earwitness-rules.yaml"
 RULE_TESTS = K8S / "base" / "monitoring" / "earwitness-rules.test.yaml"
 DASHBOARD = K8S / "base" / "monitoring" / "earwitness-dashboard.json"
 K8S_VERSION = "1.37.0"
+METRICS_DIR = "/var/run/earwitness/metrics"  # each pod's replicas' metrics (Settings.metrics_dir), read by its sidecar
 CRDS = {  # (apiVersion, kind) -> vendored schema
     ("ray.io/v1", "RayService"): "rayservice-ray-v1.json",
+    ("ray.io/v1", "RayJob"): "rayjob-ray-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
 
@@ -58,7 +59,8 @@ def render(overlay: str) -> tuple[dict, ...]:
     if command is None:
         # kubectl (with kustomize 5) is part of this machine image; no registry here ships kustomize >= 4
         pytest.skip("needs kustomize >= 4, standalone or built into kubectl >= 1.21; neither is installed")
-    out = subprocess.run([*command, str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120)
+    path = K8S / "overlays" / overlay if (K8S / "overlays" / overlay).is_dir() else K8S / overlay  # an overlay, or k8s/training
+    out = subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -119,7 +121,7 @@ def test_every_manifest_validates_against_its_schema(overlay):
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
     cache = ["Job", "PersistentVolumeClaim"] if overlay in GPU_OVERLAYS else []  # the model cache and the Job filling it
-    assert kinds == sorted(["ConfigMap", "Namespace", "PodMonitor", "PrometheusRule", "RayService", "ServiceMonitor", *cache])
+    assert kinds == sorted(["ConfigMap", "Namespace", "PodMonitor", "PodMonitor", "PrometheusRule", "RayService", *cache])
     for doc in docs:
         assert _errors(doc) == [], f"{doc['kind']}/{doc['metadata']['name']}"
     # the pod templates inside the RayService, also against Kubernetes' own PodTemplateSpec (resource quantities, probes...)
@@ -153,8 +155,12 @@ def test_serve_config_is_a_valid_serve_config_of_settings(overlay, model):
     settings = Settings(**app["args"])  # extra="forbid": a misspelt field fails here
     assert settings.model == model
     assert settings.engine == ("vllm" if overlay in GPU_OVERLAYS else "transformers")
-    assert settings.ingress_replicas == 1  # /metrics through the serve service: one ingress (see servicemonitor)
-    model_server = build(settings)._bound_deployment.init_args[0]._bound_deployment  # Ingress(ModelServer, ...)
+    # several ingress replicas, on nodes of their own, each pod's replicas keeping their metrics where its sidecar reads them
+    assert settings.ingress_replicas >= 2 and settings.ingress_max_per_node == 1 and settings.metrics_dir == METRICS_DIR
+    ingress = build(settings)._bound_deployment
+    assert ingress._replica_config.max_replicas_per_node == 1
+    assert ingress.ray_actor_options["runtime_env"]["env_vars"]["PROMETHEUS_MULTIPROC_DIR"] == METRICS_DIR
+    model_server = ingress.init_args[0]._bound_deployment  # Ingress(ModelServer, ...)
     autoscaling = model_server._deployment_config.autoscaling_config
     assert autoscaling is not None
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (settings.model_min_replicas, settings.model_max_replicas)
@@ -218,11 +224,35 @@ def test_gpu_overlays_are_generated_from_the_serving_configs():
         assert {k: v for k, v in served.items() if k != "applications"} == {k: v for k, v in local.items() if k != "applications"}
 
 
+def _containers(template: dict) -> tuple[list[dict], dict]:
+    """A Ray pod's Ray containers, and its earwitness-metrics sidecar."""
+    containers = template["spec"]["containers"]
+    (sidecar,) = [c for c in containers if c["name"] == "earwitness-metrics"]
+    return [c for c in containers if c is not sidecar], sidecar
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_serves_its_replicas_metrics_from_a_sidecar(overlay):
+    """Each Ray container keeps its replicas' metrics in the pod's own volume at metrics_dir; the pod's sidecar
+    serves their sum on ew-metrics (python -m serving.metrics), reading the same volume."""
+    rayservice = _one(render(overlay), "RayService")
+    for group, template in _pod_templates(rayservice).items():
+        (ray,), sidecar = _containers(template)
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for container in (ray, sidecar):
+            (name,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == METRICS_DIR]
+            assert "emptyDir" in volumes[name], group  # the pod's own: its replicas only
+        assert sidecar["image"] == ray["image"], group
+        assert sidecar["command"] == ["python", "-m", "serving.metrics", "--dir", METRICS_DIR, "--port", "9464"], group
+        assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {"ew-metrics": 9464}, group
+        assert {"requests", "limits"} <= set(sidecar["resources"]) and sidecar["livenessProbe"]["httpGet"]["port"] == "ew-metrics", group
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_has_resources_and_probes(overlay):
     rayservice = _one(render(overlay), "RayService")
     for group, template in _pod_templates(rayservice).items():
-        for container in template["spec"]["containers"]:
+        for container in _containers(template)[0]:
             assert {"requests", "limits"} <= set(container["resources"]), group
             assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", group
             assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", group
@@ -236,15 +266,16 @@ def test_every_container_has_resources_and_probes(overlay):
 def test_monitors_select_what_kuberay_creates(overlay):
     docs = render(overlay)
     rayservice = _one(docs, "RayService")
-    service_monitor = _one(docs, "ServiceMonitor")
-    # KubeRay labels the serve service `ray.io/serve: <RayService name>-serve` and names its port `serve`
-    assert service_monitor["spec"]["selector"]["matchLabels"] == {"ray.io/serve": f"{rayservice['metadata']['name']}-serve"}
-    assert service_monitor["spec"]["endpoints"][0]["port"] == "serve" and service_monitor["spec"]["endpoints"][0]["path"] == "/metrics"
-    pod_monitor = _one(docs, "PodMonitor")
-    wanted = pod_monitor["spec"]["selector"]["matchLabels"]
-    for group, template in _pod_templates(rayservice).items():
-        assert wanted.items() <= template["metadata"]["labels"].items(), group
-    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # every pod scraped on its own: earwitness_* from each pod's sidecar, ray_* from each Ray container (no Service
+    # endpoint, which would reach one pod's replicas only)
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
+    assert {name: m["spec"]["podMetricsEndpoints"][0]["port"] for name, m in monitors.items()} == {"earwitness": "ew-metrics", "earwitness-ray": "metrics"}
+    for monitor in monitors.values():
+        wanted = monitor["spec"]["selector"]["matchLabels"]
+        port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+        for group, template in _pod_templates(rayservice).items():
+            assert wanted.items() <= template["metadata"]["labels"].items(), group
+            assert any(p["name"] == port for c in template["spec"]["containers"] for p in c.get("ports", [])), (group, port)
     dashboard = _one(docs, "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["earwitness-dashboard.json"])["uid"] == "earwitness"
@@ -300,8 +331,43 @@ def test_every_ray_container_sets_what_a_local_run_sets(overlay):
     from serving.runtime import MALLOC_ENV
 
     for name, template in _pod_templates(_one(render(overlay), "RayService")).items():
-        for container in template["spec"]["containers"]:
+        for container in _containers(template)[0]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in MALLOC_ENV} == MALLOC_ENV, (name, container["name"])
             callback = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
             assert env.get(callback) == proxy_env()[callback], (name, container["name"])
+
+
+def test_training_rayjob_runs_the_stage_commands_and_publishes_where_serving_reads():
+    """k8s/training: a RayJob (KubeRay's v1.7.0 schema) whose entrypoint is the stage commands as the CLI parses them,
+    on Ray 2.60 with GPU workers, publishing the adapter into the gpu-omni overlay's adapter store."""
+    import shlex
+
+    import ray
+
+    from models.store import join
+    from earwitness.cli import build_parser
+
+    docs = render("training")
+    assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim", "RayJob"]
+    for doc in docs:
+        assert _errors(doc) == [], doc["kind"]
+    job = _one(docs, "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    templates = {"head": cluster["headGroupSpec"]["template"], **{g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]}}
+    for group, template in templates.items():
+        assert _errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}) == [], group
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        assert claims == {_one(docs, "PersistentVolumeClaim")["metadata"]["name"]}, group
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    steps = [s.strip() for s in job["spec"]["entrypoint"].split(";") if s.strip()]
+    scale = shlex.split(next(s for s in steps if s.startswith("SCALE=")).split("=", 1)[1])[0]
+    parsed = [build_parser().parse_args(shlex.split(s.replace("$SCALE", scale))[1:]) for s in steps if s.startswith("earwitness ")]
+    assert [a.stage for a in parsed] == ["listen", "dpo"] and parsed[1].source == parsed[0].out.as_posix()
+    assert all(a.workers == workers["replicas"] and a.gpus_per_worker == 1 and a.resume and a.address == "auto" for a in parsed)
+    serving = _serve_config(_one(render("gpu-omni"), "RayService"))["applications"][0]["args"]
+    assert parsed[0].source == serving["model"]
+    assert parsed[1].publish == join(serving["adapter_store"], parsed[1].publish.rsplit("/", 1)[1])

@@ -104,12 +104,14 @@ def test_the_circle_finder_finds_a_circle():
 
 
 def test_rooms_import_only_what_they_may():
-    """models/ owns architectures and parts: it imports neither serving/ nor train/; serving/ never imports train/,
-    but for the command line (``serving.cli``), which registers the training commands when the extra is installed."""
+    """models/ owns architectures and parts: it imports neither serving/ nor train/; serving/ never imports train/ (the
+    command line that joins them is ``earwitness/cli.py``, above both); train/ imports serving/ only for the evaluation
+    engine (``serving.backends``)."""
     bad = [(m, d) for m, deps in _graph().items() for d in deps
            if (m.startswith("models") and d.split(".")[0] in ("serving", "train"))
-           or (m.startswith("serving") and m != "serving.cli" and d.startswith("train"))]
-    assert not bad
+           or (m.startswith("serving") and d.startswith("train"))
+           or (m.startswith("train") and d.startswith("serving") and not d.startswith("serving.backends"))]
+    assert not bad, bad
 
 
 def test_no_private_name_crosses_modules():

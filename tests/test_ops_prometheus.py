@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -32,18 +34,16 @@ def _wait(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def prometheus(server, tmp_path_factory):
+@contextmanager
+def run_prometheus(tmp: Path, targets: dict[str, str]) -> Iterator[str]:
+    """A real Prometheus scraping each ``pod -> host:port`` target every second, with k8s/'s rules (evaluated every
+    second instead of every 30) and a ``pod`` label as the PodMonitor gives; yields its URL once every target is up."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("the prometheus server is not installed (Debian package 'prometheus'; .ci/run installs it)")
-    url, _ = server
-    for _ in range(3):  # warm up: the answer series exist before Prometheus' first scrape (rate needs a baseline)
-        httpx.post(f"{url}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000))}, data={"question": QUESTION}, timeout=30)
-    tmp = tmp_path_factory.mktemp("prometheus")
     rules = yaml.safe_load(RULES.read_text())
     for group in rules["groups"]:
-        group["interval"] = "1s"  # the real rules, evaluated every second instead of every 30
+        group["interval"] = "1s"
     (tmp / "rules.yaml").write_text(yaml.safe_dump(rules))
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -51,7 +51,7 @@ def prometheus(server, tmp_path_factory):
         "scrape_configs": [
             {
                 "job_name": "earwitness",
-                "static_configs": [{"targets": [url.removeprefix("http://")], "labels": {"service_name": "earwitness"}}],
+                "static_configs": [{"targets": [target], "labels": {"service_name": "earwitness", "pod": pod}} for pod, target in targets.items()],
             }
         ],
     }
@@ -73,7 +73,7 @@ def prometheus(server, tmp_path_factory):
                 return False
 
         _wait(ready, 30, "Prometheus to start")
-        _wait(lambda: _query(base, 'up{job="earwitness"} == 1'), 30, "the first successful scrape")
+        _wait(lambda: len(_query(base, 'up{job="earwitness"} == 1')) == len(targets), 30, "the first successful scrape of every target")
         time.sleep(2.5)  # two more scrapes: every series has its baseline
         yield base
     finally:
@@ -83,6 +83,15 @@ def prometheus(server, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    url, _ = server
+    for _ in range(3):  # warm up: the answer series exist before Prometheus' first scrape (rate needs a baseline)
+        httpx.post(f"{url}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000))}, data={"question": QUESTION}, timeout=30)
+    with run_prometheus(tmp_path_factory.mktemp("prometheus"), {"session": url.removeprefix("http://")}) as base:
+        yield base
 
 
 def _query(base: str, expr: str) -> list:

@@ -104,7 +104,7 @@ def _clips_counted(client) -> dict[str, float]:
 
 def _wav_samples(samples: np.ndarray) -> np.ndarray:
     """The samples the server decodes from ``_ask``'s 16-bit WAV."""
-    from serving.intake import decode
+    from models.audio import decode
 
     return decode(encode(samples, SR, "wav"), SR).samples
 
@@ -115,7 +115,7 @@ def _wav_samples(samples: np.ndarray) -> np.ndarray:
 def test_both_ends_name_the_same_frozen_tower(app, frozen_small):
     from models.loading import frozen_tower
     from models.registry import REGISTRY
-    from serving.guard.scorer import ScorerConfig
+    from models.verifier.scorer import ScorerConfig
 
     _, service, model_server, verifier_server = app
     assert model_server.info()["tower"] == verifier_server.info()["tower"] == SIGNATURE
@@ -147,7 +147,7 @@ def test_the_models_layers_are_the_verifiers_own_on_a_full_window(app):
     are the verifier's scores from them."""
     from models.pretrained.whisper import encode_layers
     from serving.backends import AudioPrompt
-    from serving.guard.scorer import TowerLayers
+    from models.verifier.scorer import TowerLayers
 
     _, _, model_server, verifier_server = app
     verifier = verifier_server.verifier
@@ -173,7 +173,7 @@ def test_a_clip_shorter_than_the_window_is_not_shared(app):
     from serving.backends import AudioPrompt
     from models.families import audio_tower
     from serving.backends.hf import captured_layers
-    from serving.guard.scorer import TowerLayers
+    from models.verifier.scorer import TowerLayers
 
     client, _, model_server, verifier_server = app
     backend, verifier = model_server.backend, verifier_server.verifier
@@ -339,7 +339,7 @@ INFO = {"tower": SIGNATURE, "max_audio_s": 10.0, "sample_rate": SR}
 def _guarded(runner, layers, n_samples: int = WINDOW, model_info: dict = INFO):
     generation = SimpleNamespace(text="yes", answer_logprob=-0.1, blank_logprob=-0.1, tower_layers=layers)
 
-    from serving.intake import Clip
+    from models.audio import Clip
 
     asked: dict = {}
 

@@ -80,7 +80,7 @@ def test_a_forward_outside_the_block_records_nothing(tower):
 
 def test_the_text_encoder_embeds_each_threads_phrases():
     """The verifier's threads share one MiniLM encoder and its cache (kept small here, so it is cleared while others read)."""
-    from serving.guard.text import TextEncoder
+    from models.verifier.text import TextEncoder
 
     encoder = TextEncoder(cache_size=4)
     texts = [[f"a sound of thing {i}", "a dog barking" if i % 2 else f"thing {i} {'far ' * i}"] for i in range(24)]

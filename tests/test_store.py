@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.store import COMPLETE, NotInStore, StoreError, local_copy
+from models.store import COMPLETE, NotInStore, StoreError, local_copy, store_cache
 from serving.adapters import ADAPTER_NAME, Catalog, UnknownModel, lora_problem
-from tests.helpers import encode, free_port, tone
+from tests.helpers import encode, free_port, local_s3, tone
 
 TINY_ADAPTER = Path(__file__).resolve().parents[1] / "models" / "earwitness-tiny" / "adapter"
 BUCKET = "earwitness"
@@ -27,20 +27,9 @@ BUCKET = "earwitness"
 def s3():
     """A real S3 server (moto) and an s3fs client on it; yields ``(fs, store_options)``."""
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
-                      "client_kwargs": {"region_name": "us-east-1"}}}
-    import boto3
-    import s3fs
-
-    boto3.client("s3", endpoint_url=options["s3"]["endpoint_url"], region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options["s3"])
-    yield fs, options
-    server.stop()
+    pytest.importorskip("moto.server")
+    with local_s3(BUCKET) as (fs, options):
+        yield fs, options
 
 
 def upload(fs, local: Path, key: str) -> str:
@@ -148,8 +137,18 @@ def _ask(base: str, model: str, question: str = "Is there a dog barking?") -> ht
     return httpx.post(f"{base}/v1/audio/qa", files=files, data={"question": question, "model": model, "max_tokens": "6", "guard": "off"}, timeout=60)
 
 
+@pytest.fixture()
+def served_copies():
+    """The app's replicas copy into the store cache of their environment: take this test's copies out after it."""
+    prefix = f"s3://{BUCKET}/serve/"
+    yield prefix
+    for marker in store_cache().glob(f"*/{COMPLETE}"):
+        if json.loads(marker.read_text())["uri"].startswith(prefix):
+            shutil.rmtree(marker.parent, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_adapters_roll_out_from_the_store_and_bad_ones_are_refused(s3, server, tiny_checkpoint, tmp_path):
+def test_adapters_roll_out_from_the_store_and_bad_ones_are_refused(s3, server, tiny_checkpoint, tmp_path, served_copies):
     """A running app serves an adapter written to the store after it started, by id; a missing, a corrupt and a
     wrong-base adapter get a 404 / 503 naming them while the others keep being served; concurrent requests to two
     adapters get the answers they get one at a time."""
@@ -159,7 +158,7 @@ def test_adapters_roll_out_from_the_store_and_bad_ones_are_refused(s3, server, t
     fs, options = s3
     name = tiny_checkpoint.name
     upload(fs, Path(_random_adapter(tiny_checkpoint, tmp_path / "a1", 1)), "serve/a1")
-    with variant_app(server, "store", adapter_store=f"s3://{BUCKET}/serve", store_options=options, max_loaded_adapters=2, max_batch_size=4) as base:
+    with variant_app(server, "store", adapter_store=served_copies, store_options=options, max_loaded_adapters=2, max_batch_size=4) as base:
         first = _ask(base, f"{name}:a1")
         assert first.status_code == 200, first.text
         missing = _ask(base, f"{name}:a2")

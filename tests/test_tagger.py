@@ -83,7 +83,7 @@ def test_a_shipped_tuned_verifier_hears_through_its_own_tuned_layers(yamnet, tmp
     """Saved and loaded, a tuned head carries its tuned convolutions; the served front end runs them on a clip's patches
     (per patch, or per 0.32 s step of each patch) as training did."""
     from models.pretrained.yamnet import LogMelPatches
-    from serving.guard.verifier import load_verifier, save_embedded
+    from models.verifier.checkpoint import load_verifier, save_embedded
     from train.tagger import TRUNK_END, TuneConfig, fine_tune
 
     data, teacher, space = _tiny_task(yamnet, steps=steps)
@@ -112,8 +112,8 @@ def test_a_phrase_outside_the_ontology_is_judged_by_the_taggers_audioset_output(
     """With an AudioSet vocabulary, "a dial tone" (no class of the verifier's) lands on AudioSet's Dial tone and is
     judged by the tagger's output for it: present on a 440 Hz tone, far less likely on noise."""
     from models.pretrained.yamnet import load_yamnet
-    from serving.guard.text import TextEncoder
-    from serving.guard.verifier import load_verifier, save_embedded
+    from models.verifier.text import TextEncoder
+    from models.verifier.checkpoint import load_verifier, save_embedded
     from train.tagger import TuneConfig, fine_tune
 
     data, teacher, space = _tiny_task(yamnet)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import torch
 
-from serving.guard.scorer import ScorerConfig
-from models.verifier_card import model_card
-from serving.guard.verifier import EMBEDDED_VERIFIER_DIR
+from models.verifier.scorer import ScorerConfig
+from models.verifier.card import model_card
+from models.verifier.checkpoint import EMBEDDED_VERIFIER_DIR
 from train.verifier import LOWPASS_HZ, lowpass_log_gains, recording_augment
 
 

@@ -155,8 +155,8 @@ def test_models_and_qa_endpoint_on_vllm(vllm_server):
     assert r.status_code == 200  # no default adapter: ':base' is the model itself
 
 
-def test_unmerged_adapter_is_refused_before_the_engine_starts(artifacts):
-    """Qwen2-Audio in vLLM takes no LoRA: the adapter must be merged (what the test above serves)."""
+def test_per_request_adapters_are_refused_before_the_engine_starts(artifacts):
+    """Qwen2-Audio in vLLM takes no LoRA: named adapters (per request) are refused, saying what to do."""
     from models.registry import resolve
     from serving.backends.vllm import EngineUnsupported, family_supports_lora, load_for_settings
     from serving.config import Settings
@@ -166,3 +166,27 @@ def test_unmerged_adapter_is_refused_before_the_engine_starts(artifacts):
     settings = Settings(model=str(artifacts / "base"), engine="vllm", adapters={"aligned": str(artifacts / "adapter")})
     with pytest.raises(EngineUnsupported, match="export --merge"):
         load_for_settings(resolve(settings.model), settings, None)
+
+
+def test_the_served_adapter_is_merged_at_load(artifacts, tmp_path, monkeypatch):
+    """`adapter` on Qwen2-Audio: merged into the weights when the replica loads, once per cache, answering what
+    transformers answers with base + PEFT adapter."""
+    from models.loading import merged_checkpoint
+    from models.registry import resolve
+    from serving.backends import AudioPrompt
+    from serving.backends.vllm import load_for_settings
+    from serving.config import Settings
+    from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
+
+    monkeypatch.setenv("EARWITNESS_STORE_CACHE", str(tmp_path))
+    expected = json.loads((artifacts / "expected.json").read_text())["adapter"]
+    settings = Settings(model=str(artifacts / "base"), engine="vllm", adapter=str(artifacts / "adapter"), max_model_len=1024, max_num_seqs=4)
+    backend = load_for_settings(resolve(settings.model), settings, settings.adapter)
+    try:
+        assert backend.merged_adapter == str(artifacts / "adapter")
+        (made,) = [p for p in tmp_path.iterdir() if p.name.startswith("merged-")]
+        assert merged_checkpoint(str(artifacts / "base"), str(artifacts / "adapter")) == made  # merged once
+        (generation,) = backend.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS)])
+        assert (generation.text, generation.num_tokens) == (expected["text"], expected["num_tokens"])
+    finally:
+        backend.shutdown()

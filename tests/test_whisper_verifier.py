@@ -35,7 +35,7 @@ def test_it_ships_only_the_head_with_its_measurements(corpus, trained):
 
 def test_served_scores_equal_the_scores_it_was_calibrated_on(corpus, trained):
     """Serving runs the encoder on audio; training read the cache: the same frames, so the same logits."""
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
     from train.features import encoder_features
     from train.probe import PROBE_POSITIONS, pool_time
 
@@ -55,7 +55,7 @@ def test_served_scores_equal_the_scores_it_was_calibrated_on(corpus, trained):
 
 @pytest.mark.parametrize("seconds, windows", [(0.5, 1), (10.0, 1), (15.0, 2)])
 def test_clips_of_any_length_are_read_in_whole_windows(trained, seconds, windows):
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     out, _ = trained
     frontend = load_verifier(str(out)).scorer.frontend
@@ -67,7 +67,7 @@ def test_clips_of_any_length_are_read_in_whole_windows(trained, seconds, windows
 
 def test_a_phrase_outside_the_classes_costs_no_second_encoder_pass(trained):
     """verify() scores the clip against the classes and then against an unmatched phrase: one encoder forward."""
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     out, _ = trained
     verifier = load_verifier(str(out))

@@ -175,7 +175,7 @@ def test_a_yamnet_head_scores_each_threads_own_clip():
     """The verifier's YAMNet side holds no per-call state: clips scored from 4 threads at once get their own scores."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.guard.scorer import scorer_from_config
+    from models.verifier.scorer import scorer_from_config
 
     scorer = scorer_from_config({"kind": "yamnet"}).eval()
     try:
@@ -198,7 +198,7 @@ def test_the_committed_yamnet_verifier_hears_speech_in_speech():
     Speech present; a piano not present."""
     from pathlib import Path
 
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-yamnet"
     try:
@@ -215,7 +215,7 @@ def fused_on_speech():
     """``(models/earwitness-verifier-fused, a spoken sentence, its probabilities of every class)``."""
     from pathlib import Path
 
-    from serving.guard.verifier import load_verifier
+    from models.verifier.checkpoint import load_verifier
 
     directory = Path(__file__).resolve().parents[1] / "models" / "earwitness-verifier-fused"
     try:
@@ -229,7 +229,8 @@ def fused_on_speech():
 def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated(fused_on_speech):
     """models/earwitness-verifier-fused: the Whisper and YAMNet heads' logits, weighted as validation chose, calibrated
     again; a spoken sentence is Speech, present."""
-    from serving.guard.verifier import FusedVerifier, logit
+    from models.verifier.calibration import logit
+    from models.verifier.verifiers import FusedVerifier
 
     verifier, speech, probs = fused_on_speech
     assert isinstance(verifier, FusedVerifier) and len(verifier.members) == 2
@@ -246,7 +247,7 @@ def test_the_fused_verifier_reads_a_served_towers_layers_and_hears_the_clip_that
     """The shared-encoder path: the Whisper member scores the layers a served model computed, the tagger the clip sent
     with them; together equal to hearing the clip. Layers without the clip are refused, not guessed at."""
     from models.pretrained.whisper import encode_layers
-    from serving.guard.scorer import TowerLayers
+    from models.verifier.scorer import TowerLayers
 
     verifier, speech, alone = fused_on_speech
     frontend = verifier.members[0].scorer.frontend

@@ -65,7 +65,7 @@ def prepare(out: Path) -> Path:
     processor.save_pretrained(out / "adapter")  # as train/dpo.export_adapter does
     # the shipped command, for real: earwitness export --merge
     subprocess.run(
-        [sys.executable, "-m", "serving.cli", "export", "--merge", "--model", str(out / "base"), "--adapter", str(out / "adapter"), "--out", str(out / "merged")],
+        [sys.executable, "-m", "earwitness", "export", "--merge", "--model", str(out / "base"), "--adapter", str(out / "adapter"), "--out", str(out / "merged")],
         check=True, cwd=Path(__file__).resolve().parents[1],
     )
 

@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--tower", type=Path, default=None,
                         help="small: a distillation run (`earwitness train tower --out DIR`): build on its tower and commit its trained layers")
     recipe.set_defaults(func=_recipe)
+    for stage, about in (("listen", "LISTEN: the audio adapter learns present and absent sounds, the language model frozen"),
+                         ("dpo", "DPO: LoRA on the language model over LISTEN, AHA and ACPO pairs; reference = the adapter disabled")):
+        _stage_parser(sub.add_parser(stage, help=about, description=about), stage)
     base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")
     base.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     base.add_argument("--out", type=Path, required=True)
@@ -126,6 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ev.add_argument("--split", default="test")
     ev.add_argument("--out", type=Path, default=None, help="write results.json and report.md here")
+    ev.add_argument("--presence-per-sampling", type=int, default=None, metavar="N",
+                    help="presence questions per sampling (default 300); order, count and duration get 2/3 of it, captions 1/2")
     ev.add_argument("--phrasing", type=int, default=0, metavar="N",
                     help="instead: presence accuracy per phrasing family (N present + N absent sounds, each asked in every template)")
     ev.set_defaults(func=_eval)
@@ -136,6 +141,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--merge", action="store_true", required=True)
     export.add_argument("--out", type=Path, required=True)
     export.set_defaults(func=_export)
+
+
+def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
+    from train.dpo import AudioDPOConfig
+    from train.listen import ListenConfig
+    from train.options import add_arguments
+
+    parser.add_argument("--from", dest="source", required=True,
+                        help="a registered model (earwitness-tiny, earwitness-small, qwen2-audio-7b-instruct, qwen2.5-omni-7b), a "
+                             "checkpoint directory or hub id of either family, or an earlier stage's --out")
+    parser.add_argument("--family", choices=("qwen2-audio", "qwen2.5-omni-thinker"), default=None, help="a hub id's family when its name does not say")
+    parser.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    parser.add_argument("--out", type=Path, required=True, help="the stage's directory: adapter/, stage.json, checkpoints, runs/ (TensorBoard)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (see --save-steps)")
+    parser.add_argument("--workers", type=int, default=1, help="data-parallel workers (Ray Train, DDP); 1: this process")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker holds (0: CPU, gloo)")
+    parser.add_argument("--address", default=None, help="a Ray cluster to run on (ray://host:10001 or auto); default: a local Ray")
+    parser.add_argument("--max-failures", type=int, default=0, help="Ray Train restarts a run whose worker died this often, from its checkpoint")
+    parser.add_argument("--publish", default=None, metavar="URI",
+                        help="also copy the adapter here: an adapter store (s3://bucket/<model>/<name>, gs://, a directory) that serving reads")
+    if stage == "dpo":
+        parser.add_argument("--pairs-per-kind", type=int, default=None, help="a stratified sample of the pairs (default: all)")
+    config = ListenConfig if stage == "listen" else AudioDPOConfig
+    add_arguments(parser, config, skip=("modules_to_save",))
+    parser.set_defaults(func=_stage, stage=stage, config_class=config)
+
+
+def _stage(args) -> int:
+    from train.options import chosen
+    from train.stages import StageJob, run_stage
+
+    job = StageJob(stage=args.stage, source=args.source, corpus=str(args.corpus), out=str(args.out), config=chosen(args, args.config_class),
+                   per_kind=getattr(args, "pairs_per_kind", None), family=args.family, resume=args.resume)
+    metrics = run_stage(job, workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
+                        max_failures=args.max_failures, publish=args.publish)
+    print(json.dumps(metrics, indent=1))
+    return 0
 
 
 def _recipe(args) -> int:
@@ -258,45 +300,73 @@ def _binding(args) -> int:
 
 
 def _resolve_adapter(model: str, adapter: str | None) -> tuple:
-    from models.registry import resolve
+    """A model and its adapter: a stage's directory gives its base and its adapter; a model its shipped default."""
+    from train.stages import resolve_input
 
-    spec = resolve(model)
+    given = resolve_input(model)
     if adapter == "none":
-        return spec, None
-    return spec, adapter or spec.adapters.get("default")
+        return given.spec, None
+    return given.spec, adapter or (str(given.adapter) if given.adapter else given.spec.adapters.get("default"))
 
 
 def _eval(args) -> int:
-    from serving.backends.hf import TransformersBackend
-    from train.evaluate import evaluate
-    from train.data.report import markdown
+    import time
 
+    from serving.backends.hf import TransformersBackend
+    from train.data.report import headline, markdown
+    from train.evaluate import EvalPlan, evaluate
+    from train.stages import resolve_input, write_stage
+
+    started = time.time()
     spec, adapter = _resolve_adapter(args.model, args.adapter)
+    stage_input = resolve_input(args.model)
+    out = args.out or (Path(args.model) / "eval" if stage_input.stage_dir else None)
     backend = TransformersBackend.load(spec, adapter=adapter)
     if args.phrasing:
         from train.evaluate import phrasing_metrics, phrasing_table
 
         doc = phrasing_metrics(backend, args.corpus, args.split, per_answer=args.phrasing)
-        text, files = phrasing_table(doc), ("phrasing.json", "phrasing.md")
+        text, files, metrics = phrasing_table(doc), ("phrasing.json", "phrasing.md"), {}
     else:
-        doc = {f"{spec.name}{' + adapter' if adapter else ''}": evaluate(backend, args.corpus, args.split)}
-        text, files = markdown(doc), ("results.json", "report.md")
+        name = f"{spec.name}{' + adapter' if adapter else ''}"
+        n = args.presence_per_sampling
+        plan = EvalPlan(presence_per_sampling=n, per_temporal_kind=max(1, 2 * n // 3), captions=max(1, n // 2)) if n else None
+        doc = {name: evaluate(backend, args.corpus, args.split, plan or EvalPlan())}
+        text, files, metrics = markdown(doc), ("results.json", "report.md"), headline(doc)[name]
     print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / files[0]).write_text(json.dumps(doc, indent=2))
-        (args.out / files[1]).write_text(text + "\n")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / files[0]).write_text(json.dumps(doc, indent=2))
+        (out / files[1]).write_text(text + "\n")
+        write_stage(out, "eval", None, stage_input, args.corpus, metrics, time.time() - started,
+                    extra={"split": args.split, "adapter": adapter})
+        _scalars(out / "runs", metrics)
     return 0
 
 
-def _export(args) -> int:
-    from models.loading import load
-    from train.lora import export_merged
+def _scalars(log_dir: Path, metrics: dict) -> None:
+    """An evaluation's presence metrics as TensorBoard scalars (``tensorboard --logdir`` shows them beside the curves)."""
+    from torch.utils.tensorboard import SummaryWriter
 
+    with SummaryWriter(str(log_dir)) as writer:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"eval/{key}", value, 0)
+
+
+def _export(args) -> int:
+    import time
+
+    from models.loading import load
+    from models.loading import export_merged
+    from train.stages import resolve_input, write_stage
+
+    started = time.time()
     spec, adapter = _resolve_adapter(args.model, args.adapter)
     if not adapter:
         raise SystemExit("earwitness export --merge: the model has no adapter to merge; pass --adapter")
     _, base = load(spec, device="cpu")
     export_merged(base, adapter, args.out)
+    write_stage(args.out, "export", None, resolve_input(args.model), None, {}, time.time() - started, extra={"adapter": str(adapter), "merged": True})
     print(f"merged {spec.name} + {adapter} into {args.out}")
     return 0

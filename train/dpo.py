@@ -35,6 +35,7 @@ import torch
 from train.dpo_collator import SAMPLE_RATE, AudioPreferenceCollator, load_audio_file
 from models.families import family_of
 from train.lora import lora_config
+from train.options import TrainOptions, resume_point, trainer_arguments
 
 LOG_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 _EXTRA_LOG_KEYS = ("logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "epoch")
@@ -45,7 +46,7 @@ REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", "audio")
 
 
 @dataclass
-class AudioDPOConfig:
+class AudioDPOConfig(TrainOptions):
     """The settings of one DPO run (:func:`make_trainer`, :func:`train_dpo`), each field with its help as in
     TRL's configs; ``asdict`` of it is written next to the adapter (``earwitness_dpo.json``, ``dpo_config``)."""
 
@@ -53,21 +54,10 @@ class AudioDPOConfig:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling α (the update is scaled by α / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on LoRA's input; the base network's dropout is always off."})
     modules_to_save: list[str] | None = field(default=None, metadata={
-        "help": "Modules trained as full copies (e.g. ['lm_head']): a PEFT-only extra that vLLM does not load."})
+        "help": "Modules saved as full copies with the adapter (e.g. the LISTEN audio adapter): a PEFT-only extra that vLLM does not load."})
+    train_saved_modules: bool = field(default=True, metadata={
+        "help": "Whether the modules_to_save copies learn too; False: LoRA on the language model alone learns, the copies ride along."})
     beta: float = field(default=0.1, metadata={"help": "DPO β: how far the policy may move from the reference."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of the adapter."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the pairs (ignored when max_steps > 0)."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Pairs per device step; each runs 2 × batch_size sequences through the policy and the reference."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps whose gradients are summed before an update."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many updates; -1: run the epochs."})
-    seed: int = field(default=0, metadata={"help": "Seed of the model's initialisation and of the data order."})
-    logging_steps: int = field(default=10, metadata={"help": "Log (dpo_log.jsonl, dpo_curve.png) every this many steps; the last is always logged."})
-    audio_root: str | Path | None = field(default=None, metadata={"help": "Directory that relative audio paths are joined to."})
-    max_completion_tokens: int | None = field(default=None, metadata={
-        "help": "Cut answers to this many tokens; prompts are never cut (their audio tokens must match the features)."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Recompute activations in the backward pass; None: on with CUDA."})
-    bf16: bool | None = field(default=None, metadata={"help": "Train in bfloat16; None: on with CUDA where supported."})
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -95,11 +85,18 @@ def _trainer_classes():
     class DPOLogCallback(TrainerCallback):
         """Appends each logged step to ``dpo_log.jsonl`` and redraws ``dpo_curve.png``."""
 
-        def __init__(self, out_dir: Path):
+        def __init__(self, out_dir: Path, resume: bool = False):
             self.log_path = out_dir / "dpo_log.jsonl"
             self.png_path = out_dir / "dpo_curve.png"
             self.rows: list[dict] = []
-            self.log_path.write_text("")
+            if resume and self.log_path.exists():  # a resumed run continues its curve
+                self.rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+            else:
+                self.log_path.write_text("")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.rows = [r for r in self.rows if r["step"] <= state.global_step]  # steps after the checkpoint are redone
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.max_steps and state.global_step >= state.max_steps:
@@ -143,34 +140,15 @@ def write_curve(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path:
 
 
 def _dpo_arguments(cfg: AudioDPOConfig, out_dir: Path):
-    """TRL's ``DPOConfig`` for a run: no checkpoints, no reports, every column kept for the collator, and
-    ``bf16`` / ``gradient_checkpointing`` on with CUDA unless the config says otherwise."""
+    """TRL's ``DPOConfig`` for a run: the shared trainer settings (:func:`train.options.trainer_arguments`) and DPO's."""
     from trl import DPOConfig
 
-    cuda = torch.cuda.is_available()
     return DPOConfig(
-        output_dir=str(out_dir),
+        **trainer_arguments(cfg, out_dir),
         beta=cfg.beta,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        report_to=[],
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=not cuda,
-        bf16=(cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16,
-        fp16=False,
         max_length=None,  # the collator never cuts prompts (audio tokens); see max_completion_tokens
         disable_dropout=False,
         precompute_ref_log_probs=False,
-        dataloader_num_workers=0,
     )
 
 
@@ -182,6 +160,7 @@ def make_trainer(
     config: AudioDPOConfig | None = None,
     *,
     load_audio: Callable[[str], np.ndarray] | None = None,
+    resume: bool = False,
     **settings: Any,
 ):
     """The configured :class:`AudioDPOTrainer` (model wrapped with LoRA), not yet trained. See :func:`train_dpo`.
@@ -211,15 +190,20 @@ def make_trainer(
         feature_dtype=next(model.parameters()).dtype,  # a bf16-loaded encoder needs bf16 features; autocast does the rest
     )
     AudioDPOTrainer, DPOLogCallback = _trainer_classes()
-    return AudioDPOTrainer(
+    trainer = AudioDPOTrainer(
         model=model,
         args=args,
         data_collator=collator,
         train_dataset=dataset,
         processing_class=processor,
         peft_config=lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.modules_to_save),
-        callbacks=[DPOLogCallback(out_dir)],
+        callbacks=[DPOLogCallback(out_dir, resume)],
     )
+    if not cfg.train_saved_modules:  # the copies ride along in the adapter; LoRA alone learns (the optimizer is built in train())
+        for name, param in trainer.model.named_parameters():
+            if "modules_to_save" in name:
+                param.requires_grad = False
+    return trainer
 
 
 def train_dpo(
@@ -230,6 +214,8 @@ def train_dpo(
     config: AudioDPOConfig | None = None,
     *,
     load_audio: Callable[[str], np.ndarray] | None = None,
+    resume: bool | str = False,
+    prepare: Callable[[Any], Any] | None = None,
     **settings: Any,
 ) -> Path:
     """DPO with LoRA scoped to the language model; returns the exported adapter directory.
@@ -240,7 +226,7 @@ def train_dpo(
     * ``adapter/`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (``PeftModel.from_pretrained``;
       plain LoRA on the decoder's linears, the form vLLM's LoRA loader takes — ``modules_to_save`` is a
       PEFT-only extra that vLLM ignores), ``earwitness_dpo.json`` (the settings, the whole config under
-      ``dpo_config``) and a copy of the processor, so :func:`~train.lora.export_merged` can ship a complete
+      ``dpo_config``) and a copy of the processor, so :func:`~models.loading.export_merged` can ship a complete
       checkpoint.
     * ``dpo_log.jsonl`` — one line per logged step: step, loss, rewards/chosen, rewards/rejected,
       rewards/accuracies, rewards/margins (plus logps, grad_norm, learning_rate). The last step is always logged.
@@ -252,11 +238,15 @@ def train_dpo(
     counts pairs (each step runs ``2 × batch_size`` sequences through the policy and again, without the
     adapter and without gradients, as the reference). ``load_audio(path)`` defaults to soundfile + soxr
     (mono, 16 kHz); relative paths are joined to ``audio_root`` first. ``bf16`` and
-    ``gradient_checkpointing`` default to on with CUDA, off on CPU.
+    ``gradient_checkpointing`` default to on with CUDA, off on CPU. ``resume`` (True: the newest checkpoint under
+    ``out_dir``; or a checkpoint directory) continues a run that saved checkpoints (``save_steps``); ``prepare`` wraps
+    the trainer before it runs (Ray Train's ``prepare_trainer``).
     """
     cfg = replace(config or AudioDPOConfig(), **settings)
-    trainer = make_trainer(model, processor, dataset, out_dir, cfg, load_audio=load_audio)
-    result = trainer.train()
+    trainer = make_trainer(model, processor, dataset, out_dir, cfg, load_audio=load_audio, resume=bool(resume))
+    if prepare is not None:
+        trainer = prepare(trainer)
+    result = trainer.train(resume_from_checkpoint=resume_point(resume, out_dir))
     adapter_dir = Path(out_dir) / "adapter"
     export_adapter(trainer, adapter_dir, extra={
         "beta": cfg.beta, "learning_rate": cfg.learning_rate, "epochs": cfg.epochs, "batch_size": cfg.batch_size,

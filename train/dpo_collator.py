@@ -109,22 +109,26 @@ class AudioPreferenceCollator:
         return samples
 
     def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        tokenizer = self.processor.tokenizer
         prompts = [prompt_text(self.processor, ex["prompt"]) for ex in examples]
         chosen_audio = [self.audio(ex["audio"]) for ex in examples]
         rejected_audio = [
             self.audio(ex["rejected_audio"]) if ex.get("rejected_audio") is not None else clip
             for ex, clip in zip(examples, chosen_audio)
         ]
-        # One processor call for all 2B rows: it expands each <|AUDIO|> to its own clip's token count.
+        completions = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
+        return self.encode(prompts + prompts, chosen_audio + rejected_audio, completions)
+
+    def encode(self, prompts: list[str], clips: list[np.ndarray], completions: list[str]) -> dict[str, torch.Tensor]:
+        """Rows of prompt (with its own clip) + completion, right-padded, with the completion's mask."""
+        tokenizer = self.processor.tokenizer
+        # One processor call for all rows: it expands each <|AUDIO|> to its own clip's token count.
         encoded = self.processor(
-            text=prompts + prompts,
-            audio=chosen_audio + rejected_audio,
+            text=prompts,
+            audio=clips,
             sampling_rate=self.sample_rate,
             return_tensors="pt",
             padding=True,
         )
-        completions = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
         completion_ids = tokenizer([c + self._end for c in completions], add_special_tokens=False)["input_ids"]
 
         rows, masks = [], []
@@ -148,4 +152,17 @@ class AudioPreferenceCollator:
             if self.feature_dtype is not None and value.is_floating_point():
                 value = value.to(self.feature_dtype)
             batch[key] = value
+        return batch
+
+
+@dataclass
+class AudioSFTCollator(AudioPreferenceCollator):
+    """Supervised batches for LISTEN from the same columns: ``prompt``, ``audio`` and the answer in ``chosen``;
+    ``labels`` are the answer's tokens (and its turn end), everything else ``-100``."""
+
+    def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.encode([prompt_text(self.processor, ex["prompt"]) for ex in examples],
+                            [self.audio(ex["audio"]) for ex in examples], [ex["chosen"] for ex in examples])
+        mask = batch.pop("completion_mask").bool()
+        batch["labels"] = batch["input_ids"].masked_fill(~mask, -100)
         return batch

@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from serving.answers import classify
+from models.answers import classify
 from serving.backends import AudioPrompt
 from train.data.ontology import Ontology
 from train.data.qa import NEGATIVE_SAMPLINGS, PRESENCE_FAMILIES, QARow, presence_question, read_qa_rows

@@ -153,7 +153,7 @@ def yamnet_features(corpus_dir: str | Path, split: str, view: int = 0, batch_siz
                     augment_seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
     """Frozen YAMNet's embedding ⊕ AudioSet logits per patch for every scene of a split (``[N, P, 1545]`` float16),
     computed once and cached per view (augmented views as :func:`encoder_features`)."""
-    from serving.guard.scorer import YamnetFrontend, YamnetScorerConfig
+    from models.verifier.scorer import YamnetFrontend, YamnetScorerConfig
 
     corpus_dir = Path(corpus_dir)
     path, _, index_path = _encoder_files(corpus_dir, split, "yamnet", view)

@@ -47,7 +47,7 @@ class ProbeData:
 
 def pool_time(x: np.ndarray, positions: int) -> np.ndarray:
     """Average ``[N, P, D]`` down to ``positions`` steps (P a multiple of it), as the served verifier does."""
-    from serving.guard.scorer import pool_positions
+    from models.verifier.scorer import pool_positions
 
     return pool_positions(torch.from_numpy(np.asarray(x, dtype=np.float32)), positions).numpy().astype(np.float16)
 

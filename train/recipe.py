@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import json
-import platform
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from train.features import feature_tag, scene_features
 from train.data.qa import read_qa_rows
 from train.sft import StageConfig, select_rows, train_stage
 from train.data.formats import read_timelines
+from train.stages import Laps, align_dpo, ensure_corpus, evaluate_stage, point_adapter_at, versions
 
 # Sized by measurement to fit the whole recipe in well under 90 minutes on 2 CPU cores.
 # The base keeps the stage-0 encoder frozen: joint training from a random language model wipes
@@ -34,14 +33,6 @@ def corpus_texts(corpus_dir: Path) -> list[str]:
 def stage_data(corpus_dir: Path, split: str, processor, config: StageConfig, tag: str) -> tuple:
     feats, rows_of, frames = scene_features(corpus_dir, split, processor.feature_extractor, tag)
     return feats, rows_of, frames, select_rows(read_qa_rows(corpus_dir, split), config)
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-    import trl
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__}
 
 
 def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), config: StageConfig = BASE, vocab_size: int = 2000, progress: bool = True):
@@ -84,55 +75,6 @@ def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageC
     val = stage_data(corpus_dir, "validation", processor, config, tag)
     train_stage(model, processor.tokenizer, train, val, config, out_dir, progress=progress)
     return processor, model
-
-
-def preference_subset(corpus_dir: Path, per_kind: int | dict[str, int], seed: int = 0):
-    """A stratified sample of the training pairs: ``per_kind`` of every LISTEN / AHA / ACPO kind (or a count per kind)."""
-    from train.data.prefs import load_pairs
-
-    pairs = load_pairs(corpus_dir, "train").shuffle(seed=seed)
-    kinds = pairs["kind"]
-    quota = per_kind if isinstance(per_kind, dict) else {k: per_kind for k in set(kinds)}
-    keep, seen = [], {}
-    for i, kind in enumerate(kinds):
-        if seen.get(kind, 0) < quota.get(kind, 0):
-            keep.append(i)
-            seen[kind] = seen.get(kind, 0) + 1
-    return pairs.select(keep).shuffle(seed=seed)
-
-
-def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int | dict[str, int] = 220, seed: int = 0,
-              learning_rate: float = 5e-4, projector: bool = True) -> Path:
-    """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along (``projector``) or stays
-    as LISTEN left it."""
-    from train.dpo import AudioDPOConfig, train_dpo
-
-    dataset = preference_subset(corpus_dir, per_kind, seed)
-    config = AudioDPOConfig(lora_r=16, lora_alpha=32, beta=0.1, learning_rate=learning_rate, epochs=1.0, batch_size=8,
-                            modules_to_save=["multi_modal_projector"] if projector else None, seed=seed)
-    return train_dpo(listen_model, processor, dataset, out_dir, config)
-
-
-def evaluate_stage(name: str, processor, model, corpus_dir: Path, plan, progress: bool) -> dict:
-    from serving.backends.hf import TransformersBackend
-    from train.evaluate import evaluate
-
-    from train.data.report import headline
-
-    result = evaluate(TransformersBackend(name, processor, model), corpus_dir, "test", plan, progress=progress)
-    print(f"[recipe] {name}: {json.dumps({k: round(v, 3) for k, v in headline({name: result})[name].items()})}", flush=True)
-    return result
-
-
-def ensure_corpus(corpus_dir: Path, seed: int = 0, progress: bool = True) -> bool:
-    """Build the corpus when it is missing, as ``--corpus`` promises (every package fetched with apt-get, then
-    mixed); True when it was built."""
-    if (corpus_dir / "report.json").exists():
-        return False
-    from train.data.build import build_corpus
-
-    build_corpus(corpus_dir, seed=seed, progress=progress)
-    return True
 
 
 def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, seed: int = 0, progress: bool = True, eval_plan=None, base_from: Path | None = None) -> dict:
@@ -186,22 +128,6 @@ def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, s
     return {"results": results, "timings_s": timings}
 
 
-class Laps:
-    """Wall time of each recipe stage since the previous one, printed as it ends."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self.restart()
-
-    def restart(self) -> None:
-        self.clock = time.time()
-
-    def __call__(self, name: str) -> None:
-        self.timings[name] = round(time.time() - self.clock, 1)
-        print(f"[recipe] {name} done in {self.timings[name]:.0f} s", flush=True)
-        self.restart()
-
-
 def _seeded(config: StageConfig, seed: int) -> StageConfig:
     from dataclasses import replace
 
@@ -235,18 +161,3 @@ def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> N
         if src.exists():
             shutil.copy2(src, reports / dst)
     write_model_card(ship_dir, json.loads((work_dir / "results.json").read_text()))
-
-
-def point_adapter_at(adapter_dir: Path, base_name: str) -> None:
-    """Name the shipped adapter's base by its registry name, not the training run's directory.
-
-    PEFT and the export note record the path the base was trained from; in a committed model that
-    path means nothing on anyone else's machine. PEFT's generated README is dropped for the same
-    reason: the model card beside the adapter describes it.
-    """
-    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("earwitness_dpo.json", "base_model")):
-        path = adapter_dir / name
-        if path.exists():
-            data = json.loads(path.read_text())
-            data[key] = base_name
-            path.write_text(json.dumps(data, indent=2) + "\n")

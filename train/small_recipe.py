@@ -214,7 +214,7 @@ def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = N
 
     from train.data.report import markdown, plot_stages
     from train.evaluate import EvalPlan
-    from train.recipe import Laps, align_dpo, ensure_corpus, evaluate_stage, versions
+    from train.stages import Laps, align_dpo, ensure_corpus, evaluate_stage, versions
 
     plan = eval_plan or EvalPlan(presence_per_sampling=150, per_temporal_kind=60, captions=40, seed=seed)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def base_stage(corpus_dir: Path, base_dir: Path, spec: SmallSpec, seed: int, pla
 
     The stages' wall times go to ``lap`` (a ``train.recipe.Laps``); a reused base brings its own.
     """
-    from train.recipe import evaluate_stage
+    from train.stages import evaluate_stage
 
     if base_from is None:
         processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress, tower)
@@ -318,7 +318,7 @@ def ship(trained_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -
     the layers are not committed), aligned adapter, processor, curves, card."""
     from models.small import PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE
     from train.model_card import write_small_model_card
-    from train.recipe import point_adapter_at
+    from train.stages import point_adapter_at
 
     ship_dir.mkdir(parents=True, exist_ok=True)
     for name in (PARTS_FILE, TRAINED_FILE, *PROCESSOR_FILES):

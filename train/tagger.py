@@ -91,8 +91,8 @@ class TunedFeatures:
 
     def __call__(self, trunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, P, 512, 6, 4]`` → ``(features [B, frames, 1545], the patches' logits [B, P, 521])``, as the served
-        front end computes them (``serving.guard.scorer.tagger_features``)."""
-        from serving.guard.scorer import tagger_features
+        front end computes them (``models.verifier.scorer.tagger_features``)."""
+        from models.verifier.scorer import tagger_features
 
         x = trunk.flatten(0, 1).float()
         if self.tagger.start > TRUNK_END:
@@ -117,7 +117,7 @@ def fine_tune(train, teacher: np.ndarray, space, cfg: TuneConfig, keep: np.ndarr
     Returns ``(scorer, features, history)``.
     """
     from models.pretrained.yamnet import load_yamnet
-    from serving.guard.scorer import WhisperTextScorer, YamnetScorerConfig
+    from models.verifier.scorer import WhisperTextScorer, YamnetScorerConfig
     from train.verifier import head_loss, standardise
 
     torch.manual_seed(cfg.seed)
@@ -193,7 +193,7 @@ def fit_open_vocabulary(feats: dict, corpus: Path, space, names: list[str], min_
 
     Returns the ``audioset`` section of ``verifier.json`` and the names' embeddings (``emb``: already made).
     """
-    from serving.guard.text import TextEncoder, normalise_phrase
+    from models.verifier.text import TextEncoder, normalise_phrase
     from train.metrics import fit_platt, roc_auc
     from train.verifier import presence_pairs
 
@@ -223,8 +223,8 @@ def refit_open_vocabulary(directory: Path, corpus: Path) -> dict:
 
     from safetensors.torch import load_file, save_file
 
-    from models.verifier_card import model_card
-    from serving.guard.verifier import load_verifier
+    from models.verifier.card import model_card
+    from models.verifier.checkpoint import load_verifier
     from train.features import yamnet_features
     from train.verifier import TextSpace
 
@@ -252,7 +252,7 @@ def train_tuned_verifier(corpus: Path, out: Path, cfg: TuneConfig, threads: int 
                          progress: bool = True) -> dict:
     """Fine-tune on the train split, keep the best epoch on validation, calibrate, measure on test, ship to ``out``;
     ``lopo_epochs`` > 0: also leave-one-package-out, one fine-tune of that many epochs per held-out package."""
-    from serving.guard.verifier import save_embedded
+    from models.verifier.checkpoint import save_embedded
     from train.probe import ProbeData, load_split
     from train.verifier import TextSpace, calibrate_and_ship, split_auc
 

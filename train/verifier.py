@@ -1,6 +1,6 @@
 """Train, calibrate and ship the embedded absent-sound verifier (``earwitness train verifier``).
 
-Audio side: :class:`serving.guard.scorer.AudioTextScorer`, a small CNN over 80 ms blocks of
+Audio side: :class:`models.verifier.scorer.AudioTextScorer`, a small CNN over 80 ms blocks of
 log-mel, trained from scratch on the corpus' train scenes. Text side: the frozen real text
 encoder (all-MiniLM-L6-v2); frames are projected into its 384-d space.
 
@@ -36,8 +36,8 @@ import soundfile as sf
 import torch
 from torch.nn import functional as F
 
-from serving.guard.scorer import AudioTextScorer, ScorerConfig, WhisperScorerConfig, YamnetScorerConfig, batch_waves
-from serving.guard.text import OntologyIndex, TextEncoder, ontology_phrases
+from models.verifier.scorer import AudioTextScorer, ScorerConfig, WhisperScorerConfig, YamnetScorerConfig, batch_waves
+from models.verifier.text import OntologyIndex, TextEncoder, ontology_phrases
 from train.data.formats import read_timelines
 from train.data.qa import NEGATIVE_SAMPLINGS, read_qa_rows
 from train.encoder import frame_targets
@@ -310,7 +310,7 @@ def calibrate_and_ship(scorer, feats: dict, corpus: Path, classes: list[str], cl
     metrics["test_pairs"] = int(len(y_test))
     metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
-    from serving.guard.verifier import save_embedded
+    from models.verifier.checkpoint import save_embedded
 
     card = {
         "calibration": {"a": a, "b": b},
@@ -372,11 +372,11 @@ def head_loss(scorer, feats: torch.Tensor, yf: torch.Tensor, text: torch.Tensor,
 
 def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = None, epochs: int = 12, batch: int = 64, lr: float = 2e-3,
                      pos_weight: float = 4.0, seed: int = 0, on_epoch=None):
-    """Train a :class:`~serving.guard.scorer.WhisperTextScorer` head on frozen features (``train``: a probe split, ``keep``: its rows to use).
+    """Train a :class:`~models.verifier.scorer.WhisperTextScorer` head on frozen features (``train``: a probe split, ``keep``: its rows to use).
 
     Targets are the strong labels: every 80 ms frame's activity, plus the clip's (pooled, multiple-instance) label.
     """
-    from serving.guard.scorer import WhisperTextScorer
+    from models.verifier.scorer import WhisperTextScorer
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -440,7 +440,7 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
     card = calibrate_and_ship(scorer, feats, corpus, space.classes, space.class_emb, data["train"].targets.max(1).astype(np.float32),
                               space.phrases, space.phrase_emb, out, training)
     if lopo_epochs:
-        from serving.guard.verifier import save_embedded
+        from models.verifier.checkpoint import save_embedded
 
         card["lopo"] = head_lopo(corpus, data, space, cfg, lopo_epochs, card["prior_correction"], batch=batch, lr=lr, pos_weight=pos_weight, seed=seed)
         card["metrics"]["lopo_mean"] = round(float(np.nanmean([v["auc"] for v in card["lopo"].values()])), 4)

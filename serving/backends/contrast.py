@@ -24,9 +24,9 @@ import torch
 from transformers import DynamicCache
 
 from models.tiny import AUDIO_EOS
-from serving.answers import classify
+from models.answers import classify
 from serving.backends.base import AudioPrompt, Generation
-from serving.lru import LruCache
+from models.lru import LruCache
 
 
 def blank_value(backend) -> float | None:

@@ -11,9 +11,10 @@ What vLLM assumes of a Qwen2-Audio checkpoint (checked against vllm 0.32; see RE
   fixes the last dimension of ``input_features`` to 3000. The mel count is free. The embedded
   earwitness-tiny (10 s window, hop 320) is therefore refused up front with an explanation;
 * the attention head size is one the platform's kernels have (CPU: 32, 64, 80, 96, 112, 128, …);
-* LoRA: Qwen2-Audio in vLLM does not implement ``SupportsLoRA``; Qwen2.5-Omni's thinker does. An
-  adapter for a model that cannot take LoRA, or one with ``modules_to_save`` (full copies of modules,
-  which vLLM's LoRA loader does not apply), has to be merged first: ``earwitness export --merge``.
+* LoRA: Qwen2-Audio in vLLM does not implement ``SupportsLoRA``; Qwen2.5-Omni's thinker does. The one
+  adapter a Qwen2-Audio replica serves (``adapter``) is merged into the weights at load; named adapters, an
+  adapter store, or an adapter with ``modules_to_save`` (full copies of modules, which vLLM's LoRA loader
+  does not apply) on a LoRA family are refused at start: merge them (``earwitness export --merge``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import numpy as np
 
 from models.families import FAMILIES
 from models.registry import ModelSpec
+from models.answers import classify
 from models.store import local_copy
-from serving.answers import classify
 from serving.backends.base import AudioPrompt, Backend, Generation
 
 log = logging.getLogger("earwitness.vllm")
@@ -140,6 +141,7 @@ class LoraRef:
 
 class VLLMBackend(Backend):
     is_async = True
+    merged_adapter: str | None = None  # the adapter merged into the weights at load (a family vLLM takes no LoRA for)
 
     def __init__(self, name: str, engine, processor, max_audio_s: float, sample_rate: int, supports_lora: bool):
         self.model_name = name
@@ -339,17 +341,25 @@ def load_for_settings(spec: ModelSpec, settings, default_adapter: str | None) ->
     if default_adapter:
         adapters.setdefault("default", default_adapter)
     lora = bool(adapters) or bool(settings.adapter_store)
+    merged = None
     if lora and not family_supports_lora(spec.family):
-        configured = ", ".join(sorted(adapters)) or f"adapter_store {settings.adapter_store}"
-        raise EngineUnsupported(
-            f"{spec.name}: vLLM's {ARCHITECTURES.get(spec.family, spec.family)} takes no LoRA adapters "
-            f"({configured} configured); merge one into the weights (earwitness export --merge "
-            "--out DIR), serve DIR with adapter unset, or use engine=transformers"
-        )
+        per_request = sorted(set(adapters) - {"default"}) or ([f"adapter_store {settings.adapter_store}"] if settings.adapter_store else [])
+        if per_request:
+            raise EngineUnsupported(
+                f"{spec.name}: vLLM's {ARCHITECTURES.get(spec.family, spec.family)} takes no LoRA adapters per request "
+                f"({', '.join(per_request)} configured); serve one merged into the weights (the model's `adapter`, merged at "
+                "load, or earwitness export --merge --out DIR as the model), or use engine=transformers"
+            )
+        # the one adapter the replica serves: merged into the weights at load, once per cache (models/loading.py)
+        from models.loading import merged_checkpoint
+
+        merged = str(local_copy(adapters["default"], settings.store_options))
+        spec = dataclasses.replace(spec, source=str(merged_checkpoint(spec.source, merged)))
+        adapters, lora = {}, False
     problems = [p for p in (adapter_problem(local_copy(path, settings.store_options)) for path in adapters.values()) if p]
     if problems:
         raise EngineUnsupported("; ".join(problems))
-    return VLLMBackend.load(
+    backend = VLLMBackend.load(
         spec,
         tensor_parallel_size=settings.tensor_parallel_size,
         max_model_len=settings.max_model_len,
@@ -362,3 +372,5 @@ def load_for_settings(spec: ModelSpec, settings, default_adapter: str | None) ->
         dtype=settings.dtype,
         cpu_kvcache_gb=settings.vllm_cpu_kvcache_gb,
     )
+    backend.merged_adapter = merged
+    return backend

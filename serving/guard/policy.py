@@ -33,7 +33,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from serving.answers import classify
+from models.answers import classify
+from models.verifier.calibration import reading
 
 POLICIES = ("off", "annotate", "abstain", "correct")
 VERDICTS = ("supported", "unsupported", "uncertain", "missed", "no_claims", "unverified", "skipped")
@@ -83,17 +84,13 @@ class Thresholds:
 
 
 def judge(score: float | None, contrast: float | None, t: Thresholds, reason: str | None = None) -> bool | None:
-    """Present / absent / None (uncertain). A claim with a ``reason`` (outside the ontology) is never judged:
-    its score is its free text through a space trained only on the classes, and no match is no evidence of absence."""
-    if score is None or reason is not None:
-        return None
-    if score < t.absent_below:
-        return False
-    if score >= t.present_above:
+    """Present / absent / None (uncertain): the verifier's own reading of its probability
+    (:func:`models.verifier.calibration.reading`; a claim with a ``reason``, outside the ontology, is never judged),
+    and, where that is unsure, present when the answer clearly depends on the audio."""
+    heard = reading(score, t.absent_below, t.present_above, reason)
+    if heard is None and score is not None and reason is None and contrast is not None and contrast >= t.contrast_heard:
         return True
-    if contrast is not None and contrast >= t.contrast_heard:
-        return True
-    return None
+    return heard
 
 
 def is_prior(contrast: float | None, t: Thresholds) -> bool:
@@ -174,7 +171,7 @@ class Outcome:
     def guard_dict(self) -> dict:
         contrasts = {c.contrast for c in self.claims if c.contrast is not None}
         return {"policy": self.policy, "verdict": self.verdict, "contrast": contrasts.pop() if len(contrasts) == 1 else None,
-                "claims": [c.to_dict() for c in self.claims]}
+                "claims": [c.to_dict() for c in self.claims], "described": list(self.described)}
 
 
 def _names(claims: list[ClaimCheck]) -> str:
@@ -198,27 +195,7 @@ def _drop_spans(answer: str, spans: list[tuple[int, int]]) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Description:
-    """The verifier's own account of a clip: a sentence that says whose it is, and the classes it names."""
-
-    text: str
-    events: tuple[str, ...]
-
-
-def heard_description(probabilities: dict[str, float], present_above: float, limit: int = 3) -> Description | None:
-    """What the verifier hears with confidence ("The verifier hears speech and bird."), its most probable classes
-    first; None when it is sure of none. ``correct`` answers with it when nothing of a free answer is left. This is the
-    seam for a richer account (the detections with their times): ``apply_policy`` takes any :class:`Description`."""
-    heard = sorted(((p, c) for c, p in probabilities.items() if p >= present_above), reverse=True)[:limit]
-    if not heard:
-        return None
-    names = [c.split(",")[0].strip().lower() for _, c in heard]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return Description(f"The verifier hears {listed}.", tuple(c for _, c in heard))
-
-
-def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: bool, description: Description | None = None) -> Outcome:
+def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: bool) -> Outcome:
     """The answer to return under ``policy``; ``original_answer`` is set only when it changed.
 
     - ``annotate``: unchanged, verdict attached; free-text mentions the verifier does not judge present are
@@ -228,8 +205,8 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     - ``correct``: a presence 'yes' whose sound is judged absent becomes "No." (of alternatives, when all are absent);
       a presence 'no' whose sound is judged present (``missed``) becomes "Yes."; free text is checked strictly: a
       mention is kept only when judged present (the verifier's present threshold, or an uncertain score with an
-      answer that depends on the audio), the others are cut, and an answer with nothing left becomes ``description``
-      (the verifier's, :func:`heard_description`), else "I can't confirm hearing X.". A presence answer's 'yes' changes
+      answer that depends on the audio), the others are cut, and an answer with nothing left becomes "I can't confirm hearing X." (an open
+      question's cut answer is then the verifier's description: :func:`answered_from_verifier`). A presence answer's 'yes' changes
       only on a confident 'absent': an uncertain claim is evidence for neither answer.
     ``unverified`` answers are never changed.
     """
@@ -259,8 +236,6 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     spans = [c.span for c in cut if c.span]
     rest = _drop_spans(answer, spans) if spans else answer
     if not re.search(r"[A-Za-z]{3,}", rest):
-        if description:
-            return Outcome(description.text, answer, policy, v, claims, described=description.events)
         return Outcome(f"{ABSTAIN} {_names(cut)}.", answer, policy, v, claims, abstained=True)
     if rest[-1] not in ".!?":
         rest += "."
@@ -273,3 +248,11 @@ def silenced(claims: list[ClaimCheck]) -> list[ClaimCheck]:
     for c in claims:
         c.present, c.reason = False, "digital_silence"
     return claims
+
+
+def answered_from_verifier(outcome: Outcome, description: str, named: tuple[str, ...]) -> Outcome:
+    """``correct`` on an open question whose answer was unparsed or cut: the verifier's description of what it hears
+    (:func:`models.verifier.events.describe`, which says where it came from; ``named``: the classes it names) in place of
+    the answer; the model's own answer stays in ``original_answer``, the claims and verdict as judged."""
+    original = outcome.original_answer if outcome.original_answer is not None else outcome.answer
+    return Outcome(description, original, outcome.policy, outcome.verdict, outcome.claims, described=named)

@@ -21,10 +21,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from models.answers import answers_the_question, classify, extract_claims, is_open_question
 from models.questions import Asked, read_presence
-from serving.answers import answers_the_question, classify, extract_claims
 from serving.errors import ApiError
-from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, apply_policy, heard_description, is_prior, judge, silenced
+from serving.guard.policy import POLICIES, ClaimCheck, Outcome, Thresholds, answered_from_verifier, apply_policy, is_prior, judge, silenced
 
 log = logging.getLogger("earwitness.guard")
 
@@ -125,6 +125,8 @@ class GuardRunner:
         done = time.perf_counter()
         outcome = await self._finish(pending, question, generation, policy)
         outcome.unparsed = not answers_the_question(question, outcome.answer)
+        if policy == "correct" and not silent and is_open_question(question) and (outcome.unparsed or outcome.overridden):
+            outcome = await self._describe(clip, outcome)
         return Heard(generation, outcome, done - start, time.perf_counter() - done if policy != "off" else None)
 
     async def _shares_encoder(self, model_info: dict, n_samples: int) -> bool:
@@ -148,6 +150,21 @@ class GuardRunner:
             self._verifier_tower, self._verifier_hears_clip = info.get("tower"), bool(info.get("hears_clip"))
             log.info("encoder %s: model %s, verifier %s", "shared" if tower == self._verifier_tower else "not shared", tower, self._verifier_tower)
         return tower == self._verifier_tower
+
+    async def _describe(self, clip, outcome: Outcome) -> Outcome:
+        """An open question's unparsed or cut answer, replaced by the verifier's description of the clip (its events).
+        Should the verifier fail, or be missing, the outcome stays as it was."""
+        if self.verifier is None:
+            return outcome
+        try:
+            report = await asyncio.wait_for(self.verifier.events.remote(clip.samples), self.settings.verifier_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the answer still goes out, undescribed
+            self.metrics.verifier_failures.labels(failure_reason(exc)).inc()
+            log.warning("verifier events %s: the answer is not described", failure_reason(exc))
+            return outcome
+        for d in report.detections:
+            self.metrics.events_detected.labels(d.vocabulary).inc()
+        return answered_from_verifier(outcome, report.describe(), report.named())
 
     def policy_for(self, requested: str | None, model_info: dict) -> str:
         """The policy a request runs under: its own ``guard``, else the server's ``guard_policy`` when one is set,
@@ -266,8 +283,7 @@ class GuardRunner:
             c.present = judge(c.verifier_score, per_token if c.source == "answer" else c.contrast, t, c.reason)
             c.prior = is_prior(c.contrast, t)
             judged.append(c)
-        description = heard_description(probs, t.present_above) if policy == "correct" else None
-        return self._count(apply_policy(policy, answer, judged, True, description))
+        return self._count(apply_policy(policy, answer, judged, True))
 
     def cancel(self, pending: Pending) -> None:
         for response in (pending.response, pending.prepared):

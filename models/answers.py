@@ -123,13 +123,18 @@ _NUMBER = re.compile(r"\d|\b(?:zero|one|two|three|four|five|six|seven|eight|nine
 _BARE = re.compile(r"^\W*(?:yes|no|\d+(?:\.\d+)?)\W*$", re.I)
 
 
+def is_open_question(question: str) -> bool:
+    """An open question about the clip ("What do you hear?", "Describe the audio"): a sentence answers it, not a yes or no."""
+    return bool(_OPEN_Q.search(question)) and not (_DURATION_Q.search(question) or _COUNT_Q.search(question))
+
+
 def answers_the_question(question: str, answer: str) -> bool:
     """Whether the answer has the form the question asks for: a yes or a no to a presence question (any phrasing
     :func:`read_presence` knows), a number to a count or a duration, more than a bare yes, no or number to an
     open question. Anything else (a "1" to "Can you hear someone talking?") is reported as unparsed."""
     if _DURATION_Q.search(question) or _COUNT_Q.search(question):
         return bool(_NUMBER.search(answer))
-    if _OPEN_Q.search(question):
+    if is_open_question(question):
         return not _BARE.match(answer) and bool(re.search(r"[A-Za-z]{3,}", answer))
     if read_presence(question) is not None:
         return classify(answer) in ("yes", "no")

@@ -5,7 +5,7 @@ at a frame is ``scale · cos(frame, text) + bias``, and its clip score is a soft
 frames (log-mean-exp), so a 0.3 s camera click in a 10 s scene is not averaged away. Because the
 text side is the real text encoder, any phrase can be scored, not just the training classes.
 
-Used by training (``train/verifier.py``) and serving (:mod:`serving.guard.verifier`) alike, so
+Used by training (``train/verifier.py``) and serving (:mod:`models.verifier.verifiers`, run by the verifier deployment) alike, so
 the features the model was trained on are the features it is served with.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from serving.guard.text import TEXT_DIM
+from models.verifier.text import TEXT_DIM
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,27 @@ class TextSpaceScoring:
         return self.pool(self.frame_logits(self.frames(feats), text), valid)
 
 
+@dataclass(frozen=True)
+class FrameScores:
+    """One clip's logits per frame against N texts (the frames that hold audio only, with their times) and the clip
+    logits pooled from the same frames: what a clip score is made of, so that a timeline costs no second forward."""
+
+    logits: np.ndarray  # [N, T]
+    starts: np.ndarray  # [T] seconds from the clip's start
+    ends: np.ndarray  # [T]
+    clip: np.ndarray  # [N], as ``score_clip`` returns them
+    audioset: np.ndarray | None = None  # [521, T]: the tagger's own logits per frame (a head on the AudioSet tagger)
+
+
+def frame_scores(scorer, feats: torch.Tensor, valid: torch.Tensor, texts: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                 audioset: torch.Tensor | None = None) -> FrameScores:
+    """A scorer's frame logits of one clip (``feats [1, T, F]``, ``valid [1, T]``) and its clip logits, over valid frames."""
+    logits = scorer.frame_logits(scorer.frames(feats), torch.from_numpy(np.asarray(texts, dtype=np.float32)))
+    keep = valid[0].numpy()
+    return FrameScores(logits[0][:, valid[0]].numpy(), starts[keep], ends[keep], scorer.pool(logits, valid)[0].numpy(),
+                       None if audioset is None else audioset[0, valid[0]].T.numpy())
+
+
 class AudioTextScorer(TextSpaceScoring, nn.Module):
     """Block log-mel features → unit vectors in the text space → per-text frame and clip logits."""
 
@@ -136,13 +157,21 @@ class AudioTextScorer(TextSpaceScoring, nn.Module):
         x = (feats - self.feat_mean) / self.feat_std
         return F.normalize(self.proj(self.body(x)), dim=1).transpose(1, 2)
 
-    @torch.inference_mode()
     def score_clip(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
         """One clip's clip logits against ``[N, dim]`` text embeddings."""
+        return self.score_frames(samples, texts).clip
+
+    @torch.inference_mode()
+    def score_frames(self, samples: np.ndarray, texts: np.ndarray) -> FrameScores:
+        """One clip's frame logits (every ``block · hop`` samples) and clip logits against ``[N, dim]`` text embeddings."""
         wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
         if wave.shape[1] < self.cfg.n_fft:
             wave = F.pad(wave, (0, self.cfg.n_fft - wave.shape[1]))
-        return self(self.features(wave), torch.from_numpy(np.asarray(texts, dtype=np.float32)))[0].numpy()
+        feats = self.features(wave)
+        step = self.cfg.block * self.cfg.hop / self.cfg.sample_rate
+        starts = np.arange(feats.shape[-1]) * step
+        return frame_scores(self, feats, torch.ones(1, feats.shape[-1], dtype=torch.bool), texts,
+                            starts, starts + step)
 
 
 def batch_waves(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,10 +384,34 @@ class WhisperTextScorer(TextSpaceScoring, nn.Module):
             self._frontend = YamnetFrontend(self.cfg, getattr(self, "tagger", None)) if self.cfg.kind == "yamnet" else WhisperFrontend(self.cfg)
         return self._frontend
 
-    @torch.inference_mode()
     def score_clip(self, samples: np.ndarray, texts: np.ndarray) -> np.ndarray:
+        return self.score_frames(samples, texts).clip
+
+    @torch.inference_mode()
+    def score_frames(self, samples: np.ndarray, texts: np.ndarray) -> FrameScores:
+        """One clip's frame logits, frame times and clip logits against ``[N, dim]`` text embeddings (one forward); a head
+        on the AudioSet tagger adds the tagger's own logits per frame."""
         feats, valid = self.frontend(samples)
-        return self(feats, torch.from_numpy(np.asarray(texts, dtype=np.float32)), valid)[0].numpy()
+        starts, ends = self.frame_times(feats.shape[1])
+        audioset = feats[..., -521:] if self.cfg.kind == "yamnet" else None
+        return frame_scores(self, feats, valid, texts, starts, ends, audioset)
+
+    def frame_times(self, frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end (seconds) of each of a clip's ``frames``: Whisper's 80 ms steps; the tagger's 0.96 s patches every
+        0.48 s, or (``steps``) each patch's three 0.32 s steps."""
+        if self.cfg.kind != "yamnet":
+            step = self.cfg.window_s / self.cfg.positions
+            starts = np.arange(frames) * step
+            return starts, starts + step
+        from models.pretrained.yamnet import PATCH_HOP_S as hop
+        from models.pretrained.yamnet import PATCH_S as width
+
+        if not self.cfg.steps:
+            starts = np.arange(frames) * hop
+            return starts, starts + width
+        third = width / 3
+        starts = (np.arange(frames // 3)[:, None] * hop + np.arange(3)[None] * third).reshape(-1)
+        return starts, starts + third
 
     @torch.inference_mode()
     def audioset_logits(self, samples: np.ndarray) -> np.ndarray:

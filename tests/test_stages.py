@@ -1,0 +1,211 @@
+"""Training stages as commands over directories, on tiny random configs of both production architectures.
+
+* LISTEN on Qwen2-Audio and on the Qwen2.5-Omni thinker trains the audio adapter and nothing else; DPO over it trains
+  LoRA r=16, α=32 on the language model alone, and its adapter carries LISTEN's audio adapter.
+* The stage chain on earwitness-tiny: ``train listen`` → ``train dpo`` → ``eval`` → ``export --merge``, each writing
+  ``stage.json`` that names its input by fingerprint; the DPO adapter served by the Serve app answers as it does in
+  process.
+* ``--resume`` after a SIGINT reaches the adapter of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.families import audio_adapter_modules, language_model_prefix
+from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
+from train.dpo import AudioDPOConfig, train_dpo
+from train.listen import ListenConfig, apply_audio_adapter, train_listen
+from train.stages import STAGE_FILE, fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(tensorboard=False, logging_steps=1, seed=0)
+
+
+def _in_adapter(name: str, modules: list[str]) -> bool:
+    return any(f".{m}." in f".{name}" for m in modules)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_listen_trains_the_audio_adapter_then_dpo_the_language_model(family, tmp_path):
+    import copy
+
+    from datasets import Dataset
+
+    processor, model = BUILDERS[family]()
+    clips = {k: str(tmp_path / v) for k, v in _clips(tmp_path).items()}
+    rows = Dataset.from_list([dict(prompt=QUESTION, chosen=NO, audio=clips["tone"]), dict(prompt=TONE_Q, chosen=TONE_A, audio=clips["tone"]),
+                              dict(prompt=QUESTION, chosen=NO, audio=clips["chirp"])])
+    untouched, modules = copy.deepcopy(model), audio_adapter_modules(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    listen_config = ListenConfig(max_steps=2, batch_size=3, learning_rate=5e-2, dataloader_num_workers=2, **QUIET)  # decoded in workers
+    listen_dir = train_listen(model, processor, rows, tmp_path / "listen", listen_config)
+    listened = apply_audio_adapter(copy.deepcopy(untouched), listen_dir)
+    changed = {k for k, v in listened.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(_in_adapter(k, modules) for k in changed), sorted(changed)[:5]
+    assert json.loads((listen_dir / "earwitness_listen.json").read_text())["trained"] == modules
+
+    pairs = Dataset.from_list([dict(prompt=QUESTION, chosen=NO, rejected=YES, audio=clips["tone"], rejected_audio=None),
+                               dict(prompt=TONE_Q, chosen=TONE_A, rejected=TONE_A, audio=clips["tone"], rejected_audio=clips["noise"])])
+    adapter_before = {k: v.clone() for k, v in listened.state_dict().items() if _in_adapter(k, modules)}
+    config = AudioDPOConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, modules_to_save=modules, train_saved_modules=False,
+                            max_steps=2, batch_size=2, learning_rate=2e-2, **QUIET)
+    dpo_dir = train_dpo(listened, processor, pairs, tmp_path / "dpo", config)
+    saved = load_file(dpo_dir / "adapter_model.safetensors")
+    adapter_config = json.loads((dpo_dir / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 32)
+    lm = language_model_prefix(untouched)
+    lora = {k: v for k, v in saved.items() if "lora_" in k}
+    assert lora and all(f".{lm}.layers." in k for k in lora), "LoRA outside the language model"
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k), "LoRA did not train"
+
+    served = apply_audio_adapter(copy.deepcopy(untouched), dpo_dir)  # the DPO adapter carries LISTEN's audio adapter, as trained
+    for key, value in adapter_before.items():
+        assert torch.equal(served.state_dict()[key], value), key
+
+
+# ------------------------------------------------------------------------------------------ the chain on earwitness-tiny
+
+
+def _cli(*argv: str) -> None:
+    from earwitness.cli import main
+
+    assert main(list(argv)) == 0
+
+
+STEPS = ("--max-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--learning-rate", "1e-2")
+
+
+@pytest.fixture(scope="module")
+def chain(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    started = time.time()
+    _cli("train", "listen", "--from", "earwitness-tiny", "--corpus", str(corpus), "--out", str(root / "listen"), "--max-rows", "16", *STEPS)
+    _cli("train", "dpo", "--from", str(root / "listen"), "--corpus", str(corpus), "--out", str(root / "dpo"), "--pairs-per-kind", "1",
+         "--save-steps", "1", *STEPS)
+    _cli("eval", "--model", str(root / "dpo"), "--corpus", str(corpus), "--presence-per-sampling", "2")
+    _cli("export", "--merge", "--model", str(root / "dpo"), "--out", str(root / "merged"))
+    return root, time.time() - started
+
+
+@pytest.mark.slow
+def test_stage_chain_writes_stage_records_that_chain(chain, corpus):
+    root, seconds = chain
+    print(f"stage chain listen -> dpo -> eval -> export: {seconds:.0f} s")
+    listen, dpo, evaluated, merged = (json.loads((root / d / STAGE_FILE).read_text()) for d in ("listen", "dpo", "dpo/eval", "merged"))
+    assert listen["input"]["base"]["name"] == "earwitness-tiny" and listen["input"]["adapter"] is None
+    assert dpo["input"]["fingerprint"] == fingerprint([root / "listen" / STAGE_FILE, *(root / "listen" / "adapter").glob("adapter_*")])
+    assert dpo["corpus"]["fingerprint"] == listen["corpus"]["fingerprint"] and dpo["config"]["lora_r"] == 16
+    assert dpo["config_help"]["beta"].startswith("DPO β") and dpo["versions"]["trl"] and dpo["wall_s"] > 0
+    assert dpo["metrics"]["steps"] == 2 and "rewards/accuracies" in dpo["metrics"]
+    assert (root / "dpo" / "checkpoint-1" / "optimizer.pt").exists() and (root / "dpo" / "checkpoint-1" / "rng_state.pth").exists()
+    assert list((root / "dpo" / "runs").rglob("events.out.tfevents.*")) and list((root / "dpo" / "eval" / "runs").rglob("events.out.tfevents.*"))
+    assert 0.0 <= evaluated["metrics"]["presence_accuracy"] <= 1.0 and evaluated["input"]["adapter"].endswith("adapter")
+    assert merged["input"]["fingerprint"] == dpo_fingerprint(root) and (root / "merged" / "model.safetensors").exists()
+
+
+def dpo_fingerprint(root: Path) -> str:
+    return fingerprint([root / "dpo" / STAGE_FILE, *(root / "dpo" / "adapter").glob("adapter_*")])
+
+
+@pytest.mark.slow
+def test_served_stage_adapter_answers_as_in_process(chain, server):
+    """``earwitness serve --model earwitness-tiny --adapter DPO/adapter`` answers as the adapter does in process."""
+    import httpx
+
+    from models.registry import resolve
+    from serving.backends.base import AudioPrompt
+    from serving.backends.hf import TransformersBackend
+    from tests.helpers import encode, tone
+    from tests.test_ops_variants import variant_app
+
+    root, _ = chain
+    adapter = str(root / "dpo" / "adapter")
+    clip = tone(2.0, 16_000, 1)
+    with variant_app(server, "stagechain", model="earwitness-tiny", adapter=adapter) as base:
+        reply = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.wav", encode(clip, 16_000, "wav"))},
+                           data={"question": QUESTION, "guard": "off", "max_tokens": "8"}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    local = TransformersBackend.load(resolve("earwitness-tiny"), adapter=adapter, device="cpu")
+    assert reply.json()["answer"] == local.generate([AudioPrompt(clip, QUESTION, 8)])[0].text
+
+
+@pytest.mark.slow
+def test_stage_commands_on_a_local_omni_checkpoint(corpus, tmp_path):
+    """``--from DIR`` of a saved Omni thinker: read with its audio-only processor (no torchvision), LISTEN trains its
+    ``audio_tower.proj``, and DPO over it carries that."""
+    processor, model = BUILDERS["qwen2.5-omni-thinker"]()
+    processor.save_pretrained(tmp_path / "omni")
+    model.save_pretrained(tmp_path / "omni")
+    one = ("--max-steps", "1", "--batch-size", "2", "--no-tensorboard")
+    _cli("train", "listen", "--from", str(tmp_path / "omni"), "--corpus", str(corpus), "--out", str(tmp_path / "listen"), "--max-rows", "4", *one)
+    _cli("train", "dpo", "--from", str(tmp_path / "listen"), "--corpus", str(corpus), "--out", str(tmp_path / "dpo"), "--pairs-per-kind", "1", *one)
+    record = json.loads((tmp_path / "dpo" / STAGE_FILE).read_text())
+    assert record["input"]["base"]["family"] == "qwen2.5-omni-thinker"
+    listened, aligned = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("listen", "dpo"))
+    carried = [k for k in aligned if "audio_tower.proj" in k]
+    assert carried and all(torch.equal(aligned[k], listened[k]) for k in carried)
+
+
+# ------------------------------------------------------------------------------------------ --resume after SIGINT
+
+
+def _dpo_argv(source: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "dpo", "--from", str(source), "--corpus", str(corpus), "--out", str(out), "--pairs-per-kind", "2", "--max-steps", "6",
+            "--batch-size", "2", "--save-steps", "2", "--lora-dropout", "0", "--learning-rate", "1e-2", "--no-tensorboard", *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_sigint_reaches_the_uninterrupted_adapter(tiny_checkpoint, corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "earwitness", *_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    assert not (tmp_path / "cut" / "adapter").exists(), "the run finished before the interrupt"
+    _cli(*_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut", "--resume"))
+    _cli(*_dpo_argv(tiny_checkpoint, corpus, tmp_path / "whole"))
+    cut, whole = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("cut", "whole"))
+    assert cut.keys() == whole.keys()
+    worst = max((cut[k] - whole[k]).abs().max().item() for k in cut)
+    assert worst < 1e-5, f"resumed adapter differs by {worst:.2e}"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "dpo_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def test_streamed_rows_are_the_rows_in_memory(corpus):
+    """``--streaming`` reads the same LISTEN rows and DPO pairs as the in-memory path, lazily (IterableDataset)."""
+    from collections import Counter
+
+    from datasets import IterableDataset
+
+    from train.listen import listen_rows
+    from train.stages import preference_subset
+
+    def rows(data) -> Counter:
+        return Counter(tuple(str(r.get(k)) for k in ("prompt", "chosen", "rejected", "audio", "rejected_audio")) for r in data)
+
+    streamed = listen_rows(corpus, "train", ListenConfig(streaming=True)), preference_subset(corpus, None, 0, streaming=True)
+    memory = listen_rows(corpus, "train", ListenConfig()), preference_subset(corpus, None, 0)
+    assert all(isinstance(d, IterableDataset) for d in streamed) and not any(isinstance(d, IterableDataset) for d in memory)
+    for lazy, held in zip(streamed, memory):
+        assert rows(lazy) == rows(held) and len(held) > 0
