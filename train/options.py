@@ -98,12 +98,19 @@ def trainer_arguments(options: TrainOptions, out_dir: Path) -> dict:
         save_total_limit=options.save_total_limit,
         remove_unused_columns=False,
         use_cpu=not cuda,
-        bf16=(cuda and torch.cuda.is_bf16_supported()) if options.bf16 is None else options.bf16,
+        bf16=uses_bf16(options),
         fp16=False,
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         **({"fsdp": options.fsdp, "fsdp_config": {"use_orig_params": True}} if options.fsdp else {}),  # PEFT: frozen and trained in one unit
     )
+
+
+def uses_bf16(options: TrainOptions) -> bool:
+    """bf16 as asked, or (None) wherever CUDA supports it: the weights are loaded in it and the trainer computes in it."""
+    if options.bf16 is not None:
+        return options.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def last_checkpoint(out_dir: Path) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from models.registry import ModelSpec, resolve
-from train.options import help_of
+from train.options import help_of, uses_bf16
 
 STAGE_FILE = "stage.json"
 _WHOLE_FILE_BYTES = 64 << 20  # larger files are fingerprinted by size and their first and last MiB
@@ -260,7 +260,7 @@ def run_job(job: StageJob, prepare=None) -> dict:
 
     stage_input, out, corpus = resolve_input(job.source, job.family), Path(job.out), Path(job.corpus)
     config = job.stage_config()
-    processor, model = load_for_training(stage_input.spec, bf16=bool(config.bf16), load_in_4bit=config.load_in_4bit)
+    processor, model = load_for_training(stage_input.spec, bf16=uses_bf16(config), load_in_4bit=config.load_in_4bit)
     if stage_input.adapter is not None:  # the earlier stage's audio adapter becomes part of this stage's base
         model = apply_audio_adapter(model, stage_input.adapter)
     if job.stage == "listen":
