@@ -104,13 +104,14 @@ def length_rows(corpus: Path, rows: list[dict], y: np.ndarray, s: np.ndarray) ->
 
 def guard_outcomes(rows, answers, scores, contrasts, thresholds, policy: str = "correct"):
     """Per row: (model said yes, guarded answer says yes) under ``policy``, through the serving policy code."""
-    from models.answers import classify, presence_target
+    from models.answers import classify
+    from models.questions import read_presence
     from serving.guard.policy import apply_policy, is_prior, judge
     from serving.guard.runner import claim_checks
 
     out = []
     for r, answer, score, contrast in zip(rows, answers, scores, contrasts):
-        checks = [c for c in claim_checks(r["question"], answer, contrast, presence_target(r["question"]))
+        checks = [c for c in claim_checks(r["question"], answer, contrast, read_presence(r["question"]))
                   if c.source == "question"]  # the benchmark is about the asked-about sound: a 'yes' to it, or a 'no' (denied)
         for check in checks:
             check.event, check.verifier_score = r["label"], score

@@ -2,8 +2,9 @@
 whether it has the form its question asks for (:func:`answers_the_question`); and what it claims to hear, the
 sound events the guard checks against the audio (:func:`extract_claims`):
 
-- A presence question ("Is there (a sound of) X …", "Did you hear X …", "Can you hear X …")
-  answered 'yes' claims X. Answered 'no', it claims nothing (an absence is not a hearing).
+- A presence question (any wording :func:`models.questions.read_presence` knows: "Is there X", "Is someone
+  talking?", "Any music?", "Are there X or Y?") answered 'yes' claims each sound it asks about (``either``: one of
+  several alternatives). Answered 'no', it claims nothing here (the guard checks a 'no' as a claim of absence).
 - Any other answer (a caption, "I hear a dog and rain") claims each sound it mentions: the
   answer is cut into mention spans at clause and list boundaries, stripped of hearing verbs
   ("I hear", "there is"), and negated spans ("no dog", "without rain") are dropped. Which of
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from models.questions import read_presence
 
 _YES = {"yes", "yeah", "yep", "correct", "true", "indeed", "present", "affirmative"}
 _NO = {"no", "nope", "not", "false", "absent", "none", "never", "negative"}
@@ -42,20 +45,6 @@ def classify(answer: str) -> str:
     return "other"
 
 
-_PRESENCE = [
-    re.compile(p, re.I)
-    for p in (
-        r"^\s*(?:is|are)\s+there\s+(?:any\s+|a\s+|an\s+)?(?:sounds?\s+of\s+)?(?P<x>.+?)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*\?",
-        r"^\s*(?:did|do|can|could)\s+you\s+(?:hear|detect|notice|make\s+out)\s+(?P<x>.+?)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*[?.]",
-        r"^\s*(?:is|are)\s+(?P<x>.+?)\s+(?:audible|present|heard|there)(?:\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track))?\s*\?",
-        r"^\s*does\s+(?:the|this)\s+(?:audio|clip|recording)\s+(?:contain|include|have|feature)\s+(?:a\s+sound\s+of\s+|the\s+sound\s+of\s+)?(?P<x>.+?)\s*\?",
-        # "Is a dog barking in the recording?", "A dog barking in this clip?"
-        r"^(?!\s*(?:what|which|who|when|where|why|how|does|do|did|can|could|describe|count|list|name|tell)\b)"
-        r"\s*(?:(?:is|are)\s+)?(?P<x>.+?)\s+(?:in|within|on)\s+(?:the|this)\s+(?:audio|clip|recording|sound|track)\s*\?",
-    )
-]
-_ORDER = re.compile(r"\b(?:before|after|until|followed\s+by|at\s+the\s+same\s+time)\b", re.I)
-_TRAILER = re.compile(r"\s*(?:answer\s+with\s+yes\s+or\s+no|yes\s+or\s+no)\b.*$", re.I)
 
 _SPLIT = re.compile(r"\s*(?:[.;:!?]+\s+|[.;:!?]+$|,\s*|\s+(?:and|then|while|as|with|followed\s+by|before|after|plus|also|but)\s+)\s*", re.I)
 _LEAD = re.compile(
@@ -80,22 +69,7 @@ class Claim:
     text: str  # the mention as written ("a puppy yapping")
     source: str  # "question" (a presence question answered yes) or "answer" (a free-form mention)
     span: tuple[int, int] | None = None  # where in the answer, for answer mentions
-
-
-def presence_target(question: str) -> str | None:
-    """The sound a presence question asks about, or None when it is not one."""
-    q = _TRAILER.sub("", question.strip()).strip()
-    if not q.endswith(("?", ".")):
-        q += "?"
-    for pattern in _PRESENCE:
-        m = pattern.match(q)
-        if m:
-            x = m.group("x").strip(" ,")
-            x = re.sub(r"\s+(?:in|within)\s+(?:it|there)$", "", x, flags=re.I)
-            if _ORDER.search(x):  # "is the dog barking before the door slams": an order question, not a presence one
-                return None
-            return x or None
-    return None
+    either: bool = False  # one of a question's alternatives ("X or Y"): judged with the others, as one
 
 
 def answer_mentions(answer: str) -> list[Claim]:
@@ -126,21 +100,19 @@ def answer_mentions(answer: str) -> list[Claim]:
 def extract_claims(question: str, answer: str) -> list[Claim]:
     """The sound events an answer claims to hear.
 
-    A presence question with a 'yes' claims its target; with a 'no' nothing. Anything else is
+    A presence question with a 'yes' claims its targets; with a 'no' nothing. Anything else is
     read as free text. A presence answer that goes on ("Yes, a dog barks and rain falls") also
     claims the extra mentions.
     """
-    target = presence_target(question)
+    asked = read_presence(question)
     kind = classify(answer)
-    if target is not None and kind == "no":
+    if asked is not None and kind == "no":
         return []
     claims: list[Claim] = []
-    if target is not None and kind == "yes":
-        claims.append(Claim(target, "question"))
-    for mention in answer_mentions(answer):
-        if target is not None and mention.text.lower() == target.lower():
-            continue
-        claims.append(mention)
+    if asked is not None and kind == "yes":
+        claims += [Claim(t, "question", either=asked.any_of) for t in asked.targets]
+    targets = {t.lower() for t in asked.targets} if asked else set()
+    claims += [m for m in answer_mentions(answer) if m.text.lower() not in targets]
     return claims
 
 
@@ -158,12 +130,12 @@ def is_open_question(question: str) -> bool:
 
 def answers_the_question(question: str, answer: str) -> bool:
     """Whether the answer has the form the question asks for: a yes or a no to a presence question (any phrasing
-    :func:`presence_target` knows), a number to a count or a duration, more than a bare yes, no or number to an
+    :func:`read_presence` knows), a number to a count or a duration, more than a bare yes, no or number to an
     open question. Anything else (a "1" to "Can you hear someone talking?") is reported as unparsed."""
     if _DURATION_Q.search(question) or _COUNT_Q.search(question):
         return bool(_NUMBER.search(answer))
     if is_open_question(question):
         return not _BARE.match(answer) and bool(re.search(r"[A-Za-z]{3,}", answer))
-    if presence_target(question) is not None:
+    if read_presence(question) is not None:
         return classify(answer) in ("yes", "no")
     return True

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -68,7 +69,7 @@ def _ask(args: argparse.Namespace) -> int:
     try:
         question = intake.check_question(args.question, settings)
         max_tokens = intake.check_max_tokens(args.max_tokens, settings)
-        policy = args.guard or settings.guard_policy
+        policy = args.guard or settings.guard_policy  # None: the model's own default, known once it is loaded
         asyncio.run(intake.decode_upload(data, settings, 16_000, truncate=args.truncate))  # a bad file fails before the model loads
         body = asyncio.run(_answer(settings, data, question, max_tokens, policy, args.truncate, args.events))
     except ApiError as err:
@@ -78,27 +79,35 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str, truncate: bool, events: bool = False) -> dict:
-    """The QA endpoint's answer, computed by the service in this process (model and, when guarded or ``events`` are
-    asked for, verifier); ``events``: with the verifier's detections, as ``POST /v1/audio/events`` lists them."""
+@contextlib.contextmanager
+def in_process_service(settings, guarded: bool = True):
+    """The service ``earwitness serve`` runs, in this process: the model (its batcher included) and, when ``guarded``,
+    the verifier, called as the deployments are; the model is closed on exit."""
     # function-level: the model, the verifier and Ray load only for the command that answers
     from serving.ingress import Service
     from serving.model_client import InProcess, LocalModel
 
     verifier = None
-    if (policy != "off" or events) and settings.verifier:
+    if guarded and settings.verifier:
         from serving.verifier_server import VerifierServer  # function-level: the verifier's networks load only when asked for
 
         verifier = InProcess(VerifierServer.func_or_class(settings.model_dump()))
     model = LocalModel(settings, multiplexed=False)
     try:
-        service = Service(model, settings, verifier)
-        model_id, info = await service.resolve_model(None)
-        clip = await intake.decode_upload(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
-        outcome = (await service.hear("cli", clip, question, max_tokens, service.guard.policy_for(policy), model_id)).outcome
-        report = await service.events(clip) if events else None
+        yield Service(model, settings, verifier)
     finally:
         model.close()
+
+
+async def _answer(settings, data: bytes, question: str, max_tokens: int, policy: str | None, truncate: bool, events: bool = False) -> dict:
+    """The QA endpoint's answer, computed by the service in this process (model and, unless the policy is 'off' and no
+    ``events`` are asked for, verifier; ``policy`` None: the model's own default, never 'off'); ``events``: with the
+    verifier's detections, as ``POST /v1/audio/events`` lists them."""
+    with in_process_service(settings, guarded=policy != "off" or events) as service:
+        model_id, info = await service.resolve_model(None)
+        clip = await intake.decode_upload(data, settings, info["sample_rate"], info["max_audio_s"], truncate)
+        outcome = (await service.hear("cli", clip, question, max_tokens, service.guard.policy_for(policy, info), model_id)).outcome
+        report = await service.events(clip) if events else None
     return {"answer": outcome.answer, "answer_kind": outcome.kind, "original_answer": outcome.original_answer,
             "guard": GuardInfo(**outcome.guard_dict()).model_dump(), "model": info["model"],
             "audio": AudioInfo.from_clip(clip).model_dump()} | (
@@ -133,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--adapter", help="LoRA adapter directory (default: the model's shipped adapter)")
     ask.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default: the server's default_max_tokens)")
     ask.add_argument("--guard", choices=["off", "annotate", "abstain", "correct"], default=None,
-                     help="absent-sound guard policy (default: the server's guard_policy)")
+                     help="absent-sound guard policy (default: EARWITNESS_GUARD_POLICY, else the model's own default)")
     ask.add_argument("--truncate", action="store_true", help="cut audio longer than the limit instead of refusing it")
     ask.add_argument("--events", action="store_true", help="also list the sounds the verifier hears, with their times (as POST /v1/audio/events)")
     ask.set_defaults(func=_ask)

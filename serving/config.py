@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     health_check_period_s: float = Field(2.0, gt=0, description="how often Serve health-checks model replicas (a crashed one is noticed at once, a stuck one at a failed check)")
 
     # the absent-sound guard (serving/guard/): every answer's sound claims checked against the audio
-    guard_policy: Literal["off", "annotate", "abstain", "correct"] = Field(
-        "annotate", description="default policy; requests may override it with 'guard'"
+    guard_policy: Literal["off", "annotate", "abstain", "correct"] | None = Field(
+        None, description="the server's policy for requests that name none (a request's 'guard' comes first); None: the served "
+        "model's own default (models/registry.py: earwitness-small 'correct', the others 'annotate')"
     )
     verifier: str | None = Field(
         "earwitness-verifier-fused", description="shipped verifier name (earwitness-verifier-fused: the Whisper head and the AudioSet "

@@ -259,7 +259,7 @@ class Service:
         model_id, info = await self.resolve_model(fields.model)
         clip = await intake.decode_upload(data, self.settings, info["sample_rate"], info["max_audio_s"], fields.truncate)
         decoded = time.perf_counter()
-        heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard), model_id)
+        heard = await self.hear("/v1/audio/qa", clip, question, max_tokens, self.guard.policy_for(fields.guard, info), model_id)
         outcome = heard.outcome
         kind = outcome.kind
         self.observe("/v1/audio/qa", clip, kind, info["model"], decoded - start)

@@ -195,6 +195,7 @@ class ModelServer:
             "engine": self.settings.engine,
             "catalog": self.catalog.to_dict(),
             "tower": self.tower,
+            "guard_policy": self.spec.guard_policy,
         }
 
     def admit(self, prompt: AudioPrompt) -> None:

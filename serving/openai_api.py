@@ -202,7 +202,7 @@ async def chat_completion(service, request: Request):
     data = await audio_bytes(part, service.settings.audio_url_allowlist, service.settings.max_upload_bytes)
     clip = await intake.decode_upload(data, service.settings, info["sample_rate"], info["max_audio_s"], options.truncate)
     decoded = time.perf_counter()
-    policy = service.guard.policy_for(options.guard)
+    policy = service.guard.policy_for(options.guard, info)
     events = asyncio.ensure_future(service.events(clip)) if options.events else None  # beside the model's answer
     try:
         heard = await service.hear(ENDPOINT, clip, question, max_tokens, policy, model_id)

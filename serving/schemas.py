@@ -16,7 +16,7 @@ class QARequest(BaseModel):
     truncate: bool = Field(False, description="cut audio longer than the limit instead of refusing it")
     model: str | None = Field(None, description="served model or adapter name (default: the served default)")
     guard: Literal["off", "annotate", "abstain", "correct"] | None = Field(
-        None, description="absent-sound guard policy for this request (default: the server's guard_policy)"
+        None, description="absent-sound guard policy for this request (default: the server's guard_policy when set, else the served model's default)"
     )
 
 
@@ -60,6 +60,9 @@ class GuardClaim(BaseModel):
                         "With present true: the sound is there, but the model guessed it rather than heard it")
     nearest: str | None = Field(None, description="the closest ontology class to the claim, close enough to match or not")
     similarity: float | None = Field(None, description="cosine similarity of the claim to `nearest` (1.0: one of its phrases)")
+    either: bool = Field(False, description="one of a question's alternatives ('Are there X or Y?'): a 'yes' holds when any of them is there")
+    unconfirmed: bool = Field(False, description="a sound the answer's free text mentions that the verifier does not judge present "
+                                                  "(under `correct` it is cut from the answer)")
     reason: Literal["outside_ontology", "digital_silence"] | None = Field(
         None, description="outside_ontology: the claim matched no class (similarity below the verifier's minimum), so it is never "
                           "judged present or absent (present null, verdict at best uncertain) and no policy changes the answer for it; "

@@ -1,6 +1,7 @@
 import pytest
 
-from models.answers import classify, presence_target
+from models.answers import classify
+from models.questions import presence_target
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.answers import extract_claims, presence_target
+from models.answers import extract_claims
+from models.questions import presence_target
 from serving.guard.policy import ClaimCheck, Thresholds, apply_policy, is_prior, judge, verdict
 from tests.guard_helpers import OUTSIDE_ONTOLOGY
 from train.data.ontology import load_ontology

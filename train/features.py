@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from models.pretrained import whisper_encoder, whisper_feature_extractor
 from models.pretrained.whisper import POSITIONS_PER_SECOND, encode_layers
-from models.verifier.scorer import YamnetFrontend, YamnetScorerConfig
+from models.verifier.scorer import AisfxFrontend, YamnetFrontend, YamnetScorerConfig
 from train.data.augment import AugmentConfig, augment_scene
 
 
@@ -160,6 +160,18 @@ def yamnet_features(corpus_dir: str | Path, split: str, view: int = 0, batch_siz
     return scene_cache(path, index_path, corpus_dir, split, lambda: YamnetFrontend(YamnetScorerConfig()).features, f"yamnet {split} v{view}",
                        lambda k, f: _scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
                        {"encoder": "yamnet", "view": view, "augment_seed": augment_seed})
+
+
+def aisfx_features(corpus_dir: str | Path, split: str, view: int = 0, batch_size: int = 8, progress: bool = True,
+                   augment_seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """Frozen aiSFX's step embedding ⊕ library logits for every scene of a split (``[N, T, 890]`` float16, one step per
+    0.186 s), computed once and cached per view (augmented views as :func:`encoder_features`)."""
+
+    corpus_dir = Path(corpus_dir)
+    path, _, index_path = _encoder_files(corpus_dir, split, "aisfx", view)
+    return scene_cache(path, index_path, corpus_dir, split, lambda: AisfxFrontend().features, f"aisfx {split} v{view}",
+                       lambda k, f: _scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
+                       {"encoder": "aisfx", "view": view, "augment_seed": augment_seed})
 
 
 def scene_cache(path: Path, index_path: Path, corpus_dir: Path, split: str, make_compute, desc: str, clip_of=None, batch_size: int = 16,

@@ -55,6 +55,8 @@ class ClaimCheck:
     similarity: float | None = None  # of the mention to ``nearest``
     reason: str | None = None  # outside_ontology: matched no class, so never judged (see :func:`judge`); digital_silence
     denied: bool = False  # a claim of absence: the answer said "no" to a presence question about this sound
+    either: bool = False  # one of a question's alternatives ("Are there X or Y?"): the alternatives are judged as one
+    unconfirmed: bool = False  # a free-text mention the verifier does not judge present (what ``correct`` cuts)
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +70,8 @@ class ClaimCheck:
             "similarity": None if self.similarity is None else round(self.similarity, 4),
             "reason": self.reason,
             "denied": self.denied,
+            "either": self.either,
+            "unconfirmed": self.unconfirmed,
         }
 
 
@@ -94,17 +98,50 @@ def is_prior(contrast: float | None, t: Thresholds) -> bool:
     return contrast is not None and contrast <= t.contrast_prior
 
 
+def _any(values: list[bool | None]) -> bool | None:
+    return True if True in values else False if all(v is False for v in values) else None
+
+
+def _all(values: list[bool | None]) -> bool | None:
+    return False if False in values else True if all(v is True for v in values) else None
+
+
+def units(claims: list[ClaimCheck]) -> list[tuple[bool, bool | None]]:
+    """What the answer asserts, as ``(denied, present)`` pairs. A question's alternatives are one assertion: a 'yes' to
+    "X or Y?" holds when any is there, a 'no' to "X and Y?" when not all are; every other claim stands alone."""
+    out, asked_yes, asked_no = [], [], []
+    for c in claims:
+        if c.either and not c.denied:
+            asked_yes.append(c.present)
+        elif c.denied and _joint(claims):
+            asked_no.append(c.present)
+        else:
+            out.append((c.denied, c.present))
+    if asked_yes:
+        out.append((False, _any(asked_yes)))
+    if asked_no:
+        out.append((True, _all(asked_no)))
+    return out
+
+
+def _joint(claims: list[ClaimCheck]) -> bool:
+    """Several denied sounds of one question asked together ("Is there X and Y?" answered 'no')."""
+    denied = [c for c in claims if c.denied]
+    return len(denied) > 1 and not any(c.either for c in denied)
+
+
 def verdict(claims: list[ClaimCheck], verified: bool = True) -> str:
     """A claim of presence is borne out when judged present, a claim of absence (``denied``) when judged absent."""
     if not verified:
         return "unverified"
     if not claims:
         return "no_claims"
-    if any(c.denied and c.present is True for c in claims):
+    asserted = units(claims)
+    if any(denied and present is True for denied, present in asserted):
         return "missed"
-    if any(not c.denied and c.present is False for c in claims):
+    if any(not denied and present is False for denied, present in asserted):
         return "unsupported"
-    if all(c.present is (not c.denied) for c in claims):
+    if all(present is (not denied) for denied, present in asserted):
         return "supported"
     return "uncertain"
 
@@ -152,6 +189,8 @@ def _drop_spans(answer: str, spans: list[tuple[int, int]]) -> str:
     text = re.sub(r"\s*,\s*(,\s*)+", ", ", text)
     text = re.sub(r"(?:^|\s)(?:and|then|while|with|as)\s*(?=[.,;]|$)", "", text)
     text = re.sub(r"^[\s,;.]+|[\s,;]+(?=[.!?]?$)", "", text).strip()
+    text = re.sub(r"^(?:and|then|while|with|as|but|also|plus)\b[\s,]*", "", text, flags=re.I)  # a clause that followed a cut one
+    text = re.sub(r"(?:[\s,]+(?:and|then|while|with|as|plus))?[\s,]+(?:a|an|the|some)(?=[.!?]?$)", "", text, flags=re.I)  # a cut-off mention
     text = re.sub(r"\s{2,}", " ", text)
     return text
 
@@ -159,17 +198,22 @@ def _drop_spans(answer: str, spans: list[tuple[int, int]]) -> str:
 def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: bool) -> Outcome:
     """The answer to return under ``policy``; ``original_answer`` is set only when it changed.
 
-    - ``annotate``: unchanged, verdict attached;
+    - ``annotate``: unchanged, verdict attached; free-text mentions the verifier does not judge present are
+      marked ``unconfirmed``;
     - ``abstain``: "I can't confirm hearing X." when a claim is judged absent, or is uncertain while
       the answer is a prior (neither the verifier nor the model's own hearing confirms it);
-    - ``correct``: a presence 'yes' whose sound is judged absent becomes "No."; free-form mentions
-      judged absent are cut from the answer ("I can't confirm hearing X." if nothing is left); a presence
-      'no' whose sound is judged present (``missed``) becomes "Yes."
-      Only a confident judgement corrects: an uncertain claim is evidence for neither answer.
+    - ``correct``: a presence 'yes' whose sound is judged absent becomes "No." (of alternatives, when all are absent);
+      a presence 'no' whose sound is judged present (``missed``) becomes "Yes."; free text is checked strictly: a
+      mention is kept only when judged present (the verifier's present threshold, or an uncertain score with an
+      answer that depends on the audio), the others are cut, and an answer with nothing left becomes "I can't confirm hearing X." (an open
+      question's cut answer is then the verifier's description: :func:`answered_from_verifier`). A presence answer's 'yes' changes
+      only on a confident 'absent': an uncertain claim is evidence for neither answer.
     ``unverified`` answers are never changed.
     """
     if policy == "off":
         return Outcome(answer, None, "off", "skipped", [])
+    for c in claims:
+        c.unconfirmed = verified and c.source == "answer" and not c.denied and c.present is not True
     v = verdict(claims, verified)
     if v == "missed" and policy == "correct":
         return Outcome("Yes.", answer, policy, v, claims)
@@ -180,18 +224,23 @@ def apply_policy(policy: str, answer: str, claims: list[ClaimCheck], verified: b
     unconfirmed = absent + [c for c in claims_present if c.present is None and c.prior]
     if policy == "abstain" and verified and unconfirmed:
         return Outcome(f"{ABSTAIN} {_names(unconfirmed)}.", answer, policy, v, claims, abstained=True)
-    if v != "unsupported" or policy in ("annotate", "abstain"):
+    if policy in ("annotate", "abstain") or not verified:
         return Outcome(answer, None, policy, v, claims)
     # correct
-    if any(c.source == "question" for c in absent):
+    asked = [c for c in claims_present if c.source == "question"]
+    if asked and (_any if any(c.either for c in asked) else _all)([c.present for c in asked]) is False:
         return Outcome("No.", answer, policy, v, claims)
-    spans = [c.span for c in absent if c.span]
-    rest = _drop_spans(answer, spans) if spans else ""
+    cut = [c for c in claims_present if c.unconfirmed]
+    if not cut:
+        return Outcome(answer, None, policy, v, claims)
+    spans = [c.span for c in cut if c.span]
+    rest = _drop_spans(answer, spans) if spans else answer
     if not re.search(r"[A-Za-z]{3,}", rest):
-        return Outcome(f"{ABSTAIN} {_names(absent)}.", answer, policy, v, claims, abstained=True)
+        return Outcome(f"{ABSTAIN} {_names(cut)}.", answer, policy, v, claims, abstained=True)
     if rest[-1] not in ".!?":
         rest += "."
-    return Outcome(rest[0].upper() + rest[1:], answer, policy, v, claims)
+    rest = rest[0].upper() + rest[1:]
+    return Outcome(rest, None if rest == answer else answer, policy, v, claims)
 
 
 def silenced(claims: list[ClaimCheck]) -> list[ClaimCheck]:

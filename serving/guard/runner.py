@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from models.answers import answers_the_question, classify, extract_claims, is_open_question, presence_target
+from models.answers import answers_the_question, classify, extract_claims, is_open_question
+from models.questions import Asked, read_presence
 from models.verifier.assessment import Assessment, EventScore
 from models.verifier.text import Match
 from serving.errors import ApiError
@@ -47,7 +48,7 @@ class Plan:
 class Pending:
     response: object | None  # the verifier's call in flight: assess(), or assess_layers() once the model has answered
     started: float
-    target: str | None
+    asked: Asked | None  # the sounds a presence question asks about
     samples: object | None = None  # the clip, while the verifier waits for the model's tower layers (shared encoder)
     silent: bool = False  # the clip holds no sound (digital silence): every claim is judged absent without the verifier
     prepared: object | None = None  # prepare() in flight: a fused verifier's clip-only members hearing the clip beside generation
@@ -83,12 +84,22 @@ def answer_contrast(generation) -> float | None:
     return float(real) - float(blank)
 
 
-def claim_checks(question: str, answer: str, contrast: float | None, target: str | None) -> list[ClaimCheck]:
-    """What an answer claims, to be checked: each sound it says is there, or, for a 'No' to a presence question about
-    ``target``, that sound's absence (``denied``: ``missed`` when the verifier hears it)."""
-    checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span) for c in extract_claims(question, answer)]
-    if not checks and target and classify(answer) == "no":
-        checks = [ClaimCheck(event=target, text=target, source="question", denied=True)]
+def mention_contrast(generation) -> float | None:
+    """The contrast a free-text mention is judged with: the answer's, per token. Summed over a caption's tokens the
+    contrast grows with its length (a caption is far likelier with any audio than on silence), so it would vouch for
+    every sound the caption names; per token it stands for an answer that depends on the audio throughout, and for a
+    one-word 'yes' it is the whole contrast."""
+    contrast = answer_contrast(generation)
+    return None if contrast is None else contrast / max(1, int(getattr(generation, "num_tokens", 1) or 1))
+
+
+def claim_checks(question: str, answer: str, contrast: float | None, asked: Asked | None) -> list[ClaimCheck]:
+    """What an answer claims, to be checked: each sound it says is there, or, for a 'No' to a presence question
+    (``asked``), the absence of the sounds it asks about (``denied``: ``missed`` when the verifier hears one)."""
+    checks = [ClaimCheck(event=c.text, text=c.text, source=c.source, contrast=contrast, span=c.span, either=c.either)
+              for c in extract_claims(question, answer)]
+    if not checks and asked and classify(answer) == "no":
+        checks = [ClaimCheck(event=t, text=t, source="question", denied=True, either=asked.any_of) for t in asked.targets]
     return checks
 
 
@@ -99,9 +110,11 @@ def place(check: ClaimCheck, where: EventScore | Match | None) -> None:
     check.similarity = where.similarity if where else None
 
 
-def judged(checks: list[ClaimCheck], assessment: Assessment, placed: list[Match], t: Thresholds) -> list[ClaimCheck]:
+def judged(checks: list[ClaimCheck], assessment: Assessment, placed: list[Match], t: Thresholds,
+           per_token: float | None = None) -> list[ClaimCheck]:
     """Each claim placed and judged, once: a presence question's target by its scored event, an answer's mention by
-    its class's probability (a mention that names no known sound is not a sound claim); one claim per class."""
+    its class's probability (a mention that names no known sound is not a sound claim) and the answer's contrast per
+    token (:func:`mention_contrast`); one claim per class."""
     targets = {e.text: e for e in assessment.targets}
     matches = {m.text: m for m in placed}
     out: list[ClaimCheck] = []
@@ -121,7 +134,7 @@ def judged(checks: list[ClaimCheck], assessment: Assessment, placed: list[Match]
         if c.event in seen:
             continue
         seen.add(c.event)
-        c.present = judge(c.verifier_score, c.contrast, t, c.reason)
+        c.present = judge(c.verifier_score, per_token if c.source == "answer" else c.contrast, t, c.reason)
         c.prior = is_prior(c.contrast, t)
         out.append(c)
     return out
@@ -198,8 +211,10 @@ class GuardRunner:
             log.info("encoder %s: model %s, verifier %s", "shared" if tower == self._verifier_tower else "not shared", tower, self._verifier_tower)
         return tower == self._verifier_tower
 
-    def policy_for(self, requested: str | None) -> str:
-        policy = (requested or self.settings.guard_policy).strip().lower()
+    def policy_for(self, requested: str | None, model_info: dict) -> str:
+        """The policy a request runs under: its own ``guard``, else the server's ``guard_policy`` when one is set,
+        else the served model's default (its registry entry's ``guard_policy``, in ``model_info``)."""
+        policy = (requested or self.settings.guard_policy or model_info.get("guard_policy") or "annotate").strip().lower()
         if policy not in POLICIES:
             raise ApiError(422, "invalid_request", f"guard: must be one of {', '.join(POLICIES)}", param="guard")
         return policy
@@ -209,13 +224,13 @@ class GuardRunner:
         ``silent``: none at all (silence is its own evidence)."""
         if policy == "off" or self.verifier is None:
             return Pending(None, time.perf_counter(), None)
-        target = presence_target(question)
+        asked = read_presence(question)
         if silent:
-            return Pending(None, time.perf_counter(), target, silent=True)
+            return Pending(None, time.perf_counter(), asked, silent=True)
         if shared:  # a verifier that also hears the clip itself (fused) starts on it now, beside generation
             prepared = self._send(self.verifier.prepare, samples) if self._verifier_hears_clip else None
-            return Pending(None, time.perf_counter(), target, samples, prepared=prepared)
-        return Pending(self._send(self.verifier.assess, samples, [target] if target else []), time.perf_counter(), target)
+            return Pending(None, time.perf_counter(), asked, samples, prepared=prepared)
+        return Pending(self._send(self.verifier.assess, samples, list(asked.targets) if asked else []), time.perf_counter(), asked)
 
     @staticmethod
     def _send(call, *args):
@@ -228,7 +243,7 @@ class GuardRunner:
     def _send_shared(self, pending: Pending, generation, mentions: list[str]) -> None:
         """The shared encoder's verifier call, now that the model answered: its layers (the answer's mentions placed in
         the same call), or the clip when it sent none."""
-        layers, texts = getattr(generation, "tower_layers", None), [pending.target] if pending.target else []
+        layers, texts = getattr(generation, "tower_layers", None), list(pending.asked.targets) if pending.asked else []
         if layers is not None:
             clip = pending.samples if self._verifier_hears_clip else None
             pending.response = self._send(self.verifier.assess_layers, layers, len(pending.samples), texts, mentions, clip)
@@ -266,7 +281,7 @@ class GuardRunner:
         if policy == "off":
             self.cancel(pending)
             return apply_policy("off", answer, [], True)
-        checks = claim_checks(question, answer, answer_contrast(generation), pending.target)
+        checks = claim_checks(question, answer, answer_contrast(generation), pending.asked)
         if not checks:
             self.cancel(pending)
             return self._count(apply_policy(policy, answer, [], True))
@@ -292,7 +307,7 @@ class GuardRunner:
             log.warning("verifier %s: answering unverified", reason)
             return self._count(apply_policy(policy, answer, checks, False))
         t = Thresholds(assessment.absent_below, assessment.present_above, self.settings.guard_contrast_prior, self.settings.guard_contrast_heard)
-        return self._count(apply_policy(policy, answer, judged(checks, assessment, placed, t), True))
+        return self._count(apply_policy(policy, answer, judged(checks, assessment, placed, t, mention_contrast(generation)), True))
 
     def cancel(self, pending: Pending) -> None:
         for response in (pending.response, pending.prepared):

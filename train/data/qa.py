@@ -23,7 +23,7 @@ PRESENCE_TEMPLATES = (
     "Did you hear {x} in the audio? Answer with yes or no.",
 )
 # Presence phrasings by family, for the phrasing a person uses (the served guard reads every one of them, see
-# ``models.answers.presence_target``): the stages learn the ``train`` templates, the ``held_out`` ones are only
+# ``models.questions.read_presence``): the stages learn the ``train`` templates, the ``held_out`` ones are only
 # asked in evaluation, so a model that learnt a template and not the question shows it there.
 PRESENCE_FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "is there": {"train": ("Is there a sound of {x} in the audio?", "Is there {x} in this recording?"),
