@@ -127,6 +127,7 @@ def test_a_clip_shorter_than_one_step_is_padded_to_one():
     assert feats.shape == (1, 1, 890) and valid.all() and torch.isfinite(feats).all()
 
 
+@pytest.mark.slow  # trains a head (on the small corpus' aiSFX feature cache)
 def test_a_head_on_it_ships_only_itself_with_attribution_and_serves_the_scores_it_was_calibrated_on(corpus, tmp_path):
     """Trained from the feature cache, served from audio: the same frames, so the same logits; the card names the
     paper, both licences and the pinned wheel."""
