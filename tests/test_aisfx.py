@@ -42,7 +42,7 @@ def embed(net, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_every_tensor_of_the_checkpoint_has_its_place(net):
-    from models.pretrained.aisfx import SfxNet, read_checkpoint
+    from models.pretrained.aisfx import SfxNet, flush_subnormals, read_checkpoint
     from models.pretrained.parts import part_file
 
     state, heads = read_checkpoint(part_file("aisfx", "checkpoint.pth"))
@@ -50,8 +50,11 @@ def test_every_tensor_of_the_checkpoint_has_its_place(net):
     fresh = SfxNet(heads)
     assert set(fresh.state_dict()) == set(state)
     fresh.load_state_dict(state, strict=True)
+    flushed = flush_subnormals(state)
     for key, tensor in net.state_dict().items():
-        assert torch.equal(tensor, state[key]), key
+        assert torch.equal(tensor, flushed[key]), key
+        if tensor.is_floating_point():  # only values below float32's smallest normal were zeroed
+            assert (tensor - state[key]).abs().max() < torch.finfo(torch.float32).tiny, key
     assert sum(p.numel() for p in net.parameters()) == 6_212_922
 
 
@@ -96,3 +99,62 @@ def test_the_provenance_names_both_licences_and_the_paper():
     assert info["wheels"][0]["sha256"] == "bfe219950715af179e9a1653e7117cc1852baef267cd6596c42cad74afe1d194"
     assert WHEELS["aisfx"].filename == "aisfx-0.1.2-py2.py3-none-any.whl"
     assert "aisfx==0.1.2" in provenance_markdown(["aisfx"])
+
+
+def test_bfloat16_channels_last_steps_stay_with_float32(net):
+    """The served member runs the convolutions in bfloat16 (channels-last): its steps stay within cosine 0.999 of float32's."""
+    from models.pretrained.aisfx import LogMel
+    from models.verifier.scorer import AisfxFrontend
+
+    frontend = AisfxFrontend()
+    wave = torch.from_numpy(synthetic_clip())[None]
+    with torch.inference_mode():
+        exact = net.steps(LogMel()(wave))
+        fast = frontend.features(wave, sample_rate=44_100)[..., :512]
+    assert fast.shape == exact.shape == (1, 27, 512)
+    cos = torch.nn.functional.cosine_similarity(fast, exact, dim=-1)
+    assert float(cos.min()) > 0.999
+
+
+def test_a_clip_shorter_than_one_step_is_padded_to_one():
+    from models.verifier.scorer import scorer_from_config
+
+    scorer = scorer_from_config({"kind": "aisfx"}).eval()
+    try:
+        feats, valid = scorer.frontend(np.full(100, 0.01, np.float32))
+    except WheelError as e:
+        pytest.skip(f"the aisfx wheel is unavailable: {e}")
+    assert feats.shape == (1, 1, 890) and valid.all() and torch.isfinite(feats).all()
+
+
+@pytest.mark.slow  # trains a head (on the small corpus' aiSFX feature cache)
+def test_a_head_on_it_ships_only_itself_with_attribution_and_serves_the_scores_it_was_calibrated_on(corpus, tmp_path):
+    """Trained from the feature cache, served from audio: the same frames, so the same logits; the card names the
+    paper, both licences and the pinned wheel."""
+    import soundfile as sf
+    from safetensors.torch import load_file
+
+    from models.verifier.checkpoint import load_verifier
+    from train.features import aisfx_features
+    from train.verifier import train_whisper_verifier
+
+    try:
+        card = train_whisper_verifier(corpus, tmp_path, encoder="aisfx", views=0, epochs=2, progress=False)
+    except WheelError as e:
+        pytest.skip(f"the aisfx wheel is unavailable: {e}")
+    state = load_file(str(tmp_path / "scorer.safetensors"))
+    assert not any("conv" in k or "blocks." in k for k in state) and sum(v.numel() for v in state.values()) < 500_000
+    assert json.loads((tmp_path / "verifier.json").read_text())["scorer"]["kind"] == "aisfx"
+    assert 0.0 <= card["metrics"]["test_roc_auc"] <= 1.0
+    readme = (tmp_path / "README.md").read_text()
+    for needed in ("CC BY 4.0", "MIT", "arXiv:2208.09096", "Ma and", "aisfx==0.1.2", "--audio aisfx"):
+        assert needed in readme, needed
+    verifier = load_verifier(str(tmp_path))
+    feats, rows = aisfx_features(corpus, "test", progress=False)
+    sid, row = sorted(rows.items())[0]
+    texts = verifier.class_texts()
+    with torch.no_grad():
+        from_cache = verifier.scorer(torch.from_numpy(np.asarray(feats[row : row + 1], dtype=np.float32)), torch.from_numpy(texts))[0].numpy()
+    served = verifier.raw_scores(sf.read(corpus / "scenes" / "test" / f"{sid}.flac", dtype="float32")[0], texts)
+    assert np.allclose(served, from_cache, atol=0.05)  # float16 cache against float32 serving
+    assert np.corrcoef(served, from_cache)[0, 1] > 0.999

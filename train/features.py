@@ -162,6 +162,19 @@ def yamnet_features(corpus_dir: str | Path, split: str, view: int = 0, batch_siz
                        {"encoder": "yamnet", "view": view, "augment_seed": augment_seed})
 
 
+def aisfx_features(corpus_dir: str | Path, split: str, view: int = 0, batch_size: int = 8, progress: bool = True,
+                   augment_seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """Frozen aiSFX's step embedding ⊕ library logits for every scene of a split (``[N, T, 890]`` float16, one step per
+    0.186 s), computed once and cached per view (augmented views as :func:`encoder_features`)."""
+    from models.verifier.scorer import AisfxFrontend
+
+    corpus_dir = Path(corpus_dir)
+    path, _, index_path = _encoder_files(corpus_dir, split, "aisfx", view)
+    return scene_cache(path, index_path, corpus_dir, split, lambda: AisfxFrontend().features, f"aisfx {split} v{view}",
+                       lambda k, f: _scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
+                       {"encoder": "aisfx", "view": view, "augment_seed": augment_seed})
+
+
 def scene_cache(path: Path, index_path: Path, corpus_dir: Path, split: str, make_compute, desc: str, clip_of=None, batch_size: int = 16,
                 progress: bool = True, meta: dict | None = None) -> tuple[np.ndarray, dict[str, int]]:
     """A per-scene array of a split, computed once in batches and cached (``[N, ...]`` float16, written through a

@@ -78,19 +78,23 @@ def scene_packages(corpus_dir: Path, timelines: dict, rows: dict[str, int]) -> t
 def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], layers: str = "both",
                views: tuple[int, ...] = (0,), window_s: int = 10, progress: bool = True) -> ProbeData:
     """One split's frozen features (views stacked), pooled to :data:`PROBE_POSITIONS`, with their labels; for
-    ``encoder="yamnet"``, YAMNet's patches (0.96 s every 0.48 s) with patch-aligned labels."""
+    ``encoder="yamnet"``, YAMNet's patches (0.96 s every 0.48 s) with patch-aligned labels; ``"aisfx"``, aiSFX's
+    0.186 s steps with step-aligned labels."""
     from train.encoder import frame_targets, patch_targets
     from train.features import encoder_features, yamnet_features
 
     feats, targets, rows = [], [], {}
     timelines = read_timelines(corpus_dir, split)
-    if encoder == "yamnet":
-        from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
+    if encoder in ("yamnet", "aisfx"):
+        from models.pretrained import aisfx, yamnet
+        from train.features import aisfx_features
 
+        read, window_s, hop_s = ((yamnet_features, yamnet.PATCH_S, yamnet.PATCH_HOP_S) if encoder == "yamnet"
+                                 else (aisfx_features, aisfx.STEP_S, aisfx.STEP_S))
         for view in views:
-            x, view_rows = yamnet_features(corpus_dir, split, view=view, progress=progress)
+            x, view_rows = read(corpus_dir, split, view=view, progress=progress)
             feats.append(np.asarray(x))
-            targets.append(patch_targets(timelines, view_rows, classes, x.shape[1], PATCH_S, PATCH_HOP_S))
+            targets.append(patch_targets(timelines, view_rows, classes, x.shape[1], window_s, hop_s))
             rows = rows or view_rows
         packages, event_packages = scene_packages(corpus_dir, timelines, rows)
         return ProbeData(np.concatenate(feats), np.concatenate(targets), rows, packages * len(views), event_packages * len(views))

@@ -36,7 +36,7 @@ import soundfile as sf
 import torch
 from torch.nn import functional as F
 
-from models.verifier.scorer import AudioTextScorer, ScorerConfig, WhisperScorerConfig, YamnetScorerConfig, batch_waves
+from models.verifier.scorer import AisfxScorerConfig, AudioTextScorer, ScorerConfig, WhisperScorerConfig, YamnetScorerConfig, batch_waves
 from models.verifier.text import OntologyIndex, TextEncoder, ontology_phrases
 from train.data.formats import read_timelines
 from train.data.qa import NEGATIVE_SAMPLINGS, read_qa_rows
@@ -409,7 +409,7 @@ def fit_whisper_head(train, space: TextSpace, cfg, keep: np.ndarray | None = Non
 def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny.en", views: int = 1, width: int = 0, epochs: int = 12,
                            batch: int = 64, lr: float = 2e-3, pos_weight: float = 4.0, seed: int = 0, threads: int | None = None,
                            lopo_epochs: int = 0, progress: bool = True) -> dict:
-    """The verifier's head on a frozen pretrained encoder (a Whisper, or ``encoder="yamnet"``), trained on the feature
+    """The verifier's head on a frozen pretrained encoder (a Whisper, ``encoder="yamnet"`` or ``"aisfx"``), trained on the feature
     cache (``train.features``).
 
     The audio side is the frozen encoder's last and middle layers every 80 ms (what the probe
@@ -459,6 +459,8 @@ def head_data(corpus: Path, encoder: str, views: int, classes: list[str], progre
 
 def head_config(encoder: str, features: int, width: int = 0):
     """The scorer configuration of a head on ``encoder``'s frozen features."""
+    if encoder == "aisfx":
+        return AisfxScorerConfig(features=features, width=width)
     return (YamnetScorerConfig(features=features, width=width) if encoder == "yamnet"
             else WhisperScorerConfig(encoder=encoder, positions=PROBE_POSITIONS, features=features, width=width))
 

