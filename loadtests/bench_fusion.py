@@ -6,7 +6,7 @@ recordings) and, with ``--lopo``, on packages it never heard.
         [--lopo 5] [--report loadtests/results/verifier_fusion_subsets.md] [--out models/earwitness-verifier-fused]
 
 Each member's calibrated logit of the asked-about class, per presence question, from its frozen encoder's feature
-cache (``train.probe.load_split``: the features the head was trained on, cached once per corpus); a subset is fused as
+cache (``train.frozen_features.load_split``: the features the head was trained on, cached once per corpus); a subset is fused as
 ``sigmoid(Σ wᵢ·logit(pᵢ))`` with the weights from a grid on the simplex (steps of 0.1), chosen by validation ROC-AUC.
 The table: each subset's validation ROC-AUC, test ROC-AUC over all negatives, per negative sampling, on events under
 0.5 s, and (``--lopo N``) the mean over held-out packages, where each member's head is trained again without one
@@ -82,7 +82,7 @@ def member_logits(directory: Path, corpus: Path, rows: list[dict]) -> np.ndarray
     import torch
 
     from models.verifier.checkpoint import load_embedded
-    from train.probe import load_split
+    from train.frozen_features import load_split
     from train.verifier import clip_logits
 
     verifier = load_embedded(directory)

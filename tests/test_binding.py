@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.binding import Learner, Split, checkpoint_lm, fit, oracle_tokens, pool_positions, run, sequence, table
+from train.binding import Learner, checkpoint_lm, fit, run, sequence, table
+from train.lookup import Split, oracle_tokens, pool_positions
 
 pytestmark = pytest.mark.slow  # a diagnostic that trains language models
 

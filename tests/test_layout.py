@@ -237,3 +237,13 @@ def test_the_guard_calls_the_verifier_through_its_typed_client_and_judges_in_one
                 judging.append(str(f))
     assert not remote, remote
     assert set(judging) == {"serving/guard/runner.py"}, judging
+
+
+def test_train_reads_data_then_stages_then_evaluation():
+    """Reports and diagnostics sit on top: nothing in train/ imports the probe report but the command that runs it
+    (``train.commands``), and the lookup stage (``train.lookup``) never imports the binding diagnostic built on it."""
+    graph = _graph()
+    report = sorted(m for m, deps in graph.items() if "train.probe" in deps and m != "train.commands")
+    assert not report, report
+    assert "train.binding" not in graph["train.lookup"]
+    assert "train.lookup" in graph["train.binding"] and "train.lookup" in graph["train.small_recipe"]

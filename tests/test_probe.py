@@ -2,7 +2,8 @@
 
 import pytest
 
-from train.probe import SAMPLINGS, probe, table
+from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
+from train.tower_probe import probe, table
 
 
 def test_probe_separates_present_from_absent_on_what_it_was_fitted_on(tiny_checkpoint, corpus):
@@ -23,7 +24,9 @@ def test_frozen_whisper_probe_caches_features_and_holds_packages_out(corpus):
     import numpy as np
 
     from train.features import encoder_features
-    from train.probe import POOLINGS, held_out_packages, probe_table, run_probe
+    from train.frozen_features import held_out_packages
+    from train.probe import probe_table, run_probe
+    from train.tower_probe import POOLINGS
 
     clean = encoder_features(corpus, "train", "whisper-tiny.en", window_s=10, progress=False)
     assert clean.last.shape[1:] == (250, 384) and clean.middle.shape == clean.last.shape  # 10 s = 500 positions, pooled by 2

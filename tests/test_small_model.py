@@ -203,7 +203,7 @@ def test_a_distilled_tower_is_committed_in_float16_and_rebuilt(tmp_path):
 
 def test_the_listen_projector_is_the_least_squares_map_onto_the_names():
     """The closed-form LISTEN projector: chunked accumulation gives the exact least squares fit and its R²."""
-    from train.binding import oracle_tokens
+    from train.lookup import oracle_tokens
     from train.small_recipe import ridge_to_names
 
     rng = np.random.default_rng(0)

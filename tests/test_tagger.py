@@ -38,7 +38,7 @@ def test_the_tuned_part_continues_the_frozen_trunk(yamnet, start):
 def _tiny_task(yamnet, scenes: int = 12, patches: int = 3, classes: int = 4, steps: bool = False):
     """Scenes of random log-mel patches whose class k is on where the patch is louder in band k: a task to learn."""
     from models.pretrained.yamnet import YamNetTop
-    from train.probe import ProbeData
+    from train.frozen_features import ProbeData
     from train.tagger import TRUNK_END
     from train.verifier import TextSpace
 

@@ -20,7 +20,7 @@ def trained(corpus, tmp_path_factory):
 def test_it_ships_only_the_head_with_its_measurements(corpus, trained):
     from safetensors.torch import load_file
 
-    from train.probe import held_out_packages
+    from train.frozen_features import held_out_packages
 
     out, card = trained
     state = load_file(str(out / "scorer.safetensors"))
@@ -37,7 +37,7 @@ def test_served_scores_equal_the_scores_it_was_calibrated_on(corpus, trained):
     """Serving runs the encoder on audio; training read the cache: the same frames, so the same logits."""
     from models.verifier.checkpoint import load_verifier
     from train.features import encoder_features
-    from train.probe import PROBE_POSITIONS, pool_time
+    from train.frozen_features import PROBE_POSITIONS, pool_time
 
     out, _ = trained
     verifier = load_verifier(str(out))

@@ -278,20 +278,20 @@ def _base(args) -> int:
 
 def _probe(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
+    from train import probe, tower_probe
     from train.data.sources import CORE_PACKAGES
-    from train.probe import probe, probe_report, run_probe, table
 
     corpora = args.corpus or [Path("data/corpus")]
     if args.model:
-        print(table(probe(args.model, corpora[0], epochs=args.epochs)))
+        print(tower_probe.table(tower_probe.probe(args.model, corpora[0], epochs=args.epochs)))
         return 0
     results = []
     for corpus in corpora:
-        results += run_probe(corpus, encoders=tuple(args.encoders.split(",")), poolings=tuple(args.poolings.split(",")),
-                             views=tuple(range(args.views + 1)), layers=args.layers, lopo=args.lopo,
-                             window_s=args.window, epochs=args.epochs, train_scenes=args.train_scenes, prior_correction=args.prior_correction,
-                             train_packages=CORE_PACKAGES if args.train_packages == "core" else None)
-    print(probe_report(results, args.report))
+        results += probe.run_probe(corpus, encoders=tuple(args.encoders.split(",")), poolings=tuple(args.poolings.split(",")),
+                                   views=tuple(range(args.views + 1)), layers=args.layers, lopo=args.lopo,
+                                   window_s=args.window, epochs=args.epochs, train_scenes=args.train_scenes, prior_correction=args.prior_correction,
+                                   train_packages=CORE_PACKAGES if args.train_packages == "core" else None)
+    print(probe.probe_report(results, args.report))
     return 0
 
 

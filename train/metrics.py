@@ -1,6 +1,7 @@
-"""Scores into numbers: ROC-AUC, what any threshold could reach, Platt scaling and class-prior correction.
+"""Scores into numbers: ROC-AUC, what any threshold could reach, Platt scaling, class-prior correction, and the
+presence questions' ROC-AUC per negative sampling and per class.
 
-Shared by the verifier's training (``train.verifier``), the probes (``train.probe``), the binding diagnostic and
+Shared by the verifier's training (``train.verifier``), the probes (``train.probe``, ``train.tower_probe``), the binding diagnostic and
 the benchmarks, which all rank presence questions by a score.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from train.data.qa import NEGATIVE_SAMPLINGS as SAMPLINGS
 
 
 def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -83,3 +86,36 @@ def choose_prior_correction(validation_auc, prior_logit: np.ndarray, betas: tupl
     present rare one.
     """
     return max(betas, key=lambda beta: validation_auc(-beta * prior_logit))
+
+
+def question_scores(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows, select=None) -> tuple[list, np.ndarray, np.ndarray]:
+    """``(questions, present?, the asked-about class's clip logit)`` of the presence questions about scenes in ``rows_of``.
+
+    ``select(row) -> bool`` keeps only some questions (leave-one-package-out keeps a package's scenes).
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    asked = [r for r in qa_rows if r.kind == "presence" and r.scene_id in rows_of and r.label in index
+             and (select is None or select(r))]
+    score = np.array([logits[rows_of[r.scene_id], index[r.label]] for r in asked])
+    return asked, np.array([r.sampling == "positive" for r in asked], dtype=bool), score
+
+
+def presence_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows, select=None) -> dict[str, float]:
+    """ROC-AUC of the asked-about class's clip logit: positives against each negative sampling, and all together."""
+    asked, positive, score = question_scores(logits, rows_of, classes, qa_rows, select)
+    out = {}
+    for sampling in (*SAMPLINGS, "all"):
+        sel = np.array([r.sampling == "positive" or sampling in ("all", r.sampling) for r in asked], dtype=bool)
+        if sel.any() and positive[sel].any() and (~positive[sel]).any():
+            out[sampling] = roc_auc(positive[sel], score[sel])
+    return out
+
+
+def per_class_auc(logits: np.ndarray, rows_of: dict[str, int], classes: list[str], qa_rows) -> dict[str, float]:
+    """Test ROC-AUC per asked-about class (all negative samplings): which classes stay weak."""
+    out = {}
+    for name in classes:
+        auc = presence_auc(logits, rows_of, classes, qa_rows, select=lambda r, n=name: r.label == n).get("all")
+        if auc is not None:
+            out[name] = round(auc, 3)
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 from models.pretrained import provenance_markdown
 from models.small import read_spec
 from train.data.report import markdown
-from train.probe import table
+from train.tower_probe import table
 
 REPRODUCE = "earwitness train recipe --corpus data/corpus --work runs/recipe --ship models/earwitness-tiny"
 

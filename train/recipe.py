@@ -23,7 +23,7 @@ from train.detection_pretrain import pretrain_encoder
 from train.evaluate import EvalPlan
 from train.features import feature_tag, scene_features
 from train.model_card import write_model_card
-from train.probe import probe
+from train.tower_probe import probe
 from train.sft import StageConfig, select_rows, train_stage
 from train.stages import Laps, align_dpo, ensure_corpus, evaluate_stage, point_adapter_at, versions
 

@@ -34,7 +34,7 @@ import torch
 
 from models.families import unwrap
 from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE, SmallSpec, build_untrained, load_trained, read_spec, save_trained
-from train.binding import mix_names, name_embeddings, oracle_split, phrase_word_ids, pool_positions
+from train.lookup import mix_names, name_embeddings, oracle_split, phrase_word_ids, pool_positions
 from train.cached_tower import EncodedForward, collate_encoded
 from train.data.formats import read_timelines
 from train.data.ontology import load_ontology
@@ -78,7 +78,7 @@ LOOKUP = LookupConfig()
 
 class NameTokens(torch.nn.Module):
     """Stands in for the projector during the lookup: class activity ``[B, P, C]`` → the mean input embedding of the
-    active classes' written names at each position (zero where nothing sounds), ``train.binding``'s oracle tokens."""
+    active classes' written names at each position (zero where nothing sounds), ``train.lookup``'s oracle tokens."""
 
     def __init__(self, embed: torch.Tensor, word_ids: list[list[int]]):
         super().__init__()

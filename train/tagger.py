@@ -40,8 +40,9 @@ from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
 from train.data.targets import window_targets
 from train.features import feature_cache, scene_cache, yamnet_features
+from train.frozen_features import ProbeData, held_out_packages, load_split
 from train.metrics import fit_platt, roc_auc
-from train.probe import ProbeData, held_out_packages, leave_one_package_out, load_split
+from train.package_holdout import leave_one_package_out
 from train.verifier import TextSpace, calibrate_and_ship, clip_logits, head_loss, presence_pairs, split_auc, standardise
 
 TUNE_FROM = {"top": 23, "upper": 13}
@@ -117,7 +118,7 @@ class TunedFeatures:
 
 def fine_tune(train, teacher: np.ndarray, space, cfg: TuneConfig, keep: np.ndarray | None = None, validate=None,
               progress: bool = True):
-    """Fine-tune a tagger and its head on ``train`` (a :class:`train.probe.ProbeData` whose features are trunk rows).
+    """Fine-tune a tagger and its head on ``train`` (a :class:`train.frozen_features.ProbeData` whose features are trunk rows).
 
     ``teacher``: the frozen tagger's AudioSet logits per patch (``[N, P, 521]``); ``validate(features)`` → a
     validation ROC-AUC after every epoch, and the best epoch's weights are kept (early stopping).

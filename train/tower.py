@@ -36,7 +36,7 @@ from train.data.qa import read_qa_rows
 from train.data.targets import patch_targets
 from train.features import encoder_tag, scene_cache, yamnet_features
 from train.metrics import choose_prior_correction, class_prior_logits
-from train.probe import presence_auc as by_sampling
+from train.metrics import presence_auc as by_sampling
 
 AUDIOSET_CLASSES = 521
 

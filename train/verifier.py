@@ -43,8 +43,9 @@ from train.data.formats import read_timelines
 from train.data.ontology import load_ontology
 from train.data.qa import NEGATIVE_SAMPLINGS, read_qa_rows
 from train.data.targets import frame_targets
+from train.frozen_features import PROBE_POSITIONS, held_out_packages, load_split
 from train.metrics import choose_prior_correction, class_prior_logits, fit_platt, roc_auc
-from train.probe import PROBE_POSITIONS, held_out_packages, leave_one_package_out, load_split
+from train.package_holdout import leave_one_package_out
 
 FEATURE_TAG = "verifier-mel64-b4"
 ABSENT_PERCENTILE = 2.0
@@ -446,7 +447,7 @@ def train_whisper_verifier(corpus: Path, out: Path, encoder: str = "whisper-tiny
 
 
 def head_data(corpus: Path, encoder: str, views: int, classes: list[str], progress: bool = True) -> dict:
-    """A head's features per split (``train.probe.ProbeData``): the train split with ``views`` augmented copies."""
+    """A head's features per split (``train.frozen_features.ProbeData``): the train split with ``views`` augmented copies."""
     data = {"train": load_split(corpus, "train", encoder, classes, "both", tuple(range(views + 1)), progress=progress)}
     for split in ("validation", "test"):
         data[split] = load_split(corpus, split, encoder, classes, "both", (0,), progress=progress)
@@ -462,7 +463,7 @@ def head_config(encoder: str, features: int, width: int = 0):
 
 
 def head_lopo(corpus: Path, data: dict, space, cfg, epochs: int, prior_beta: float, keep_scores: bool = False, **fit) -> dict:
-    """Leave-one-package-out of a head on frozen features (``train.probe.leave_one_package_out``): one head of
+    """Leave-one-package-out of a head on frozen features (``train.package_holdout.leave_one_package_out``): one head of
     ``epochs`` per held-out package, trained as the shipped head was (``fit``: batch, lr, pos_weight, seed)."""
     def fit_without(keep):
         head = fit_whisper_head(data["train"], space, cfg, keep, epochs=epochs, **fit)
