@@ -172,3 +172,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def lookup_gate(model, processor, corpus_dir: Path, questions: int | None = None, seed: int = 0) -> dict:
+    """Gate 1 of a lookup stage's model (a Qwen2-Audio, its layers as they will be committed): the validation oracle
+    ROC-AUC at the served audio positions in the chat layout, and whether it passes ``ORACLE_GATE``."""
+    from models.families import unwrap
+
+    spec = SmallSpec(**unwrap(model).config.earwitness_small_spec)
+    rows = presence_rows(Path(corpus_dir), "validation", questions, seed)
+    auc = oracle_auc(checkpoint_lm(unwrap(model)).eval(), processor.tokenizer, Path(corpus_dir), "validation", rows, spec.audio_tokens,
+                     float(spec.window_s))
+    return {"oracle_validation_auc": round(auc, 4), "questions": len(rows), "gate": ORACLE_GATE, "passed": auc >= ORACLE_GATE}

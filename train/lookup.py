@@ -277,6 +277,8 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
         state = torch.load(ckpt, weights_only=False)
         lm.model.load_state_dict(state["lm"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
+        for group, rate in zip(optimizer.param_groups, (config.attention_learning_rate, config.learning_rate)):
+            group["base"] = rate  # the config resumed with rules, not the one saved
         rng.setstate(state["rng"])
         history, step, spent = state["history"], state["step"], state["spent_s"]
         log(f"resumed at step {step}")
@@ -335,3 +337,33 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
             save()
             last_save = time.time()
     return history
+
+
+def curve_table(history: list[dict]) -> str:
+    """The learning curve as Markdown: validation oracle ROC-AUC at the served length by step."""
+    lines = ["| step | positions trained on | supervised loss | margin loss | validation oracle ROC-AUC | elapsed s |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {h['step']} | {h['positions']} | {h.get('supervised', '–')} | {h.get('margin', '–')} | {h['validation_auc']:.3f} | {h['elapsed_s']:.0f} |"
+              for h in history]
+    return "\n".join(lines)
+
+
+def plot_curve(history: list[dict], path: Path, gate: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["validation_auc"] for h in history], marker="o", label="validation oracle ROC-AUC (served 250 positions)")
+    if gate is not None:
+        ax.axhline(gate, color="grey", linestyle="--", label=f"gate {gate}")
+    for h0, h1 in zip(history, history[1:]):
+        if h0["positions"] != h1["positions"]:
+            ax.axvline(h0["step"], color="orange", linestyle=":", label="pooled → served positions")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ROC-AUC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -43,6 +43,7 @@ from train.data.report import markdown, plot_stages
 from train.data.targets import frame_targets
 from train.evaluate import EvalPlan
 from train.features import encoder_features
+from train.gates import lookup_gate
 from train.lora import lora_config
 from train.model_card import write_small_model_card
 from train.sft import StageConfig, select_rows, train_stage
@@ -115,7 +116,10 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
         for name, param in qa.language_model.named_parameters():
             if name.startswith(LM_TRAINED_PARTS):
                 param.copy_(param.half().float())
-    (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
+    gate = lookup_gate(model, processor, corpus_dir)  # what the stage claims to teach, measured on what it ships
+    (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history, "gate": gate}, indent=2))
+    stage = out_dir / "stage.json"
+    stage.write_text(json.dumps({**(json.loads(stage.read_text()) if stage.exists() else {}), "gate": gate}, indent=2))
     return history
 
 
