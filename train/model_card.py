@@ -13,6 +13,18 @@ from train.tower_probe import table
 REPRODUCE = "earwitness train recipe --corpus data/corpus --work runs/recipe --ship models/earwitness-tiny"
 
 
+def copy_reports(reports: dict[str, Path], record: dict, out_dir: Path) -> None:
+    """A model's ``training/``: its curves and reports (file name → source; missing ones left out) and the recipe's
+    record as ``results.json``."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, src in reports.items():
+        if src.exists():
+            shutil.copy2(src, out_dir / name)
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+
+
 def write_model_card(ship_dir: Path, record: dict) -> Path:
     """The card of earwitness-tiny (``README.md`` of ``ship_dir``): architecture, recipe, evaluation, data, how to rebuild.
 
