@@ -126,10 +126,8 @@ def _prod(shape) -> int:
     return out
 
 
+# the recipe distils the tower first (`train tower`); `--tower models/earwitness-small` starts from the shipped one instead
 SMALL_REPRODUCE = "earwitness train recipe --model small --corpus data/corpus --work runs/small --ship models/earwitness-small"
-SMALL_REPRODUCE_LOOKUP = ("earwitness train tower --out runs/tower/top2 --tune-layers 2 --epochs 3\n"
-                           "earwitness train recipe --model small --corpus data/corpus --work runs/small --lookup-epochs 0.4 "
-                           "--tower runs/tower/top2 --ship models/earwitness-small")
 
 
 def _lookup_history(ship_dir: Path) -> list[dict]:
@@ -194,7 +192,7 @@ On first load `models.small.assemble` joins parts and trained tensors into a ful
 It knows the sound classes of its training corpus and answers in the short forms it was trained on
 ("Yes" / "No", a count, a duration, a caption naming the sounds in order).
 
-## Training recipe (`train/small_recipe.py`)
+## Training recipe (`train/small_recipe.py`, chained by `earwitness train recipe`)
 
 1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
    presence / order / count / duration questions *with the absent-sound questions left out*.
@@ -226,7 +224,7 @@ audio is committed.
 
 ```bash
 earwitness data fetch && earwitness data build --out data/corpus
-{SMALL_REPRODUCE_LOOKUP if spec.trained_layers else SMALL_REPRODUCE}
+{SMALL_REPRODUCE}
 ```
 """
     path = ship_dir / "README.md"
