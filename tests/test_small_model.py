@@ -157,7 +157,6 @@ def test_the_lookup_stage_trains_the_language_model_layers_and_nothing_else(corp
     assert history and "val_loss" in history[-1] and (tmp_path / "lookup.json").exists()
     gate = json.loads((tmp_path / "lookup.json").read_text())["gate"]  # gate 1, measured on the layers as committed
     assert 0.0 <= gate["oracle_validation_auc"] <= 1.0 and gate["questions"] > 0 and gate["passed"] == (gate["oracle_validation_auc"] >= 0.93)
-    assert json.loads((tmp_path / "stage.json").read_text())["gate"] == gate
     assert all(torch.equal(after[k], after[k].half().float()) for k in changed)  # evaluated in the precision it is committed in
 
 

@@ -105,8 +105,6 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
                 param.copy_(param.half().float())
     gate = lookup_gate(model, processor, corpus_dir)  # what the stage claims to teach, measured on what it ships
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history, "gate": gate}, indent=2))
-    stage = out_dir / "stage.json"
-    stage.write_text(json.dumps({**(json.loads(stage.read_text()) if stage.exists() else {}), "gate": gate}, indent=2))
     return history
 
 
