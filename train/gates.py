@@ -26,9 +26,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from models.families import unwrap
 from models.loading import load
 from models.registry import resolve
 from models.small import SmallSpec
+from serving.backends.hf import TransformersBackend
 from train.binding import checkpoint_lm
 from train.data.ontology import load_ontology
 from train.data.qa import read_qa_rows
@@ -108,8 +110,6 @@ def served_auc(model, processor, lm, corpus_dir: Path, rows: list) -> float:
 
 def generated(model, processor, corpus_dir: Path, plan: GatePlan, name: str = "model") -> dict:
     """Greedy answers through the serving backend: the headline presence numbers, the unparseable share, count error."""
-    from serving.backends.hf import TransformersBackend
-
     result = evaluate(TransformersBackend(name, processor, model), corpus_dir, plan.generated_split,
                       EvalPlan(presence_per_sampling=plan.per_sampling, per_temporal_kind=plan.counts, captions=0, seed=plan.seed),
                       progress=False)
@@ -177,8 +177,6 @@ if __name__ == "__main__":
 def lookup_gate(model, processor, corpus_dir: Path, questions: int | None = None, seed: int = 0) -> dict:
     """Gate 1 of a lookup stage's model (a Qwen2-Audio, its layers as they will be committed): the validation oracle
     ROC-AUC at the served audio positions in the chat layout, and whether it passes ``ORACLE_GATE``."""
-    from models.families import unwrap
-
     spec = SmallSpec(**unwrap(model).config.earwitness_small_spec)
     rows = presence_rows(Path(corpus_dir), "validation", questions, seed)
     auc = oracle_auc(checkpoint_lm(unwrap(model)).eval(), processor.tokenizer, Path(corpus_dir), "validation", rows, spec.audio_tokens,

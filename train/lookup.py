@@ -7,7 +7,10 @@ the strong labels say sound there. The binding diagnostic (``train.binding``) me
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,9 @@ import torch
 from models.tiny import AUDIO, AUDIO_BOS, IM_START
 from train.data.conversations import IGNORE, Turn, encode_chat, prompt_ids
 from train.data.formats import read_timelines
-from train.data.qa import read_qa_rows
+from train.data.qa import PRESENCE_FAMILIES, presence_question, read_qa_rows
 from train.data.targets import frame_targets
+from train.metrics import roc_auc
 
 FILLER = {"a", "an", "the", "of", "or", "and", "someone", "something"}
 
@@ -222,10 +226,6 @@ def _train_rows(corpus_dir: Path) -> dict[str, list]:
 
 
 def _sample(rng, by_scene: dict[str, list], config: LookupFit, templates: list[str]) -> dict[str, list]:
-    from dataclasses import replace
-
-    from train.data.qa import presence_question
-
     chosen = {}
     for scene_id in rng.sample(sorted(by_scene), config.scenes):
         presence = [r for r in by_scene[scene_id] if r.kind == "presence"]
@@ -245,13 +245,6 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
     tokens in the served chat layout, resumable from ``out_dir/checkpoint.pt``; every ``eval_every`` steps the
     validation oracle ROC-AUC on ``eval_questions`` presence questions (served length, stored phrasings) is logged.
     Returns the history."""
-    import json
-    import random
-    import time
-
-    from train.data.qa import PRESENCE_FAMILIES
-    from train.metrics import roc_auc
-
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
     templates = [t for family in PRESENCE_FAMILIES.values() for t in family["train"]]
