@@ -134,6 +134,7 @@ def measure(model_dir: str | Path, corpus_dir: str | Path, plan: GatePlan = Gate
         rows = presence_rows(corpus_dir, split, plan.questions, plan.seed)
         out[split] = {"questions": len(rows), "oracle_auc": round(oracle_auc(lm, processor.tokenizer, corpus_dir, split, rows, n_audio, window_s), 4),
                       "served_auc": round(served_auc(model, processor, lm, corpus_dir, rows), 4)}
+        print(f"[gates] {model_dir} {split}: {json.dumps(out[split])}", flush=True)  # a long measurement shows as it goes
     if answers:
         out["generated"] = generated(model, processor, corpus_dir, plan)
     return out
