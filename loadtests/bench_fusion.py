@@ -180,20 +180,21 @@ def member_corpus(directory: Path, corpus: Path) -> Path:
 
 
 def cached_held_out(corpus: Path, directory: Path, space, epochs: int, cache: Path | None,
-                    views: int | None = None) -> dict[str, dict[tuple, tuple[bool, float]]]:
-    """:func:`held_out_logits` of a member, read from / written to ``cache`` (keyed by its checkpoint's card, the corpus
-    its heads train on and ``epochs``)."""
+                    views: int | None = None, compute=None) -> dict[str, dict[tuple, tuple[bool, float]]]:
+    """:func:`held_out_logits` of a member (or ``compute()``), read from / written to ``cache`` (keyed by its
+    checkpoint's card, the corpus its heads train on, ``epochs`` and ``views``)."""
     import hashlib
 
     train_on = member_corpus(directory, corpus)
+    compute = compute or (lambda: held_out_logits(train_on, directory, space, epochs, views))
     if cache is None:
-        return held_out_logits(train_on, directory, space, epochs, views)
+        return compute()
     key = hashlib.sha256((directory / "verifier.json").read_bytes() + f"{train_on.resolve()}:{epochs}:{views}".encode()).hexdigest()[:16]
     path = cache / f"{directory.name}-{key}.json"
     if path.exists():
         doc = json.loads(path.read_text())
         return {pkg: {tuple(k): (y, s) for k, y, s in rows} for pkg, rows in doc.items()}
-    out = held_out_logits(train_on, directory, space, epochs, views)
+    out = compute()
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({pkg: [[list(k), y, s] for k, (y, s) in rows.items()] for pkg, rows in out.items()}))
     return out

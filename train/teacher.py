@@ -23,6 +23,7 @@ mostly last a second or two.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -33,11 +34,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+from tqdm import tqdm
 
+from models.audio import AudioError, decode
+from models.cache import cache_dir
+from models.pretrained.parts import part_file
+from models.verifier.checkpoint import load_embedded
+from train.data import mixer as M
 from train.data import sources as S
 from train.data import splits as SP
 from train.data.decoding import MAX_SOURCE_S, SAMPLE_RATE, active_region
 from train.data.archives import is_archived
+from train.data.build import BED_MIN_S
+from train.data.decoding import read_source_bytes
+from train.data.formats import read_timelines, timeline_strong_labels, write_audiotime_json, write_strong_tsv
+from train.data.ontology import load_ontology
+from train.data.qa import caption
+from train.features import aisfx_features, yamnet_features
+from train.metrics import fit_platt
 
 AUDIO_SUFFIXES = frozenset({".wav", ".ogg", ".oga", ".flac", ".mp3", ".opus", ".au", ".aiff", ".aif", ".voc"})
 MIN_S = 0.3  # shorter files are dropped before the teacher hears them
@@ -53,7 +68,6 @@ PER_CLASS = 120  # teacher files per class at most in the scenes: breadth, not t
 @dataclass(frozen=True)
 class Candidate:
     """An unlabelled file of a listed package."""
-
     id: str
     package: str
     path: str
@@ -62,7 +76,7 @@ class Candidate:
 
 def labelled_paths(tables=S.SOURCE_TABLES) -> set[tuple[str, str]]:
     """``(package, path)`` of every file a file list names (labelled or excluded by a label rule alike)."""
-    return {(row["package"], row["path"]) for row in S._table_rows(tables)}
+    return {(row["package"], row["path"]) for row in S.table_rows(tables)}
 
 
 def unlabelled_files(roots: dict[str, Path], tables=S.SOURCE_TABLES) -> list[Candidate]:
@@ -76,15 +90,13 @@ def unlabelled_files(roots: dict[str, Path], tables=S.SOURCE_TABLES) -> list[Can
                 continue
             path = "/" + f.relative_to(root).as_posix()
             if (package, path) not in named:
-                out.append(Candidate(S._clip_id(package, path), package, path, S.recording_group(package, path)))
+                out.append(Candidate(S.clip_id(package, path), package, path, S.recording_group(package, path)))
     return out
 
 
 def survey_one(c: Candidate, root: Path, clips: Path) -> dict:
     """Hash, decode (the server's decoder, cut at ``MAX_SOURCE_S``), length and fingerprint of one file; its clip kept
     under ``clips``. ``reason`` says why it was dropped, if it was."""
-    from models.audio import AudioError, decode
-
     row = {**asdict(c), "sha256": None, "duration": 0.0, "reason": None}
     try:
         data = (Path(root) / c.path.lstrip("/")).read_bytes()
@@ -109,8 +121,6 @@ def survey_one(c: Candidate, root: Path, clips: Path) -> dict:
 
 def survey(cands: list[Candidate], roots: dict[str, Path], out: Path, progress: bool = True) -> list[dict]:
     """:func:`survey_one` of every candidate, in resumable shards (``out/survey/NNNN.jsonl``)."""
-    from tqdm import tqdm
-
     (out / "survey").mkdir(parents=True, exist_ok=True)
     (out / "clips").mkdir(exist_ok=True)
     rows = []
@@ -130,8 +140,6 @@ def survey(cands: list[Candidate], roots: dict[str, Path], out: Path, progress: 
 
 def labelled_prints(corpus: Path, roots: dict[str, Path], clips16k: Path) -> list[dict]:
     """The corpus's labelled sources with their split, group, bytes hash (plain files) and fingerprint."""
-    from train.data.decoding import read_source_bytes
-
     out = []
     for line in (corpus / "sources.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -210,9 +218,7 @@ def deduplicate(rows: list[dict], labelled: list[dict]) -> tuple[list[dict], Cou
 
 def audioset_columns(classes: list[str], onto) -> np.ndarray:
     """Per ontology class, the YAMNet output of its AudioSet id (-1: none)."""
-    import csv
 
-    from models.pretrained.parts import part_file
 
     with open(part_file("yamnet", "class_map.csv"), newline="") as fh:
         mids = [row["mid"] for row in csv.DictReader(fh)]
@@ -223,17 +229,14 @@ def audioset_columns(classes: list[str], onto) -> np.ndarray:
 class Teacher:
     """The fused verifier's clip-hearing members (:data:`TEACHER_MEMBERS`): per clip, each member's calibrated logit of
     every ontology class, and YAMNet's own 521 AudioSet logits (the maximum over its patches) from the same forward."""
-
     def __init__(self, members=TEACHER_MEMBERS):
         import torch
 
-        from models.verifier.checkpoint import load_embedded
 
         self.verifiers = [load_embedded(Path(d)) for d, _ in members]
         self.weights = np.array([w for _, w in members])
         self.texts = [v.class_texts() for v in self.verifiers]
         self.classes = self.verifiers[0].index.classes
-        self._torch = torch
 
     @staticmethod
     def class_names(members=TEACHER_MEMBERS) -> list[str]:
@@ -255,8 +258,6 @@ class Teacher:
 def label_clips(ids: list[str], clip_path, out: Path, name: str, progress: bool = True) -> dict[str, np.ndarray]:
     """The teacher's outputs for every clip (``clip_path(id)`` → its ``.npy``), in resumable shards
     ``out/<name>-NNNN.npz``; returns ``ids``, ``members [N, m, C]`` and ``audioset [N, 521]`` in ``ids``' order."""
-    from tqdm import tqdm
-
     out.mkdir(parents=True, exist_ok=True)
     teacher = None
     parts = []
@@ -281,7 +282,6 @@ def label_clips(ids: list[str], clip_path, out: Path, name: str, progress: bool 
 class TeacherCalibration:
     """How the teacher reads: ``Σ wᵢ·memberᵢ + alpha·AudioSet`` logit per class; the top class is kept when its
     Platt-calibrated confidence (``a·top + b``) is at least ``threshold`` (chosen on validation files)."""
-
     alpha: float
     a: float
     b: float
@@ -306,8 +306,6 @@ def calibrate_teacher(members: np.ndarray, audioset: np.ndarray, labels: np.ndar
     """On labelled validation files (``labels``: their class indices): ``alpha`` by top-1 accuracy on a 0.1 grid, the
     confidence Platt-fitted to "the top class is the file's label", and the threshold: the lowest confidence at
     which the files above it are ``target`` precise (the highest confidence if none is)."""
-    from train.metrics import fit_platt
-
     def accuracy(alpha):
         return float((TeacherCalibration(alpha, 1, 0, 0, weights).scores(members, audioset, columns).argmax(1) == labels).mean())
 
@@ -366,15 +364,7 @@ def build_teacher_corpus(corpus: Path, out: Path, chosen: list[dict], clips: Pat
     marked ``"teacher": <confidence>`` and the scenes ``"labels": "teacher"``. Validation, test, their questions and
     every other split file are the labelled corpus's own (links); ``sources.jsonl`` adds the teacher files
     (``"teacher": true``, split train), so that leave-one-package-out leaves their package out too."""
-    import soundfile as sf
-    from tqdm import tqdm
 
-    from models.cache import cache_dir
-    from train.data import mixer as M
-    from train.data.build import BED_MIN_S
-    from train.data.formats import read_timelines, timeline_strong_labels, write_audiotime_json, write_strong_tsv
-    from train.data.ontology import load_ontology
-    from train.data.qa import caption
 
     cache = cache or cache_dir()
     onto = load_ontology(corpus / "ontology.json")
@@ -464,8 +454,6 @@ def join_feature_caches(labelled: Path, teacher_only: Path, out: Path, tags: lis
 def package_roots(cache: Path | None = None) -> dict[str, Path]:
     """The listed packages already unpacked in the cache (``train.data.fetching``; an extra package holds only the
     files its file list names)."""
-    from models.cache import cache_dir
-
     base = (cache or cache_dir()) / "unpacked"
     return {p: base / p for p in S.PACKAGES if (base / p / ".complete").exists()}
 
@@ -490,8 +478,6 @@ def interleave(rows: list[dict]) -> list[dict]:
 def run_labelling(corpus: Path, out: Path, cache: Path | None = None, progress: bool = True) -> dict:
     """Stages 1-4: list, survey, deduplicate, and label (held-out files first, then the kept ones); writes
     ``out/candidates.jsonl`` (the kept files with their survey) and ``out/found.json`` (the counts)."""
-    from models.cache import cache_dir
-
     t0 = time.time()
     cache = cache or cache_dir()
     roots = package_roots(cache)
@@ -513,12 +499,24 @@ def run_labelling(corpus: Path, out: Path, cache: Path | None = None, progress: 
     return found
 
 
+def teacher_features(labelled: Path, teacher_corpus: Path, encoders: list[str], progress: bool = True) -> None:
+    """The teacher corpus's feature caches for ``encoders`` (``yamnet``, ``aisfx``): the teacher scenes alone are heard
+    (a staging corpus under ``teacher_corpus/teacher-only`` links them), then joined after the labelled corpus's own
+    train rows (:func:`join_feature_caches`), which must be cached already."""
+    staging = teacher_corpus / "teacher-only"
+    for f in sorted((teacher_corpus / "scenes" / "train").glob("train-t*.flac")):
+        _link(f, staging / "scenes" / "train" / f.name)
+    read = {"yamnet": yamnet_features, "aisfx": aisfx_features}
+    for enc in encoders:
+        if not (labelled / "features" / enc / "train.v0.json").exists():
+            raise FileNotFoundError(f"{labelled}: the labelled train split's {enc} features are not cached yet")
+        read[enc](staging, "train", progress=progress)
+        join_feature_caches(labelled, staging, teacher_corpus, [(enc, 0)])
+
+
 def calibrated_teacher(corpus: Path, out: Path) -> tuple[TeacherCalibration, dict, list[str], np.ndarray]:
     """The teacher's calibration on the labelled validation files, and its precision there and on the test files."""
-    from train.data.ontology import load_ontology
-
     onto = load_ontology(corpus / "ontology.json")
-    from models.cache import cache_dir
 
     held = label_clips([r["id"] for r in heldout_files(corpus)], lambda i: cache_dir() / "clips16k" / f"{i}.npy", out / "teacher", "heldout",
                        progress=False)
@@ -536,13 +534,15 @@ def calibrated_teacher(corpus: Path, out: Path) -> tuple[TeacherCalibration, dic
 
 
 def run_scenes(corpus: Path, out: Path, teacher_corpus: Path, scenes: int, per_class: int = PER_CLASS, seed: int = 0,
-               progress: bool = True) -> dict:
+               limit: int | None = None, progress: bool = True) -> dict:
     """Stage 5: calibrate the teacher, keep the confident files and mix them into ``teacher_corpus``; writes
-    ``out/teacher.json`` (the teacher-data table: found, deduplicated, kept, hours; the teacher's precision)."""
+    ``out/teacher.json`` (the teacher-data table: found, deduplicated, kept, hours; the teacher's precision).
+    ``limit``: only the first that many files of the labelling order (:func:`interleave`: a fair sample of every
+    package) are read."""
     found = json.loads((out / "found.json").read_text())
     cal, checks, classes, columns = calibrated_teacher(corpus, out)
     candidates = {r["id"]: r for r in map(json.loads, (out / "candidates.jsonl").read_text().splitlines())}
-    labelled = label_clips([r["id"] for r in interleave(list(candidates.values()))], lambda i: out / "clips" / f"{i}.npy",
+    labelled = label_clips([r["id"] for r in interleave(list(candidates.values()))][:limit], lambda i: out / "clips" / f"{i}.npy",
                            out / "teacher", "unlabelled", progress=False)
     top, conf = cal.read(labelled["members"], labelled["audioset"], columns)
     confident = conf >= cal.threshold
@@ -568,13 +568,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenes", type=int, default=0, help="then mix this many teacher scenes into --teacher-corpus")
     ap.add_argument("--teacher-corpus", type=Path, default=Path("data/corpus-teacher"))
     ap.add_argument("--per-class", type=int, default=PER_CLASS)
+    ap.add_argument("--limit", type=int, default=None, help="read only the first N files of the labelling order")
+    ap.add_argument("--features", nargs="*", default=[], choices=["yamnet", "aisfx"],
+                    help="then cache these encoders' features of the teacher corpus (its scenes heard, the labelled rows joined)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     if args.scenes:
-        print(json.dumps(run_scenes(args.corpus, args.out, args.teacher_corpus, args.scenes, args.per_class), indent=1))
-    else:
+        print(json.dumps(run_scenes(args.corpus, args.out, args.teacher_corpus, args.scenes, args.per_class, limit=args.limit), indent=1))
+    if args.features:
+        teacher_features(args.corpus, args.teacher_corpus, args.features)
+    if not args.scenes and not args.features:
         run_labelling(args.corpus, args.out)
     return 0
 
