@@ -26,6 +26,7 @@ from models.families import audio_adapter_modules, language_model_prefix
 from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
 from train.dpo import AudioDPOConfig, train_dpo
 from train.listen import ListenConfig, apply_audio_adapter, train_listen
+from train.options import last_checkpoint
 from train.stages import STAGE_FILE, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +162,44 @@ def test_stage_commands_on_a_local_omni_checkpoint(corpus, tmp_path):
 # ------------------------------------------------------------------------------------------ --resume after SIGINT
 
 
+RESUME_STEPS = 16  # 2 before the first checkpoint, 14 after it: the run is interrupted early and has far to go
+
+
 def _dpo_argv(source: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "dpo", "--from", str(source), "--corpus", str(corpus), "--out", str(out), "--pairs-per-kind", "2", "--max-steps", "6",
-            "--batch-size", "2", "--save-steps", "2", "--lora-dropout", "0", "--learning-rate", "1e-2", "--no-tensorboard", *extra]
+    return ["train", "dpo", "--from", str(source), "--corpus", str(corpus), "--out", str(out), "--pairs-per-kind", "2",
+            "--max-steps", str(RESUME_STEPS), "--batch-size", "2", "--save-steps", "2", "--lora-dropout", "0", "--learning-rate", "1e-2",
+            "--no-tensorboard", *extra]
+
+
+def _newest_checkpoint_is_whole(out: Path) -> bool:
+    """The newest ``checkpoint-N`` (the one ``--resume`` takes) holds its trainer state, which the trainer writes last."""
+    newest = last_checkpoint(out)
+    if newest is None:
+        return False
+    try:
+        json.loads((Path(newest) / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):  # not yet written, or caught mid-write
+        return False
+
+
+def _interrupt_after_a_checkpoint(proc: subprocess.Popen, out: Path, timeout_s: float = 240) -> None:
+    """SIGINT to a training run as soon as it has a whole checkpoint and has not finished. The run is paused (SIGSTOP,
+    as a terminal's Ctrl-Z) while its directory is looked at, and the SIGINT is sent before it continues: however
+    loaded the machine, the run cannot move on between the look and the interrupt (nor be caught mid-checkpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, f"no checkpoint after {timeout_s:.0f} s"
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            if _newest_checkpoint_is_whole(out) and not (out / "adapter").exists():
+                proc.send_signal(signal.SIGINT)  # pending until the run continues: the next thing it meets
+                break
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+    proc.wait(60)
 
 
 @pytest.mark.slow
@@ -171,14 +207,8 @@ def test_resume_after_sigint_reaches_the_uninterrupted_adapter(tiny_checkpoint, 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "earwitness", *_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
-    assert not (tmp_path / "cut" / "adapter").exists(), "the run finished before the interrupt"
+    _interrupt_after_a_checkpoint(proc, tmp_path / "cut")
+    assert proc.returncode != 0 and not (tmp_path / "cut" / "adapter").exists(), "the run finished before the interrupt"
     _cli(*_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut", "--resume"))
     _cli(*_dpo_argv(tiny_checkpoint, corpus, tmp_path / "whole"))
     cut, whole = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("cut", "whole"))
@@ -186,7 +216,7 @@ def test_resume_after_sigint_reaches_the_uninterrupted_adapter(tiny_checkpoint, 
     worst = max((cut[k] - whole[k]).abs().max().item() for k in cut)
     assert worst < 1e-5, f"resumed adapter differs by {worst:.2e}"
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "dpo_log.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert steps == sorted(set(steps)) and steps[-1] == RESUME_STEPS
 
 
 # ------------------------------------------------------------------------------------------ streaming
