@@ -51,7 +51,8 @@ class TestAdapterMergedAtLoad:
     """One engine for both tests (an engine start is the cost here): the base with its LoRA adapter merged when the
     backend loads, as a replica loads it, started under the OMP_NUM_THREADS Ray gives a fused replica with model and
     verifier CPUs. The merge is ``earwitness export --merge``'s (models/loading.export_merged): its weights are those
-    of ``merged/``, on which the transformers engine computed the expected audio contrast. Runs before the servers."""
+    of ``merged/``, on which the transformers engine computed the expected audio contrast. Both tests call the sync
+    ``generate`` (evaluation's interface) on the one engine, again and again. Runs before the servers."""
 
     @pytest.fixture(scope="class")
     def merged_at_load(self, artifacts, tmp_path_factory):
@@ -90,8 +91,6 @@ class TestAdapterMergedAtLoad:
     def test_audio_contrast_matches_the_transformers_engine(self, merged_at_load, artifacts):
         """Answer log-prob on the clip and on blank audio, from vLLM, equal what transformers computes on ``merged/``.
         The engine started under the OMP_NUM_THREADS Ray gives a replica, which it leaves as it was."""
-        import asyncio
-
         from serving.backends import AudioPrompt
         from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
 
@@ -102,16 +101,13 @@ class TestAdapterMergedAtLoad:
         assert omp_after_load == "2"  # the engine processes got 1 (tests/test_engines_config.py)
         long = AudioPrompt(np.tile(clip(), 4), QUESTION, MAX_TOKENS, contrast=True)  # 8 s: its prompt spans cache blocks
 
-        async def run():
-            out = await backend.generate_async(AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True))
-            first = await backend.generate_async(long)
-            backend.contrast.scores.clear()  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
-            again = await backend.generate_async(long)
-            hits = backend.contrast.scores.hits
-            kept = await backend.generate_async(long)  # the third: the blank score kept, no pass
-            return out, first, again, kept, backend.contrast.scores.hits - hits
-
-        out, first, again, kept, hits = asyncio.run(run())
+        (out,) = backend.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)])  # one loop for every call
+        (first,) = backend.generate([long])
+        backend.contrast.scores.clear()  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
+        (again,) = backend.generate([long])
+        hits = backend.contrast.scores.hits
+        (kept,) = backend.generate([long])  # the third: the blank score kept, no pass
+        hits = backend.contrast.scores.hits - hits
         assert again.blank_logprob == pytest.approx(first.blank_logprob, abs=1e-4)
         assert kept.blank_logprob == again.blank_logprob and hits == (1 if kept.blank_logprob is not None else 0)
         assert out.text == expected["text"]
