@@ -2,8 +2,9 @@
 
 * LISTEN on Qwen2-Audio and on the Qwen2.5-Omni thinker trains the audio adapter and nothing else; DPO over it trains
   LoRA r=16, α=32 on the language model alone, and its adapter carries LISTEN's audio adapter.
-* The stage chain on earwitness-tiny: ``train listen`` → ``train dpo`` → ``eval`` → ``export --merge``, each writing
-  ``stage.json`` that names its input by fingerprint; the DPO adapter served by the Serve app answers as it does in
+* The stage chain on earwitness-tiny, as ``train recipe`` runs it: ``train base`` → ``train listen`` → ``train dpo`` →
+  ``export --merge``, each evaluated (``eval``), each writing ``stage.json`` that names its input by the previous
+  stage's fingerprint, finished stages skipped on a rerun; the DPO adapter served by the Serve app answers as it does in
   process.
 * ``--resume`` after a SIGINT reaches the adapter of an uninterrupted run.
 """
@@ -27,7 +28,7 @@ from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
 from train.dpo import AudioDPOConfig, train_dpo
 from train.listen import ListenConfig, apply_audio_adapter, train_listen
 from train.options import last_checkpoint
-from train.stages import STAGE_FILE, fingerprint
+from train.stages import STAGE_FILE, fingerprint, stage_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(tensorboard=False, logging_steps=1, seed=0)
@@ -90,39 +91,51 @@ STEPS = ("--max-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--lea
 
 @pytest.fixture(scope="module")
 def chain(corpus, tmp_path_factory):
+    """``earwitness train recipe --model tiny``'s loop, each stage cut short: base → eval → listen → eval → dpo → eval →
+    export, each a command over the previous stage's directory."""
+    from earwitness.cli import main
+    from train.recipe import run_recipe
+
     root = tmp_path_factory.mktemp("chain")
     started = time.time()
-    _cli("train", "listen", "--from", "earwitness-tiny", "--corpus", str(corpus), "--out", str(root / "listen"), "--max-rows", "16", *STEPS)
-    _cli("train", "dpo", "--from", str(root / "listen"), "--corpus", str(corpus), "--out", str(root / "dpo"), "--pairs-per-kind", "1",
-         "--save-steps", "1", *STEPS)
-    _cli("eval", "--model", str(root / "dpo"), "--corpus", str(corpus), "--presence-per-sampling", "2")
-    _cli("export", "--merge", "--model", str(root / "dpo"), "--out", str(root / "merged"))
-    return root, time.time() - started
+    evals = ("--presence-per-sampling", "2")
+    extra = {"base": ("--epochs", "0.5"), "listen": ("--max-rows", "16", *STEPS),
+             "dpo": ("--pairs-per-kind", "1", "--save-steps", "1", *STEPS), "eval-base": evals, "eval-listen": evals, "eval-dpo": evals}
+    ran = []
+    run_recipe("tiny", corpus, root, extra=extra, run=lambda argv: (ran.append(argv[:2]), main(list(argv))))
+    seconds = time.time() - started
+    run_recipe("tiny", corpus, root, extra=extra, run=lambda argv: ran.append(argv[:2]))  # a finished recipe: every stage skipped
+    return root, seconds, ran
 
 
 @pytest.mark.slow
 def test_stage_chain_writes_stage_records_that_chain(chain, corpus):
-    root, seconds = chain
-    print(f"stage chain listen -> dpo -> eval -> export: {seconds:.0f} s")
-    listen, dpo, evaluated, merged = (json.loads((root / d / STAGE_FILE).read_text()) for d in ("listen", "dpo", "dpo/eval", "merged"))
-    assert listen["input"]["base"]["name"] == "earwitness-tiny" and listen["input"]["adapter"] is None
+    root, seconds, ran = chain
+    print(f"recipe base -> eval -> listen -> eval -> dpo -> eval -> export: {seconds:.0f} s")
+    assert len(ran) == 7, ran
+    records = {d: json.loads((root / d / STAGE_FILE).read_text()) for d in ("base", "eval-base", "listen", "eval-listen", "dpo", "eval-dpo", "export")}
+    for stage, previous in (("eval-base", "base"), ("listen", "base"), ("eval-listen", "listen"), ("dpo", "listen"), ("eval-dpo", "dpo"),
+                            ("export", "dpo")):
+        assert records[stage]["input"]["fingerprint"] == stage_fingerprint(root / previous), (stage, previous)
+    base, listen, dpo, evaluated, merged = (records[d] for d in ("base", "listen", "dpo", "eval-dpo", "export"))
+    assert base["input"] is None and base["config"]["samplings"] == ["positive"] and base["metrics"]["steps"] > 0
+    assert listen["input"]["base"]["name"] == "base" and listen["input"]["adapter"] is None
     assert dpo["input"]["fingerprint"] == fingerprint([root / "listen" / STAGE_FILE, *(root / "listen" / "adapter").glob("adapter_*")])
-    assert dpo["corpus"]["fingerprint"] == listen["corpus"]["fingerprint"] and dpo["config"]["lora_r"] == 16
+    assert dpo["corpus"]["fingerprint"] == listen["corpus"]["fingerprint"] == base["corpus"]["fingerprint"] and dpo["config"]["lora_r"] == 16
     assert dpo["config_help"]["beta"].startswith("DPO β") and dpo["versions"]["trl"] and dpo["wall_s"] > 0
     assert dpo["metrics"]["steps"] == 2 and "rewards/accuracies" in dpo["metrics"]
     assert (root / "dpo" / "checkpoint-1" / "optimizer.pt").exists() and (root / "dpo" / "checkpoint-1" / "rng_state.pth").exists()
-    assert list((root / "dpo" / "runs").rglob("events.out.tfevents.*")) and list((root / "dpo" / "eval" / "runs").rglob("events.out.tfevents.*"))
+    assert list((root / "dpo" / "runs").rglob("events.out.tfevents.*")) and list((root / "eval-dpo" / "runs").rglob("events.out.tfevents.*"))
     assert 0.0 <= evaluated["metrics"]["presence_accuracy"] <= 1.0 and evaluated["input"]["adapter"].endswith("adapter")
-    assert merged["input"]["fingerprint"] == dpo_fingerprint(root) and (root / "merged" / "model.safetensors").exists()
-
-
-def dpo_fingerprint(root: Path) -> str:
-    return fingerprint([root / "dpo" / STAGE_FILE, *(root / "dpo" / "adapter").glob("adapter_*")])
+    assert (root / "export" / "model.safetensors").exists() and merged["adapter"] == str(root / "dpo" / "adapter")
+    gathered = json.loads((root / "results.json").read_text())
+    assert list(gathered["results"]) == ["baseline (positive-only)", "+ LISTEN", "+ DPO (shipped)"]
+    assert gathered["stages"]["dpo"]["input"] == dpo["input"]["fingerprint"]
 
 
 @pytest.mark.slow
 def test_served_stage_adapter_answers_as_in_process(chain, server):
-    """``earwitness serve --model earwitness-tiny --adapter DPO/adapter`` answers as the adapter does in process."""
+    """``earwitness serve --model BASE --adapter DPO/adapter`` answers as the adapter does in process."""
     import httpx
 
     from models.registry import resolve
@@ -131,14 +144,14 @@ def test_served_stage_adapter_answers_as_in_process(chain, server):
     from tests.helpers import encode, tone
     from tests.test_ops_variants import variant_app
 
-    root, _ = chain
-    adapter = str(root / "dpo" / "adapter")
+    root, _, _ = chain
+    adapter, model = str(root / "dpo" / "adapter"), str(root / "base")
     clip = tone(2.0, 16_000, 1)
-    with variant_app(server, "stagechain", model="earwitness-tiny", adapter=adapter) as base:
+    with variant_app(server, "stagechain", model=model, adapter=adapter) as base:
         reply = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.wav", encode(clip, 16_000, "wav"))},
                            data={"question": QUESTION, "guard": "off", "max_tokens": "8"}, timeout=60)
     assert reply.status_code == 200, reply.text
-    local = TransformersBackend.load(resolve("earwitness-tiny"), adapter=adapter, device="cpu")
+    local = TransformersBackend.load(resolve(model), adapter=adapter, device="cpu")
     assert reply.json()["answer"] == local.generate([AudioPrompt(clip, QUESTION, 8)])[0].text
 
 
