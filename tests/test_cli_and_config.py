@@ -183,9 +183,11 @@ def test_serve_stops_cleanly(tmp_path, how, app):
     env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
            "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker, **app}
     log = tmp_path / "serve.log"
-    background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how.endswith("background job") else None
+    # SIGINT as a background job has it (ignored) or as a terminal's foreground job has it (its default action),
+    # whatever this suite inherited (a suite run under nohup or `&` has it ignored)
+    disposition = signal.SIG_IGN if how.endswith("background job") else signal.SIG_DFL
     proc = subprocess.Popen([sys.executable, "-m", "earwitness", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            cwd=ROOT, start_new_session=True, preexec_fn=background)  # its own process group, as a shell job has
+                            cwd=ROOT, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))  # its own process group, as a shell job has
     try:
         assert wait_ready(f"http://127.0.0.1:{port}", 240, poll_s=2) and proc.poll() is None, log.read_text()[-2000:]
         r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
