@@ -3,8 +3,9 @@
 * LISTEN on Qwen2-Audio and on the Qwen2.5-Omni thinker trains the audio adapter and nothing else; DPO over it trains
   LoRA r=16, α=32 on the language model alone, and its adapter carries LISTEN's audio adapter.
 * The stage chain on earwitness-tiny: ``train listen`` → ``train dpo`` → ``eval`` → ``export --merge``, each writing
-  ``stage.json`` that names its input by fingerprint; the DPO adapter served by the Serve app answers as it does in
-  process.
+  ``stage.json`` that names its input by fingerprint, reading its corpus from and writing its stages to a real S3
+  server (moto); the DPO adapter it publishes into an adapter store there is served by the Serve app and answers as it
+  does in process. A store URI holding no finished stage, or no corpus, is refused.
 * ``--resume`` after a SIGINT reaches the adapter of an uninterrupted run.
 """
 
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.families import audio_adapter_modules, language_model_prefix
+from tests.conftest import S3_BUCKET, drop_served_copies
 from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
 from train.dpo import AudioDPOConfig, train_dpo
 from train.listen import ListenConfig, apply_audio_adapter, train_listen
@@ -87,16 +89,36 @@ def _cli(*argv: str) -> None:
 STEPS = ("--max-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--learning-rate", "1e-2")
 
 
+RUNS = f"s3://{S3_BUCKET}/runs"  # the stages' outputs
+ADAPTER_STORE = f"s3://{S3_BUCKET}/adapters/earwitness-tiny"  # where serving reads adapters by name
+
+
+def upload_dir(fs, local: Path, key: str) -> str:
+    """``local`` written file by file under ``s3://earwitness/<key>/``; returns its URI."""
+    fs.put([str(p) for p in sorted(local.rglob("*")) if p.is_file()],
+           [f"{S3_BUCKET}/{key}/{p.relative_to(local).as_posix()}" for p in sorted(local.rglob("*")) if p.is_file()])
+    fs.invalidate_cache()
+    return f"s3://{S3_BUCKET}/{key}"
+
+
 @pytest.fixture(scope="module")
-def chain(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
-    started = time.time()
-    _cli("train", "listen", "--from", "earwitness-tiny", "--corpus", str(corpus), "--out", str(root / "listen"), "--max-rows", "16", *STEPS)
-    _cli("train", "dpo", "--from", str(root / "listen"), "--corpus", str(corpus), "--out", str(root / "dpo"), "--pairs-per-kind", "1",
-         "--save-steps", "1", *STEPS)
-    _cli("eval", "--model", str(root / "dpo"), "--corpus", str(corpus), "--presence-per-sampling", "2")
-    _cli("export", "--merge", "--model", str(root / "dpo"), "--out", str(root / "merged"))
-    return root, time.time() - started
+def chain(corpus, s3, tmp_path_factory):
+    """The chain with its corpus and its outputs on S3; returns a local copy of its outputs, their wall time."""
+    from models.store import local_copy
+
+    fs, options = s3
+    corpus_uri = upload_dir(fs, corpus, "corpus")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EARWITNESS_STORE_OPTIONS", json.dumps(options))
+        env.setenv("EARWITNESS_STORE_CACHE", str(tmp_path_factory.mktemp("store")))
+        started = time.time()
+        _cli("train", "listen", "--from", "earwitness-tiny", "--corpus", corpus_uri, "--out", f"{RUNS}/listen", "--max-rows", "16", *STEPS)
+        _cli("train", "dpo", "--from", f"{RUNS}/listen", "--corpus", corpus_uri, "--out", f"{RUNS}/dpo", "--pairs-per-kind", "1",
+             "--save-steps", "1", "--publish", f"{ADAPTER_STORE}/dpo", *STEPS)
+        _cli("eval", "--model", f"{RUNS}/dpo", "--corpus", corpus_uri, "--presence-per-sampling", "2")
+        _cli("export", "--merge", "--model", f"{RUNS}/dpo", "--out", f"{RUNS}/merged")
+        seconds = time.time() - started
+        return local_copy(RUNS, options, cache=tmp_path_factory.mktemp("downloaded")), seconds
 
 
 @pytest.mark.slow
@@ -113,6 +135,9 @@ def test_stage_chain_writes_stage_records_that_chain(chain, corpus):
     assert list((root / "dpo" / "runs").rglob("events.out.tfevents.*")) and list((root / "dpo" / "eval" / "runs").rglob("events.out.tfevents.*"))
     assert 0.0 <= evaluated["metrics"]["presence_accuracy"] <= 1.0 and evaluated["input"]["adapter"].endswith("adapter")
     assert merged["input"]["fingerprint"] == dpo_fingerprint(root) and (root / "merged" / "model.safetensors").exists()
+    corpus_uri = f"s3://{S3_BUCKET}/corpus"
+    assert listen["corpus"]["path"] == dpo["corpus"]["path"] == evaluated["corpus"]["path"] == corpus_uri
+    assert dpo["input"]["from"] == f"{RUNS}/listen" and dpo["metrics"]["published"] == f"{ADAPTER_STORE}/dpo"
 
 
 def dpo_fingerprint(root: Path) -> str:
@@ -120,8 +145,9 @@ def dpo_fingerprint(root: Path) -> str:
 
 
 @pytest.mark.slow
-def test_served_stage_adapter_answers_as_in_process(chain, server):
-    """``earwitness serve --model earwitness-tiny --adapter DPO/adapter`` answers as the adapter does in process."""
+def test_served_stage_adapter_answers_as_in_process(chain, server, s3):
+    """The DPO stage's adapter, published to the adapter store, is served as ``earwitness-tiny:dpo`` by an app whose
+    ``adapter_store`` is that store, and answers as the adapter does in process."""
     import httpx
 
     from models.registry import resolve
@@ -133,9 +159,12 @@ def test_served_stage_adapter_answers_as_in_process(chain, server):
     root, _ = chain
     adapter = str(root / "dpo" / "adapter")
     clip = tone(2.0, 16_000, 1)
-    with variant_app(server, "stagechain", model="earwitness-tiny", adapter=adapter) as base:
-        reply = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.wav", encode(clip, 16_000, "wav"))},
-                           data={"question": QUESTION, "guard": "off", "max_tokens": "8"}, timeout=60)
+    try:
+        with variant_app(server, "stagechain", model="earwitness-tiny", adapter_store=ADAPTER_STORE, store_options=s3[1]) as base:
+            reply = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.wav", encode(clip, 16_000, "wav"))},
+                               data={"question": QUESTION, "guard": "off", "max_tokens": "8", "model": "earwitness-tiny:dpo"}, timeout=60)
+    finally:
+        drop_served_copies(ADAPTER_STORE)
     assert reply.status_code == 200, reply.text
     local = TransformersBackend.load(resolve("earwitness-tiny"), adapter=adapter, device="cpu")
     assert reply.json()["answer"] == local.generate([AudioPrompt(clip, QUESTION, 8)])[0].text
@@ -209,3 +238,22 @@ def test_streamed_rows_are_the_rows_in_memory(corpus):
     assert all(isinstance(d, IterableDataset) for d in streamed) and not any(isinstance(d, IterableDataset) for d in memory)
     for lazy, held in zip(streamed, memory):
         assert rows(lazy) == rows(held) and len(held) > 0
+
+
+# ------------------------------------------------------------------------------------------ store URIs refused
+
+
+def test_a_store_uri_without_a_finished_stage_or_a_corpus_is_refused(s3, tmp_path, monkeypatch):
+    """An uploaded adapter without ``stage.json`` (a stage cut off before its upload finished) is no ``--from``, a
+    prefix without ``report.json`` no ``--corpus``, and nothing at all says so; no output is written."""
+    fs, options = s3
+    monkeypatch.setenv("EARWITNESS_STORE_OPTIONS", json.dumps(options))
+    monkeypatch.setenv("EARWITNESS_STORE_CACHE", str(tmp_path / "store"))
+    upload_dir(fs, ROOT / "models" / "earwitness-tiny" / "adapter", "half/adapter")
+    out = f"s3://{S3_BUCKET}/refused/out"
+    for source, corpus, message in ((f"s3://{S3_BUCKET}/half", "data/corpus", "neither a finished stage"),
+                                    (f"s3://{S3_BUCKET}/none", "data/corpus", "nothing there"),
+                                    ("earwitness-tiny", f"s3://{S3_BUCKET}/half", "not a built corpus")):
+        with pytest.raises(SystemExit, match=message):
+            _cli("train", "dpo", "--from", source, "--corpus", corpus, "--out", out, "--max-steps", "1")
+    assert not fs.exists(f"{S3_BUCKET}/refused")
