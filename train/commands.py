@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from models.store import join
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` (recipe, base, verifier, vocabulary, probe, binding), ``eval`` and ``export`` to an argparse CLI.
@@ -330,7 +332,6 @@ def _eval(args) -> int:
     from serving.backends.hf import TransformersBackend
     from train.data.report import headline, markdown
     from train.evaluate import EvalPlan, evaluate
-    from models.store import join
     from train.stages import corpus_input, deliver, output_dir, resolve_input, write_stage
 
     started = time.time()
