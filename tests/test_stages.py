@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from models.families import audio_adapter_modules, language_model_prefix
 from tests.conftest import S3_BUCKET, drop_served_copies
 from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
+from tests.test_formats import user_datasets  # noqa: F401 - a fixture: a user's AudioCaps and Clotho directories
 from train.dpo import AudioDPOConfig, train_dpo
 from train.listen import ListenConfig, apply_audio_adapter, train_listen
 from train.stages import STAGE_FILE, fingerprint
@@ -171,9 +172,12 @@ def test_served_stage_adapter_answers_as_in_process(chain, server, s3):
 
 
 @pytest.mark.slow
-def test_stage_commands_on_a_local_omni_checkpoint(corpus, tmp_path):
+def test_stage_commands_on_a_local_omni_checkpoint(user_datasets, tmp_path):
     """``--from DIR`` of a saved Omni thinker: read with its audio-only processor (no torchvision), LISTEN trains its
-    ``audio_tower.proj``, and DPO over it carries that."""
+    ``audio_tower.proj``, and DPO over it carries that; the corpus is a user's AudioCaps and Clotho (``data import``)."""
+    caps, clotho = user_datasets
+    corpus = tmp_path / "imported"
+    _cli("data", "import", "--audiocaps", str(caps), "--clotho", str(clotho), "--out", str(corpus))
     processor, model = BUILDERS["qwen2.5-omni-thinker"]()
     processor.save_pretrained(tmp_path / "omni")
     model.save_pretrained(tmp_path / "omni")
