@@ -6,9 +6,13 @@
 * ``adapter/`` a random LoRA adapter shaped like train/'s (language-model linears + the projector as
   ``modules_to_save``), which vLLM cannot apply to Qwen2-Audio;
 * ``merged/``  that adapter merged into the weights by ``earwitness export --merge``;
+* ``stage/``, ``stage-merged/`` a DPO stage trained by ``earwitness train dpo --from base/`` (on a corpus that
+  ``earwitness data import`` makes of synthesised AudioCaps / Clotho clips), merged by ``earwitness export --merge
+  --model stage/``: the stage commands' product, as vLLM serves it (earwitness-tiny's own 2.5 s window and 48-wide
+  heads are outside what vLLM's Qwen2-Audio takes, so its stages are made on ``base/``);
 * ``expected.json`` the transformers engine's greedy answers (base + PEFT adapter, and base) for a fixed
-  clip and question, which vLLM must reproduce from ``merged/`` and ``base/``, and its audio contrast
-  on ``merged/``.
+  clip and question, which vLLM must reproduce from ``merged/`` and ``base/``, its audio contrast
+  on ``merged/``, and its answer and contrast with the stage's adapter and on ``stage-merged/``.
 
     python -m tests.vllm_prep OUT_DIR
 """
@@ -69,6 +73,8 @@ def prepare(out: Path) -> Path:
         check=True, cwd=Path(__file__).resolve().parents[1],
     )
 
+    stage_commands(out)
+
     prompt = AudioPrompt(clip(), QUESTION, MAX_TOKENS)
     expected = {}
     for key, adapter in (("adapter", str(out / "adapter")), ("base", None)):
@@ -79,8 +85,35 @@ def prepare(out: Path) -> Path:
     merged = TransformersBackend.load(ModelSpec(name="merged", family="qwen2-audio", source=str(out / "merged"), description=""), device="cpu", dtype="float32")
     g = merged.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)])[0]
     expected["contrast"] = {"text": g.text, "answer_logprob": g.answer_logprob, "blank_logprob": g.blank_logprob}
+    spec = ModelSpec(name="base", family="qwen2-audio", source=str(out / "base"), description="")
+    staged = TransformersBackend.load(spec, adapter=str(out / "stage" / "adapter"), device="cpu", dtype="float32").generate([prompt])[0]
+    merged = TransformersBackend.load(ModelSpec(name="stage", family="qwen2-audio", source=str(out / "stage-merged"), description=""), device="cpu", dtype="float32")
+    g = merged.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)])[0]
+    expected["stage"] = {"text": staged.text, "num_tokens": staged.num_tokens, "merged_text": g.text,
+                         "answer_logprob": g.answer_logprob, "blank_logprob": g.blank_logprob, "changed": weights_changed(out / "base", out / "stage-merged")}
     (out / "expected.json").write_text(json.dumps(expected, indent=2))
     return out
+
+
+def stage_commands(out: Path) -> None:
+    """``data import`` → ``train dpo --from base/`` (2 steps) → ``export --merge --model stage/``, as a user runs them."""
+    from tests.helpers import write_user_datasets
+
+    caps, clotho = write_user_datasets(out / "user-data")
+    for argv in (["data", "import", "--audiocaps", caps, "--clotho", clotho, "--out", out / "corpus"],
+                 ["train", "dpo", "--from", out / "base", "--corpus", out / "corpus", "--out", out / "stage", "--max-steps", "2", "--batch-size", "2",
+                  "--learning-rate", "5e-2", "--lora-dropout", "0", "--no-tensorboard"],
+                 ["export", "--merge", "--model", out / "stage", "--out", out / "stage-merged"]):
+        subprocess.run([sys.executable, "-m", "earwitness", *map(str, argv)], check=True, cwd=Path(__file__).resolve().parents[1],
+                       stdout=subprocess.DEVNULL)
+
+
+def weights_changed(base: Path, merged: Path) -> float:
+    """The largest change the merge made to any weight: the stage's adapter did something."""
+    from safetensors.torch import load_file
+
+    before, after = (load_file(next(d.glob("*.safetensors"))) for d in (base, merged))
+    return max((after[k].float() - before[k].float()).abs().max().item() for k in before if k in after)
 
 
 if __name__ == "__main__":
