@@ -2,8 +2,8 @@
 
 Runs in the vLLM environment only (``-m vllm``; tests/test_vllm_suite.py starts it from the main suite).
 The artifacts (tests/vllm_prep.py) come from the main environment: a tiny Qwen2-Audio that vLLM accepts,
-a LoRA adapter as train/ makes them, that adapter merged by ``earwitness export --merge``, and the
-transformers engine's answers — which the vLLM engine must reproduce.
+the adapter its stage commands make (``train listen`` → ``train dpo``), that stage merged by ``earwitness export
+--merge``, and the transformers engine's answers — which the vLLM engine must reproduce.
 """
 
 from __future__ import annotations
@@ -87,28 +87,6 @@ def test_audio_contrast_matches_the_transformers_engine(artifacts, monkeypatch):
     assert abs(out.answer_logprob - out.blank_logprob) > 1e-3  # the clip does move the answer
 
 
-def test_the_merged_stage_answers_as_its_adapter_does(artifacts):
-    """``earwitness export --merge`` of a ``train dpo`` stage, loaded by the vLLM engine, answers what transformers
-    answers with the stage's PEFT adapter, with the same audio contrast as transformers on the merged checkpoint."""
-    from models.registry import ModelSpec
-    from serving.backends import AudioPrompt
-    from serving.backends.vllm import VLLMBackend
-    from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
-
-    expected = json.loads((artifacts / "expected.json").read_text())["stage"]
-    assert expected["changed"] > 1e-3  # the stage's adapter moved the weights it was merged into
-    backend = VLLMBackend.load(ModelSpec(name="stage", family="qwen2-audio", source=str(artifacts / "stage-merged"), description=""),
-                               max_model_len=1024, max_num_seqs=4)
-    try:
-        (out,) = backend.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)])
-    finally:
-        backend.shutdown()
-    assert (out.text, out.num_tokens) == (expected["text"], expected["num_tokens"]) and out.text == expected["merged_text"]
-    if expected["answer_logprob"] is not None:
-        assert out.answer_logprob == pytest.approx(expected["answer_logprob"], abs=2e-3)
-        assert out.blank_logprob == pytest.approx(expected["blank_logprob"], abs=2e-3)
-
-
 @pytest.fixture(scope="module", params=["split", "fused"])
 def vllm_server(artifacts, request):
     """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env), in
@@ -147,8 +125,11 @@ def _chat(url: str, model: str | None = None):
 
 
 def test_vllm_reproduces_transformers_with_the_merged_adapter(vllm_server, artifacts):
-    """vLLM on the merged checkpoint answers what transformers answers with base + PEFT adapter."""
-    expected = json.loads((artifacts / "expected.json").read_text())["adapter"]
+    """vLLM on the merged stage answers what transformers answers with base + the stage's PEFT adapter, which is not
+    what the base answers."""
+    made = json.loads((artifacts / "expected.json").read_text())
+    expected = made["adapter"]
+    assert made["changed"] > 0.05 and expected["text"] != made["base"]["text"]  # the stages' adapter does change the model
     out = _chat(vllm_server)
     assert out.choices[0].message.content == expected["text"]
     assert out.usage.completion_tokens == expected["num_tokens"]

@@ -77,47 +77,52 @@ def _find(root: Path, name: str) -> Path | None:
     return next(iter(sorted(root.rglob(name))), None)
 
 
-def audiocaps_clips(root: Path) -> tuple[list[CaptionedClip], list[str]]:
-    """The clips of an AudioCaps directory whose audio is there, and the ids whose audio is not."""
+def _captioned(root: Path, dataset: str, files: dict[str, str], reader, locate) -> tuple[list[CaptionedClip], list[str]]:
+    """The clips of the captions files ``files`` (file name -> split) found under ``root`` whose audio ``locate(csv path,
+    audio index)`` finds, and the ids whose audio it does not."""
     index, clips, missing = _audio_index(root), [], []
-    for csv_name, split in AUDIOCAPS_SPLITS.items():
-        path = _find(root, f"{csv_name}.csv")
+    for file_name, split in files.items():
+        path = _find(root, file_name)
         if path is None:
             continue
         captions: dict[str, list[str]] = defaultdict(list)
-        for row in read_audiocaps_csv(path):
+        for row in reader(path):
             captions[row.audio_id].append(row.caption)
-        ids = {}
-        with path.open(newline="", encoding="utf-8") as fh:  # the audiocap_id is a name some downloaders give the file
-            for r in csv.DictReader(fh):
-                ids.setdefault(f"{r['youtube_id']}_{int(float(r['start_time'] or 0))}", r["audiocap_id"])
+        audio_of = locate(path, index)
         for audio_id, caps in captions.items():
-            youtube_id = audio_id.rsplit("_", 1)[0]
-            found = next((index[k] for k in (audio_id, youtube_id, f"Y{youtube_id}", ids.get(audio_id, "")) if k in index), None)
+            found = audio_of(audio_id)
             if found is None:
                 missing.append(audio_id)
             else:
-                clips.append(CaptionedClip("audiocaps", split, audio_id, found, tuple(caps)))
+                clips.append(CaptionedClip(dataset, split, audio_id, found, tuple(caps)))
     return clips, missing
+
+
+def audiocaps_clips(root: Path) -> tuple[list[CaptionedClip], list[str]]:
+    """The clips of an AudioCaps directory whose audio is there, and the ids (``<youtube_id>_<start>``) whose is not."""
+
+    def locate(path: Path, index: dict[str, Path]):
+        with path.open(newline="", encoding="utf-8") as fh:  # the audiocap_id is a name some downloaders give the file
+            ids: dict[str, list[str]] = defaultdict(list)  # one clip, one id per caption
+            for r in csv.DictReader(fh):
+                ids[f"{r['youtube_id']}_{int(float(r['start_time'] or 0))}"].append(r["audiocap_id"])
+
+        def audio_of(audio_id: str) -> Path | None:
+            youtube_id = audio_id.rsplit("_", 1)[0]
+            return next((index[k] for k in (audio_id, youtube_id, f"Y{youtube_id}", *ids[audio_id]) if k in index), None)
+        return audio_of
+
+    return _captioned(root, "audiocaps", {f"{name}.csv": split for name, split in AUDIOCAPS_SPLITS.items()}, read_audiocaps_csv, locate)
 
 
 def clotho_clips(root: Path) -> tuple[list[CaptionedClip], list[str]]:
     """The clips of a Clotho directory whose audio is there (its split's folder first), and the files that are not."""
-    index, clips, missing = _audio_index(root), [], []
-    for name, split in CLOTHO_SPLITS.items():
-        path = _find(root, f"clotho_captions_{name}.csv")
-        if path is None:
-            continue
-        captions: dict[str, list[str]] = defaultdict(list)
-        for row in read_clotho_csv(path):
-            captions[row.audio_id].append(row.caption)
-        for file_name, caps in captions.items():
-            found = next((p for p in (path.parent / name / file_name, root / name / file_name) if p.is_file()), None) or index.get(file_name)
-            if found is None:
-                missing.append(file_name)
-            else:
-                clips.append(CaptionedClip("clotho", split, file_name, found, tuple(caps)))
-    return clips, missing
+
+    def locate(path: Path, index: dict[str, Path]):
+        folder = path.stem.removeprefix("clotho_captions_")
+        return lambda name: next((p for p in (path.parent / folder / name, root / folder / name) if p.is_file()), None) or index.get(name)
+
+    return _captioned(root, "clotho", {f"clotho_captions_{name}.csv": split for name, split in CLOTHO_SPLITS.items()}, read_clotho_csv, locate)
 
 
 # ------------------------------------------------------------------------------------------ captions -> ontology
