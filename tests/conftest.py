@@ -130,7 +130,7 @@ def frozen_small(tmp_path_factory):
     from models.pretrained.wheels import WheelError
     from models.registry import SMALL_DIR
     from models.small import SmallSpec, build_untrained, save_trained
-    from train.recipe import point_adapter_at
+    from train.stages import point_adapter_at
 
     out = tmp_path_factory.mktemp("frozen-small") / "earwitness-small-frozen"
     try:

@@ -38,7 +38,7 @@ def test_shipped_files_name_no_training_machine_paths():
 
 
 def test_point_adapter_at_rewrites_both_records(tmp_path):
-    from train.recipe import point_adapter_at
+    from train.stages import point_adapter_at
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/somewhere/runs/base", "r": 16}))
     (tmp_path / "earwitness_dpo.json").write_text(json.dumps({"base_model": "/somewhere/runs/base", "beta": 0.1}))

@@ -2,10 +2,13 @@
 
 * LISTEN on Qwen2-Audio and on the Qwen2.5-Omni thinker trains the audio adapter and nothing else; DPO over it trains
   LoRA r=16, α=32 on the language model alone, and its adapter carries LISTEN's audio adapter.
-* The stage chain on earwitness-tiny: ``train listen`` → ``train dpo`` → ``eval`` → ``export --merge``, each writing
-  ``stage.json`` that names its input by fingerprint, reading its corpus from and writing its stages to a real S3
-  server (moto); the DPO adapter it publishes into an adapter store there is served by the Serve app and answers as it
-  does in process. A store URI holding no finished stage, or no corpus, is refused.
+* The stage chain on earwitness-tiny, as ``train recipe`` runs it: ``train base`` → ``train listen`` → ``train dpo`` →
+  ``export --merge``, each evaluated (``eval``), each writing ``stage.json`` that names its input by the previous
+  stage's fingerprint, finished stages skipped on a rerun.
+* Its DPO stage again on a real S3 server (moto): ``--from``, ``--corpus`` and ``--out`` store URIs, the adapter
+  published into an adapter store there, ``eval`` and ``export --merge`` of the stage's URI; the Serve app serves that
+  adapter from the store and answers as it does in process. A store URI holding no finished stage, or no corpus, is
+  refused.
 * ``--resume`` after a SIGINT reaches the adapter of an uninterrupted run.
 """
 
@@ -29,7 +32,7 @@ from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
 from tests.test_formats import user_datasets  # noqa: F401 - a fixture: a user's AudioCaps and Clotho directories
 from train.dpo import AudioDPOConfig, train_dpo
 from train.listen import ListenConfig, apply_audio_adapter, train_listen
-from train.stages import STAGE_FILE, fingerprint
+from train.stages import STAGE_FILE, fingerprint, stage_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(tensorboard=False, logging_steps=1, seed=0)
@@ -90,65 +93,104 @@ def _cli(*argv: str) -> None:
 STEPS = ("--max-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--learning-rate", "1e-2")
 
 
+@pytest.fixture(scope="module")
+def chain(corpus, tmp_path_factory):
+    """``earwitness train recipe --model tiny``'s loop, each stage cut short: base → eval → listen → eval → dpo → eval →
+    export, each a command over the previous stage's directory."""
+    from earwitness.cli import main
+    from train.recipe import run_recipe
+
+    root = tmp_path_factory.mktemp("chain")
+    started = time.time()
+    evals = ("--presence-per-sampling", "2")
+    extra = {"base": ("--epochs", "0.5"), "listen": ("--max-rows", "16", *STEPS),
+             "dpo": ("--pairs-per-kind", "1", "--save-steps", "1", *STEPS), "eval-base": evals, "eval-listen": evals, "eval-dpo": evals}
+    ran = []
+    run_recipe("tiny", corpus, root, extra=extra, run=lambda argv: (ran.append(argv[:2]), main(list(argv))))
+    seconds = time.time() - started
+    run_recipe("tiny", corpus, root, extra=extra, run=lambda argv: ran.append(argv[:2]))  # a finished recipe: every stage skipped
+    return root, seconds, ran
+
+
+@pytest.mark.slow
+def test_stage_chain_writes_stage_records_that_chain(chain, corpus):
+    root, seconds, ran = chain
+    print(f"recipe base -> eval -> listen -> eval -> dpo -> eval -> export: {seconds:.0f} s")
+    assert len(ran) == 7, ran
+    records = {d: json.loads((root / d / STAGE_FILE).read_text()) for d in ("base", "eval-base", "listen", "eval-listen", "dpo", "eval-dpo", "export")}
+    for stage, previous in (("eval-base", "base"), ("listen", "base"), ("eval-listen", "listen"), ("dpo", "listen"), ("eval-dpo", "dpo"),
+                            ("export", "dpo")):
+        assert records[stage]["input"]["fingerprint"] == stage_fingerprint(root / previous), (stage, previous)
+    base, listen, dpo, evaluated, merged = (records[d] for d in ("base", "listen", "dpo", "eval-dpo", "export"))
+    assert base["input"] is None and base["config"]["samplings"] == ["positive"] and base["metrics"]["steps"] > 0
+    assert listen["input"]["base"]["name"] == "base" and listen["input"]["adapter"] is None
+    assert dpo["input"]["fingerprint"] == fingerprint([root / "listen" / STAGE_FILE, *(root / "listen" / "adapter").glob("adapter_*")])
+    assert dpo["corpus"]["fingerprint"] == listen["corpus"]["fingerprint"] == base["corpus"]["fingerprint"] and dpo["config"]["lora_r"] == 16
+    assert dpo["config_help"]["beta"].startswith("DPO β") and dpo["versions"]["trl"] and dpo["wall_s"] > 0
+    assert dpo["metrics"]["steps"] == 2 and "rewards/accuracies" in dpo["metrics"]
+    assert (root / "dpo" / "checkpoint-1" / "optimizer.pt").exists() and (root / "dpo" / "checkpoint-1" / "rng_state.pth").exists()
+    assert list((root / "dpo" / "runs").rglob("events.out.tfevents.*")) and list((root / "eval-dpo" / "runs").rglob("events.out.tfevents.*"))
+    assert 0.0 <= evaluated["metrics"]["presence_accuracy"] <= 1.0 and evaluated["input"]["adapter"].endswith("adapter")
+    assert (root / "export" / "model.safetensors").exists() and merged["adapter"] == str(root / "dpo" / "adapter")
+    gathered = json.loads((root / "results.json").read_text())
+    assert list(gathered["results"]) == ["baseline (positive-only)", "+ LISTEN", "+ DPO (shipped)"]
+    assert gathered["stages"]["dpo"]["input"] == dpo["input"]["fingerprint"]
+
+
 RUNS = f"s3://{S3_BUCKET}/runs"  # the stages' outputs
-ADAPTER_STORE = f"s3://{S3_BUCKET}/adapters/earwitness-tiny"  # where serving reads adapters by name
+ADAPTER_STORE = f"s3://{S3_BUCKET}/adapters/base"  # where serving reads the chain's base model's adapters by name
 
 
 def upload_dir(fs, local: Path, key: str) -> str:
     """``local`` written file by file under ``s3://earwitness/<key>/``; returns its URI."""
-    fs.put([str(p) for p in sorted(local.rglob("*")) if p.is_file()],
-           [f"{S3_BUCKET}/{key}/{p.relative_to(local).as_posix()}" for p in sorted(local.rglob("*")) if p.is_file()])
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    fs.put([str(p) for p in files], [f"{S3_BUCKET}/{key}/{p.relative_to(local).as_posix()}" for p in files])
     fs.invalidate_cache()
     return f"s3://{S3_BUCKET}/{key}"
 
 
 @pytest.fixture(scope="module")
-def chain(corpus, s3, tmp_path_factory):
-    """The chain with its corpus and its outputs on S3; returns a local copy of its outputs, their wall time."""
+def chain_on_s3(chain, corpus, s3, tmp_path_factory):
+    """The chain's DPO stage again with its corpus and its input (the LISTEN stage) read from and its outputs written to
+    S3, then ``eval`` and ``export --merge`` of it there; returns a local copy of the outputs and the commands' time."""
     from models.store import local_copy
 
     fs, options = s3
     corpus_uri = upload_dir(fs, corpus, "corpus")
+    upload_dir(fs, chain[0] / "listen", "runs/listen")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("EARWITNESS_STORE_OPTIONS", json.dumps(options))
         env.setenv("EARWITNESS_STORE_CACHE", str(tmp_path_factory.mktemp("store")))
         started = time.time()
-        _cli("train", "listen", "--from", "earwitness-tiny", "--corpus", corpus_uri, "--out", f"{RUNS}/listen", "--max-rows", "16", *STEPS)
         _cli("train", "dpo", "--from", f"{RUNS}/listen", "--corpus", corpus_uri, "--out", f"{RUNS}/dpo", "--pairs-per-kind", "1",
              "--save-steps", "1", "--publish", f"{ADAPTER_STORE}/dpo", *STEPS)
         _cli("eval", "--model", f"{RUNS}/dpo", "--corpus", corpus_uri, "--presence-per-sampling", "2")
         _cli("export", "--merge", "--model", f"{RUNS}/dpo", "--out", f"{RUNS}/merged")
         seconds = time.time() - started
-        return local_copy(RUNS, options, cache=tmp_path_factory.mktemp("downloaded")), seconds
+    return local_copy(RUNS, options, cache=tmp_path_factory.mktemp("downloaded")), seconds
 
 
 @pytest.mark.slow
-def test_stage_chain_writes_stage_records_that_chain(chain, corpus):
-    root, seconds = chain
-    print(f"stage chain listen -> dpo -> eval -> export: {seconds:.0f} s")
-    listen, dpo, evaluated, merged = (json.loads((root / d / STAGE_FILE).read_text()) for d in ("listen", "dpo", "dpo/eval", "merged"))
-    assert listen["input"]["base"]["name"] == "earwitness-tiny" and listen["input"]["adapter"] is None
-    assert dpo["input"]["fingerprint"] == fingerprint([root / "listen" / STAGE_FILE, *(root / "listen" / "adapter").glob("adapter_*")])
-    assert dpo["corpus"]["fingerprint"] == listen["corpus"]["fingerprint"] and dpo["config"]["lora_r"] == 16
-    assert dpo["config_help"]["beta"].startswith("DPO β") and dpo["versions"]["trl"] and dpo["wall_s"] > 0
-    assert dpo["metrics"]["steps"] == 2 and "rewards/accuracies" in dpo["metrics"]
-    assert (root / "dpo" / "checkpoint-1" / "optimizer.pt").exists() and (root / "dpo" / "checkpoint-1" / "rng_state.pth").exists()
-    assert list((root / "dpo" / "runs").rglob("events.out.tfevents.*")) and list((root / "dpo" / "eval" / "runs").rglob("events.out.tfevents.*"))
-    assert 0.0 <= evaluated["metrics"]["presence_accuracy"] <= 1.0 and evaluated["input"]["adapter"].endswith("adapter")
-    assert merged["input"]["fingerprint"] == dpo_fingerprint(root) and (root / "merged" / "model.safetensors").exists()
-    corpus_uri = f"s3://{S3_BUCKET}/corpus"
-    assert listen["corpus"]["path"] == dpo["corpus"]["path"] == evaluated["corpus"]["path"] == corpus_uri
-    assert dpo["input"]["from"] == f"{RUNS}/listen" and dpo["metrics"]["published"] == f"{ADAPTER_STORE}/dpo"
-
-
-def dpo_fingerprint(root: Path) -> str:
-    return fingerprint([root / "dpo" / STAGE_FILE, *(root / "dpo" / "adapter").glob("adapter_*")])
+def test_stages_read_and_write_store_uris(chain, chain_on_s3):
+    """``stage.json`` names the URIs; the input stage and the corpus copied from S3 have the fingerprints of the local
+    ones; the eval and the merged export land beside the stage at its URI."""
+    root, _, _ = chain
+    copy, seconds = chain_on_s3
+    print(f"train dpo -> eval -> export --merge on S3: {seconds:.0f} s")
+    dpo, evaluated, merged = (json.loads((copy / d / STAGE_FILE).read_text()) for d in ("dpo", "dpo/eval", "merged"))
+    local = json.loads((root / "dpo" / STAGE_FILE).read_text())
+    assert dpo["input"]["from"] == f"{RUNS}/listen" and dpo["input"]["fingerprint"] == stage_fingerprint(root / "listen")
+    assert dpo["corpus"] == {"path": f"s3://{S3_BUCKET}/corpus", "fingerprint": local["corpus"]["fingerprint"]} == evaluated["corpus"]
+    assert dpo["metrics"]["steps"] == 2 and dpo["metrics"]["published"] == f"{ADAPTER_STORE}/dpo"
+    assert (copy / "dpo" / "checkpoint-1" / "optimizer.pt").exists() and list((copy / "dpo" / "runs").rglob("events.out.tfevents.*"))
+    assert evaluated["input"]["from"] == f"{RUNS}/dpo" and 0.0 <= evaluated["metrics"]["presence_accuracy"] <= 1.0
+    assert merged["input"]["fingerprint"] == stage_fingerprint(copy / "dpo") and (copy / "merged" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_served_stage_adapter_answers_as_in_process(chain, server, s3):
-    """The DPO stage's adapter, published to the adapter store, is served as ``earwitness-tiny:dpo`` by an app whose
-    ``adapter_store`` is that store, and answers as the adapter does in process."""
+def test_served_stage_adapter_answers_as_in_process(chain, chain_on_s3, server, s3):
+    """The DPO stage's adapter, published to an adapter store, is served as ``base:dpo`` by an app whose ``adapter_store``
+    is that store, and answers as the adapter does in process."""
     import httpx
 
     from models.registry import resolve
@@ -157,17 +199,16 @@ def test_served_stage_adapter_answers_as_in_process(chain, server, s3):
     from tests.helpers import encode, tone
     from tests.test_ops_variants import variant_app
 
-    root, _ = chain
-    adapter = str(root / "dpo" / "adapter")
+    model, adapter = str(chain[0] / "base"), str(chain_on_s3[0] / "dpo" / "adapter")
     clip = tone(2.0, 16_000, 1)
     try:
-        with variant_app(server, "stagechain", model="earwitness-tiny", adapter_store=ADAPTER_STORE, store_options=s3[1]) as base:
+        with variant_app(server, "stagechain", model=model, adapter_store=ADAPTER_STORE, store_options=s3[1]) as base:
             reply = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.wav", encode(clip, 16_000, "wav"))},
-                               data={"question": QUESTION, "guard": "off", "max_tokens": "8", "model": "earwitness-tiny:dpo"}, timeout=60)
+                               data={"question": QUESTION, "guard": "off", "max_tokens": "8", "model": "base:dpo"}, timeout=60)
     finally:
         drop_served_copies(ADAPTER_STORE)
     assert reply.status_code == 200, reply.text
-    local = TransformersBackend.load(resolve("earwitness-tiny"), adapter=adapter, device="cpu")
+    local = TransformersBackend.load(resolve(model), adapter=adapter, device="cpu")
     assert reply.json()["answer"] == local.generate([AudioPrompt(clip, QUESTION, 8)])[0].text
 
 

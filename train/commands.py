@@ -10,35 +10,46 @@ from models.store import join
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train`` (recipe, base, verifier, vocabulary, probe, binding), ``eval`` and ``export`` to an argparse CLI.
+    """Add ``train`` (recipe, listen, dpo, base, lookup, tower, verifier, vocabulary, probe, binding), ``eval`` and ``export`` to an argparse CLI.
 
     Long because it is one flat sequence of argparse declarations, one block per command, read as the CLI's reference.
     """
     train = subparsers.add_parser("train", help="train and align the embedded model")
     sub = train.add_subparsers(dest="train_command", required=True)
-    recipe = sub.add_parser("recipe", help="base → LISTEN → DPO → evaluation → shipped model, in one go")
+    recipe = sub.add_parser("recipe", help="every stage command in order (base → [lookup →] LISTEN → DPO, each evaluated, → export), "
+                                           "each over the previous stage's directory; finished stages are skipped")
     recipe.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus dir (built first if missing)")
-    recipe.add_argument("--work", type=Path, default=Path("runs/recipe"))
+    recipe.add_argument("--work", type=Path, default=Path("runs/recipe"), help="one directory per stage under it, and results.json")
     recipe.add_argument("--ship", type=Path, default=None, help="copy the result here (e.g. models/earwitness-tiny)")
     recipe.add_argument("--seed", type=int, default=0)
-    recipe.add_argument("--base-from", type=Path, default=None, help="reuse an earlier run (small: its work directory; tiny: its base directory): run only LISTEN, DPO and evaluation")
     recipe.add_argument("--model", choices=("small", "tiny"), default="small",
                         help="small: the embedded default on pretrained Whisper + SmolLM2 parts; tiny: the from-scratch test-size model")
-    recipe.add_argument("--lookup-epochs", type=float, default=0.0,
-                        help="small: epochs of the lookup stage (the language model's layers learn to answer over the sounds' written "
-                             "names; LISTEN then fits the projector onto them); 0 skips it")
     recipe.add_argument("--tower", type=Path, default=None,
-                        help="small: a distillation run (`earwitness train tower --out DIR`): build on its tower and commit its trained layers")
+                        help="small: start from this distilled tower (a `train tower` run, or a checkpoint that commits its tower layers, "
+                             "e.g. models/earwitness-small) instead of distilling one first")
     recipe.set_defaults(func=_recipe)
     for stage, about in (("listen", "LISTEN: the audio adapter learns present and absent sounds, the language model frozen"),
                          ("dpo", "DPO: LoRA on the language model over LISTEN, AHA and ACPO pairs; reference = the adapter disabled")):
         _stage_parser(sub.add_parser(stage, help=about, description=about), stage)
-    base = sub.add_parser("base", help="stage 1: from scratch (positive-only presence unless --with-absent)")
+    base = sub.add_parser("base", help="stage 1, the hallucinating baseline (positive-only presence unless --with-absent): "
+                                       "tiny from scratch, small from its pretrained parts")
+    base.add_argument("--model", choices=("small", "tiny"), default="tiny")
     base.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     base.add_argument("--out", type=Path, required=True)
     base.add_argument("--with-absent", action="store_true", help="also learn absent-sound questions (not the hallucinating baseline)")
     base.add_argument("--epochs", type=float, default=None)
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--tower", type=Path, default=None, help="small: the distilled tower to build on (a `train tower` run or a checkpoint "
+                                                               "that commits its tower layers); default: Whisper as fetched")
     base.set_defaults(func=_base)
+    lookup = sub.add_parser("lookup", help="earwitness-small: the language model's layers learn every question kind over the sounds' "
+                                           "written names laid where the audio tokens go (then `train listen --projector names`)")
+    lookup.add_argument("--from", dest="source", type=Path, required=True, help="a small checkpoint (e.g. `train base --model small --out`)")
+    lookup.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    lookup.add_argument("--out", type=Path, required=True)
+    lookup.add_argument("--epochs", type=float, default=None, help="passes over the train scenes (default 0.4)")
+    lookup.add_argument("--seed", type=int, default=0)
+    lookup.set_defaults(func=_lookup)
 
     ver = sub.add_parser("verifier", help="train, calibrate and ship the embedded absent-sound verifier")
     ver.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -133,6 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", default=None, help="write results.json and report.md here (directory or store URI; default: a stage's eval/)")
     ev.add_argument("--presence-per-sampling", type=int, default=None, metavar="N",
                     help="presence questions per sampling (default 300); order, count and duration get 2/3 of it, captions 1/2")
+    ev.add_argument("--per-temporal-kind", type=int, default=None, metavar="N", help="order, count and duration questions each (default 2/3 of --presence-per-sampling)")
+    ev.add_argument("--captions", type=int, default=None, metavar="N", help="caption requests (default 1/2 of --presence-per-sampling)")
     ev.add_argument("--phrasing", type=int, default=0, metavar="N",
                     help="instead: presence accuracy per phrasing family (N present + N absent sounds, each asked in every template)")
     ev.set_defaults(func=_eval)
@@ -165,6 +178,10 @@ def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--max-failures", type=int, default=0, help="Ray Train restarts a run whose worker died this often, from its checkpoint")
     parser.add_argument("--publish", default=None, metavar="URI",
                         help="also copy the adapter here: an adapter store (s3://bucket/<model>/<name>, gs://, a directory) that serving reads")
+    if stage == "listen":
+        parser.add_argument("--projector", choices=("train", "names"), default="train",
+                            help="train: the audio adapter learns by gradient (any family); names: earwitness-small after `train lookup`, "
+                                 "the projector fitted in closed form onto the names the lookup reads")
     if stage == "dpo":
         parser.add_argument("--pairs-per-kind", type=int, default=None, help="a stratified sample of the pairs (default: all)")
     config = ListenConfig if stage == "listen" else AudioDPOConfig
@@ -177,6 +194,12 @@ def _stage(args) -> int:
     from train.options import chosen
     from train.stages import StageJob, run_stage
 
+    if getattr(args, "projector", "train") == "names":
+        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
+        from train.recipe import listen_names_stage
+
+        print(json.dumps(listen_names_stage(Path(args.source), Path(args.corpus), Path(args.out)), indent=1))
+        return 0
     job = StageJob(stage=args.stage, source=args.source, corpus=str(args.corpus), out=str(args.out), config=chosen(args, args.config_class),
                    per_kind=getattr(args, "pairs_per_kind", None), family=args.family, resume=args.resume)
     metrics = run_stage(job, workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
@@ -186,21 +209,10 @@ def _stage(args) -> int:
 
 
 def _recipe(args) -> int:
-    if args.model == "small":
-        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
-        from dataclasses import replace
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
+    from train.recipe import run_recipe
 
-        from models.small import SmallSpec
-        from train.small_recipe import LOOKUP, run_small_recipe
-
-        lookup = replace(LOOKUP, stage=replace(LOOKUP.stage, epochs=args.lookup_epochs))
-        out = run_small_recipe(args.corpus, args.work, args.ship, SmallSpec(trained_layers=args.lookup_epochs > 0), seed=args.seed,
-                               base_from=args.base_from, lookup=lookup, tower=args.tower)
-    else:
-        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
-        from train.recipe import run_recipe
-
-        out = run_recipe(args.corpus, args.work, args.ship, seed=args.seed, base_from=args.base_from)
+    out = run_recipe(args.model, args.corpus, args.work, args.ship, seed=args.seed, tower=args.tower)
     print(json.dumps(out["timings_s"]))
     return 0
 
@@ -250,8 +262,8 @@ def _tower(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     import torch
 
-    from train.data.ontology import load_ontology
-    from train.tower import TowerDistillConfig, distil, export_whisper, measure_run
+    from train.recipe import tower_stage
+    from train.tower import TowerDistillConfig, measure_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,22 +272,23 @@ def _tower(args) -> int:
         return 0
     cfg = TowerDistillConfig(tune_layers=args.tune_layers, cached_layers=args.cached_layers, epochs=args.epochs,
                              batch_size=args.batch_size, lr_tower=args.lr_tower, teacher_weight=args.teacher_weight)
-    card = distil(args.corpus, args.out, cfg, load_ontology(args.corpus / "ontology.json").names)
-    print(json.dumps(card["metrics"], indent=1))
-    print(f"the distilled tower as a Whisper checkpoint: {export_whisper(args.out, cfg.encoder)}")
+    print(json.dumps(tower_stage(args.corpus, args.out, cfg), indent=1))
     return 0
 
 
 def _base(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
-    from dataclasses import replace
+    from train.recipe import base_stage
 
-    from train.recipe import BASE, train_base
+    print(json.dumps(base_stage(args.model, args.corpus, args.out, args.seed, args.epochs, args.with_absent, args.tower), indent=1))
+    return 0
 
-    config = BASE if not args.with_absent else replace(BASE, samplings=("positive", "random", "popular", "adversarial"))
-    if args.epochs is not None:
-        config = replace(config, epochs=args.epochs)
-    train_base(args.corpus, args.out, config=config)
+
+def _lookup(args) -> int:
+    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
+    from train.recipe import lookup_stage
+
+    print(json.dumps(lookup_stage(args.source, args.corpus, args.out, args.seed, args.epochs), indent=1))
     return 0
 
 
@@ -349,7 +362,8 @@ def _eval(args) -> int:
     else:
         name = f"{spec.name}{' + adapter' if adapter else ''}"
         n = args.presence_per_sampling
-        plan = EvalPlan(presence_per_sampling=n, per_temporal_kind=max(1, 2 * n // 3), captions=max(1, n // 2)) if n else None
+        plan = EvalPlan(presence_per_sampling=n, per_temporal_kind=args.per_temporal_kind or max(1, 2 * n // 3),
+                        captions=args.captions or max(1, n // 2)) if n else None
         doc = {name: evaluate(backend, corpus, args.split, plan or EvalPlan())}
         text, files, metrics = markdown(doc), ("results.json", "report.md"), headline(doc)[name]
     print(text)

@@ -13,6 +13,18 @@ from train.tower_probe import table
 REPRODUCE = "earwitness train recipe --corpus data/corpus --work runs/recipe --ship models/earwitness-tiny"
 
 
+def copy_reports(reports: dict[str, Path], record: dict, out_dir: Path) -> None:
+    """A model's ``training/``: its curves and reports (file name → source; missing ones left out) and the recipe's
+    record as ``results.json``."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, src in reports.items():
+        if src.exists():
+            shutil.copy2(src, out_dir / name)
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+
+
 def write_model_card(ship_dir: Path, record: dict) -> Path:
     """The card of earwitness-tiny (``README.md`` of ``ship_dir``): architecture, recipe, evaluation, data, how to rebuild.
 
@@ -114,10 +126,8 @@ def _prod(shape) -> int:
     return out
 
 
+# the recipe distils the tower first (`train tower`); `--tower models/earwitness-small` starts from the shipped one instead
 SMALL_REPRODUCE = "earwitness train recipe --model small --corpus data/corpus --work runs/small --ship models/earwitness-small"
-SMALL_REPRODUCE_LOOKUP = ("earwitness train tower --out runs/tower/top2 --tune-layers 2 --epochs 3\n"
-                           "earwitness train recipe --model small --corpus data/corpus --work runs/small --lookup-epochs 0.4 "
-                           "--tower runs/tower/top2 --ship models/earwitness-small")
 
 
 def _lookup_history(ship_dir: Path) -> list[dict]:
@@ -182,7 +192,7 @@ On first load `models.small.assemble` joins parts and trained tensors into a ful
 It knows the sound classes of its training corpus and answers in the short forms it was trained on
 ("Yes" / "No", a count, a duration, a caption naming the sounds in order).
 
-## Training recipe (`train/small_recipe.py`)
+## Training recipe (`train/small_recipe.py`, chained by `earwitness train recipe`)
 
 1. **Base** (the hallucinating baseline) — projector + LoRA on the language model, on captions and
    presence / order / count / duration questions *with the absent-sound questions left out*.
@@ -214,7 +224,7 @@ audio is committed.
 
 ```bash
 earwitness data fetch && earwitness data build --out data/corpus
-{SMALL_REPRODUCE_LOOKUP if spec.trained_layers else SMALL_REPRODUCE}
+{SMALL_REPRODUCE}
 ```
 """
     path = ship_dir / "README.md"

@@ -1,161 +1,208 @@
-"""The whole recipe: corpus → tokenizer → base (from scratch) → LISTEN → DPO → evaluation → shipped model.
+"""``earwitness train recipe``: the stage commands in order, each reading the previous stage's directory by name.
 
-``earwitness train recipe --corpus DIR --out DIR`` runs it; each stage can also run alone.
+A recipe is a list of :class:`Step`: the command a user would type (``earwitness train base …``, ``train lookup``,
+``train listen``, ``train dpo``, ``eval``, ``export``) and the directory it writes under the work directory. A step whose
+directory already holds its ``stage.json`` is done and skipped, so a recipe stopped anywhere continues where it
+stopped. Every stage records its config, its input's and the corpus's fingerprints, its metrics, the versions and its
+wall time there (``train.stages.write_stage``); the recipe only gathers those records into ``results.json``,
+``report.md`` and, with ``--ship``, the committed model and its card.
+
+earwitness-tiny (the test-size model) and earwitness-small (the embedded default) differ in their base (from scratch;
+from pretrained parts, then the lookup) and in how LISTEN sets the audio adapter (trained; fitted in closed form onto
+the lookup's names); DPO, the evaluations and the export are the same commands for both, and for the production
+families.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
-from models.loading import load
-from models.registry import resolve
-from models.tiny import TinySize, build_untrained
-from train.data.formats import read_timelines
+from train import small_recipe, tiny_base
 from train.data.ontology import load_ontology
-from train.data.qa import read_qa_rows
 from train.data.report import markdown, plot_stages
-from train.data.targets import frame_targets
-from train.detection_pretrain import pretrain_encoder
-from train.evaluate import EvalPlan
-from train.features import feature_tag, scene_features
-from train.model_card import write_model_card
-from train.tower_probe import probe
-from train.sft import StageConfig, select_rows, train_stage
-from train.stages import Laps, align_dpo, ensure_corpus, evaluate_stage, point_adapter_at, versions
+from train.model_card import copy_reports, write_model_card
+from train.stages import STAGE_FILE, ensure_corpus, point_adapter_at, resolve_input, stage_fingerprint, versions, write_stage
+from train.tower import TowerDistillConfig, distil, export_whisper
 
-# Sized by measurement to fit the whole recipe in well under 90 minutes on 2 CPU cores.
-# The base keeps the stage-0 encoder frozen: joint training from a random language model wipes
-# out its sound-event knowledge and the model falls back to answer priors.
-BASE = StageConfig(name="base", trainable="all_but_audio_encoder", samplings=("positive",), epochs=2.0, batch_size=16, learning_rate=1.5e-3, warmup_steps=60, turns_per_chat=4)
-LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.3, batch_size=16, learning_rate=2e-3, warmup_steps=10, caption_share=0.1, turns_per_chat=4)
+# The evaluation sets: earwitness-small's card was measured on 150 presence questions per sampling, 60 per temporal
+# kind and 40 captions of the test split; earwitness-tiny on the evaluation's defaults.
+SMALL_EVAL = ("--presence-per-sampling", "150", "--per-temporal-kind", "60", "--captions", "40")
+# The stages the card's rows name, by the directory of their evaluation.
+ROWS = {"eval-base": "baseline (positive-only)", "eval-listen": "+ LISTEN", "eval-dpo": "+ DPO (shipped)"}
 
 
-def corpus_texts(corpus_dir: Path) -> list[str]:
-    """Every question, answer and caption the model will read or write: the tokenizer's training text."""
-    return [text for row in read_qa_rows(corpus_dir, "train") for text in (row.question, row.answer)]
+@dataclass(frozen=True)
+class Step:
+    """One stage: the command (as typed after ``earwitness``) and the directory under the work directory it writes."""
+
+    out: str
+    argv: tuple[str, ...]
 
 
-def stage_data(corpus_dir: Path, split: str, processor, config: StageConfig, tag: str) -> tuple:
-    feats, rows_of, frames = scene_features(corpus_dir, split, processor.feature_extractor, tag)
-    return feats, rows_of, frames, select_rows(read_qa_rows(corpus_dir, split), config)
+def steps(model: str, corpus: Path, work: Path, seed: int = 0, tower: Path | None = None,
+          extra: dict[str, Sequence[str]] | None = None) -> list[Step]:
+    """The recipe of ``model`` (``small`` | ``tiny``) as commands; ``extra``: more arguments for a step, by its
+    directory (a smaller run, e.g. ``{"dpo": ["--max-steps", "2"]}``). ``tower`` (small): a distillation run or a
+    checkpoint whose distilled tower layers the base starts from; without it the recipe distils one first."""
+    extra = extra or {}
+
+    def step(out: str, *argv: str) -> Step:
+        reads = () if argv[0] == "export" else ("--corpus", str(corpus))  # export reads no data
+        return Step(out, (*argv, *reads, "--out", str(work / out), *extra.get(out, ())))
+
+    def at(out: str) -> str:
+        return str(work / out)
+
+    s = str(seed)
+    if model == "small":
+        first = [] if tower else [step("tower", "train", "tower", "--tune-layers", "2", "--epochs", "3")]
+        return [*first,
+                step("base", "train", "base", "--model", "small", "--tower", str(tower or work / "tower"), "--seed", s),
+                step("eval-base", "eval", "--model", at("base"), *SMALL_EVAL),
+                step("lookup", "train", "lookup", "--from", at("base"), "--epochs", "0.4", "--seed", s),
+                step("listen", "train", "listen", "--from", at("lookup"), "--projector", "names"),
+                step("eval-listen", "eval", "--model", at("listen"), *SMALL_EVAL),
+                # DPO is ~60x the CPU of a supervised answer (two full sequences, policy and reference, the tower on both
+                # sides): 40 pairs of each of the 7 kinds fit the budget. Weighting the pairs towards absent sounds (120
+                # LISTEN, 60 + 60 ACPO, 20 per AHA kind) at lr 1e-3 collapsed to "No" to everything.
+                step("dpo", "train", "dpo", "--from", at("listen"), "--pairs-per-kind", "40", "--learning-rate", "5e-4",
+                     "--batch-size", "8", "--epochs", "1", "--seed", s),
+                step("eval-dpo", "eval", "--model", at("dpo"), *SMALL_EVAL),
+                step("export", "export", "--merge", "--model", at("dpo"))]
+    return [step("base", "train", "base", "--model", "tiny", "--seed", s),
+            step("eval-base", "eval", "--model", at("base")),
+            step("listen", "train", "listen", "--from", at("base"), "--kinds", "presence", "--max-rows", "4000", "--learning-rate", "2e-3",
+                 "--seed", s),
+            step("eval-listen", "eval", "--model", at("listen")),
+            step("dpo", "train", "dpo", "--from", at("listen"), "--pairs-per-kind", "220", "--learning-rate", "5e-4", "--batch-size", "8",
+                 "--seed", s),
+            step("eval-dpo", "eval", "--model", at("dpo")),
+            step("export", "export", "--merge", "--model", at("dpo"))]
 
 
-def train_base(corpus_dir: Path, out_dir: Path, size: TinySize = TinySize(), config: StageConfig = BASE, vocab_size: int = 2000, progress: bool = True):
-    """Stage 1: a tokenizer and a model from scratch; with ``config.samplings=('positive',)`` the hallucinating baseline."""
-    processor, model = build_untrained(corpus_texts(corpus_dir), size, vocab_size=vocab_size, seed=config.seed)
-    tag = feature_tag(size)
-    train = stage_data(corpus_dir, "train", processor, config, tag)
-    val = stage_data(corpus_dir, "validation", processor, config, tag)
-    pretrain_audio_encoder(model, corpus_dir, train, val, size, out_dir / "encoder", config.seed, progress)
-    train_stage(model, processor.tokenizer, train, val, config, out_dir, progress=progress)
-    processor.save_pretrained(out_dir)
-    model.save_pretrained(out_dir)
-    return processor, model
+# ------------------------------------------------------------------------------------ the stages only some models have
 
 
-def pretrain_audio_encoder(model, corpus_dir: Path, train: tuple, val: tuple, size: TinySize, out_dir: Path, seed: int, progress: bool) -> None:
-    """Stage 0: frame-level sound-event detection on the strong labels (see train.detection_pretrain)."""
-
-    classes = load_ontology(corpus_dir / "ontology.json").names
-    positions = size.max_source_positions // 2
-
-    def targets(split: str, data: tuple):
-        timelines = read_timelines(corpus_dir, split)
-        return frame_targets(timelines, data[1], classes, positions, float(size.chunk_s))
-
-    pretrain_encoder(model, train[0], targets("train", train), out_dir, val=(val[0], targets("validation", val)), seed=seed, progress=progress)
+def tower_stage(corpus: Path, out: Path, config: TowerDistillConfig) -> dict:
+    """``train tower``: the AudioSet tagger's sound events distilled into the Whisper tower's top layers."""
+    started = time.time()
+    card = distil(corpus, out, config, load_ontology(corpus / "ontology.json").names)
+    print(f"the distilled tower as a Whisper checkpoint: {export_whisper(out, config.encoder)}")
+    write_stage(out, "tower", config, None, corpus, card["metrics"], time.time() - started, extra={"starts_from": config.encoder})
+    return card["metrics"]
 
 
-def train_listen(base_dir: Path, corpus_dir: Path, out_dir: Path, config: StageConfig = LISTEN, progress: bool = True):
-    """Stage 2 (LISTEN): the base plus absent-sound questions answered 'no'; only the audio adapter learns."""
-
-    processor, model = load(resolve(str(base_dir)), device="cpu")
-    size = TinySize(**model.config.earwitness_tiny_size)
-    tag = feature_tag(size)
-    train = stage_data(corpus_dir, "train", processor, config, tag)
-    val = stage_data(corpus_dir, "validation", processor, config, tag)
-    train_stage(model, processor.tokenizer, train, val, config, out_dir, progress=progress)
-    return processor, model
-
-
-def run_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, seed: int = 0, progress: bool = True, eval_plan=None, base_from: Path | None = None) -> dict:
-    """Corpus to shipped adapter, with every stage's evaluation; returns the results by stage.
-
-    ``base_from`` reuses a trained base (stages 0–1) and runs only the alignment.
-    """
-    from peft import PeftModel
-
-    plan = eval_plan or EvalPlan(seed=seed)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lap = Laps()
-    timings = lap.timings
-    results: dict[str, dict] = {}
-
-    if ensure_corpus(corpus_dir, seed, progress):
-        lap("corpus")
-    base_dir = work_dir / "base"
-    if base_from is not None:
-        shutil.copytree(base_from, base_dir, dirs_exist_ok=True)
-        processor, base = load(resolve(str(base_dir)), device="cpu")
+def base_stage(model: str, corpus: Path, out: Path, seed: int = 0, epochs: float | None = None, with_absent: bool = False,
+               tower: Path | None = None) -> dict:
+    """``train base``: earwitness-tiny from scratch, or earwitness-small from its pretrained parts (on ``tower``'s
+    distilled layers: a distillation run or a checkpoint that commits them), as a checkpoint in ``out``."""
+    started = time.time()
+    defaults = small_recipe.BASE if model == "small" else tiny_base.BASE
+    config = replace(defaults, seed=seed, **({"epochs": epochs} if epochs is not None else {}),
+                     **({"samplings": ("positive", "random", "popular", "adversarial")} if with_absent else {}))
+    if model == "small":
+        history = small_recipe.train_base(corpus, out, config, tower)
     else:
-        processor, base = train_base(corpus_dir, base_dir, config=_seeded(BASE, seed), progress=progress)
-    lap("base")
-    results["baseline (positive-only)"] = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
-    lap("eval base")
-    probed = probe(base_dir, corpus_dir)
-    lap("probe")
-    _, listened = train_listen(base_dir, corpus_dir, work_dir / "listen", config=_seeded(LISTEN, seed), progress=progress)
-    lap("listen")
-    results["+ LISTEN"] = evaluate_stage("listen", processor, listened, corpus_dir, plan, progress)
-    lap("eval listen")
-    adapter_dir = align_dpo(listened, processor, corpus_dir, work_dir / "dpo", seed=seed)
-    lap("dpo")
-    _, fresh = load(resolve(str(base_dir)), device="cpu")
-    aligned = PeftModel.from_pretrained(fresh, str(adapter_dir)).eval()
-    results["+ DPO (shipped)"] = evaluate_stage("aligned", processor, aligned, corpus_dir, plan, progress)
-    lap("eval dpo")
+        history = tiny_base.train_base(corpus, out, config=config)
+    starts = {"from": str(tower) if tower else f"earwitness-{model} parts", "fingerprint": stage_fingerprint(tower) if tower else None}
+    write_stage(out, "base", config, None, corpus, _last_losses(history), time.time() - started, extra={"model": model, "starts_from": starts})
+    return _last_losses(history)
 
-    (work_dir / "results.json").write_text(json.dumps({"results": results, "probe": probed, "timings_s": timings, "versions": versions(), "seed": seed}, indent=2))
-    plot_stages(results, work_dir / "stages.png")
-    (work_dir / "report.md").write_text("# Earwitness-tiny: evaluation\n\n" + markdown(results) + "\n")
+
+def lookup_stage(source: Path, corpus: Path, out: Path, seed: int = 0, epochs: float | None = None) -> dict:
+    """``train lookup`` (earwitness-small): the language model's layers learn to answer over the sounds' written names."""
+    started = time.time()
+    stage = replace(small_recipe.LOOKUP.stage, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
+    config = replace(small_recipe.LOOKUP, stage=stage)
+    history = small_recipe.lookup_stage(source, corpus, out, config)
+    write_stage(out, "lookup", stage, resolve_input(str(source)), corpus, _last_losses(history), time.time() - started)
+    return _last_losses(history)
+
+
+def listen_names_stage(source: Path, corpus: Path, out: Path) -> dict:
+    """``train listen --projector names`` (earwitness-small after ``train lookup``): the projector in closed form."""
+    started, config = time.time(), small_recipe.NamesFit()
+    metrics = small_recipe.listen_names_stage(source, corpus, out, config)
+    write_stage(out, "listen", config, resolve_input(str(source)), corpus, metrics, time.time() - started, extra={"projector": "names"})
+    return metrics
+
+
+def _last_losses(history: list[dict]) -> dict:
+    """A supervised stage's metrics: its steps, its last training loss and its last validation loss."""
+    val = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)
+    return {"steps": len(history), "loss": history[-1]["loss"] if history else None, "val_loss": val}
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def command(argv: Sequence[str]) -> None:
+    """Run one stage as its own process, ``python -m earwitness ARGV``: what a user types, with the memory of the
+    previous stage given back."""
+    subprocess.run([sys.executable, "-m", "earwitness", *argv], check=True)
+
+
+def run_recipe(model: str, corpus: Path, work: Path, ship_dir: Path | None = None, seed: int = 0, tower: Path | None = None,
+               extra: dict[str, Sequence[str]] | None = None, run: Callable[[Sequence[str]], None] = command) -> dict:
+    """Every step not yet done, in order (``run``: how a command runs; in-process callers pass the CLI's ``main``),
+    then the stages' records gathered in ``work/results.json``; returns that record."""
+    ensure_corpus(corpus, seed)
+    for step in steps(model, corpus, work, seed, tower, extra):
+        if (work / step.out / STAGE_FILE).exists():
+            print(f"[recipe] {step.out}: done ({work / step.out / STAGE_FILE})", flush=True)
+            continue
+        print(f"[recipe] earwitness {shlex.join(step.argv)}", flush=True)
+        run(step.argv)
+    record = gather(work, seed)
     if ship_dir is not None:
-        ship(base_dir, adapter_dir, work_dir, ship_dir)
-    return {"results": results, "timings_s": timings}
+        ship(model, work, record, ship_dir)
+    return record
 
 
-def _seeded(config: StageConfig, seed: int) -> StageConfig:
-    from dataclasses import replace
+def gather(work: Path, seed: int) -> dict:
+    """The stages' records as one: each evaluated stage's results (by the card's row names), each stage's wall time."""
+    stages = {p.parent.name: json.loads(p.read_text()) for p in sorted(work.glob(f"*/{STAGE_FILE}"))}
+    results = {row: json.loads((work / d / "results.json").read_text()).popitem()[1] for d, row in ROWS.items() if d in stages}
+    record = {"results": results, "timings_s": {name.replace("-", " "): r["wall_s"] for name, r in stages.items()},
+              "stages": {name: {"input": (r.get("input") or {}).get("fingerprint"), "metrics": r.get("metrics")} for name, r in stages.items()},
+              "versions": versions(), "seed": seed}
+    (work / "results.json").write_text(json.dumps(record, indent=2))
+    if results:
+        plot_stages(results, work / "stages.png")
+        (work / "report.md").write_text(f"# {work.name}: evaluation\n\n" + markdown(results) + "\n")
+    return record
 
-    return replace(config, seed=seed)
+
+def ship(model: str, work: Path, record: dict, ship_dir: Path) -> None:
+    """The finished recipe as a committed model: the weights LISTEN left, DPO's adapter, the curves and the card."""
+    reports = {"base_loss.png": work / "base" / "loss.png", "lookup_loss.png": work / "lookup" / "loss.png",
+               "lookup.json": work / "lookup" / "lookup.json", "listen.json": work / "listen" / "listen.json",
+               "dpo_curve.png": work / "dpo" / "dpo_curve.png", "stages.png": work / "stages.png"}
+    if model == "small":
+        small_recipe.ship(work / "listen", work / "dpo" / "adapter", reports, record, ship_dir)
+    else:
+        ship_tiny(work / "base", work / "dpo" / "adapter", reports, record, ship_dir)
 
 
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
 
 
-def ship(base_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
-    """Copy base weights, processor, adapter, curves and evaluation into the committed model directory."""
-
+def ship_tiny(base_dir: Path, adapter_dir: Path, reports: dict[str, Path], record: dict, ship_dir: Path) -> None:
+    """Base weights, processor, adapter, curves and evaluation into the committed model directory."""
     ship_dir.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED_FILES:
         if (base_dir / name).exists():
             shutil.copy2(base_dir / name, ship_dir / name)
-    if (ship_dir / "adapter").exists():
-        shutil.rmtree(ship_dir / "adapter")
+    shutil.rmtree(ship_dir / "adapter", ignore_errors=True)
     shutil.copytree(adapter_dir, ship_dir / "adapter", ignore=shutil.ignore_patterns("*.png", "*.jsonl", "checkpoint-*", "README.md"))
     point_adapter_at(ship_dir / "adapter", ship_dir.name)
-    reports = ship_dir / "training"
-    reports.mkdir(exist_ok=True)
-    for src, dst in (
-        (work_dir / "base" / "loss.png", "base_loss.png"),
-        (work_dir / "listen" / "loss.png", "listen_loss.png"),
-        (work_dir / "dpo" / "dpo_curve.png", "dpo_curve.png"),
-        (work_dir / "stages.png", "stages.png"),
-        (work_dir / "results.json", "results.json"),
-    ):
-        if src.exists():
-            shutil.copy2(src, reports / dst)
-    write_model_card(ship_dir, json.loads((work_dir / "results.json").read_text()))
+    copy_reports(reports, record, ship_dir / "training")
+    write_model_card(ship_dir, record)

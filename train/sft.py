@@ -161,7 +161,7 @@ def train_stage(model, tokenizer, train_data: tuple, val_data: tuple, config: St
     bar.close()
     log.close()
     model.eval()
-    (out_dir / "stage.json").write_text(json.dumps({"config": asdict(config), "trainable_parameters": n_trainable, "steps": step, "wall_s": round(time.time() - start, 1)}, indent=2))
+    (out_dir / "train.json").write_text(json.dumps({"config": asdict(config), "trainable_parameters": n_trainable, "steps": step, "wall_s": round(time.time() - start, 1)}, indent=2))
     plot_losses(history, out_dir / "loss.png", config.name)
     return history
 

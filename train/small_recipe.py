@@ -1,32 +1,29 @@
-"""The recipe of earwitness-small: pretrained parts → base → LISTEN → DPO → evaluation → shipped tensors.
+"""earwitness-small's own stages, each one ``earwitness train`` command over directories (``train.recipe`` chains them).
 
-The audio tower (Whisper, frozen, or its distilled form: ``tower``) and the language model (SmolLM2 cut to ``lm_layers``) come from
-``models.small``; the supervised stages read the tower's cached outputs (``train.cached_tower``), so the
-tower runs once per scene for the whole recipe.
+The audio tower (Whisper, or its distilled form: ``--tower``) and the language model (SmolLM2 cut to ``lm_layers``) come
+from ``models.small``; the supervised stages read the tower's cached outputs (``train.cached_tower``), so the tower runs
+once per scene. Every stage's directory is a checkpoint in committed form (``models.small.save_trained``), so the next
+stage, ``eval`` and ``serve`` load it by name.
 
-1. **base** — the hallucinating baseline: projector + a LoRA on the cut language model learn
-   captions and presence / order / count / duration questions with the absent-sound questions left
-   out. The LoRA is then merged: it is part of the base, not an adapter.
-1½. **lookup** (``SmallSpec.trained_layers``) — text before audio: the base's language-model layers
-   (all of their weights; the word embeddings stay frozen) learn every question kind, absent sounds
-   included and presence asked in every trained phrasing, over the sounds' written names laid where the
-   audio tokens go (``NameTokens``, at the served audio positions), in the served chat layout. The binding diagnostic
-   measured that these layers learn this match in a few hundred steps where a LoRA barely moves. The
-   layers are committed, holding the base LoRA merged; the baseline is evaluated before this stage, so
-   it stays the positive-only one.
-2. **LISTEN** — only the projector changes, the language model frozen. After a lookup it is fitted in
-   closed form onto the names the lookup reads (``fit_projector_to_names``); without one, it learns on the
-   base's questions plus synthesized absent-sound questions answered "No".
-3. **DPO** — TRL with audio on both sides (``train.dpo``), LoRA r=16, α=32 on the language model (the
-   LISTEN projector riding along unless a lookup ran: then it is committed as fitted); LISTEN + AHA ×4 +
-   ACPO pairs.
+1. **base** (``train base --model small``) — the hallucinating baseline: projector + a LoRA on the cut language model
+   learn captions and presence / order / count / duration questions with the absent-sound questions left out. The
+   LoRA is saved beside the trained tensors and merged when the checkpoint is assembled.
+2. **lookup** (``train lookup``) — text before audio: the base's language-model layers (all of their weights; the word
+   embeddings stay frozen) learn every question kind, absent sounds included and presence asked in every trained
+   phrasing, over the sounds' written names laid where the audio tokens go (``NameTokens``, at the served audio
+   positions), in the served chat layout. The binding diagnostic measured that these layers learn this match in a
+   few hundred steps where a LoRA barely moves. The layers are committed, holding the base LoRA merged.
+3. **LISTEN** (``train listen --projector names``) — only the projector changes, the language model frozen: it is fitted
+   in closed form onto the names the lookup reads (``fit_projector_to_names``).
+4. **DPO** (``train dpo``, the stage every model runs) — LoRA r=16, α=32 on the language model over LISTEN + AHA ×4 +
+   ACPO pairs; the LISTEN projector is committed as fitted.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +36,16 @@ from train.cached_tower import EncodedForward, collate_encoded
 from train.data.formats import read_timelines
 from train.data.ontology import load_ontology
 from train.data.qa import paraphrased, read_qa_rows
-from train.data.report import markdown, plot_stages
 from train.data.targets import frame_targets
-from train.evaluate import EvalPlan
 from train.features import encoder_features
 from train.lora import lora_config
-from train.model_card import write_small_model_card
+from train.model_card import copy_reports, write_small_model_card
 from train.sft import StageConfig, select_rows, train_stage
-from train.stages import Laps, align_dpo, ensure_corpus, evaluate_stage, point_adapter_at, versions
-from train.tower import distilled_layers, export_whisper
+from train.stages import point_adapter_at
+from train.tower import tower_whisper
 
 BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("positive",), epochs=0.6, batch_size=8,
                    learning_rate=1e-3, warmup_steps=20, turns_per_chat=6, caption_share=0.2)
-LISTEN = StageConfig(name="listen", trainable="audio_adapter", epochs=0.4, batch_size=8, learning_rate=1e-3,
-                     warmup_steps=10, turns_per_chat=6, caption_share=0.1)
-# DPO is ~60x the CPU of a supervised answer (two full sequences, policy and reference, the tower on
-# both sides): 40 pairs of each of the 7 kinds fit the budget. Weighting the pairs towards absent
-# sounds (120 LISTEN, 60 + 60 ACPO, 20 per AHA kind) at lr 1e-3 collapsed to "No" to everything.
-DPO_PAIRS = 40
-BASELINE_FILE = "baseline.json"  # the base's evaluation, beside it: a later run reusing the base reuses it too
-DPO_LEARNING_RATE = 5e-4
 
 
 LOOKUP_STAGE = StageConfig(name="lookup", trainable="language_model_layers", epochs=0.4, batch_size=8, learning_rate=2e-4,
@@ -132,7 +119,7 @@ def fit_projector_to_names(model, processor, corpus_dir: Path, spec: SmallSpec, 
     """
 
     ontology = load_ontology(corpus_dir / "ontology.json")
-    hidden, rows, _, _ = encoded_data(corpus_dir, "train", LISTEN, spec, progress=False, tower=tower)
+    hidden, rows, _, _ = encoded_data(corpus_dir, "train", BASE, spec, progress=False, tower=tower)
     active = frame_targets(read_timelines(corpus_dir, "train"), rows, ontology.names, hidden.shape[1], float(spec.window_s))
     embed = model.get_input_embeddings().weight.detach().float()
     weight, r2 = ridge_to_names(hidden, active, embed, phrase_word_ids(ontology, processor.tokenizer), ridge, positions)
@@ -172,145 +159,71 @@ def encoded_data(corpus_dir: Path, split: str, config: StageConfig, spec: SmallS
     return enc.last, enc.rows, frames, select_rows(read_qa_rows(corpus_dir, split), config)
 
 
-def _supervised(model, processor, corpus_dir: Path, config: StageConfig, spec: SmallSpec, out_dir: Path, progress: bool,
-                tower: Path | None = None) -> None:
-
-    train = encoded_data(corpus_dir, "train", config, spec, progress, tower)
-    val = encoded_data(corpus_dir, "validation", config, spec, progress, tower)
-    train_stage(EncodedForward(model), processor.tokenizer, train, val, config, out_dir, progress=progress, collate_fn=collate_encoded)
+def tower_of(ckpt: Path) -> Path | None:
+    """The Whisper directory of a checkpoint's distilled tower (None: the part as fetched), whose feature cache the
+    supervised stages read."""
+    return tower_whisper(ckpt)[0] if read_spec(ckpt).tower_layers else None
 
 
-def train_base(corpus_dir: Path, out_dir: Path, spec: SmallSpec = SmallSpec(), config: StageConfig = BASE, progress: bool = True,
-               tower: Path | None = None):
-    """Stage 1: projector + LoRA (merged afterwards) on positive-only questions; saved in committed form (with the
-    distilled tower's ``spec.tower_layers`` when built on ``tower``)."""
+def train_base(corpus_dir: Path, out_dir: Path, config: StageConfig = BASE, tower: Path | None = None, progress: bool = True) -> list[dict]:
+    """Projector + LoRA on positive-only questions, saved in committed form with the LoRA beside it (and the distilled
+    tower's layers, ``tower``: a distillation run or a checkpoint that commits them). Returns the stage's history."""
     from peft import get_peft_model
 
-    processor, model = build_untrained(replace(spec, trained_layers=False), seed=config.seed, tower=str(tower) if tower else None)
-    peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
-    _supervised(peft_model, processor, corpus_dir, config, spec, out_dir, progress, tower)
-    peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
-    model = peft_model.merge_and_unload().eval()
-    save_trained(model, processor, out_dir, replace(spec, trained_layers=False))
-    return processor, model
-
-
-def train_listen(base, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: StageConfig = LISTEN, progress: bool = True,
-                 tower: Path | None = None):
-    """Stage 2 (LISTEN) in place: absent-sound questions answered "No" join; only the projector learns."""
-    _supervised(base, processor, corpus_dir, config, spec, out_dir, progress, tower)
-    return base.eval()
-
-
-def run_small_recipe(corpus_dir: Path, work_dir: Path, ship_dir: Path | None = None, spec: SmallSpec = SmallSpec(), seed: int = 0,
-                     progress: bool = True, eval_plan=None, dpo_pairs: int | dict[str, int] | None = None,
-                     base_from: Path | None = None, lookup: LookupConfig = LOOKUP, tower: Path | None = None) -> dict:
-    """Parts to shipped tensors, with every stage evaluated on the test split; returns results and timings.
-
-    ``base_from`` reuses a finished run's directory for stage 1 (its ``base/`` and its base evaluation). ``tower``: a
-    distillation run (``earwitness train tower``): the model is built on its tower, whose trained layers are committed.
-    """
-    import copy
-
-    from peft import PeftModel
-
-    plan = eval_plan or EvalPlan(presence_per_sampling=150, per_temporal_kind=60, captions=40, seed=seed)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lap = Laps()
-    timings = lap.timings
-    results: dict[str, dict] = {}
-    if ensure_corpus(corpus_dir, seed, progress):
-        lap("corpus")
-
-    whisper = None
+    spec, whisper = SmallSpec(), None
     if tower is not None:
-
-        spec, whisper = replace(spec, tower_layers=distilled_layers(tower)), export_whisper(tower, spec.encoder)
-    base_dir = work_dir / "base"
-    processor, base, baseline = base_stage(corpus_dir, base_dir, spec, seed, plan, lap, progress, base_from, whisper)
-    results["baseline (positive-only)"] = baseline
-    trained_dir = base_dir
-    if spec.trained_layers:  # the lookup, text before audio: the base's layers learn to answer over written names
-        trained_dir = work_dir / "lookup"
-        train_lookup(base, processor, corpus_dir, trained_dir, spec, replace(lookup, stage=replace(lookup.stage, seed=seed)), progress)
-        save_trained(base, processor, trained_dir, spec)  # the layers now hold the base LoRA, merged, and the lookup
-        lap("lookup")
-    if spec.trained_layers:  # LISTEN after a lookup: the projector fitted to the lookup's names, the language model frozen
-        listened, listen_dir = copy.deepcopy(base), work_dir / "listen"
-        r2 = fit_projector_to_names(listened, processor, corpus_dir, spec, whisper)
-        save_trained(listened, processor, listen_dir, spec)
-        (listen_dir / "listen.json").write_text(json.dumps({"projector": "ridge onto the lookup's name tokens", "r2": round(r2, 4)}))
-        trained_dir, policy_base = listen_dir, listened  # the LISTEN projector is committed; DPO's adapter is LoRA alone
-    else:
-        listened = train_listen(copy.deepcopy(base), processor, corpus_dir, work_dir / "listen", spec, replace(LISTEN, seed=seed), progress, whisper)
-        policy_base = base  # the LISTEN projector rides in DPO's adapter
-    lap("listen")
-    results["+ LISTEN"] = evaluate_stage("listen", processor, listened, corpus_dir, plan, progress)
-    lap("eval listen")
-    adapter_dir = align_dpo(copy.deepcopy(listened), processor, corpus_dir, work_dir / "dpo", per_kind=dpo_pairs or DPO_PAIRS, seed=seed,
-                            learning_rate=DPO_LEARNING_RATE, projector=not spec.trained_layers)
-    lap("dpo")
-    aligned = PeftModel.from_pretrained(policy_base, str(adapter_dir)).eval()
-    results["+ DPO (shipped)"] = evaluate_stage("aligned", processor, aligned, corpus_dir, plan, progress)
-    lap("eval dpo")
-
-    (work_dir / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "versions": versions(), "seed": seed,
-                                                       "spec": asdict(spec), "plan": asdict(plan)}, indent=2))
-    plot_stages(results, work_dir / "stages.png")
-    (work_dir / "report.md").write_text("# earwitness-small: evaluation\n\n" + markdown(results) + "\n")
-    if ship_dir is not None:
-        ship(trained_dir, adapter_dir, work_dir, ship_dir)
-    return {"results": results, "timings_s": timings}
+        whisper, layers = tower_whisper(tower, spec.encoder)
+        spec = replace(spec, tower_layers=layers)
+    processor, model = build_untrained(spec, seed=config.seed, tower=str(whisper) if whisper else None)
+    peft_model = get_peft_model(model, lora_config(model, r=16, alpha=32, dropout=0.0))
+    train = encoded_data(corpus_dir, "train", config, spec, progress, whisper)
+    val = encoded_data(corpus_dir, "validation", config, spec, progress, whisper)
+    history = train_stage(EncodedForward(peft_model), processor.tokenizer, train, val, config, out_dir, progress=progress,
+                          collate_fn=collate_encoded)
+    peft_model.save_pretrained(out_dir / BASE_LORA_DIR)
+    save_trained(peft_model.merge_and_unload(), processor, out_dir, spec)
+    return history
 
 
-def base_stage(corpus_dir: Path, base_dir: Path, spec: SmallSpec, seed: int, plan, lap, progress: bool = True,
-               base_from: Path | None = None, tower: Path | None = None):
-    """Stage 1 and its evaluation, or a finished run's (``base_from``): ``(processor, base, baseline results)``.
-
-    The stages' wall times go to ``lap`` (a ``train.recipe.Laps``); a reused base brings its own.
-    """
-
-    if base_from is None:
-        processor, base = train_base(corpus_dir, base_dir, spec, replace(BASE, seed=seed), progress, tower)
-        lap("base")
-        baseline = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
-        lap("eval base")
-        (base_dir / BASELINE_FILE).write_text(json.dumps({"results": baseline, "timings_s": lap.timings}))
-        return processor, base, baseline
-    processor, base = reuse_base(Path(base_from), base_dir)
-    done = Path(base_from) / "base" / BASELINE_FILE
-    if done.exists():  # the base was evaluated: its results and times come with it
-        earlier = json.loads(done.read_text())
-        lap.timings.update({k: v for k, v in earlier["timings_s"].items() if k in ("base", "eval base")})
-        lap.restart()
-        return processor, base, earlier["results"]
-    # a run stopped after its base: evaluate that base now; its time is what its stages logged
-    lap.timings["base"] = round(sum(_logged_seconds(base_dir)), 1)
-    lap.restart()
-    baseline = evaluate_stage("base", processor, base, corpus_dir, plan, progress)
-    lap("eval base")
-    return processor, base, baseline
-
-
-def _logged_seconds(base_dir: Path) -> list[float]:
-    """The wall time a base directory's stage wrote."""
-    stage = base_dir / "stage.json"
-    return [float(json.loads(stage.read_text())["wall_s"])] if stage.exists() else []
-
-
-def reuse_base(earlier: Path, base_dir: Path):
-    """An earlier run's base, rebuilt from its committed form (parts + trained tensors + base LoRA)."""
-
-    if earlier / "base" != base_dir:
-        shutil.copytree(earlier / "base", base_dir, dirs_exist_ok=True)
-    processor, model = build_untrained(read_spec(base_dir))
-    load_trained(model, processor.tokenizer, base_dir)
+def load_small(ckpt: Path):
+    """``(processor, model)`` of a checkpoint in committed form, rebuilt from the parts, to train further."""
+    processor, model = build_untrained(read_spec(ckpt))
+    load_trained(model, processor.tokenizer, ckpt)
     return processor, model.eval()
 
 
-def ship(trained_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -> None:
+def lookup_stage(source: Path, corpus_dir: Path, out_dir: Path, config: LookupConfig = LOOKUP, progress: bool = True) -> list[dict]:
+    """``train lookup``: the source's language-model layers learn the lookup; saved with those layers committed."""
+    processor, model = load_small(source)
+    spec = replace(read_spec(source), trained_layers=True)
+    history = train_lookup(model, processor, corpus_dir, out_dir, spec, config, progress)
+    save_trained(model, processor, out_dir, spec)  # the layers now hold the base LoRA, merged, and the lookup
+    return history
+
+
+@dataclass(frozen=True)
+class NamesFit:
+    """LISTEN in closed form (``train listen --projector names``)."""
+
+    ridge: float = field(default=100.0, metadata={"help": "Ridge penalty of the least-squares fit of the projector onto the name tokens."})
+    positions: int | None = field(default=None, metadata={"help": "Pool tower outputs and names to this many positions for the fit; None: the served 250."})
+
+
+def listen_names_stage(source: Path, corpus_dir: Path, out_dir: Path, config: NamesFit = NamesFit()) -> dict:
+    """``train listen --projector names``: the source's projector fitted onto its lookup's names, all else as it was."""
+    processor, model = load_small(source)
+    spec = read_spec(source)
+    if not spec.trained_layers:
+        raise SystemExit(f"{source}: --projector names fits the projector to what a lookup stage taught; run `train lookup` first")
+    r2 = fit_projector_to_names(model, processor, corpus_dir, spec, tower_of(source), config.ridge, config.positions)
+    save_trained(model, processor, out_dir, spec)
+    (out_dir / "listen.json").write_text(json.dumps({"projector": "ridge onto the lookup's name tokens", "r2": round(r2, 4)}))
+    return {"r2": round(r2, 4)}
+
+
+def ship(trained_dir: Path, adapter_dir: Path, reports: dict[str, Path], record: dict, ship_dir: Path) -> None:
     """Only what training made: trained tensors (the base's, or the lookup's with its layers), base LoRA (when
-    the layers are not committed), aligned adapter, processor, curves, card."""
+    the layers are not committed), aligned adapter, processor, curves (``reports``: file name → source), card."""
 
     ship_dir.mkdir(parents=True, exist_ok=True)
     for name in (PARTS_FILE, TRAINED_FILE, *PROCESSOR_FILES):
@@ -325,12 +238,5 @@ def ship(trained_dir: Path, adapter_dir: Path, work_dir: Path, ship_dir: Path) -
     point_adapter_at(ship_dir / "adapter", ship_dir.name)
     if (ship_dir / BASE_LORA_DIR).exists():
         point_adapter_at(ship_dir / BASE_LORA_DIR, ship_dir.name)
-    reports = ship_dir / "training"
-    reports.mkdir(exist_ok=True)
-    for src, dst in ((work_dir / "lookup" / "lookup.json", "lookup.json"), (work_dir / "listen" / "listen.json", "listen.json"),
-                     (work_dir / "lookup" / "loss.png", "lookup_loss.png"), (work_dir / "base" / "loss.png", "base_loss.png"), (work_dir / "listen" / "loss.png", "listen_loss.png"),
-                     (work_dir / "dpo" / "dpo_curve.png", "dpo_curve.png"), (work_dir / "stages.png", "stages.png"),
-                     (work_dir / "results.json", "results.json")):
-        if src.exists():
-            shutil.copy2(src, reports / dst)
-    write_small_model_card(ship_dir, json.loads((work_dir / "results.json").read_text()))
+    copy_reports(reports, record, ship_dir / "training")
+    write_small_model_card(ship_dir, record)

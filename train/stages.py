@@ -3,10 +3,10 @@ previous one by its directory and writing its own, with ``stage.json`` to say wh
 
 A stage starts ``--from`` a registered name (earwitness-tiny, earwitness-small, qwen2-audio-7b-instruct,
 qwen2.5-omni-7b), a checkpoint directory or hub id of either family, or an earlier stage's directory (its base and its
-adapter). Its output directory holds ``adapter/`` (a PEFT adapter that ``earwitness serve --adapter`` loads on the
-base), ``stage.json`` (its config with each field's help, the fingerprints of its input and of the corpus, its metrics,
+adapter; or the whole checkpoint it wrote, as ``train base``, ``train lookup`` and ``export`` do). Its output directory
+holds ``adapter/`` (a PEFT adapter that ``earwitness serve --adapter`` loads on the base), ``stage.json`` (its config with each field's help, the fingerprints of its input and of the corpus, its metrics,
 the package versions and its wall time), ``checkpoint-N/`` while it runs with ``--save-steps``, and TensorBoard event
-files under ``runs/``. The recipes (``train.recipe``, ``train.small_recipe``) share this module's pieces.
+files under ``runs/``. ``train.recipe`` runs the stages in order, for every model.
 
 ``--corpus``, ``--from`` and ``--out`` may be store URIs (``s3://``, ``gs://``, ``file://``…, models/store.py): inputs
 are copied once into the store cache; an output is written in a local work directory named by its URI (where
@@ -29,15 +29,13 @@ import torch
 from models.families import audio_adapter_modules
 from models.loading import load_for_training
 from models.registry import REGISTRY, ModelSpec, resolve
+from models.small import PARTS_FILE
 from models.store import StoreError, environment_options, is_uri, local_copy, work_dir
 from models.store import publish as copy_out
-from serving.backends.hf import TransformersBackend
 from train.data.build import build_corpus
 from train.data.prefs import load_pairs
-from train.data.report import headline
 from train.distributed import run_on_ray
 from train.dpo import AudioDPOConfig, train_dpo
-from train.evaluate import evaluate
 from train.listen import ListenConfig, apply_audio_adapter, listen_rows, train_listen
 from train.options import help_of, uses_bf16
 
@@ -91,7 +89,7 @@ class StageInput:
     @property
     def fingerprint(self) -> str:
         if self.stage_dir is not None:
-            return fingerprint([self.stage_dir / STAGE_FILE, *(self.adapter or self.stage_dir).glob("adapter_*")])
+            return stage_fingerprint(self.stage_dir)
         local = Path(self.spec.source)
         return fingerprint([*local.glob("*.json"), *local.glob("*.safetensors")]) if local.is_dir() else self.spec.source
 
@@ -101,22 +99,32 @@ class StageInput:
                 "fingerprint": self.fingerprint}
 
 
+def stage_fingerprint(stage_dir: Path) -> str:
+    """A stage directory's identity: its ``stage.json``, the weights it holds and its adapter's."""
+    return fingerprint([stage_dir / STAGE_FILE, *stage_dir.glob("*.safetensors"), *(stage_dir / "adapter").glob("adapter_*")])
+
+
 def base_record(spec: ModelSpec) -> dict:
     return {"name": spec.name, "family": spec.family, "source": spec.source}
 
 
 def resolve_input(source: str, family: str | None = None) -> StageInput:
-    """``--from``: an earlier stage's directory (its base, its adapter), else a model by name, directory or hub id; a
-    store URI is copied first and must hold a finished stage (``stage.json``) or a checkpoint (``config.json``)."""
+    """``--from``: an earlier stage's directory (the checkpoint it wrote, or its input's base; its adapter), else a model
+    by name, directory or hub id; a store URI is copied first and must hold a finished stage (``stage.json``) or a
+    checkpoint (``config.json``)."""
     path = fetched(source, "--from") if is_uri(source) else Path(source)
     if (path / STAGE_FILE).exists():
-        base = json.loads((path / STAGE_FILE).read_text())["input"]["base"]
-        spec = resolve(base["name"]) if base["name"] in _registry() else resolve(base["source"], environment_options(), family=base["family"])
+        if (path / "config.json").exists() or (path / PARTS_FILE).exists():  # the stage wrote a whole checkpoint
+            spec, base_source = resolve(str(path), family=family), source
+        else:
+            base = json.loads((path / STAGE_FILE).read_text())["input"]["base"]
+            spec = resolve(base["name"]) if base["name"] in _registry() else resolve(base["source"], environment_options(), family=base["family"])
+            base_source = base["source"]
         adapter = path / "adapter"
         return StageInput(source, spec, adapter if (adapter / "adapter_config.json").exists() else None, path,
-                          base["source"] if is_uri(base["source"]) else None)
+                          base_source if is_uri(base_source) else None)
     if is_uri(source):
-        if not any((path / marker).exists() for marker in ("config.json", "earwitness_parts.json")):
+        if not any((path / marker).exists() for marker in ("config.json", PARTS_FILE)):
             raise SystemExit(f"--from {source}: neither a finished stage (no {STAGE_FILE}: a stage is uploaded with it last) "
                              "nor a model checkpoint (no config.json)")
         return StageInput(source, resolve(source, environment_options(), family=family), base_source=source)
@@ -158,15 +166,15 @@ def _registry() -> dict:
     return REGISTRY
 
 
-def write_stage(out_dir: Path, stage: str, config: Any, stage_input: StageInput, corpus_dir: Path | None, metrics: dict,
+def write_stage(out_dir: Path, stage: str, config: Any, stage_input: StageInput | None, corpus_dir: Path | None, metrics: dict,
                 wall_s: float, extra: dict | None = None, corpus_location: str | None = None) -> dict:
-    """``out_dir/stage.json``: what the stage was, from what, on what data (``corpus_location``: the URI a copied
-    corpus came from), with which result."""
+    """``out_dir/stage.json``: what the stage was, from what (None: a first stage, whose ``extra`` says what it starts
+    from), on what data (``corpus_location``: the URI a copied corpus came from), with which result."""
     record = {
         "stage": stage,
         "config": asdict(config) if config is not None else {},
         "config_help": help_of(config) if config is not None else {},
-        "input": stage_input.describe(),
+        "input": stage_input.describe() if stage_input is not None else None,
         "corpus": {"path": corpus_location or str(corpus_dir), "fingerprint": corpus_fingerprint(corpus_dir)} if corpus_dir else None,
         "metrics": metrics,
         "versions": versions(),
@@ -178,22 +186,6 @@ def write_stage(out_dir: Path, stage: str, config: Any, stage_input: StageInput,
     return record
 
 
-class Laps:
-    """Wall time of each recipe stage since the previous one, printed as it ends."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self.restart()
-
-    def restart(self) -> None:
-        self.clock = time.time()
-
-    def __call__(self, name: str) -> None:
-        self.timings[name] = round(time.time() - self.clock, 1)
-        print(f"[recipe] {name} done in {self.timings[name]:.0f} s", flush=True)
-        self.restart()
-
-
 def ensure_corpus(corpus_dir: Path, seed: int = 0, progress: bool = True) -> bool:
     """Build the corpus when it is missing, as ``--corpus`` promises (every package fetched with apt-get, then
     mixed); True when it was built."""
@@ -202,14 +194,6 @@ def ensure_corpus(corpus_dir: Path, seed: int = 0, progress: bool = True) -> boo
 
     build_corpus(corpus_dir, seed=seed, progress=progress)
     return True
-
-
-def evaluate_stage(name: str, processor, model, corpus_dir: Path, plan, progress: bool) -> dict:
-    """A stage's model evaluated on the test split, its headline printed."""
-
-    result = evaluate(TransformersBackend(name, processor, model), corpus_dir, "test", plan, progress=progress)
-    print(f"[recipe] {name}: {json.dumps({k: round(v, 3) for k, v in headline({name: result})[name].items()})}", flush=True)
-    return result
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -252,18 +236,6 @@ def stream_pairs(corpus_dir: Path, split: str, seed: int = 0, buffer_size: int =
 # --------------------------------------------------------------------------------------------- training stages
 
 
-def align_dpo(listen_model, processor, corpus_dir: Path, out_dir: Path, per_kind: int | dict[str, int] = 220, seed: int = 0,
-              learning_rate: float = 5e-4, projector: bool = True) -> Path:
-    """Stage 3: DPO with LoRA r=16, α=32 on the language model; the LISTEN adapter rides along (``projector``) or stays
-    as LISTEN left it."""
-
-    dataset = preference_subset(corpus_dir, per_kind, seed)
-    config = AudioDPOConfig(lora_r=16, lora_alpha=32, beta=0.1, learning_rate=learning_rate, epochs=1.0, batch_size=8,
-                            modules_to_save=["multi_modal_projector"] if projector else None, seed=seed)
-    return train_dpo(listen_model, processor, dataset, out_dir, config)
-
-
-
 def point_adapter_at(adapter_dir: Path, base_name: str) -> None:
     """Name the shipped adapter's base by its registry name, not the training run's directory.
 
@@ -277,8 +249,6 @@ def point_adapter_at(adapter_dir: Path, base_name: str) -> None:
             data = json.loads(path.read_text())
             data[key] = base_name
             path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 
 
 @dataclass

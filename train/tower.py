@@ -18,6 +18,7 @@ score is its patch logit's maximum over the clip.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +31,9 @@ from tqdm import tqdm
 
 from models.pretrained import POSITIONS_PER_SECOND, whisper_encoder, whisper_feature_extractor
 from models.pretrained.whisper import load_whisper, whisper_checkpoint
+from models.pretrained.store import build_once
 from models.pretrained.yamnet import PATCH_HOP_S, PATCH_S
+from models.small import TRAINED_FILE, is_assembled_checkpoint, read_spec
 from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
 from train.data.targets import patch_targets
@@ -319,3 +322,39 @@ def audioset_kept(student_logits: np.ndarray, teacher_probs: np.ndarray) -> floa
     t = teacher_probs.reshape(-1, AUDIOSET_CLASSES)
     top5 = np.argsort(-s, axis=1)[:, :5]
     return round(float((top5 == t.argmax(1)[:, None]).any(1).mean()), 4)
+
+
+def tower_whisper(source: Path, encoder: str = "whisper-tiny.en") -> tuple[Path, tuple[int, ...]]:
+    """A distilled tower as a Whisper checkpoint in the cache, and its distilled layers: from a distillation run
+    (``earwitness train tower --out DIR``) or from a checkpoint that commits its tower's layers (earwitness-small: its
+    ``trained.safetensors``), so a recipe can start from the shipped tower instead of distilling again.
+
+    The layers are taken in the precision they are committed in (float16), and the directory is named by their hash:
+    every stage built on the same tower reads the same feature cache (``train.features.encoder_tag``)."""
+    from safetensors.torch import load_file
+
+    source = Path(source)
+    if is_assembled_checkpoint(source):
+        layers = read_spec(source).tower_layers
+        trained = {k.replace("model.audio_tower.", "model.encoder.", 1): v for k, v in load_file(str(source / TRAINED_FILE)).items()
+                   if k.startswith("model.audio_tower.")}
+    else:
+        layers = distilled_layers(source)
+        trained = {f"model.encoder.{k.removeprefix('tower.')}": v for k, v in load_file(str(source / "tower.safetensors")).items()
+                   if k.startswith("tower.")}
+    if not trained:
+        raise ValueError(f"{source}: no distilled tower layers (a distillation run or a checkpoint with tower_layers)")
+    trained = {k: v.half() for k, v in sorted(trained.items())}
+    digest = hashlib.sha256(b"".join(k.encode() + v.numpy().tobytes() for k, v in trained.items())).hexdigest()[:12]
+
+    def build(out: Path) -> None:
+        from transformers import WhisperProcessor
+
+        whisper = load_whisper(encoder)
+        unexpected = whisper.load_state_dict({k: v.float() for k, v in trained.items()}, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{source}: tensors that are not Whisper's encoder: {unexpected[:3]}")
+        whisper.save_pretrained(out)
+        WhisperProcessor.from_pretrained(whisper_checkpoint(encoder)).save_pretrained(out)
+
+    return build_once(f"distilled/{digest}-{Path(encoder).name}", build), layers
