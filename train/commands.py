@@ -392,8 +392,7 @@ def _export(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     import time
 
-    from models.loading import load
-    from models.loading import export_merged
+    from models.loading import export_merged, load
     from train.stages import deliver, output_dir, resolve_input, write_stage
 
     started = time.time()
