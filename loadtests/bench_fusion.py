@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", nargs="+", default=["earwitness-verifier", "models/earwitness-verifier-yamnet"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lopo", type=int, default=0, metavar="EPOCHS", help="also leave-one-package-out (heads of EPOCHS)")
+    ap.add_argument("--lopo-cache", type=Path, default=None, help="keep each member's held-out scores here (a rerun reuses them)")
+    ap.add_argument("--lopo-views", type=int, default=None, help="at most this many augmented views in the held-out heads' training")
     ap.add_argument("--report", type=Path, default=None, help="write the table here (markdown)")
     ap.add_argument("--out", type=Path, default=None, help="write the subset best on validation as a fused verifier here")
     ap.add_argument("--shipped", type=Path, default=Path("models/earwitness-verifier-fused"),
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     y = {split: np.array([r["sampling"] == "positive" for r in rs]) for split, rs in rows.items()}
     names = [member_dir(m).name for m in args.members]
     logits = {name: {split: member_logits(member_dir(m), args.corpus, rows[split]) for split in rows} for name, m in zip(names, args.members)}
-    held_out = lopo_logits(args.corpus, args.members, args.lopo) if args.lopo else None
+    held_out = lopo_logits(args.corpus, args.members, args.lopo, args.lopo_cache, args.lopo_views) if args.lopo else None
     results = [measure(subset, logits, y, rows["test"], args.corpus, held_out)
                for k in range(1, len(names) + 1) for subset in itertools.combinations(names, k)]
     shipped = json.loads((args.shipped / "verifier.json").read_text()) if (args.shipped / "verifier.json").exists() else None
@@ -159,23 +161,55 @@ def short(name: str) -> str:
     return "whisper" if name == "earwitness-verifier" else name.removeprefix("earwitness-verifier-")
 
 
-def lopo_logits(corpus: Path, members: list[str], epochs: int) -> dict[str, dict[str, dict[tuple, tuple[bool, float]]]]:
-    """Per member (by name), its leave-one-package-out held-out logits (:func:`held_out_logits`)."""
+def lopo_logits(corpus: Path, members: list[str], epochs: int, cache: Path | None = None,
+                views: int | None = None) -> dict[str, dict[str, dict[tuple, tuple[bool, float]]]]:
+    """Per member (by name), its leave-one-package-out held-out logits (:func:`held_out_logits`), kept in ``cache`` (one
+    file per member checkpoint, corpus, epochs and views) when given; ``views`` caps the augmented views."""
     from train.verifier import TextSpace
 
     space = TextSpace.build(corpus)
-    return {member_dir(m).name: held_out_logits(corpus, member_dir(m), space, epochs) for m in members}
+    return {member_dir(m).name: cached_held_out(corpus, member_dir(m), space, epochs, cache, views) for m in members}
 
 
-def held_out_logits(corpus: Path, directory: Path, space, epochs: int) -> dict[str, dict[tuple, tuple[bool, float]]]:
+def member_corpus(directory: Path, corpus: Path) -> Path:
+    """The corpus a member's heads are trained on: the one its card names (a member trained on teacher scenes names
+    the corpus that holds them) when it holds ``corpus``'s test questions, else ``corpus``."""
+    named = Path(json.loads((directory / "verifier.json").read_text())["training"].get("corpus") or corpus)
+    same = (named / "qa" / "test.jsonl").exists() and (named / "qa" / "test.jsonl").read_bytes() == (corpus / "qa" / "test.jsonl").read_bytes()
+    return named if same else corpus
+
+
+def cached_held_out(corpus: Path, directory: Path, space, epochs: int, cache: Path | None,
+                    views: int | None = None, compute=None) -> dict[str, dict[tuple, tuple[bool, float]]]:
+    """:func:`held_out_logits` of a member (or ``compute()``), read from / written to ``cache`` (keyed by its
+    checkpoint's card, the corpus its heads train on, ``epochs`` and ``views``)."""
+    import hashlib
+
+    train_on = member_corpus(directory, corpus)
+    compute = compute or (lambda: held_out_logits(train_on, directory, space, epochs, views))
+    if cache is None:
+        return compute()
+    key = hashlib.sha256((directory / "verifier.json").read_bytes() + f"{train_on.resolve()}:{epochs}:{views}".encode()).hexdigest()[:16]
+    path = cache / f"{directory.name}-{key}.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        return {pkg: {tuple(k): (y, s) for k, y, s in rows} for pkg, rows in doc.items()}
+    out = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({pkg: [[list(k), y, s] for k, (y, s) in rows.items()] for pkg, rows in out.items()}))
+    return out
+
+
+def held_out_logits(corpus: Path, directory: Path, space, epochs: int, views: int | None = None) -> dict[str, dict[tuple, tuple[bool, float]]]:
     """A member's leave-one-package-out, per package: question key → (present?, calibrated logit), each package's head
-    trained as the member's own (its card's encoder, views, batch, lr, seed, prior correction and calibration)."""
+    trained as the member's own (its card's encoder, views (at most ``views``), batch, lr, seed, prior correction and
+    calibration)."""
     from train.verifier import head_config, head_data, head_lopo
 
     doc = json.loads((directory / "verifier.json").read_text())
     sc, tr, cal = doc["scorer"], doc["training"], doc["calibration"]
     encoder = sc["kind"] if sc["kind"] in ("yamnet", "aisfx") else sc["encoder"]
-    data = head_data(corpus, encoder, tr.get("views", 0), space.classes)
+    data = head_data(corpus, encoder, min(tr.get("views", 0), views if views is not None else 99), space.classes)
     cfg = head_config(encoder, int(data["train"].features.shape[-1]), sc.get("width", 0))
     lopo = head_lopo(corpus, data, space, cfg, epochs, doc["prior_correction"], keep_scores=True, batch=tr["batch"], lr=tr["lr"], seed=tr["seed"])
     out = {}

@@ -100,12 +100,13 @@ def load_split(corpus_dir: Path, split: str, encoder: str, classes: list[str], l
 
 
 def held_out_packages(corpus_dir: Path, count: int = 6) -> list[str]:
-    """The packages with the most distinct non-speech classes: each is left out of training in turn."""
+    """The packages with the most distinct non-speech classes among the labelled sources (teacher-labelled files do not
+    count): each is left out of training in turn."""
     classes: dict[str, set[str]] = defaultdict(set)
     with (corpus_dir / "sources.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             r = json.loads(line)
-            if r["label"] != "Speech" and r["package"] != "synthetic":
+            if r["label"] != "Speech" and r["package"] != "synthetic" and not r.get("teacher"):
                 classes[r["package"]].add(r["label"])
     return sorted(classes, key=lambda p: (-len(classes[p]), p))[:count]
 

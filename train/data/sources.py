@@ -60,7 +60,7 @@ class SourceClip:
     group: str
 
 
-def _clip_id(package: str, path: str) -> str:
+def clip_id(package: str, path: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9]+", "_", Path(path.removeprefix("rcc:")).stem).strip("_")[:32]
     return f"{package}.{stem}.{hashlib.sha1(f'{package}:{path}'.encode()).hexdigest()[:8]}"
 
@@ -113,7 +113,7 @@ def apply_label_rules(csv_label: str, path: str, rules: Sequence[_Rule]) -> tupl
     return None, f"no label rule for {csv_label!r}"
 
 
-def _table_rows(tables: Sequence[Path] = SOURCE_TABLES) -> Iterable[dict]:
+def table_rows(tables: Sequence[Path] = SOURCE_TABLES) -> Iterable[dict]:
     for table in tables:
         with table.open(newline="", encoding="utf-8") as fh:
             yield from csv.DictReader(fh)
@@ -122,7 +122,7 @@ def _table_rows(tables: Sequence[Path] = SOURCE_TABLES) -> Iterable[dict]:
 def package_files(tables: Sequence[Path] = SOURCE_TABLES) -> dict[str, list[str]]:
     """Package → the files (archives for archived members) its rows need unpacked."""
     out: dict[str, set[str]] = defaultdict(set)
-    for row in _table_rows(tables):
+    for row in table_rows(tables):
         if not row["path"].startswith("rcc:"):
             out[row["package"]].add(archive_file(row["path"]).lstrip("/"))
     return {k: sorted(v) for k, v in out.items()}
@@ -139,7 +139,7 @@ def labelled_sources(packages: Iterable[str] = PACKAGES, tables: Sequence[Path] 
     onto = load_ontology()
     clips: list[SourceClip] = []
     excluded: Counter = Counter()
-    for row in _table_rows(tables):
+    for row in table_rows(tables):
         if row["package"] not in wanted:
             continue
         label, why = apply_label_rules(row["label"], row["path"], rules)
@@ -149,6 +149,6 @@ def labelled_sources(packages: Iterable[str] = PACKAGES, tables: Sequence[Path] 
         if label not in onto:
             excluded[f"label {label!r} not in ontology"] += 1
             continue
-        clips.append(SourceClip(_clip_id(row["package"], row["path"]), label, onto[label].kind,
+        clips.append(SourceClip(clip_id(row["package"], row["path"]), label, onto[label].kind,
                                 row["package"], row["path"], recording_group(row["package"], row["path"])))
     return clips, excluded
