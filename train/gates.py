@@ -122,7 +122,7 @@ def generated(model, processor, corpus_dir: Path, plan: GatePlan, name: str = "m
 
 
 def measure(model_dir: str | Path, corpus_dir: str | Path, plan: GatePlan = GatePlan(), adapter: bool = True,
-            answers: bool = True) -> dict:
+            answers: bool = True, served: bool = True) -> dict:
     """The gate row of one artefact: ``{split: {oracle_auc, served_auc, questions}, generated: {...}}``."""
     corpus_dir = Path(corpus_dir)
     processor, model = served_model(model_dir, adapter)
@@ -133,7 +133,7 @@ def measure(model_dir: str | Path, corpus_dir: str | Path, plan: GatePlan = Gate
     for split in plan.splits:
         rows = presence_rows(corpus_dir, split, plan.questions, plan.seed)
         out[split] = {"questions": len(rows), "oracle_auc": round(oracle_auc(lm, processor.tokenizer, corpus_dir, split, rows, n_audio, window_s), 4),
-                      "served_auc": round(served_auc(model, processor, lm, corpus_dir, rows), 4)}
+                      "served_auc": round(served_auc(model, processor, lm, corpus_dir, rows), 4) if served else float("nan")}
         print(f"[gates] {model_dir} {split}: {json.dumps(out[split])}", flush=True)  # a long measurement shows as it goes
     if answers:
         out["generated"] = generated(model, processor, corpus_dir, plan)
@@ -161,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-sampling", type=int, default=150)
     parser.add_argument("--no-adapter", action="store_true", help="the committed layers without the aligned adapter")
     parser.add_argument("--no-answers", action="store_true", help="skip the generated answers")
+    parser.add_argument("--oracle-only", action="store_true", help="only the oracle ROC-AUCs (gate 1): no tower run, no answers")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = measure(args.model, args.corpus, GatePlan(questions=args.questions, per_sampling=args.per_sampling),
-                     adapter=not args.no_adapter, answers=not args.no_answers)
+                     adapter=not args.no_adapter, answers=not (args.no_answers or args.oracle_only), served=not args.oracle_only)
     print(gate_table({Path(args.model).name: result}))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
