@@ -352,7 +352,7 @@ def plot_curve(history: list[dict], path: Path, gate: float | None = None) -> No
     if gate is not None:
         ax.axhline(gate, color="grey", linestyle="--", label=f"gate {gate}")
     for h0, h1 in zip(history, history[1:]):
-        if h0["positions"] != h1["positions"]:
+        if h0["step"] and h0["positions"] < h1["positions"]:  # step 0 is the start, measured at the served length
             ax.axvline(h0["step"], color="orange", linestyle=":", label="pooled → served positions")
     ax.set_xlabel("step")
     ax.set_ylabel("ROC-AUC")
