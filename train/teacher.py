@@ -359,9 +359,9 @@ def _link(src: Path, dst: Path) -> None:
 
 def build_teacher_corpus(corpus: Path, out: Path, chosen: list[dict], clips: Path, scenes: int, seed: int = 0,
                          cache: Path | None = None, progress: bool = True) -> dict:
-    """A copy of ``corpus`` (links) whose train split also holds ``scenes`` new scenes ``train-tNNNNN``, mixed from
-    the labelled train sources and the ``chosen`` teacher files (pooled per class), their events from teacher files
-    marked ``"teacher": <confidence>`` and the scenes ``"labels": "teacher"``. Validation, test, their questions and
+    """A copy of ``corpus`` (links) whose train split also holds ``scenes`` new scenes ``train-tNNNNN``: their events
+    drawn from the ``chosen`` teacher files (pooled per teacher class; each marked ``"teacher": <confidence>``), over
+    the labelled train split's ambience beds, the scenes marked ``"labels": "teacher"``. Validation, test, their questions and
     every other split file are the labelled corpus's own (links); ``sources.jsonl`` adds the teacher files
     (``"teacher": true``, split train), so that leave-one-package-out leaves their package out too."""
 
@@ -378,7 +378,6 @@ def build_teacher_corpus(corpus: Path, out: Path, chosen: list[dict], clips: Pat
     pool: dict[str, list[str]] = defaultdict(list)
     beds: dict[str, list[str]] = defaultdict(list)
     for r in train:
-        pool[r["label"]].append(r["id"])
         if onto[r["label"]].bed and r["duration"] >= BED_MIN_S:
             beds[r["label"]].append(r["id"])
     for r in chosen:
@@ -507,10 +506,11 @@ def teacher_features(labelled: Path, teacher_corpus: Path, encoders: list[str], 
     for f in sorted((teacher_corpus / "scenes" / "train").glob("train-t*.flac")):
         _link(f, staging / "scenes" / "train" / f.name)
     read = {"yamnet": yamnet_features, "aisfx": aisfx_features}
+    for enc in encoders:  # the teacher scenes first: the labelled corpus's own may still be computing
+        read[enc](staging, "train", progress=progress)
     for enc in encoders:
         if not (labelled / "features" / enc / "train.v0.json").exists():
             raise FileNotFoundError(f"{labelled}: the labelled train split's {enc} features are not cached yet")
-        read[enc](staging, "train", progress=progress)
         join_feature_caches(labelled, staging, teacher_corpus, [(enc, 0)])
 
 
