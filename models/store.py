@@ -154,17 +154,40 @@ def local_copy(location: str | os.PathLike, options: dict | None = None, cache: 
     return target
 
 
-def publish(directory: str | os.PathLike, uri: str, options: dict | None = None) -> str:
-    """Copy a local directory (a trained adapter) to ``uri``, where an ``adapter_store`` or ``model_source`` reads it;
-    a local ``uri`` is a plain directory copy."""
+def publish(directory: str | os.PathLike, uri: str, options: dict | None = None, last: tuple[str, ...] = ()) -> str:
+    """Copy a local directory (a trained adapter, a stage) to ``uri``, where an ``adapter_store``, ``model_source`` or a
+    later stage reads it; a local ``uri`` is a plain directory copy.
+
+    ``last``: top-level file names uploaded after everything else, and removed from ``uri`` before anything is: a
+    stage's ``stage.json``, so that a reader who finds it finds the whole stage (a store has no rename to make a
+    directory appear at once)."""
     directory = Path(directory)
     if not is_uri(uri):
         shutil.copytree(directory, uri, dirs_exist_ok=True)
         return str(uri)
     fs, root = _filesystem(uri, options)
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        fs.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(directory).as_posix()}")
+    root = root.rstrip("/")
+    for name in last:
+        if fs.exists(f"{root}/{name}"):
+            fs.rm_file(f"{root}/{name}")
+    files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(directory).as_posix() in last, str(p)))
+    for path in files:
+        fs.put_file(str(path), f"{root}/{path.relative_to(directory).as_posix()}")
+    fs.invalidate_cache()
     return uri
+
+
+def work_dir(uri: str) -> Path:
+    """The local directory in which an output bound for ``uri`` is written before :func:`publish` uploads it; named by
+    the URI, so a run resumed on the same cache volume finds its checkpoints there."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1])[:48] or "root"
+    return store_cache() / "outputs" / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+
+
+def environment_options() -> dict:
+    """fsspec storage options from ``$EARWITNESS_STORE_OPTIONS`` (JSON per protocol), the variable the served settings'
+    ``store_options`` read too: the commands reach the store that serving reads."""
+    return json.loads(os.environ.get("EARWITNESS_STORE_OPTIONS") or "{}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("uri")
-    parser.add_argument("--options", default=os.environ.get("EARWITNESS_STORE_OPTIONS") or "{}", help='fsspec storage options per protocol, JSON: {"s3": {"endpoint_url": "..."}}')
+    parser.add_argument("--options", default=None, help='fsspec storage options per protocol, JSON: {"s3": {"endpoint_url": "..."}}')
     args = parser.parse_args(argv)
-    print(local_copy(args.uri, json.loads(args.options)))
+    print(local_copy(args.uri, json.loads(args.options) if args.options else environment_options()))
     return 0
 
 

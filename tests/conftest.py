@@ -7,7 +7,7 @@ import tempfile
 import httpx
 import pytest
 
-from tests.helpers import build_tiny_checkpoint, free_port, wait_ready
+from tests.helpers import build_tiny_checkpoint, free_port, local_s3, wait_ready
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -50,6 +50,30 @@ def server(tiny_checkpoint, verifier_checkpoint, tmp_path_factory):
     wait_ready(url, 60)
     yield url, settings
     stop()
+
+
+S3_BUCKET = "earwitness"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 server (moto) holding the bucket ``earwitness`` and an s3fs client on it; yields ``(fs, store_options)``."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    with local_s3(S3_BUCKET) as (fs, options):
+        yield fs, options
+
+
+def drop_served_copies(prefix: str) -> None:
+    """Remove the store cache's copies of URIs under ``prefix``: a Serve app's replicas copy into the store cache of
+    their own environment, not a test's temporary one."""
+    import json
+
+    from models.store import COMPLETE, store_cache
+
+    for marker in store_cache().glob(f"*/{COMPLETE}"):
+        if json.loads(marker.read_text())["uri"].startswith(prefix):
+            shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 @pytest.fixture()

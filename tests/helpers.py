@@ -7,8 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from loadtests.clips import FORMATS, encode  # noqa: F401 - the tests' audio files are the load tests' own
+from train.data.formats import write_clotho_csv
 
 
 def free_port() -> int:
@@ -80,3 +82,41 @@ def local_s3(bucket: str):
         yield s3fs.S3FileSystem(skip_instance_cache=True, **options["s3"]), options
     finally:
         server.stop()
+
+
+def _sound(path, seconds: float, sr: int, channels: int, kind: str, seed: int) -> None:
+    """A synthesised clip (a tone or noise), written as the user's file would be: any rate, any channel count."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    mono = 0.3 * np.sin(2 * np.pi * (220 + 110 * seed) * t) if kind == "tone" else 0.2 * rng.standard_normal(t.size)
+    sf.write(path, np.repeat(mono[:, None], channels, axis=1).astype(np.float32), sr)
+
+
+def write_user_datasets(tmp_path: Path) -> tuple[Path, Path]:
+    """Tiny AudioCaps and Clotho directories in their published layouts under ``tmp_path``, their audio synthesised (a user's
+    own data sets, which the project never trains on); returns both directories."""
+    caps = tmp_path / "audiocaps"
+    (caps / "audio").mkdir(parents=True)
+    (caps / "train.csv").write_text("audiocap_id,youtube_id,start_time,caption\n"
+                                    "1,dogA_x,30,A dog barks while a man speaks\n"
+                                    "2,rainB,0,Rain falls on a metal roof\n"
+                                    "3,gone1,10,A siren wails\n", encoding="utf-8")  # its audio was never downloaded
+    (caps / "val.csv").write_text("audiocap_id,youtube_id,start_time,caption\n"
+                                  "4,bellC,5,A bell rings twice\n5,bellC,5,Church bells ringing\n", encoding="utf-8")
+    (caps / "test.csv").write_text("audiocap_id,youtube_id,start_time,caption\n6,humD,0,A machine whirs steadily\n", encoding="utf-8")
+    _sound(caps / "audio" / "dogA_x_30.wav", 10.0, 44_100, 2, "noise", 1)
+    _sound(caps / "audio" / "YrainB.flac", 4.0, 16_000, 1, "noise", 2)
+    _sound(caps / "audio" / "4.wav", 3.0, 22_050, 1, "tone", 3)  # named by its audiocap_id
+    _sound(caps / "audio" / "humD.wav", 2.0, 16_000, 1, "tone", 4)
+
+    clotho = tmp_path / "clotho"
+    for split, name, captions in (("development", "birds in park.wav", ["Birds chirping in a park.", "Small birds sing.", "Birds call.",
+                                                                         "Chirping birds and wind blowing.", "Birds are singing."]),
+                                  ("validation", "door.wav", ["A door creaks open.", "Someone opens a door.", "A door opening.",
+                                                              "A creaky door.", "The door slowly opens."]),
+                                  ("evaluation", "typing.wav", ["Someone typing on a keyboard.", "Keys clicking.", "Typing fast.",
+                                                                "A keyboard being typed on.", "Fingers typing."])):
+        (clotho / split).mkdir(parents=True)
+        write_clotho_csv(clotho / f"clotho_captions_{split}.csv", {name: captions})
+        _sound(clotho / split / name, 20.0 if split == "development" else 5.0, 44_100, 1, "noise", 5)
+    return caps, clotho

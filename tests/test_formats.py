@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ import soundfile as sf
 from models.audio import decode
 from train.data.formats import (
     StrongLabel, read_audiocaps_csv, read_audiotime_json, read_clotho_csv, read_strong_tsv,
-    timeline_strong_labels, write_audiocaps_csv, write_audiotime_json, write_clotho_csv, write_strong_tsv,
+    read_timelines, timeline_strong_labels, write_audiocaps_csv, write_audiotime_json, write_clotho_csv, write_strong_tsv,
 )
+from tests.helpers import write_user_datasets
+from train.data.ontology import load_ontology
 from train.data.rcc import RccBundle, RccError, write_rcc
 
 
@@ -124,3 +127,69 @@ def test_rcc_rejects_garbage_and_reports_zstd():
     else:
         with pytest.raises(RccError):
             entry.read()  # b"xyz" is not a zstd frame
+
+
+# ------------------------------------------------------------------------------------------ a user's AudioCaps / Clotho
+
+
+@pytest.fixture()
+def user_datasets(tmp_path):
+    """Tiny AudioCaps and Clotho directories in their published layouts, their audio synthesised (tests/helpers.py)."""
+    return write_user_datasets(tmp_path)
+
+
+def test_a_users_audiocaps_and_clotho_become_a_corpus_the_stages_read(user_datasets, tmp_path):
+    """``earwitness data import``: their own splits, every caption, presence questions from the captions' mentions
+    mapped onto the ontology, absent sounds outside what is mentioned and related, LISTEN and ACPO pairs (no AHA:
+    captions carry no timing), audio decoded to 16 kHz mono; the stages' readers take it."""
+    from earwitness.cli import main
+    from train.data.prefs import load_pairs
+    from train.data.qa import read_qa_rows
+    from train.listen import ListenConfig, listen_rows
+    from train.stages import corpus_fingerprint
+
+    caps, clotho = user_datasets
+    out = tmp_path / "corpus"
+    assert main(["data", "import", "--audiocaps", str(caps), "--clotho", str(clotho), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped"]["audio_missing"] == {"audiocaps": 1, "clotho": 0}
+    assert {s: d["scenes"] for s, d in report["splits"].items()} == {"train": 3, "validation": 2, "test": 2}
+
+    rows = {s: read_qa_rows(out, s) for s in ("train", "validation", "test")}
+    timelines = {s: read_timelines(out, s) for s in rows}
+    by_caption = {t["caption"]: t for tl in timelines.values() for t in tl.values()}
+    mentioned = {c: sorted(e["label"] for e in t["events"]) for c, t in by_caption.items()}
+    assert mentioned["A dog barks while a man speaks"] == ["Dog", "Speech"]
+    assert mentioned["Rain falls on a metal roof"] == ["Rain"]
+    assert mentioned["A bell rings twice"] == ["Bell"] and by_caption["A bell rings twice"]["captions"] == ["A bell rings twice", "Church bells ringing"]
+    assert mentioned["A machine whirs steadily"] == []  # nothing the ontology names
+    assert mentioned["Birds chirping in a park."] == ["Bird", "Wind"] and mentioned["A door creaks open."] == ["Door"]
+    assert mentioned["Someone typing on a keyboard."] == ["Typing"]
+    assert by_caption["Birds chirping in a park."]["audio"].startswith("scenes/train/clotho-")  # development -> train
+    assert by_caption["Someone typing on a keyboard."]["audio"].startswith("scenes/test/")  # evaluation -> test
+
+    onto = load_ontology(out / "ontology.json")
+    for split, split_rows in rows.items():
+        for r in split_rows:
+            t = timelines[split][r.scene_id]
+            present = {e["label"] for e in t["events"]}
+            if r.kind == "caption":
+                assert r.answer in t["captions"]
+            elif r.sampling == "positive":
+                assert r.label in present and r.answer == "Yes"
+            else:  # absent: neither mentioned nor confused or heard with what is
+                related = present.union(*(set(onto[p].siblings) | set(onto[p].cooccurs) for p in present))
+                assert r.answer == "No" and r.label not in related, (r.label, present)
+        assert {r.kind for r in split_rows} == {"caption", "presence"}
+    assert sum(r.kind == "caption" for r in rows["train"]) == 1 + 1 + 5  # AudioCaps train: 1 caption a clip; Clotho: 5
+
+    for name, t in by_caption.items():
+        info = sf.info(out / t["audio"])
+        assert (info.samplerate, info.channels) == (16_000, 1) and info.duration == pytest.approx(t["duration"], abs=1e-3)
+    assert by_caption["Birds chirping in a park."]["duration"] == pytest.approx(20.0, abs=0.01)
+
+    kinds = {p["kind"] for s in rows for p in load_pairs(out, s)}
+    assert {"listen_absent", "acpo_output_contrastive", "acpo_input_contrastive"} <= kinds and not any(k.startswith("aha") for k in kinds)
+    listen = listen_rows(out, "train", ListenConfig())
+    assert len(listen) == sum(r.kind == "presence" for r in rows["train"]) and all(Path(r["audio"]).is_file() for r in listen)
+    assert corpus_fingerprint(out)

@@ -338,9 +338,11 @@ def test_every_ray_container_sets_what_a_local_run_sets(overlay):
             assert env.get(callback) == proxy_env()[callback], (name, container["name"])
 
 
-def test_training_rayjob_runs_the_stage_commands_and_publishes_where_serving_reads():
+@pytest.mark.parametrize("variant", ["training", "training-object-store"])
+def test_training_rayjob_runs_the_stage_commands_and_publishes_where_serving_reads(variant):
     """k8s/training: a RayJob (KubeRay's v1.7.0 schema) whose entrypoint is the stage commands as the CLI parses them,
-    on Ray 2.60 with GPU workers, publishing the adapter into the gpu-omni overlay's adapter store."""
+    on Ray 2.60 with GPU workers, publishing the adapter into the gpu-omni overlay's adapter store; the corpus and the
+    stages on the PVC, or (k8s/training-object-store) on an object store, copied through a store cache on the PVC."""
     import shlex
 
     import ray
@@ -348,7 +350,7 @@ def test_training_rayjob_runs_the_stage_commands_and_publishes_where_serving_rea
     from models.store import join
     from earwitness.cli import build_parser
 
-    docs = render("training")
+    docs = render(variant)
     assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim", "RayJob"]
     for doc in docs:
         assert _errors(doc) == [], doc["kind"]
@@ -366,7 +368,13 @@ def test_training_rayjob_runs_the_stage_commands_and_publishes_where_serving_rea
     steps = [s.strip() for s in job["spec"]["entrypoint"].split(";") if s.strip()]
     scale = shlex.split(next(s for s in steps if s.startswith("SCALE=")).split("=", 1)[1])[0]
     parsed = [build_parser().parse_args(shlex.split(s.replace("$SCALE", scale))[1:]) for s in steps if s.startswith("earwitness ")]
-    assert [a.stage for a in parsed] == ["listen", "dpo"] and parsed[1].source == parsed[0].out.as_posix()
+    assert [a.stage for a in parsed] == ["listen", "dpo"] and parsed[1].source == parsed[0].out
+    on_store = variant == "training-object-store"
+    assert all(a.corpus.startswith("s3://") == a.out.startswith("s3://") == on_store for a in parsed)
+    for group, template in templates.items():
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        mounts = [m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]]
+        assert not on_store or any(env.get("EARWITNESS_STORE_CACHE", "").startswith(m + "/") for m in mounts), group
     assert all(a.workers == workers["replicas"] and a.gpus_per_worker == 1 and a.resume and a.address == "auto" for a in parsed)
     serving = _serve_config(_one(render("gpu-omni"), "RayService"))["applications"][0]["args"]
     assert parsed[0].source == serving["model"]

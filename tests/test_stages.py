@@ -4,8 +4,11 @@
   LoRA r=16, α=32 on the language model alone, and its adapter carries LISTEN's audio adapter.
 * The stage chain on earwitness-tiny, as ``train recipe`` runs it: ``train base`` → ``train listen`` → ``train dpo`` →
   ``export --merge``, each evaluated (``eval``), each writing ``stage.json`` that names its input by the previous
-  stage's fingerprint, finished stages skipped on a rerun; the DPO adapter served by the Serve app answers as it does in
-  process.
+  stage's fingerprint, finished stages skipped on a rerun.
+* Its DPO stage again on a real S3 server (moto): ``--from``, ``--corpus`` and ``--out`` store URIs, the adapter
+  published into an adapter store there, ``eval`` and ``export --merge`` of the stage's URI; the Serve app serves that
+  adapter from the store and answers as it does in process. A store URI holding no finished stage, or no corpus, is
+  refused.
 * ``--resume`` after a SIGINT reaches the adapter of an uninterrupted run.
 """
 
@@ -24,7 +27,9 @@ import torch
 from safetensors.torch import load_file
 
 from models.families import audio_adapter_modules, language_model_prefix
+from tests.conftest import S3_BUCKET, drop_served_copies
 from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
+from tests.test_formats import user_datasets  # noqa: F401 - a fixture: a user's AudioCaps and Clotho directories
 from train.dpo import AudioDPOConfig, train_dpo
 from train.listen import ListenConfig, apply_audio_adapter, train_listen
 from train.stages import STAGE_FILE, fingerprint, stage_fingerprint
@@ -132,9 +137,60 @@ def test_stage_chain_writes_stage_records_that_chain(chain, corpus):
     assert gathered["stages"]["dpo"]["input"] == dpo["input"]["fingerprint"]
 
 
+RUNS = f"s3://{S3_BUCKET}/runs"  # the stages' outputs
+ADAPTER_STORE = f"s3://{S3_BUCKET}/adapters/base"  # where serving reads the chain's base model's adapters by name
+
+
+def upload_dir(fs, local: Path, key: str) -> str:
+    """``local`` written file by file under ``s3://earwitness/<key>/``; returns its URI."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    fs.put([str(p) for p in files], [f"{S3_BUCKET}/{key}/{p.relative_to(local).as_posix()}" for p in files])
+    fs.invalidate_cache()
+    return f"s3://{S3_BUCKET}/{key}"
+
+
+@pytest.fixture(scope="module")
+def chain_on_s3(chain, corpus, s3, tmp_path_factory):
+    """The chain's DPO stage again with its corpus and its input (the LISTEN stage) read from and its outputs written to
+    S3, then ``eval`` and ``export --merge`` of it there; returns a local copy of the outputs and the commands' time."""
+    from models.store import local_copy
+
+    fs, options = s3
+    corpus_uri = upload_dir(fs, corpus, "corpus")
+    upload_dir(fs, chain[0] / "listen", "runs/listen")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EARWITNESS_STORE_OPTIONS", json.dumps(options))
+        env.setenv("EARWITNESS_STORE_CACHE", str(tmp_path_factory.mktemp("store")))
+        started = time.time()
+        _cli("train", "dpo", "--from", f"{RUNS}/listen", "--corpus", corpus_uri, "--out", f"{RUNS}/dpo", "--pairs-per-kind", "1",
+             "--save-steps", "1", "--publish", f"{ADAPTER_STORE}/dpo", *STEPS)
+        _cli("eval", "--model", f"{RUNS}/dpo", "--corpus", corpus_uri, "--presence-per-sampling", "2")
+        _cli("export", "--merge", "--model", f"{RUNS}/dpo", "--out", f"{RUNS}/merged")
+        seconds = time.time() - started
+    return local_copy(RUNS, options, cache=tmp_path_factory.mktemp("downloaded")), seconds
+
+
 @pytest.mark.slow
-def test_served_stage_adapter_answers_as_in_process(chain, server):
-    """``earwitness serve --model BASE --adapter DPO/adapter`` answers as the adapter does in process."""
+def test_stages_read_and_write_store_uris(chain, chain_on_s3):
+    """``stage.json`` names the URIs; the input stage and the corpus copied from S3 have the fingerprints of the local
+    ones; the eval and the merged export land beside the stage at its URI."""
+    root, _, _ = chain
+    copy, seconds = chain_on_s3
+    print(f"train dpo -> eval -> export --merge on S3: {seconds:.0f} s")
+    dpo, evaluated, merged = (json.loads((copy / d / STAGE_FILE).read_text()) for d in ("dpo", "dpo/eval", "merged"))
+    local = json.loads((root / "dpo" / STAGE_FILE).read_text())
+    assert dpo["input"]["from"] == f"{RUNS}/listen" and dpo["input"]["fingerprint"] == stage_fingerprint(root / "listen")
+    assert dpo["corpus"] == {"path": f"s3://{S3_BUCKET}/corpus", "fingerprint": local["corpus"]["fingerprint"]} == evaluated["corpus"]
+    assert dpo["metrics"]["steps"] == 2 and dpo["metrics"]["published"] == f"{ADAPTER_STORE}/dpo"
+    assert (copy / "dpo" / "checkpoint-1" / "optimizer.pt").exists() and list((copy / "dpo" / "runs").rglob("events.out.tfevents.*"))
+    assert evaluated["input"]["from"] == f"{RUNS}/dpo" and 0.0 <= evaluated["metrics"]["presence_accuracy"] <= 1.0
+    assert merged["input"]["fingerprint"] == stage_fingerprint(copy / "dpo") and (copy / "merged" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_served_stage_adapter_answers_as_in_process(chain, chain_on_s3, server, s3):
+    """The DPO stage's adapter, published to an adapter store, is served as ``base:dpo`` by an app whose ``adapter_store``
+    is that store, and answers as the adapter does in process."""
     import httpx
 
     from models.registry import resolve
@@ -143,21 +199,26 @@ def test_served_stage_adapter_answers_as_in_process(chain, server):
     from tests.helpers import encode, tone
     from tests.test_ops_variants import variant_app
 
-    root, _, _ = chain
-    adapter, model = str(root / "dpo" / "adapter"), str(root / "base")
+    model, adapter = str(chain[0] / "base"), str(chain_on_s3[0] / "dpo" / "adapter")
     clip = tone(2.0, 16_000, 1)
-    with variant_app(server, "stagechain", model=model, adapter=adapter) as base:
-        reply = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.wav", encode(clip, 16_000, "wav"))},
-                           data={"question": QUESTION, "guard": "off", "max_tokens": "8"}, timeout=60)
+    try:
+        with variant_app(server, "stagechain", model=model, adapter_store=ADAPTER_STORE, store_options=s3[1]) as base:
+            reply = httpx.post(f"{base}/v1/audio/qa", files={"file": ("clip.wav", encode(clip, 16_000, "wav"))},
+                               data={"question": QUESTION, "guard": "off", "max_tokens": "8", "model": "base:dpo"}, timeout=60)
+    finally:
+        drop_served_copies(ADAPTER_STORE)
     assert reply.status_code == 200, reply.text
     local = TransformersBackend.load(resolve(model), adapter=adapter, device="cpu")
     assert reply.json()["answer"] == local.generate([AudioPrompt(clip, QUESTION, 8)])[0].text
 
 
 @pytest.mark.slow
-def test_stage_commands_on_a_local_omni_checkpoint(corpus, tmp_path):
+def test_stage_commands_on_a_local_omni_checkpoint(user_datasets, tmp_path):
     """``--from DIR`` of a saved Omni thinker: read with its audio-only processor (no torchvision), LISTEN trains its
-    ``audio_tower.proj``, and DPO over it carries that."""
+    ``audio_tower.proj``, and DPO over it carries that; the corpus is a user's AudioCaps and Clotho (``data import``)."""
+    caps, clotho = user_datasets
+    corpus = tmp_path / "imported"
+    _cli("data", "import", "--audiocaps", str(caps), "--clotho", str(clotho), "--out", str(corpus))
     processor, model = BUILDERS["qwen2.5-omni-thinker"]()
     processor.save_pretrained(tmp_path / "omni")
     model.save_pretrained(tmp_path / "omni")
@@ -222,3 +283,22 @@ def test_streamed_rows_are_the_rows_in_memory(corpus):
     assert all(isinstance(d, IterableDataset) for d in streamed) and not any(isinstance(d, IterableDataset) for d in memory)
     for lazy, held in zip(streamed, memory):
         assert rows(lazy) == rows(held) and len(held) > 0
+
+
+# ------------------------------------------------------------------------------------------ store URIs refused
+
+
+def test_a_store_uri_without_a_finished_stage_or_a_corpus_is_refused(s3, tmp_path, monkeypatch):
+    """An uploaded adapter without ``stage.json`` (a stage cut off before its upload finished) is no ``--from``, a
+    prefix without ``report.json`` no ``--corpus``, and nothing at all says so; no output is written."""
+    fs, options = s3
+    monkeypatch.setenv("EARWITNESS_STORE_OPTIONS", json.dumps(options))
+    monkeypatch.setenv("EARWITNESS_STORE_CACHE", str(tmp_path / "store"))
+    upload_dir(fs, ROOT / "models" / "earwitness-tiny" / "adapter", "half/adapter")
+    out = f"s3://{S3_BUCKET}/refused/out"
+    for source, corpus, message in ((f"s3://{S3_BUCKET}/half", "data/corpus", "neither a finished stage"),
+                                    (f"s3://{S3_BUCKET}/none", "data/corpus", "nothing there"),
+                                    ("earwitness-tiny", f"s3://{S3_BUCKET}/half", "not a built corpus")):
+        with pytest.raises(SystemExit, match=message):
+            _cli("train", "dpo", "--from", source, "--corpus", corpus, "--out", out, "--max-steps", "1")
+    assert not fs.exists(f"{S3_BUCKET}/refused")

@@ -15,21 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.store import COMPLETE, NotInStore, StoreError, local_copy, store_cache
+from models.store import COMPLETE, NotInStore, StoreError, local_copy
 from serving.adapters import ADAPTER_NAME, Catalog, UnknownModel, lora_problem
-from tests.helpers import encode, free_port, local_s3, tone
+from tests.conftest import S3_BUCKET as BUCKET
+from tests.conftest import drop_served_copies
+from tests.helpers import encode, free_port, tone
 
 TINY_ADAPTER = Path(__file__).resolve().parents[1] / "models" / "earwitness-tiny" / "adapter"
-BUCKET = "earwitness"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A real S3 server (moto) and an s3fs client on it; yields ``(fs, store_options)``."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    with local_s3(BUCKET) as (fs, options):
-        yield fs, options
 
 
 def upload(fs, local: Path, key: str) -> str:
@@ -142,9 +134,7 @@ def served_copies():
     """The app's replicas copy into the store cache of their environment: take this test's copies out after it."""
     prefix = f"s3://{BUCKET}/serve/"
     yield prefix
-    for marker in store_cache().glob(f"*/{COMPLETE}"):
-        if json.loads(marker.read_text())["uri"].startswith(prefix):
-            shutil.rmtree(marker.parent, ignore_errors=True)
+    drop_served_copies(prefix)
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 Runs in the vLLM environment only (``-m vllm``; tests/test_vllm_suite.py starts it from the main suite).
 The artifacts (tests/vllm_prep.py) come from the main environment: a tiny Qwen2-Audio that vLLM accepts,
-a LoRA adapter as train/ makes them, that adapter merged by ``earwitness export --merge``, and the
-transformers engine's answers — which the vLLM engine must reproduce.
+the adapter its stage commands make (``train listen`` → ``train dpo``), that stage merged by ``earwitness export
+--merge``, and the transformers engine's answers — which the vLLM engine must reproduce.
 """
 
 from __future__ import annotations
@@ -125,8 +125,11 @@ def _chat(url: str, model: str | None = None):
 
 
 def test_vllm_reproduces_transformers_with_the_merged_adapter(vllm_server, artifacts):
-    """vLLM on the merged checkpoint answers what transformers answers with base + PEFT adapter."""
-    expected = json.loads((artifacts / "expected.json").read_text())["adapter"]
+    """vLLM on the merged stage answers what transformers answers with base + the stage's PEFT adapter, which is not
+    what the base answers."""
+    made = json.loads((artifacts / "expected.json").read_text())
+    expected = made["adapter"]
+    assert made["changed"] > 0.05 and expected["text"] != made["base"]["text"]  # the stages' adapter does change the model
     out = _chat(vllm_server)
     assert out.choices[0].message.content == expected["text"]
     assert out.usage.completion_tokens == expected["num_tokens"]

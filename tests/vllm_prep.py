@@ -3,9 +3,13 @@
 * ``base/``    a tiny Qwen2-Audio that vLLM's implementation accepts: a 30 s window at hop 160 (the 3000
   mel frames vLLM's input schema fixes; 32 mels — the mel count is free) and attention heads of 32
   (vLLM's CPU kernels take 32, 64, 80, …; the session checkpoint's 16 is refused);
-* ``adapter/`` a random LoRA adapter shaped like train/'s (language-model linears + the projector as
+* ``listen/``, ``dpo/`` the stage commands run on it, as a user runs them: ``earwitness data import`` of
+  synthesised AudioCaps / Clotho clips, ``train listen --from base/``, ``train dpo --from listen/`` (2 steps each, a
+  high learning rate so that the adapter changes the answers);
+* ``adapter/`` the DPO stage's adapter (LoRA on the language-model linears + LISTEN's projector as
   ``modules_to_save``), which vLLM cannot apply to Qwen2-Audio;
-* ``merged/``  that adapter merged into the weights by ``earwitness export --merge``;
+* ``merged/``  that stage merged into the weights by ``earwitness export --merge --model dpo/`` (earwitness-tiny's
+  own 2.5 s window and 48-wide heads are outside what vLLM's Qwen2-Audio takes, so the stages start from ``base/``);
 * ``expected.json`` the transformers engine's greedy answers (base + PEFT adapter, and base) for a fixed
   clip and question, which vLLM must reproduce from ``merged/`` and ``base/``, and its audio contrast
   on ``merged/``.
@@ -16,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,16 +37,11 @@ def clip() -> np.ndarray:
 
 
 def prepare(out: Path) -> Path:
-    import torch
-    from peft import get_peft_model
-    from transformers import Qwen2AudioForConditionalGeneration
-
     from models.registry import ModelSpec
     from models.tiny import TinySize, build_untrained
     from serving.backends import AudioPrompt
     from serving.backends.hf import TransformersBackend
     from tests.helpers import TINY_TEXTS
-    from train.lora import lora_config
 
     out = Path(out)
     if (out / "expected.json").exists():
@@ -55,19 +55,7 @@ def prepare(out: Path) -> Path:
     processor.save_pretrained(out / "base")
     model.save_pretrained(out / "base")
 
-    base = Qwen2AudioForConditionalGeneration.from_pretrained(out / "base")
-    peft_model = get_peft_model(base, lora_config(base, r=4, modules_to_save=["multi_modal_projector"]))
-    gen = torch.Generator().manual_seed(3)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name or "modules_to_save" in name:
-            param.data = param.data + 0.5 * torch.randn(param.shape, generator=gen)
-    peft_model.save_pretrained(out / "adapter")
-    processor.save_pretrained(out / "adapter")  # as train/dpo.export_adapter does
-    # the shipped command, for real: earwitness export --merge
-    subprocess.run(
-        [sys.executable, "-m", "earwitness", "export", "--merge", "--model", str(out / "base"), "--adapter", str(out / "adapter"), "--out", str(out / "merged")],
-        check=True, cwd=Path(__file__).resolve().parents[1],
-    )
+    stage_commands(out)
 
     prompt = AudioPrompt(clip(), QUESTION, MAX_TOKENS)
     expected = {}
@@ -79,8 +67,32 @@ def prepare(out: Path) -> Path:
     merged = TransformersBackend.load(ModelSpec(name="merged", family="qwen2-audio", source=str(out / "merged"), description=""), device="cpu", dtype="float32")
     g = merged.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)])[0]
     expected["contrast"] = {"text": g.text, "answer_logprob": g.answer_logprob, "blank_logprob": g.blank_logprob}
+    expected["changed"] = weights_changed(out / "base", out / "merged")
     (out / "expected.json").write_text(json.dumps(expected, indent=2))
     return out
+
+
+def stage_commands(out: Path) -> None:
+    """``data import`` → ``train listen`` → ``train dpo`` → ``export --merge``, the commands a user runs, on ``base/``."""
+    from tests.helpers import write_user_datasets
+
+    caps, clotho = write_user_datasets(out / "user-data")
+    steps = ["--max-steps", "2", "--batch-size", "2", "--learning-rate", "0.3", "--no-tensorboard"]
+    for argv in (["data", "import", "--audiocaps", caps, "--clotho", clotho, "--out", out / "corpus"],
+                 ["train", "listen", "--from", out / "base", "--corpus", out / "corpus", "--out", out / "listen", *steps],
+                 ["train", "dpo", "--from", out / "listen", "--corpus", out / "corpus", "--out", out / "dpo", "--lora-dropout", "0", *steps],
+                 ["export", "--merge", "--model", out / "dpo", "--out", out / "merged"]):
+        subprocess.run([sys.executable, "-m", "earwitness", *map(str, argv)], check=True, cwd=Path(__file__).resolve().parents[1],
+                       stdout=subprocess.DEVNULL)
+    shutil.copytree(out / "dpo" / "adapter", out / "adapter")
+
+
+def weights_changed(base: Path, merged: Path) -> float:
+    """The largest change the merge made to a weight: the stages' adapter did something."""
+    from safetensors.torch import load_file
+
+    before, after = (load_file(next(d.glob("*.safetensors"))) for d in (base, merged))
+    return max((after[k].float() - before[k].float()).abs().max().item() for k in before if k in after)
 
 
 if __name__ == "__main__":

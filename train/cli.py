@@ -1,4 +1,4 @@
-"""``earwitness data fetch|build`` — also runnable alone as ``python -m train.cli data ...``."""
+"""``earwitness data fetch|build|import`` — also runnable alone as ``python -m train.cli data ...``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from train.data.sources import CORE_PACKAGES, EXTRA_PACKAGES, PACKAGES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``data`` command (with ``fetch`` and ``build``) to an existing argparse CLI."""
+    """Add the ``data`` command (with ``fetch``, ``build`` and ``import``) to an existing argparse CLI."""
     data = subparsers.add_parser("data", help="fetch sound sources and build the training corpus")
     sub = data.add_subparsers(dest="data_command", required=True)
 
@@ -30,6 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--workers", type=int, default=2, help="processes (capped at 2)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=_build)
+
+    imp = sub.add_parser("import", help="a corpus from your own AudioCaps and/or Clotho copy: captions, presence questions "
+                                        "from their mentions of the ontology's sounds, LISTEN and ACPO pairs, their own splits")
+    imp.add_argument("--out", type=Path, required=True, help="output directory (replaced)")
+    imp.add_argument("--audiocaps", type=Path, default=None,
+                     help="directory with AudioCaps' train.csv, val.csv, test.csv and the clips you downloaded "
+                          "(<youtube_id>_<start>, <youtube_id>, Y<youtube_id> or <audiocap_id>, .wav/.flac/.mp3/.ogg)")
+    imp.add_argument("--clotho", type=Path, default=None,
+                     help="directory with clotho_captions_{development,validation,evaluation}.csv and the folders "
+                          "development/, validation/, evaluation/")
+    imp.add_argument("--max-per-split", type=int, default=None, help="only the first N clips of each split and data set")
+    imp.add_argument("--seed", type=int, default=0)
+    imp.set_defaults(func=_import)
 
 
 def _packages(names: list[str] | None) -> tuple[str, ...]:
@@ -58,6 +71,17 @@ def _build(args: argparse.Namespace) -> int:
     summary = {s: {k: d[k] for k in ("scenes", "hours", "source_clips")} for s, d in report["splits"].items()}
     print(json.dumps({"out": str(args.out), "seconds": report["build_seconds"], "disk_bytes": report["disk_bytes"],
                       "splits": summary, "skipped": report["skipped"]}, indent=1))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    # function-level: the data commands load their builders only when they run
+    from train.data.captions import import_captions
+
+    if args.audiocaps is None and args.clotho is None:
+        raise SystemExit("earwitness data import: give --audiocaps DIR and/or --clotho DIR")
+    report = import_captions(args.out, audiocaps=args.audiocaps, clotho=args.clotho, seed=args.seed, max_per_split=args.max_per_split)
+    print(json.dumps({"out": str(args.out), "seconds": report["build_seconds"], "splits": report["splits"], "skipped": report["skipped"]}, indent=1))
     return 0
 
 

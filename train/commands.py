@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from models.store import join
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` (recipe, listen, dpo, base, lookup, tower, verifier, vocabulary, probe, binding), ``eval`` and ``export`` to an argparse CLI.
@@ -137,9 +139,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="hallucination evaluation on a corpus split")
     ev.add_argument("--model", default="earwitness-tiny")
     ev.add_argument("--adapter", default=None, help="LoRA adapter dir ('none' for the bare base)")
-    ev.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    ev.add_argument("--corpus", default="data/corpus", help="corpus directory or store URI")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--out", type=Path, default=None, help="write results.json and report.md here")
+    ev.add_argument("--out", default=None, help="write results.json and report.md here (directory or store URI; default: a stage's eval/)")
     ev.add_argument("--presence-per-sampling", type=int, default=None, metavar="N",
                     help="presence questions per sampling (default 300); order, count and duration get 2/3 of it, captions 1/2")
     ev.add_argument("--per-temporal-kind", type=int, default=None, metavar="N", help="order, count and duration questions each (default 2/3 of --presence-per-sampling)")
@@ -152,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--model", default="earwitness-tiny")
     export.add_argument("--adapter", default=None)
     export.add_argument("--merge", action="store_true", required=True)
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--out", required=True, help="directory or store URI (uploaded when written, stage.json last)")
     export.set_defaults(func=_export)
 
 
@@ -164,10 +166,11 @@ def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
 
     parser.add_argument("--from", dest="source", required=True,
                         help="a registered model (earwitness-tiny, earwitness-small, qwen2-audio-7b-instruct, qwen2.5-omni-7b), a "
-                             "checkpoint directory or hub id of either family, or an earlier stage's --out")
+                             "checkpoint directory or hub id of either family, or an earlier stage's --out (a directory or store URI)")
     parser.add_argument("--family", choices=("qwen2-audio", "qwen2.5-omni-thinker"), default=None, help="a hub id's family when its name does not say")
-    parser.add_argument("--corpus", type=Path, default=Path("data/corpus"))
-    parser.add_argument("--out", type=Path, required=True, help="the stage's directory: adapter/, stage.json, checkpoints, runs/ (TensorBoard)")
+    parser.add_argument("--corpus", default="data/corpus", help="corpus directory or store URI (s3://, gs://, file://…: copied once)")
+    parser.add_argument("--out", required=True, help="the stage's directory: adapter/, stage.json, checkpoints, runs/ (TensorBoard); a store "
+                                                     "URI: written in a local work directory, uploaded when the stage ends, stage.json last")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (see --save-steps)")
     parser.add_argument("--workers", type=int, default=1, help="data-parallel workers (Ray Train, DDP); 1: this process")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker holds (0: CPU, gloo)")
@@ -195,7 +198,7 @@ def _stage(args) -> int:
         # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
         from train.recipe import listen_names_stage
 
-        print(json.dumps(listen_names_stage(Path(args.source), args.corpus, args.out), indent=1))
+        print(json.dumps(listen_names_stage(Path(args.source), Path(args.corpus), Path(args.out)), indent=1))
         return 0
     job = StageJob(stage=args.stage, source=args.source, corpus=str(args.corpus), out=str(args.out), config=chosen(args, args.config_class),
                    per_kind=getattr(args, "pairs_per_kind", None), family=args.family, resume=args.resume)
@@ -342,34 +345,36 @@ def _eval(args) -> int:
     from serving.backends.hf import TransformersBackend
     from train.data.report import headline, markdown
     from train.evaluate import EvalPlan, evaluate
-    from train.stages import resolve_input, write_stage
+    from train.stages import corpus_input, deliver, output_dir, resolve_input, write_stage
 
     started = time.time()
     spec, adapter = _resolve_adapter(args.model, args.adapter)
-    stage_input = resolve_input(args.model)
-    out = args.out or (Path(args.model) / "eval" if stage_input.stage_dir else None)
+    stage_input, corpus = resolve_input(args.model), corpus_input(args.corpus)
+    location = args.out or (join(args.model, "eval") if stage_input.stage_dir else None)
+    out = output_dir(location) if location else None
     backend = TransformersBackend.load(spec, adapter=adapter)
     if args.phrasing:
         # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
         from train.evaluate import phrasing_metrics, phrasing_table
 
-        doc = phrasing_metrics(backend, args.corpus, args.split, per_answer=args.phrasing)
+        doc = phrasing_metrics(backend, corpus, args.split, per_answer=args.phrasing)
         text, files, metrics = phrasing_table(doc), ("phrasing.json", "phrasing.md"), {}
     else:
         name = f"{spec.name}{' + adapter' if adapter else ''}"
         n = args.presence_per_sampling
         plan = EvalPlan(presence_per_sampling=n, per_temporal_kind=args.per_temporal_kind or max(1, 2 * n // 3),
                         captions=args.captions or max(1, n // 2)) if n else None
-        doc = {name: evaluate(backend, args.corpus, args.split, plan or EvalPlan())}
+        doc = {name: evaluate(backend, corpus, args.split, plan or EvalPlan())}
         text, files, metrics = markdown(doc), ("results.json", "report.md"), headline(doc)[name]
     print(text)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / files[0]).write_text(json.dumps(doc, indent=2))
         (out / files[1]).write_text(text + "\n")
-        write_stage(out, "eval", None, stage_input, args.corpus, metrics, time.time() - started,
-                    extra={"split": args.split, "adapter": adapter})
         _scalars(out / "runs", metrics)
+        write_stage(out, "eval", None, stage_input, corpus, metrics, time.time() - started,
+                    extra={"split": args.split, "adapter": adapter}, corpus_location=args.corpus)
+        deliver(out, location)
     return 0
 
 
@@ -387,16 +392,17 @@ def _export(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     import time
 
-    from models.loading import load
-    from models.loading import export_merged
-    from train.stages import resolve_input, write_stage
+    from models.loading import export_merged, load
+    from train.stages import deliver, output_dir, resolve_input, write_stage
 
     started = time.time()
     spec, adapter = _resolve_adapter(args.model, args.adapter)
     if not adapter:
         raise SystemExit("earwitness export --merge: the model has no adapter to merge; pass --adapter")
     _, base = load(spec, device="cpu")
-    export_merged(base, adapter, args.out)
-    write_stage(args.out, "export", None, resolve_input(args.model), None, {}, time.time() - started, extra={"adapter": str(adapter), "merged": True})
+    out = output_dir(args.out)
+    export_merged(base, adapter, out)
+    write_stage(out, "export", None, resolve_input(args.model), None, {}, time.time() - started, extra={"adapter": str(adapter), "merged": True})
+    deliver(out, args.out)
     print(f"merged {spec.name} + {adapter} into {args.out}")
     return 0

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from models.store import is_uri
+
 WORKERS_FILE = "workers.json"  # rank -> pid of the current attempt's workers, for whoever has to find one
 
 
@@ -47,7 +49,8 @@ def run_on_ray(job, run, workers: int = 1, gpus_per_worker: float = 0.0, address
     out.mkdir(parents=True, exist_ok=True)
     init_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))
     gpu = gpus_per_worker > 0
-    config = {"job": replace(job, out=str(out), corpus=str(Path(job.corpus).resolve())), "run": run}
+    corpus = job.corpus if is_uri(job.corpus) else str(Path(job.corpus).resolve())  # a URI: each node copies it into its store cache
+    config = {"job": replace(job, out=str(out), corpus=corpus), "run": run}
     trainer = TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config=config,

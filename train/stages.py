@@ -7,6 +7,11 @@ adapter; or the whole checkpoint it wrote, as ``train base``, ``train lookup`` a
 holds ``adapter/`` (a PEFT adapter that ``earwitness serve --adapter`` loads on the base), ``stage.json`` (its config with each field's help, the fingerprints of its input and of the corpus, its metrics,
 the package versions and its wall time), ``checkpoint-N/`` while it runs with ``--save-steps``, and TensorBoard event
 files under ``runs/``. ``train.recipe`` runs the stages in order, for every model.
+
+``--corpus``, ``--from`` and ``--out`` may be store URIs (``s3://``, ``gs://``, ``file://``…, models/store.py): inputs
+are copied once into the store cache; an output is written in a local work directory named by its URI (where
+``--resume`` finds its checkpoints) and uploaded when the stage finishes, ``stage.json`` last, so a stage at a URI
+without ``stage.json`` is unfinished and refused as input. Storage options come from ``$EARWITNESS_STORE_OPTIONS``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from models.families import audio_adapter_modules
 from models.loading import load_for_training
 from models.registry import REGISTRY, ModelSpec, resolve
 from models.small import PARTS_FILE
+from models.store import StoreError, environment_options, is_uri, local_copy, work_dir
 from models.store import publish as copy_out
 from train.data.build import build_corpus
 from train.data.prefs import load_pairs
@@ -78,6 +84,7 @@ class StageInput:
     spec: ModelSpec
     adapter: Path | None = None
     stage_dir: Path | None = None
+    base_source: str | None = None  # where the base is read from when that is not spec.source (a store URI's cached copy)
 
     @property
     def fingerprint(self) -> str:
@@ -87,7 +94,8 @@ class StageInput:
         return fingerprint([*local.glob("*.json"), *local.glob("*.safetensors")]) if local.is_dir() else self.spec.source
 
     def describe(self) -> dict:
-        return {"from": self.source, "base": base_record(self.spec), "adapter": str(self.adapter) if self.adapter else None,
+        base = {**base_record(self.spec), **({"source": self.base_source} if self.base_source else {})}
+        return {"from": self.source, "base": base, "adapter": str(self.adapter) if self.adapter else None,
                 "fingerprint": self.fingerprint}
 
 
@@ -102,17 +110,56 @@ def base_record(spec: ModelSpec) -> dict:
 
 def resolve_input(source: str, family: str | None = None) -> StageInput:
     """``--from``: an earlier stage's directory (the checkpoint it wrote, or its input's base; its adapter), else a model
-    by name, directory or hub id."""
-    path = Path(source)
+    by name, directory or hub id; a store URI is copied first and must hold a finished stage (``stage.json``) or a
+    checkpoint (``config.json``)."""
+    path = fetched(source, "--from") if is_uri(source) else Path(source)
     if (path / STAGE_FILE).exists():
         if (path / "config.json").exists() or (path / PARTS_FILE).exists():  # the stage wrote a whole checkpoint
-            spec = resolve(str(path), family=family)
+            spec, base_source = resolve(str(path), family=family), source
         else:
             base = json.loads((path / STAGE_FILE).read_text())["input"]["base"]
-            spec = resolve(base["name"]) if base["name"] in _registry() else resolve(base["source"], base["family"])
+            spec = resolve(base["name"]) if base["name"] in _registry() else resolve(base["source"], environment_options(), family=base["family"])
+            base_source = base["source"]
         adapter = path / "adapter"
-        return StageInput(source, spec, adapter if (adapter / "adapter_config.json").exists() else None, path)
-    return StageInput(source, resolve(source, family))
+        return StageInput(source, spec, adapter if (adapter / "adapter_config.json").exists() else None, path,
+                          base_source if is_uri(base_source) else None)
+    if is_uri(source):
+        if not any((path / marker).exists() for marker in ("config.json", PARTS_FILE)):
+            raise SystemExit(f"--from {source}: neither a finished stage (no {STAGE_FILE}: a stage is uploaded with it last) "
+                             "nor a model checkpoint (no config.json)")
+        return StageInput(source, resolve(source, environment_options(), family=family), base_source=source)
+    return StageInput(source, resolve(source, family=family))
+
+
+def fetched(location: str, flag: str) -> Path:
+    """A store URI's local copy (models/store.py), its failure said as the command-line error of ``flag``."""
+    try:
+        return local_copy(location, environment_options())
+    except StoreError as exc:
+        raise SystemExit(f"{flag} {location}: {exc}") from exc
+
+
+def corpus_input(location: str | Path) -> Path:
+    """``--corpus``: a directory, or a store URI holding a built corpus (copied once into the store cache)."""
+    if not is_uri(location):
+        return Path(location)
+    path = fetched(str(location), "--corpus")
+    if not (path / "report.json").is_file():
+        raise SystemExit(f"--corpus {location}: not a built corpus (no report.json): upload one made by `earwitness data build` or `data import`")
+    return path
+
+
+def output_dir(location: str | Path) -> Path:
+    """Where a stage writes ``--out``: the directory itself, or the local work directory of a URI (:func:`deliver`)."""
+    return work_dir(str(location)) if is_uri(location) else Path(location)
+
+
+def deliver(local: Path, location: str | Path) -> None:
+    """Upload a finished stage written in ``output_dir(location)`` to its URI, ``stage.json`` last (a local ``--out``
+    is already in place)."""
+    if is_uri(location):
+        copy_out(local, str(location), environment_options(), last=(STAGE_FILE,))
+        print(f"uploaded {local} to {location}", flush=True)
 
 
 def _registry() -> dict:
@@ -120,15 +167,15 @@ def _registry() -> dict:
 
 
 def write_stage(out_dir: Path, stage: str, config: Any, stage_input: StageInput | None, corpus_dir: Path | None, metrics: dict,
-                wall_s: float, extra: dict | None = None) -> dict:
+                wall_s: float, extra: dict | None = None, corpus_location: str | None = None) -> dict:
     """``out_dir/stage.json``: what the stage was, from what (None: a first stage, whose ``extra`` says what it starts
-    from), on what data, with which result."""
+    from), on what data (``corpus_location``: the URI a copied corpus came from), with which result."""
     record = {
         "stage": stage,
         "config": asdict(config) if config is not None else {},
         "config_help": help_of(config) if config is not None else {},
         "input": stage_input.describe() if stage_input is not None else None,
-        "corpus": {"path": str(corpus_dir), "fingerprint": corpus_fingerprint(corpus_dir)} if corpus_dir else None,
+        "corpus": {"path": corpus_location or str(corpus_dir), "fingerprint": corpus_fingerprint(corpus_dir)} if corpus_dir else None,
         "metrics": metrics,
         "versions": versions(),
         "wall_s": round(wall_s, 1),
@@ -225,7 +272,7 @@ def run_job(job: StageJob, prepare=None) -> dict:
     """Load the input, train the stage (in this process, or as one Ray Train worker through ``prepare``), save the
     adapter; returns the stage's metrics."""
 
-    stage_input, out, corpus = resolve_input(job.source, job.family), Path(job.out), Path(job.corpus)
+    stage_input, out, corpus = resolve_input(job.source, job.family), Path(job.out), corpus_input(job.corpus)
     config = job.stage_config()
     processor, model = load_for_training(stage_input.spec, bf16=uses_bf16(config), load_in_4bit=config.load_in_4bit)
     if stage_input.adapter is not None:  # the earlier stage's audio adapter becomes part of this stage's base
@@ -250,17 +297,22 @@ def run_job(job: StageJob, prepare=None) -> dict:
 def run_stage(job: StageJob, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
               max_failures: int = 0, publish: str | None = None) -> dict:
     """A training stage in this process (``workers == 1`` and no ``address``) or on Ray Train; writes ``stage.json``;
-    ``publish``: copy the adapter there too (an adapter store URI, ``s3://…/<name>``, or a directory)."""
+    ``publish``: copy the adapter there too (an adapter store URI, ``s3://…/<name>``, or a directory). A URI
+    ``job.out`` is written locally and uploaded at the end (:func:`deliver`); URI inputs are checked here, before any
+    worker starts, and each worker reads them through the store cache."""
     started = time.time()
+    stage_input, corpus = resolve_input(job.source, job.family), corpus_input(job.corpus)
+    local = replace(job, out=str(output_dir(job.out)))
     if workers > 1 or address or gpus_per_worker or max_failures:
 
-        metrics = run_on_ray(job, run_job, workers=workers, gpus_per_worker=gpus_per_worker, address=address, max_failures=max_failures)
+        metrics = run_on_ray(local, run_job, workers=workers, gpus_per_worker=gpus_per_worker, address=address, max_failures=max_failures)
     else:
-        metrics = run_job(job)
+        metrics = run_job(local)
     if publish:
 
-        metrics["published"] = copy_out(Path(job.out) / "adapter", publish)
+        metrics["published"] = copy_out(Path(local.out) / "adapter", publish, environment_options())
     scale = {"workers": workers, "gpus_per_worker": gpus_per_worker, "address": address}
-    write_stage(Path(job.out), job.stage, job.stage_config(), resolve_input(job.source, job.family), Path(job.corpus), metrics,
-                time.time() - started, extra={"scale": scale, "per_kind": job.per_kind, "resumed": job.resume})
+    write_stage(Path(local.out), job.stage, job.stage_config(), stage_input, corpus, metrics, time.time() - started,
+                extra={"scale": scale, "per_kind": job.per_kind, "resumed": job.resume}, corpus_location=job.corpus)
+    deliver(Path(local.out), job.out)
     return metrics

@@ -96,16 +96,19 @@ def scene_pairs(
     others: Sequence[tuple[str, str, frozenset[str]]],
     rng: np.random.Generator,
     writer: QuestionWriter | Callable[[str, str, np.random.Generator], str] = template_writer,
+    timed: bool = True,
 ) -> list[Pair]:
     """All pairs one scene yields. ``others``: (scene_id, audio, labels present) of same-split scenes.
 
     The kinds are drawn in a fixed order (LISTEN, ACPO, AHA) from the one ``rng``, so a build is reproducible.
+    ``timed=False``: a timeline of weak labels (a captioned clip's mentions, train/data/captions.py), whose spans are
+    not the events': no AHA pairs, which are made of the events' order, counts and durations.
     """
     sid = timeline["scene_id"]
     gs = groups(timeline)
     bg = (timeline.get("background") or {}).get("label")
     drafts = [*_listen_drafts(qa_rows, rng, writer), *_acpo_drafts(onto, sid, qa_rows, gs, others, rng),
-              *_aha_drafts(onto, gs, bg, rng)]
+              *(_aha_drafts(onto, gs, bg, rng) if timed else [])]
     return [Pair(prompt, chosen, rejected, audio, rejected_audio, kind, sid, split)
             for prompt, chosen, rejected, kind, rejected_audio in drafts]
 
@@ -126,6 +129,8 @@ def _acpo_drafts(onto: Ontology, sid: str, qa_rows: Sequence[QARow], gs: Sequenc
             drafts.append((r.question, _yes(r.phrase), _no(r.phrase), "acpo_output_contrastive", None))
         elif r.kind == "order" and r.question.startswith("Does"):
             drafts.append((r.question, r.answer, "No" if r.answer == "Yes" else "Yes", "acpo_output_contrastive", None))
+    if not gs:
+        return drafts
     label = _pick(rng, [g.label for g in gs])
     lacking = [o for o in others if o[0] != sid and label not in o[2]]
     if lacking:
