@@ -32,6 +32,7 @@ from tests.test_dpo import BUILDERS, NO, QUESTION, TONE_A, TONE_Q, YES, _clips
 from tests.test_formats import user_datasets  # noqa: F401 - a fixture: a user's AudioCaps and Clotho directories
 from train.dpo import AudioDPOConfig, train_dpo
 from train.listen import ListenConfig, apply_audio_adapter, train_listen
+from train.options import last_checkpoint
 from train.stages import STAGE_FILE, fingerprint, stage_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,24 +236,58 @@ def test_stage_commands_on_a_local_omni_checkpoint(user_datasets, tmp_path):
 # ------------------------------------------------------------------------------------------ --resume after SIGINT
 
 
+RESUME_STEPS = 6
+
+
 def _dpo_argv(source: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "dpo", "--from", str(source), "--corpus", str(corpus), "--out", str(out), "--pairs-per-kind", "2", "--max-steps", "6",
-            "--batch-size", "2", "--save-steps", "2", "--lora-dropout", "0", "--learning-rate", "1e-2", "--no-tensorboard", *extra]
+    return ["train", "dpo", "--from", str(source), "--corpus", str(corpus), "--out", str(out), "--pairs-per-kind", "2",
+            "--max-steps", str(RESUME_STEPS), "--batch-size", "2", "--save-steps", "1", "--lora-dropout", "0", "--learning-rate", "1e-2",
+            "--no-tensorboard", *extra]
+
+
+def _newest_whole_checkpoint_step(out: Path) -> int | None:
+    """The step of the newest ``checkpoint-N`` (the one ``--resume`` takes) once it holds its trainer state, which the
+    trainer writes last; None before that."""
+    newest = last_checkpoint(out)
+    if newest is None:
+        return None
+    try:
+        return json.loads((Path(newest) / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError):  # not yet written, or caught mid-write
+        return None
+
+
+def _interrupt_after_a_checkpoint(proc: subprocess.Popen, out: Path, timeout_s: float = 240) -> None:
+    """SIGINT to a training run as soon as it has a whole checkpoint before its last step. The run is paused (SIGSTOP,
+    as a terminal's Ctrl-Z) while its directory is looked at, and the SIGINT is sent before it continues: however
+    loaded the machine, the run cannot move on between the look and the interrupt, nor be caught mid-checkpoint."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, f"no checkpoint after {timeout_s:.0f} s"
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            step = _newest_whole_checkpoint_step(out)
+            if step is not None:
+                assert step < RESUME_STEPS, "the run reached its last step before it could be interrupted"
+                proc.send_signal(signal.SIGINT)  # pending until the run continues: the next thing it meets
+                break
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.1)
+    proc.wait(60)
 
 
 @pytest.mark.slow
 def test_resume_after_sigint_reaches_the_uninterrupted_adapter(tiny_checkpoint, corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Ctrl-C in a terminal: SIGINT's default action, whatever this process inherited (a shell starts a background
+    # job, as a suite run under nohup or `&` is, with SIGINT ignored, and a Python started so never sees a SIGINT)
     proc = subprocess.Popen([sys.executable, "-m", "earwitness", *_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
-    assert not (tmp_path / "cut" / "adapter").exists(), "the run finished before the interrupt"
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _interrupt_after_a_checkpoint(proc, tmp_path / "cut")
+    assert proc.returncode != 0 and not (tmp_path / "cut" / "adapter").exists(), "the run finished before the interrupt"
     _cli(*_dpo_argv(tiny_checkpoint, corpus, tmp_path / "cut", "--resume"))
     _cli(*_dpo_argv(tiny_checkpoint, corpus, tmp_path / "whole"))
     cut, whole = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("cut", "whole"))
@@ -260,7 +295,7 @@ def test_resume_after_sigint_reaches_the_uninterrupted_adapter(tiny_checkpoint, 
     worst = max((cut[k] - whole[k]).abs().max().item() for k in cut)
     assert worst < 1e-5, f"resumed adapter differs by {worst:.2e}"
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "dpo_log.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert steps == sorted(set(steps)) and steps[-1] == RESUME_STEPS
 
 
 # ------------------------------------------------------------------------------------------ streaming

@@ -81,3 +81,23 @@ def test_distillation_trains_only_the_top_layers_and_measures_on_test(corpus, tm
     tower = whisper_encoder(str(exported), max_source_positions=cfg.window_s * POSITIONS_PER_SECOND)
     torch.testing.assert_close(tower.layers[3].fc1.weight, saved["tower.layers.3.fc1.weight"], rtol=0, atol=0)
     torch.testing.assert_close(tower.layers[2].fc1.weight, original["layers.2.fc1.weight"], rtol=0, atol=0)
+
+
+def test_a_checkpoints_committed_tower_layers_become_its_whisper_tower():
+    """``--tower models/earwitness-small``: the shipped distilled layers (float16, as committed) in the fetched Whisper,
+    in a directory named by their hash, so every stage on that tower reads one feature cache."""
+    from safetensors.torch import load_file
+
+    from models.pretrained.wheels import WheelError
+    from models.registry import SMALL_DIR
+    from train.tower import tower_whisper
+
+    try:
+        whisper, layers = tower_whisper(SMALL_DIR)
+    except WheelError as e:
+        pytest.skip(f"pretrained wheels unavailable: {e}")
+    assert layers == (2, 3) and tower_whisper(SMALL_DIR)[0] == whisper
+    shipped, exported = load_file(str(SMALL_DIR / "trained.safetensors")), load_file(str(whisper / "model.safetensors"))
+    key = next(k for k in exported if k.endswith("encoder.layers.3.fc1.weight"))
+    assert torch.equal(exported[key], shipped["model.audio_tower.layers.3.fc1.weight"].float())
+    assert not any(k.startswith("model.audio_tower.layers.1.") for k in shipped)  # the layers below stay the part's

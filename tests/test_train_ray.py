@@ -1,10 +1,13 @@
 """``earwitness train dpo --workers 2``: Ray Train DDP (gloo, CPU) on a tiny random Qwen2-Audio.
 
-* Two workers with half the per-worker batch (the same global batch) reach the one-process adapter within 1e-4 and
-  log the same loss curve within 1e-4 (gradients are averaged over the workers; sums run in another order). The
+One 2-worker run with a worker killed (SIGKILL) after its first checkpoint, beside one process with the same global
+batch (half the per-worker batch):
+
+* Ray Train restarts the group from that checkpoint (``--max-failures 1``): the workers are new processes.
+* Its final adapter reaches the one-process adapter within 1e-4 and its loss curve (steps before the kill logged by
+  the first group, after it by the restarted one) is the same within 1e-4: gradients are averaged over the workers
+  (sums run in another order), and the restart resumes model, optimizer, scheduler and data position exactly. The
   3 steps stay inside the first epoch: a last, partial batch is padded differently by 1 and 2 workers.
-* A worker killed (SIGKILL) after the first checkpoint: Ray Train restarts the group from that checkpoint
-  (``--max-failures 1``) and the final adapter equals the uninterrupted 2-worker run's within 1e-4.
 
 Each Ray run is the command in its own process, with its own local Ray (loopback, private temp dir).
 """
@@ -30,7 +33,7 @@ TOLERANCE = 1e-4
 
 def _argv(source: Path, corpus: Path, out: Path, batch: int, *extra: str) -> list[str]:
     return ["train", "dpo", "--from", str(source), "--corpus", str(corpus), "--out", str(out), "--pairs-per-kind", "2", "--max-steps", "3",
-            "--batch-size", str(batch), "--save-steps", "2", "--logging-steps", "1", "--lora-dropout", "0", "--learning-rate", "1e-2",
+            "--batch-size", str(batch), "--save-steps", "1", "--logging-steps", "1", "--lora-dropout", "0", "--learning-rate", "1e-2",
             "--no-tensorboard", *extra]
 
 
@@ -58,38 +61,82 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "dpo_log.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not there yet, or caught mid-write
+        return None
+
+
+def _rows(path: Path) -> list[dict]:
+    """The jsonl rows written so far (a last line caught mid-write left out)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def _kill_a_worker_after_a_checkpoint(proc: subprocess.Popen, out: Path, victim_rank: str = "1", timeout_s: float = 300) -> int:
+    """SIGKILL one worker of a running group once Ray Train holds a checkpoint and before the last step is logged. The
+    workers are paused (SIGSTOP) while the run's directory is looked at and the victim is killed before they continue:
+    the run cannot move on between the look and the kill. Returns the victim's pid."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"no Ray checkpoint after {timeout_s:.0f} s"
+        workers = _json_or_none(out / "workers.json") or {}
+        if len(workers) == 2:
+            for pid in workers.values():
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                logged = [row["step"] for row in _rows(out / "dpo_log.jsonl")]
+                if list(out.glob("ray/checkpoint_*")) and max(logged, default=0) < 3:  # the step-1 or step-2 checkpoint
+                    os.kill(workers[victim_rank], signal.SIGKILL)
+                    return workers[victim_rank]
+            finally:
+                for pid in workers.values():
+                    try:
+                        os.kill(pid, signal.SIGCONT)
+                    except ProcessLookupError:  # the victim
+                        pass
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_checkpoint, corpus, tmp_path_factory):
+    """The killed 2-worker run and, at the same time, the one-process run; returns their directory and the victim's pid."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from earwitness.cli import main
 
     root = tmp_path_factory.mktemp("ray-train")
-    two = _spawn(_argv(tiny_checkpoint, corpus, root / "two", 2, "--workers", "2"))
-    assert main(_argv(tiny_checkpoint, corpus, root / "one", 4)) == 0  # one process, the same global batch of 4 pairs
-    _finish(two)
-    return root
+    killed = _spawn(_argv(tiny_checkpoint, corpus, root / "killed", 2, "--workers", "2", "--max-failures", "1"))
+    with ThreadPoolExecutor(1) as pool:
+        victim = pool.submit(_kill_a_worker_after_a_checkpoint, killed, root / "killed")
+        assert main(_argv(tiny_checkpoint, corpus, root / "one", 4)) == 0  # one process, the same global batch of 4 pairs
+        victim = victim.result()
+    _finish(killed)
+    return root, victim
 
 
-def test_two_workers_match_one_process(runs):
-    worst = _worst(_adapter(runs / "one"), _adapter(runs / "two"))
-    assert worst < TOLERANCE, f"2 workers vs 1 process: adapters differ by {worst:.2e}"
-    one, two = _losses(runs / "one"), _losses(runs / "two")
-    assert len(one) == len(two) == 3
-    assert max(abs(a - b) for a, b in zip(one, two)) < TOLERANCE, (one, two)
-    stage = json.loads((runs / "two" / "stage.json").read_text())
+def test_killed_worker_restarts_from_its_checkpoint(runs):
+    root, victim = runs
+    assert json.loads((root / "killed" / "workers.json").read_text())["1"] != victim, "the group was not restarted"
+    stage = json.loads((root / "killed" / "stage.json").read_text())
     assert stage["scale"]["workers"] == 2 and stage["metrics"]["steps"] == 3
 
 
-def test_killed_worker_restarts_from_its_checkpoint(runs, tiny_checkpoint, corpus):
-    out = runs / "killed"
-    proc = _spawn(_argv(tiny_checkpoint, corpus, out, 2, "--workers", "2", "--max-failures", "1"))
-    deadline = time.time() + 300
-    while not list(out.glob("ray/checkpoint_*")):  # Ray Train holds the step-2 checkpoint
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "no Ray checkpoint after 300 s"
-        time.sleep(0.2)
-    victim = json.loads((out / "workers.json").read_text())["1"]
-    os.kill(victim, signal.SIGKILL)
-    _finish(proc)
-    assert json.loads((out / "workers.json").read_text())["1"] != victim, "the group was not restarted"
-    worst = _worst(_adapter(out), _adapter(runs / "two"))
-    assert worst < TOLERANCE, f"restarted run vs uninterrupted: adapters differ by {worst:.2e}"
+def test_two_workers_match_one_process(runs):
+    root, _ = runs
+    worst = _worst(_adapter(root / "one"), _adapter(root / "killed"))
+    assert worst < TOLERANCE, f"2 workers (one killed and restarted) vs 1 process: adapters differ by {worst:.2e}"
+    one, two = _losses(root / "one"), _losses(root / "killed")
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) < TOLERANCE, (one, two)

@@ -47,58 +47,100 @@ def _wav(samples) -> bytes:
     return buf.getvalue()
 
 
-def test_audio_contrast_matches_the_transformers_engine(artifacts, monkeypatch):
-    """Answer log-prob on the clip and on blank audio, from vLLM, equal what transformers computes (runs before
-    the server starts). The engine starts under the OMP_NUM_THREADS Ray gives a replica, which it leaves as it was."""
-    import asyncio
+class TestAdapterMergedAtLoad:
+    """One engine for both tests (an engine start is the cost here): the base with its LoRA adapter merged when the
+    backend loads, as a replica loads it, started under the OMP_NUM_THREADS Ray gives a fused replica with model and
+    verifier CPUs. The merge is ``earwitness export --merge``'s (models/loading.export_merged): its weights are those
+    of ``merged/``, on which the transformers engine computed the expected audio contrast. Both tests call the sync
+    ``generate`` (evaluation's interface) on the one engine, again and again. Runs before the servers."""
 
-    from models.registry import ModelSpec
-    from serving.backends import AudioPrompt
-    from serving.backends.vllm import VLLMBackend
-    from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
+    @pytest.fixture(scope="class")
+    def merged_at_load(self, artifacts, tmp_path_factory):
+        from models.registry import resolve
+        from serving.backends.vllm import load_for_settings
+        from serving.config import Settings
 
-    expected = json.loads((artifacts / "expected.json").read_text())["contrast"]
-    if expected["answer_logprob"] is None:
-        pytest.skip("the tiny model answered 'no': nothing to contrast")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what Ray sets in a fused replica with model and verifier CPUs
-    backend = VLLMBackend.load(ModelSpec(name="merged", family="qwen2-audio", source=str(artifacts / "merged"), description=""),
-                               max_model_len=1024, max_num_seqs=4)
-    assert os.environ["OMP_NUM_THREADS"] == "2"  # the engine processes got 1 (tests/test_engines_config.py)
-    long = AudioPrompt(np.tile(clip(), 4), QUESTION, MAX_TOKENS, contrast=True)  # 8 s: its prompt spans cache blocks
+        cache = tmp_path_factory.mktemp("store-cache")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EARWITNESS_STORE_CACHE", str(cache))
+            mp.setenv("OMP_NUM_THREADS", "2")  # what Ray sets in a fused replica with model and verifier CPUs
+            settings = Settings(model=str(artifacts / "base"), engine="vllm", adapter=str(artifacts / "adapter"), max_model_len=1024,
+                                max_num_seqs=4)
+            backend = load_for_settings(resolve(settings.model), settings, settings.adapter)
+            omp_after_load = os.environ["OMP_NUM_THREADS"]
+        try:
+            yield backend, cache, omp_after_load
+        finally:
+            backend.shutdown()
 
-    async def run():
-        out = await backend.generate_async(AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True))
-        first = await backend.generate_async(long)
+    def test_the_served_adapter_is_merged_at_load(self, merged_at_load, artifacts):
+        """`adapter` on Qwen2-Audio: merged into the weights when the replica loads, once per cache, answering what
+        transformers answers with base + PEFT adapter."""
+        from models.loading import merged_checkpoint
+        from serving.backends import AudioPrompt
+        from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
+
+        backend, cache, _ = merged_at_load
+        expected = json.loads((artifacts / "expected.json").read_text())["adapter"]
+        assert backend.merged_adapter == str(artifacts / "adapter")
+        (made,) = [p for p in cache.iterdir() if p.name.startswith("merged-")]
+        assert merged_checkpoint(str(artifacts / "base"), str(artifacts / "adapter"), cache) == made  # merged once
+        (generation,) = backend.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS)])
+        assert (generation.text, generation.num_tokens) == (expected["text"], expected["num_tokens"])
+
+    def test_audio_contrast_matches_the_transformers_engine(self, merged_at_load, artifacts):
+        """Answer log-prob on the clip and on blank audio, from vLLM, equal what transformers computes on ``merged/``.
+        The engine started under the OMP_NUM_THREADS Ray gives a replica, which it leaves as it was."""
+        from serving.backends import AudioPrompt
+        from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
+
+        backend, _, omp_after_load = merged_at_load
+        expected = json.loads((artifacts / "expected.json").read_text())["contrast"]
+        if expected["answer_logprob"] is None:
+            pytest.skip("the tiny model answered 'no': nothing to contrast")
+        assert omp_after_load == "2"  # the engine processes got 1 (tests/test_engines_config.py)
+        long = AudioPrompt(np.tile(clip(), 4), QUESTION, MAX_TOKENS, contrast=True)  # 8 s: its prompt spans cache blocks
+
+        (out,) = backend.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS, contrast=True)])  # one loop for every call
+        (first,) = backend.generate([long])
         backend.contrast.scores.clear()  # the second long blank pass reads the first one's prompt from vLLM's prefix cache
-        again = await backend.generate_async(long)
+        (again,) = backend.generate([long])
         hits = backend.contrast.scores.hits
-        kept = await backend.generate_async(long)  # the third: the blank score kept, no pass
-        return out, first, again, kept, backend.contrast.scores.hits - hits
+        (kept,) = backend.generate([long])  # the third: the blank score kept, no pass
+        hits = backend.contrast.scores.hits - hits
+        assert again.blank_logprob == pytest.approx(first.blank_logprob, abs=1e-4)
+        assert kept.blank_logprob == again.blank_logprob and hits == (1 if kept.blank_logprob is not None else 0)
+        assert out.text == expected["text"]
+        assert out.answer_logprob == pytest.approx(expected["answer_logprob"], abs=2e-3)
+        assert out.blank_logprob == pytest.approx(expected["blank_logprob"], abs=2e-3)
+        assert abs(out.answer_logprob - out.blank_logprob) > 1e-3  # the clip does move the answer
 
-    try:
-        out, first, again, kept, hits = asyncio.run(run())
-    finally:
-        backend.shutdown()
-    assert again.blank_logprob == pytest.approx(first.blank_logprob, abs=1e-4)
-    assert kept.blank_logprob == again.blank_logprob and hits == (1 if kept.blank_logprob is not None else 0)
-    assert out.text == expected["text"]
-    assert out.answer_logprob == pytest.approx(expected["answer_logprob"], abs=2e-3)
-    assert out.blank_logprob == pytest.approx(expected["blank_logprob"], abs=2e-3)
-    assert abs(out.answer_logprob - out.blank_logprob) > 1e-3  # the clip does move the answer
+
+@pytest.fixture(scope="module")
+def vllm_ray():
+    """One local Ray for both topologies' Serve apps (each app is shut down before the next starts)."""
+    import ray
+
+    from serving.config import Settings
+    from serving.runtime import start_ray
+
+    start_ray(Settings(num_cpus=2, ray_temp_dir=tempfile.mkdtemp(prefix="ew-vllm-")))
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module", params=["split", "fused"])
-def vllm_server(artifacts, request):
+def vllm_server(artifacts, vllm_ray, request):
     """Earwitness with engine=vllm serving the merged checkpoint, guard off (no verifier in this env), in
     both topologies: the engine behind a handle, and in the ingress replica."""
+    from ray import serve
 
     from serving.config import Settings
-    from serving.runtime import start, stop
+    from serving.runtime import start
 
     fields = dict(
         model=str(artifacts / "merged"), engine="vllm", topology=request.param, port=free_port(), num_cpus=2, model_cpus=1,
         max_num_seqs=8, max_model_len=1024, request_timeout_s=120,
-        ray_temp_dir=tempfile.mkdtemp(prefix="ew-vllm-"),
     )
     if "guard_policy" in Settings.model_fields:
         fields.update(guard_policy="off", verifier=None)
@@ -107,7 +149,7 @@ def vllm_server(artifacts, request):
     url = f"http://{settings.host}:{settings.port}"
     wait_ready(url, 240, poll_s=1)
     yield url
-    stop()
+    serve.shutdown()
 
 
 def _chat(url: str, model: str | None = None):
@@ -167,27 +209,3 @@ def test_per_request_adapters_are_refused_before_the_engine_starts(artifacts):
     settings = Settings(model=str(artifacts / "base"), engine="vllm", adapters={"aligned": str(artifacts / "adapter")})
     with pytest.raises(EngineUnsupported, match="export --merge"):
         load_for_settings(resolve(settings.model), settings, None)
-
-
-def test_the_served_adapter_is_merged_at_load(artifacts, tmp_path, monkeypatch):
-    """`adapter` on Qwen2-Audio: merged into the weights when the replica loads, once per cache, answering what
-    transformers answers with base + PEFT adapter."""
-    from models.loading import merged_checkpoint
-    from models.registry import resolve
-    from serving.backends import AudioPrompt
-    from serving.backends.vllm import load_for_settings
-    from serving.config import Settings
-    from tests.vllm_prep import MAX_TOKENS, QUESTION, clip
-
-    monkeypatch.setenv("EARWITNESS_STORE_CACHE", str(tmp_path))
-    expected = json.loads((artifacts / "expected.json").read_text())["adapter"]
-    settings = Settings(model=str(artifacts / "base"), engine="vllm", adapter=str(artifacts / "adapter"), max_model_len=1024, max_num_seqs=4)
-    backend = load_for_settings(resolve(settings.model), settings, settings.adapter)
-    try:
-        assert backend.merged_adapter == str(artifacts / "adapter")
-        (made,) = [p for p in tmp_path.iterdir() if p.name.startswith("merged-")]
-        assert merged_checkpoint(str(artifacts / "base"), str(artifacts / "adapter")) == made  # merged once
-        (generation,) = backend.generate([AudioPrompt(clip(), QUESTION, MAX_TOKENS)])
-        assert (generation.text, generation.num_tokens) == (expected["text"], expected["num_tokens"])
-    finally:
-        backend.shutdown()

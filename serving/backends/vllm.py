@@ -154,6 +154,7 @@ class VLLMBackend(Backend):
         self._prompt = functools.lru_cache(maxsize=4096)(self._render_prompt)
         self._prompt_ids = functools.lru_cache(maxsize=4096)(self._tokenize_prompt)
         self.contrast = Contrast(sample_rate=sample_rate)  # its kept blank-side scores (keyed by adapter: never stale)
+        self._sync_loop: asyncio.AbstractEventLoop | None = None  # generate()'s (see there)
 
     @classmethod
     def load(
@@ -289,18 +290,25 @@ class VLLMBackend(Backend):
         return final
 
     def generate(self, prompts: list[AudioPrompt]) -> list[Generation]:
-        """The synchronous interface, for callers outside the replica's event loop (tests, evaluation)."""
+        """The synchronous interface, for callers outside the replica's event loop (tests, evaluation). Every call runs
+        on the backend's one loop: the engine's output handler lives on the loop of its first request and dies with it
+        (a loop per call, as ``asyncio.run`` makes, leaves the engine dead after the first)."""
 
         async def run():
             return await asyncio.gather(*(self.generate_async(p) for p in prompts))
 
-        return asyncio.run(run())
+        if self._sync_loop is None:
+            self._sync_loop = asyncio.new_event_loop()
+        return self._sync_loop.run_until_complete(run())
 
     def warm_up(self) -> None:
         """Nothing to do: vLLM profiles and warms itself while it starts."""
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        if self._sync_loop is not None:
+            self._sync_loop.close()
+            self._sync_loop = None
 
 
 @contextmanager
