@@ -7,6 +7,7 @@ LoRA over the parts) must rebuild exactly the model that was trained.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -154,6 +155,8 @@ def test_the_lookup_stage_trains_the_language_model_layers_and_nothing_else(corp
     assert changed and all(k.startswith("model.language_model.layers.") or k.startswith("model.language_model.norm.") for k in changed)
     assert model.model.multi_modal_projector is projector  # the name tokens stood in for the projector only while it trained
     assert history and "val_loss" in history[-1] and (tmp_path / "lookup.json").exists()
+    gate = json.loads((tmp_path / "lookup.json").read_text())["gate"]  # gate 1, measured on the layers as committed
+    assert 0.0 <= gate["oracle_validation_auc"] <= 1.0 and gate["questions"] > 0 and gate["passed"] == (gate["oracle_validation_auc"] >= 0.93)
     assert all(torch.equal(after[k], after[k].half().float()) for k in changed)  # evaluated in the precision it is committed in
 
 

@@ -135,6 +135,16 @@ def _lookup_history(ship_dir: Path) -> list[dict]:
     return json.loads(path.read_text())["history"] if path.exists() else []
 
 
+def _lookup_gate(ship_dir: Path) -> str:
+    """Gate 1 as the lookup stage measured it (``train.gates.lookup_gate``), or that it was not measured."""
+    path = ship_dir / "training" / "lookup.json"
+    gate = json.loads(path.read_text()).get("gate") if path.exists() else None
+    if not gate:
+        return "Its validation oracle ROC-AUC was not measured by the stage (`python -m train.gates` measures it)."
+    return (f"Validation oracle ROC-AUC (true sound names at the served audio positions, chat layout, {gate['questions']} questions): "
+            f"**{gate['oracle_validation_auc']:.3f}** (gate ≥ {gate['gate']}: {'passed' if gate['passed'] else 'not passed'}).")
+
+
 def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> Path:
     """The card of earwitness-small: parts and their provenance, what was trained, the stages measured.
 
@@ -159,7 +169,8 @@ def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> P
    sounds included and presence asked in every trained phrasing (`train.data.qa.PRESENCE_FAMILIES`), in
    the served chat layout, over the sounds' *written names* laid where the audio tokens go (the mean word
    embedding of the sounds active at each of the served audio positions): """ + f"{len(lookup)} steps, validation loss "
-                   + f"{next((h['val_loss'] for h in reversed(lookup) if 'val_loss' in h), float('nan')):.3f} (`training/lookup.json`).\n") if spec.trained_layers else ""
+                   + f"{next((h['val_loss'] for h in reversed(lookup) if 'val_loss' in h), float('nan')):.3f} (`training/lookup.json`).\n"
+                   + f"   {_lookup_gate(ship_dir)}\n") if spec.trained_layers else ""
     listen_step = ("""2. **LISTEN** — only the projector changes, the language model is frozen: it is fitted in closed form
    (ridge regression, `train.small_recipe.fit_projector_to_names`) so that the tower's outputs land on
    the names the lookup reads, present sounds and silence alike; the lookup's absent-sound questions

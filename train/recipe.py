@@ -123,8 +123,9 @@ def lookup_stage(source: Path, corpus: Path, out: Path, seed: int = 0, epochs: f
     stage = replace(small_recipe.LOOKUP.stage, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
     config = replace(small_recipe.LOOKUP, stage=stage)
     history = small_recipe.lookup_stage(source, corpus, out, config)
-    write_stage(out, "lookup", stage, resolve_input(str(source)), corpus, _last_losses(history), time.time() - started)
-    return _last_losses(history)
+    metrics = {**_last_losses(history), "gate": json.loads((out / "lookup.json").read_text())["gate"]}  # gate 1, as measured
+    write_stage(out, "lookup", stage, resolve_input(str(source)), corpus, metrics, time.time() - started)
+    return metrics
 
 
 def listen_names_stage(source: Path, corpus: Path, out: Path) -> dict:

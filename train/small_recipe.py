@@ -38,6 +38,7 @@ from train.data.ontology import load_ontology
 from train.data.qa import paraphrased, read_qa_rows
 from train.data.targets import frame_targets
 from train.features import encoder_features
+from train.gates import lookup_gate
 from train.lora import lora_config
 from train.model_card import copy_reports, write_small_model_card
 from train.sft import StageConfig, select_rows, train_stage
@@ -102,7 +103,8 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
         for name, param in qa.language_model.named_parameters():
             if name.startswith(LM_TRAINED_PARTS):
                 param.copy_(param.half().float())
-    (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
+    gate = lookup_gate(model, processor, corpus_dir)  # what the stage claims to teach, measured on what it ships
+    (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history, "gate": gate}, indent=2))
     return history
 
 
