@@ -158,16 +158,9 @@ def _processes_of_run(marker: str) -> list[str]:
     return found
 
 
-# the default app (earwitness-small, the fused verifier's replica) where every process of the run gets the signal;
-# where only the command gets it, its shutdown (Serve, then Ray and every process Ray started) is the same code
-# whatever the app holds: the lightest app (earwitness-tiny, no verifier) spares two start-ups of the default one
-LIGHT_APP = {"EARWITNESS_MODEL": "earwitness-tiny", "EARWITNESS_VERIFIER": "", "EARWITNESS_GUARD_POLICY": "off"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("how, app", [("SIGTERM", LIGHT_APP), ("SIGINT to the group", {}), ("SIGINT to a background job", LIGHT_APP)],
-                         ids=["SIGTERM", "SIGINT to the group", "SIGINT to a background job"])
-def test_serve_stops_cleanly(tmp_path, how, app):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group", "SIGINT to a background job"])
+def test_serve_stops_cleanly(tmp_path, how):
     """``earwitness serve`` under docker stop / systemd (SIGTERM to the process) and Ctrl-C in a terminal (SIGINT to
     the whole foreground process group, Ray's processes included), and ``kill -INT`` of a job a script started in
     the background (which a shell starts with SIGINT ignored): after serving a request it shuts Serve and Ray down
@@ -181,7 +174,7 @@ def test_serve_stops_cleanly(tmp_path, how, app):
 
     port, temp, marker = free_port(), tempfile.mkdtemp(prefix="ew-stop-"), f"ew-run-{uuid.uuid4().hex}"
     env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
-           "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker, **app}
+           "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
     log = tmp_path / "serve.log"
     # SIGINT as a background job has it (ignored) or as a terminal's foreground job has it (its default action),
     # whatever this suite inherited (a suite run under nohup or `&` has it ignored)

@@ -123,3 +123,12 @@ def test_teacher_corpus_adds_marked_train_scenes_and_keeps_held_out_splits(corpu
     sources = [json.loads(line) for line in (out / "sources.jsonl").read_text().splitlines()]
     teacher_rows = [r for r in sources if r.get("teacher")]
     assert {r["id"] for r in teacher_rows} == {"t0", "t1", "t2"} and {r["split"] for r in teacher_rows} == {"train"}
+
+
+def test_held_out_packages_are_chosen_by_labelled_sources_only(tmp_path):
+    from train.frozen_features import held_out_packages
+
+    rows = [{"package": "a", "label": "Dog"}, {"package": "a", "label": "Cat"}, {"package": "b", "label": "Dog"}]
+    rows += [{"package": "b", "label": c, "teacher": True} for c in ("Bell", "Rain", "Wind")]  # teacher labels add no class
+    (tmp_path / "sources.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert held_out_packages(tmp_path, count=1) == ["a"]

@@ -359,9 +359,9 @@ def _link(src: Path, dst: Path) -> None:
 
 def build_teacher_corpus(corpus: Path, out: Path, chosen: list[dict], clips: Path, scenes: int, seed: int = 0,
                          cache: Path | None = None, progress: bool = True) -> dict:
-    """A copy of ``corpus`` (links) whose train split also holds ``scenes`` new scenes ``train-tNNNNN``, mixed from
-    the labelled train sources and the ``chosen`` teacher files (pooled per class), their events from teacher files
-    marked ``"teacher": <confidence>`` and the scenes ``"labels": "teacher"``. Validation, test, their questions and
+    """A copy of ``corpus`` (links) whose train split also holds ``scenes`` new scenes ``train-tNNNNN``: their events
+    drawn from the ``chosen`` teacher files (pooled per teacher class; each marked ``"teacher": <confidence>``), over
+    the labelled train split's ambience beds, the scenes marked ``"labels": "teacher"``. Validation, test, their questions and
     every other split file are the labelled corpus's own (links); ``sources.jsonl`` adds the teacher files
     (``"teacher": true``, split train), so that leave-one-package-out leaves their package out too."""
 
@@ -378,7 +378,6 @@ def build_teacher_corpus(corpus: Path, out: Path, chosen: list[dict], clips: Pat
     pool: dict[str, list[str]] = defaultdict(list)
     beds: dict[str, list[str]] = defaultdict(list)
     for r in train:
-        pool[r["label"]].append(r["id"])
         if onto[r["label"]].bed and r["duration"] >= BED_MIN_S:
             beds[r["label"]].append(r["id"])
     for r in chosen:
@@ -507,10 +506,11 @@ def teacher_features(labelled: Path, teacher_corpus: Path, encoders: list[str], 
     for f in sorted((teacher_corpus / "scenes" / "train").glob("train-t*.flac")):
         _link(f, staging / "scenes" / "train" / f.name)
     read = {"yamnet": yamnet_features, "aisfx": aisfx_features}
+    for enc in encoders:  # the teacher scenes first: the labelled corpus's own may still be computing
+        read[enc](staging, "train", progress=progress)
     for enc in encoders:
         if not (labelled / "features" / enc / "train.v0.json").exists():
             raise FileNotFoundError(f"{labelled}: the labelled train split's {enc} features are not cached yet")
-        read[enc](staging, "train", progress=progress)
         join_feature_caches(labelled, staging, teacher_corpus, [(enc, 0)])
 
 
@@ -560,6 +560,25 @@ def run_scenes(corpus: Path, out: Path, teacher_corpus: Path, scenes: int, per_c
     return report
 
 
+def teacher_table(corpus: Path, out: Path) -> dict:
+    """The teacher-data table over every file the teacher has labelled so far (``out/teacher/unlabelled-*``): files
+    found, left after deduplication, labelled, confident at the validation threshold (files, hours, classes)."""
+    found = json.loads((out / "found.json").read_text())
+    cal, checks, classes, columns = calibrated_teacher(corpus, out)
+    candidates = {r["id"]: r for r in map(json.loads, (out / "candidates.jsonl").read_text().splitlines())}
+    order = [r["id"] for r in interleave(list(candidates.values()))]
+    done = len(list((out / "teacher").glob("unlabelled-*.npz")))
+    labelled = label_clips(order[: min(len(order), done * SHARD)], None, out / "teacher", "unlabelled", progress=False)
+    top, conf = cal.read(labelled["members"], labelled["audioset"], columns)
+    keep = conf >= cal.threshold
+    return {"files_found": found["files_found"], "after_dedup": found["kept_after_dedup"], "hours_after_dedup": found["hours_after_dedup"],
+            "labelled_by_teacher": int(len(keep)),
+            "labelled_hours": round(sum(candidates[str(i)]["duration"] for i in labelled["ids"]) / 3600, 3),
+            "confident": int(keep.sum()), "confident_hours": round(sum(candidates[str(i)]["duration"] for i in labelled["ids"][keep]) / 3600, 3),
+            "confident_classes": len(set(top[keep].tolist())),
+            "confident_by_class": dict(Counter(classes[k] for k in top[keep]).most_common()), "precision": checks}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Teacher labels for the listed packages' unlabelled recordings.")
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -569,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-corpus", type=Path, default=Path("data/corpus-teacher"))
     ap.add_argument("--per-class", type=int, default=PER_CLASS)
     ap.add_argument("--limit", type=int, default=None, help="read only the first N files of the labelling order")
+    ap.add_argument("--table", action="store_true", help="print the teacher-data table over every file labelled so far")
     ap.add_argument("--features", nargs="*", default=[], choices=["yamnet", "aisfx"],
                     help="then cache these encoders' features of the teacher corpus (its scenes heard, the labelled rows joined)")
     args = ap.parse_args(argv)
@@ -579,7 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_scenes(args.corpus, args.out, args.teacher_corpus, args.scenes, args.per_class, limit=args.limit), indent=1))
     if args.features:
         teacher_features(args.corpus, args.teacher_corpus, args.features)
-    if not args.scenes and not args.features:
+    if args.table:
+        print(json.dumps(teacher_table(args.corpus, args.out), indent=1))
+    if not args.scenes and not args.features and not args.table:
         run_labelling(args.corpus, args.out)
     return 0
 
