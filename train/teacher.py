@@ -160,13 +160,10 @@ def labelled_prints(corpus: Path, roots: dict[str, Path], clips16k: Path) -> lis
 
 def _near(fps_a: np.ndarray, dur_a: np.ndarray, fps_b: np.ndarray, dur_b: np.ndarray, threshold: float = 0.97,
           chunk: int = 1024) -> list[np.ndarray]:
-    """Per row of ``a``, the rows of ``b`` that sound the same (``train.data.splits.duplicate_pairs``' test: cosine of
-    fingerprints ≥ ``threshold``, lengths within 10 %), computed in chunks."""
+    """Per row of ``a``, the rows of ``b`` that sound the same (``train.data.splits.same_sound``), computed in chunks."""
     out = []
     for i in range(0, len(fps_a), chunk):
-        sim = fps_a[i:i + chunk] @ fps_b.T
-        ratio = np.abs(np.log((dur_a[i:i + chunk, None] + 1e-3) / (dur_b[None, :] + 1e-3)))
-        hit = (sim >= threshold) & (ratio < 0.1)
+        hit = SP.same_sound(fps_a[i:i + chunk], dur_a[i:i + chunk], fps_b, dur_b, threshold)
         out += [np.flatnonzero(h) for h in hit]
     return out
 

@@ -40,11 +40,15 @@ def fingerprint(samples: np.ndarray, sr: int = SAMPLE_RATE, steps: int = 32, ban
     return (v / (np.linalg.norm(v) + 1e-9)).astype(np.float32)
 
 
+def same_sound(fps_a: np.ndarray, dur_a: np.ndarray, fps_b: np.ndarray, dur_b: np.ndarray, threshold: float = 0.97) -> np.ndarray:
+    """Which rows of ``a`` sound like which rows of ``b``: fingerprints match (cosine ≥ threshold), lengths within 10 %."""
+    ratio = np.abs(np.log((dur_a[:, None] + 1e-3) / (dur_b[None, :] + 1e-3)))
+    return (fps_a @ fps_b.T >= threshold) & (ratio < 0.1)
+
+
 def duplicate_pairs(fps: np.ndarray, durations: np.ndarray, threshold: float = 0.97) -> list[tuple[int, int]]:
-    """Index pairs whose fingerprints match (cosine ≥ threshold) and whose lengths agree within 10 %."""
-    sim = fps @ fps.T
-    ratio = np.abs(np.log((durations[:, None] + 1e-3) / (durations[None, :] + 1e-3)))
-    hit = (sim >= threshold) & (ratio < 0.1)
+    """Index pairs of clips that sound the same (:func:`same_sound`)."""
+    hit = same_sound(fps, durations, fps, durations, threshold)
     np.fill_diagonal(hit, False)
     i, j = np.nonzero(np.triu(hit))
     return list(zip(i.tolist(), j.tolist()))
