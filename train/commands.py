@@ -43,11 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                "that commits its tower layers); default: Whisper as fetched")
     base.set_defaults(func=_base)
     lookup = sub.add_parser("lookup", help="earwitness-small: the language model's layers learn every question kind over the sounds' "
-                                           "written names laid where the audio tokens go (then `train listen --projector names`)")
+                                           "written names laid where the audio tokens go (then `train listen --projector lookup`)")
     lookup.add_argument("--from", dest="source", type=Path, required=True, help="a small checkpoint (e.g. `train base --model small --out`)")
     lookup.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     lookup.add_argument("--out", type=Path, required=True)
-    lookup.add_argument("--epochs", type=float, default=None, help="passes over the train scenes (default 0.4)")
+    lookup.add_argument("--steps", type=int, default=None, help="training steps (default: train.lookup.LookupFit's)")
     lookup.add_argument("--seed", type=int, default=0)
     lookup.set_defaults(func=_lookup)
 
@@ -148,6 +148,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--captions", type=int, default=None, metavar="N", help="caption requests (default 1/2 of --presence-per-sampling)")
     ev.add_argument("--phrasing", type=int, default=0, metavar="N",
                     help="instead: presence accuracy per phrasing family (N present + N absent sounds, each asked in every template)")
+    ev.add_argument("--gates", type=int, default=0, metavar="N",
+                    help="earwitness-small: also presence ROC-AUC over the true sound names (oracle) and over its own audio tokens "
+                         "(served) on N seeded presence questions of validation and test (train.gates)")
     ev.set_defaults(func=_eval)
 
     export = subparsers.add_parser("export", help="export a model (e.g. merge its LoRA adapter into the weights)")
@@ -179,9 +182,10 @@ def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--publish", default=None, metavar="URI",
                         help="also copy the adapter here: an adapter store (s3://bucket/<model>/<name>, gs://, a directory) that serving reads")
     if stage == "listen":
-        parser.add_argument("--projector", choices=("train", "names"), default="train",
+        parser.add_argument("--projector", choices=("train", "names", "lookup"), default="train",
                             help="train: the audio adapter learns by gradient (any family); names: earwitness-small after `train lookup`, "
-                                 "the projector fitted in closed form onto the names the lookup reads")
+                                 "the projector fitted in closed form onto the names the lookup reads; lookup: from that fit, the tower's "
+                                 "top layers, its norm and the projector learn through the frozen lookup (gate 2; --max-steps: its steps)")
     if stage == "dpo":
         parser.add_argument("--pairs-per-kind", type=int, default=None, help="a stratified sample of the pairs (default: all)")
     config = ListenConfig if stage == "listen" else AudioDPOConfig
@@ -194,11 +198,14 @@ def _stage(args) -> int:
     from train.options import chosen
     from train.stages import StageJob, run_stage
 
-    if getattr(args, "projector", "train") == "names":
+    if getattr(args, "projector", "train") in ("names", "lookup"):
         # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
-        from train.recipe import listen_names_stage
+        from train.recipe import listen_lookup_stage, listen_names_stage
 
-        print(json.dumps(listen_names_stage(Path(args.source), Path(args.corpus), Path(args.out)), indent=1))
+        where = (Path(args.source), Path(args.corpus), Path(args.out))
+        metrics = (listen_names_stage(*where) if args.projector == "names"
+                   else listen_lookup_stage(*where, seed=args.seed, steps=args.max_steps if args.max_steps > 0 else None))
+        print(json.dumps(metrics, indent=1))
         return 0
     job = StageJob(stage=args.stage, source=args.source, corpus=str(args.corpus), out=str(args.out), config=chosen(args, args.config_class),
                    per_kind=getattr(args, "pairs_per_kind", None), family=args.family, resume=args.resume)
@@ -288,7 +295,7 @@ def _lookup(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from train.recipe import lookup_stage
 
-    print(json.dumps(lookup_stage(args.source, args.corpus, args.out, args.seed, args.epochs), indent=1))
+    print(json.dumps(lookup_stage(args.source, args.corpus, args.out, args.seed, args.steps), indent=1))
     return 0
 
 
@@ -344,7 +351,7 @@ def _eval(args) -> int:
 
     from serving.backends.hf import TransformersBackend
     from train.data.report import headline, markdown
-    from train.evaluate import EvalPlan, evaluate
+    from train.evaluate import EvalPlan, evaluate, phrasing_metrics, phrasing_table
     from train.stages import corpus_input, deliver, output_dir, resolve_input, write_stage
 
     started = time.time()
@@ -354,9 +361,6 @@ def _eval(args) -> int:
     out = output_dir(location) if location else None
     backend = TransformersBackend.load(spec, adapter=adapter)
     if args.phrasing:
-        # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
-        from train.evaluate import phrasing_metrics, phrasing_table
-
         doc = phrasing_metrics(backend, corpus, args.split, per_answer=args.phrasing)
         text, files, metrics = phrasing_table(doc), ("phrasing.json", "phrasing.md"), {}
     else:
@@ -365,6 +369,11 @@ def _eval(args) -> int:
         plan = EvalPlan(presence_per_sampling=n, per_temporal_kind=args.per_temporal_kind or max(1, 2 * n // 3),
                         captions=args.captions or max(1, n // 2)) if n else None
         doc = {name: evaluate(backend, corpus, args.split, plan or EvalPlan())}
+        if args.gates:
+            # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
+            from train.gates import GatePlan, split_gates
+
+            doc[name]["gates"] = split_gates(backend.model, backend.processor, corpus, GatePlan(questions=args.gates))
         text, files, metrics = markdown(doc), ("results.json", "report.md"), headline(doc)[name]
     print(text)
     if out:

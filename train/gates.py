@@ -121,22 +121,30 @@ def generated(model, processor, corpus_dir: Path, plan: GatePlan, name: str = "m
             "count_error": head["count_error"], "examples": result["examples"][:6]}
 
 
+def split_gates(model, processor, corpus_dir: str | Path, plan: GatePlan = GatePlan(), served: bool = True, log=print) -> dict:
+    """``{split: {questions, oracle_auc, served_auc}}`` of a model as served (a PEFT adapter merged first)."""
+    corpus_dir = Path(corpus_dir)
+    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    lm = checkpoint_lm(unwrap(model)).eval()
+    spec = SmallSpec(**unwrap(model).config.earwitness_small_spec)
+    out = {}
+    for split in plan.splits:
+        rows = presence_rows(corpus_dir, split, plan.questions, plan.seed)
+        out[split] = {"questions": len(rows),
+                      "oracle_auc": round(oracle_auc(lm, processor.tokenizer, corpus_dir, split, rows, spec.audio_tokens, float(spec.window_s)), 4),
+                      "served_auc": round(served_auc(unwrap(model), processor, lm, corpus_dir, rows), 4) if served else float("nan")}
+        log(f"[gates] {split}: {json.dumps(out[split])}")  # a long measurement shows as it goes
+    return out
+
+
 def measure(model_dir: str | Path, corpus_dir: str | Path, plan: GatePlan = GatePlan(), adapter: bool = True,
             answers: bool = True, served: bool = True) -> dict:
     """The gate row of one artefact: ``{split: {oracle_auc, served_auc, questions}, generated: {...}}``."""
-    corpus_dir = Path(corpus_dir)
     processor, model = served_model(model_dir, adapter)
-    lm = checkpoint_lm(model).eval()
-    spec = SmallSpec(**model.config.earwitness_small_spec)
-    window_s, n_audio = float(spec.window_s), spec.audio_tokens
     out: dict = {"model": str(model_dir), "adapter": adapter, "plan": asdict(plan)}
-    for split in plan.splits:
-        rows = presence_rows(corpus_dir, split, plan.questions, plan.seed)
-        out[split] = {"questions": len(rows), "oracle_auc": round(oracle_auc(lm, processor.tokenizer, corpus_dir, split, rows, n_audio, window_s), 4),
-                      "served_auc": round(served_auc(model, processor, lm, corpus_dir, rows), 4) if served else float("nan")}
-        print(f"[gates] {model_dir} {split}: {json.dumps(out[split])}", flush=True)  # a long measurement shows as it goes
+    out.update(split_gates(model, processor, corpus_dir, plan, served, log=lambda line: print(line, flush=True)))
     if answers:
-        out["generated"] = generated(model, processor, corpus_dir, plan)
+        out["generated"] = generated(model, processor, Path(corpus_dir), plan)
     return out
 
 
@@ -184,3 +192,11 @@ def lookup_gate(model, processor, corpus_dir: Path, questions: int | None = None
     auc = oracle_auc(checkpoint_lm(unwrap(model)).eval(), processor.tokenizer, Path(corpus_dir), "validation", rows, spec.audio_tokens,
                      float(spec.window_s))
     return {"oracle_validation_auc": round(auc, 4), "questions": len(rows), "gate": ORACLE_GATE, "passed": auc >= ORACLE_GATE}
+
+
+def served_gate(model, processor, corpus_dir: Path, questions: int | None = None, seed: int = 0) -> dict:
+    """Gate 2 of a LISTEN stage's model (its audio path and layers as they will be committed): the validation served
+    ROC-AUC, its own tower and projector read by its own language model, and whether it passes ``SERVED_GATE``."""
+    rows = presence_rows(Path(corpus_dir), "validation", questions, seed)
+    auc = served_auc(unwrap(model), processor, checkpoint_lm(unwrap(model)).eval(), Path(corpus_dir), rows)
+    return {"served_validation_auc": round(auc, 4), "questions": len(rows), "gate": SERVED_GATE, "passed": auc >= SERVED_GATE}

@@ -145,6 +145,25 @@ def _lookup_gate(ship_dir: Path) -> str:
             f"**{gate['oracle_validation_auc']:.3f}** (gate ≥ {gate['gate']}: {'passed' if gate['passed'] else 'not passed'}).")
 
 
+def _listen_step(ship_dir: Path) -> str:
+    """LISTEN after a lookup: the projector fitted onto the names, and (``--projector lookup``) the audio path trained
+    through the frozen lookup, with gate 2 as the stage measured it."""
+    path = ship_dir / "training" / "listen.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    fit = """2. **LISTEN** — the language model frozen, only the audio side learns. The projector is first fitted in closed
+   form (ridge regression, `train.small_recipe.fit_projector_to_names`) so that the tower's outputs land on the
+   names the lookup reads"""
+    gate = record.get("gate")
+    if not gate:
+        return fit + """; the lookup's absent-sound questions are what teach "No".\n"""
+    return fit + f""". Then the tower's top layers, its final norm and the projector learn through the
+   frozen lookup on present and absent sounds (`train.audio_path`, {record['history'][-1]['step']} steps): the answers' loss and
+   the Yes/No margin, the distance to the lookup's name tokens and a per-patch class loss.
+   Validation served ROC-AUC (its own audio tokens, {gate['questions']} questions): **{gate['served_validation_auc']:.3f}**
+   (gate ≥ {gate['gate']}: {'passed' if gate['passed'] else 'not passed'}).
+"""
+
+
 def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> Path:
     """The card of earwitness-small: parts and their provenance, what was trained, the stages measured.
 
@@ -165,18 +184,14 @@ def write_small_model_card(ship_dir: Path, record: dict, latency: str = "") -> P
     tower_words = (f"(its top {len(spec.tower_layers)} layers distilled from the AudioSet tagger, `train/tower.py`)"
                    if spec.tower_layers else "(frozen)")
     lookup_step = ("""   **Lookup** (text before audio; the baseline is evaluated before it) — the base's language-model
-   layers (all their weights; the word embeddings stay the part's) learn every question kind, absent
-   sounds included and presence asked in every trained phrasing (`train.data.qa.PRESENCE_FAMILIES`), in
-   the served chat layout, over the sounds' *written names* laid where the audio tokens go (the mean word
-   embedding of the sounds active at each of the served audio positions): """ + f"{len(lookup)} steps, validation loss "
-                   + f"{next((h['val_loss'] for h in reversed(lookup) if 'val_loss' in h), float('nan')):.3f} (`training/lookup.json`).\n"
+   layers and final norm (the word embeddings stay the part's) learn every question kind, absent sounds
+   included and presence asked in every trained phrasing (`train.data.qa.PRESENCE_FAMILIES`), in the
+   served chat layout, over the sounds' *written names* laid where the audio tokens go (the mean word
+   embedding of the sounds active at each of the served audio positions; `train.lookup.fit_lookup`): """
+                   + (f"{lookup[-1]['step']} steps (`training/lookup.json`).\n" if lookup else "(`training/lookup.json`).\n")
                    + f"   {_lookup_gate(ship_dir)}\n") if spec.trained_layers else ""
-    listen_step = ("""2. **LISTEN** — only the projector changes, the language model is frozen: it is fitted in closed form
-   (ridge regression, `train.small_recipe.fit_projector_to_names`) so that the tower's outputs land on
-   the names the lookup reads, present sounds and silence alike; the lookup's absent-sound questions
-   are what teach "No". Gradient steps on the projector measured worse than the fit.
-3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language
-   model's linears only (not the audio tower); the LISTEN projector is committed as it is.
+    listen_step = (_listen_step(ship_dir) + """3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language
+   model's linears only (not the audio tower); LISTEN's audio path is committed as it is.
 """ if spec.trained_layers else """2. **LISTEN** — synthesized negatives (absent sounds, answer "No") mixed with positives; only the
    projector trains, the language model is frozen.
 3. **DPO** (TRL, audio on both sides) on LISTEN + AHA ×4 + ACPO pairs, LoRA r=16, α=32 on the language

@@ -8,8 +8,8 @@ wall time there (``train.stages.write_stage``); the recipe only gathers those re
 ``report.md`` and, with ``--ship``, the committed model and its card.
 
 earwitness-tiny (the test-size model) and earwitness-small (the embedded default) differ in their base (from scratch;
-from pretrained parts, then the lookup) and in how LISTEN sets the audio adapter (trained; fitted in closed form onto
-the lookup's names); DPO, the evaluations and the export are the same commands for both, and for the production
+from pretrained parts, then the lookup) and in what LISTEN trains (the projector; the tower's top layers, its norm and
+the projector through the frozen lookup); DPO, the evaluations and the export are the same commands for both, and for the production
 families.
 """
 
@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from train import small_recipe, tiny_base
+from train.audio_path import AudioPathFit
+from train.lookup import LookupFit
 from train.data.ontology import load_ontology
 from train.data.report import markdown, plot_stages
 from train.model_card import copy_reports, write_model_card
@@ -33,8 +35,9 @@ from train.stages import STAGE_FILE, ensure_corpus, point_adapter_at, resolve_in
 from train.tower import TowerDistillConfig, distil, export_whisper
 
 # The evaluation sets: earwitness-small's card was measured on 150 presence questions per sampling, 60 per temporal
-# kind and 40 captions of the test split; earwitness-tiny on the evaluation's defaults.
-SMALL_EVAL = ("--presence-per-sampling", "150", "--per-temporal-kind", "60", "--captions", "40")
+# kind and 40 captions of the test split, and the gates (oracle and served ROC-AUC) on 600 presence questions of
+# validation and test; earwitness-tiny on the evaluation's defaults.
+SMALL_EVAL = ("--presence-per-sampling", "150", "--per-temporal-kind", "60", "--captions", "40", "--gates", "600")
 # The stages the card's rows name, by the directory of their evaluation.
 ROWS = {"eval-base": "baseline (positive-only)", "eval-listen": "+ LISTEN", "eval-dpo": "+ DPO (shipped)"}
 
@@ -67,8 +70,8 @@ def steps(model: str, corpus: Path, work: Path, seed: int = 0, tower: Path | Non
         return [*first,
                 step("base", "train", "base", "--model", "small", "--tower", str(tower or work / "tower"), "--seed", s),
                 step("eval-base", "eval", "--model", at("base"), *SMALL_EVAL),
-                step("lookup", "train", "lookup", "--from", at("base"), "--epochs", "0.4", "--seed", s),
-                step("listen", "train", "listen", "--from", at("lookup"), "--projector", "names"),
+                step("lookup", "train", "lookup", "--from", at("base"), "--seed", s),
+                step("listen", "train", "listen", "--from", at("lookup"), "--projector", "lookup", "--seed", s),
                 step("eval-listen", "eval", "--model", at("listen"), *SMALL_EVAL),
                 # DPO is ~60x the CPU of a supervised answer (two full sequences, policy and reference, the tower on both
                 # sides): 40 pairs of each of the 7 kinds fit the budget. Weighting the pairs towards absent sounds (120
@@ -117,14 +120,14 @@ def base_stage(model: str, corpus: Path, out: Path, seed: int = 0, epochs: float
     return _last_losses(history)
 
 
-def lookup_stage(source: Path, corpus: Path, out: Path, seed: int = 0, epochs: float | None = None) -> dict:
+def lookup_stage(source: Path, corpus: Path, out: Path, seed: int = 0, steps: int | None = None) -> dict:
     """``train lookup`` (earwitness-small): the language model's layers learn to answer over the sounds' written names."""
     started = time.time()
-    stage = replace(small_recipe.LOOKUP.stage, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
-    config = replace(small_recipe.LOOKUP, stage=stage)
+    config = replace(LookupFit(), seed=seed, **({"steps": steps} if steps is not None else {}))
     history = small_recipe.lookup_stage(source, corpus, out, config)
-    metrics = {**_last_losses(history), "gate": json.loads((out / "lookup.json").read_text())["gate"]}  # gate 1, as measured
-    write_stage(out, "lookup", stage, resolve_input(str(source)), corpus, metrics, time.time() - started)
+    gate = json.loads((out / "lookup.json").read_text())["gate"]  # gate 1, as measured
+    metrics = {"steps": history[-1]["step"], "validation_oracle_auc_curve": history[-1]["validation_auc"], "gate": gate}
+    write_stage(out, "lookup", config, resolve_input(str(source)), corpus, metrics, time.time() - started)
     return metrics
 
 
@@ -133,6 +136,16 @@ def listen_names_stage(source: Path, corpus: Path, out: Path) -> dict:
     started, config = time.time(), small_recipe.NamesFit()
     metrics = small_recipe.listen_names_stage(source, corpus, out, config)
     write_stage(out, "listen", config, resolve_input(str(source)), corpus, metrics, time.time() - started, extra={"projector": "names"})
+    return metrics
+
+
+def listen_lookup_stage(source: Path, corpus: Path, out: Path, seed: int = 0, steps: int | None = None) -> dict:
+    """``train listen --projector lookup`` (earwitness-small after ``train lookup``): the audio path learns the lookup's
+    language, the language model frozen (gate 2)."""
+    started = time.time()
+    config = replace(AudioPathFit(), seed=seed, **({"steps": steps} if steps is not None else {}))
+    metrics = small_recipe.listen_lookup_stage(source, corpus, out, config)
+    write_stage(out, "listen", config, resolve_input(str(source)), corpus, metrics, time.time() - started, extra={"projector": "lookup"})
     return metrics
 
 

@@ -8,13 +8,15 @@ stage, ``eval`` and ``serve`` load it by name.
 1. **base** (``train base --model small``) — the hallucinating baseline: projector + a LoRA on the cut language model
    learn captions and presence / order / count / duration questions with the absent-sound questions left out. The
    LoRA is saved beside the trained tensors and merged when the checkpoint is assembled.
-2. **lookup** (``train lookup``) — text before audio: the base's language-model layers (all of their weights; the word
+2. **lookup** (``train lookup``) — text before audio: the base's language-model layers and final norm (the word
    embeddings stay frozen) learn every question kind, absent sounds included and presence asked in every trained
-   phrasing, over the sounds' written names laid where the audio tokens go (``NameTokens``, at the served audio
-   positions), in the served chat layout. The binding diagnostic measured that these layers learn this match in a
-   few hundred steps where a LoRA barely moves. The layers are committed, holding the base LoRA merged.
-3. **LISTEN** (``train listen --projector names``) — only the projector changes, the language model frozen: it is fitted
-   in closed form onto the names the lookup reads (``fit_projector_to_names``).
+   phrasing, over the sounds' written names laid at the served audio positions, in the served chat layout
+   (``train.lookup.fit_lookup``, one pass over a scene's audio for all its questions, a Yes/No margin beside the
+   answers' cross-entropy). Gate 1 is measured on the layers it commits: validation oracle ROC-AUC ≥ 0.93.
+3. **LISTEN** — the language model frozen, only the audio side learns. ``train listen --projector names`` fits the
+   projector in closed form onto the names the lookup reads (``fit_projector_to_names``); ``--projector lookup``
+   starts there and trains the tower's top layers, its final norm and the projector through the frozen lookup on
+   present and absent sounds (``train.audio_path``): gate 2, validation served ROC-AUC ≥ 0.85.
 4. **DPO** (``train dpo``, the stage every model runs) — LoRA r=16, α=32 on the language model over LISTEN + AHA ×4 +
    ACPO pairs; the LISTEN projector is committed as fitted.
 """
@@ -31,14 +33,16 @@ import torch
 
 from models.families import unwrap
 from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE, SmallSpec, build_untrained, load_trained, read_spec, save_trained
-from train.lookup import mix_names, name_embeddings, oracle_split, phrase_word_ids, pool_positions
+from train.audio_path import AudioPathFit, fit_audio_path
+from train.binding import checkpoint_lm
+from train.lookup import LookupFit, fit_lookup, mix_names, name_embeddings, phrase_word_ids, pool_positions
 from train.cached_tower import EncodedForward, collate_encoded
 from train.data.formats import read_timelines
 from train.data.ontology import load_ontology
-from train.data.qa import paraphrased, read_qa_rows
+from train.data.qa import read_qa_rows
 from train.data.targets import frame_targets
 from train.features import encoder_features
-from train.gates import lookup_gate
+from train.gates import lookup_gate, served_gate
 from train.lora import lora_config
 from train.model_card import copy_reports, write_small_model_card
 from train.sft import StageConfig, select_rows, train_stage
@@ -49,67 +53,28 @@ BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("posi
                    learning_rate=1e-3, warmup_steps=20, turns_per_chat=6, caption_share=0.2)
 
 
-LOOKUP_STAGE = StageConfig(name="lookup", trainable="language_model_layers", epochs=0.4, batch_size=8, learning_rate=2e-4,
-                           warmup_steps=20, turns_per_chat=6, caption_share=0.2)
-
-
-@dataclass(frozen=True)
-class LookupConfig:
-    """The lookup stage: the sounds' written names at ``positions`` steps of the window, the served chat layout."""
-
-    stage: StageConfig = LOOKUP_STAGE
-    positions: int | None = None  # None: as many as the served audio tokens (250 for 10 s), the layout the model answers in
-
-
-LOOKUP = LookupConfig()
-
-
-class NameTokens(torch.nn.Module):
-    """Stands in for the projector during the lookup: class activity ``[B, P, C]`` → the mean input embedding of the
-    active classes' written names at each position (zero where nothing sounds), ``train.lookup``'s oracle tokens."""
-
-    def __init__(self, embed: torch.Tensor, word_ids: list[list[int]]):
-        super().__init__()
-        self.register_buffer("names", name_embeddings(embed, word_ids).detach())
-
-    def forward(self, active: torch.Tensor) -> torch.Tensor:
-        return mix_names(active, self.names)
-
-
-def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: LookupConfig = LOOKUP,
-                 progress: bool = True) -> list[dict]:
-    """The lookup stage, in place on the base: its language-model layers learn every question kind, absent sounds
-    included and presence asked in every trained phrasing, over the sounds' written names laid where the audio tokens go.
-
-    The same supervised answers as the other stages (cross-entropy on the whole answer), so the model keeps
-    answering in form; a margin on Yes/No alone left its layers answering "........". Returns the stage's history.
-    """
+def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: LookupFit = LookupFit(), log=print) -> list[dict]:
+    """The lookup stage, in place on the base: ``train.lookup.fit_lookup`` trains a copy of its language model's layers
+    and final norm over the sounds' written names at the served audio positions (resumable from ``out_dir``); the
+    layers are put back in the precision they are committed in (float16), and gate 1 is measured on them, so what is
+    evaluated is what ships. Returns the learning curve."""
 
     ontology = load_ontology(corpus_dir / "ontology.json")
-    qa = unwrap(model).model
-    projector, qa.multi_modal_projector = qa.multi_modal_projector, NameTokens(
-        model.get_input_embeddings().weight.float(), phrase_word_ids(ontology, processor.tokenizer))
-    data = []
-    for split in ("train", "validation"):
-        names = oracle_split(corpus_dir, split, ontology.names, config.positions or spec.audio_tokens, float(spec.window_s))
-        by_scene = select_rows(paraphrased(read_qa_rows(corpus_dir, split), config.stage.seed), config.stage)
-        data.append((names.active.numpy(), names.rows_of, np.zeros(len(names.rows_of), dtype=np.int32), by_scene))
-    try:
-        history = train_stage(EncodedForward(model), processor.tokenizer, data[0], data[1], config.stage, out_dir,
-                              progress=progress, collate_fn=collate_encoded)
-    finally:
-        qa.multi_modal_projector = projector
-    with torch.no_grad():  # in the precision they are committed in (float16), so what is evaluated is what ships
-        for name, param in qa.language_model.named_parameters():
+    lm = checkpoint_lm(unwrap(model))
+    history = fit_lookup(lm, processor.tokenizer, corpus_dir, ontology.names, phrase_word_ids(ontology, processor.tokenizer),
+                         spec.audio_tokens, float(spec.window_s), out_dir, config, log)
+    target = unwrap(model).model.language_model
+    with torch.no_grad():
+        for name, param in target.named_parameters():
             if name.startswith(LM_TRAINED_PARTS):
-                param.copy_(param.half().float())
-    gate = lookup_gate(model, processor, corpus_dir)  # what the stage claims to teach, measured on what it ships
+                param.copy_(lm.model.get_parameter(name).half().float())
+    gate = lookup_gate(model, processor, corpus_dir)
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history, "gate": gate}, indent=2))
     return history
 
 
 def fit_projector_to_names(model, processor, corpus_dir: Path, spec: SmallSpec, tower: Path | None = None, ridge: float = 100.0,
-                           positions: int | None = LOOKUP.positions) -> float:
+                           positions: int | None = None) -> float:
     """LISTEN's step after a lookup: the projector, in closed form, so the tower speaks the lookup's language.
 
     The lookup taught the language model presence over the sounds' written names (the mean word embedding of
@@ -194,11 +159,11 @@ def load_small(ckpt: Path):
     return processor, model.eval()
 
 
-def lookup_stage(source: Path, corpus_dir: Path, out_dir: Path, config: LookupConfig = LOOKUP, progress: bool = True) -> list[dict]:
+def lookup_stage(source: Path, corpus_dir: Path, out_dir: Path, config: LookupFit = LookupFit()) -> list[dict]:
     """``train lookup``: the source's language-model layers learn the lookup; saved with those layers committed."""
     processor, model = load_small(source)
     spec = replace(read_spec(source), trained_layers=True)
-    history = train_lookup(model, processor, corpus_dir, out_dir, spec, config, progress)
+    history = train_lookup(model, processor, corpus_dir, out_dir, spec, config)
     save_trained(model, processor, out_dir, spec)  # the layers now hold the base LoRA, merged, and the lookup
     return history
 
@@ -213,14 +178,43 @@ class NamesFit:
 
 def listen_names_stage(source: Path, corpus_dir: Path, out_dir: Path, config: NamesFit = NamesFit()) -> dict:
     """``train listen --projector names``: the source's projector fitted onto its lookup's names, all else as it was."""
-    processor, model = load_small(source)
-    spec = read_spec(source)
-    if not spec.trained_layers:
-        raise SystemExit(f"{source}: --projector names fits the projector to what a lookup stage taught; run `train lookup` first")
+    processor, model, spec = _after_lookup(source, "names")
     r2 = fit_projector_to_names(model, processor, corpus_dir, spec, tower_of(source), config.ridge, config.positions)
     save_trained(model, processor, out_dir, spec)
     (out_dir / "listen.json").write_text(json.dumps({"projector": "ridge onto the lookup's name tokens", "r2": round(r2, 4)}))
     return {"r2": round(r2, 4)}
+
+
+def listen_lookup_stage(source: Path, corpus_dir: Path, out_dir: Path, config: AudioPathFit = AudioPathFit(), names: NamesFit = NamesFit()) -> dict:
+    """``train listen --projector lookup`` (gate 2): the projector fitted onto the names, then the tower's top layers,
+    its norm and the projector trained through the frozen lookup (``train.audio_path``), resumable from ``out_dir``;
+    committed in float16 and measured as served (validation served ROC-AUC against ``SERVED_GATE``)."""
+    processor, model, spec = _after_lookup(source, "lookup")
+    r2 = None
+    if not (out_dir / "checkpoint.pt").exists():  # a resumed fit carries its own projector
+        r2 = fit_projector_to_names(model, processor, corpus_dir, spec, tower_of(source), names.ridge, names.positions)
+    layers = len(unwrap(model).model.audio_tower.layers)
+    spec = replace(spec, tower_layers=spec.tower_layers or (layers - 2, layers - 1))  # what trains is committed
+    history = fit_audio_path(model, checkpoint_lm(unwrap(model)).eval(), processor.tokenizer, corpus_dir, spec, out_dir, config)
+    with torch.no_grad():  # in the precision they are committed in, so what is measured is what ships
+        for prefix in spec.tower_prefixes + ("model.multi_modal_projector.",):
+            for name, param in unwrap(model).named_parameters():
+                if name.startswith(prefix):
+                    param.copy_(param.half().float())
+    gate = served_gate(model, processor, corpus_dir)
+    save_trained(model, processor, out_dir, spec)
+    record = {"projector": "names, then trained through the lookup with the tower's top layers", "names_r2": r2,
+              "config": asdict(config), "history": history, "gate": gate}
+    (out_dir / "listen.json").write_text(json.dumps(record, indent=2))
+    return {"names_r2": r2, "steps": history[-1]["step"], "gate": gate}
+
+
+def _after_lookup(source: Path, projector: str):
+    spec = read_spec(source)
+    if not spec.trained_layers:
+        raise SystemExit(f"{source}: --projector {projector} fits the audio path to what a lookup stage taught; run `train lookup` first")
+    processor, model = load_small(source)
+    return processor, model, spec
 
 
 def ship(trained_dir: Path, adapter_dir: Path, reports: dict[str, Path], record: dict, ship_dir: Path) -> None:

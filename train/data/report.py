@@ -118,5 +118,23 @@ def markdown(results: dict[str, dict]) -> str:
             presence_table(results),
             "### Order, count, duration and captions (error rates; chance = best audio-blind answer)",
             temporal_table(results),
+            *(["### Hearing and answering, side by side (`train.gates`)",
+               "Presence ROC-AUC of logit(Yes) − logit(No) over the true sound names at the served audio positions "
+               "(oracle: can the language model answer from perfect hearing?) and over the model's own audio tokens "
+               "(served: does the audio path speak its language?), beside the generated answers above (test split).",
+               gates_table(results)] if any("gates" in r for r in results.values()) else []),
         ]
     )
+
+
+def gates_table(results: dict[str, dict]) -> str:
+    """Per stage: oracle and served ROC-AUC (validation / test) and the generated headline, so a gap shows."""
+    lines = ["| stage | oracle ROC-AUC val / test | served ROC-AUC val / test | generated presence accuracy | yes-rate | adversarial false 'yes' |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, h in headline(results).items():
+        g = results[name].get("gates")
+        if g:
+            oracle, served = (" / ".join(f"{g[s][key]:.3f}" for s in ("validation", "test")) for key in ("oracle_auc", "served_auc"))
+            lines.append(f"| {name} | {oracle} | {served} | {_pct(h['presence_accuracy'])} | {_pct(h['yes_rate'])} | "
+                         f"{_pct(h['adversarial_false_yes'])} |")
+    return "\n".join(lines)
