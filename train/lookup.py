@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models.tiny import AUDIO, AUDIO_BOS, IM_START
 from train.data.conversations import IGNORE, Turn, encode_chat, prompt_ids
@@ -243,7 +244,8 @@ def _sample(rng, by_scene: dict[str, list], config: LookupFit, templates: list[s
 
 
 def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: list[list[int]], n_audio: int, window_s: float,
-               out_dir: Path, config: LookupFit = LookupFit(), log=print) -> list[dict]:
+               out_dir: Path, config: LookupFit = LookupFit(), log=print,
+               progress: bool = True) -> list[dict]:
     """Train ``lm``'s layers and final norm (word embeddings frozen: the oracle tokens are made of them) on oracle
     tokens in the served chat layout, resumable from ``out_dir/checkpoint.pt``; every ``eval_every`` steps the
     validation oracle ROC-AUC on ``eval_questions`` presence questions (served length, stored phrasings) is logged.
@@ -303,6 +305,7 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
     total = sum(n for _, n in phases)
     lm.train()
     start, last_save, window = time.time() - spent, time.time(), []
+    bar = tqdm(total=total, initial=step, desc="lookup", unit="step", disable=not progress)
     while step < total:
         done, positions = 0, n_audio
         for positions, n in phases:
@@ -321,6 +324,8 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         window.append((supervised.item(), margin.item()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % config.eval_every == 0 or step == total:
             spent = time.time() - start
             history.append({"step": step, "positions": positions, "supervised": round(float(np.mean([w[0] for w in window])), 4),
@@ -332,6 +337,7 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
             spent = time.time() - start
             save()
             last_save = time.time()
+    bar.close()
     return history
 
 
