@@ -37,7 +37,7 @@ from train.data.formats import read_timelines
 from train.data.qa import PRESENCE_FAMILIES, read_qa_rows
 from train.data.ontology import load_ontology
 from train.data.targets import frame_targets, patch_targets
-from train.lookup import (_sample, _train_rows, lookup_losses, make_batch, mix_names, name_embeddings, phrase_word_ids,
+from train.lookup import (sample_questions, train_rows_by_scene, lookup_losses, make_batch, mix_names, name_embeddings, phrase_word_ids,
                           prefix_ids, presence_margins)
 from train.metrics import roc_auc
 from train.tower import TowerDistillConfig, patch_pooling, run_top, trunk_cache
@@ -138,7 +138,7 @@ def fit_audio_path(model, lm, tokenizer, corpus_dir: Path, spec: SmallSpec, out_
     held = [r for r in read_qa_rows(corpus_dir, "validation") if r.kind == "presence" and r.scene_id in val.rows_of]
     held = random.Random(config.seed).sample(held, min(config.eval_questions, len(held)))
     truth = np.array([r.answer == "Yes" for r in held])
-    by_scene = {s: rows for s, rows in _train_rows(corpus_dir).items() if s in train.rows_of}
+    by_scene = {s: rows for s, rows in train_rows_by_scene(corpus_dir).items() if s in train.rows_of}
     n_audio = spec.audio_tokens
     head = torch.tensor(prefix_ids(tokenizer, n_audio)[:-n_audio])
     yes, no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
@@ -192,7 +192,7 @@ def fit_audio_path(model, lm, tokenizer, corpus_dir: Path, spec: SmallSpec, out_
         step += 1
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * min(1.0, step / config.warmup)
-        batch = make_batch(tokenizer, _sample(rng, by_scene, config, templates), n_audio)
+        batch = make_batch(tokenizer, sample_questions(rng, by_scene, config, templates), n_audio)
         trunk, active, patch_labels = train.take(batch.scenes)
         tokens, patch_logits = path(trunk)
         if config.answer_weight or config.margin_weight:

@@ -222,14 +222,17 @@ class LookupFit:
     seed: int = 0
 
 
-def _train_rows(corpus_dir: Path) -> dict[str, list]:
+def train_rows_by_scene(corpus_dir: Path) -> dict[str, list]:
+    """The train split's questions, grouped by scene."""
     by_scene: dict[str, list] = {}
     for r in read_qa_rows(corpus_dir, "train"):
         by_scene.setdefault(r.scene_id, []).append(r)
     return by_scene
 
 
-def _sample(rng, by_scene: dict[str, list], config: LookupFit, templates: list[str]) -> dict[str, list]:
+def sample_questions(rng, by_scene: dict[str, list], config: LookupFit, templates: list[str]) -> dict[str, list]:
+    """``config.scenes`` scenes × ``config.questions`` questions (presence at ``config.presence_share``, each asked in a
+    random one of ``templates``): a step's batch."""
     chosen = {}
     for scene_id in rng.sample(sorted(by_scene), config.scenes):
         presence = [r for r in by_scene[scene_id] if r.kind == "presence"]
@@ -257,7 +260,7 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
     val = oracle_split(corpus_dir, "validation", classes, n_audio, window_s)
     held = random.Random(config.seed).sample(val.questions, min(config.eval_questions, len(val.questions)))
     truth = np.array([r.answer == "Yes" for r in held])
-    by_scene = {s: rows for s, rows in _train_rows(corpus_dir).items() if s in train.rows_of}
+    by_scene = {s: rows for s, rows in train_rows_by_scene(corpus_dir).items() if s in train.rows_of}
     lm.requires_grad_(False)
     attention, rest = [], []
     for name, p in lm.model.named_parameters():
@@ -315,7 +318,7 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
         step += 1
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * min(1.0, step / config.warmup)
-        batch = make_batch(tokenizer, _sample(rng, by_scene, config, templates), positions)
+        batch = make_batch(tokenizer, sample_questions(rng, by_scene, config, templates), positions)
         head = torch.tensor(prefix_ids(tokenizer, positions)[:-positions])
         supervised, margin, _ = lookup_losses(lm, head, tokens(train, batch.scenes, positions), batch, tokenizer.pad_token_id, yes, no)
         loss = supervised + config.margin_weight * margin
