@@ -101,6 +101,41 @@ def test_ask_help_describes_every_argument():
     assert not undocumented
 
 
+def test_the_command_line_parses_and_lists_models_without_the_training_stack():
+    """The stage flags are built from the stage configs (``train.options``) and the registry reads the family table
+    without torch: ``earwitness --help``, ``train dpo --help``, ``models`` and ``ask``'s early refusals start in about
+    a second, not after importing torch, transformers, PEFT and TRL (several seconds each time)."""
+    code = ("import contextlib, io, sys\n"
+            "from earwitness.cli import build_parser, main\n"
+            "build_parser().parse_args(['train', 'dpo', '--from', 'x', '--out', 'y', '--beta', '0.2'])\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['models'])\n"
+            "print(sorted({'torch', 'transformers', 'peft', 'trl'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stage_flags_are_the_stage_configs_fields():
+    """Every field of LISTEN's and DPO's config is a flag with its help and, left out, the config's own default."""
+    from dataclasses import fields
+
+    from earwitness.cli import build_parser
+    from train.options import AudioDPOConfig, ListenConfig, chosen
+
+    parser = build_parser()
+    for stage, config in (("listen", ListenConfig), ("dpo", AudioDPOConfig)):
+        args = parser.parse_args(["train", stage, "--from", "x", "--out", "y"])
+        assert args.config_class is config and chosen(args, config) == {}
+        stage_parser = parser._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0].choices[stage]  # noqa: SLF001
+        helps = {a.dest: a.help for a in stage_parser._actions}  # noqa: SLF001
+        for f in fields(config):
+            if f.name != "modules_to_save":
+                assert helps[f.name] == f.metadata["help"], f.name
+    args = parser.parse_args(["train", "dpo", "--from", "x", "--out", "y", "--beta", "0.2", "--no-tensorboard", "--lora-r", "4"])
+    assert AudioDPOConfig(**chosen(args, AudioDPOConfig)) == AudioDPOConfig(beta=0.2, tensorboard=False, lora_r=4)
+
+
 def test_models_lists_the_registry():
     result = _cli("models")
     assert result.returncode == 0
