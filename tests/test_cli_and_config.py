@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -193,35 +194,71 @@ def _processes_of_run(marker: str) -> list[str]:
     return found
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGINT to the group", "SIGINT to a background job")
+
+
+@dataclass
+class ServeRun:
+    """One ``earwitness serve`` process of :func:`serve_runs`: its own port, Ray temp dir, log and environment marker."""
+
+    proc: subprocess.Popen
+    port: int
+    marker: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def serve_runs(request, tmp_path_factory):
+    """One ``earwitness serve`` per signal that this session runs :func:`test_serve_stops_cleanly` with, all started at
+    once: a start is mostly Ray's and Serve's processes coming up and waiting on each other, so three overlap in about
+    the time of two, and each test still stops a service of its own. What a test left running is killed here."""
+    import signal
+    import uuid
+
+    from tests.helpers import free_port
+
+    wanted = [item.callspec.params["how"] for item in request.session.items
+              if getattr(item, "originalname", "") == "test_serve_stops_cleanly" and hasattr(item, "callspec")]
+    runs = {}
+    for how in dict.fromkeys(wanted):
+        port, temp, marker = free_port(), tempfile.mkdtemp(prefix="ew-stop-"), f"ew-run-{uuid.uuid4().hex}"
+        env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
+               "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
+        log = tmp_path_factory.mktemp("serve") / "serve.log"
+        # SIGINT as a background job has it (ignored) or as a terminal's foreground job has it (its default action),
+        # whatever this suite inherited (a suite run under nohup or `&` has it ignored)
+        disposition = signal.SIG_IGN if how.endswith("background job") else signal.SIG_DFL
+        proc = subprocess.Popen([sys.executable, "-m", "earwitness", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True, preexec_fn=lambda d=disposition: signal.signal(signal.SIGINT, d))  # its own process group, as a shell job has
+        runs[how] = ServeRun(proc, port, marker, log)
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait(30)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group", "SIGINT to a background job"])
-def test_serve_stops_cleanly(tmp_path, how):
+@pytest.mark.parametrize("how", STOP_SIGNALS)
+def test_serve_stops_cleanly(serve_runs, how):
     """``earwitness serve`` under docker stop / systemd (SIGTERM to the process) and Ctrl-C in a terminal (SIGINT to
     the whole foreground process group, Ray's processes included), and ``kill -INT`` of a job a script started in
     the background (which a shell starts with SIGINT ignored): after serving a request it shuts Serve and Ray down
     and exits 0, with no stack trace from Ray's own signal handler and no process of that run left behind."""
     import signal
-    import uuid
 
     import httpx
 
-    from tests.helpers import free_port, wait_ready
+    from tests.helpers import wait_ready
 
-    port, temp, marker = free_port(), tempfile.mkdtemp(prefix="ew-stop-"), f"ew-run-{uuid.uuid4().hex}"
-    env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
-           "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
-    log = tmp_path / "serve.log"
-    # SIGINT as a background job has it (ignored) or as a terminal's foreground job has it (its default action),
-    # whatever this suite inherited (a suite run under nohup or `&` has it ignored)
-    disposition = signal.SIG_IGN if how.endswith("background job") else signal.SIG_DFL
-    proc = subprocess.Popen([sys.executable, "-m", "earwitness", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            cwd=ROOT, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))  # its own process group, as a shell job has
+    run = serve_runs[how]
+    proc, log = run.proc, run.log
     try:
-        assert wait_ready(f"http://127.0.0.1:{port}", 240, poll_s=2) and proc.poll() is None, log.read_text()[-2000:]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
+        assert wait_ready(f"http://127.0.0.1:{run.port}", 240, poll_s=1) and proc.poll() is None, log.read_text()[-2000:]
+        r = httpx.post(f"http://127.0.0.1:{run.port}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
                        data={"question": "Is there a dog?", "max_tokens": "4"}, timeout=120)
         assert r.status_code == 200, r.text
-        assert len(_processes_of_run(marker)) > 3, "the run's Ray processes are found by their environment"
+        assert len(_processes_of_run(run.marker)) > 3, "the run's Ray processes are found by their environment"
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
         elif how == "SIGINT to the group":
@@ -235,6 +272,6 @@ def test_serve_stops_cleanly(tmp_path, how):
     text = log.read_text()
     assert "earwitness: stopping" in text and "SIGTERM received" not in text
     deadline = time.monotonic() + 15  # a worker may take a moment to exit after the raylet is gone
-    while (left := _processes_of_run(marker)) and time.monotonic() < deadline:
+    while (left := _processes_of_run(run.marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes of the run left: {left}"
