@@ -17,24 +17,13 @@ import yaml
 
 from serving.app import app_builder
 from serving.config import Settings, scaled_to_cores
-from tests.helpers import encode, tone
+from tests.helpers import cli_in_process, encode, tone
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "earwitness", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
-
-
-def _cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """``earwitness ARGS`` run by its ``main`` in this process, which has torch and transformers loaded already: the
-    command's own code, exit status and output, without a new interpreter's imports (``_cli`` runs the real one)."""
-    from earwitness.cli import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(["earwitness", *args], code, out.out, out.err)
 
 
 def test_ask_answers_in_process(tiny_checkpoint, tmp_path):
@@ -63,7 +52,7 @@ def test_ask_checks_the_file_before_loading_a_model(tmp_path):
 def test_ask_names_its_own_truncate_flag(tiny_checkpoint, tmp_path, capsys):
     long = tmp_path / "long.wav"
     long.write_bytes(encode(tone(12.0, 16_000, 1), 16_000, "wav"))  # over the tiny model's 10 s window
-    result = _cli_here(capsys, "ask", str(long), "Is there a dog?", "--model", str(tiny_checkpoint))
+    result = cli_in_process(capsys, "ask", str(long), "Is there a dog?", "--model", str(tiny_checkpoint))
     error = json.loads(result.stderr.strip().splitlines()[-1])["error"]
     assert (result.returncode, error["code"]) == (2, "audio_too_long") and "--truncate" in error["message"] and "truncate=true" not in error["message"]
     assert "``" not in _cli("--help").stdout
@@ -94,13 +83,13 @@ def test_ask_runs_the_guard_and_reports_the_audio_as_http_does(tiny_checkpoint, 
         pytest.skip("needs the shipped verifier")
     quiet = tmp_path / "silence.wav"
     quiet.write_bytes(encode(np.zeros(16_000, dtype=np.float32), 16_000, "wav"))
-    result = _cli_here(capsys, "ask", str(quiet), "Is there a sound of a dog barking in the audio?", "--model", str(tiny_checkpoint),
+    result = cli_in_process(capsys, "ask", str(quiet), "Is there a sound of a dog barking in the audio?", "--model", str(tiny_checkpoint),
                   "--max-tokens", "4", "--guard", "annotate")
     assert result.returncode == 0, result.stderr[-2000:]
     body = json.loads(result.stdout.strip().splitlines()[-1])
     assert body["guard"]["policy"] == "annotate" and body["guard"]["verdict"] != "skipped"
     assert body["audio"]["flags"] == ["digital_silence"] and body["audio"]["duration_s"] == 1.0
-    off = json.loads(_cli_here(capsys, "ask", str(quiet), "Is there a dog?", "--model", str(tiny_checkpoint), "--max-tokens", "2", "--guard", "off").stdout.strip().splitlines()[-1])
+    off = json.loads(cli_in_process(capsys, "ask", str(quiet), "Is there a dog?", "--model", str(tiny_checkpoint), "--max-tokens", "2", "--guard", "off").stdout.strip().splitlines()[-1])
     assert off["guard"]["verdict"] == "skipped"
 
 
