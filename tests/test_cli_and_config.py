@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -210,8 +211,9 @@ class ServeRun:
 @pytest.fixture(scope="module")
 def serve_runs(request, tmp_path_factory):
     """One ``earwitness serve`` per signal that this session runs :func:`test_serve_stops_cleanly` with, all started at
-    once: a start is mostly Ray's and Serve's processes coming up and waiting on each other, so three overlap in about
-    the time of two, and each test still stops a service of its own. What a test left running is killed here."""
+    once: much of a start and a stop is Ray's and Serve's processes waiting on each other, so three started together
+    are up sooner than three in a row (the three tests: 104 s against 150 s), and each test still stops a service of
+    its own. What a failed test left running is killed here."""
     import signal
     import uuid
 
@@ -232,10 +234,13 @@ def serve_runs(request, tmp_path_factory):
                                 start_new_session=True, preexec_fn=lambda d=disposition: signal.signal(signal.SIGINT, d))  # its own process group, as a shell job has
         runs[how] = ServeRun(proc, port, marker, log)
     yield runs
-    for run in runs.values():
+    for run in runs.values():  # what a failed test left: the command, then every process of its run
         if run.proc.poll() is None:
-            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.kill()
             run.proc.wait(30)
+        for line in _processes_of_run(run.marker):
+            with contextlib.suppress(OSError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 @pytest.mark.slow
