@@ -14,8 +14,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Family:
@@ -99,6 +97,8 @@ def language_model_lora_pattern(model) -> str:
     the audio tower, the projector and Omni's vision tower (``model.visual``) stay untouched. Raises if the
     pattern matches nothing.
     """
+    import torch  # here, not at the top: the registry (`earwitness models`) reads the family table without torch
+
     prefix = re.escape(language_model_prefix(model))
     pattern = rf"{prefix}\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))"
     names = [n for n, m in unwrap(model).named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)]

@@ -121,6 +121,18 @@ def corpus(small_roots, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def guard_clips(corpus) -> dict:
+    """A scene where a sound is confidently present and one where it is confidently absent, as the shipped verifier
+    judges them (tests.guard_helpers.pick_clips). Judged once per session: it scores every scene of the corpus, most of a
+    minute on two cores. The guard's modules only read it."""
+    from tests.guard_helpers import pick_clips, shipped_verifier
+
+    if shipped_verifier() is None:
+        pytest.skip("needs the shipped verifier (models/earwitness-verifier)")
+    return pick_clips(corpus)
+
+
+@pytest.fixture(scope="session")
 def frozen_small(tmp_path_factory):
     """earwitness-small's architecture on the frozen pretrained Whisper tiny.en tower (the verifier's encoder), projector
     untrained, with the shipped adapter (a LoRA on the language model only): the model the shared-encoder path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,3 +121,14 @@ def write_user_datasets(tmp_path: Path) -> tuple[Path, Path]:
         write_clotho_csv(clotho / f"clotho_captions_{split}.csv", {name: captions})
         _sound(clotho / split / name, 20.0 if split == "development" else 5.0, 44_100, 1, "noise", 5)
     return caps, clotho
+
+
+def cli_in_process(capsys, *args: str | Path) -> subprocess.CompletedProcess:
+    """``earwitness ARGS`` run by its ``main`` in the test's process, where torch and transformers are loaded already:
+    the command's own code, exit status and output, without a new interpreter's imports (several seconds)."""
+    from earwitness.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["earwitness", *args], code, out.out, out.err)

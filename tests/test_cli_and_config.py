@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import yaml
 
 from serving.app import app_builder
 from serving.config import Settings, scaled_to_cores
-from tests.helpers import encode, tone
+from tests.helpers import cli_in_process, encode, tone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,10 +50,10 @@ def test_ask_checks_the_file_before_loading_a_model(tmp_path):
     assert "cannot read" in result.stderr and "missing.wav" in result.stderr
 
 
-def test_ask_names_its_own_truncate_flag(tiny_checkpoint, tmp_path):
+def test_ask_names_its_own_truncate_flag(tiny_checkpoint, tmp_path, capsys):
     long = tmp_path / "long.wav"
     long.write_bytes(encode(tone(12.0, 16_000, 1), 16_000, "wav"))  # over the tiny model's 10 s window
-    result = _cli("ask", str(long), "Is there a dog?", "--model", str(tiny_checkpoint))
+    result = cli_in_process(capsys, "ask", str(long), "Is there a dog?", "--model", str(tiny_checkpoint))
     error = json.loads(result.stderr.strip().splitlines()[-1])["error"]
     assert (result.returncode, error["code"]) == (2, "audio_too_long") and "--truncate" in error["message"] and "truncate=true" not in error["message"]
     assert "``" not in _cli("--help").stdout
@@ -75,20 +77,20 @@ def test_ask_refuses_a_text_file_before_loading_a_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_ask_runs_the_guard_and_reports_the_audio_as_http_does(tiny_checkpoint, tmp_path):
+def test_ask_runs_the_guard_and_reports_the_audio_as_http_does(tiny_checkpoint, tmp_path, capsys):
     from tests.guard_helpers import shipped_verifier
 
     if shipped_verifier() is None:
         pytest.skip("needs the shipped verifier")
     quiet = tmp_path / "silence.wav"
     quiet.write_bytes(encode(np.zeros(16_000, dtype=np.float32), 16_000, "wav"))
-    result = _cli("ask", str(quiet), "Is there a sound of a dog barking in the audio?", "--model", str(tiny_checkpoint),
+    result = cli_in_process(capsys, "ask", str(quiet), "Is there a sound of a dog barking in the audio?", "--model", str(tiny_checkpoint),
                   "--max-tokens", "4", "--guard", "annotate")
     assert result.returncode == 0, result.stderr[-2000:]
     body = json.loads(result.stdout.strip().splitlines()[-1])
     assert body["guard"]["policy"] == "annotate" and body["guard"]["verdict"] != "skipped"
     assert body["audio"]["flags"] == ["digital_silence"] and body["audio"]["duration_s"] == 1.0
-    off = json.loads(_cli("ask", str(quiet), "Is there a dog?", "--model", str(tiny_checkpoint), "--max-tokens", "2", "--guard", "off").stdout.strip().splitlines()[-1])
+    off = json.loads(cli_in_process(capsys, "ask", str(quiet), "Is there a dog?", "--model", str(tiny_checkpoint), "--max-tokens", "2", "--guard", "off").stdout.strip().splitlines()[-1])
     assert off["guard"]["verdict"] == "skipped"
 
 
@@ -99,6 +101,41 @@ def test_ask_help_describes_every_argument():
     ask = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "ask")[1]  # noqa: SLF001
     undocumented = [a.dest for a in ask._actions if a.dest != "help" and not a.help]  # noqa: SLF001
     assert not undocumented
+
+
+def test_the_command_line_parses_and_lists_models_without_the_training_stack():
+    """The stage flags are built from the stage configs (``train.options``) and the registry reads the family table
+    without torch: ``earwitness --help``, ``train dpo --help``, ``models`` and ``ask``'s early refusals start in about
+    a second, not after importing torch, transformers, PEFT and TRL (several seconds each time)."""
+    code = ("import contextlib, io, sys\n"
+            "from earwitness.cli import build_parser, main\n"
+            "build_parser().parse_args(['train', 'dpo', '--from', 'x', '--out', 'y', '--beta', '0.2'])\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['models'])\n"
+            "print(sorted({'torch', 'transformers', 'peft', 'trl'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stage_flags_are_the_stage_configs_fields():
+    """Every field of LISTEN's and DPO's config is a flag with its help and, left out, the config's own default."""
+    from dataclasses import fields
+
+    from earwitness.cli import build_parser
+    from train.options import AudioDPOConfig, ListenConfig, chosen
+
+    parser = build_parser()
+    for stage, config in (("listen", ListenConfig), ("dpo", AudioDPOConfig)):
+        args = parser.parse_args(["train", stage, "--from", "x", "--out", "y"])
+        assert args.config_class is config and chosen(args, config) == {}
+        stage_parser = parser._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0].choices[stage]  # noqa: SLF001
+        helps = {a.dest: a.help for a in stage_parser._actions}  # noqa: SLF001
+        for f in fields(config):
+            if f.name != "modules_to_save":
+                assert helps[f.name] == f.metadata["help"], f.name
+    args = parser.parse_args(["train", "dpo", "--from", "x", "--out", "y", "--beta", "0.2", "--no-tensorboard", "--lora-r", "4"])
+    assert AudioDPOConfig(**chosen(args, AudioDPOConfig)) == AudioDPOConfig(beta=0.2, tensorboard=False, lora_r=4)
 
 
 def test_models_lists_the_registry():
@@ -158,35 +195,75 @@ def _processes_of_run(marker: str) -> list[str]:
     return found
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGINT to the group", "SIGINT to a background job")
+
+
+@dataclass
+class ServeRun:
+    """One ``earwitness serve`` process of :func:`serve_runs`: its own port, Ray temp dir, log and environment marker."""
+
+    proc: subprocess.Popen
+    port: int
+    marker: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def serve_runs(request, tmp_path_factory):
+    """One ``earwitness serve`` per signal that this session runs :func:`test_serve_stops_cleanly` with, all started at
+    once: much of a start and a stop is Ray's and Serve's processes waiting on each other, so three started together
+    are up sooner than three in a row (the three tests: 104 s against 150 s), and each test still stops a service of
+    its own. What a failed test left running is killed here."""
+    import signal
+    import uuid
+
+    from tests.helpers import free_port
+
+    wanted = [item.callspec.params["how"] for item in request.session.items
+              if getattr(item, "originalname", "") == "test_serve_stops_cleanly" and hasattr(item, "callspec")]
+    runs = {}
+    for how in dict.fromkeys(wanted):
+        port, temp, marker = free_port(), tempfile.mkdtemp(prefix="ew-stop-"), f"ew-run-{uuid.uuid4().hex}"
+        env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
+               "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
+        log = tmp_path_factory.mktemp("serve") / "serve.log"
+        # SIGINT as a background job has it (ignored) or as a terminal's foreground job has it (its default action),
+        # whatever this suite inherited (a suite run under nohup or `&` has it ignored)
+        disposition = signal.SIG_IGN if how.endswith("background job") else signal.SIG_DFL
+        proc = subprocess.Popen([sys.executable, "-m", "earwitness", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True, preexec_fn=lambda d=disposition: signal.signal(signal.SIGINT, d))  # its own process group, as a shell job has
+        runs[how] = ServeRun(proc, port, marker, log)
+    yield runs
+    for run in runs.values():  # what a failed test left: the command, then every process of its run
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait(30)
+        for line in _processes_of_run(run.marker):
+            with contextlib.suppress(OSError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the group", "SIGINT to a background job"])
-def test_serve_stops_cleanly(tmp_path, how):
+@pytest.mark.parametrize("how", STOP_SIGNALS)
+def test_serve_stops_cleanly(serve_runs, how):
     """``earwitness serve`` under docker stop / systemd (SIGTERM to the process) and Ctrl-C in a terminal (SIGINT to
     the whole foreground process group, Ray's processes included), and ``kill -INT`` of a job a script started in
     the background (which a shell starts with SIGINT ignored): after serving a request it shuts Serve and Ray down
     and exits 0, with no stack trace from Ray's own signal handler and no process of that run left behind."""
     import signal
-    import uuid
 
     import httpx
 
-    from tests.helpers import free_port, wait_ready
+    from tests.helpers import wait_ready
 
-    port, temp, marker = free_port(), tempfile.mkdtemp(prefix="ew-stop-"), f"ew-run-{uuid.uuid4().hex}"
-    env = {**os.environ, "EARWITNESS_PORT": str(port), "EARWITNESS_RAY_TEMP_DIR": temp, "EARWITNESS_NUM_CPUS": "2",
-           "RAY_USAGE_STATS_ENABLED": "0", "EW_TEST_RUN": marker}
-    log = tmp_path / "serve.log"
-    # SIGINT as a background job has it (ignored) or as a terminal's foreground job has it (its default action),
-    # whatever this suite inherited (a suite run under nohup or `&` has it ignored)
-    disposition = signal.SIG_IGN if how.endswith("background job") else signal.SIG_DFL
-    proc = subprocess.Popen([sys.executable, "-m", "earwitness", "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            cwd=ROOT, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))  # its own process group, as a shell job has
+    run = serve_runs[how]
+    proc, log = run.proc, run.log
     try:
-        assert wait_ready(f"http://127.0.0.1:{port}", 240, poll_s=2) and proc.poll() is None, log.read_text()[-2000:]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
+        assert wait_ready(f"http://127.0.0.1:{run.port}", 240, poll_s=1) and proc.poll() is None, log.read_text()[-2000:]
+        r = httpx.post(f"http://127.0.0.1:{run.port}/v1/audio/qa", files={"file": ("a.wav", encode(tone(1.0, 16_000, 1), 16_000, "wav"))},
                        data={"question": "Is there a dog?", "max_tokens": "4"}, timeout=120)
         assert r.status_code == 200, r.text
-        assert len(_processes_of_run(marker)) > 3, "the run's Ray processes are found by their environment"
+        assert len(_processes_of_run(run.marker)) > 3, "the run's Ray processes are found by their environment"
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
         elif how == "SIGINT to the group":
@@ -200,6 +277,6 @@ def test_serve_stops_cleanly(tmp_path, how):
     text = log.read_text()
     assert "earwitness: stopping" in text and "SIGTERM received" not in text
     deadline = time.monotonic() + 15  # a worker may take a moment to exit after the raylet is gone
-    while (left := _processes_of_run(marker)) and time.monotonic() < deadline:
+    while (left := _processes_of_run(run.marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes of the run left: {left}"

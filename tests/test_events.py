@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from loadtests.clips import spoken
 from loadtests.event_f1 import counts, f1, matches
 from models.verifier.events import Detection, Timeline, active_spans, describe, detect
-from tests.helpers import encode
+from tests.helpers import cli_in_process, encode
 
 SR = 16_000
 
@@ -273,19 +273,15 @@ def test_the_chat_completion_lists_the_events_on_request(yes_service):
         assert any(e["event"] == "Beep, bleep" for e in listed)
 
 
-@pytest.mark.slow  # a second process loads the model and the verifier
-def test_ask_lists_the_events_on_request(yes_checkpoint, client, tmp_path):
-    """``earwitness ask --events``: the same list as the endpoint, beside the answer, in this process."""
+@pytest.mark.slow  # the command loads the model and the verifier
+def test_ask_lists_the_events_on_request(yes_checkpoint, client, tmp_path, capsys):
+    """``earwitness ask --events``: the same list as the endpoint, beside the answer, in this process (the command's
+    ``main``, here, where torch is loaded already; tests/test_cli_and_config.py runs ``python -m earwitness ask``)."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     clip = tmp_path / "beep.wav"
     clip.write_bytes(encode(_beep(), SR, "wav"))
-    done = subprocess.run([sys.executable, "-m", "earwitness", "ask", str(clip), "Is there a beep?", "--model", str(yes_checkpoint),
-                           "--guard", "off", "--events", "--max-tokens", "4"],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    done = cli_in_process(capsys, "ask", clip, "Is there a beep?", "--model", yes_checkpoint, "--guard", "off", "--events", "--max-tokens", "4")
     assert done.returncode == 0, done.stderr
     body = json.loads(done.stdout.strip().splitlines()[-1])
     assert body["events"] == client.post("/v1/audio/events", files={"file": ("beep.wav", clip.read_bytes())}).json()["events"]

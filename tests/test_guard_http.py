@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.guard_helpers import OUTSIDE_ONTOLOGY, build_yes_checkpoint, pick_clips, shipped_verifier, verifier_clips
+from tests.guard_helpers import OUTSIDE_ONTOLOGY, build_yes_checkpoint, shipped_verifier, verifier_clips
 from tests.helpers import encode, tone
 from tests.test_ops_variants import variant_app
 
@@ -117,11 +117,6 @@ def yes_app(server, tmp_path_factory):
         yield base
 
 
-@pytest.fixture(scope="module")
-def clips(corpus) -> dict:
-    return pick_clips(corpus)
-
-
 def _ask(base: str, path, question: str, policy: str | None) -> dict:
     data = {"question": question}
     if policy:
@@ -139,8 +134,8 @@ def _clip_counts(base: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_policies_on_an_absent_sound(yes_app, clips):
-    case = clips["absent"]
+def test_policies_on_an_absent_sound(yes_app, guard_clips):
+    case = guard_clips["absent"]
     question = QUESTION.format(x=case["phrase"])
     before = _clip_counts(yes_app)
     annotated = _ask(yes_app, case["path"], question, "annotate")
@@ -161,8 +156,8 @@ def test_policies_on_an_absent_sound(yes_app, clips):
 
 
 @pytest.mark.slow
-def test_policies_keep_a_present_sound(yes_app, clips):
-    case = clips["present"]
+def test_policies_keep_a_present_sound(yes_app, guard_clips):
+    case = guard_clips["present"]
     question = QUESTION.format(x=case["phrase"])
     for policy in ("correct", "abstain"):
         body = _ask(yes_app, case["path"], question, policy)
@@ -211,11 +206,11 @@ def test_a_yes_about_silence_is_unsupported_under_every_judging_policy(yes_app, 
 
 
 @pytest.mark.slow
-def test_verifier_down_answers_unverified(yes_app, server, clips):
+def test_verifier_down_answers_unverified(yes_app, server, guard_clips):
     """Kill the verifier's replica: answers still come back 200, marked unverified, and the failure is counted."""
     import ray
 
-    case = clips["absent"]
+    case = guard_clips["absent"]
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "guard-yes#VerifierServer" in a["name"]]
     assert names, "no verifier replica found"
     for name in names:

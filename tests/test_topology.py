@@ -14,7 +14,7 @@ import pytest
 
 from serving.app import build
 from serving.config import Settings
-from tests.guard_helpers import build_yes_checkpoint, pick_clips, shipped_verifier
+from tests.guard_helpers import build_yes_checkpoint, shipped_verifier
 from tests.test_ops_variants import variant_app
 
 pytestmark = pytest.mark.slow  # its own Serve deployment
@@ -57,11 +57,9 @@ def _qa(base: str, path, question: str, policy: str) -> dict:
     return r.json()
 
 
-def test_fused_guards_as_split_does(server, corpus, tmp_path_factory):
+def test_fused_guards_as_split_does(server, guard_clips, tmp_path_factory):
     """The always-yes model and the shipped verifier, fused: an absent sound is caught and corrected, a present one kept."""
-    if shipped_verifier() is None:
-        pytest.skip("needs the shipped verifier (models/earwitness-verifier)")
-    clips = pick_clips(corpus)
+    clips = guard_clips
     ckpt = build_yes_checkpoint(tmp_path_factory.mktemp("yes-fused"))
     with variant_app(server, "fused-yes", topology="fused", model=str(ckpt), verifier=str(shipped_verifier()), verifier_cpus=0) as base:
         assert _app_deployments("fused-yes") == {"Ingress"}

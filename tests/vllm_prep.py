@@ -19,9 +19,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def prepare(out: Path) -> Path:
 
 
 def stage_commands(out: Path) -> None:
-    """``data import`` → ``train listen`` → ``train dpo`` → ``export --merge``, the commands a user runs, on ``base/``."""
+    """``data import`` → ``train listen`` → ``train dpo`` → ``export --merge``, the commands a user runs, on ``base/`` (run
+    by the command's ``main`` in this process, which has torch, transformers and PEFT loaded already)."""
+    from earwitness.cli import main
     from tests.helpers import write_user_datasets
 
     caps, clotho = write_user_datasets(out / "user-data")
@@ -82,8 +85,8 @@ def stage_commands(out: Path) -> None:
                  ["train", "listen", "--from", out / "base", "--corpus", out / "corpus", "--out", out / "listen", *steps],
                  ["train", "dpo", "--from", out / "listen", "--corpus", out / "corpus", "--out", out / "dpo", "--lora-dropout", "0", *steps],
                  ["export", "--merge", "--model", out / "dpo", "--out", out / "merged"]):
-        subprocess.run([sys.executable, "-m", "earwitness", *map(str, argv)], check=True, cwd=Path(__file__).resolve().parents[1],
-                       stdout=subprocess.DEVNULL)
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(list(map(str, argv))) == 0, argv
     shutil.copytree(out / "dpo" / "adapter", out / "adapter")
 
 

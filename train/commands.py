@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from models.store import join
+from train.options import AudioDPOConfig, ListenConfig, add_arguments, chosen
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -162,11 +163,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
-    # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
-    from train.dpo import AudioDPOConfig
-    from train.listen import ListenConfig
-    from train.options import add_arguments
-
     parser.add_argument("--from", dest="source", required=True,
                         help="a registered model (earwitness-tiny, earwitness-small, qwen2-audio-7b-instruct, qwen2.5-omni-7b), a "
                              "checkpoint directory or hub id of either family, or an earlier stage's --out (a directory or store URI)")
@@ -195,7 +191,6 @@ def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> None:
 
 def _stage(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
-    from train.options import chosen
     from train.stages import StageJob, run_stage
 
     if getattr(args, "projector", "train") in ("names", "lookup"):

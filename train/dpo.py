@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,29 +35,11 @@ import torch
 from train.dpo_collator import SAMPLE_RATE, AudioPreferenceCollator, load_audio_file
 from models.families import family_of
 from train.lora import lora_config
-from train.options import TrainOptions, resume_point, trainer_arguments
+from train.options import AudioDPOConfig, resume_point, trainer_arguments
 
 LOG_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 _EXTRA_LOG_KEYS = ("logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "epoch")
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", "audio")
-
-
-# --------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class AudioDPOConfig(TrainOptions):
-    """The settings of one DPO run (:func:`make_trainer`, :func:`train_dpo`), each field with its help as in
-    TRL's configs; ``asdict`` of it is written next to the adapter (``earwitness_dpo.json``, ``dpo_config``)."""
-
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank on the language model's linear layers."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling α (the update is scaled by α / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on LoRA's input; the base network's dropout is always off."})
-    modules_to_save: list[str] | None = field(default=None, metadata={
-        "help": "Modules saved as full copies with the adapter (e.g. the LISTEN audio adapter): a PEFT-only extra that vLLM does not load."})
-    train_saved_modules: bool = field(default=True, metadata={
-        "help": "Whether the modules_to_save copies learn too; False: LoRA on the language model alone learns, the copies ride along."})
-    beta: float = field(default=0.1, metadata={"help": "DPO β: how far the policy may move from the reference."})
 
 
 # --------------------------------------------------------------------------------------------- trainer

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,7 @@ from models.families import audio_adapter_modules, family_of, unwrap
 from train.data.qa import read_qa_rows
 from train.dpo_collator import SAMPLE_RATE, AudioSFTCollator
 from train.lora import lora_config
-from train.options import TrainOptions, resume_point, trainer_arguments
-
-
-@dataclass
-class ListenConfig(TrainOptions):
-    """LISTEN's settings: the shared trainer settings plus which questions it learns from."""
-
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of the audio adapter."})
-    kinds: tuple[str, ...] = field(default=("presence",), metadata={
-        "help": "Question kinds learnt (presence, order, count, duration, caption); LISTEN's are present and absent sounds."})
-    max_rows: int | None = field(default=None, metadata={"help": "Learn from at most this many rows (a seeded sample); None: all."})
+from train.options import ListenConfig, resume_point, trainer_arguments
 
 
 def listen_rows(corpus_dir: Path, split: str, config: ListenConfig):

@@ -1,16 +1,17 @@
-"""The settings every trainer-driven stage shares (LISTEN, DPO): precision, memory, checkpoints, tracking, data workers.
+"""The settings of the trainer-driven stages (LISTEN, DPO): the ones they share (precision, memory, checkpoints,
+tracking, data workers) and each stage's own.
 
-One dataclass, each field with its help as TRL's configs carry it; :func:`trainer_arguments` turns it into the keyword
+Dataclasses, each field with its help as TRL's configs carry it; :func:`trainer_arguments` turns them into the keyword
 arguments of transformers' ``TrainingArguments`` (and TRL's ``DPOConfig``, its subclass), so a checkpoint, a resumed
-run and a TensorBoard curve mean the same thing in every stage.
+run and a TensorBoard curve mean the same thing in every stage. The command line builds its stage flags from these
+classes, so this module imports no torch, transformers, PEFT or TRL: ``earwitness --help`` and ``earwitness ask``
+start without them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import torch
 
 
 @dataclass
@@ -42,6 +43,32 @@ class TrainOptions:
                 "set max_steps."})
     fsdp: str = field(default="", metadata={
         "help": "FSDP over the data-parallel workers (e.g. 'full_shard auto_wrap'), for trainable state that one GPU cannot hold; '': DDP."})
+
+
+
+@dataclass
+class ListenConfig(TrainOptions):
+    """LISTEN's settings (:mod:`train.listen`): the shared trainer settings plus which questions it learns from."""
+
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of the audio adapter."})
+    kinds: tuple[str, ...] = field(default=("presence",), metadata={
+        "help": "Question kinds learnt (presence, order, count, duration, caption); LISTEN's are present and absent sounds."})
+    max_rows: int | None = field(default=None, metadata={"help": "Learn from at most this many rows (a seeded sample); None: all."})
+
+
+@dataclass
+class AudioDPOConfig(TrainOptions):
+    """The settings of one DPO run (:func:`train.dpo.make_trainer`, :func:`train.dpo.train_dpo`), each field with its help as in
+    TRL's configs; ``asdict`` of it is written next to the adapter (``earwitness_dpo.json``, ``dpo_config``)."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank on the language model's linear layers."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling α (the update is scaled by α / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on LoRA's input; the base network's dropout is always off."})
+    modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "Modules saved as full copies with the adapter (e.g. the LISTEN audio adapter): a PEFT-only extra that vLLM does not load."})
+    train_saved_modules: bool = field(default=True, metadata={
+        "help": "Whether the modules_to_save copies learn too; False: LoRA on the language model alone learns, the copies ride along."})
+    beta: float = field(default=0.1, metadata={"help": "DPO β: how far the policy may move from the reference."})
 
 
 def add_arguments(parser, config_class, skip: tuple[str, ...] = ()) -> None:
@@ -77,6 +104,8 @@ def trainer_arguments(options: TrainOptions, out_dir: Path) -> dict:
     """``TrainingArguments`` keywords for ``options``: checkpoints every ``save_steps`` (none when 0), TensorBoard
     event files under ``out_dir/runs``, every column kept for the audio collators, bf16 and gradient checkpointing on
     with CUDA unless the options say otherwise."""
+    import torch  # only where a stage trains: the command line reads this module's configs without torch
+
     cuda = torch.cuda.is_available()
     workers = options.dataloader_num_workers
     return dict(
@@ -110,6 +139,8 @@ def uses_bf16(options: TrainOptions) -> bool:
     """bf16 as asked, or (None) wherever CUDA supports it: the weights are loaded in it and the trainer computes in it."""
     if options.bf16 is not None:
         return options.bf16
+    import torch  # only where a stage trains: the command line reads this module's configs without torch
+
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
