@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from models.questions import read_presence
+from models.questions import is_open_request, read_presence
 
 _YES = {"yes", "yeah", "yep", "correct", "true", "indeed", "present", "affirmative"}
 _NO = {"no", "nope", "not", "false", "absent", "none", "never", "negative"}
@@ -116,16 +116,16 @@ def extract_claims(question: str, answer: str) -> list[Claim]:
     return claims
 
 
-_COUNT_Q = re.compile(r"^\s*how\s+many\b(?!\s+seconds)", re.I)
+_COUNT_Q = re.compile(r"^\s*(?:how\s+many\b(?!\s+seconds)|count\b)", re.I)
 _DURATION_Q = re.compile(r"\bhow\s+long\b|\bhow\s+many\s+seconds\b|\bfor\s+how\s+long\b|\bduration\b", re.I)
-_OPEN_Q = re.compile(r"^\s*(?:describe\b|caption\b|(?:what|which)\b.*\b(?:hear|heard|sounds?|audio|clip|recording|happening)\b)", re.I)
 _NUMBER = re.compile(r"\d|\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|once|twice|none)\b", re.I)
 _BARE = re.compile(r"^\W*(?:yes|no|\d+(?:\.\d+)?)\W*$", re.I)
 
 
 def is_open_question(question: str) -> bool:
-    """An open question about the clip ("What do you hear?", "Describe the audio"): a sentence answers it, not a yes or no."""
-    return bool(_OPEN_Q.search(question)) and not (_DURATION_Q.search(question) or _COUNT_Q.search(question))
+    """An open question about the clip ("What do you hear?", "Generate a caption for the audio."): a sentence answers
+    it, not a yes, a no or a number."""
+    return is_open_request(question) and not (_DURATION_Q.search(question) or _COUNT_Q.search(question))
 
 
 def answers_the_question(question: str, answer: str) -> bool:

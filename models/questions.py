@@ -66,8 +66,11 @@ _TAIL = re.compile(
     r"background|foreground|distance|scene|soundscape|mix|noise)s?))+\s*$",
     re.I,
 )
-_OPEN = re.compile(r"^(?:what|which|who|whom|whose|when|where|why|how|describe|caption|count|list|name|summari[sz]e|transcribe|"
-                   r"give|write|generate|explain|identify\s+(?:the|all|every))\b", re.I)
+# a request a sentence answers; after "Can / Could / Would / Will you (please)" only the ones that are never a hearing
+# verb ("Can you identify the dog?" asks whether the dog is there)
+_REQUEST = r"(?:describe|caption|list|name|summari[sz]e|transcribe|give|write|generate|explain|tell\s+(?:me|us)\s+(?:what|which|who|how|when|where))"
+_OPEN = re.compile(rf"^(?:what|which|who|whom|whose|when|where|why|how|count|identify\s+(?:the|all|every)|{_REQUEST})\b", re.I)
+_POLITE_REQUEST = re.compile(rf"^(?:can|could|would|will)\s+you\s+(?:please\s+)?{_REQUEST}\b", re.I)
 _NOT_PRESENCE = re.compile(r"\b(?:before|after|until|followed\s+by|at\s+the\s+same\s+time|than|twice|thrice|\d+\s+times|"
                            r"(?:two|three|four|five|several|many)\s+times|what|which|who|whom|whose|when|where|why|how)\b", re.I)
 _IDLE = re.compile(r"\s+(?:playing|happening|going\s+on|occurring|sounding|in\s+progress)$", re.I)  # "music playing": music
@@ -165,7 +168,7 @@ def read_presence(question: str) -> Asked | None:
             q = m.group("c")
             x = _statement(q)
             return _asked(x if x != q else _question_phrase(q, True))
-    if _OPEN.match(q):
+    if _opens(q):
         return None
     return _asked(_question_phrase(q, asked_as_question))
 
@@ -194,6 +197,16 @@ def _asked(x: str | None) -> Asked | None:
         return None
     targets, any_of = _sounds(x)
     return Asked(tuple(targets), any_of) if targets else None
+
+
+def is_open_request(question: str) -> bool:
+    """A question or request that a sentence answers, not a yes or a no: "What do you hear?", "Describe the audio",
+    "Generate a caption for the audio.", "Can you describe the clip?" (counts and durations included)."""
+    return _opens(_OPENING.sub("", question.strip()).strip())
+
+
+def _opens(q: str) -> bool:
+    return bool(_OPEN.match(q) or _POLITE_REQUEST.match(q))
 
 
 def presence_target(question: str) -> str | None:

@@ -96,9 +96,13 @@ def test_counts_durations_and_open_questions_want_their_own_form():
 
     assert answers_the_question("How many times does the dog bark?", "3") and not answers_the_question("How many times does the dog bark?", "Yes")
     assert answers_the_question("How long does the rain last?", "About 4 seconds.") and not answers_the_question("How long does the rain last?", "No")
-    for open_question in ("What do you hear?", "Describe the audio.", "Which sounds are in this clip?"):
+    for open_question in ("What do you hear?", "Describe the audio.", "Which sounds are in this clip?", "Generate a caption for the audio.",
+                          "Write a short caption.", "Can you describe the clip?", "Please summarise the recording.", "Tell me what you hear."):
         assert answers_the_question(open_question, "A dog barks while rain falls.")
         assert not answers_the_question(open_question, "No") and not answers_the_question(open_question, "1")
+        assert presence_target(open_question) is None
+    assert answers_the_question("Count the barks.", "3") and not answers_the_question("Count the barks.", "Yes")
+    assert presence_target("Can you identify the dog?") == "the dog"  # a hearing verb after "can you": still presence
     assert presence_target("Is the dog barking before the door slams in the audio?") is None  # order, not presence
     assert presence_target("What do you hear in this clip?") is None
 
