@@ -66,6 +66,22 @@ def _filesystem(uri: str, options: dict | None):
         raise StoreError(f"{uri}: cannot open {protocol}:// ({exc})") from exc
 
 
+def subdirectories_with(location: str, marker: str, options: dict | None = None) -> list[str]:
+    """Names of ``location``'s subdirectories that hold a file ``marker`` (a directory or a URI; one listing call on a
+    store). Nothing there is an empty list; an unreadable store a :class:`StoreError`."""
+    if not is_uri(location):
+        return sorted(p.parent.name for p in Path(location).glob(f"*/{glob.escape(marker)}") if p.is_file())
+    fs, root = _filesystem(location, options)
+    try:
+        fs.invalidate_cache(root)  # fsspec keeps listings per filesystem instance: a rollout since the last one must show
+        found = fs.glob(f"{root.rstrip('/')}/*/{marker}")
+    except FileNotFoundError:
+        return []
+    except (PermissionError, OSError) as exc:
+        raise StoreError(f"{location}: cannot list ({exc})") from exc
+    return sorted(p.rstrip("/").split("/")[-2] for p in found)
+
+
 def _listing(fs, root: str) -> dict[str, dict]:
     """Relative path -> fsspec info of every file under ``root`` (one entry, '', for a single file)."""
     try:

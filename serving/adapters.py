@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.families import unwrap
-from models.store import NotInStore, StoreError, is_uri, join, local_copy
+from models.store import NotInStore, StoreError, is_uri, join, local_copy, subdirectories_with
 from serving.errors import ApiError
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -78,12 +78,15 @@ class Catalog:
     def default_id(self) -> str:
         return self.model
 
-    def ids(self) -> list[tuple[str, str | None]]:
-        """``(model id, adapter name or None)`` for everything served, the default first."""
+    def ids(self, in_store: list[str] = ()) -> list[tuple[str, str | None]]:
+        """``(model id, adapter name or None)`` for everything served, the default first; ``in_store``: the adapter
+        names found in the adapter store (:func:`store_adapters`), listed after the configured ones."""
         out: list[tuple[str, str | None]] = [(self.model, self.default)]
         if self.default is not None:
             out.append((f"{self.model}:{BASE}", None))
         out += [(f"{self.model}:{name}", name) for name in sorted(self.paths) if name != self.default]
+        out += [(f"{self.model}:{name}", name) for name in sorted(set(in_store)) if ADAPTER_NAME.fullmatch(name)
+                and name not in self.paths and name != BASE]
         return out
 
     def resolve(self, requested: str | None) -> tuple[str, str | None]:
@@ -123,6 +126,16 @@ def _same_location(a: str, b: str) -> bool:
     if is_uri(a) or is_uri(b):
         return a.rstrip("/") == b.rstrip("/")
     return Path(a).resolve() == Path(b).resolve()
+
+
+def store_adapters(store: str, options: dict | None = None) -> list[str]:
+    """The adapters in the adapter store now: its subdirectories holding an ``adapter_config.json``. An unreadable
+    store lists none (logged): the models list must not fail because the store is down."""
+    try:
+        return subdirectories_with(store, "adapter_config.json", options)
+    except StoreError as exc:
+        log.warning("adapter store listing failed: %s", exc)
+        return []
 
 
 def fetch_adapter(name: str, location: str, options: dict | None = None) -> Path:

@@ -26,7 +26,7 @@ from starlette.routing import Match
 
 from models.verifier.events import EventReport
 from serving import intake, openai_api
-from serving.adapters import Catalog, UnknownModel
+from serving.adapters import Catalog, UnknownModel, store_adapters
 from serving.backends import AudioPrompt
 from serving.config import Settings
 from serving.errors import ApiError
@@ -49,6 +49,7 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 
 # How long /readyz waits for the model: the whole answer, 503 included, within the README's 0.5 s (under a
 # probe's usual 1 s timeout), with room for the request's own handling.
 READY_PROBE_S = 0.35
+STORE_LIST_S = 3.0  # GET /v1/models waits this long for the adapter store's listing, then lists the configured adapters
 # What a response's status is counted as when the client went away before one was sent (nginx's 499).
 CLIENT_CLOSED = 499
 
@@ -293,6 +294,13 @@ class Service:
 
         info = await self.model_info()
         catalog = Catalog.from_dict(info["catalog"]) if "catalog" in info else Catalog(info["model"])
+        in_store: list[str] = []
+        if catalog.store:  # what a rollout wrote there is servable by id: list it (bounded, never failing the list)
+            try:
+                in_store = await asyncio.wait_for(asyncio.to_thread(store_adapters, catalog.store, self.settings.store_options),
+                                                  STORE_LIST_S)
+            except asyncio.TimeoutError:
+                log.warning("adapter store listing took over %.0f s: only the configured adapters are listed", STORE_LIST_S)
         cards = [
             ModelCard(
                 id=model_id,
@@ -301,7 +309,7 @@ class Service:
                 sample_rate=info["sample_rate"],
                 adapter=adapter,
             )
-            for model_id, adapter in catalog.ids()
+            for model_id, adapter in catalog.ids(in_store)
         ]
         return ModelList(data=cards)
 

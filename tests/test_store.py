@@ -89,6 +89,26 @@ def test_catalog_with_a_store_accepts_any_adapter_name():
         Catalog.build("m", {}, {}, None).resolve("m:later")  # no store: only the configured names
 
 
+def test_the_models_list_holds_what_the_store_holds(s3, tmp_path):
+    """``GET /v1/models`` lists the store's adapters (a directory with an ``adapter_config.json``) after the configured
+    ones, once each; a directory without a config, a name no request could use, and an unreadable store list nothing."""
+    from serving.adapters import store_adapters
+
+    fs, options = s3
+    for name in ("later", "a1", "bad name", "notes"):
+        fs.pipe(f"{BUCKET}/listing/{name}/{'README.md' if name == 'notes' else 'adapter_config.json'}", b"{}")
+    (tmp_path / "local" / "ready").mkdir(parents=True)
+    (tmp_path / "local" / "ready" / "adapter_config.json").write_text("{}")
+    (tmp_path / "local" / "empty").mkdir()
+    assert store_adapters(f"s3://{BUCKET}/listing", options) == ["a1", "bad name", "later"]
+    assert store_adapters(str(tmp_path / "local")) == ["ready"] and store_adapters(str(tmp_path / "nothing")) == []
+    assert store_adapters(f"s3://{BUCKET}/nothing-here", options) == []
+    assert store_adapters("nope://bucket/x") == []  # no such protocol: logged, not raised
+    catalog = Catalog.build("m", {}, {"a1": "s3://b/x/a1"}, None, store=f"s3://{BUCKET}/listing")
+    ids = [model_id for model_id, _ in catalog.ids(store_adapters(catalog.store, options))]
+    assert ids == ["m", "m:a1", "m:later"]
+
+
 def corrupt_copy(source: Path, out: Path) -> Path:
     shutil.copytree(source, out)
     data = (out / "adapter_model.safetensors").read_bytes()
@@ -154,8 +174,12 @@ def test_adapters_roll_out_from_the_store_and_bad_ones_are_refused(s3, server, t
         missing = _ask(base, f"{name}:a2")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found" and "'a2'" in missing.json()["error"]["message"]
 
-        # roll out: write it to the store, ask for its id (no restart, no rebuild)
+        # roll out: write it to the store, ask for its id (no restart, no rebuild); the models list shows it
+        listed = {m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
+        assert f"{name}:a1" in listed and f"{name}:a2" not in listed
         upload(fs, Path(_random_adapter(tiny_checkpoint, tmp_path / "a2", 2)), "serve/a2")
+        listed = {m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
+        assert {f"{name}:a1", f"{name}:a2", name} <= listed
         second = _ask(base, f"{name}:a2")
         assert second.status_code == 200, second.text
         base_answer = _ask(base, f"{name}:base").json()["answer"]
