@@ -127,8 +127,14 @@ def _vocabulary_section(doc: dict) -> str:
     return text + " Refit with `earwitness train vocabulary --verifier <dir>`."
 
 
-def model_card(doc: dict) -> str:
+def model_card(doc: dict, name: str = "earwitness-verifier") -> str:
+    """The card of a verifier checkpoint ``name`` (its directory's name), with the command that trains it again."""
     m = doc.get("metrics", {})
+    corpus = doc.get("training", {}).get("corpus") or "data/corpus"
+    teacher = ("python -m train.teacher --corpus data/corpus --out runs/teacher   # the unlabelled files, found and labelled\n"
+               "python -m train.teacher --corpus data/corpus --out runs/teacher --scenes 600 --limit 1250 "
+               f"--teacher-corpus {corpus}   # their scenes beside the labelled ones\n"
+               if Path(corpus).name != "corpus" else "")
     t = doc.get("thresholds", {})
     rows = "\n".join(f"| {k} | {v} |" for k, v in m.items())
     audio, training, flags, prov = _audio_side(doc)
@@ -140,7 +146,7 @@ def model_card(doc: dict) -> str:
         "(`annotate`) never changes an answer on them."
         if auc is not None and auc < 0.9 else "Meets the project's ROC-AUC ≥ 0.9 target on unseen recordings."
     )
-    return f"""# earwitness-verifier
+    return f"""# {name}
 
 The embedded absent-sound verifier of Earwitness: is the sound a phrase names in this clip?
 
@@ -170,7 +176,7 @@ the share of present events judged absent.{_lopo_section(doc)}{_vocabulary_secti
 Reproduce (the corpus built with `earwitness data build --out data/corpus`):
 
 ```bash
-earwitness train verifier --corpus data/corpus {flags} --out models/earwitness-verifier
+{teacher}earwitness train verifier --corpus {corpus} {flags} --out models/{name}
 python -m loadtests.bench_guard --corpus data/corpus      # the guard's tables (verifier alone, policies)
 ```
 {prov}

@@ -48,7 +48,7 @@ def save_embedded(out: Path, scorer, classes: list[str], phrases: list[tuple[str
         **card,
     }
     (out / "verifier.json").write_text(json.dumps(doc, indent=1))
-    (out / "README.md").write_text(model_card(doc))
+    (out / "README.md").write_text(model_card(doc, out.name))
 
 
 def load_embedded(path: str | Path, encoder: TextEncoder | None = None) -> EmbeddedVerifier:
