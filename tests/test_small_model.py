@@ -287,3 +287,29 @@ def test_the_listen_projector_is_the_least_squares_map_onto_the_names():
     tokens = oracle_tokens(embed, words, torch.from_numpy(active)).numpy()
     _, r2 = ridge_to_names((tokens @ mixed.numpy()).astype(np.float32), active, embed, words, ridge=0.0, positions=None)
     assert r2 > 0.999
+
+
+def test_the_small_model_card_states_both_gates_as_the_stages_measured_them(tmp_path):
+    """The card of a model from the gated recipe: the lookup's steps and gate 1, LISTEN's audio path and gate 2, and
+    the recipe's evaluation (with its oracle / served columns when the evaluations measured them)."""
+    import shutil
+
+    from models.registry import SMALL_DIR
+    from train.model_card import write_small_model_card
+
+    ship = tmp_path / "earwitness-small"
+    (ship / "adapter").mkdir(parents=True)
+    shutil.copy(SMALL_DIR / "earwitness_parts.json", ship)
+    shutil.copy(SMALL_DIR / "adapter" / "adapter_config.json", ship / "adapter")
+    (ship / "training").mkdir()
+    (ship / "training" / "lookup.json").write_text(json.dumps({"history": [{"step": 0, "validation_auc": 0.45}, {"step": 450, "validation_auc": 0.94}],
+                                                               "gate": {"oracle_validation_auc": 0.941, "questions": 1350, "gate": 0.93, "passed": True}}))
+    (ship / "training" / "listen.json").write_text(json.dumps({"history": [{"step": 200}], "names_r2": 0.63,
+                                                               "gate": {"served_validation_auc": 0.801, "questions": 1350, "gate": 0.85, "passed": False}}))
+    record = json.loads((SMALL_DIR / "training" / "results.json").read_text())
+    gates = {s: {"questions": 600, "oracle_auc": 0.9, "served_auc": 0.8} for s in ("validation", "test")}
+    record["results"]["+ LISTEN"]["gates"] = gates
+    card = write_small_model_card(ship, record).read_text()
+    assert "450 steps" in card and "**0.941** (gate ≥ 0.93: passed)" in card
+    assert "200 steps" in card and "**0.801**" in card and "(gate ≥ 0.85: not passed)" in card
+    assert "| + LISTEN | 0.900 / 0.900 | 0.800 / 0.800 |" in card  # the gate table beside the answers
