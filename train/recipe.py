@@ -172,9 +172,16 @@ def run_recipe(model: str, corpus: Path, work: Path, ship_dir: Path | None = Non
     for step in steps(model, corpus, work, seed, tower, extra):
         if (work / step.out / STAGE_FILE).exists():
             print(f"[recipe] {step.out}: done ({work / step.out / STAGE_FILE})", flush=True)
-            continue
-        print(f"[recipe] earwitness {shlex.join(step.argv)}", flush=True)
-        run(step.argv)
+        else:
+            print(f"[recipe] earwitness {shlex.join(step.argv)}", flush=True)
+            run(step.argv)
+        gate = (json.loads((work / step.out / STAGE_FILE).read_text()).get("metrics") or {}).get("gate")
+        if gate and not gate["passed"]:  # each gate passes before the next stage starts
+            print(f"[recipe] {step.out}: its gate is not passed ({json.dumps(gate)}); the recipe stops here. Train the stage on "
+                  f"(`earwitness {shlex.join(step.argv)} --steps N` resumes from its checkpoint; LISTEN's: --max-steps N), "
+                  "then run the recipe again.", flush=True)
+            ship_dir = None
+            break
     record = gather(work, seed)
     if ship_dir is not None:
         ship(model, work, record, ship_dir)
