@@ -334,18 +334,20 @@ def test_the_small_recipe_stops_at_a_gate_that_is_not_passed(tmp_path):
     corpus.mkdir()
     (corpus / "report.json").write_text("{}")
     evaluated = next(iter(json.loads((SMALL_DIR / "training" / "results.json").read_text())["results"].values()))
-    ran: list[str] = []
+    for failing, expected in (("lookup", ["base", "eval-base", "lookup"]), ("listen", ["base", "eval-base", "lookup", "listen", "eval-listen"])):
+        ran: list[str] = []
 
-    def stage(argv):  # what each command leaves: its stage.json (the lookup's with a failed gate), an evaluation's results
-        out = Path(argv[argv.index("--out") + 1])
-        out.mkdir(parents=True)
-        ran.append(out.name)
-        gate = {"oracle_validation_auc": 0.61, "questions": 1350, "gate": 0.93, "passed": False} if out.name == "lookup" else None
-        (out / "stage.json").write_text(json.dumps({"wall_s": 1.0, "metrics": {"gate": gate} if gate else {}}))
-        if argv[0] == "eval":
-            (out / "results.json").write_text(json.dumps({"base": evaluated}))
+        def stage(argv):  # what each command leaves: its stage.json (with a failed gate), an evaluation's results
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            ran.append(out.name)
+            gate = {"auc": 0.61, "gate": 0.93, "passed": out.name != failing} if out.name in ("lookup", "listen") else None
+            (out / "stage.json").write_text(json.dumps({"wall_s": 1.0, "metrics": {"gate": gate} if gate else {}}))
+            if argv[0] == "eval":
+                (out / "results.json").write_text(json.dumps({"base": evaluated}))
 
-    for attempt in range(2):
-        record = run_recipe("small", corpus, tmp_path / "work", ship_dir=tmp_path / "ship", tower=SMALL_DIR, run=stage)
-        assert ran == ["base", "eval-base", "lookup"] and not (tmp_path / "ship").exists()
-        assert record["stages"]["lookup"]["metrics"]["gate"]["passed"] is False
+        work = tmp_path / failing
+        for attempt in range(2):  # ... and a rerun stops there again, running nothing
+            record = run_recipe("small", corpus, work, ship_dir=tmp_path / "ship", tower=SMALL_DIR, run=stage)
+            assert ran == expected and not (tmp_path / "ship").exists()  # the failed stage is evaluated; nothing trains after it
+            assert record["stages"][failing]["metrics"]["gate"]["passed"] is False
