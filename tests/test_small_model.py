@@ -8,6 +8,7 @@ LoRA over the parts) must rebuild exactly the model that was trained.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_the_lookup_stage_trains_the_language_model_layers_and_nothing_else(corp
     spec = replace(SPEC, trained_layers=True)
     processor, model = build_from_parts(*_parts(), spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = LookupFit(steps=2, scenes=2, questions=4, warmup=1, eval_every=1, eval_questions=12)
+    config = LookupFit(steps=2, scenes=2, questions=4, warmup=1, eval_every=1, eval_questions=12, stop_at=None)
     history = train_lookup(model, processor, corpus, tmp_path, spec, config, log=lambda _: None)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -163,6 +164,14 @@ def test_the_lookup_stage_trains_the_language_model_layers_and_nothing_else(corp
     lines: list[str] = []
     history = train_lookup(again, processor, corpus, tmp_path, spec, replace(config, steps=4), log=lines.append)
     assert lines[0] == "resumed at step 2" and [h["step"] for h in history] == [0, 1, 2, 3, 4]
+
+    # the curve reaching ``stop_at`` ends the fit before its bound, and a resumed fit does not train on
+    history = train_lookup(build_from_parts(*_parts(), spec)[1], processor, corpus, tmp_path / "early", spec,
+                           replace(config, steps=6, stop_at=0.0), log=lambda _: None)
+    assert [h["step"] for h in history] == [0, 1]
+    history = train_lookup(build_from_parts(*_parts(), spec)[1], processor, corpus, tmp_path / "early", spec,
+                           replace(config, steps=6, stop_at=0.0), log=lambda _: None)
+    assert [h["step"] for h in history] == [0, 1]
 
 
 def test_name_tokens_are_the_mean_name_embedding_of_the_sounds_active_at_each_position():
@@ -287,3 +296,58 @@ def test_the_listen_projector_is_the_least_squares_map_onto_the_names():
     tokens = oracle_tokens(embed, words, torch.from_numpy(active)).numpy()
     _, r2 = ridge_to_names((tokens @ mixed.numpy()).astype(np.float32), active, embed, words, ridge=0.0, positions=None)
     assert r2 > 0.999
+
+
+def test_the_small_model_card_states_both_gates_as_the_stages_measured_them(tmp_path):
+    """The card of a model from the gated recipe: the lookup's steps and gate 1, LISTEN's audio path and gate 2, and
+    the recipe's evaluation (with its oracle / served columns when the evaluations measured them)."""
+    import shutil
+
+    from models.registry import SMALL_DIR
+    from train.model_card import write_small_model_card
+
+    ship = tmp_path / "earwitness-small"
+    (ship / "adapter").mkdir(parents=True)
+    shutil.copy(SMALL_DIR / "earwitness_parts.json", ship)
+    shutil.copy(SMALL_DIR / "adapter" / "adapter_config.json", ship / "adapter")
+    (ship / "training").mkdir()
+    (ship / "training" / "lookup.json").write_text(json.dumps({"history": [{"step": 0, "validation_auc": 0.45}, {"step": 450, "validation_auc": 0.94}],
+                                                               "gate": {"oracle_validation_auc": 0.941, "questions": 1350, "gate": 0.93, "passed": True}}))
+    (ship / "training" / "listen.json").write_text(json.dumps({"history": [{"step": 200}], "names_r2": 0.63,
+                                                               "gate": {"served_validation_auc": 0.801, "questions": 1350, "gate": 0.85, "passed": False}}))
+    record = json.loads((SMALL_DIR / "training" / "results.json").read_text())
+    gates = {s: {"questions": 600, "oracle_auc": 0.9, "served_auc": 0.8} for s in ("validation", "test")}
+    record["results"]["+ LISTEN"]["gates"] = gates
+    card = write_small_model_card(ship, record).read_text()
+    assert "450 steps" in card and "**0.941** (gate ≥ 0.93: passed)" in card
+    assert "200 steps" in card and "**0.801**" in card and "(gate ≥ 0.85: not passed)" in card
+    assert "| + LISTEN | 0.900 / 0.900 | 0.800 / 0.800 |" in card  # the gate table beside the answers
+
+
+def test_the_small_recipe_stops_at_a_gate_that_is_not_passed(tmp_path):
+    """Each gate passes before the next stage starts: a lookup stage whose gate 1 failed ends the recipe there (nothing
+    after it runs, nothing ships), and it stops there again on a rerun."""
+    from models.registry import SMALL_DIR
+    from train.recipe import run_recipe
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "report.json").write_text("{}")
+    evaluated = next(iter(json.loads((SMALL_DIR / "training" / "results.json").read_text())["results"].values()))
+    for failing, expected in (("lookup", ["base", "eval-base", "lookup"]), ("listen", ["base", "eval-base", "lookup", "listen", "eval-listen"])):
+        ran: list[str] = []
+
+        def stage(argv):  # what each command leaves: its stage.json (with a failed gate), an evaluation's results
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            ran.append(out.name)
+            gate = {"auc": 0.61, "gate": 0.93, "passed": out.name != failing} if out.name in ("lookup", "listen") else None
+            (out / "stage.json").write_text(json.dumps({"wall_s": 1.0, "metrics": {"gate": gate} if gate else {}}))
+            if argv[0] == "eval":
+                (out / "results.json").write_text(json.dumps({"base": evaluated}))
+
+        work = tmp_path / failing
+        for attempt in range(2):  # ... and a rerun stops there again, running nothing
+            record = run_recipe("small", corpus, work, ship_dir=tmp_path / "ship", tower=SMALL_DIR, run=stage)
+            assert ran == expected and not (tmp_path / "ship").exists()  # the failed stage is evaluated; nothing trains after it
+            assert record["stages"][failing]["metrics"]["gate"]["passed"] is False

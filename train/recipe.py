@@ -169,12 +169,23 @@ def run_recipe(model: str, corpus: Path, work: Path, ship_dir: Path | None = Non
     """Every step not yet done, in order (``run``: how a command runs; in-process callers pass the CLI's ``main``),
     then the stages' records gathered in ``work/results.json``; returns that record."""
     ensure_corpus(corpus, seed)
+    failed: str | None = None  # a stage whose gate is not passed: only its own evaluation runs after it
     for step in steps(model, corpus, work, seed, tower, extra):
+        if failed is not None and not (step.argv[0] == "eval" and str(work / failed) in step.argv):
+            break
         if (work / step.out / STAGE_FILE).exists():
             print(f"[recipe] {step.out}: done ({work / step.out / STAGE_FILE})", flush=True)
-            continue
-        print(f"[recipe] earwitness {shlex.join(step.argv)}", flush=True)
-        run(step.argv)
+        else:
+            print(f"[recipe] earwitness {shlex.join(step.argv)}", flush=True)
+            run(step.argv)
+        gate = (json.loads((work / step.out / STAGE_FILE).read_text()).get("metrics") or {}).get("gate")
+        if gate and not gate["passed"]:  # each gate passes before the next stage trains
+            failed = step.out
+            print(f"[recipe] {step.out}: its gate is not passed ({json.dumps(gate)}); the recipe stops after its evaluation. "
+                  f"Train the stage on (`earwitness {shlex.join(step.argv)} --steps N` resumes from its checkpoint; LISTEN's: "
+                  "--max-steps N), then run the recipe again.", flush=True)
+    if failed is not None:
+        ship_dir = None
     record = gather(work, seed)
     if ship_dir is not None:
         ship(model, work, record, ship_dir)
