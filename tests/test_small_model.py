@@ -351,3 +351,21 @@ def test_the_small_recipe_stops_at_a_gate_that_is_not_passed(tmp_path):
             record = run_recipe("small", corpus, work, ship_dir=tmp_path / "ship", tower=SMALL_DIR, run=stage)
             assert ran == expected and not (tmp_path / "ship").exists()  # the failed stage is evaluated; nothing trains after it
             assert record["stages"][failing]["metrics"]["gate"]["passed"] is False
+
+
+def test_listen_projector_lookup_refuses_a_checkpoint_without_a_lookup(tmp_path):
+    """The command's own path (flags left unset included) up to its check: LISTEN's audio path needs a lookup stage."""
+    import shutil
+
+    from earwitness.cli import main
+    from models.registry import SMALL_DIR
+
+    source = tmp_path / "base"
+    source.mkdir()
+    parts = json.loads((SMALL_DIR / "earwitness_parts.json").read_text())
+    parts["spec"]["trained_layers"] = False
+    (source / "earwitness_parts.json").write_text(json.dumps(parts))
+    shutil.copy(SMALL_DIR / "trained.safetensors", source)
+    for projector in ("lookup", "names"):
+        with pytest.raises(SystemExit, match="run `train lookup` first"):
+            main(["train", "listen", "--from", str(source), "--projector", projector, "--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "o")])

@@ -199,7 +199,8 @@ def _stage(args) -> int:
 
         where = (Path(args.source), Path(args.corpus), Path(args.out))
         metrics = (listen_names_stage(*where) if args.projector == "names"
-                   else listen_lookup_stage(*where, seed=args.seed, steps=args.max_steps if args.max_steps > 0 else None))
+                   else listen_lookup_stage(*where, seed=getattr(args, "seed", 0),  # flags left unset are absent (SUPPRESS)
+                                            steps=getattr(args, "max_steps", -1) if getattr(args, "max_steps", -1) > 0 else None))
         print(json.dumps(metrics, indent=1))
         return 0
     job = StageJob(stage=args.stage, source=args.source, corpus=str(args.corpus), out=str(args.out), config=chosen(args, args.config_class),
