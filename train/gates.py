@@ -184,19 +184,16 @@ if __name__ == "__main__":
     main()
 
 
-def lookup_gate(model, processor, corpus_dir: Path, questions: int | None = None, seed: int = 0) -> dict:
-    """Gate 1 of a lookup stage's model (a Qwen2-Audio, its layers as they will be committed): the validation oracle
-    ROC-AUC at the served audio positions in the chat layout, and whether it passes ``ORACLE_GATE``."""
-    spec = SmallSpec(**unwrap(model).config.earwitness_small_spec)
+def stage_gate(model, processor, corpus_dir: Path, tokens: str, questions: int | None = None, seed: int = 0) -> dict:
+    """A stage's gate on its model as it will be committed (a Qwen2-Audio): the validation presence ROC-AUC over
+    ``tokens`` — ``"oracle"``, the true names at the served audio positions (gate 1, the lookup stage's, against
+    ``ORACLE_GATE``), or ``"served"``, its own tower and projector (gate 2, LISTEN's, against ``SERVED_GATE``) — read
+    by its own language model, and whether it passes."""
     rows = presence_rows(Path(corpus_dir), "validation", questions, seed)
-    auc = oracle_auc(checkpoint_lm(unwrap(model)).eval(), processor.tokenizer, Path(corpus_dir), "validation", rows, spec.audio_tokens,
-                     float(spec.window_s))
-    return {"oracle_validation_auc": round(auc, 4), "questions": len(rows), "gate": ORACLE_GATE, "passed": auc >= ORACLE_GATE}
-
-
-def served_gate(model, processor, corpus_dir: Path, questions: int | None = None, seed: int = 0) -> dict:
-    """Gate 2 of a LISTEN stage's model (its audio path and layers as they will be committed): the validation served
-    ROC-AUC, its own tower and projector read by its own language model, and whether it passes ``SERVED_GATE``."""
-    rows = presence_rows(Path(corpus_dir), "validation", questions, seed)
-    auc = served_auc(unwrap(model), processor, checkpoint_lm(unwrap(model)).eval(), Path(corpus_dir), rows)
-    return {"served_validation_auc": round(auc, 4), "questions": len(rows), "gate": SERVED_GATE, "passed": auc >= SERVED_GATE}
+    lm = checkpoint_lm(unwrap(model)).eval()
+    if tokens == "oracle":
+        spec = SmallSpec(**unwrap(model).config.earwitness_small_spec)
+        auc, gate = oracle_auc(lm, processor.tokenizer, Path(corpus_dir), "validation", rows, spec.audio_tokens, float(spec.window_s)), ORACLE_GATE
+    else:
+        auc, gate = served_auc(unwrap(model), processor, lm, Path(corpus_dir), rows), SERVED_GATE
+    return {f"{tokens}_validation_auc": round(auc, 4), "questions": len(rows), "gate": gate, "passed": auc >= gate}

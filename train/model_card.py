@@ -136,7 +136,7 @@ def _lookup_history(ship_dir: Path) -> list[dict]:
 
 
 def _lookup_gate(ship_dir: Path) -> str:
-    """Gate 1 as the lookup stage measured it (``train.gates.lookup_gate``), or that it was not measured."""
+    """Gate 1 as the lookup stage measured it (``train.gates.stage_gate``), or that it was not measured."""
     path = ship_dir / "training" / "lookup.json"
     gate = json.loads(path.read_text()).get("gate") if path.exists() else None
     if not gate:

@@ -42,7 +42,7 @@ from train.data.ontology import load_ontology
 from train.data.qa import read_qa_rows
 from train.data.targets import frame_targets
 from train.features import encoder_features
-from train.gates import lookup_gate, served_gate
+from train.gates import stage_gate
 from train.lora import lora_config
 from train.model_card import copy_reports, write_small_model_card
 from train.sft import StageConfig, select_rows, train_stage
@@ -68,7 +68,7 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
         for name, param in target.named_parameters():
             if name.startswith(LM_TRAINED_PARTS):
                 param.copy_(lm.model.get_parameter(name).half().float())
-    gate = lookup_gate(model, processor, corpus_dir)
+    gate = stage_gate(model, processor, corpus_dir, "oracle")
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history, "gate": gate}, indent=2))
     return history
 
@@ -201,7 +201,7 @@ def listen_lookup_stage(source: Path, corpus_dir: Path, out_dir: Path, config: A
             for name, param in unwrap(model).named_parameters():
                 if name.startswith(prefix):
                     param.copy_(param.half().float())
-    gate = served_gate(model, processor, corpus_dir)
+    gate = stage_gate(model, processor, corpus_dir, "served")
     save_trained(model, processor, out_dir, spec)
     record = {"projector": "names, then trained through the lookup with the tower's top layers", "names_r2": r2,
               "config": asdict(config), "history": history, "gate": gate}
