@@ -123,6 +123,22 @@ class AudioPath(torch.nn.Module):
         return [tower, list(self.projector.parameters()), list(self.readout.parameters())]
 
 
+def heard_tokens(model, corpus_dir: Path, spec: SmallSpec, progress: bool = True):
+    """``heard(split, scene_ids)``: the model's own audio tokens ``[S, audio tokens, D]`` for train / validation scenes,
+    from the cached trunk through its trained top layers, norm and projector (frozen, as served), for
+    ``fit_lookup``'s ``heard``."""
+    ontology = load_ontology(Path(corpus_dir) / "ontology.json")
+    cut = min(spec.tower_layers)
+    path = AudioPath(model, cut, len(ontology.names), float(spec.window_s)).eval()
+    trunks = {s: load_trunks(Path(corpus_dir), s, ontology.names, spec, cut, progress) for s in ("train", "validation")}
+
+    @torch.no_grad()
+    def heard(split: str, scene_ids: list[str]) -> torch.Tensor:
+        return path(trunks[split].take(scene_ids)[0])[0]
+
+    return heard
+
+
 def fit_audio_path(model, lm, tokenizer, corpus_dir: Path, spec: SmallSpec, out_dir: Path, config: AudioPathFit = AudioPathFit(),
                    log=print, progress: bool = True) -> list[dict]:
     """Train ``model``'s audio path (in place) against ``lm`` (the model's language model and head, frozen),

@@ -50,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lookup.add_argument("--out", type=Path, required=True)
     lookup.add_argument("--steps", type=int, default=None, help="training steps (default: train.lookup.LookupFit's)")
     lookup.add_argument("--seed", type=int, default=0)
+    lookup.add_argument("--heard", action="store_true", help="after `train listen --projector lookup`: learn on the model's own audio "
+                                                             "tokens too (train.lookup.HEARD_LOOKUP), measured on them (gate 2)")
     lookup.set_defaults(func=_lookup)
 
     ver = sub.add_parser("verifier", help="train, calibrate and ship the embedded absent-sound verifier")
@@ -291,7 +293,7 @@ def _lookup(args) -> int:
     # function-level: a command loads its stage (torch, transformers, TRL) only when it runs
     from train.recipe import lookup_stage
 
-    print(json.dumps(lookup_stage(args.source, args.corpus, args.out, args.seed, args.steps), indent=1))
+    print(json.dumps(lookup_stage(args.source, args.corpus, args.out, args.seed, args.steps, args.heard), indent=1))
     return 0
 
 

@@ -8,6 +8,9 @@ on a split's presence questions:
   perfect hearing?
 - **served**: the same with the model's own audio tokens (its tower → its projector): does the audio path speak the
   language the lookup reads?
+- **reader** (``--reader``, a diagnostic, not a gate): what the served tokens hold for any linear reader — a per-position
+  class read-out of them fitted on the train split's strong labels, the asked class's largest logit over positions
+  less its training log-odds. Gate 2 asks the lookup to read its tokens about as well as this.
 - **generated**: the model's greedy answers through the serving backend on the balanced presence sets (accuracy,
   yes-rate, adversarial false "yes", unparseable share) plus count questions, so answers that left their form show.
 
@@ -161,6 +164,54 @@ def gate_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def reader_ceiling(model_dir: str | Path, corpus_dir: str | Path, epochs: int = 60, seed: int = 0, log=print) -> dict:
+    """Validation presence ROC-AUC of a linear per-position class read-out of the model's own audio tokens (earwitness-
+    small after LISTEN: its cached trunk → its trained top layers → its projector), trained with per-position BCE on the
+    train split's strong labels; a question's score is the asked class's largest logit over positions less the class's
+    training log-odds (questions ask about rare and frequent sounds alike). Also the raw largest logit and the
+    per-position micro ROC-AUC."""
+    from train.audio_path import heard_tokens, load_trunks
+    from train.small_recipe import load_small
+    from models.small import read_spec
+
+    corpus_dir = Path(corpus_dir)
+    torch.manual_seed(seed)
+    spec = read_spec(Path(model_dir))
+    _, model = load_small(Path(model_dir))
+    names = load_ontology(corpus_dir / "ontology.json").names
+    heard = heard_tokens(model, corpus_dir, spec, progress=False)
+    data = {}
+    for split in ("train", "validation"):
+        trunks = load_trunks(corpus_dir, split, names, spec, min(spec.tower_layers), progress=False)
+        ids = sorted(trunks.rows_of, key=trunks.rows_of.get)
+        data[split] = (torch.cat([heard(split, ids[i:i + 32]) for i in range(0, len(ids), 32)]), trunks.positions.float(), trunks.rows_of)
+    x, y, _ = data["train"]
+    mean, std = x.reshape(-1, x.shape[-1]).mean(0), x.reshape(-1, x.shape[-1]).std(0) + 1e-5
+    read = torch.nn.Linear(x.shape[-1], len(names))
+    optimizer = torch.optim.Adam(read.parameters(), 1e-2)
+    for epoch in range(epochs):
+        for i in torch.randperm(len(x)).split(256):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(read((x[i] - mean) / std), y[i])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if (epoch + 1) % 20 == 0:
+            log(f"reader epoch {epoch + 1}: loss {loss.item():.4f}")
+    prior = torch.logit(y.mean((0, 1)).clamp(1e-4, 1 - 1e-4))
+    x, y, rows_of = data["validation"]
+    with torch.no_grad():
+        logits = read((x - mean) / std)
+    index = {n: i for i, n in enumerate(names)}
+    rows = [r for r in read_qa_rows(corpus_dir, "validation") if r.kind == "presence" and r.scene_id in rows_of]
+    truth = np.array([r.answer == "Yes" for r in rows])
+    top = np.array([logits[rows_of[r.scene_id], :, index[r.label]].max().item() for r in rows])
+    less_prior = top - np.array([prior[index[r.label]].item() for r in rows])
+    flat, labels = logits.reshape(-1, len(names)), y.reshape(-1, len(names))
+    heard_classes = labels.sum(0) > 0
+    return {"questions": len(rows), "reader_auc": round(roc_auc(truth, less_prior), 4), "reader_auc_no_prior": round(roc_auc(truth, top), 4),
+            "position_micro_auc": round(roc_auc(labels[:, heard_classes].flatten().numpy() > 0, flat[:, heard_classes].flatten().numpy()), 4)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
@@ -170,9 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-adapter", action="store_true", help="the committed layers without the aligned adapter")
     parser.add_argument("--no-answers", action="store_true", help="skip the generated answers")
     parser.add_argument("--oracle-only", action="store_true", help="only the oracle ROC-AUCs (gate 1): no tower run, no answers")
+    parser.add_argument("--reader", action="store_true", help="only the linear reader's ROC-AUC over the served tokens (after LISTEN)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.reader:
+        print(json.dumps(reader_ceiling(args.model, args.corpus), indent=1))
+        return
     result = measure(args.model, args.corpus, GatePlan(questions=args.questions, per_sampling=args.per_sampling),
                      adapter=not args.no_adapter, answers=not (args.no_answers or args.oracle_only), served=not args.oracle_only)
     print(gate_table({Path(args.model).name: result}))

@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -207,7 +208,11 @@ class LookupFit:
     ``stop_at`` (above the gate's 0.93, so that the stage's own measurement on every validation question passes too).
     The rates are those of the run that passed gate 1 (0.933 at step 421 from the shipped layers,
     train/results/gates.md; 6e-4 / 3e-4 learnt nothing at the served length). From the base stage's layers the same
-    rates climbed slower: 0.45 at step 0, 0.55 at 200, 0.60 at 250."""
+    rates climbed slower: 0.45 at step 0, 0.55 at 200, 0.60 at 250.
+
+    ``heard_share`` > 0 (after LISTEN has trained the audio path): that share of each step's scenes gives the model's
+    own audio tokens (``fit_lookup``'s ``heard``) instead of the names, so that the lookup learns the noise it will
+    read when served; then the curve and ``stop_at`` are on the served tokens."""
 
     steps: int = 1500
     stop_at: float | None = 0.95
@@ -223,6 +228,12 @@ class LookupFit:
     eval_questions: int = 300
     checkpoint_s: float = 180.0
     seed: int = 0
+    heard_share: float = 0.0
+
+
+HEARD_LOOKUP = LookupFit(steps=600, stop_at=0.87, heard_share=0.75)
+"""``train lookup --heard`` (after ``train listen --projector lookup``): the lookup keeps learning, three scenes in four
+over the model's own tokens, until the served curve clears gate 2 with room."""
 
 
 def train_rows_by_scene(corpus_dir: Path) -> dict[str, list]:
@@ -251,11 +262,16 @@ def sample_questions(rng, by_scene: dict[str, list], config: LookupFit, template
 
 def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: list[list[int]], n_audio: int, window_s: float,
                out_dir: Path, config: LookupFit = LookupFit(), log=print,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, heard: Callable[[str, list[str]], torch.Tensor] | None = None) -> list[dict]:
     """Train ``lm``'s layers and final norm (word embeddings frozen: the oracle tokens are made of them) on oracle
     tokens in the served chat layout, resumable from ``out_dir/checkpoint.pt``; every ``eval_every`` steps the
     validation oracle ROC-AUC on ``eval_questions`` presence questions (served length, stored phrasings) is logged.
-    Returns the history."""
+    ``heard(split, scene_ids)``: the model's own audio tokens ``[S, n_audio, D]``, trained on for
+    ``config.heard_share`` of the scenes and measured beside the oracle (``validation_served_auc``), which ``stop_at``
+    then reads. Returns the history."""
+    if config.heard_share and heard is None:
+        raise ValueError("heard_share > 0 needs the model's own tokens (heard)")
+    watch = "validation_served_auc" if config.heard_share else "validation_auc"
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
     templates = [t for family in PRESENCE_FAMILIES.values() for t in family["train"]]
@@ -293,9 +309,23 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
             active = active.reshape(len(scene_ids), positions, n_audio // positions, -1).amax(2)
         return mix_names(active, names)
 
-    def evaluate() -> float:
+    def step_tokens(scene_ids: list[str], positions: int) -> torch.Tensor:
+        names_of = tokens(train, scene_ids, positions)
+        if not config.heard_share or positions != n_audio:  # the model's own tokens exist at the served length only
+            return names_of
+        own = [rng.random() < config.heard_share for _ in scene_ids]
+        if any(own):
+            names_of = names_of.clone()
+            names_of[torch.tensor(own)] = heard("train", [s for s, o in zip(scene_ids, own) if o]).to(names_of.dtype)
+        return names_of
+
+    def evaluate() -> dict:
         margins = presence_margins(lm, tokenizer, lambda ids: tokens(val, ids, n_audio), held, n_audio)
-        return round(roc_auc(truth, margins), 4)
+        scores = {"validation_auc": round(roc_auc(truth, margins), 4)}
+        if heard is not None:
+            margins = presence_margins(lm, tokenizer, lambda ids: heard("validation", ids), held, n_audio)
+            scores["validation_served_auc"] = round(roc_auc(truth, margins), 4)
+        return scores
 
     def save() -> None:
         trained = {k: v for k, v in lm.model.state_dict().items() if k.startswith(("layers.", "norm."))}
@@ -305,11 +335,11 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
         (out_dir / "history.json").write_text(json.dumps({"config": asdict(config), "history": history}, indent=2))
 
     if not history:
-        history.append({"step": 0, "positions": n_audio, "validation_auc": evaluate(), "elapsed_s": 0.0})
+        history.append({"step": 0, "positions": n_audio, **evaluate(), "elapsed_s": 0.0})
         log(json.dumps(history[-1]))
     phases = [*config.curriculum, (n_audio, config.steps)]
     total = sum(n for _, n in phases)
-    if step and config.stop_at is not None and history[-1]["validation_auc"] >= config.stop_at:
+    if step and config.stop_at is not None and history[-1][watch] >= config.stop_at:
         total = min(total, step)  # resumed after the curve had reached the gate: nothing more to train
     lm.train()
     start, last_save, window = time.time() - spent, time.time(), []
@@ -325,7 +355,7 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
             group["lr"] = group["base"] * min(1.0, step / config.warmup)
         batch = make_batch(tokenizer, sample_questions(rng, by_scene, config, templates), positions)
         head = torch.tensor(prefix_ids(tokenizer, positions)[:-positions])
-        supervised, margin, _ = lookup_losses(lm, head, tokens(train, batch.scenes, positions), batch, tokenizer.pad_token_id, yes, no)
+        supervised, margin, _ = lookup_losses(lm, head, step_tokens(batch.scenes, positions), batch, tokenizer.pad_token_id, yes, no)
         loss = supervised + config.margin_weight * margin
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -337,11 +367,11 @@ def fit_lookup(lm, tokenizer, corpus_dir: Path, classes: list[str], word_ids: li
         if step % config.eval_every == 0 or step == total:
             spent = time.time() - start
             history.append({"step": step, "positions": positions, "supervised": round(float(np.mean([w[0] for w in window])), 4),
-                            "margin": round(float(np.mean([w[1] for w in window])), 4), "validation_auc": evaluate(),
+                            "margin": round(float(np.mean([w[1] for w in window])), 4), **evaluate(),
                             "elapsed_s": round(spent, 1)})
             window = []
             log(json.dumps(history[-1]))
-            if config.stop_at is not None and history[-1]["validation_auc"] >= config.stop_at:
+            if config.stop_at is not None and history[-1][watch] >= config.stop_at:
                 total = step  # the curve reached the gate with room: stop here (a resumed fit stops again at once)
         if time.time() - last_save > config.checkpoint_s or step == total:
             spent = time.time() - start

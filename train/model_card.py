@@ -159,8 +159,21 @@ def _listen_step(ship_dir: Path) -> str:
     return fit + f""". Then the tower's top layers, its final norm and the projector learn through the
    frozen lookup on present and absent sounds (`train.audio_path`, {record['history'][-1]['step']} steps): the answers' loss and
    the Yes/No margin, the distance to the lookup's name tokens and a per-patch class loss.
-   Validation served ROC-AUC (its own audio tokens, {gate['questions']} questions): **{gate['served_validation_auc']:.3f}**
-   (gate ≥ {gate['gate']}: {'passed' if gate['passed'] else 'not passed'}).
+   Validation served ROC-AUC (its own audio tokens, {gate['questions']} questions): {gate['served_validation_auc']:.3f}.
+""" + _hear_step(ship_dir)
+
+
+def _hear_step(ship_dir: Path) -> str:
+    """The lookup learning on the model's own tokens after LISTEN (``train lookup --heard``): gate 2 as measured there."""
+    path = ship_dir / "training" / "hear.json"
+    if not path.exists():
+        return ""
+    record = json.loads(path.read_text())
+    gate, share = record["gate"], record["config"]["heard_share"]
+    return f"""   Then the lookup keeps learning on the tokens LISTEN made (`train lookup --heard`, {record['history'][-1]['step']} steps, {share:.0%}
+   of each step's scenes over the model's own tokens, the rest over the names), so that it reads their noise.
+   Validation served ROC-AUC ({gate['questions']} questions): **{gate['served_validation_auc']:.3f}** (gate 2 ≥ {gate['gate']}:
+   {'passed' if gate['passed'] else 'not passed'}); oracle {gate['oracle']['oracle_validation_auc']:.3f} (gate 1 ≥ {gate['oracle']['gate']}).
 """
 
 

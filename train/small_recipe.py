@@ -33,7 +33,7 @@ import torch
 
 from models.families import unwrap
 from models.small import BASE_LORA_DIR, LM_TRAINED_PARTS, PARTS_FILE, PROCESSOR_FILES, TRAINED_FILE, SmallSpec, build_untrained, load_trained, read_spec, save_trained
-from train.audio_path import AudioPathFit, fit_audio_path
+from train.audio_path import AudioPathFit, fit_audio_path, heard_tokens
 from train.binding import checkpoint_lm
 from train.lookup import LookupFit, fit_lookup, mix_names, name_embeddings, phrase_word_ids, pool_positions
 from train.cached_tower import EncodedForward, collate_encoded
@@ -54,21 +54,25 @@ BASE = StageConfig(name="base", trainable="projector_and_lora", samplings=("posi
 
 
 def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallSpec, config: LookupFit = LookupFit(), log=print) -> list[dict]:
-    """The lookup stage, in place on the base: ``train.lookup.fit_lookup`` trains a copy of its language model's layers
-    and final norm over the sounds' written names at the served audio positions (resumable from ``out_dir``); the
-    layers are put back in the precision they are committed in (float16), and gate 1 is measured on them, so what is
-    evaluated is what ships. Returns the learning curve."""
+    """The lookup stage, in place: ``train.lookup.fit_lookup`` trains a copy of the model's language-model layers and
+    final norm over the sounds' written names at the served audio positions (and, with ``config.heard_share``, over the
+    model's own audio tokens: after LISTEN), resumable from ``out_dir``; the layers are put back in the precision they
+    are committed in (float16), and gate 1 (and, over its own tokens, gate 2) is measured on them, so what is evaluated
+    is what ships. Returns the learning curve."""
 
     ontology = load_ontology(corpus_dir / "ontology.json")
     lm = checkpoint_lm(unwrap(model))
+    heard = heard_tokens(model, corpus_dir, spec) if config.heard_share else None
     history = fit_lookup(lm, processor.tokenizer, corpus_dir, ontology.names, phrase_word_ids(ontology, processor.tokenizer),
-                         spec.audio_tokens, float(spec.window_s), out_dir, config, log)
+                         spec.audio_tokens, float(spec.window_s), out_dir, config, log, heard=heard)
     target = unwrap(model).model.language_model
     with torch.no_grad():
         for name, param in target.named_parameters():
             if name.startswith(LM_TRAINED_PARTS):
                 param.copy_(lm.model.get_parameter(name).half().float())
     gate = stage_gate(model, processor, corpus_dir, "oracle")
+    if heard is not None:  # after LISTEN the stage answers to gate 2, and gate 1 is kept beside it
+        gate = {**stage_gate(model, processor, corpus_dir, "served"), "oracle": gate}
     (out_dir / "lookup.json").write_text(json.dumps({"config": asdict(config), "history": history, "gate": gate}, indent=2))
     return history
 
@@ -161,8 +165,10 @@ def load_small(ckpt: Path):
 
 def lookup_stage(source: Path, corpus_dir: Path, out_dir: Path, config: LookupFit = LookupFit()) -> list[dict]:
     """``train lookup``: the source's language-model layers learn the lookup; saved with those layers committed."""
-    processor, model = load_small(source)
     spec = replace(read_spec(source), trained_layers=True)
+    if config.heard_share and not spec.tower_layers:
+        raise SystemExit(f"{source}: --heard learns on the tokens of the audio path LISTEN trains; run `train listen --projector lookup` first")
+    processor, model = load_small(source)
     history = train_lookup(model, processor, corpus_dir, out_dir, spec, config)
     save_trained(model, processor, out_dir, spec)  # the layers now hold the base LoRA, merged, and the lookup
     return history
