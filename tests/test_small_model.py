@@ -237,9 +237,12 @@ def test_the_audio_path_learns_through_the_frozen_lookup_and_is_the_served_path(
     from train.lookup import LookupFit, fit_lookup, phrase_word_ids
     from train.small_recipe import train_lookup
 
-    own = heard_tokens(model, corpus, spec, progress=False)
+    own = heard_tokens(model, corpus, spec, progress=False, views=1)
     with torch.no_grad():  # the model as it is now (the resumed fit moved it): what serving's audio path makes
         torch.testing.assert_close(own("validation", [scene])[0], AudioPath(model, 2, len(classes), float(spec.window_s)).eval()(trunks.take([scene])[0])[0][0])
+    train_scene = sorted(load_trunks(corpus, "train", classes, spec, cut=2, progress=False).rows_of)[0]
+    # a train scene is heard clean or through its recording-setup augmentation, at random (seeded)
+    assert len({own("train", [train_scene])[0, :4, :4].sum().item() for _ in range(8)}) == 2
     asked: list[tuple[str, int]] = []
 
     def heard(split, scene_ids):

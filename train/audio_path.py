@@ -86,9 +86,9 @@ class Trunks:
         return torch.from_numpy(np.asarray(self.frames[idx], dtype=np.float32)), self.positions[idx], self.patches[idx]
 
 
-def load_trunks(corpus_dir: Path, split: str, classes: list[str], spec: SmallSpec, cut: int, progress: bool = True) -> Trunks:
+def load_trunks(corpus_dir: Path, split: str, classes: list[str], spec: SmallSpec, cut: int, progress: bool = True, view: int = 0) -> Trunks:
     frames, rows_of = trunk_cache(corpus_dir, split, TowerDistillConfig(encoder=spec.encoder, window_s=spec.window_s, cached_layers=cut),
-                                  progress=progress)
+                                  progress=progress, view=view)
     timelines = read_timelines(corpus_dir, split)
     positions = frame_targets(timelines, rows_of, classes, spec.audio_tokens, float(spec.window_s))
     patches = patch_targets(timelines, rows_of, classes, patch_count(spec.window_s), PATCH_S, PATCH_HOP_S)
@@ -123,18 +123,24 @@ class AudioPath(torch.nn.Module):
         return [tower, list(self.projector.parameters()), list(self.readout.parameters())]
 
 
-def heard_tokens(model, corpus_dir: Path, spec: SmallSpec, progress: bool = True):
+def heard_tokens(model, corpus_dir: Path, spec: SmallSpec, progress: bool = True, views: int = 0, seed: int = 0):
     """``heard(split, scene_ids)``: the model's own audio tokens ``[S, audio tokens, D]`` for train / validation scenes,
     from the cached trunk through its trained top layers, norm and projector (frozen, as served), for
-    ``fit_lookup``'s ``heard``."""
+    ``fit_lookup``'s ``heard``. ``views`` > 0: each train scene is heard, at random, clean or through one of that many
+    recording-setup augmentations (the verifier's remedy for recordings unlike the training ones); validation is clean."""
     ontology = load_ontology(Path(corpus_dir) / "ontology.json")
     cut = min(spec.tower_layers)
     path = AudioPath(model, cut, len(ontology.names), float(spec.window_s)).eval()
-    trunks = {s: load_trunks(Path(corpus_dir), s, ontology.names, spec, cut, progress) for s in ("train", "validation")}
+    train = [load_trunks(Path(corpus_dir), "train", ontology.names, spec, cut, progress, view) for view in range(views + 1)]
+    validation = load_trunks(Path(corpus_dir), "validation", ontology.names, spec, cut, progress)
+    rng = random.Random(seed)
 
     @torch.no_grad()
     def heard(split: str, scene_ids: list[str]) -> torch.Tensor:
-        return path(trunks[split].take(scene_ids)[0])[0]
+        if split != "train":
+            return path(validation.take(scene_ids)[0])[0]
+        trunks = torch.stack([train[rng.randrange(len(train))].take([s])[0][0] for s in scene_ids])
+        return path(trunks)[0]
 
     return heard
 

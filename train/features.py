@@ -120,7 +120,7 @@ def encoder_features(corpus_dir: str | Path, split: str, encoder: str, window_s:
     middle = np.lib.format.open_memmap(tmp[1], mode="w+", dtype=np.float16, shape=shape)
     bar = tqdm(total=len(files), desc=f"{encoder} {split} v{view}", disable=not progress, unit="scene")
     for start in range(0, len(files), batch_size):
-        clips = [_scene_audio(f, extractor.sampling_rate, view, augment_seed, start + k)
+        clips = [scene_audio(f, extractor.sampling_rate, view, augment_seed, start + k)
                  for k, f in enumerate(files[start:start + batch_size])]
         feats = extractor(clips, sampling_rate=extractor.sampling_rate, padding="max_length", return_tensors="pt")
         a, b = encode_layers(tower, feats["input_features"])
@@ -138,7 +138,7 @@ def encoder_features(corpus_dir: str | Path, split: str, encoder: str, window_s:
     return EncodedSplit(np.load(last_path, mmap_mode="r"), np.load(middle_path, mmap_mode="r"), rows, view)
 
 
-def _scene_audio(path: Path, sampling_rate: int, view: int, seed: int, row: int) -> np.ndarray:
+def scene_audio(path: Path, sampling_rate: int, view: int, seed: int, row: int) -> np.ndarray:
     samples, sr = sf.read(path, dtype="float32")
     if sr != sampling_rate:
         raise ValueError(f"{path.name}: {sr} Hz, the encoder expects {sampling_rate} Hz")
@@ -158,7 +158,7 @@ def yamnet_features(corpus_dir: str | Path, split: str, view: int = 0, batch_siz
     corpus_dir = Path(corpus_dir)
     path, _, index_path = _encoder_files(corpus_dir, split, "yamnet", view)
     return scene_cache(path, index_path, corpus_dir, split, lambda: YamnetFrontend(YamnetScorerConfig()).features, f"yamnet {split} v{view}",
-                       lambda k, f: _scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
+                       lambda k, f: scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
                        {"encoder": "yamnet", "view": view, "augment_seed": augment_seed})
 
 
@@ -170,7 +170,7 @@ def aisfx_features(corpus_dir: str | Path, split: str, view: int = 0, batch_size
     corpus_dir = Path(corpus_dir)
     path, _, index_path = _encoder_files(corpus_dir, split, "aisfx", view)
     return scene_cache(path, index_path, corpus_dir, split, lambda: AisfxFrontend().features, f"aisfx {split} v{view}",
-                       lambda k, f: _scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
+                       lambda k, f: scene_audio(f, 16_000, view, augment_seed, k), batch_size, progress,
                        {"encoder": "aisfx", "view": view, "augment_seed": augment_seed})
 
 

@@ -212,7 +212,8 @@ class LookupFit:
 
     ``heard_share`` > 0 (after LISTEN has trained the audio path): that share of each step's scenes gives the model's
     own audio tokens (``fit_lookup``'s ``heard``) instead of the names, so that the lookup learns the noise it will
-    read when served; then the curve and ``stop_at`` are on the served tokens."""
+    read when served; then the curve and ``stop_at`` are on the served tokens; ``heard_views`` recording-setup
+    augmentations of each train scene are heard beside the clean one (``train.audio_path.heard_tokens``)."""
 
     steps: int = 1500
     stop_at: float | None = 0.95
@@ -229,9 +230,10 @@ class LookupFit:
     checkpoint_s: float = 180.0
     seed: int = 0
     heard_share: float = 0.0
+    heard_views: int = 0
 
 
-HEARD_LOOKUP = LookupFit(steps=600, stop_at=0.87, heard_share=0.75)
+HEARD_LOOKUP = LookupFit(steps=600, stop_at=0.87, heard_share=0.75, heard_views=1)
 """``train lookup --heard`` (after ``train listen --projector lookup``): the lookup keeps learning, three scenes in four
 over the model's own tokens, until the served curve clears gate 2 with room."""
 

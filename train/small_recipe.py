@@ -62,7 +62,7 @@ def train_lookup(model, processor, corpus_dir: Path, out_dir: Path, spec: SmallS
 
     ontology = load_ontology(corpus_dir / "ontology.json")
     lm = checkpoint_lm(unwrap(model))
-    heard = heard_tokens(model, corpus_dir, spec) if config.heard_share else None
+    heard = heard_tokens(model, corpus_dir, spec, views=config.heard_views, seed=config.seed) if config.heard_share else None
     history = fit_lookup(lm, processor.tokenizer, corpus_dir, ontology.names, phrase_word_ids(ontology, processor.tokenizer),
                          spec.audio_tokens, float(spec.window_s), out_dir, config, log, heard=heard)
     target = unwrap(model).model.language_model

@@ -37,7 +37,7 @@ from models.small import TRAINED_FILE, is_assembled_checkpoint, read_spec
 from train.data.formats import read_timelines
 from train.data.qa import read_qa_rows
 from train.data.targets import patch_targets
-from train.features import encoder_tag, scene_cache, yamnet_features
+from train.features import encoder_tag, scene_audio, scene_cache, yamnet_features
 from train.metrics import choose_prior_correction, class_prior_logits
 from train.metrics import presence_auc as by_sampling
 
@@ -120,8 +120,9 @@ class ReadOut(torch.nn.Module):
         return torch.einsum("pt,btc->bpc", self.pooling, self.linear(frames))
 
 
-def trunk_cache(corpus: Path, split: str, cfg: TowerDistillConfig, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
-    """The original tower's frames below ``cfg.cut`` for every scene of a split (``[N, frames, d_model]`` float16), once."""
+def trunk_cache(corpus: Path, split: str, cfg: TowerDistillConfig, progress: bool = True, view: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """The original tower's frames below ``cfg.cut`` for every scene of a split (``[N, frames, d_model]`` float16), once;
+    ``view`` > 0: every scene through a recording-setup augmentation (as the verifier's feature caches)."""
 
     base = Path(corpus) / "features" / f"{encoder_tag(cfg.encoder, cfg.window_s)}-trunk{cfg.cut}"
 
@@ -136,8 +137,10 @@ def trunk_cache(corpus: Path, split: str, cfg: TowerDistillConfig, progress: boo
 
         return compute
 
-    return scene_cache(base / f"{split}.npy", base / f"{split}.json", corpus, split, make, f"tower trunk {split}",
-                       progress=progress, meta={"encoder": cfg.encoder, "cut": cfg.cut})
+    stem = split if view == 0 else f"{split}.v{view}"
+    return scene_cache(base / f"{stem}.npy", base / f"{stem}.json", corpus, split, make, f"tower trunk {stem}",
+                       (lambda row, f: scene_audio(f, 16_000, view, 0, row)) if view else None, progress=progress,
+                       meta={"encoder": cfg.encoder, "cut": cfg.cut, "view": view})
 
 
 def split_targets(corpus: Path, split: str, rows: dict[str, int], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
