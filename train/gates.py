@@ -34,6 +34,7 @@ from models.loading import load
 from models.registry import resolve
 from models.small import SmallSpec
 from serving.backends.hf import TransformersBackend
+from train.audio_path import heard_tokens, load_trunks
 from train.binding import checkpoint_lm
 from train.data.ontology import load_ontology
 from train.data.qa import read_qa_rows
@@ -170,14 +171,10 @@ def reader_ceiling(model_dir: str | Path, corpus_dir: str | Path, epochs: int = 
     train split's strong labels; a question's score is the asked class's largest logit over positions less the class's
     training log-odds (questions ask about rare and frequent sounds alike). Also the raw largest logit and the
     per-position micro ROC-AUC."""
-    from train.audio_path import heard_tokens, load_trunks
-    from train.small_recipe import load_small
-    from models.small import read_spec
-
     corpus_dir = Path(corpus_dir)
     torch.manual_seed(seed)
-    spec = read_spec(Path(model_dir))
-    _, model = load_small(Path(model_dir))
+    model = unwrap(served_model(model_dir)[1])
+    spec = SmallSpec(**model.config.earwitness_small_spec)
     names = load_ontology(corpus_dir / "ontology.json").names
     heard = heard_tokens(model, corpus_dir, spec, progress=False)
     data = {}
