@@ -100,7 +100,7 @@ def test_a_shipped_tuned_verifier_hears_through_its_own_tuned_layers(yamnet, tmp
     clip = (0.1 * np.random.default_rng(1).standard_normal(32_000)).astype(np.float32)
     with torch.no_grad():
         patches = LogMelPatches()(torch.from_numpy(clip)[None])
-        trunk = yamnet.run(patches.flatten(0, 1), 0, TRUNK_END).unflatten(0, patches.shape[:2])
+        trunk = yamnet.frozen(patches.flatten(0, 1), 0, TRUNK_END).unflatten(0, patches.shape[:2])
         expected = scorer(features(trunk)[0], torch.from_numpy(space.class_emb.numpy()))[0].numpy()
     np.testing.assert_allclose(loaded.score_clip(clip, space.class_emb.numpy()), expected, rtol=1e-4, atol=1e-4)
     frozen = load_verifier(str(tmp_path)).scorer

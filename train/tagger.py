@@ -77,7 +77,7 @@ def trunk_features(corpus_dir: Path, split: str, batch_size: int = 16, progress:
 
         def trunk(waves: torch.Tensor) -> torch.Tensor:
             p = patches(waves)
-            return net.run(p.flatten(0, 1), 0, TRUNK_END).unflatten(0, p.shape[:2])
+            return net.frozen(p.flatten(0, 1), 0, TRUNK_END).unflatten(0, p.shape[:2])  # as the served front end runs it
 
         return trunk
 
@@ -105,7 +105,7 @@ class TunedFeatures:
         x = trunk.flatten(0, 1).float()
         if self.tagger.start > TRUNK_END:
             with torch.no_grad():
-                x = self.net.run(x, TRUNK_END, self.tagger.start)
+                x = self.net.frozen(x, TRUNK_END, self.tagger.start)
         return tagger_features(self.tagger, x, trunk.shape[0], self.steps)
 
     @torch.inference_mode()

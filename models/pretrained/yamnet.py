@@ -64,6 +64,13 @@ class YamNet(nn.Module):
         """Convolutions ``start`` to ``end`` (each padded as the graph pads it, then ReLU) on their input ``x``."""
         return run_convs(self.convs[start:end], self.layout[start:end], x)
 
+    def frozen(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Convolutions ``start`` to ``end`` as every frozen use runs them (the verifier's front end, a tuned tagger's trunk):
+        bfloat16 in channels-last layout, oneDNN's fast path (on this project's CPU host 83 → 25 ms of one core per
+        10 s clip, ranking unchanged: loadtests/results/verifier_members_cost.md), returned in float32."""
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.run(x.contiguous(memory_format=torch.channels_last), start, end).float()
+
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         return self.run(patches).mean(dim=(2, 3))
 

@@ -333,13 +333,15 @@ class YamnetFrontend:
         self.cfg = cfg
         self.net, self.classes = load_yamnet()
         self.top = top if top is not None else YamNetTop.from_net(self.net, len(self.net.convs)).eval()
+        self.net, self.top = self.net.to(memory_format=torch.channels_last), self.top.to(memory_format=torch.channels_last)
         self.patches = LogMelPatches()
 
     @torch.inference_mode()
     def features(self, waves: torch.Tensor) -> torch.Tensor:
-        """``[B, samples]`` → ``[B, P, 1545]`` (float32)."""
+        """``[B, samples]`` → ``[B, P, 1545]`` (float32): the wheel's frozen convolutions in bfloat16 (``YamNet.frozen``),
+        a tuned head's own layers in float32."""
         patches = self.patches(waves)  # [B, P, 1, 96, 64]
-        return tagger_features(self.top, self.net.run(patches.flatten(0, 1), 0, self.top.start), patches.shape[0], self.cfg.steps)[0]
+        return tagger_features(self.top, self.net.frozen(patches.flatten(0, 1), 0, self.top.start), patches.shape[0], self.cfg.steps)[0]
 
     def __call__(self, samples: np.ndarray | TowerLayers) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(samples, TowerLayers):  # no served model's tower is YAMNet: it hears the clip that came with them
