@@ -34,7 +34,7 @@ from models.loading import load
 from models.registry import resolve
 from models.small import SmallSpec
 from serving.backends.hf import TransformersBackend
-from train.audio_path import heard_tokens, load_trunks
+from train.audio_path import AudioPath, load_trunks
 from train.binding import checkpoint_lm
 from train.data.ontology import load_ontology
 from train.data.qa import read_qa_rows
@@ -176,12 +176,13 @@ def reader_ceiling(model_dir: str | Path, corpus_dir: str | Path, epochs: int = 
     model = unwrap(served_model(model_dir)[1])
     spec = SmallSpec(**model.config.earwitness_small_spec)
     names = load_ontology(corpus_dir / "ontology.json").names
-    heard = heard_tokens(model, corpus_dir, spec, progress=False)
+    path = AudioPath(model, min(spec.tower_layers), len(names), float(spec.window_s)).eval()  # the served path, from the trunk
     data = {}
     for split in ("train", "validation"):
-        trunks = load_trunks(corpus_dir, split, names, spec, min(spec.tower_layers), progress=False)
-        ids = sorted(trunks.rows_of, key=trunks.rows_of.get)
-        data[split] = (torch.cat([heard(split, ids[i:i + 32]) for i in range(0, len(ids), 32)]), trunks.positions.float(), trunks.rows_of)
+        trunks = load_trunks(corpus_dir, split, names, spec, path.cut, progress=False)
+        with torch.no_grad():
+            tokens = torch.cat([path(torch.from_numpy(np.asarray(trunks.frames[i:i + 32], dtype=np.float32)))[0] for i in range(0, len(trunks.rows_of), 32)])
+        data[split] = (tokens, trunks.positions.float(), trunks.rows_of)
     x, y, _ = data["train"]
     mean, std = x.reshape(-1, x.shape[-1]).mean(0), x.reshape(-1, x.shape[-1]).std(0) + 1e-5
     read = torch.nn.Linear(x.shape[-1], len(names))
